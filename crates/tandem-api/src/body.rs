@@ -1,0 +1,161 @@
+//! JSON bodies of the HTTP API. Sizes are plain byte counts; names are validated on
+//! deserialisation, so a handler never sees an unsafe name.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{NodeName, PoolName, VolumeName};
+
+/// Every error the API returns: what failed, why, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correction: Option<String>,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(cause) = &self.cause {
+            write!(f, ": {cause}")?;
+        }
+        if let Some(correction) = &self.correction {
+            write!(f, "\n  hint: {correction}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct CreateVolume {
+    pub name: VolumeName,
+    pub size: u64,
+    /// The pool to place the replica in; the node's `default` pool when absent.
+    #[serde(default)]
+    pub pool: Option<PoolName>,
+    /// Preallocate the whole data file instead of growing it on first write.
+    #[serde(default)]
+    pub thick: bool,
+}
+
+/// A change to an existing volume; absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct UpdateVolume {
+    /// New size in bytes; volumes only grow.
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub read_only: Option<bool>,
+}
+
+/// State of a replica's disk, in DRBD's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DiskState {
+    UpToDate,
+    Inconsistent,
+    Outdated,
+    Diskless,
+    Failed,
+    DUnknown,
+}
+
+impl DiskState {
+    const ALL: [DiskState; 6] = [
+        DiskState::UpToDate,
+        DiskState::Inconsistent,
+        DiskState::Outdated,
+        DiskState::Diskless,
+        DiskState::Failed,
+        DiskState::DUnknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskState::UpToDate => "UpToDate",
+            DiskState::Inconsistent => "Inconsistent",
+            DiskState::Outdated => "Outdated",
+            DiskState::Diskless => "Diskless",
+            DiskState::Failed => "Failed",
+            DiskState::DUnknown => "DUnknown",
+        }
+    }
+}
+
+impl fmt::Display for DiskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DiskState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| format!("unknown disk state {s:?}"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: VolumeName,
+    pub pool: PoolName,
+    pub size: u64,
+    /// Bytes the data file occupies on its file system.
+    pub allocated: u64,
+    pub thick: bool,
+    pub read_only: bool,
+    pub disk: DiskState,
+    /// NBD connections that have the volume open.
+    pub open: u32,
+    /// Why the replica is `Failed`, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub name: PoolName,
+    pub kind: String,
+    pub path: String,
+    pub capacity: u64,
+    pub free: u64,
+    pub volumes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: NodeName,
+    pub version: String,
+    pub pools: Vec<PoolInfo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_volume_rejects_unknown_fields_and_bad_names() {
+        let ok: CreateVolume = serde_json::from_str(r#"{"name":"vm1","size":4096}"#).unwrap();
+        assert_eq!(ok.pool, None);
+        assert!(!ok.thick);
+        assert!(serde_json::from_str::<CreateVolume>(r#"{"name":"vm1","size":1,"sise":2}"#).is_err());
+        assert!(serde_json::from_str::<CreateVolume>(r#"{"name":"a/b","size":1}"#).is_err());
+        assert!(serde_json::from_str::<CreateVolume>(r#"{"name":"a","size":-1}"#).is_err());
+    }
+
+    #[test]
+    fn disk_state_round_trips_through_its_name() {
+        for d in DiskState::ALL {
+            assert_eq!(d.as_str().parse::<DiskState>().unwrap(), d);
+        }
+    }
+}

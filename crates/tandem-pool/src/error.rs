@@ -1,0 +1,39 @@
+use std::io;
+use std::path::PathBuf;
+
+use tandem_api::{PoolName, VolumeName};
+
+use crate::meta::MetaError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("volume {name} does not exist")]
+    NotFound { name: VolumeName },
+    #[error("volume {name} already exists")]
+    Exists { name: VolumeName },
+    #[error("{path} already exists and is not a Tandem volume; move it out of the pool directory")]
+    FileInTheWay { path: PathBuf },
+    #[error("volume {name} is open by {openers} NBD connection(s); disconnect them first")]
+    InUse { name: VolumeName, openers: u32 },
+    #[error("invalid size {size} bytes: {reason}")]
+    InvalidSize { size: u64, reason: String },
+    #[error("volume {name} is {size} bytes; volumes only grow, so {requested} bytes is refused")]
+    Shrink { name: VolumeName, size: u64, requested: u64 },
+    #[error("pool {pool} has {free} bytes free but {needed} are needed")]
+    NoSpace { pool: PoolName, needed: u64, free: u64 },
+    #[error("volume {name} cannot be used: {error}")]
+    Failed { name: VolumeName, error: String },
+    #[error("pool directory {dir} is in use by another tandemd")]
+    Locked { dir: PathBuf },
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+impl PoolError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> PoolError {
+        let context = context.into();
+        move |source| PoolError::Io { context, source }
+    }
+}

@@ -1,0 +1,422 @@
+//! A `file` pool: one directory, its volumes, and the crash-safe steps that create and
+//! delete them.
+//!
+//! A volume exists exactly when `<name>.meta` exists. Creating goes through
+//! `<name>.meta.creating` (removed with its data file if found at start: the creation
+//! was never acknowledged); deleting goes through `<name>.meta.deleting` (finished if
+//! found at start). A `<name>.raw` without metadata is left alone: it may be an
+//! operator's file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tandem_api::{DiskState, PoolName, VolumeInfo, VolumeName};
+
+use crate::data::{CacheMode, DataFile};
+use crate::error::PoolError;
+use crate::meta::{MetaFile, Superblock};
+use crate::volume::{Volume, check_size};
+
+const DATA_EXT: &str = "raw";
+const META_EXT: &str = "meta";
+const CREATING_EXT: &str = "meta.creating";
+const DELETING_EXT: &str = "meta.deleting";
+const LOCK_FILE: &str = ".tandem-pool.lock";
+
+/// A volume as the pool knows it: usable, or refused with the reason.
+#[derive(Clone)]
+pub enum Entry {
+    Ready(Arc<Volume>),
+    Failed { name: VolumeName, error: String },
+}
+
+impl Entry {
+    pub fn info(&self, pool: &PoolName) -> VolumeInfo {
+        match self {
+            Entry::Ready(v) => v.info(),
+            Entry::Failed { name, error } => VolumeInfo {
+                name: name.clone(),
+                pool: pool.clone(),
+                size: 0,
+                allocated: 0,
+                thick: false,
+                read_only: true,
+                disk: DiskState::Failed,
+                open: 0,
+                error: Some(error.clone()),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub capacity: u64,
+    pub free: u64,
+}
+
+pub struct Pool {
+    name: PoolName,
+    dir: PathBuf,
+    cache: CacheMode,
+    entries: RwLock<BTreeMap<VolumeName, Entry>>,
+    /// Held (flock) for the pool's lifetime so two daemons never share a directory.
+    _lock: File,
+}
+
+fn file_of(dir: &Path, name: &VolumeName, ext: &str) -> PathBuf {
+    dir.join(format!("{name}.{ext}"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), PoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(PoolError::io(format!("syncing directory {}", dir.display())))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), PoolError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(PoolError::io(format!("removing {}", path.display()))(e))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Pool {
+    /// Opens (creating if needed) the pool directory and loads its volumes. Volumes whose
+    /// files are refused are listed as failed; they never stop the others from loading.
+    pub fn open(name: PoolName, dir: &Path, cache: CacheMode) -> Result<Pool, PoolError> {
+        std::fs::create_dir_all(dir)
+            .map_err(PoolError::io(format!("creating pool directory {}", dir.display())))?;
+        let lock = File::create(dir.join(LOCK_FILE))
+            .map_err(PoolError::io(format!("opening the lock file in {}", dir.display())))?;
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(PoolError::Locked { dir: dir.to_owned() });
+        }
+        let pool = Pool {
+            name,
+            dir: dir.to_owned(),
+            cache,
+            entries: RwLock::default(),
+            _lock: lock,
+        };
+        pool.scan()?;
+        Ok(pool)
+    }
+
+    fn scan(&self) -> Result<(), PoolError> {
+        let mut by_ext: BTreeMap<&str, BTreeSet<VolumeName>> = BTreeMap::new();
+        let listing = std::fs::read_dir(&self.dir)
+            .map_err(PoolError::io(format!("listing {}", self.dir.display())))?;
+        for item in listing {
+            let item = item.map_err(PoolError::io(format!("listing {}", self.dir.display())))?;
+            let file_name = item.file_name();
+            let Some(file_name) = file_name.to_str() else { continue };
+            for ext in [CREATING_EXT, DELETING_EXT, META_EXT, DATA_EXT] {
+                let Some(stem) = file_name.strip_suffix(ext).and_then(|s| s.strip_suffix('.')) else {
+                    continue;
+                };
+                if let Ok(name) = stem.parse::<VolumeName>() {
+                    by_ext.entry(ext).or_default().insert(name);
+                }
+                break;
+            }
+        }
+        let names = |ext| by_ext.get(ext).cloned().unwrap_or_default();
+        for name in names(CREATING_EXT) {
+            tracing::info!(pool = %self.name, volume = %name, "removing a volume whose creation was interrupted");
+            remove_if_present(&file_of(&self.dir, &name, DATA_EXT))?;
+            remove_if_present(&file_of(&self.dir, &name, CREATING_EXT))?;
+        }
+        for name in names(DELETING_EXT) {
+            tracing::info!(pool = %self.name, volume = %name, "finishing an interrupted deletion");
+            remove_if_present(&file_of(&self.dir, &name, DATA_EXT))?;
+            remove_if_present(&file_of(&self.dir, &name, DELETING_EXT))?;
+        }
+        let metas = names(META_EXT);
+        let mut entries = self.entries.write().unwrap();
+        for name in &metas {
+            let entry = match self.load(name) {
+                Ok(volume) => Entry::Ready(Arc::new(volume)),
+                Err(e) => {
+                    tracing::error!(pool = %self.name, volume = %name, error = %e, "volume refused");
+                    Entry::Failed { name: name.clone(), error: e.to_string() }
+                }
+            };
+            entries.insert(name.clone(), entry);
+        }
+        for name in names(DATA_EXT).difference(&metas) {
+            let path = file_of(&self.dir, name, DATA_EXT);
+            if path.exists() {
+                tracing::warn!(pool = %self.name, path = %path.display(),
+                    "data file without metadata is not a volume; leaving it alone");
+            }
+        }
+        Ok(())
+    }
+
+    fn load(&self, name: &VolumeName) -> Result<Volume, PoolError> {
+        let meta = MetaFile::open(&file_of(&self.dir, name, META_EXT))?;
+        let sb = meta.superblock();
+        if &sb.name != name {
+            return Err(PoolError::Failed {
+                name: name.clone(),
+                error: format!("its metadata belongs to volume {}; files were renamed by hand", sb.name),
+            });
+        }
+        let data_path = file_of(&self.dir, name, DATA_EXT);
+        let data = DataFile::open(&data_path, self.cache)
+            .map_err(PoolError::io(format!("opening {}", data_path.display())))?;
+        let len = data.len().map_err(PoolError::io(format!("reading {}", data_path.display())))?;
+        if len < sb.size {
+            return Err(PoolError::Failed {
+                name: name.clone(),
+                error: format!("data file is {len} bytes but the volume is {} bytes", sb.size),
+            });
+        }
+        if !sb.clean {
+            tracing::warn!(pool = %self.name, volume = %name,
+                "volume was not closed cleanly (crash or kill); syncing its data file");
+            data.flush().map_err(PoolError::io(format!("syncing {}", data_path.display())))?;
+        }
+        tracing::debug!(pool = %self.name, volume = %name, size = sb.size, id = %sb.volume_id, "volume loaded");
+        Ok(Volume::new(self.name.clone(), meta, data))
+    }
+
+    pub fn name(&self) -> &PoolName {
+        &self.name
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn stats(&self) -> Result<PoolStats, PoolError> {
+        let c = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| PoolError::io("pool path")(std::io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: statvfs fills the zeroed struct we own from a valid C path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(PoolError::io(format!("statvfs {}", self.dir.display()))(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let unit = st.f_frsize as u64;
+        Ok(PoolStats { capacity: st.f_blocks as u64 * unit, free: st.f_bavail as u64 * unit })
+    }
+
+    pub fn get(&self, name: &VolumeName) -> Option<Entry> {
+        self.entries.read().unwrap().get(name).cloned()
+    }
+
+    pub fn entries(&self) -> Vec<Entry> {
+        self.entries.read().unwrap().values().cloned().collect()
+    }
+
+    pub fn contains(&self, name: &VolumeName) -> bool {
+        self.entries.read().unwrap().contains_key(name)
+    }
+
+    /// Creates a volume; on any failure nothing of it is left behind.
+    pub fn create(&self, name: &VolumeName, size: u64, thick: bool) -> Result<Arc<Volume>, PoolError> {
+        check_size(size)?;
+        let mut entries = self.entries.write().unwrap();
+        if entries.contains_key(name) {
+            return Err(PoolError::Exists { name: name.clone() });
+        }
+        if thick {
+            let free = self.stats()?.free;
+            if free < size {
+                return Err(PoolError::NoSpace { pool: self.name.clone(), needed: size, free });
+            }
+        }
+        let creating = file_of(&self.dir, name, CREATING_EXT);
+        let meta_path = file_of(&self.dir, name, META_EXT);
+        let data_path = file_of(&self.dir, name, DATA_EXT);
+        for path in [&meta_path, &data_path, &creating] {
+            if path.exists() {
+                return Err(PoolError::FileInTheWay { path: path.clone() });
+            }
+        }
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        MetaFile::create(&creating, Superblock::new(name.clone(), size, thick, created))?;
+        let result = DataFile::create(&data_path, size, thick, self.cache)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) => PoolError::NoSpace { pool: self.name.clone(), needed: size, free: 0 },
+                _ => PoolError::io(format!("creating {}", data_path.display()))(e),
+            })
+            .and_then(|_| {
+                std::fs::rename(&creating, &meta_path)
+                    .map_err(PoolError::io(format!("renaming {}", creating.display())))
+            })
+            .and_then(|()| sync_dir(&self.dir))
+            .and_then(|()| self.load(name));
+        let volume = match result {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                for path in [&creating, &meta_path, &data_path] {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
+        };
+        entries.insert(name.clone(), Entry::Ready(volume.clone()));
+        tracing::info!(pool = %self.name, volume = %name, size, thick, "volume created");
+        Ok(volume)
+    }
+
+    /// Deletes a volume and its files. Refused while it is open, and for failed volumes
+    /// (their files need a person's attention, not removal).
+    pub fn delete(&self, name: &VolumeName) -> Result<(), PoolError> {
+        let mut entries = self.entries.write().unwrap();
+        match entries.get(name) {
+            None => return Err(PoolError::NotFound { name: name.clone() }),
+            Some(Entry::Failed { error, .. }) => {
+                return Err(PoolError::Failed { name: name.clone(), error: error.clone() });
+            }
+            Some(Entry::Ready(v)) if v.openers() > 0 => {
+                return Err(PoolError::InUse { name: name.clone(), openers: v.openers() });
+            }
+            Some(Entry::Ready(_)) => {}
+        }
+        let deleting = file_of(&self.dir, name, DELETING_EXT);
+        std::fs::rename(file_of(&self.dir, name, META_EXT), &deleting)
+            .map_err(PoolError::io(format!("deleting volume {name}")))?;
+        entries.remove(name);
+        sync_dir(&self.dir)?;
+        remove_if_present(&file_of(&self.dir, name, DATA_EXT))?;
+        remove_if_present(&deleting)?;
+        tracing::info!(pool = %self.name, volume = %name, "volume deleted");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(dir: &Path) -> Pool {
+        Pool::open("default".parse().unwrap(), dir, CacheMode::Writeback).unwrap()
+    }
+
+    fn name(s: &str) -> VolumeName {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn volumes_survive_reopen_with_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let p = pool(dir.path());
+            let v = p.create(&name("vm1"), 1 << 20, false).unwrap();
+            let h = v.open(true).unwrap();
+            h.data().write_at(b"persist me", 4096, false).unwrap();
+        }
+        let p = pool(dir.path());
+        let Some(Entry::Ready(v)) = p.get(&name("vm1")) else { panic!("volume missing") };
+        assert_eq!(v.size(), 1 << 20);
+        let mut buf = [0u8; 10];
+        v.data().read_at(&mut buf, 4096).unwrap();
+        assert_eq!(&buf, b"persist me");
+        // The raw file is the volume, byte for byte.
+        let raw = std::fs::read(dir.path().join("vm1.raw")).unwrap();
+        assert_eq!(&raw[4096..4106], b"persist me");
+    }
+
+    #[test]
+    fn second_daemon_on_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _p = pool(dir.path());
+        let again = Pool::open("default".parse().unwrap(), dir.path(), CacheMode::Writeback);
+        assert!(matches!(again, Err(PoolError::Locked { .. })));
+    }
+
+    #[test]
+    fn interrupted_create_and_delete_are_completed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let p = pool(dir.path());
+            p.create(&name("half"), 1 << 20, false).unwrap();
+            p.create(&name("gone"), 1 << 20, false).unwrap();
+        }
+        std::fs::rename(dir.path().join("half.meta"), dir.path().join("half.meta.creating")).unwrap();
+        std::fs::rename(dir.path().join("gone.meta"), dir.path().join("gone.meta.deleting")).unwrap();
+        std::fs::write(dir.path().join("mine.raw"), b"operator data").unwrap();
+        let p = pool(dir.path());
+        assert!(p.entries().is_empty());
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [LOCK_FILE, "mine.raw"]);
+    }
+
+    #[test]
+    fn corrupt_metadata_is_listed_as_failed_and_never_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let p = pool(dir.path());
+            p.create(&name("ok"), 1 << 20, false).unwrap();
+            p.create(&name("bad"), 1 << 20, false).unwrap();
+        }
+        let meta = dir.path().join("bad.meta");
+        let mut bytes = std::fs::read(&meta).unwrap();
+        bytes[100] ^= 0xff;
+        bytes[4096 + 100] ^= 0xff;
+        std::fs::write(&meta, &bytes).unwrap();
+        let p = pool(dir.path());
+        assert!(matches!(p.get(&name("ok")), Some(Entry::Ready(_))));
+        let info = p.get(&name("bad")).unwrap().info(p.name());
+        assert_eq!(info.disk, DiskState::Failed);
+        assert!(info.error.unwrap().contains("corrupt"), "error names the corruption");
+        assert!(matches!(p.delete(&name("bad")), Err(PoolError::Failed { .. })));
+        assert_eq!(std::fs::read(&meta).unwrap(), bytes, "refused metadata is untouched");
+    }
+
+    #[test]
+    fn open_volumes_cannot_be_deleted_and_volumes_only_grow() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        let v = p.create(&name("vm"), 1 << 20, false).unwrap();
+        let h = v.open(true).unwrap();
+        assert!(matches!(p.delete(&name("vm")), Err(PoolError::InUse { openers: 1, .. })));
+        assert!(matches!(v.grow(4096), Err(PoolError::Shrink { .. })));
+        assert!(matches!(v.grow((1 << 20) + 1), Err(PoolError::InvalidSize { .. })));
+        v.grow(2 << 20).unwrap();
+        assert_eq!(h.data().len().unwrap(), 2 << 20);
+        drop(h);
+        p.delete(&name("vm")).unwrap();
+        assert!(!dir.path().join("vm.raw").exists());
+        assert!(!dir.path().join("vm.meta").exists());
+    }
+
+    #[test]
+    fn crash_while_open_is_noticed_as_unclean() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        let v = p.create(&name("vm"), 1 << 20, false).unwrap();
+        let h = v.open(true).unwrap();
+        let sb = MetaFile::open(&dir.path().join("vm.meta")).unwrap().superblock().clone();
+        assert!(!sb.clean);
+        drop(h);
+        let sb = MetaFile::open(&dir.path().join("vm.meta")).unwrap().superblock().clone();
+        assert!(sb.clean);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        for size in [0, 1000, crate::MAX_VOLUME_SIZE + 4096] {
+            assert!(matches!(p.create(&name("x"), size, false), Err(PoolError::InvalidSize { .. })));
+        }
+        assert!(p.entries().is_empty());
+    }
+}

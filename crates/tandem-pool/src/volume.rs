@@ -1,0 +1,195 @@
+//! One replica in a pool: its data file, its metadata, and who has it open.
+
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tandem_api::{PoolName, VolumeInfo, VolumeName};
+
+use crate::data::DataFile;
+use crate::error::PoolError;
+use crate::meta::MetaFile;
+use crate::{BLOCK_SIZE, MAX_VOLUME_SIZE};
+
+#[derive(Default)]
+struct Openers {
+    readers: u32,
+    writers: u32,
+}
+
+pub struct Volume {
+    name: VolumeName,
+    pool: PoolName,
+    data: DataFile,
+    meta: Mutex<MetaFile>,
+    // Copies of superblock fields the I/O path reads on every request, without the lock.
+    size: AtomicU64,
+    read_only: AtomicBool,
+    thick: bool,
+    openers: Mutex<Openers>,
+}
+
+/// Checks a requested volume size against what a pool can hold.
+pub(crate) fn check_size(size: u64) -> Result<(), PoolError> {
+    let reason = if size == 0 {
+        "a volume needs at least one block"
+    } else if size % BLOCK_SIZE != 0 {
+        "sizes are whole multiples of 4 KiB"
+    } else if size > MAX_VOLUME_SIZE {
+        "volumes are at most 64 TiB"
+    } else {
+        return Ok(());
+    };
+    Err(PoolError::InvalidSize { size, reason: reason.into() })
+}
+
+impl Volume {
+    pub(crate) fn new(pool: PoolName, meta: MetaFile, data: DataFile) -> Volume {
+        let sb = meta.superblock();
+        Volume {
+            name: sb.name.clone(),
+            pool,
+            size: AtomicU64::new(sb.size),
+            read_only: AtomicBool::new(sb.read_only),
+            thick: sb.thick,
+            data,
+            meta: Mutex::new(meta),
+            openers: Mutex::default(),
+        }
+    }
+
+    pub fn name(&self) -> &VolumeName {
+        &self.name
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    pub fn thick(&self) -> bool {
+        self.thick
+    }
+
+    pub fn data(&self) -> &DataFile {
+        &self.data
+    }
+
+    pub fn openers(&self) -> u32 {
+        let o = self.openers.lock().unwrap();
+        o.readers + o.writers
+    }
+
+    pub fn info(&self) -> VolumeInfo {
+        let meta = self.meta.lock().unwrap();
+        let sb = meta.superblock();
+        VolumeInfo {
+            name: self.name.clone(),
+            pool: self.pool.clone(),
+            size: sb.size,
+            allocated: self.data.allocated().unwrap_or(0),
+            thick: sb.thick,
+            read_only: sb.read_only,
+            disk: sb.disk_state,
+            open: self.openers(),
+            error: None,
+        }
+    }
+
+    /// Opens the volume for I/O. While writers have it open the metadata says "not
+    /// clean", so a crash is noticed at the next start.
+    pub fn open(self: &Arc<Self>, writable: bool) -> Result<VolumeHandle, PoolError> {
+        let mut o = self.openers.lock().unwrap();
+        if writable && o.writers == 0 {
+            self.meta.lock().unwrap().update(|sb| sb.clean = false)?;
+        }
+        if writable {
+            o.writers += 1;
+        } else {
+            o.readers += 1;
+        }
+        Ok(VolumeHandle { volume: self.clone(), writable })
+    }
+
+    fn close(&self, writable: bool) {
+        let mut o = self.openers.lock().unwrap();
+        if !writable {
+            o.readers -= 1;
+            return;
+        }
+        o.writers -= 1;
+        if o.writers > 0 {
+            return;
+        }
+        let result = self
+            .data
+            .flush()
+            .map_err(PoolError::io("flushing the data file"))
+            .and_then(|()| Ok(self.meta.lock().unwrap().update(|sb| sb.clean = true)?));
+        match result {
+            Ok(()) => tracing::debug!(volume = %self.name, "last writer closed; metadata clean"),
+            Err(e) => tracing::error!(volume = %self.name, error = %e,
+                "could not mark the volume clean after its last writer closed"),
+        }
+    }
+
+    /// Grows the volume to `size` bytes: the data file first, then the metadata, so a
+    /// crash in between leaves the old size in force over a longer file.
+    pub fn grow(&self, size: u64) -> Result<(), PoolError> {
+        check_size(size)?;
+        let mut meta = self.meta.lock().unwrap();
+        let current = meta.superblock().size;
+        if size < current {
+            return Err(PoolError::Shrink { name: self.name.clone(), size: current, requested: size });
+        }
+        if size == current {
+            return Ok(());
+        }
+        self.data.grow(size, self.thick).map_err(PoolError::io(format!("growing {}", self.data.path().display())))?;
+        meta.update(|sb| sb.size = size)?;
+        self.size.store(size, Ordering::Release);
+        tracing::info!(volume = %self.name, from = current, to = size, "volume grown");
+        Ok(())
+    }
+
+    /// Marks the volume read-only (or writable again). Refused while writers have it open,
+    /// since they were promised a writable export.
+    pub fn set_read_only(&self, read_only: bool) -> Result<(), PoolError> {
+        let o = self.openers.lock().unwrap();
+        if read_only && o.writers > 0 {
+            return Err(PoolError::InUse { name: self.name.clone(), openers: o.writers });
+        }
+        self.meta.lock().unwrap().update(|sb| sb.read_only = read_only)?;
+        self.read_only.store(read_only, Ordering::Release);
+        tracing::info!(volume = %self.name, read_only, "volume access mode changed");
+        Ok(())
+    }
+}
+
+/// An open volume; dropping it closes it.
+pub struct VolumeHandle {
+    volume: Arc<Volume>,
+    writable: bool,
+}
+
+impl VolumeHandle {
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+}
+
+impl Deref for VolumeHandle {
+    type Target = Volume;
+    fn deref(&self) -> &Volume {
+        &self.volume
+    }
+}
+
+impl Drop for VolumeHandle {
+    fn drop(&mut self) {
+        self.volume.close(self.writable);
+    }
+}
