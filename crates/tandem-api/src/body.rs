@@ -147,7 +147,9 @@ mod tests {
         let ok: CreateVolume = serde_json::from_str(r#"{"name":"vm1","size":4096}"#).unwrap();
         assert_eq!(ok.pool, None);
         assert!(!ok.thick);
-        assert!(serde_json::from_str::<CreateVolume>(r#"{"name":"vm1","size":1,"sise":2}"#).is_err());
+        assert!(
+            serde_json::from_str::<CreateVolume>(r#"{"name":"vm1","size":1,"sise":2}"#).is_err()
+        );
         assert!(serde_json::from_str::<CreateVolume>(r#"{"name":"a/b","size":1}"#).is_err());
         assert!(serde_json::from_str::<CreateVolume>(r#"{"name":"a","size":-1}"#).is_err());
     }

@@ -5,8 +5,6 @@ mod body;
 mod names;
 mod size;
 
-pub use body::{
-    ApiError, CreateVolume, DiskState, NodeInfo, PoolInfo, UpdateVolume, VolumeInfo,
-};
+pub use body::{ApiError, CreateVolume, DiskState, NodeInfo, PoolInfo, UpdateVolume, VolumeInfo};
 pub use names::{NameError, NodeName, PoolName, VolumeName};
 pub use size::{ByteSize, SizeError};

@@ -27,11 +27,17 @@ fn validate(kind: &'static str, name: &str) -> Result<(), NameError> {
         return Err(NameError::Empty { kind });
     }
     if name.len() > MAX_LEN {
-        return Err(NameError::TooLong { kind, name: name.to_owned() });
+        return Err(NameError::TooLong {
+            kind,
+            name: name.to_owned(),
+        });
     }
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
     if !name.chars().all(allowed) || name.starts_with(['.', '-']) {
-        return Err(NameError::BadCharacter { kind, name: name.to_owned() });
+        return Err(NameError::BadCharacter {
+            kind,
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
@@ -108,7 +114,16 @@ mod tests {
 
     #[test]
     fn rejects_names_unsafe_as_paths_or_urls() {
-        for n in ["", ".hidden", "-x", "a/b", "..", "a b", "é", &"x".repeat(65)] {
+        for n in [
+            "",
+            ".hidden",
+            "-x",
+            "a/b",
+            "..",
+            "a b",
+            "é",
+            &"x".repeat(65),
+        ] {
             assert!(n.parse::<VolumeName>().is_err(), "{n:?}");
         }
     }

@@ -22,13 +22,24 @@ impl FromStr for ByteSize {
     type Err = SizeError;
 
     fn from_str(input: &str) -> Result<Self, SizeError> {
-        let err = |why| SizeError { input: input.to_owned(), why };
+        let err = |why| SizeError {
+            input: input.to_owned(),
+            why,
+        };
         let s = input.trim();
         // Accept "10G", "10GB", "10GiB" and "10 G" alike.
-        let s = s.strip_suffix("iB").or_else(|| s.strip_suffix("ib")).unwrap_or(s);
-        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let s = s
+            .strip_suffix("iB")
+            .or_else(|| s.strip_suffix("ib"))
+            .unwrap_or(s);
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
         let (number, unit) = (&s[..split], s[split..].trim());
-        let unit = unit.strip_suffix(['B', 'b']).filter(|u| !u.is_empty()).unwrap_or(unit);
+        let unit = unit
+            .strip_suffix(['B', 'b'])
+            .filter(|u| !u.is_empty())
+            .unwrap_or(unit);
         let shift = match unit.chars().next().map(|c| c.to_ascii_uppercase()) {
             None => 0,
             Some(c) if unit.len() == 1 => UNITS
@@ -45,15 +56,24 @@ impl FromStr for ByteSize {
         if whole.is_empty() && frac.is_empty() || frac.contains('.') {
             return Err(err("not a number"));
         }
-        let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| err("not a number"))? };
-        let mut bytes = whole.checked_shl(shift).filter(|b| b >> shift == whole).ok_or_else(|| err("too large"))?;
+        let whole: u64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| err("not a number"))?
+        };
+        let mut bytes = whole
+            .checked_shl(shift)
+            .filter(|b| b >> shift == whole)
+            .ok_or_else(|| err("too large"))?;
         if !frac.is_empty() {
             // Fractions are exact enough for sizes: compute with 18 decimal digits at most.
             let digits = &frac[..frac.len().min(18)];
             let num: u128 = digits.parse().map_err(|_| err("not a number"))?;
             let den = 10u128.pow(digits.len() as u32);
             let extra = (num << shift) / den;
-            bytes = bytes.checked_add(extra as u64).ok_or_else(|| err("too large"))?;
+            bytes = bytes
+                .checked_add(extra as u64)
+                .ok_or_else(|| err("too large"))?;
         }
         Ok(ByteSize(bytes))
     }
@@ -102,7 +122,17 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_overflow() {
-        for s in ["", "G", "1X", "1.2.3G", "-1G", "abc", "1GG", "99999999999T", "."] {
+        for s in [
+            "",
+            "G",
+            "1X",
+            "1.2.3G",
+            "-1G",
+            "abc",
+            "1GG",
+            "99999999999T",
+            ".",
+        ] {
             assert!(s.parse::<ByteSize>().is_err(), "{s:?}");
         }
     }

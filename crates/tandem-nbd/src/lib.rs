@@ -1,14 +1,22 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! A complete NBD server (fixed newstyle, structured replies, extended headers,
+//! `base:allocation`, STARTTLS) serving any [`Catalog`] of [`Export`]s over TCP and Unix
+//! sockets.
+//!
+//! ```text
+//! accept ─► handshake (options, TLS) ─► transmission (worker threads, out-of-order replies)
+//! ```
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+mod buf;
+mod conn;
+mod export;
+mod handshake;
+pub mod proto;
+mod reply;
+mod server;
+mod tls;
+mod transmission;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use export::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, ZeroMode};
+pub use handshake::TlsPolicy;
+pub use server::Server;
+pub use tls::{TlsError, server_config};

@@ -79,7 +79,11 @@ fn errno() -> io::Error {
 impl DataFile {
     /// Creates a new data file of `size` bytes; `thick` reserves every block now.
     pub fn create(path: &Path, size: u64, thick: bool, cache: CacheMode) -> io::Result<DataFile> {
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         let result = (|| {
             file.set_len(size)?;
             if thick {
@@ -114,7 +118,12 @@ impl DataFile {
             ),
         };
         let align = direct.as_ref().map_or(1, direct_io_alignment);
-        Ok(DataFile { path: path.to_owned(), buffered, direct, align })
+        Ok(DataFile {
+            path: path.to_owned(),
+            buffered,
+            direct,
+            align,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -168,10 +177,19 @@ impl DataFile {
         let mut done = 0;
         while done < data.len() {
             let rest = &data[done..];
-            let iov = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
+            let iov = libc::iovec {
+                iov_base: rest.as_ptr() as *mut _,
+                iov_len: rest.len(),
+            };
             // SAFETY: one iovec over a live slice; the kernel only reads from it.
             let n = unsafe {
-                libc::pwritev2(file.as_raw_fd(), &iov, 1, (offset + done as u64) as i64, flags)
+                libc::pwritev2(
+                    file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + done as u64) as i64,
+                    flags,
+                )
             };
             match n {
                 n if n > 0 => done += n as usize,
@@ -204,7 +222,12 @@ impl DataFile {
 
     /// Zeroes the range and keeps (or makes) it allocated.
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        fallocate(&self.buffered, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+        fallocate(
+            &self.buffered,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
     }
 
     /// Zeroes the range by writing zeros: the way that works on every file system.
@@ -221,8 +244,12 @@ impl DataFile {
         Ok(())
     }
 
-    /// Hints the kernel to read the range ahead into the page cache.
+    /// Hints the kernel to read the range ahead into the page cache. With direct I/O
+    /// no cache is used, so there is nothing to warm.
     pub fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.direct.is_some() {
+            return Ok(());
+        }
         // SAFETY: plain syscall on a valid descriptor.
         let rc = unsafe {
             libc::posix_fadvise(
@@ -232,7 +259,11 @@ impl DataFile {
                 libc::POSIX_FADV_WILLNEED,
             )
         };
-        if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) }
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
     }
 
     /// Allocation map of `[offset, offset + len)` from `SEEK_DATA`/`SEEK_HOLE`.
@@ -247,12 +278,20 @@ impl DataFile {
                 None => end, // no data after `at`: the rest is a hole
             };
             if data > at {
-                out.push(Extent { len: data - at, hole: true });
+                out.push(Extent {
+                    len: data - at,
+                    hole: true,
+                });
                 at = data;
                 continue;
             }
-            let hole = seek(&self.buffered, at, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-            out.push(Extent { len: hole - at, hole: false });
+            let hole = seek(&self.buffered, at, libc::SEEK_HOLE)?
+                .unwrap_or(end)
+                .min(end);
+            out.push(Extent {
+                len: hole - at,
+                hole: false,
+            });
             at = hole;
             if out.len() >= 1024 {
                 break;
@@ -297,7 +336,11 @@ fn seek(file: &File, offset: u64, whence: i32) -> io::Result<Option<u64>> {
         return Ok(Some(rc as u64));
     }
     let e = errno();
-    if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) }
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
 }
 
 /// A zero-filled buffer aligned for direct I/O.
@@ -365,10 +408,22 @@ mod tests {
     #[test]
     fn holes_are_reported_and_punched() {
         let (_d, f) = files(CacheMode::Writeback);
-        assert_eq!(f.extents(0, 1 << 20).unwrap(), vec![Extent { len: 1 << 20, hole: true }]);
+        assert_eq!(
+            f.extents(0, 1 << 20).unwrap(),
+            vec![Extent {
+                len: 1 << 20,
+                hole: true
+            }]
+        );
         f.write_at(&vec![1u8; 65536], 65536, false).unwrap();
         let map = f.extents(0, 1 << 20).unwrap();
-        assert_eq!(map[0], Extent { len: 65536, hole: true });
+        assert_eq!(
+            map[0],
+            Extent {
+                len: 65536,
+                hole: true
+            }
+        );
         assert!(!map[1].hole);
         f.punch_hole(65536, 65536).unwrap();
         assert!(f.extents(0, 1 << 20).unwrap().iter().all(|e| e.hole));

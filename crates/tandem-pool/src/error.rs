@@ -18,9 +18,17 @@ pub enum PoolError {
     #[error("invalid size {size} bytes: {reason}")]
     InvalidSize { size: u64, reason: String },
     #[error("volume {name} is {size} bytes; volumes only grow, so {requested} bytes is refused")]
-    Shrink { name: VolumeName, size: u64, requested: u64 },
+    Shrink {
+        name: VolumeName,
+        size: u64,
+        requested: u64,
+    },
     #[error("pool {pool} has {free} bytes free but {needed} are needed")]
-    NoSpace { pool: PoolName, needed: u64, free: u64 },
+    NoSpace {
+        pool: PoolName,
+        needed: u64,
+        free: u64,
+    },
     #[error("volume {name} cannot be used: {error}")]
     Failed { name: VolumeName, error: String },
     #[error("pool directory {dir} is in use by another tandemd")]

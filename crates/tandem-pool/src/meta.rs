@@ -164,7 +164,10 @@ impl Superblock {
             thick,
             read_only: false,
             clean: true,
-            generations: Generations { current: GenerationId::random(), ..Default::default() },
+            generations: Generations {
+                current: GenerationId::random(),
+                ..Default::default()
+            },
             peers: Vec::new(),
             layout: Layout::standard(),
             created,
@@ -180,7 +183,9 @@ pub enum MetaError {
     Foreign { path: PathBuf },
     #[error("metadata file {path} is corrupt: {reason}; refusing to use it")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("metadata file {path} has format version {version}; this tandemd reads up to {FORMAT_VERSION}")]
+    #[error(
+        "metadata file {path} has format version {version}; this tandemd reads up to {FORMAT_VERSION}"
+    )]
     UnsupportedVersion { path: PathBuf, version: u32 },
 }
 
@@ -255,13 +260,19 @@ fn encode(sb: &Superblock, seq: u64) -> Box<[u8; SLOT_SIZE]> {
     b[O_VOLUME_ID..O_VOLUME_ID + 16].copy_from_slice(&sb.volume_id.0);
     put_u64(&mut b[..], O_SIZE, sb.size);
     b[O_NODE_ID] = sb.node_id.get();
-    b[O_DISK_STATE] = DISK_STATES.iter().position(|d| *d == sb.disk_state).unwrap() as u8;
+    b[O_DISK_STATE] = DISK_STATES
+        .iter()
+        .position(|d| *d == sb.disk_state)
+        .unwrap() as u8;
     let flags = (sb.thick as u16 * FLAG_THICK)
         | (sb.read_only as u16 * FLAG_READ_ONLY)
         | (sb.clean as u16 * FLAG_CLEAN);
     put_u16(&mut b[..], O_FLAGS, flags);
     let g = &sb.generations;
-    for (i, id) in [g.current, g.bitmap, g.history[0], g.history[1]].iter().enumerate() {
+    for (i, id) in [g.current, g.bitmap, g.history[0], g.history[1]]
+        .iter()
+        .enumerate()
+    {
         put_u64(&mut b[..], O_GENERATIONS + 8 * i, id.0);
     }
     put_u64(&mut b[..], O_CREATED, sb.created);
@@ -319,7 +330,9 @@ fn decode_fields(b: &[u8]) -> Result<Superblock, String> {
         return Err(format!("volume size {size} is invalid"));
     }
     let node_id = NodeId::new(b[O_NODE_ID]).ok_or("node id above 31")?;
-    let disk_state = *DISK_STATES.get(b[O_DISK_STATE] as usize).ok_or("unknown disk state")?;
+    let disk_state = *DISK_STATES
+        .get(b[O_DISK_STATE] as usize)
+        .ok_or("unknown disk state")?;
     let flags = get_u16(b, O_FLAGS);
     if flags & !KNOWN_FLAGS != 0 {
         return Err(format!("unknown flags {flags:#x}"));
@@ -341,7 +354,10 @@ fn decode_fields(b: &[u8]) -> Result<Superblock, String> {
     }
     let peer_count = b[O_PEER_COUNT] as usize;
     if peer_count > layout.bitmap_slots as usize {
-        return Err(format!("{peer_count} peers but {} bitmap slots", layout.bitmap_slots));
+        return Err(format!(
+            "{peer_count} peers but {} bitmap slots",
+            layout.bitmap_slots
+        ));
     }
     let peers = (0..peer_count)
         .map(|i| {
@@ -361,7 +377,11 @@ fn decode_fields(b: &[u8]) -> Result<Superblock, String> {
         thick: flags & FLAG_THICK != 0,
         read_only: flags & FLAG_READ_ONLY != 0,
         clean: flags & FLAG_CLEAN != 0,
-        generations: Generations { current: generation(0), bitmap: generation(1), history: [generation(2), generation(3)] },
+        generations: Generations {
+            current: generation(0),
+            bitmap: generation(1),
+            history: [generation(2), generation(3)],
+        },
         peers,
         layout,
         created: get_u64(b, O_CREATED),
@@ -379,7 +399,10 @@ pub struct MetaFile {
 impl MetaFile {
     /// Writes a new metadata file (both slots) and syncs it. Fails if `path` exists.
     pub fn create(path: &Path, sb: Superblock) -> Result<MetaFile, MetaError> {
-        let io_err = |source| MetaError::Io { path: path.to_owned(), source };
+        let io_err = |source| MetaError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -387,7 +410,12 @@ impl MetaFile {
             .open(path)
             .map_err(io_err)?;
         file.set_len(sb.layout.file_len(sb.size)).map_err(io_err)?;
-        let mut meta = MetaFile { file, path: path.to_owned(), seq: 0, sb: sb.clone() };
+        let mut meta = MetaFile {
+            file,
+            path: path.to_owned(),
+            seq: 0,
+            sb: sb.clone(),
+        };
         // Both slots hold the first version, so either can be torn later.
         meta.update(|_| ())?;
         meta.update(|_| ())?;
@@ -396,8 +424,15 @@ impl MetaFile {
 
     /// Opens an existing metadata file, picking the newest valid superblock slot.
     pub fn open(path: &Path) -> Result<MetaFile, MetaError> {
-        let io_err = |source| MetaError::Io { path: path.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(io_err)?;
+        let io_err = |source| MetaError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err)?;
         let mut buf = vec![0u8; 2 * SLOT_SIZE];
         let len = file.metadata().map_err(io_err)?.len();
         if len < buf.len() as u64 {
@@ -405,7 +440,9 @@ impl MetaFile {
             let mut head = [0u8; 8];
             let n = file.read_at(&mut head, 0).map_err(io_err)?;
             if n < 8 || head != MAGIC {
-                return Err(MetaError::Foreign { path: path.to_owned() });
+                return Err(MetaError::Foreign {
+                    path: path.to_owned(),
+                });
             }
             return Err(MetaError::Corrupt {
                 path: path.to_owned(),
@@ -419,7 +456,10 @@ impl MetaFile {
             Slot::Unsupported(v) => Some(*v),
             _ => None,
         }) {
-            return Err(MetaError::UnsupportedVersion { path: path.to_owned(), version });
+            return Err(MetaError::UnsupportedVersion {
+                path: path.to_owned(),
+                version,
+            });
         }
         let best = slots
             .iter()
@@ -444,12 +484,20 @@ impl MetaFile {
                 reason: format!("file is {len} bytes, too short for its bitmaps"),
             });
         }
-        Ok(MetaFile { file, path: path.to_owned(), seq, sb })
+        Ok(MetaFile {
+            file,
+            path: path.to_owned(),
+            seq,
+            sb,
+        })
     }
 
     fn refusal(path: &Path, slots: &[Slot; 2]) -> MetaError {
         let path = path.to_owned();
-        if slots.iter().all(|s| matches!(s, Slot::Foreign | Slot::Blank)) {
+        if slots
+            .iter()
+            .all(|s| matches!(s, Slot::Foreign | Slot::Blank))
+        {
             return MetaError::Foreign { path };
         }
         let reasons: Vec<String> = slots
@@ -461,7 +509,13 @@ impl MetaFile {
                 Slot::Valid(..) | Slot::Unsupported(_) => unreachable!("handled above"),
             })
             .collect();
-        MetaError::Corrupt { path, reason: format!("no valid superblock (slot 0: {}; slot 1: {})", reasons[0], reasons[1]) }
+        MetaError::Corrupt {
+            path,
+            reason: format!(
+                "no valid superblock (slot 0: {}; slot 1: {})",
+                reasons[0], reasons[1]
+            ),
+        }
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -479,7 +533,10 @@ impl MetaFile {
         change(&mut next);
         let seq = self.seq + 1;
         let slot = encode(&next, seq);
-        let io_err = |source| MetaError::Io { path: self.path.clone(), source };
+        let io_err = |source| MetaError::Io {
+            path: self.path.clone(),
+            source,
+        };
         let want_len = next.layout.file_len(next.size);
         if self.file.metadata().map_err(io_err)?.len() < want_len {
             self.file.set_len(want_len).map_err(io_err)?;
@@ -499,7 +556,10 @@ mod tests {
 
     fn sample() -> Superblock {
         let mut sb = Superblock::new("vm1".parse().unwrap(), 10 << 30, false, 1_700_000_000);
-        sb.peers.push(PeerSlot { node: NodeId::new(2).unwrap(), bitmap_generation: GenerationId(77) });
+        sb.peers.push(PeerSlot {
+            node: NodeId::new(2).unwrap(),
+            bitmap_generation: GenerationId(77),
+        });
         sb.generations.history = [GenerationId(5), GenerationId(6)];
         sb
     }
@@ -522,7 +582,10 @@ mod tests {
         let again = MetaFile::open(&path).unwrap();
         assert!(again.superblock().read_only);
         assert_eq!(again.seq, 3);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), sample().layout.file_len(10 << 30));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            sample().layout.file_len(10 << 30)
+        );
     }
 
     #[test]
@@ -533,7 +596,8 @@ mod tests {
         m.update(|sb| sb.size = 20 << 30).unwrap(); // seq 3 → slot 1
         // Tear slot 1: half of it new, half garbage.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xAB; 2048], SLOT_SIZE as u64 + 2048).unwrap();
+        f.write_all_at(&[0xAB; 2048], SLOT_SIZE as u64 + 2048)
+            .unwrap();
         let m = MetaFile::open(&path).unwrap();
         assert_eq!(m.superblock().size, 10 << 30);
     }
@@ -546,15 +610,24 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[1], 100).unwrap();
         f.write_all_at(&[1], SLOT_SIZE as u64 + 100).unwrap();
-        assert!(matches!(MetaFile::open(&path), Err(MetaError::Corrupt { .. })));
+        assert!(matches!(
+            MetaFile::open(&path),
+            Err(MetaError::Corrupt { .. })
+        ));
 
         let foreign = dir.path().join("f");
         std::fs::write(&foreign, vec![0x55; 3 * SLOT_SIZE]).unwrap();
-        assert!(matches!(MetaFile::open(&foreign), Err(MetaError::Foreign { .. })));
+        assert!(matches!(
+            MetaFile::open(&foreign),
+            Err(MetaError::Foreign { .. })
+        ));
 
         let short = dir.path().join("s");
         std::fs::write(&short, &MAGIC).unwrap();
-        assert!(matches!(MetaFile::open(&short), Err(MetaError::Corrupt { .. })));
+        assert!(matches!(
+            MetaFile::open(&short),
+            Err(MetaError::Corrupt { .. })
+        ));
         // Refusing must not have rewritten anything.
         assert_eq!(std::fs::read(&short).unwrap(), MAGIC);
     }

@@ -75,7 +75,10 @@ fn file_of(dir: &Path, name: &VolumeName, ext: &str) -> PathBuf {
 fn sync_dir(dir: &Path) -> Result<(), PoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(PoolError::io(format!("syncing directory {}", dir.display())))
+        .map_err(PoolError::io(format!(
+            "syncing directory {}",
+            dir.display()
+        )))
 }
 
 fn remove_if_present(path: &Path) -> Result<(), PoolError> {
@@ -91,13 +94,19 @@ impl Pool {
     /// Opens (creating if needed) the pool directory and loads its volumes. Volumes whose
     /// files are refused are listed as failed; they never stop the others from loading.
     pub fn open(name: PoolName, dir: &Path, cache: CacheMode) -> Result<Pool, PoolError> {
-        std::fs::create_dir_all(dir)
-            .map_err(PoolError::io(format!("creating pool directory {}", dir.display())))?;
-        let lock = File::create(dir.join(LOCK_FILE))
-            .map_err(PoolError::io(format!("opening the lock file in {}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(PoolError::io(format!(
+            "creating pool directory {}",
+            dir.display()
+        )))?;
+        let lock = File::create(dir.join(LOCK_FILE)).map_err(PoolError::io(format!(
+            "opening the lock file in {}",
+            dir.display()
+        )))?;
         // SAFETY: plain syscall on a descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(PoolError::Locked { dir: dir.to_owned() });
+            return Err(PoolError::Locked {
+                dir: dir.to_owned(),
+            });
         }
         let pool = Pool {
             name,
@@ -117,9 +126,14 @@ impl Pool {
         for item in listing {
             let item = item.map_err(PoolError::io(format!("listing {}", self.dir.display())))?;
             let file_name = item.file_name();
-            let Some(file_name) = file_name.to_str() else { continue };
+            let Some(file_name) = file_name.to_str() else {
+                continue;
+            };
             for ext in [CREATING_EXT, DELETING_EXT, META_EXT, DATA_EXT] {
-                let Some(stem) = file_name.strip_suffix(ext).and_then(|s| s.strip_suffix('.')) else {
+                let Some(stem) = file_name
+                    .strip_suffix(ext)
+                    .and_then(|s| s.strip_suffix('.'))
+                else {
                     continue;
                 };
                 if let Ok(name) = stem.parse::<VolumeName>() {
@@ -146,7 +160,10 @@ impl Pool {
                 Ok(volume) => Entry::Ready(Arc::new(volume)),
                 Err(e) => {
                     tracing::error!(pool = %self.name, volume = %name, error = %e, "volume refused");
-                    Entry::Failed { name: name.clone(), error: e.to_string() }
+                    Entry::Failed {
+                        name: name.clone(),
+                        error: e.to_string(),
+                    }
                 }
             };
             entries.insert(name.clone(), entry);
@@ -167,23 +184,32 @@ impl Pool {
         if &sb.name != name {
             return Err(PoolError::Failed {
                 name: name.clone(),
-                error: format!("its metadata belongs to volume {}; files were renamed by hand", sb.name),
+                error: format!(
+                    "its metadata belongs to volume {}; files were renamed by hand",
+                    sb.name
+                ),
             });
         }
         let data_path = file_of(&self.dir, name, DATA_EXT);
         let data = DataFile::open(&data_path, self.cache)
             .map_err(PoolError::io(format!("opening {}", data_path.display())))?;
-        let len = data.len().map_err(PoolError::io(format!("reading {}", data_path.display())))?;
+        let len = data
+            .len()
+            .map_err(PoolError::io(format!("reading {}", data_path.display())))?;
         if len < sb.size {
             return Err(PoolError::Failed {
                 name: name.clone(),
-                error: format!("data file is {len} bytes but the volume is {} bytes", sb.size),
+                error: format!(
+                    "data file is {len} bytes but the volume is {} bytes",
+                    sb.size
+                ),
             });
         }
         if !sb.clean {
             tracing::warn!(pool = %self.name, volume = %name,
                 "volume was not closed cleanly (crash or kill); syncing its data file");
-            data.flush().map_err(PoolError::io(format!("syncing {}", data_path.display())))?;
+            data.flush()
+                .map_err(PoolError::io(format!("syncing {}", data_path.display())))?;
         }
         tracing::debug!(pool = %self.name, volume = %name, size = sb.size, id = %sb.volume_id, "volume loaded");
         Ok(Volume::new(self.name.clone(), meta, data))
@@ -208,7 +234,10 @@ impl Pool {
             ));
         }
         let unit = st.f_frsize as u64;
-        Ok(PoolStats { capacity: st.f_blocks as u64 * unit, free: st.f_bavail as u64 * unit })
+        Ok(PoolStats {
+            capacity: st.f_blocks as u64 * unit,
+            free: st.f_bavail as u64 * unit,
+        })
     }
 
     pub fn get(&self, name: &VolumeName) -> Option<Entry> {
@@ -224,7 +253,12 @@ impl Pool {
     }
 
     /// Creates a volume; on any failure nothing of it is left behind.
-    pub fn create(&self, name: &VolumeName, size: u64, thick: bool) -> Result<Arc<Volume>, PoolError> {
+    pub fn create(
+        &self,
+        name: &VolumeName,
+        size: u64,
+        thick: bool,
+    ) -> Result<Arc<Volume>, PoolError> {
         check_size(size)?;
         let mut entries = self.entries.write().unwrap();
         if entries.contains_key(name) {
@@ -233,7 +267,11 @@ impl Pool {
         if thick {
             let free = self.stats()?.free;
             if free < size {
-                return Err(PoolError::NoSpace { pool: self.name.clone(), needed: size, free });
+                return Err(PoolError::NoSpace {
+                    pool: self.name.clone(),
+                    needed: size,
+                    free,
+                });
             }
         }
         let creating = file_of(&self.dir, name, CREATING_EXT);
@@ -244,11 +282,20 @@ impl Pool {
                 return Err(PoolError::FileInTheWay { path: path.clone() });
             }
         }
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        MetaFile::create(&creating, Superblock::new(name.clone(), size, thick, created))?;
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        MetaFile::create(
+            &creating,
+            Superblock::new(name.clone(), size, thick, created),
+        )?;
         let result = DataFile::create(&data_path, size, thick, self.cache)
             .map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOSPC) => PoolError::NoSpace { pool: self.name.clone(), needed: size, free: 0 },
+                Some(libc::ENOSPC) => PoolError::NoSpace {
+                    pool: self.name.clone(),
+                    needed: size,
+                    free: 0,
+                },
                 _ => PoolError::io(format!("creating {}", data_path.display()))(e),
             })
             .and_then(|_| {
@@ -278,10 +325,16 @@ impl Pool {
         match entries.get(name) {
             None => return Err(PoolError::NotFound { name: name.clone() }),
             Some(Entry::Failed { error, .. }) => {
-                return Err(PoolError::Failed { name: name.clone(), error: error.clone() });
+                return Err(PoolError::Failed {
+                    name: name.clone(),
+                    error: error.clone(),
+                });
             }
             Some(Entry::Ready(v)) if v.openers() > 0 => {
-                return Err(PoolError::InUse { name: name.clone(), openers: v.openers() });
+                return Err(PoolError::InUse {
+                    name: name.clone(),
+                    openers: v.openers(),
+                });
             }
             Some(Entry::Ready(_)) => {}
         }
@@ -319,7 +372,9 @@ mod tests {
             h.data().write_at(b"persist me", 4096, false).unwrap();
         }
         let p = pool(dir.path());
-        let Some(Entry::Ready(v)) = p.get(&name("vm1")) else { panic!("volume missing") };
+        let Some(Entry::Ready(v)) = p.get(&name("vm1")) else {
+            panic!("volume missing")
+        };
         assert_eq!(v.size(), 1 << 20);
         let mut buf = [0u8; 10];
         v.data().read_at(&mut buf, 4096).unwrap();
@@ -345,8 +400,16 @@ mod tests {
             p.create(&name("half"), 1 << 20, false).unwrap();
             p.create(&name("gone"), 1 << 20, false).unwrap();
         }
-        std::fs::rename(dir.path().join("half.meta"), dir.path().join("half.meta.creating")).unwrap();
-        std::fs::rename(dir.path().join("gone.meta"), dir.path().join("gone.meta.deleting")).unwrap();
+        std::fs::rename(
+            dir.path().join("half.meta"),
+            dir.path().join("half.meta.creating"),
+        )
+        .unwrap();
+        std::fs::rename(
+            dir.path().join("gone.meta"),
+            dir.path().join("gone.meta.deleting"),
+        )
+        .unwrap();
         std::fs::write(dir.path().join("mine.raw"), b"operator data").unwrap();
         let p = pool(dir.path());
         assert!(p.entries().is_empty());
@@ -375,9 +438,19 @@ mod tests {
         assert!(matches!(p.get(&name("ok")), Some(Entry::Ready(_))));
         let info = p.get(&name("bad")).unwrap().info(p.name());
         assert_eq!(info.disk, DiskState::Failed);
-        assert!(info.error.unwrap().contains("corrupt"), "error names the corruption");
-        assert!(matches!(p.delete(&name("bad")), Err(PoolError::Failed { .. })));
-        assert_eq!(std::fs::read(&meta).unwrap(), bytes, "refused metadata is untouched");
+        assert!(
+            info.error.unwrap().contains("corrupt"),
+            "error names the corruption"
+        );
+        assert!(matches!(
+            p.delete(&name("bad")),
+            Err(PoolError::Failed { .. })
+        ));
+        assert_eq!(
+            std::fs::read(&meta).unwrap(),
+            bytes,
+            "refused metadata is untouched"
+        );
     }
 
     #[test]
@@ -386,9 +459,15 @@ mod tests {
         let p = pool(dir.path());
         let v = p.create(&name("vm"), 1 << 20, false).unwrap();
         let h = v.open(true).unwrap();
-        assert!(matches!(p.delete(&name("vm")), Err(PoolError::InUse { openers: 1, .. })));
+        assert!(matches!(
+            p.delete(&name("vm")),
+            Err(PoolError::InUse { openers: 1, .. })
+        ));
         assert!(matches!(v.grow(4096), Err(PoolError::Shrink { .. })));
-        assert!(matches!(v.grow((1 << 20) + 1), Err(PoolError::InvalidSize { .. })));
+        assert!(matches!(
+            v.grow((1 << 20) + 1),
+            Err(PoolError::InvalidSize { .. })
+        ));
         v.grow(2 << 20).unwrap();
         assert_eq!(h.data().len().unwrap(), 2 << 20);
         drop(h);
@@ -403,10 +482,16 @@ mod tests {
         let p = pool(dir.path());
         let v = p.create(&name("vm"), 1 << 20, false).unwrap();
         let h = v.open(true).unwrap();
-        let sb = MetaFile::open(&dir.path().join("vm.meta")).unwrap().superblock().clone();
+        let sb = MetaFile::open(&dir.path().join("vm.meta"))
+            .unwrap()
+            .superblock()
+            .clone();
         assert!(!sb.clean);
         drop(h);
-        let sb = MetaFile::open(&dir.path().join("vm.meta")).unwrap().superblock().clone();
+        let sb = MetaFile::open(&dir.path().join("vm.meta"))
+            .unwrap()
+            .superblock()
+            .clone();
         assert!(sb.clean);
     }
 
@@ -415,7 +500,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = pool(dir.path());
         for size in [0, 1000, crate::MAX_VOLUME_SIZE + 4096] {
-            assert!(matches!(p.create(&name("x"), size, false), Err(PoolError::InvalidSize { .. })));
+            assert!(matches!(
+                p.create(&name("x"), size, false),
+                Err(PoolError::InvalidSize { .. })
+            ));
         }
         assert!(p.entries().is_empty());
     }

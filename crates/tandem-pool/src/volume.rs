@@ -40,7 +40,10 @@ pub(crate) fn check_size(size: u64) -> Result<(), PoolError> {
     } else {
         return Ok(());
     };
-    Err(PoolError::InvalidSize { size, reason: reason.into() })
+    Err(PoolError::InvalidSize {
+        size,
+        reason: reason.into(),
+    })
 }
 
 impl Volume {
@@ -111,7 +114,10 @@ impl Volume {
         } else {
             o.readers += 1;
         }
-        Ok(VolumeHandle { volume: self.clone(), writable })
+        Ok(VolumeHandle {
+            volume: self.clone(),
+            writable,
+        })
     }
 
     fn close(&self, writable: bool) {
@@ -143,12 +149,21 @@ impl Volume {
         let mut meta = self.meta.lock().unwrap();
         let current = meta.superblock().size;
         if size < current {
-            return Err(PoolError::Shrink { name: self.name.clone(), size: current, requested: size });
+            return Err(PoolError::Shrink {
+                name: self.name.clone(),
+                size: current,
+                requested: size,
+            });
         }
         if size == current {
             return Ok(());
         }
-        self.data.grow(size, self.thick).map_err(PoolError::io(format!("growing {}", self.data.path().display())))?;
+        self.data
+            .grow(size, self.thick)
+            .map_err(PoolError::io(format!(
+                "growing {}",
+                self.data.path().display()
+            )))?;
         meta.update(|sb| sb.size = size)?;
         self.size.store(size, Ordering::Release);
         tracing::info!(volume = %self.name, from = current, to = size, "volume grown");
@@ -160,9 +175,15 @@ impl Volume {
     pub fn set_read_only(&self, read_only: bool) -> Result<(), PoolError> {
         let o = self.openers.lock().unwrap();
         if read_only && o.writers > 0 {
-            return Err(PoolError::InUse { name: self.name.clone(), openers: o.writers });
+            return Err(PoolError::InUse {
+                name: self.name.clone(),
+                openers: o.writers,
+            });
         }
-        self.meta.lock().unwrap().update(|sb| sb.read_only = read_only)?;
+        self.meta
+            .lock()
+            .unwrap()
+            .update(|sb| sb.read_only = read_only)?;
         self.read_only.store(read_only, Ordering::Release);
         tracing::info!(volume = %self.name, read_only, "volume access mode changed");
         Ok(())

@@ -1,3 +1,125 @@
-fn main() {
-    println!("Hello, world!");
+//! `tandemd`: the Tandem node daemon.
+
+mod api;
+mod config;
+mod exports;
+mod node;
+
+use std::net::TcpListener;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tandem_nbd::TlsPolicy;
+
+use crate::config::{Options, Settings};
+use crate::exports::NodeExports;
+use crate::node::Node;
+
+/// How long shutdown waits for NBD clients to finish their in-flight requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+fn main() -> anyhow::Result<()> {
+    let settings = Options::parse().settle()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&settings.log_level)
+                .with_context(|| format!("invalid log level {:?}", settings.log_level))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(settings) {
+        tracing::error!(error = format!("{e:#}"), "tandemd stopped");
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        // A socket left by a previous run: nobody listens on it any more (the pool locks
+        // would have stopped a second daemon before this point).
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => bail!(
+            "{} exists and is not a socket; remove it or pass --nbd-socket",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding NBD socket {}", path.display()))?;
+    // Owner and group only: an NBD socket gives full access to every volume.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+fn run(settings: Settings) -> anyhow::Result<()> {
+    tracing::info!(node = %settings.name, data_dir = %settings.data_dir.display(), "tandemd starting");
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+    let node = Arc::new(Node::open(
+        settings.name.clone(),
+        &settings.pools,
+        settings.cache,
+    )?);
+
+    let tls = match &settings.tls {
+        None => TlsPolicy::Off,
+        Some(t) => {
+            let config = tandem_nbd::server_config(&t.cert, &t.key, t.client_ca.as_deref())?;
+            if t.required {
+                TlsPolicy::Required(config)
+            } else {
+                TlsPolicy::Optional(config)
+            }
+        }
+    };
+    let nbd = tandem_nbd::Server::new(Arc::new(NodeExports::new(node.clone())))?;
+    let tcp = TcpListener::bind(settings.nbd_listen)
+        .with_context(|| format!("binding NBD address {}", settings.nbd_listen))?;
+    nbd.serve_tcp(tcp, tls)?;
+    nbd.serve_unix(bind_unix(&settings.nbd_socket)?)?;
+    tracing::info!(tcp = %settings.nbd_listen, socket = %settings.nbd_socket.display(), "serving NBD");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let api = tokio::net::TcpListener::bind(settings.api_listen)
+            .await
+            .with_context(|| format!("binding API address {}", settings.api_listen))?;
+        tracing::info!(addr = %settings.api_listen, "serving the node API");
+        axum::serve(api, api::router(node.clone()))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("API server failed")
+    })?;
+
+    tracing::info!(
+        connections = nbd.connections(),
+        "shutting down: finishing in-flight NBD requests"
+    );
+    let drained = nbd.shutdown(SHUTDOWN_GRACE);
+    let _ = std::fs::remove_file(&settings.nbd_socket);
+    if drained {
+        tracing::info!("tandemd stopped cleanly");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
 }

@@ -1,0 +1,438 @@
+//! The transmission phase: requests in, replies out, many in flight.
+//!
+//! Worker threads share the connection the way nbdkit's parallel model does: a worker
+//! takes the reader lock, reads one request with its payload, lets go, performs the
+//! request and writes the reply under the writer lock. At queue depth 1 the same thread
+//! reads, does the I/O and replies, with no hand-off; at depth N up to `MAX_WORKERS`
+//! requests run at once and replies go out as they finish, out of order. A new worker
+//! is started only when a request arrives and nobody is left waiting for the next one.
+
+use std::io::{self, BufReader, Read, Write};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::Scope;
+
+use crate::buf::AlignedBuf;
+use crate::conn::Transport;
+use crate::export::{Export, Extent, ZeroMode};
+use crate::handshake::Negotiated;
+use crate::proto::*;
+use crate::reply::{Reply, ReplyMode};
+
+const MAX_WORKERS: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    cookie: u64,
+    kind: u16,
+    flags: u16,
+    offset: u64,
+    /// Effect length (bytes to read, write, zero, ...).
+    len: u64,
+}
+
+/// Why reading requests stopped.
+enum Stop {
+    /// The client sent DISC or closed its end.
+    Done,
+    /// The stream cannot be trusted any more; the reason is logged.
+    Violation(String),
+    Io(io::Error),
+}
+
+struct Reader {
+    stream: BufReader<Box<dyn Read + Send>>,
+    stopped: bool,
+}
+
+struct Connection<'s> {
+    session: &'s Negotiated,
+    reader: Mutex<Reader>,
+    writer: Mutex<Box<dyn Write + Send>>,
+    /// Workers waiting for the reader lock, and workers alive.
+    idle: AtomicUsize,
+    workers: AtomicUsize,
+    broken: AtomicBool,
+}
+
+/// Serves requests until the client disconnects; every request read gets its reply
+/// before this returns.
+pub(crate) fn run(session: &Negotiated, transport: Transport, peer: &str) {
+    let conn = Connection {
+        session,
+        reader: Mutex::new(Reader {
+            stream: BufReader::with_capacity(64 << 10, transport.reader),
+            stopped: false,
+        }),
+        writer: Mutex::new(transport.writer),
+        idle: AtomicUsize::new(0),
+        workers: AtomicUsize::new(1),
+        broken: AtomicBool::new(false),
+    };
+    std::thread::scope(|scope| conn.worker(scope, peer));
+}
+
+impl<'s> Connection<'s> {
+    fn worker<'scope>(&'scope self, scope: &'scope Scope<'scope, '_>, peer: &'scope str) {
+        let mut buf = AlignedBuf::new();
+        loop {
+            self.idle.fetch_add(1, Ordering::AcqRel);
+            let mut reader = self.reader.lock().unwrap();
+            self.idle.fetch_sub(1, Ordering::AcqRel);
+            if reader.stopped {
+                break;
+            }
+            let next = read_request(&mut reader.stream, self.session.mode, &mut buf);
+            let (req, payload_len) = match next {
+                Ok(r) => r,
+                Err(stop) => {
+                    reader.stopped = true;
+                    match stop {
+                        Stop::Done => tracing::debug!(peer, "client ended the session"),
+                        Stop::Violation(why) => {
+                            tracing::warn!(peer, export = %self.session.name, %why,
+                            "closing NBD connection: protocol violation")
+                        }
+                        Stop::Io(e) => tracing::debug!(peer, error = %e, "NBD connection lost"),
+                    }
+                    break;
+                }
+            };
+            drop(reader);
+            if self.idle.load(Ordering::Acquire) == 0
+                && self.workers.load(Ordering::Acquire) < MAX_WORKERS
+            {
+                self.workers.fetch_add(1, Ordering::AcqRel);
+                scope.spawn(move || self.worker(scope, peer));
+            }
+            if let Err(e) = self.serve(&req, payload_len, &mut buf) {
+                if !self.broken.swap(true, Ordering::AcqRel) {
+                    tracing::debug!(peer, error = %e, "cannot send reply; client gone");
+                }
+                self.reader.lock().unwrap().stopped = true;
+                break;
+            }
+            buf.trim();
+        }
+        self.workers.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn send(&self, reply: &Reply<'_>) -> io::Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        reply.send(&mut **w)?;
+        w.flush()
+    }
+
+    /// Performs one request and sends its reply.
+    fn serve(&self, req: &Request, payload_len: usize, buf: &mut AlignedBuf) -> io::Result<()> {
+        let mode = self.session.mode;
+        let reply = Reply::new(mode, req.cookie, req.offset);
+        if let Err((errno, msg)) = self.check(req) {
+            tracing::debug!(cookie = req.cookie, kind = req.kind, ?errno, %msg, "request refused");
+            return self.send(&reply.error(errno, &msg));
+        }
+        let export = &*self.session.export;
+        let fua = req.flags & CF_FUA != 0;
+        let result = match req.kind {
+            CMD_READ => return self.read(req, buf),
+            CMD_BLOCK_STATUS => return self.block_status(req),
+            _ if req.len == 0 && req.kind != CMD_FLUSH => Ok(()),
+            CMD_WRITE => export.write(req.offset, buf.get(payload_len), fua),
+            CMD_FLUSH => export.flush(),
+            CMD_TRIM => export.trim(req.offset, req.len, fua),
+            CMD_CACHE => export.cache(req.offset, req.len),
+            CMD_WRITE_ZEROES => {
+                let mode = ZeroMode {
+                    may_punch: req.flags & CF_NO_HOLE == 0,
+                    fast_only: req.flags & CF_FAST_ZERO != 0,
+                };
+                export.write_zeroes(req.offset, req.len, mode, fua)
+            }
+            _ => unreachable!("check() refuses unknown commands"),
+        };
+        let reply = match result {
+            Ok(()) => reply.ok(false),
+            Err(e) => {
+                let errno = Errno::from_io(&e);
+                tracing::warn!(export = %self.session.name, kind = req.kind, offset = req.offset,
+                    len = req.len, error = %e, "request failed");
+                reply.error(errno, &e.to_string())
+            }
+        };
+        self.send(&reply)
+    }
+
+    /// Validates a request against the protocol and the export; the error to reply with.
+    fn check(&self, req: &Request) -> Result<(), (Errno, String)> {
+        let s = self.session;
+        let inval = |msg: String| Err((Errno::Inval, msg));
+        let allowed = match req.kind {
+            CMD_READ => CF_FUA | CF_DF,
+            CMD_WRITE => CF_FUA | CF_PAYLOAD_LEN,
+            CMD_FLUSH | CMD_TRIM | CMD_CACHE => CF_FUA,
+            CMD_WRITE_ZEROES => CF_FUA | CF_NO_HOLE | CF_FAST_ZERO,
+            CMD_BLOCK_STATUS => CF_FUA | CF_REQ_ONE,
+            other => return inval(format!("unknown command {other}")),
+        };
+        if req.flags & !allowed != 0 {
+            return inval(format!(
+                "flags {:#x} are not valid for command {}",
+                req.flags & !allowed,
+                req.kind
+            ));
+        }
+        if req.flags & CF_DF != 0 && s.flags & TF_SEND_DF == 0 {
+            return inval("DF needs structured replies".into());
+        }
+        if req.flags & CF_FAST_ZERO != 0 && s.flags & TF_SEND_FAST_ZERO == 0 {
+            return inval("FAST_ZERO was not offered".into());
+        }
+        let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if writes && s.flags & TF_READ_ONLY != 0 {
+            return Err((Errno::Perm, format!("export {} is read-only", s.name)));
+        }
+        if req.kind == CMD_FLUSH && (req.offset != 0 || req.len != 0) {
+            return inval("FLUSH takes no offset or length".into());
+        }
+        let size = s.export.size();
+        if req.offset.checked_add(req.len).is_none_or(|end| end > size) {
+            let errno = if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+                Errno::NoSpc
+            } else {
+                Errno::Inval
+            };
+            return Err((
+                errno,
+                format!(
+                    "request [{}, +{}) goes past the end of the export ({size} bytes)",
+                    req.offset, req.len
+                ),
+            ));
+        }
+        if req.kind == CMD_READ && req.len > MAX_PAYLOAD as u64 {
+            let errno = if s.mode == ReplyMode::Simple {
+                Errno::Inval
+            } else {
+                Errno::Overflow
+            };
+            return Err((
+                errno,
+                format!("READ of {} bytes exceeds the 32 MiB maximum", req.len),
+            ));
+        }
+        if req.kind == CMD_BLOCK_STATUS {
+            if s.base_allocation.is_none() {
+                return inval("BLOCK_STATUS needs the base:allocation meta context".into());
+            }
+            if req.len == 0 {
+                return inval("BLOCK_STATUS of zero bytes".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&self, req: &Request, buf: &mut AlignedBuf) -> io::Result<()> {
+        let mode = self.session.mode;
+        let export = &*self.session.export;
+        let data = buf.get(req.len as usize);
+        let mut reply = Reply::new(mode, req.cookie, req.offset);
+        if data.is_empty() {
+            return self.send(&reply.ok(true));
+        }
+        // Holes go out as OFFSET_HOLE chunks, unless the client wants one chunk (DF) or
+        // cannot take chunks at all.
+        let map = if mode == ReplyMode::Simple || req.flags & CF_DF != 0 {
+            None
+        } else {
+            covering_extents(export, req.offset, req.len).ok()
+        };
+        let result = match map {
+            Some(map) if map.len() > 1 || map[0].hole => {
+                let mut at = 0usize;
+                let mut chunks = Vec::with_capacity(map.len());
+                let mut failed = None;
+                for e in &map {
+                    let range = at..at + e.len as usize;
+                    if !e.hole && failed.is_none() {
+                        failed = export
+                            .read(req.offset + at as u64, &mut data[range.clone()])
+                            .err();
+                    }
+                    chunks.push((range, e.hole));
+                    at += e.len as usize;
+                }
+                match failed {
+                    Some(e) => Err(e),
+                    None => {
+                        let last = chunks.len() - 1;
+                        let data = &*data;
+                        for (i, (range, hole)) in chunks.into_iter().enumerate() {
+                            let offset = req.offset + range.start as u64;
+                            if hole {
+                                push_hole(&mut reply, offset, range.len() as u64, i == last);
+                            } else {
+                                reply.data(offset, &data[range], i == last);
+                            }
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            _ => export
+                .read(req.offset, data)
+                .map(|()| reply.data(req.offset, data, true)),
+        };
+        match result {
+            Ok(()) => self.send(&reply),
+            Err(e) => {
+                tracing::warn!(export = %self.session.name, offset = req.offset, len = req.len,
+                    error = %e, "read failed");
+                let reply = Reply::new(mode, req.cookie, req.offset);
+                self.send(&reply.error(Errno::from_io(&e), &e.to_string()))
+            }
+        }
+    }
+
+    fn block_status(&self, req: &Request) -> io::Result<()> {
+        let s = self.session;
+        let reply = Reply::new(s.mode, req.cookie, req.offset);
+        let context = s.base_allocation.expect("checked");
+        let reply = match s.export.extents(req.offset, req.len) {
+            Ok(map) => {
+                let mut descriptors: Vec<(u64, u32)> = Vec::with_capacity(map.len());
+                for e in merge(map) {
+                    let flags = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+                    descriptors.push((e.len, flags));
+                }
+                if req.flags & CF_REQ_ONE != 0 {
+                    descriptors.truncate(1);
+                }
+                if s.mode != ReplyMode::Extended {
+                    // 32-bit descriptor lengths; the request length is 32-bit too.
+                    for d in &mut descriptors {
+                        d.0 = d.0.min(u32::MAX as u64 & !4095);
+                    }
+                }
+                reply.block_status(context, &descriptors)
+            }
+            Err(e) => reply.error(Errno::from_io(&e), &e.to_string()),
+        };
+        self.send(&reply)
+    }
+}
+
+/// The allocation map of the whole range (an export may answer in pieces).
+fn covering_extents(export: &dyn Export, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    let mut map = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let part = export.extents(offset + at, len - at)?;
+        if part.is_empty() || part.iter().any(|e| e.len == 0) {
+            return Err(io::Error::other("export returned an empty extent"));
+        }
+        for e in part {
+            let e = Extent {
+                len: e.len.min(len - at),
+                ..e
+            };
+            at += e.len;
+            map.push(e);
+            if at >= len {
+                break;
+            }
+        }
+    }
+    Ok(merge(map))
+}
+
+fn merge(map: Vec<Extent>) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::with_capacity(map.len());
+    for e in map {
+        match out.last_mut() {
+            Some(last) if last.hole == e.hole => last.len += e.len,
+            _ => out.push(e),
+        }
+    }
+    out
+}
+
+/// OFFSET_HOLE lengths are 32-bit: long holes become several chunks.
+fn push_hole(reply: &mut Reply<'_>, mut offset: u64, mut len: u64, done: bool) {
+    const MAX_HOLE: u64 = u32::MAX as u64 & !4095;
+    while len > 0 {
+        let n = len.min(MAX_HOLE);
+        len -= n;
+        reply.hole(offset, n as u32, done && len == 0);
+        offset += n;
+    }
+}
+
+/// Reads the next request and its payload (into `buf`).
+fn read_request(
+    r: &mut impl Read,
+    mode: ReplyMode,
+    buf: &mut AlignedBuf,
+) -> Result<(Request, usize), Stop> {
+    let extended = mode == ReplyMode::Extended;
+    let mut head = [0u8; 32];
+    let head = if extended {
+        &mut head[..]
+    } else {
+        &mut head[..28]
+    };
+    match r.read_exact(&mut head[..1]) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(Stop::Done),
+        Err(e) => return Err(Stop::Io(e)),
+    }
+    r.read_exact(&mut head[1..]).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => {
+            Stop::Violation("connection closed inside a request header".into())
+        }
+        _ => Stop::Io(e),
+    })?;
+    let be16 = |at: usize| u16::from_be_bytes(head[at..at + 2].try_into().unwrap());
+    let be32 = |at: usize| u32::from_be_bytes(head[at..at + 4].try_into().unwrap());
+    let be64 = |at: usize| u64::from_be_bytes(head[at..at + 8].try_into().unwrap());
+    let want = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
+    if be32(0) != want {
+        return Err(Stop::Violation(format!(
+            "bad request magic {:#010x}",
+            be32(0)
+        )));
+    }
+    let req = Request {
+        flags: be16(4),
+        kind: be16(6),
+        cookie: be64(8),
+        offset: be64(16),
+        len: if extended { be64(24) } else { be32(24) as u64 },
+    };
+    if req.kind == CMD_DISC {
+        return Err(Stop::Done);
+    }
+    // A WRITE always carries its data (QEMU does not set PAYLOAD_LEN on it); with
+    // extended headers any other command may carry a payload announced by PAYLOAD_LEN.
+    let payload = if req.kind == CMD_WRITE || extended && req.flags & CF_PAYLOAD_LEN != 0 {
+        req.len
+    } else {
+        0
+    };
+    if payload > MAX_PAYLOAD as u64 {
+        return Err(Stop::Violation(format!(
+            "request payload of {payload} bytes exceeds 32 MiB"
+        )));
+    }
+    r.read_exact(buf.get(payload as usize))
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                Stop::Violation("connection closed inside a write payload".into())
+            }
+            _ => Stop::Io(e),
+        })?;
+    Ok((req, payload as usize))
+}

@@ -1,0 +1,172 @@
+//! The node's HTTP+JSON API. Node-local routes live under `/v1/node/`, leaving `/v1/`
+//! for the cluster-wide API the controller serves on the same port.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tandem_api::{ApiError, CreateVolume, UpdateVolume, VolumeName};
+use tandem_pool::PoolError;
+
+use crate::node::{Node, NodeError};
+
+type Shared = State<Arc<Node>>;
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/node", get(node_info))
+        .route("/v1/node/pools", get(pools))
+        .route("/v1/node/volumes", get(list).post(create))
+        .route(
+            "/v1/node/volumes/{name}",
+            get(show).patch(update).delete(remove),
+        )
+        .fallback(|| async {
+            Failure(
+                StatusCode::NOT_FOUND,
+                ApiError {
+                    message: "no such API route".into(),
+                    cause: None,
+                    correction: Some("node routes are under /v1/node/".into()),
+                },
+            )
+        })
+        .with_state(node)
+}
+
+/// An error response: status and `{message, cause, correction}`.
+struct Failure(StatusCode, ApiError);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<JsonRejection> for Failure {
+    fn from(r: JsonRejection) -> Self {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            ApiError {
+                message: "request body is not valid".into(),
+                cause: Some(r.body_text()),
+                correction: Some("send a JSON object with the documented fields".into()),
+            },
+        )
+    }
+}
+
+impl From<NodeError> for Failure {
+    fn from(e: NodeError) -> Self {
+        let message = e.to_string();
+        let (status, correction) = match &e {
+            NodeError::UnknownPool(_) => (StatusCode::NOT_FOUND, "list pools with GET /v1/node/pools".into()),
+            NodeError::ExistsElsewhere { .. } => (StatusCode::CONFLICT, "choose another name".into()),
+            NodeError::Pool(p) => match p {
+                PoolError::NotFound { .. } => (StatusCode::NOT_FOUND, "list volumes with `tandem volume list`".into()),
+                PoolError::Exists { .. } => (StatusCode::CONFLICT, "choose another name".into()),
+                PoolError::FileInTheWay { .. } => (StatusCode::CONFLICT, "move the file away or choose another name".into()),
+                PoolError::InUse { .. } => (StatusCode::CONFLICT, "disconnect the NBD clients, then retry".into()),
+                PoolError::InvalidSize { .. } | PoolError::Shrink { .. } => {
+                    (StatusCode::BAD_REQUEST, "give a size that is a multiple of 4K, e.g. 10G".into())
+                }
+                PoolError::NoSpace { .. } => {
+                    (StatusCode::INSUFFICIENT_STORAGE, "free space in the pool or use a thin volume".into())
+                }
+                PoolError::Failed { .. } => (
+                    StatusCode::CONFLICT,
+                    "inspect the volume's files in the pool directory; the daemon log says why they were refused".into(),
+                ),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "see the tandemd log on this node".into()),
+            },
+        };
+        tracing::debug!(%message, %status, "API request failed");
+        Failure(
+            status,
+            ApiError {
+                message,
+                cause: None,
+                correction: Some(correction),
+            },
+        )
+    }
+}
+
+fn volume_name(raw: &str) -> Result<VolumeName, Failure> {
+    raw.parse().map_err(|e: tandem_api::NameError| {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            ApiError {
+                message: e.to_string(),
+                cause: None,
+                correction: Some("use letters, digits, '_', '.', '-'".into()),
+            },
+        )
+    })
+}
+
+/// Runs blocking pool work (fsync, fallocate) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, Failure> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(Failure::from),
+        Err(e) => Err(Failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError {
+                message: "request handler failed".into(),
+                cause: Some(e.to_string()),
+                correction: None,
+            },
+        )),
+    }
+}
+
+async fn node_info(State(node): Shared) -> impl IntoResponse {
+    Json(node.info())
+}
+
+async fn pools(State(node): Shared) -> impl IntoResponse {
+    Json(node.pools())
+}
+
+async fn list(State(node): Shared) -> impl IntoResponse {
+    Json(node.volumes())
+}
+
+async fn show(State(node): Shared, Path(name): Path<String>) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    Ok(Json(node.get(&name)?))
+}
+
+async fn create(
+    State(node): Shared,
+    body: Result<Json<CreateVolume>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body?;
+    let info = blocking(move || node.create(&req)).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn update(
+    State(node): Shared,
+    Path(name): Path<String>,
+    body: Result<Json<UpdateVolume>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    let Json(change) = body?;
+    Ok(Json(blocking(move || node.update(&name, &change)).await?))
+}
+
+async fn remove(
+    State(node): Shared,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    blocking(move || node.delete(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,243 @@
+//! `tandemd`'s settings: command-line flags, and the same keys (kebab-case) in an
+//! optional TOML file. A flag wins over the file; the file wins over the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Deserialize;
+use tandem_api::{NodeName, PoolName};
+use tandem_pool::CacheMode;
+
+#[derive(Debug, Default, Parser, Deserialize)]
+#[command(
+    name = "tandemd",
+    version,
+    about = "Tandem node daemon: serves volumes from storage pools over NBD"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Options {
+    /// TOML file with any of the settings below (flags override it).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's name [default: the host name].
+    #[arg(long)]
+    pub name: Option<NodeName>,
+    /// Where the daemon keeps its state [default: /var/lib/tandem].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A storage pool, NAME=DIR (repeatable) [default: default=<data-dir>/pools/default].
+    #[arg(long = "pool", value_name = "NAME=DIR")]
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// NBD on TCP [default: 127.0.0.1:10809].
+    #[arg(long, value_name = "ADDR")]
+    pub nbd_listen: Option<SocketAddr>,
+    /// NBD on a Unix socket [default: <data-dir>/nbd.sock].
+    #[arg(long, value_name = "PATH")]
+    pub nbd_socket: Option<PathBuf>,
+    /// HTTP API [default: 127.0.0.1:3370].
+    #[arg(long, value_name = "ADDR")]
+    pub api_listen: Option<SocketAddr>,
+    /// Log filter, e.g. info, debug, tandem_nbd=trace [default: info].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Host page cache for data files: none (direct I/O) or writeback [default: none].
+    #[arg(long, value_name = "MODE")]
+    pub cache: Option<String>,
+    /// PEM certificate chain for NBD STARTTLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for NBD STARTTLS.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates; when set, NBD clients must present a certificate it signed.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Refuse NBD over TCP without TLS.
+    #[arg(long)]
+    #[serde(default)]
+    pub tls_required: bool,
+}
+
+/// Settings after merging and defaults.
+#[derive(Debug)]
+pub struct Settings {
+    pub name: NodeName,
+    pub data_dir: PathBuf,
+    pub pools: Vec<(PoolName, PathBuf)>,
+    pub nbd_listen: SocketAddr,
+    pub nbd_socket: PathBuf,
+    pub api_listen: SocketAddr,
+    pub log_level: String,
+    pub cache: CacheMode,
+    pub tls: Option<Tls>,
+}
+
+#[derive(Debug)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub required: bool,
+}
+
+fn parse_pool(spec: &str) -> anyhow::Result<(PoolName, PathBuf)> {
+    let (name, dir) = spec
+        .split_once('=')
+        .with_context(|| format!("pool {spec:?} is not NAME=DIR (e.g. --pool fast=/srv/nvme)"))?;
+    let name = name.parse::<PoolName>()?;
+    if dir.is_empty() {
+        bail!("pool {name} has an empty directory");
+    }
+    Ok((name, PathBuf::from(dir)))
+}
+
+fn hostname() -> anyhow::Result<NodeName> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        bail!("cannot read the host name; pass --name");
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let host = String::from_utf8_lossy(&buf[..end]);
+    let short = host.split('.').next().unwrap_or_default();
+    short
+        .parse()
+        .with_context(|| format!("host name {host:?} is not a valid node name; pass --name"))
+}
+
+impl Options {
+    fn read_file(path: &Path) -> anyhow::Result<Options> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))
+    }
+
+    /// Applies the config file (if any) under the flags, then the defaults.
+    pub fn settle(self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => Options::read_file(path)?,
+            None => Options::default(),
+        };
+        let name = match self.name.or(file.name) {
+            Some(n) => n,
+            None => hostname()?,
+        };
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| "/var/lib/tandem".into());
+        let specs = if self.pools.is_empty() {
+            file.pools
+        } else {
+            self.pools
+        };
+        let mut pools = specs
+            .iter()
+            .map(|s| parse_pool(s))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if pools.is_empty() {
+            pools.push(("default".parse()?, data_dir.join("pools/default")));
+        }
+        for (i, (name, _)) in pools.iter().enumerate() {
+            if pools[..i].iter().any(|(n, _)| n == name) {
+                bail!("pool {name} is given twice");
+            }
+        }
+        let cache = match self.cache.or(file.cache) {
+            Some(c) => c.parse::<CacheMode>().map_err(anyhow::Error::msg)?,
+            None => CacheMode::None,
+        };
+        let tls = match (
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some(Tls {
+                cert,
+                key,
+                client_ca: self.tls_ca.or(file.tls_ca),
+                required: self.tls_required || file.tls_required,
+            }),
+            (None, None) if self.tls_required || file.tls_required => {
+                bail!("tls-required needs tls-cert and tls-key")
+            }
+            (None, None) => None,
+            _ => bail!("tls-cert and tls-key go together"),
+        };
+        Ok(Settings {
+            name,
+            nbd_socket: self
+                .nbd_socket
+                .or(file.nbd_socket)
+                .unwrap_or_else(|| data_dir.join("nbd.sock")),
+            data_dir,
+            pools,
+            nbd_listen: self
+                .nbd_listen
+                .or(file.nbd_listen)
+                .unwrap_or(([127, 0, 0, 1], 10809).into()),
+            api_listen: self
+                .api_listen
+                .or(file.api_listen)
+                .unwrap_or(([127, 0, 0, 1], 3370).into()),
+            log_level: self
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+            cache,
+            tls,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let dir = std::env::temp_dir().join(format!("tandemd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.toml");
+        std::fs::write(&file, "name = \"from-file\"\ndata-dir = \"/d\"\npool = [\"a=/x\", \"b=/y\"]\ncache = \"writeback\"\n").unwrap();
+        let o = Options::parse_from([
+            "tandemd",
+            "--config",
+            file.to_str().unwrap(),
+            "--name",
+            "n1",
+        ]);
+        let s = o.settle().unwrap();
+        assert_eq!(s.name.as_str(), "n1");
+        assert_eq!(s.data_dir, PathBuf::from("/d"));
+        assert_eq!(s.pools.len(), 2);
+        assert_eq!(s.cache, CacheMode::Writeback);
+        assert_eq!(s.nbd_socket, PathBuf::from("/d/nbd.sock"));
+        assert_eq!(s.api_listen.port(), 3370);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_reason() {
+        for args in [
+            &["tandemd", "--name", "x", "--pool", "nodir"][..],
+            &["tandemd", "--name", "x", "--pool", "a=/1", "--pool", "a=/2"],
+            &["tandemd", "--name", "x", "--cache", "sometimes"],
+            &["tandemd", "--name", "x", "--tls-required"],
+        ] {
+            assert!(Options::parse_from(args).settle().is_err(), "{args:?}");
+        }
+        let dir = std::env::temp_dir().join(format!("tandemd-badconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.toml");
+        std::fs::write(&file, "nmae = \"typo\"\n").unwrap();
+        let err = Options::parse_from(["tandemd", "--config", file.to_str().unwrap()])
+            .settle()
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("nmae"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
