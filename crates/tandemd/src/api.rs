@@ -71,9 +71,13 @@ impl From<NodeError> for Failure {
                 PoolError::Exists { .. } => (StatusCode::CONFLICT, "choose another name".into()),
                 PoolError::FileInTheWay { .. } => (StatusCode::CONFLICT, "move the file away or choose another name".into()),
                 PoolError::InUse { .. } => (StatusCode::CONFLICT, "disconnect the NBD clients, then retry".into()),
-                PoolError::InvalidSize { .. } | PoolError::Shrink { .. } => {
+                PoolError::InvalidSize { .. } => {
                     (StatusCode::BAD_REQUEST, "give a size that is a multiple of 4K, e.g. 10G".into())
                 }
+                PoolError::Shrink { .. } => (
+                    StatusCode::BAD_REQUEST,
+                    "give a size at least the current one; to get a smaller volume, create a new one and copy".into(),
+                ),
                 PoolError::NoSpace { .. } => {
                     (StatusCode::INSUFFICIENT_STORAGE, "free space in the pool or use a thin volume".into())
                 }
