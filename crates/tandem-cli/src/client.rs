@@ -38,12 +38,18 @@ impl Client {
             .timeout_global(Some(std::time::Duration::from_secs(60)))
             .build()
             .into();
-        Client { base: base.trim_end_matches('/').to_owned(), agent }
+        Client {
+            base: base.trim_end_matches('/').to_owned(),
+            agent,
+        }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, CliError> {
         let url = format!("{}{path}", self.base);
-        let transport = |why: String| CliError::Transport { url: self.base.clone(), why };
+        let transport = |why: String| CliError::Transport {
+            url: self.base.clone(),
+            why,
+        };
         let req = ureq::http::Request::builder()
             .method(method)
             .uri(&url)
@@ -52,7 +58,10 @@ impl Client {
             .map_err(|e| transport(e.to_string()))?;
         let mut resp = self.agent.run(req).map_err(|e| transport(e.to_string()))?;
         let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().map_err(|e| transport(e.to_string()))?;
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| transport(e.to_string()))?;
         if status >= 400 {
             let error = serde_json::from_str::<ApiError>(&text).unwrap_or(ApiError {
                 message: format!("request failed with HTTP {status}"),
@@ -76,7 +85,12 @@ impl Client {
         self.decode(&text)
     }
 
-    pub fn send<B: Serialize, T: DeserializeOwned>(&self, method: &str, path: &str, body: &B) -> Result<T, CliError> {
+    pub fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CliError> {
         let body = serde_json::to_string(body).expect("serialisable");
         let text = self.call(method, path, Some(body))?;
         self.decode(&text)

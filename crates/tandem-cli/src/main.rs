@@ -7,16 +7,23 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use tandem_api::{ByteSize, CreateVolume, NodeInfo, PoolInfo, PoolName, UpdateVolume, VolumeInfo, VolumeName};
+use tandem_api::{
+    ByteSize, CreateVolume, NodeInfo, PoolInfo, PoolName, UpdateVolume, VolumeInfo, VolumeName,
+};
 
-use crate::client::{Client, CliError};
+use crate::client::{CliError, Client};
 use crate::table::Table;
 
 #[derive(Parser)]
 #[command(name = "tandem", version, about = "Manage Tandem volumes and pools")]
 struct Cli {
     /// API of the node or controller to talk to.
-    #[arg(long, global = true, env = "TANDEM_CONTROLLER", default_value = "http://127.0.0.1:3370")]
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_CONTROLLER",
+        default_value = "http://127.0.0.1:3370"
+    )]
     controller: String,
     /// Output format: a table for people, JSON for scripts.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
@@ -97,13 +104,25 @@ fn main() -> ExitCode {
 
 fn emit<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> Table) {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value).expect("serialisable")),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("serialisable")
+        ),
         Output::Table => print!("{}", table(value)),
     }
 }
 
 fn volume_table(volumes: &[VolumeInfo]) -> Table {
-    let mut t = Table::new(["NAME", "SIZE", "ALLOCATED", "POOL", "TYPE", "ACCESS", "DISK", "OPEN"]);
+    let mut t = Table::new([
+        "NAME",
+        "SIZE",
+        "ALLOCATED",
+        "POOL",
+        "TYPE",
+        "ACCESS",
+        "DISK",
+        "OPEN",
+    ]);
     for v in volumes {
         t.row([
             v.name.to_string(),
@@ -145,7 +164,11 @@ fn run(cli: &Cli) -> Result<(), CliError> {
             let node: NodeInfo = api.get("/v1/node")?;
             emit(out, &node, |n| {
                 let mut t = Table::new(["NODE", "VERSION", "POOLS"]);
-                t.row([n.name.to_string(), n.version.clone(), n.pools.len().to_string()]);
+                t.row([
+                    n.name.to_string(),
+                    n.version.clone(),
+                    n.pools.len().to_string(),
+                ]);
                 t
             });
         }
@@ -154,8 +177,18 @@ fn run(cli: &Cli) -> Result<(), CliError> {
             emit(out, &pools, |p| pool_table(p));
         }
         Command::Volume(cmd) => match cmd {
-            VolumeCommand::Create { name, size, thick, pool } => {
-                let req = CreateVolume { name: name.clone(), size: size.0, pool: pool.clone(), thick: *thick };
+            VolumeCommand::Create {
+                name,
+                size,
+                thick,
+                pool,
+            } => {
+                let req = CreateVolume {
+                    name: name.clone(),
+                    size: size.0,
+                    pool: pool.clone(),
+                    thick: *thick,
+                };
                 let v: VolumeInfo = api.send("POST", "/v1/node/volumes", &req)?;
                 emit(out, &v, |v| volume_table(std::slice::from_ref(v)));
             }
@@ -168,13 +201,21 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                 emit(out, &v, |v| volume_table(std::slice::from_ref(v)));
             }
             VolumeCommand::Resize { name, size } => {
-                let change = UpdateVolume { size: Some(size.0), ..Default::default() };
-                let v: VolumeInfo = api.send("PATCH", &format!("/v1/node/volumes/{name}"), &change)?;
+                let change = UpdateVolume {
+                    size: Some(size.0),
+                    ..Default::default()
+                };
+                let v: VolumeInfo =
+                    api.send("PATCH", &format!("/v1/node/volumes/{name}"), &change)?;
                 emit(out, &v, |v| volume_table(std::slice::from_ref(v)));
             }
             VolumeCommand::ReadOnly { name, off } => {
-                let change = UpdateVolume { read_only: Some(!off), ..Default::default() };
-                let v: VolumeInfo = api.send("PATCH", &format!("/v1/node/volumes/{name}"), &change)?;
+                let change = UpdateVolume {
+                    read_only: Some(!off),
+                    ..Default::default()
+                };
+                let v: VolumeInfo =
+                    api.send("PATCH", &format!("/v1/node/volumes/{name}"), &change)?;
                 emit(out, &v, |v| volume_table(std::slice::from_ref(v)));
             }
             VolumeCommand::Delete { name } => {

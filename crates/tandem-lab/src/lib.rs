@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test>-<hash>
-    exe.parent().and_then(Path::parent).expect("target/<profile>").to_owned()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_owned()
 }
 
 pub fn tandemd_bin() -> PathBuf {
@@ -40,7 +43,9 @@ fn unique() -> u64 {
 
 /// A free TCP port on loopback.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
 }
 
 /// Runs a command, panicking with its output unless it succeeds; returns stdout.
@@ -58,7 +63,9 @@ pub fn run(cmd: &mut Command) -> String {
 
 /// Runs a command and returns what happened, whatever it was.
 pub fn output(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// A minimal HTTP response.
@@ -77,7 +84,10 @@ impl Response {
 /// Sends an HTTP request with an optional raw body and returns status and body,
 /// whatever the status.
 pub fn http(method: &str, url: &str, body: Option<&str>) -> Result<Response, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
     let req = ureq::http::Request::builder()
         .method(method)
         .uri(url)
@@ -86,7 +96,10 @@ pub fn http(method: &str, url: &str, body: Option<&str>) -> Result<Response, Str
         .map_err(|e| e.to_string())?;
     let mut resp = agent.run(req).map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
     Ok(Response { status, body })
 }
 
@@ -129,18 +142,32 @@ impl Node {
             .args(["--name", &self.name, "--log-level", "debug"])
             .arg("--data-dir")
             .arg(&self.dir)
-            .args(["--api-listen", &self.api.to_string(), "--nbd-listen", &self.nbd.to_string()])
+            .args([
+                "--api-listen",
+                &self.api.to_string(),
+                "--nbd-listen",
+                &self.nbd.to_string(),
+            ])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start tandemd");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {:?} ({e}); build it with `cargo build --workspace`",
+                    tandemd_bin()
+                )
+            });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tandemd {} exited at start ({status}):\n{}", self.name, self.log());
+                panic!(
+                    "tandemd {} exited at start ({status}):\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             if http("GET", &self.url("/v1/node"), None).is_ok_and(|r| r.status == 200) {
                 return;
@@ -227,5 +254,9 @@ impl Drop for Node {
 
 /// True when a command-line tool is installed.
 pub fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
 }

@@ -1,0 +1,107 @@
+//! The `tandem` command against a real `tandemd`.
+
+use std::process::Command;
+
+use tandem_lab::{Node, output, run};
+
+fn tandem(node: &Node) -> Command {
+    let mut cmd = Command::new(tandem_lab::tandem_bin());
+    cmd.args(["--controller", &node.api_url()]);
+    cmd
+}
+
+#[test]
+fn volume_lifecycle_through_the_cli() {
+    let node = Node::start("cli1");
+    let table = run(tandem(&node).args(["volume", "create", "vm1", "--size", "1G"]));
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("vm1") && table.contains("1G") && table.contains("thin"),
+        "{table}"
+    );
+    run(tandem(&node).args(["volume", "create", "vm2", "--size", "64M", "--thick"]));
+
+    let json = run(tandem(&node).args(["volume", "list", "--output", "json"]));
+    let list: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let sizes: Vec<(String, u64, bool)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_owned(),
+                v["size"].as_u64().unwrap(),
+                v["thick"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sizes,
+        [
+            ("vm1".into(), 1 << 30, false),
+            ("vm2".into(), 64 << 20, true)
+        ]
+    );
+
+    run(tandem(&node).args(["volume", "resize", "vm1", "--size", "2G"]));
+    assert_eq!(
+        std::fs::metadata(node.data_file("vm1")).unwrap().len(),
+        2 << 30
+    );
+
+    run(tandem(&node).args(["volume", "delete", "vm2"]));
+    assert!(!node.data_file("vm2").exists());
+    let json = run(tandem(&node).args(["-o", "json", "volume", "list"]));
+    assert!(!json.contains("vm2"), "{json}");
+}
+
+#[test]
+fn cli_errors_say_what_to_do_and_exit_non_zero() {
+    let node = Node::start("cli2");
+    run(tandem(&node).args(["volume", "create", "vm1", "--size", "1G"]));
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["volume", "create", "vm1", "--size", "1G"],
+            "already exists",
+        ),
+        (&["volume", "create", "x", "--size", "12Q"], "cannot read"),
+        (&["volume", "resize", "vm1", "--size", "1M"], "only grow"),
+        (&["volume", "delete", "nope"], "does not exist"),
+        (
+            &["volume", "create", "x", "--size", "1000"],
+            "multiple of 4",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = output(tandem(&node).args(args));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // Nothing changed.
+    let json = run(tandem(&node).args(["-o", "json", "volume", "list"]));
+    let list: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["size"], 1u64 << 30);
+
+    let out = output(Command::new(tandem_lab::tandem_bin()).args([
+        "--controller",
+        "http://127.0.0.1:1",
+        "volume",
+        "list",
+    ]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TANDEM_CONTROLLER"));
+}
+
+#[test]
+fn controller_url_comes_from_the_environment() {
+    let node = Node::start("cli3");
+    let json = run(Command::new(tandem_lab::tandem_bin())
+        .env("TANDEM_CONTROLLER", node.api_url())
+        .args(["-o", "json", "pool", "list"]));
+    let pools: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(pools[0]["name"], "default");
+    assert_eq!(pools[0]["kind"], "file");
+    assert!(pools[0]["capacity"].as_u64().unwrap() >= pools[0]["free"].as_u64().unwrap());
+}
