@@ -28,6 +28,15 @@ pub(crate) struct Transport {
 }
 
 impl Conn {
+    /// Accepted sockets may inherit non-blocking mode from their listener.
+    pub fn set_blocking(&self) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_nonblocking(false),
+            Conn::Unix(s) => s.set_nonblocking(false),
+            Conn::Tls(_) | Conn::Closed => Ok(()),
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, Conn::Tls(_))
     }

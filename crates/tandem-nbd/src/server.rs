@@ -53,38 +53,45 @@ impl Server {
 
     /// Serves NBD on a TCP listener.
     pub fn serve_tcp(&self, listener: TcpListener, tls: TlsPolicy) -> io::Result<JoinHandle<()>> {
-        listener.set_nonblocking(true)?;
-        let inner = self.inner.clone();
-        std::thread::Builder::new()
-            .name("nbd-accept-tcp".into())
-            .spawn(move || {
-                while inner.wait_readable(listener.as_raw_fd()) {
-                    match listener.accept() {
-                        Ok((stream, peer)) => {
-                            let socket = stream.try_clone().map(Socket::Tcp);
-                            let _ = stream.set_nonblocking(false);
-                            inner.start(Conn::Tcp(stream), socket, peer.to_string(), tls.clone());
-                        }
-                        Err(e) => accept_error(e),
-                    }
-                }
-            })
+        self.accept_loop("nbd-accept-tcp", listener, move |l| {
+            let (stream, peer) = l.accept()?;
+            Ok((
+                Socket::Tcp(stream.try_clone()?),
+                Conn::Tcp(stream),
+                peer.to_string(),
+                tls.clone(),
+            ))
+        })
     }
 
     /// Serves NBD on a Unix socket listener (never TLS: the socket's permissions guard it).
     pub fn serve_unix(&self, listener: UnixListener) -> io::Result<JoinHandle<()>> {
+        self.accept_loop("nbd-accept-unix", listener, |l| {
+            let (stream, _) = l.accept()?;
+            Ok((
+                Socket::Unix(stream.try_clone()?),
+                Conn::Unix(stream),
+                "unix".into(),
+                TlsPolicy::Off,
+            ))
+        })
+    }
+
+    fn accept_loop<L: Listener>(
+        &self,
+        name: &str,
+        listener: L,
+        mut accept: impl FnMut(&L) -> io::Result<(Socket, Conn, String, TlsPolicy)> + Send + 'static,
+    ) -> io::Result<JoinHandle<()>> {
+        // Non-blocking, so a client that vanishes between poll and accept cannot stall it.
         listener.set_nonblocking(true)?;
         let inner = self.inner.clone();
         std::thread::Builder::new()
-            .name("nbd-accept-unix".into())
+            .name(name.into())
             .spawn(move || {
                 while inner.wait_readable(listener.as_raw_fd()) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let socket = stream.try_clone().map(Socket::Unix);
-                            let _ = stream.set_nonblocking(false);
-                            inner.start(Conn::Unix(stream), socket, "unix".into(), TlsPolicy::Off);
-                        }
+                    match accept(&listener) {
+                        Ok((socket, conn, peer, tls)) => inner.start(conn, socket, peer, tls),
                         Err(e) => accept_error(e),
                     }
                 }
@@ -118,6 +125,23 @@ impl Server {
     /// Number of open client connections.
     pub fn connections(&self) -> usize {
         self.inner.conns.lock().unwrap().len()
+    }
+}
+
+/// The listeners NBD is served on.
+trait Listener: AsRawFd + Send + 'static {
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
+}
+
+impl Listener for TcpListener {
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        TcpListener::set_nonblocking(self, on)
+    }
+}
+
+impl Listener for UnixListener {
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        UnixListener::set_nonblocking(self, on)
     }
 }
 
@@ -159,17 +183,10 @@ impl Inner {
         }
     }
 
-    fn start(
-        self: &Arc<Self>,
-        conn: Conn,
-        socket: io::Result<Socket>,
-        peer: String,
-        tls: TlsPolicy,
-    ) {
-        let socket = match socket {
-            Ok(s) => s,
-            Err(e) => return tracing::error!(peer, error = %e, "cannot track connection"),
-        };
+    fn start(self: &Arc<Self>, conn: Conn, socket: Socket, peer: String, tls: TlsPolicy) {
+        if let Err(e) = conn.set_blocking() {
+            return tracing::error!(peer, error = %e, "cannot set up the connection");
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.conns.lock().unwrap().insert(id, socket);
         let inner = self.clone();

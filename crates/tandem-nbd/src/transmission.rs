@@ -76,13 +76,17 @@ impl<'s> Connection<'s> {
     fn worker<'scope>(&'scope self, scope: &'scope Scope<'scope, '_>, peer: &'scope str) {
         let mut buf = AlignedBuf::new();
         loop {
+            // A worker counts as idle until it holds a request: also while it sits in
+            // read() under the lock, so a request in flight does not look like a
+            // shortage of workers.
             self.idle.fetch_add(1, Ordering::AcqRel);
             let mut reader = self.reader.lock().unwrap();
-            self.idle.fetch_sub(1, Ordering::AcqRel);
             if reader.stopped {
+                self.idle.fetch_sub(1, Ordering::AcqRel);
                 break;
             }
             let next = read_request(&mut reader.stream, self.session.mode, &mut buf);
+            self.idle.fetch_sub(1, Ordering::AcqRel);
             let (req, payload_len) = match next {
                 Ok(r) => r,
                 Err(stop) => {

@@ -272,29 +272,28 @@ impl DataFile {
         let end = offset + len;
         let mut out = Vec::new();
         let mut at = offset;
-        while at < end {
-            let data = match seek(&self.buffered, at, libc::SEEK_DATA)? {
-                Some(d) => d.min(end),
-                None => end, // no data after `at`: the rest is a hole
-            };
+        // SEEK_HOLE first: on written ranges one call shows the whole range is data.
+        while at < end && out.len() < 1024 {
+            let hole = seek(&self.buffered, at, libc::SEEK_HOLE)?
+                .unwrap_or(end)
+                .min(end);
+            if hole > at {
+                out.push(Extent {
+                    len: hole - at,
+                    hole: false,
+                });
+                at = hole;
+                continue;
+            }
+            let data = seek(&self.buffered, at, libc::SEEK_DATA)?
+                .unwrap_or(end)
+                .min(end);
             if data > at {
                 out.push(Extent {
                     len: data - at,
                     hole: true,
                 });
                 at = data;
-                continue;
-            }
-            let hole = seek(&self.buffered, at, libc::SEEK_HOLE)?
-                .unwrap_or(end)
-                .min(end);
-            out.push(Extent {
-                len: hole - at,
-                hole: false,
-            });
-            at = hole;
-            if out.len() >= 1024 {
-                break;
             }
         }
         Ok(out)
