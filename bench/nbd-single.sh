@@ -53,7 +53,7 @@ TANDEMD=$(cd "$(dirname "$TANDEMD")" && pwd)/$(basename "$TANDEMD")
 # ---- work directory ------------------------------------------------------------------
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
-FSTYPE=$(df -T --output=fstype "$BENCH_DIR" | tail -1 | tr -d ' ')
+FSTYPE=$(df --output=fstype "$BENCH_DIR" | tail -1 | tr -d ' ')
 FSDEV=$(df --output=source "$BENCH_DIR" | tail -1 | tr -d ' ')
 [[ $FSTYPE != tmpfs ]] || die "$BENCH_DIR is on tmpfs, which has no O_DIRECT; set BENCH_DIR to a disk-backed directory"
 dd if=/dev/zero of="$BENCH_DIR/.odirect-probe" bs=4096 count=1 oflag=direct status=none 2>/dev/null ||
@@ -147,7 +147,7 @@ start_tandemd() {
     SOCK=$DATA/nbd.sock
     TANDEMD_API=127.0.0.1:$(free_port)
     echo "---- start $(date +%T)" >>"$log"
-    "$TANDEMD" --name n1 --data-dir "$DATA" --cache none \
+    NO_COLOR=1 "$TANDEMD" --name n1 --data-dir "$DATA" --cache none \
         --nbd-listen "127.0.0.1:$(free_port)" --api-listen "$TANDEMD_API" 2>>"$log" &
     SERVER_PID=$!
     wait_ready "$SOCK" "$log" || die "tandemd did not start"
@@ -343,10 +343,10 @@ EOF
 
 # ---- server health -------------------------------------------------------------------
 echo
-problems=$(grep -cE ' (WARN|ERROR) ' "$RUN/tandemd.log" || true)
+problems=$(grep -cE '\b(WARN|ERROR)\b' "$RUN/tandemd.log" || true)
 if ((problems > 0 || TANDEMD_BAD_EXITS > 0)); then
     echo "tandemd: $problems warning/error line(s) in its log, $TANDEMD_BAD_EXITS unclean exit(s):"
-    grep -E ' (WARN|ERROR) ' "$RUN/tandemd.log" | head -20
+    grep -E '\b(WARN|ERROR)\b' "$RUN/tandemd.log" | head -20
 else
     echo "tandemd: no warnings or errors in its log; every stop was clean."
 fi

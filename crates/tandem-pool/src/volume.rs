@@ -87,6 +87,8 @@ impl Volume {
     }
 
     pub fn info(&self) -> VolumeInfo {
+        // Lock order is openers, then meta (as in open and close).
+        let open = self.openers();
         let meta = self.meta.lock().unwrap();
         let sb = meta.superblock();
         VolumeInfo {
@@ -97,7 +99,7 @@ impl Volume {
             thick: sb.thick,
             read_only: sb.read_only,
             disk: sb.disk_state,
-            open: self.openers(),
+            open,
             error: None,
         }
     }
