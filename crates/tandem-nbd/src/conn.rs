@@ -4,6 +4,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::tls;
 
@@ -37,6 +38,16 @@ impl Conn {
         }
     }
 
+    /// Bounds how long a read may wait (`None`: forever).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(timeout),
+            Conn::Unix(s) => s.set_read_timeout(timeout),
+            Conn::Tls(s) => s.sock.set_read_timeout(timeout),
+            Conn::Closed => Ok(()),
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, Conn::Tls(_))
     }
@@ -61,6 +72,8 @@ impl Conn {
     }
 
     pub fn into_transport(self) -> io::Result<Transport> {
+        // Negotiation is time-bounded; an open export may sit idle as long as it likes.
+        self.set_read_timeout(None)?;
         Ok(match self {
             Conn::Closed => return Err(closed()),
             Conn::Tcp(s) => {

@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::conn::Conn;
 use crate::export::{Catalog, Export, ExportInfo, OpenError};
@@ -56,6 +57,10 @@ impl From<io::Error> for Ending {
 }
 
 const BASE_ALLOCATION_ID: u32 = 1;
+
+/// A client that stays silent this long during negotiation is dropped, so idle
+/// half-open connections cannot pile up.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Negotiation<'a> {
     conn: Conn,
@@ -151,6 +156,7 @@ pub(crate) fn negotiate(
         extended: false,
         meta: None,
     };
+    n.conn.set_read_timeout(Some(NEGOTIATION_TIMEOUT))?;
     let mut greeting = [0u8; 18];
     greeting[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
