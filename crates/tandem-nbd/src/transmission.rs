@@ -37,6 +37,8 @@ enum Stop {
     Done,
     /// The stream cannot be trusted any more; the reason is logged.
     Violation(String),
+    /// The stream ended inside a request (client gone, or the server stopping).
+    Lost(&'static str),
     Io(io::Error),
 }
 
@@ -96,6 +98,9 @@ impl<'s> Connection<'s> {
                         Stop::Violation(why) => {
                             tracing::warn!(peer, export = %self.session.name, %why,
                             "closing NBD connection: protocol violation")
+                        }
+                        Stop::Lost(why) => {
+                            tracing::debug!(peer, why, "NBD connection lost mid-request")
                         }
                         Stop::Io(e) => tracing::debug!(peer, error = %e, "NBD connection lost"),
                     }
@@ -184,6 +189,9 @@ impl<'s> Connection<'s> {
                 req.flags & !allowed,
                 req.kind
             ));
+        }
+        if req.flags & CF_PAYLOAD_LEN != 0 && s.mode != ReplyMode::Extended {
+            return inval("PAYLOAD_LEN needs extended headers".into());
         }
         if req.flags & CF_DF != 0 && s.flags & TF_SEND_DF == 0 {
             return inval("DF needs structured replies".into());
@@ -390,9 +398,7 @@ fn read_request(
         Err(e) => return Err(Stop::Io(e)),
     }
     r.read_exact(&mut head[1..]).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => {
-            Stop::Violation("connection closed inside a request header".into())
-        }
+        io::ErrorKind::UnexpectedEof => Stop::Lost("connection closed inside a request header"),
         _ => Stop::Io(e),
     })?;
     let be16 = |at: usize| u16::from_be_bytes(head[at..at + 2].try_into().unwrap());
@@ -433,9 +439,7 @@ fn read_request(
     }
     r.read_exact(buf.get(payload as usize))
         .map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => {
-                Stop::Violation("connection closed inside a write payload".into())
-            }
+            io::ErrorKind::UnexpectedEof => Stop::Lost("connection closed inside a write payload"),
             _ => Stop::Io(e),
         })?;
     Ok((req, payload as usize))

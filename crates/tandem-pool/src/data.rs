@@ -299,17 +299,23 @@ impl DataFile {
         Ok(out)
     }
 
-    /// Grows the file to `size` bytes; `thick` reserves the new blocks.
+    /// Grows the file to `size` bytes; `thick` reserves the new blocks. On failure the
+    /// file is put back to its old length, releasing what was reserved.
     pub fn grow(&self, size: u64, thick: bool) -> io::Result<()> {
         let old = self.len()?;
-        if size > old {
-            if thick {
-                fallocate(&self.buffered, 0, old, size - old)?;
-            } else {
-                self.buffered.set_len(size)?;
-            }
+        if size <= old {
+            return Ok(());
         }
-        self.buffered.sync_all()
+        let result = if thick {
+            fallocate(&self.buffered, 0, old, size - old)
+        } else {
+            self.buffered.set_len(size)
+        };
+        if let Err(e) = result.and_then(|()| self.buffered.sync_all()) {
+            let _ = self.buffered.set_len(old);
+            return Err(e);
+        }
+        Ok(())
     }
 }
 

@@ -40,6 +40,30 @@ pub enum PoolError {
 }
 
 impl PoolError {
+    /// Classifies a failure to create or grow a data file to `size` bytes.
+    pub(crate) fn from_file_error(
+        e: io::Error,
+        pool: &PoolName,
+        path: &std::path::Path,
+        size: u64,
+    ) -> PoolError {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => PoolError::NoSpace {
+                pool: pool.clone(),
+                needed: size,
+                free: 0,
+            },
+            Some(libc::EFBIG) => PoolError::InvalidSize {
+                size,
+                reason: format!("the file system of pool {pool} cannot hold a file this large"),
+            },
+            _ => PoolError::Io {
+                context: format!("sizing {}", path.display()),
+                source: e,
+            },
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> PoolError {
         let context = context.into();
         move |source| PoolError::Io { context, source }

@@ -290,14 +290,7 @@ impl Pool {
             Superblock::new(name.clone(), size, thick, created),
         )?;
         let result = DataFile::create(&data_path, size, thick, self.cache)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOSPC) => PoolError::NoSpace {
-                    pool: self.name.clone(),
-                    needed: size,
-                    free: 0,
-                },
-                _ => PoolError::io(format!("creating {}", data_path.display()))(e),
-            })
+            .map_err(|e| PoolError::from_file_error(e, &self.name, &data_path, size))
             .and_then(|_| {
                 std::fs::rename(&creating, &meta_path)
                     .map_err(PoolError::io(format!("renaming {}", creating.display())))
@@ -356,6 +349,10 @@ mod tests {
 
     fn pool(dir: &Path) -> Pool {
         Pool::open("default".parse().unwrap(), dir, CacheMode::Writeback).unwrap()
+    }
+
+    fn plenty() -> Result<u64, PoolError> {
+        Ok(u64::MAX)
     }
 
     fn name(s: &str) -> VolumeName {
@@ -463,12 +460,15 @@ mod tests {
             p.delete(&name("vm")),
             Err(PoolError::InUse { openers: 1, .. })
         ));
-        assert!(matches!(v.grow(4096), Err(PoolError::Shrink { .. })));
         assert!(matches!(
-            v.grow((1 << 20) + 1),
+            v.update(Some(4096), None, plenty),
+            Err(PoolError::Shrink { .. })
+        ));
+        assert!(matches!(
+            v.update(Some((1 << 20) + 1), None, plenty),
             Err(PoolError::InvalidSize { .. })
         ));
-        v.grow(2 << 20).unwrap();
+        v.update(Some(2 << 20), None, plenty).unwrap();
         assert_eq!(h.data().len().unwrap(), 2 << 20);
         drop(h);
         p.delete(&name("vm")).unwrap();

@@ -144,12 +144,27 @@ impl Volume {
         }
     }
 
-    /// Grows the volume to `size` bytes: the data file first, then the metadata, so a
-    /// crash in between leaves the old size in force over a longer file.
-    pub fn grow(&self, size: u64) -> Result<(), PoolError> {
-        check_size(size)?;
+    /// Applies a change of size (grow only) and/or access mode, all or nothing. The
+    /// data file grows first, then one metadata update records everything, so a crash
+    /// in between leaves the old size in force over a longer file.
+    pub fn update(
+        &self,
+        size: Option<u64>,
+        read_only: Option<bool>,
+        free: impl FnOnce() -> Result<u64, PoolError>,
+    ) -> Result<(), PoolError> {
+        let openers = self.openers.lock().unwrap();
+        if read_only == Some(true) && openers.writers > 0 {
+            // Writers were promised a writable export.
+            return Err(PoolError::InUse {
+                name: self.name.clone(),
+                openers: openers.writers,
+            });
+        }
         let mut meta = self.meta.lock().unwrap();
         let current = meta.superblock().size;
+        let size = size.unwrap_or(current);
+        check_size(size)?;
         if size < current {
             return Err(PoolError::Shrink {
                 name: self.name.clone(),
@@ -157,37 +172,29 @@ impl Volume {
                 requested: size,
             });
         }
-        if size == current {
-            return Ok(());
+        if size > current {
+            if self.thick {
+                let free = free()?;
+                if free < size - current {
+                    return Err(PoolError::NoSpace {
+                        pool: self.pool.clone(),
+                        needed: size - current,
+                        free,
+                    });
+                }
+            }
+            self.data
+                .grow(size, self.thick)
+                .map_err(|e| PoolError::from_file_error(e, &self.pool, self.data.path(), size))?;
         }
-        self.data
-            .grow(size, self.thick)
-            .map_err(PoolError::io(format!(
-                "growing {}",
-                self.data.path().display()
-            )))?;
-        meta.update(|sb| sb.size = size)?;
+        let read_only = read_only.unwrap_or(meta.superblock().read_only);
+        meta.update(|sb| {
+            sb.size = size;
+            sb.read_only = read_only;
+        })?;
         self.size.store(size, Ordering::Release);
-        tracing::info!(volume = %self.name, from = current, to = size, "volume grown");
-        Ok(())
-    }
-
-    /// Marks the volume read-only (or writable again). Refused while writers have it open,
-    /// since they were promised a writable export.
-    pub fn set_read_only(&self, read_only: bool) -> Result<(), PoolError> {
-        let o = self.openers.lock().unwrap();
-        if read_only && o.writers > 0 {
-            return Err(PoolError::InUse {
-                name: self.name.clone(),
-                openers: o.writers,
-            });
-        }
-        self.meta
-            .lock()
-            .unwrap()
-            .update(|sb| sb.read_only = read_only)?;
         self.read_only.store(read_only, Ordering::Release);
-        tracing::info!(volume = %self.name, read_only, "volume access mode changed");
+        tracing::info!(volume = %self.name, from = current, to = size, read_only, "volume updated");
         Ok(())
     }
 }

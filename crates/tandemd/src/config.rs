@@ -30,7 +30,7 @@ pub struct Options {
     pub data_dir: Option<PathBuf>,
     /// A storage pool, NAME=DIR (repeatable) [default: default=<data-dir>/pools/default].
     #[arg(long = "pool", value_name = "NAME=DIR")]
-    #[serde(default)]
+    #[serde(default, rename = "pool")]
     pub pools: Vec<String>,
     /// NBD on TCP [default: 127.0.0.1:10809].
     #[arg(long, value_name = "ADDR")]

@@ -39,13 +39,29 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One daemon per data directory: held (flock) until the process exits.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("tandemd.lock");
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: plain syscall on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "data directory {} is in use by another tandemd",
+            dir.display()
+        );
+    }
+    Ok(file)
+}
+
 fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
-        // A socket left by a previous run: nobody listens on it any more (the pool locks
-        // would have stopped a second daemon before this point).
+        // A socket left by a previous run: nobody listens on it any more (the data-dir
+        // lock would have stopped a second daemon before this point).
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
         Ok(_) => bail!(
             "{} exists and is not a socket; remove it or pass --nbd-socket",
@@ -64,6 +80,7 @@ fn run(settings: Settings) -> anyhow::Result<()> {
     tracing::info!(node = %settings.name, data_dir = %settings.data_dir.display(), "tandemd starting");
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+    let _lock = lock_data_dir(&settings.data_dir)?;
     let node = Arc::new(Node::open(
         settings.name.clone(),
         &settings.pools,

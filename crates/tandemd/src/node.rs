@@ -136,13 +136,20 @@ impl Node {
         name: &VolumeName,
         change: &UpdateVolume,
     ) -> Result<VolumeInfo, NodeError> {
-        let volume = self.volume(name)?;
-        if let Some(size) = change.size {
-            volume.grow(size)?;
-        }
-        if let Some(read_only) = change.read_only {
-            volume.set_read_only(read_only)?;
-        }
+        let (pool, entry) = self
+            .find(name)
+            .ok_or_else(|| PoolError::NotFound { name: name.clone() })?;
+        let volume = match entry {
+            Entry::Ready(v) => v,
+            Entry::Failed { error, .. } => {
+                return Err(PoolError::Failed {
+                    name: name.clone(),
+                    error,
+                }
+                .into());
+            }
+        };
+        volume.update(change.size, change.read_only, || Ok(pool.stats()?.free))?;
         Ok(volume.info())
     }
 
