@@ -1,0 +1,1050 @@
+//! System tests of the node API: the volume life cycle with its JSON bodies, bad input
+//! that must change nothing, corrupt metadata, pools, and a second daemon on the same
+//! data directory.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tandem_lab::{Node, output, run};
+
+const MIB: u64 = 1 << 20;
+
+fn pool_dir(node: &Node) -> PathBuf {
+    node.dir.join("pools/default")
+}
+
+fn meta_file(node: &Node, vol: &str) -> PathBuf {
+    pool_dir(node).join(format!("{vol}.meta"))
+}
+
+fn create(node: &Node, body: &str) -> tandem_lab::Response {
+    node.api("POST", "/v1/node/volumes", Some(body))
+}
+
+fn get_volume(node: &Node, vol: &str) -> Value {
+    let r = node.api("GET", &format!("/v1/node/volumes/{vol}"), None);
+    assert_eq!(r.status, 200, "GET {vol}: {}", r.body);
+    r.json()
+}
+
+fn list(node: &Node) -> Value {
+    let r = node.api("GET", "/v1/node/volumes", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// Asserts every field of a healthy volume's JSON body; returns `allocated`.
+fn assert_volume(v: &Value, name: &str, size: u64, thick: bool, read_only: bool) -> u64 {
+    let obj = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"));
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "allocated",
+            "disk",
+            "name",
+            "open",
+            "pool",
+            "read_only",
+            "size",
+            "thick"
+        ],
+        "fields of {v}"
+    );
+    assert_eq!(v["name"], name, "{v}");
+    assert_eq!(v["pool"], "default", "{v}");
+    assert_eq!(v["size"], size, "{v}");
+    assert_eq!(v["thick"], thick, "{v}");
+    assert_eq!(v["read_only"], read_only, "{v}");
+    assert_eq!(v["disk"], "UpToDate", "{v}");
+    assert_eq!(v["open"], 0, "{v}");
+    let allocated = v["allocated"].as_u64().expect("allocated is a number");
+    if thick {
+        assert!(allocated >= size, "thick volume allocates its size: {v}");
+    }
+    allocated
+}
+
+/// Asserts an error response: status, and a JSON body with a non-empty message and
+/// correction (and a cause, when `cause` is set).
+fn assert_error(r: &tandem_lab::Response, status: u16, cause: bool, what: &str) -> Value {
+    assert_eq!(r.status, status, "{what}: {}", r.body);
+    let e = r.json();
+    let text = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+    assert!(!text("message").is_empty(), "{what}: message in {e}");
+    assert!(!text("correction").is_empty(), "{what}: correction in {e}");
+    if cause {
+        assert!(!text("cause").is_empty(), "{what}: cause in {e}");
+    }
+    for k in e.as_object().unwrap().keys() {
+        assert!(
+            ["message", "cause", "correction"].contains(&k.as_str()),
+            "{what}: unexpected field {k} in {e}"
+        );
+    }
+    e
+}
+
+/// Everything in the pool directory: file names and contents.
+fn pool_files(node: &Node) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(pool_dir(node))
+        .expect("pool dir")
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn file_names(files: &BTreeMap<String, Vec<u8>>) -> Vec<&str> {
+    files.keys().map(String::as_str).collect()
+}
+
+/// Greeting, fixed-newstyle flags and NBD_OPT_GO on a raw socket: the socket in
+/// transmission, or the error reply's type and message.
+fn go(addr: SocketAddr, name: &str) -> Result<TcpStream, (u32, String)> {
+    let mut s = TcpStream::connect(addr).expect("connect to NBD");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).expect("greeting");
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    let mut msg = 1u32.to_be_bytes().to_vec();
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    msg.extend_from_slice(b"IHAVEOPT");
+    msg.extend_from_slice(&7u32.to_be_bytes());
+    msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    msg.extend_from_slice(&data);
+    s.write_all(&msg).unwrap();
+    loop {
+        let mut head = [0u8; 20];
+        s.read_exact(&mut head).expect("GO reply");
+        let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        let mut body = vec![0u8; u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize];
+        s.read_exact(&mut body).unwrap();
+        match kind {
+            1 => return Ok(s),
+            3 => continue,
+            _ => return Err((kind, String::from_utf8_lossy(&body).into_owned())),
+        }
+    }
+}
+
+/// A raw NBD client that has the volume open until dropped.
+fn open_session(addr: SocketAddr, name: &str) -> TcpStream {
+    go(addr, name).unwrap_or_else(|(kind, msg)| panic!("GO {name} refused ({kind:#x}): {msg}"))
+}
+
+/// The error reply to NBD_OPT_GO for an export that cannot be opened.
+fn go_refusal(addr: SocketAddr, name: &str) -> (u32, String) {
+    match go(addr, name) {
+        Ok(_) => panic!("GO {name} succeeded"),
+        Err(e) => e,
+    }
+}
+
+fn wait_open(node: &Node, vol: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = get_volume(node, vol)["open"].as_u64();
+        if open == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{vol}: open={open:?}, want {want}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = run(cmd.arg(uri));
+    assert!(!out.contains("failed"), "qemu-io {commands:?}:\n{out}");
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. The happy path.
+
+#[test]
+fn volume_life_cycle_through_the_api() {
+    let mut node = Node::start("apiflow");
+    assert_eq!(list(&node), json!([]));
+
+    let r = create(&node, r#"{"name":"alpha","size":8388608}"#);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let created = r.json();
+    assert_volume(&created, "alpha", 8 * MIB, false, false);
+    assert!(
+        created["allocated"].as_u64().unwrap() < 8 * MIB,
+        "a thin volume starts sparse: {created}"
+    );
+    assert_eq!(get_volume(&node, "alpha"), created);
+    assert_eq!(
+        std::fs::metadata(node.data_file("alpha")).unwrap().len(),
+        8 * MIB
+    );
+    assert!(meta_file(&node, "alpha").is_file());
+
+    let r = create(
+        &node,
+        r#"{"name":"beta","size":4194304,"pool":"default","thick":true}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_volume(&r.json(), "beta", 4 * MIB, true, false);
+
+    // Listed in name order, each as GET shows it.
+    let all = list(&node);
+    let names: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    assert_eq!(all[0], get_volume(&node, "alpha"));
+    assert_eq!(all[1], get_volume(&node, "beta"));
+
+    // Data written over NBD shows up in `allocated`.
+    qemu_io(&node.uri("alpha"), &["write -P 0x11 0 1M", "flush"]);
+    wait_open(&node, "alpha", 0);
+    let allocated = assert_volume(&get_volume(&node, "alpha"), "alpha", 8 * MIB, false, false);
+    assert!(allocated >= MIB, "after writing 1 MiB: {allocated}");
+
+    // Grow.
+    let r = node.api(
+        "PATCH",
+        "/v1/node/volumes/alpha",
+        Some(r#"{"size":16777216}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_volume(&r.json(), "alpha", 16 * MIB, false, false);
+    assert_eq!(
+        std::fs::metadata(node.data_file("alpha")).unwrap().len(),
+        16 * MIB
+    );
+    let size = run(Command::new("nbdinfo").args(["--size", &node.uri("alpha")]));
+    assert_eq!(size.trim(), (16 * MIB).to_string());
+    // To the same size: nothing to do.
+    let r = node.api(
+        "PATCH",
+        "/v1/node/volumes/alpha",
+        Some(r#"{"size":16777216}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_volume(&r.json(), "alpha", 16 * MIB, false, false);
+    // A thick volume stays fully allocated when it grows.
+    let r = node.api(
+        "PATCH",
+        "/v1/node/volumes/beta",
+        Some(r#"{"size":12582912}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_volume(&r.json(), "beta", 12 * MIB, true, false);
+
+    // Read-only, and back.
+    let r = node.api(
+        "PATCH",
+        "/v1/node/volumes/alpha",
+        Some(r#"{"read_only":true}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_volume(&r.json(), "alpha", 16 * MIB, false, true);
+    let r = node.api("PATCH", "/v1/node/volumes/alpha", Some("{}"));
+    assert_eq!(r.status, 200, "an empty change: {}", r.body);
+    assert_volume(&r.json(), "alpha", 16 * MIB, false, true);
+
+    // Everything survives a restart.
+    assert!(node.stop().success());
+    node.restart();
+    assert_volume(&get_volume(&node, "alpha"), "alpha", 16 * MIB, false, true);
+    assert_volume(&get_volume(&node, "beta"), "beta", 12 * MIB, true, false);
+    // Read-only: qemu-io must open it read-only too, and cannot open it for writing.
+    let out = run(Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read -P 0x11 0 1M"])
+        .arg(node.uri("alpha")));
+    assert!(!out.contains("failed"), "{out}");
+    let rw = output(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 4k"])
+            .arg(node.uri("alpha")),
+    );
+    assert!(!rw.status.success(), "qemu-io wrote to a read-only volume");
+    let r = node.api(
+        "PATCH",
+        "/v1/node/volumes/alpha",
+        Some(r#"{"read_only":false}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_volume(&r.json(), "alpha", 16 * MIB, false, false);
+
+    // Delete.
+    wait_open(&node, "alpha", 0);
+    let r = node.api("DELETE", "/v1/node/volumes/alpha", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(r.body, "");
+    let files = pool_files(&node);
+    assert_eq!(
+        file_names(&files),
+        [".tandem-pool.lock", "beta.meta", "beta.raw"],
+        "alpha's .raw and .meta are gone"
+    );
+    let r = node.api("GET", "/v1/node/volumes/alpha", None);
+    assert_error(&r, 404, false, "GET after DELETE");
+    let names: Vec<Value> = list(&node)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("beta")]);
+    let r = node.api("DELETE", "/v1/node/volumes/beta", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(list(&node), json!([]));
+    assert_eq!(file_names(&pool_files(&node)), [".tandem-pool.lock"]);
+
+    // The name is free again.
+    let r = create(&node, r#"{"name":"alpha","size":4096}"#);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_volume(&r.json(), "alpha", 4096, false, false);
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Bad input changes nothing.
+
+#[test]
+fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
+    let node = Node::start("apibad");
+    node.create_volume("keep", 4 * MIB);
+    qemu_io(&node.uri("keep"), &["write -P 0x42 0 64k", "flush"]);
+    wait_open(&node, "keep", 0);
+    // A file an operator left in the pool, in the way of a new volume's name.
+    std::fs::write(pool_dir(&node).join("stray.raw"), b"operator data").unwrap();
+    let volumes = list(&node);
+    let files = pool_files(&node);
+    let unchanged = |what: &str| {
+        assert_eq!(list(&node), volumes, "volumes after {what}");
+        assert!(pool_files(&node) == files, "pool files changed by {what}");
+    };
+
+    for (body, cause, what) in [
+        (r#"{"name":"x","size":"#, true, "truncated JSON"),
+        ("not json at all", true, "not JSON"),
+        ("", true, "empty body"),
+        ("[1,2]", true, "an array"),
+        (
+            r#"{"name":"x","size":4096,"sise":1}"#,
+            true,
+            "unknown field",
+        ),
+        (r#"{"name":"x"}"#, true, "missing size"),
+        (r#"{"size":4096}"#, true, "missing name"),
+        (r#"{"name":"../x","size":4096}"#, true, "name ../x"),
+        (r#"{"name":"a b","size":4096}"#, true, "name with a space"),
+        (r#"{"name":"a/b","size":4096}"#, true, "name with a slash"),
+        (r#"{"name":"","size":4096}"#, true, "empty name"),
+        (
+            r#"{"name":".hidden","size":4096}"#,
+            true,
+            "name starting with .",
+        ),
+        (r#"{"name":"-x","size":4096}"#, true, "name starting with -"),
+        (r#"{"name":"x","size":-4096}"#, true, "negative size"),
+        (r#"{"name":"x","size":"4K"}"#, true, "size as a string"),
+        (r#"{"name":"x","size":4096.5}"#, true, "fractional size"),
+        (
+            r#"{"name":"x","size":4096,"pool":"../p"}"#,
+            true,
+            "pool ../p",
+        ),
+        (
+            r#"{"name":"x","size":4096,"thick":"yes"}"#,
+            true,
+            "thick as a string",
+        ),
+        (r#"{"name":"x","size":0}"#, false, "size 0"),
+        (r#"{"name":"x","size":1000}"#, false, "size 1000"),
+        (r#"{"name":"x","size":4097}"#, false, "size 4097"),
+        (
+            r#"{"name":"x","size":70368744181760}"#,
+            false,
+            "size 64 TiB + 4 KiB",
+        ),
+    ] {
+        let e = assert_error(&create(&node, body), 400, cause, what);
+        unchanged(what);
+        if what == "unknown field" {
+            assert!(e["cause"].as_str().unwrap().contains("sise"), "{e}");
+        }
+        if !cause {
+            assert!(e["message"].as_str().unwrap().contains("size"), "{e}");
+        }
+    }
+    let long = "x".repeat(65);
+    let what = "65-character name";
+    assert_error(
+        &create(&node, &format!(r#"{{"name":"{long}","size":4096}}"#)),
+        400,
+        true,
+        what,
+    );
+    unchanged(what);
+
+    let what = "duplicate name";
+    let e = assert_error(
+        &create(&node, r#"{"name":"keep","size":8192}"#),
+        409,
+        false,
+        what,
+    );
+    assert!(e["message"].as_str().unwrap().contains("keep"), "{e}");
+    unchanged(what);
+    let what = "duplicate name, thick, in the pool named";
+    assert_error(
+        &create(
+            &node,
+            r#"{"name":"keep","size":4096,"pool":"default","thick":true}"#,
+        ),
+        409,
+        false,
+        what,
+    );
+    unchanged(what);
+    let what = "unknown pool";
+    let e = assert_error(
+        &create(&node, r#"{"name":"x","size":4096,"pool":"nosuch"}"#),
+        404,
+        false,
+        what,
+    );
+    assert!(e["message"].as_str().unwrap().contains("nosuch"), "{e}");
+    unchanged(what);
+    let what = "a stray file in the way";
+    assert_error(
+        &create(&node, r#"{"name":"stray","size":4096}"#),
+        409,
+        false,
+        what,
+    );
+    unchanged(what);
+
+    let keep = "/v1/node/volumes/keep";
+    for (body, status, cause, what) in [
+        (r#"{"size":8192}"#, 400, false, "shrink"),
+        (r#"{"size":4190208}"#, 400, false, "shrink by one block"),
+        (r#"{"size":0}"#, 400, false, "grow to 0"),
+        (
+            r#"{"size":4195304}"#,
+            400,
+            false,
+            "grow to a size not a multiple of 4K",
+        ),
+        (
+            r#"{"size":8388608,"colour":"red"}"#,
+            400,
+            true,
+            "unknown field",
+        ),
+        (r#"{"size":"8M"}"#, 400, true, "size as a string"),
+        (r#"{"read_only":"yes"}"#, 400, true, "read_only as a string"),
+        (r#"{"size":"#, 400, true, "truncated JSON"),
+        ("", 400, true, "empty body"),
+    ] {
+        assert_error(&node.api("PATCH", keep, Some(body)), status, cause, what);
+        unchanged(what);
+    }
+    for (method, path, body, status, what) in [
+        (
+            "PATCH",
+            "/v1/node/volumes/nosuch",
+            Some(r#"{"size":8192}"#),
+            404,
+            "PATCH unknown",
+        ),
+        (
+            "PATCH",
+            "/v1/node/volumes/a%20b",
+            Some(r#"{"size":8192}"#),
+            400,
+            "PATCH invalid name",
+        ),
+        ("GET", "/v1/node/volumes/nosuch", None, 404, "GET unknown"),
+        ("GET", "/v1/node/volumes/.x", None, 400, "GET invalid name"),
+        (
+            "DELETE",
+            "/v1/node/volumes/nosuch",
+            None,
+            404,
+            "DELETE unknown",
+        ),
+        (
+            "DELETE",
+            "/v1/node/volumes/a%20b",
+            None,
+            400,
+            "DELETE invalid name",
+        ),
+        ("DELETE", "/v1/node/volumes/%2E%2E", None, 400, "DELETE .."),
+        ("GET", "/v1/node/nothing-here", None, 404, "unknown route"),
+        ("GET", "/v1/volumes", None, 404, "cluster route on a node"),
+    ] {
+        assert_error(&node.api(method, path, body), status, false, what);
+        unchanged(what);
+    }
+    let r = node.api("PUT", keep, Some("{}"));
+    assert!(
+        r.status == 405 || r.status == 404,
+        "PUT is not a method of volumes: {} {}",
+        r.status,
+        r.body
+    );
+    unchanged("PUT");
+    let r = node.api("DELETE", "/v1/node/volumes", None);
+    assert!(
+        r.status == 405 || r.status == 404,
+        "{} {}",
+        r.status,
+        r.body
+    );
+    unchanged("DELETE on the collection");
+
+    // Deleting an open volume: refused while a writer has it, and while a reader has
+    // it. Opening for writing records "not clean" in keep.meta and closing records
+    // "clean" again, so from here on that file may differ and nothing else.
+    let unchanged_but_meta = |what: &str| {
+        assert_eq!(list(&node), volumes, "volumes after {what}");
+        let now = pool_files(&node);
+        assert_eq!(file_names(&now), file_names(&files), "after {what}");
+        for (name, bytes) in &files {
+            if name != "keep.meta" {
+                assert!(&now[name] == bytes, "{name} changed by {what}");
+            }
+        }
+    };
+    let session = open_session(node.nbd, "keep");
+    wait_open(&node, "keep", 1);
+    let e = assert_error(
+        &node.api("DELETE", keep, None),
+        409,
+        false,
+        "DELETE while open",
+    );
+    assert!(e["message"].as_str().unwrap().contains("open"), "{e}");
+    assert_eq!(get_volume(&node, "keep")["open"], 1);
+    drop(session);
+    wait_open(&node, "keep", 0);
+    unchanged_but_meta("DELETE while open");
+
+    let r = node.api("PATCH", keep, Some(r#"{"read_only":true}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let session = open_session(node.nbd, "keep");
+    wait_open(&node, "keep", 1);
+    assert_error(
+        &node.api("DELETE", keep, None),
+        409,
+        false,
+        "DELETE while a reader has it open",
+    );
+    drop(session);
+    wait_open(&node, "keep", 0);
+    let r = node.api("PATCH", keep, Some(r#"{"read_only":false}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    unchanged_but_meta("DELETE while a reader has it open");
+    qemu_io(&node.uri("keep"), &["read -P 0x42 0 64k"]);
+}
+
+/// Sizes the API accepts (up to 64 TiB) may exceed what the pool's file system can hold
+/// in one file (16 TiB on ext4 with 4 KiB blocks): that is the client's request failing
+/// on this pool, not an internal error, and nothing may be left behind. (On a file
+/// system that holds such a file, the volume is simply created.)
+#[test]
+fn volume_too_large_for_the_pool_file_system_is_a_client_error() {
+    let node = Node::start("apihuge");
+    node.create_volume("small", 4 * MIB);
+    let files = pool_files(&node);
+    let volumes = list(&node);
+    let mut problems = Vec::new();
+    let mut judge = |r: &tandem_lab::Response, what: &str| {
+        let e = assert_error(r, r.status, false, what);
+        if !((400..500).contains(&r.status) || r.status == 507) {
+            problems.push(format!("{what}: answered {} {e}", r.status));
+        }
+    };
+    for (body, what) in [
+        (
+            r#"{"name":"huge","size":70368744177664}"#,
+            "create 64 TiB thin",
+        ),
+        (
+            r#"{"name":"huge","size":70368744177664,"thick":true}"#,
+            "create 64 TiB thick",
+        ),
+    ] {
+        let r = create(&node, body);
+        if r.status == 201 {
+            let r = node.api("DELETE", "/v1/node/volumes/huge", None);
+            assert_eq!(r.status, 204, "{}", r.body);
+        } else {
+            judge(&r, what);
+        }
+        assert_eq!(list(&node), volumes, "{what}");
+        assert!(pool_files(&node) == files, "{what} left files behind");
+    }
+
+    // Growing to such a size: the same, and the volume keeps its size.
+    let r = node.api(
+        "PATCH",
+        "/v1/node/volumes/small",
+        Some(r#"{"size":70368744177664}"#),
+    );
+    if r.status != 200 {
+        judge(&r, "grow to 64 TiB thin");
+        assert_eq!(list(&node), volumes, "after the failed grow");
+        assert_eq!(
+            std::fs::metadata(node.data_file("small")).unwrap().len(),
+            4 * MIB
+        );
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// A small ext4 file system on a loop device, for a pool that can be filled without
+/// filling the machine's disk; unmounted and removed on drop.
+struct SmallFs {
+    dir: PathBuf,
+    mnt: PathBuf,
+}
+
+impl SmallFs {
+    /// None where this machine cannot make one (not root, no loop devices, no mkfs.ext4).
+    fn new(mib: u64) -> Option<SmallFs> {
+        let dir = tandem_lab::scratch("smallfs");
+        let img = dir.join("fs.img");
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(mib * MIB)
+            .unwrap();
+        let ok = |cmd: &mut Command| {
+            cmd.stdin(Stdio::null())
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))
+            && ok(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt))
+        {
+            Some(SmallFs { dir, mnt })
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+            None
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.mnt)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Growing a thick volume beyond the pool's free space must fail as "no space" (507,
+/// like creating one) and leave the volume, its data file and the pool's free space as
+/// they were.
+#[test]
+fn failed_grow_of_a_thick_volume_changes_nothing() {
+    let Some(fs) = SmallFs::new(64) else {
+        eprintln!("skipped: cannot mount a small ext4 file system on this machine");
+        return;
+    };
+    let pool = fs.mnt.join("pool");
+    let node = Node::start_with(
+        "apifull",
+        &["--pool", &format!("default={}", pool.display())],
+    );
+    let free = || {
+        let r = node.api("GET", "/v1/node/pools", None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()[0]["free"].as_u64().unwrap()
+    };
+    let r = create(&node, r#"{"name":"t","size":8388608,"thick":true}"#);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let volume = get_volume(&node, "t");
+    let free_before = free();
+    assert!(
+        free_before > 16 * MIB && free_before < 64 * MIB,
+        "{free_before}"
+    );
+
+    let r = node.api(
+        "PATCH",
+        "/v1/node/volumes/t",
+        Some(r#"{"size":1073741824}"#),
+    );
+    let e = assert_error(&r, r.status, false, "grow beyond free space");
+    let mut problems = Vec::new();
+    if r.status != 507 {
+        problems.push(format!("answered {} {e}, not 507", r.status));
+    }
+    let now = get_volume(&node, "t");
+    if now != volume {
+        problems.push(format!("volume was {volume}, is {now}"));
+    }
+    let len = std::fs::metadata(pool.join("t.raw")).unwrap().len();
+    if len != 8 * MIB {
+        problems.push(format!("t.raw is {len} bytes, was {}", 8 * MIB));
+    }
+    let free_after = free();
+    if free_after + MIB < free_before {
+        problems.push(format!(
+            "pool free space went from {free_before} to {free_after} bytes"
+        ));
+    }
+    let r = create(&node, r#"{"name":"u","size":4194304,"thick":true}"#);
+    if r.status != 201 {
+        problems.push(format!(
+            "a 4 MiB thick volume no longer fits: {} {}",
+            r.status, r.body
+        ));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// A PATCH that both grows and marks read-only while a writer has the volume open is
+/// refused (409), and must then change nothing: not even the size.
+#[test]
+fn refused_patch_changes_nothing_even_when_it_also_grows() {
+    let node = Node::start("apipatch");
+    node.create_volume("vol", 4 * MIB);
+    let session = open_session(node.nbd, "vol");
+    wait_open(&node, "vol", 1);
+    let before = get_volume(&node, "vol");
+    let r = node.api(
+        "PATCH",
+        "/v1/node/volumes/vol",
+        Some(r#"{"size":8388608,"read_only":true}"#),
+    );
+    assert_error(&r, 409, false, "grow + read-only with a writer connected");
+    let after = get_volume(&node, "vol");
+    drop(session);
+    assert_eq!(
+        after["size"], before["size"],
+        "a refused PATCH grew the volume: before {before}, after {after}"
+    );
+    assert_eq!(
+        std::fs::metadata(node.data_file("vol")).unwrap().len(),
+        4 * MIB,
+        "a refused PATCH grew the data file"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Corrupt metadata.
+
+#[test]
+fn corrupt_metadata_is_reported_failed_and_never_touched() {
+    let mut node = Node::start("corrupt");
+    node.create_volume("good", 4 * MIB);
+    node.create_volume("bad", 4 * MIB);
+    qemu_io(&node.uri("good"), &["write -P 0x61 0 64k", "flush"]);
+    qemu_io(&node.uri("bad"), &["write -P 0x62 0 64k", "flush"]);
+    assert!(node.stop().success());
+
+    let meta = meta_file(&node, "bad");
+    let mut bytes = std::fs::read(&meta).unwrap();
+    bytes[100] ^= 0xff;
+    bytes[4096 + 100] ^= 0xff;
+    std::fs::write(&meta, &bytes).unwrap();
+    let raw = std::fs::read(node.data_file("bad")).unwrap();
+
+    let before = node.log().len();
+    node.restart();
+    let log = node.log()[before..].to_owned();
+    assert!(log.contains("volume refused"), "{log}");
+
+    let all = list(&node);
+    let names: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["bad", "good"]);
+    let bad = get_volume(&node, "bad");
+    assert_eq!(all[0], bad);
+    assert_eq!(bad["disk"], "Failed", "{bad}");
+    assert_eq!(bad["pool"], "default", "{bad}");
+    let error = bad["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("corrupt"),
+        "error names the corruption: {bad}"
+    );
+    assert!(error.contains("bad.meta"), "error names the file: {bad}");
+    assert_volume(&get_volume(&node, "good"), "good", 4 * MIB, false, false);
+
+    // The healthy volume works as before.
+    qemu_io(
+        &node.uri("good"),
+        &["read -P 0x61 0 64k", "write -P 0x63 64k 4k", "flush"],
+    );
+
+    // NBD refuses the failed one with its reason; it is not even listed.
+    let out = output(Command::new("nbdinfo").arg(node.uri("bad")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "nbdinfo on a failed volume succeeded"
+    );
+    assert!(
+        stderr.contains("opt_go") && stderr.contains("bad"),
+        "nbdinfo's error names the export: {stderr}"
+    );
+    // On the wire: NBD_REP_ERR_PLATFORM with the reason for people.
+    let (kind, message) = go_refusal(node.nbd, "bad");
+    assert_eq!(kind, 0x8000_0004, "{message}");
+    assert!(message.contains("corrupt"), "{message}");
+    let exports = run(Command::new("nbdinfo").args(["--list", &node.uri("")]));
+    assert!(exports.contains("good"), "{exports}");
+    assert!(!exports.contains("export=\"bad\""), "{exports}");
+    let qemu = output(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 4k"])
+            .arg(node.unix_uri("bad")),
+    );
+    assert!(!qemu.status.success(), "qemu-io opened a failed volume");
+
+    // Refused: delete, grow, read-only, re-create.
+    let e = assert_error(
+        &node.api("DELETE", "/v1/node/volumes/bad", None),
+        409,
+        false,
+        "DELETE failed volume",
+    );
+    assert!(e["message"].as_str().unwrap().contains("corrupt"), "{e}");
+    assert_error(
+        &node.api("PATCH", "/v1/node/volumes/bad", Some(r#"{"size":8388608}"#)),
+        409,
+        false,
+        "grow failed volume",
+    );
+    assert_error(
+        &node.api(
+            "PATCH",
+            "/v1/node/volumes/bad",
+            Some(r#"{"read_only":true}"#),
+        ),
+        409,
+        false,
+        "read-only on a failed volume",
+    );
+    assert_error(
+        &create(&node, r#"{"name":"bad","size":4096}"#),
+        409,
+        false,
+        "re-create failed volume",
+    );
+
+    // Its files are exactly as they were, through all of that and another restart.
+    assert!(node.stop().success());
+    node.restart();
+    assert_eq!(get_volume(&node, "bad")["disk"], "Failed");
+    assert!(std::fs::read(&meta).unwrap() == bytes, "bad.meta changed");
+    assert!(
+        std::fs::read(node.data_file("bad")).unwrap() == raw,
+        "bad.raw changed"
+    );
+    assert!(pool_dir(&node).join("good.meta").is_file());
+    assert_eq!(get_volume(&node, "good")["disk"], "UpToDate");
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Pools, node info, a second daemon.
+
+#[test]
+fn node_and_pool_info() {
+    let node = Node::start("info1");
+    node.create_volume("a", 4 * MIB);
+    node.create_volume("b", 8 * MIB);
+
+    let r = node.api("GET", "/v1/node/pools", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let pools = r.json();
+    let pools = pools.as_array().expect("a list of pools");
+    assert_eq!(pools.len(), 1, "{pools:?}");
+    let p = &pools[0];
+    assert_eq!(p["name"], "default", "{p}");
+    assert_eq!(p["kind"], "file", "{p}");
+    assert_eq!(
+        Path::new(p["path"].as_str().unwrap()),
+        pool_dir(&node),
+        "{p}"
+    );
+    assert_eq!(p["volumes"], 2, "{p}");
+    let capacity = p["capacity"].as_u64().expect("capacity");
+    let free = p["free"].as_u64().expect("free");
+    assert!(capacity > free && free > 0, "{p}");
+
+    let r = node.api("GET", "/v1/node", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info = r.json();
+    assert_eq!(info["name"], "info1", "{info}");
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"), "{info}");
+    assert_eq!(info["pools"].as_array().unwrap().len(), 1, "{info}");
+    assert_eq!(info["pools"][0]["name"], "default", "{info}");
+    assert_eq!(info["pools"][0]["kind"], "file", "{info}");
+}
+
+/// Starts `tandemd` on `dir` with fresh ports; returns the child.
+fn second_daemon(dir: &Path, extra: &[&str]) -> std::process::Child {
+    Command::new(tandem_lab::tandemd_bin())
+        .args(["--name", "intruder", "--data-dir"])
+        .arg(dir)
+        .args([
+            "--api-listen",
+            &tandem_lab::free_addr().to_string(),
+            "--nbd-listen",
+            &tandem_lab::free_addr().to_string(),
+        ])
+        .args(extra)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a second tandemd")
+}
+
+/// Waits up to `limit` for the child to exit.
+fn exited_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn stderr_of(child: &mut std::process::Child) -> String {
+    let mut s = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+    s
+}
+
+/// Whether the first daemon still serves its volume over both NBD transports and its
+/// API; the reason when it does not.
+fn first_serves(node: &Node) -> Result<(), String> {
+    let r = node.api("GET", "/v1/node", None);
+    if r.status != 200 || r.json()["name"] != "owner" {
+        return Err(format!("API: {} {}", r.status, r.body));
+    }
+    for uri in [node.uri("vol"), node.unix_uri("vol")] {
+        let out = output(Command::new("nbdinfo").args(["--size", &uri]));
+        if !out.status.success() {
+            return Err(format!(
+                "nbdinfo {uri}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn second_daemon_on_the_same_data_dir_refuses_to_start() {
+    let node = Node::start("owner");
+    node.create_volume("vol", 4 * MIB);
+
+    let mut child = second_daemon(&node.dir, &[]);
+    let Some(status) = exited_within(&mut child, Duration::from_secs(10)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("a second tandemd on the same data dir kept running");
+    };
+    let stderr = stderr_of(&mut child);
+    assert!(!status.success(), "second tandemd exited with {status}");
+    assert!(
+        stderr.contains("in use by another tandemd"),
+        "a clear reason: {stderr}"
+    );
+    assert!(
+        stderr.contains(&node.dir.display().to_string()),
+        "names the data directory: {stderr}"
+    );
+    assert_eq!(
+        first_serves(&node),
+        Ok(()),
+        "after the refused second daemon"
+    );
+    assert_eq!(get_volume(&node, "vol")["disk"], "UpToDate");
+}
+
+/// Same data directory, but the second daemon is given another pool: the pool locks do
+/// not meet, yet the data directory (and its NBD socket) is still the first daemon's.
+#[test]
+fn second_daemon_with_another_pool_does_not_take_over_the_nbd_socket() {
+    let node = Node::start("owner");
+    node.create_volume("vol", 4 * MIB);
+    let other_pool = node.dir.join("other-pool");
+
+    let mut child = second_daemon(
+        &node.dir,
+        &[&format!("--pool=other={}", other_pool.display())],
+    );
+    let early = exited_within(&mut child, Duration::from_secs(2));
+    let while_running = first_serves(&node);
+    if early.is_none() {
+        // SAFETY: signals our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        if exited_within(&mut child, Duration::from_secs(10)).is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    let stderr = stderr_of(&mut child);
+    let afterwards = first_serves(&node);
+    assert!(
+        while_running.is_ok() && afterwards.is_ok(),
+        "a second tandemd on the same data dir ({}) broke the first one:\n\
+         while it ran: {while_running:?}\nafter it stopped: {afterwards:?}\n\
+         the first's socket {} exists: {}\nsecond daemon's log:\n{stderr}",
+        match early {
+            Some(s) => format!("exited at once with {s}"),
+            None => "started and ran".into(),
+        },
+        node.socket().display(),
+        node.socket().exists(),
+    );
+}
