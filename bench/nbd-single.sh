@@ -60,7 +60,7 @@ dd if=/dev/zero of="$BENCH_DIR/.odirect-probe" bs=4096 count=1 oflag=direct stat
     { rm -f "$BENCH_DIR/.odirect-probe"; die "$BENCH_DIR ($FSTYPE) refuses O_DIRECT; set BENCH_DIR elsewhere"; }
 rm -f "$BENCH_DIR/.odirect-probe"
 
-DATA=$BENCH_DIR/tandemd-data             # tandemd's data dir; the volume lives in its pool
+DATA=$BENCH_DIR/node-data                # tandemd's data dir; the volume lives in its pool
 FILE=$DATA/pools/default/$EXPORT.raw     # the one file every server serves
 RUN=$BENCH_DIR/last-run                  # sockets, logs, fio JSON of this run
 rm -rf "$RUN"
@@ -94,7 +94,11 @@ free_port() {
 wait_ready() {
     local sock=$1 log=$2
     for _ in $(seq 100); do
-        kill -0 "$SERVER_PID" 2>/dev/null || return 1
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            echo "nbd-single: $SERVER_NAME exited at start; its log ($log):" >&2
+            tail -5 "$log" >&2
+            return 1
+        fi
         if [[ -S $sock ]] && python3 - "$sock" <<'EOF' 2>/dev/null; then return 0; fi
 import socket, struct, sys
 s = socket.socket(socket.AF_UNIX)
@@ -158,6 +162,7 @@ start_qemu() {
     local log=$RUN/qemu-nbd.log
     SERVER_NAME=qemu-nbd
     SOCK=$RUN/qemu-nbd.sock
+    rm -f "$SOCK"
     echo "---- start $(date +%T) aio=$QEMU_AIO" >>"$log"
     qemu-nbd -f raw --cache=none --aio="$QEMU_AIO" -k "$SOCK" -x "$EXPORT" \
         --persistent --shared=8 "$FILE" 2>>"$log" &
@@ -181,6 +186,7 @@ start_nbdkit() {
     local log=$RUN/nbdkit.log
     SERVER_NAME=nbdkit
     SOCK=$RUN/nbdkit.sock
+    rm -f "$SOCK" # nbdkit leaves its socket behind when stopped
     echo "---- start $(date +%T)" >>"$log"
     nbdkit --unix "$SOCK" --foreground --exportname "$EXPORT" file "$FILE" "${NBDKIT_OPTS[@]}" 2>>"$log" &
     SERVER_PID=$!
@@ -231,7 +237,7 @@ CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
     echo "memory:      $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
     echo "bench dir:   $BENCH_DIR ($FSTYPE on $FSDEV)"
     echo "load avg:    $(cut -d' ' -f1-3 /proc/loadavg) (at start)"
-    echo "tandemd:     $("$TANDEMD" --version 2>/dev/null) ($TANDEMD, git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')), --cache none"
+    echo "tandemd:     $("$TANDEMD" --version 2>/dev/null), --cache none ($TANDEMD, built $(date -u -r "$TANDEMD" '+%Y-%m-%d %H:%M UTC'); repo HEAD $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
     echo "qemu-nbd:    $(qemu-nbd --version | head -1 | awk '{print $2}'), --cache=none --aio=AIO_MODE"
     echo "nbdkit:      $(nbdkit --version | awk '{print $2}'), file plugin ${NBDKIT_OPTS[*]:-(no cache= option in this version)}"
     echo "fio:         $(fio --version), ioengine=nbd, runtime ${RUNTIME}s + ramp ${RAMP}s per job, $ROUNDS round(s), $PICK of rounds"
@@ -254,8 +260,13 @@ run_job() {
         --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE" \
         --time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" \
         --norandommap=1 --randrepeat=1 \
-        --output-format=json --output="$RUN/json/$round.$server.$tag.json" >/dev/null ||
-        die "fio $tag against $server failed (see $RUN/json/$round.$server.$tag.json and $RUN/$server.log)"
+        --output-format=json --output="$RUN/json/$round.$server.$tag.json" >/dev/null && return
+    sleep 0.5
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        echo "nbd-single: $server exited during fio $tag; the end of its log ($RUN/$server.log):" >&2
+        tail -8 "$RUN/$server.log" >&2
+    fi
+    die "fio $tag against $server failed (see $RUN/json/$round.$server.$tag.json and $RUN/$server.log)"
 }
 
 n=${#SERVERS[@]}

@@ -224,6 +224,7 @@ const FLAG_READ_ONLY: u16 = 1 << 1;
 const FLAG_CLEAN: u16 = 1 << 2;
 const KNOWN_FLAGS: u16 = FLAG_THICK | FLAG_READ_ONLY | FLAG_CLEAN;
 
+/// On-disk codes of disk states: the index in this table. Append only.
 const DISK_STATES: [DiskState; 6] = [
     DiskState::UpToDate,
     DiskState::Inconsistent,
@@ -396,6 +397,18 @@ pub struct MetaFile {
     sb: Superblock,
 }
 
+fn open_file(path: &Path, create: bool) -> Result<File, MetaError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(create)
+        .open(path)
+        .map_err(|source| MetaError::Io {
+            path: path.to_owned(),
+            source,
+        })
+}
+
 impl MetaFile {
     /// Writes a new metadata file (both slots) and syncs it. Fails if `path` exists.
     pub fn create(path: &Path, sb: Superblock) -> Result<MetaFile, MetaError> {
@@ -403,12 +416,7 @@ impl MetaFile {
             path: path.to_owned(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(io_err)?;
+        let file = open_file(path, true)?;
         file.set_len(sb.layout.file_len(sb.size)).map_err(io_err)?;
         let mut meta = MetaFile {
             file,
@@ -428,11 +436,7 @@ impl MetaFile {
             path: path.to_owned(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io_err)?;
+        let file = open_file(path, false)?;
         let mut buf = vec![0u8; 2 * SLOT_SIZE];
         let len = file.metadata().map_err(io_err)?.len();
         if len < buf.len() as u64 {
