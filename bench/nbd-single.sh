@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
 # Single-node NBD benchmark: tandemd against qemu-nbd and nbdkit, all serving the same
-# fully written 1 GiB raw file over a Unix socket, driven by fio's nbd engine.
-# See docs/benchmarks.md for the method and for how to read the table.
+# fully written 1 GiB raw file over a Unix socket, driven by fio's nbd engine, in two
+# sections, each comparing servers in the same cache mode:
+#   direct I/O (no host page cache):  tandemd --cache none      vs qemu-nbd --cache=none --aio=io_uring
+#   host page cache:                  tandemd --cache writeback vs qemu-nbd --cache=writeback --aio=threads
+#                                     vs nbdkit file (its default cache mode)
+# (nbdkit 1.32's file plugin has no direct I/O, so it is only in the second section.)
+# Each round runs all five server configurations, one at a time, in rotating order.
+# See docs/benchmarks.md for the method and for how to read the tables.
+#
+# Other people may run tandemd on the same machine. This script stops only the processes
+# it started, by PID, and never by name. It also runs a private copy of the tandemd
+# binary, $BENCH_DIR/tnode-bench, whose name does not contain "tandemd", so that nobody
+# else's `pkill tandemd` or `killall tandemd` can hit the server under test (keep
+# "tandemd" out of BENCH_DIR too, or `pkill -f tandemd` would match its command line).
 #
 # Environment:
 #   TANDEMD    tandemd binary [target/release/tandemd under the repo; built if missing]
 #   RUNTIME    seconds measured per job [10]
 #   RAMP       seconds of warm-up per job, not measured [1]
-#   ROUNDS     times the three servers are alternated [2]
+#   ROUNDS     times the five server configurations are alternated [2]
 #   PICK       how a cell is chosen from the rounds: best or median [best]
 #   BENCH_DIR  work directory; must support O_DIRECT (not tmpfs) [/var/tmp/tandem-bench]
 #   FRESH=1    rewrite the 1 GiB test file even if a complete one is there
@@ -22,7 +34,14 @@ BENCH_DIR=${BENCH_DIR:-/var/tmp/tandem-bench}
 FRESH=${FRESH:-0}
 SIZE=$((1 << 30))
 EXPORT=bench
-SERVERS=(tandemd qemu-nbd nbdkit)
+# Server configurations: id server cache-mode. The ids name the fio JSON files.
+CONFIGS=(
+    "tandemd-none tandemd none"
+    "qemu-nbd-none qemu-nbd none"
+    "tandemd-wb tandemd writeback"
+    "qemu-nbd-wb qemu-nbd writeback"
+    "nbdkit nbdkit default"
+)
 
 die() { echo "nbd-single: $*" >&2; exit 1; }
 note() { echo "== $*" >&2; }
@@ -49,6 +68,7 @@ if [[ -z ${TANDEMD:-} ]]; then
 fi
 [[ -x $TANDEMD ]] || die "TANDEMD=$TANDEMD is not an executable file"
 TANDEMD=$(cd "$(dirname "$TANDEMD")" && pwd)/$(basename "$TANDEMD")
+TANDEMD_SRC=$TANDEMD
 
 # ---- work directory ------------------------------------------------------------------
 mkdir -p "$BENCH_DIR"
@@ -60,6 +80,12 @@ dd if=/dev/zero of="$BENCH_DIR/.odirect-probe" bs=4096 count=1 oflag=direct stat
     { rm -f "$BENCH_DIR/.odirect-probe"; die "$BENCH_DIR ($FSTYPE) refuses O_DIRECT; set BENCH_DIR elsewhere"; }
 rm -f "$BENCH_DIR/.odirect-probe"
 
+# The private copy of tandemd (see the top of the file). Copied then renamed, so a copy
+# still running from an earlier, interrupted run does not make cp fail ("text file busy").
+TANDEMD=$BENCH_DIR/tnode-bench
+cp "$TANDEMD_SRC" "$TANDEMD.tmp"
+mv -f "$TANDEMD.tmp" "$TANDEMD"
+
 DATA=$BENCH_DIR/node-data                # tandemd's data dir; the volume lives in its pool
 FILE=$DATA/pools/default/$EXPORT.raw     # the one file every server serves
 RUN=$BENCH_DIR/last-run                  # sockets, logs, fio JSON of this run
@@ -67,6 +93,7 @@ rm -rf "$RUN"
 mkdir -p "$RUN/json"
 
 # ---- process handling ----------------------------------------------------------------
+# Only ever $SERVER_PID, the one server this script started, is signalled.
 SERVER_PID=
 SERVER_NAME=
 cleanup() {
@@ -146,65 +173,81 @@ stop_server() {
 TANDEMD_BAD_EXITS=0
 
 start_tandemd() {
-    local log=$RUN/tandemd.log
+    local mode=$1 log=$RUN/tandemd.log
     SERVER_NAME=tandemd
     SOCK=$DATA/nbd.sock
     TANDEMD_API=127.0.0.1:$(free_port)
-    echo "---- start $(date +%T)" >>"$log"
-    NO_COLOR=1 "$TANDEMD" --name n1 --data-dir "$DATA" --cache none \
+    echo "---- start $(date +%T) cache=$mode" >>"$log"
+    NO_COLOR=1 "$TANDEMD" --name n1 --data-dir "$DATA" --cache "$mode" \
         --nbd-listen "127.0.0.1:$(free_port)" --api-listen "$TANDEMD_API" 2>>"$log" &
     SERVER_PID=$!
     wait_ready "$SOCK" "$log" || die "tandemd did not start"
 }
 
+# Direct I/O: io_uring, or native if this qemu-nbd refuses io_uring. Page cache: threads
+# (qemu-nbd's default; native needs O_DIRECT).
 QEMU_AIO=io_uring
 start_qemu() {
-    local log=$RUN/qemu-nbd.log
+    local mode=$1 log=$RUN/qemu-nbd.log aio
+    if [[ $mode == none ]]; then aio=$QEMU_AIO; else aio=threads; fi
     SERVER_NAME=qemu-nbd
     SOCK=$RUN/qemu-nbd.sock
     rm -f "$SOCK"
-    echo "---- start $(date +%T) aio=$QEMU_AIO" >>"$log"
-    qemu-nbd -f raw --cache=none --aio="$QEMU_AIO" -k "$SOCK" -x "$EXPORT" \
+    echo "---- start $(date +%T) cache=$mode aio=$aio" >>"$log"
+    qemu-nbd -f raw --cache="$mode" --aio="$aio" -k "$SOCK" -x "$EXPORT" \
         --persistent --shared=8 "$FILE" 2>>"$log" &
     SERVER_PID=$!
     if ! wait_ready "$SOCK" "$log"; then
-        if [[ $QEMU_AIO == io_uring ]]; then
+        if [[ $aio == io_uring ]]; then
             wait "$SERVER_PID" 2>/dev/null || true
             SERVER_PID=
             note "qemu-nbd refused --aio=io_uring; falling back to --aio=native"
             QEMU_AIO=native
-            start_qemu
+            start_qemu "$mode"
             return
         fi
         die "qemu-nbd did not start"
     fi
 }
 
-NBDKIT_OPTS=()
-if nbdkit file --help 2>&1 | grep -q 'cache='; then NBDKIT_OPTS=(cache=none); fi
+# nbdkit's file plugin in its default cache mode (page cache). Its cache=none is not
+# direct I/O (buffered I/O plus eviction), so nbdkit has no place in the direct section.
 start_nbdkit() {
     local log=$RUN/nbdkit.log
     SERVER_NAME=nbdkit
     SOCK=$RUN/nbdkit.sock
     rm -f "$SOCK" # nbdkit leaves its socket behind when stopped
     echo "---- start $(date +%T)" >>"$log"
-    nbdkit --unix "$SOCK" --foreground --exportname "$EXPORT" file "$FILE" "${NBDKIT_OPTS[@]}" 2>>"$log" &
+    nbdkit --unix "$SOCK" --foreground --exportname "$EXPORT" file "$FILE" 2>>"$log" &
     SERVER_PID=$!
     wait_ready "$SOCK" "$log" || die "nbdkit did not start"
 }
 
 start_server() {
     case $1 in
-        tandemd) start_tandemd ;;
-        qemu-nbd) start_qemu ;;
+        tandemd) start_tandemd "$2" ;;
+        qemu-nbd) start_qemu "$2" ;;
         nbdkit) start_nbdkit ;;
     esac
 }
 
-# Drops the file's pages from the page cache, so no server starts with a warm cache
-# left by another (tandemd and qemu-nbd bypass it; nbdkit's cache=none only trims it).
+# Empties the page cache before each server, so none starts with a cache left warm by
+# another: first the test file's dirty pages are written back and its pages dropped
+# (dd: fdatasync, then fadvise DONTNEED), so no earlier server's writeback runs during
+# the next one's jobs; then, as root, the whole page cache, dentries and inodes
+# (drop_caches 3, which drops only clean pages, hence the sync before it).
+if [[ -w /proc/sys/vm/drop_caches ]]; then
+    DROP_CACHES=1
+else
+    DROP_CACHES=0
+    note "not root: /proc/sys/vm/drop_caches is not writable; only the test file's pages are dropped before each server"
+fi
 evict_cache() {
     dd of="$FILE" oflag=nocache conv=notrunc,fdatasync count=0 status=none
+    if ((DROP_CACHES)); then
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+    fi
 }
 
 # ---- the test file -------------------------------------------------------------------
@@ -213,7 +256,7 @@ if [[ $FRESH == 1 || ! -f $DATA/pools/default/$EXPORT.meta || ! -f $FILE ]] ||
     (($(allocated) < SIZE)); then
     note "creating volume $EXPORT ($SIZE bytes) in $DATA and writing it in full"
     rm -rf "$DATA"
-    start_tandemd
+    start_tandemd none
     for _ in $(seq 50); do curl -sf "http://$TANDEMD_API/v1/node" >/dev/null && break; sleep 0.1; done
     curl -sf -XPOST "http://$TANDEMD_API/v1/node/volumes" -H 'content-type: application/json' \
         -d "{\"name\":\"$EXPORT\",\"size\":$SIZE}" >"$RUN/create.json" ||
@@ -237,9 +280,10 @@ CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
     echo "memory:      $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
     echo "bench dir:   $BENCH_DIR ($FSTYPE on $FSDEV)"
     echo "load avg:    $(cut -d' ' -f1-3 /proc/loadavg) (at start)"
-    echo "tandemd:     $("$TANDEMD" --version 2>/dev/null), --cache none ($TANDEMD, built $(date -u -r "$TANDEMD" '+%Y-%m-%d %H:%M UTC'); repo HEAD $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
-    echo "qemu-nbd:    $(qemu-nbd --version | head -1 | awk '{print $2}'), --cache=none --aio=AIO_MODE"
-    echo "nbdkit:      $(nbdkit --version | awk '{print $2}'), file plugin ${NBDKIT_OPTS[*]:-(no cache= option in this version)}"
+    echo "tandemd:     $("$TANDEMD" --version 2>/dev/null), --cache none | --cache writeback ($TANDEMD_SRC, built $(date -u -r "$TANDEMD_SRC" '+%Y-%m-%d %H:%M UTC'), run as $TANDEMD; repo HEAD $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+    echo "qemu-nbd:    $(qemu-nbd --version | head -1 | awk '{print $2}'), --cache=none --aio=AIO_MODE | --cache=writeback --aio=threads"
+    echo "nbdkit:      $(nbdkit --version | awk '{print $2}'), file plugin, default cache mode"
+    echo "page cache:  dropped before each server ($( ((DROP_CACHES)) && echo 'test file, then sync; echo 3 > /proc/sys/vm/drop_caches' || echo 'test file only: not root'))"
     echo "fio:         $(fio --version), ioengine=nbd, runtime ${RUNTIME}s + ramp ${RAMP}s per job, $ROUNDS round(s), $PICK of rounds"
 } >"$RUN/machine.txt"
 
@@ -263,23 +307,23 @@ run_job() {
         --output-format=json --output="$RUN/json/$round.$server.$tag.json" >/dev/null && return
     sleep 0.5
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-        echo "nbd-single: $server exited during fio $tag; the end of its log ($RUN/$server.log):" >&2
-        tail -8 "$RUN/$server.log" >&2
+        echo "nbd-single: $server exited during fio $tag; the end of its log ($RUN/$SERVER_NAME.log):" >&2
+        tail -8 "$RUN/$SERVER_NAME.log" >&2
     fi
-    die "fio $tag against $server failed (see $RUN/json/$round.$server.$tag.json and $RUN/$server.log)"
+    die "fio $tag against $server failed (see $RUN/json/$round.$server.$tag.json and $RUN/$SERVER_NAME.log)"
 }
 
-n=${#SERVERS[@]}
+n=${#CONFIGS[@]}
 for ((round = 1; round <= ROUNDS; round++)); do
     for ((i = 0; i < n; i++)); do
-        # The starting server rotates from round to round, so none always goes first.
-        server=${SERVERS[$(((i + round - 1) % n))]}
-        note "round $round/$ROUNDS: $server"
+        # The starting configuration rotates from round to round, so none always goes first.
+        read -r id server mode <<<"${CONFIGS[$(((i + round - 1) % n))]}"
+        note "round $round/$ROUNDS: $server, cache $mode"
         evict_cache
-        start_server "$server"
+        start_server "$server" "$mode"
         for job in "${JOBS[@]}"; do
             # shellcheck disable=SC2086
-            run_job "$round" "$server" $job
+            run_job "$round" "$id" $job
         done
         stop_server
     done
@@ -295,7 +339,16 @@ import json, statistics, sys
 from pathlib import Path
 
 run, pick, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-servers = ["tandemd", "qemu-nbd", "nbdkit"]
+# title, [(column, config id)]: the first column is tandemd, the ratio's numerator.
+sections = [
+    ("direct I/O (no host page cache)",
+     [("tandemd --cache none", "tandemd-none"),
+      ("qemu-nbd --cache=none", "qemu-nbd-none")]),
+    ("host page cache",
+     [("tandemd --cache writeback", "tandemd-wb"),
+      ("qemu-nbd --cache=writeback", "qemu-nbd-wb"),
+      ("nbdkit file", "nbdkit")]),
+]
 MiB = 1 << 20
 # label, unit, job tag, direction, value from the job's read or write section
 rows = [
@@ -309,47 +362,61 @@ rows = [
     ("4 KiB rand read, QD32", "IOPS", "rand-read-qd32", "read", "high", lambda s: s["iops"]),
 ]
 
-def values(server, tag, ddir, get):
+def values(cid, tag, ddir, get):
     out = []
     for r in range(1, rounds + 1):
-        job = json.loads((run / "json" / f"{r}.{server}.{tag}.json").read_text())["jobs"][0]
+        job = json.loads((run / "json" / f"{r}.{cid}.{tag}.json").read_text())["jobs"][0]
         if job["error"]:
-            sys.exit(f"{server} {tag} round {r}: fio error {job['error']}")
+            sys.exit(f"{cid} {tag} round {r}: fio error {job['error']}")
         out.append(get(job[ddir]))
     return out
 
 def fmt(v):
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
-table, raw = [], []
-for label, unit, tag, ddir, better, get in rows:
-    cells = {}
-    for s in servers:
-        vs = values(s, tag, ddir, get)
-        if pick == "median":
-            cells[s] = statistics.median(vs)
-        else:
-            cells[s] = max(vs) if better == "high" else min(vs)
-        raw.append((label, s, vs))
-    others = [cells[s] for s in servers[1:]]
-    ref = max(others) if better == "high" else min(others)
-    ratio = cells["tandemd"] / ref if ref else float("nan")
-    table.append((f"{label} ({unit})", *[fmt(cells[s]) for s in servers], f"{ratio:.2f}"))
+def fmt_ratio(r):
+    # Two decimals, unless rounding would print 1.00 for a ratio on the wrong side of 1.
+    text = f"{r:.2f}"
+    return f"{r:.3f}" if text == "1.00" and r != 1 else text
 
-head = ("measurement", *servers, "tandemd / best other")
-print("| " + " | ".join(head) + " |")
-print("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
-for row in table:
-    print("| " + " | ".join(row) + " |")
-print()
-print("Ratio: throughput and IOPS rows, ≥ 1.00 means tandemd is at least as fast as the "
-      "faster other server; latency rows (µs), ≤ 1.00 means tandemd is at least as quick "
-      "as the quicker other server.")
-if rounds > 1:
+raw = []
+for title, cols in sections:
+    others = [c for c, _ in cols[1:]]
+    ref_name = others[0].split()[0] if len(others) == 1 else "best other"
+    print(f"### {title}")
     print()
+    head = ("measurement", *[c for c, _ in cols], f"tandemd / {ref_name}", "target met")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + [":---:"]) + "|")
+    for label, unit, tag, ddir, better, get in rows:
+        cells = {}
+        for col, cid in cols:
+            vs = values(cid, tag, ddir, get)
+            if pick == "median":
+                cells[col] = statistics.median(vs)
+            else:
+                cells[col] = max(vs) if better == "high" else min(vs)
+            raw.append((title, label, col, vs))
+        refs = [cells[c] for c in others]
+        ref = max(refs) if better == "high" else min(refs)
+        ratio = cells[cols[0][0]] / ref if ref else float("nan")
+        met = ratio >= 1 if better == "high" else ratio <= 1
+        print("| " + " | ".join((f"{label} ({unit})", *[fmt(cells[c]) for c, _ in cols],
+                                 fmt_ratio(ratio), "yes" if met else "**no**")) + " |")
+    print()
+    if len(others) == 1:
+        print(f"Ratio: tandemd / {ref_name}. Throughput and IOPS rows: ≥ 1.00 meets the "
+              "target (tandemd at least as fast); latency rows (µs): ≤ 1.00 meets it "
+              "(tandemd at least as quick).")
+    else:
+        print("Ratio: tandemd / best other. Throughput and IOPS rows: tandemd divided by the "
+              "faster of the others, ≥ 1.00 meets the target; latency rows (µs): tandemd "
+              "divided by the quicker of the others, ≤ 1.00 meets it.")
+    print()
+if rounds > 1:
     print(f"Every round ({pick} shown above):")
-    for label, s, vs in raw:
-        print(f"  {label:30} {s:9} " + "  ".join(fmt(v) for v in vs))
+    for title, label, col, vs in raw:
+        print(f"  {label:28} {col:27} " + "  ".join(fmt(v) for v in vs))
 EOF
 
 # ---- server health -------------------------------------------------------------------
@@ -362,7 +429,7 @@ else
     echo "tandemd: no warnings or errors in its log; every stop was clean."
 fi
 for s in qemu-nbd nbdkit; do
-    if grep -qv '^---- start' "$RUN/$s.log"; then
+    if [[ -f $RUN/$s.log ]] && grep -qv '^---- start' "$RUN/$s.log"; then
         echo "$s wrote to stderr (see $RUN/$s.log):"
         grep -v '^---- start' "$RUN/$s.log" | head -5
     fi
