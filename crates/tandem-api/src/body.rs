@@ -2,11 +2,10 @@
 //! deserialisation, so a handler never sees an unsafe name.
 
 use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{NodeName, PoolName, VolumeName};
+use crate::{DiskState, NodeName, PoolName, VolumeName};
 
 /// Every error the API returns: what failed, why, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,55 +52,6 @@ pub struct UpdateVolume {
     pub size: Option<u64>,
     #[serde(default)]
     pub read_only: Option<bool>,
-}
-
-/// State of a replica's disk, in DRBD's words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum DiskState {
-    UpToDate,
-    Inconsistent,
-    Outdated,
-    Diskless,
-    Failed,
-    DUnknown,
-}
-
-impl DiskState {
-    const ALL: [DiskState; 6] = [
-        DiskState::UpToDate,
-        DiskState::Inconsistent,
-        DiskState::Outdated,
-        DiskState::Diskless,
-        DiskState::Failed,
-        DiskState::DUnknown,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskState::UpToDate => "UpToDate",
-            DiskState::Inconsistent => "Inconsistent",
-            DiskState::Outdated => "Outdated",
-            DiskState::Diskless => "Diskless",
-            DiskState::Failed => "Failed",
-            DiskState::DUnknown => "DUnknown",
-        }
-    }
-}
-
-impl fmt::Display for DiskState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for DiskState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| format!("unknown disk state {s:?}"))
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,12 +102,5 @@ mod tests {
         );
         assert!(serde_json::from_str::<CreateVolume>(r#"{"name":"a/b","size":1}"#).is_err());
         assert!(serde_json::from_str::<CreateVolume>(r#"{"name":"a","size":-1}"#).is_err());
-    }
-
-    #[test]
-    fn disk_state_round_trips_through_its_name() {
-        for d in DiskState::ALL {
-            assert_eq!(d.as_str().parse::<DiskState>().unwrap(), d);
-        }
     }
 }

@@ -109,6 +109,7 @@ pub struct Node {
     pub dir: PathBuf,
     pub api: SocketAddr,
     pub nbd: SocketAddr,
+    pub peer: SocketAddr,
     args: Vec<String>,
     child: Option<Child>,
 }
@@ -125,6 +126,7 @@ impl Node {
             dir: scratch(name),
             api: free_addr(),
             nbd: free_addr(),
+            peer: free_addr(),
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -147,6 +149,8 @@ impl Node {
                 &self.api.to_string(),
                 "--nbd-listen",
                 &self.nbd.to_string(),
+                "--peer-listen",
+                &self.peer.to_string(),
             ])
             .args(&self.args)
             .stdin(Stdio::null())
@@ -249,6 +253,128 @@ impl Drop for Node {
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// What a participant holds in a replicated volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Diskful,
+    Diskless,
+    Tiebreaker,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Diskful => "diskful",
+            Kind::Diskless => "diskless",
+            Kind::Tiebreaker => "tiebreaker",
+        }
+    }
+}
+
+/// A replicated volume's spec over `nodes` (node id = position), as JSON.
+pub fn spec(name: &str, size: u64, nodes: &[(&Node, Kind)], options: &str) -> String {
+    let participants: Vec<String> = nodes
+        .iter()
+        .enumerate()
+        .map(|(id, (node, kind))| {
+            format!(
+                r#"{{"node-id":{id},"node":"{}","address":"{}","kind":"{}"}}"#,
+                node.name,
+                node.peer,
+                kind.as_str()
+            )
+        })
+        .collect();
+    // One id per volume name within a test run is enough: derive it from the name.
+    let mut volume_id = [0u8; 16];
+    for (i, b) in name.bytes().enumerate() {
+        volume_id[i % 16] ^= b.wrapping_add(i as u8);
+    }
+    volume_id[15] ^= 0x5a;
+    let hex: String = volume_id.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        r#"{{"cluster-id":"0123456789abcdef0123456789abcdef","volume-id":"{hex}","name":"{name}","size":{size},"participants":[{}],"options":{{{options}}}}}"#,
+        participants.join(",")
+    )
+}
+
+impl Node {
+    /// Gives this node a volume spec; panics unless accepted.
+    pub fn put_spec(&self, name: &str, spec: &str) -> serde_json::Value {
+        let r = self.api("PUT", &format!("/v1/node/volumes/{name}/spec"), Some(spec));
+        assert_eq!(
+            r.status, 200,
+            "spec for {name} refused by {}: {}",
+            self.name, r.body
+        );
+        r.json()
+    }
+
+    /// The volume's status on this node (JSON).
+    pub fn status(&self, name: &str) -> serde_json::Value {
+        let r = self.api("GET", &format!("/v1/node/volumes/{name}/status"), None);
+        assert_eq!(
+            r.status, 200,
+            "status of {name} on {}: {}",
+            self.name, r.body
+        );
+        r.json()
+    }
+
+    /// Waits until this node sees every peer of `name` connected.
+    pub fn wait_connected(&self, name: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status(name);
+            let peers = status["peers"].as_array().cloned().unwrap_or_default();
+            if peers.iter().all(|p| p["connection"] == "Connected") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: peers of {name} not connected: {status:#}\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The first offset where two files differ (length counts), or `None` if identical.
+pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    use std::io::Read;
+    let open = |p: &Path| std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let (mut fa, mut fb) = (open(a), open(b));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut at = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if let Some(i) = (0..na.min(nb)).find(|&i| ba[i] != bb[i]) {
+            return Some(at + i as u64);
+        }
+        if na != nb {
+            return Some(at + na.min(nb) as u64);
+        }
+        if na == 0 {
+            return None;
+        }
+        at += na as u64;
+    }
+
+    fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]).expect("read") {
+                0 => break,
+                k => n += k,
+            }
+        }
+        n
     }
 }
 

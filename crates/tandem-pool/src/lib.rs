@@ -14,7 +14,7 @@ mod volume;
 
 pub use data::{CacheMode, DataFile, Extent};
 pub use error::PoolError;
-pub use meta::{GenerationId, MetaError, NodeId, VolumeId};
+pub use meta::{GenerationId, Generations, MetaError, NewVolume, Superblock};
 pub use pool::{Entry, Pool, PoolStats};
 pub use volume::{Volume, VolumeHandle};
 

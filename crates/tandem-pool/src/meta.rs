@@ -24,7 +24,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use tandem_api::{DiskState, VolumeName};
+use tandem_api::{DiskState, NodeId, VolumeId, VolumeName};
 
 use crate::BLOCK_SIZE;
 
@@ -40,40 +40,6 @@ pub const MAX_PEERS: usize = 31;
 /// Volume bytes covered by one 4 KiB bitmap page.
 const BYTES_PER_BITMAP_PAGE: u64 = BLOCK_SIZE * 8 * BLOCK_SIZE;
 const NAME_MAX: usize = 64;
-
-/// Random 128-bit identity of a volume, the same on every replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct VolumeId(pub [u8; 16]);
-
-impl VolumeId {
-    pub fn random() -> Self {
-        let mut id = [0u8; 16];
-        getrandom::fill(&mut id).expect("the OS random source is available");
-        VolumeId(id)
-    }
-}
-
-impl std::fmt::Display for VolumeId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
-    }
-}
-
-/// A participant's node id in a volume, 0..=31.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct NodeId(u8);
-
-impl NodeId {
-    pub const MAX: u8 = 31;
-
-    pub fn new(id: u8) -> Option<Self> {
-        (id <= Self::MAX).then_some(NodeId(id))
-    }
-
-    pub fn get(self) -> u8 {
-        self.0
-    }
-}
 
 /// A generation identifier (DRBD's "UUID"): a random 64-bit tag of a data generation.
 /// 0 means "none".
@@ -132,6 +98,35 @@ impl Layout {
     }
 }
 
+/// What a new replica is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewVolume {
+    pub name: VolumeName,
+    pub size: u64,
+    pub thick: bool,
+    /// The volume's identity, shared by all its replicas.
+    pub id: VolumeId,
+    /// This replica's node id in the volume.
+    pub node_id: NodeId,
+    /// The data generation the replica starts at. Replicas created empty from one spec
+    /// share it, since they hold the same (all-zero) data.
+    pub generation: GenerationId,
+}
+
+impl NewVolume {
+    /// A volume of its own: a new identity, node id 0.
+    pub fn single(name: VolumeName, size: u64, thick: bool) -> Self {
+        NewVolume {
+            name,
+            size,
+            thick,
+            id: VolumeId::random(),
+            node_id: NodeId::default(),
+            generation: GenerationId::random(),
+        }
+    }
+}
+
 /// Everything the superblock records about a replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
@@ -153,19 +148,19 @@ pub struct Superblock {
 }
 
 impl Superblock {
-    /// A fresh single replica: node id 0, UpToDate, a new data generation.
-    pub fn new(name: VolumeName, size: u64, thick: bool, created: u64) -> Self {
+    /// A fresh replica, UpToDate with a new data generation.
+    pub fn new(volume: &NewVolume, created: u64) -> Self {
         Superblock {
-            volume_id: VolumeId::random(),
-            name,
-            size,
-            node_id: NodeId::default(),
+            volume_id: volume.id,
+            name: volume.name.clone(),
+            size: volume.size,
+            node_id: volume.node_id,
             disk_state: DiskState::UpToDate,
-            thick,
+            thick: volume.thick,
             read_only: false,
             clean: true,
             generations: Generations {
-                current: GenerationId::random(),
+                current: volume.generation,
                 ..Default::default()
             },
             peers: Vec::new(),
@@ -526,6 +521,55 @@ impl MetaFile {
         &self.sb
     }
 
+    fn bitmap_page_offset(&self, slot: usize, page: u64) -> u64 {
+        let l = &self.sb.layout;
+        l.bitmap_offset + (page * l.bitmap_slots as u64 + slot as u64) * BLOCK_SIZE
+    }
+
+    /// The stored bitmap of peer slot `slot`, as 64-bit words (little-endian on disk).
+    pub fn read_bitmap(&self, slot: usize) -> Result<Vec<u64>, MetaError> {
+        let pages = self.sb.size.div_ceil(BYTES_PER_BITMAP_PAGE);
+        let mut words = Vec::with_capacity(pages as usize * 512);
+        let mut page = [0u8; BLOCK_SIZE as usize];
+        for p in 0..pages {
+            self.file
+                .read_exact_at(&mut page, self.bitmap_page_offset(slot, p))
+                .map_err(|source| MetaError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            words.extend(
+                page.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap())),
+            );
+        }
+        Ok(words)
+    }
+
+    /// Stores one 4 KiB page (512 words) of slot `slot`'s bitmap; durable at the next
+    /// [`MetaFile::sync`].
+    pub fn write_bitmap_page(
+        &self,
+        slot: usize,
+        page: u64,
+        words: &[u64],
+    ) -> Result<(), MetaError> {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.file
+            .write_all_at(&bytes, self.bitmap_page_offset(slot, page))
+            .map_err(|source| MetaError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    pub fn sync(&self) -> Result<(), MetaError> {
+        self.file.sync_data().map_err(|source| MetaError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -559,7 +603,10 @@ mod tests {
     use super::*;
 
     fn sample() -> Superblock {
-        let mut sb = Superblock::new("vm1".parse().unwrap(), 10 << 30, false, 1_700_000_000);
+        let mut sb = Superblock::new(
+            &NewVolume::single("vm1".parse().unwrap(), 10 << 30, false),
+            1_700_000_000,
+        );
         sb.peers.push(PeerSlot {
             node: NodeId::new(2).unwrap(),
             bitmap_generation: GenerationId(77),

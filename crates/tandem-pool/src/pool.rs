@@ -18,7 +18,7 @@ use tandem_api::{DiskState, PoolName, VolumeInfo, VolumeName};
 
 use crate::data::{CacheMode, DataFile};
 use crate::error::PoolError;
-use crate::meta::{MetaFile, Superblock};
+use crate::meta::{MetaFile, NewVolume, Superblock};
 use crate::volume::{Volume, check_size};
 
 const DATA_EXT: &str = "raw";
@@ -253,12 +253,8 @@ impl Pool {
     }
 
     /// Creates a volume; on any failure nothing of it is left behind.
-    pub fn create(
-        &self,
-        name: &VolumeName,
-        size: u64,
-        thick: bool,
-    ) -> Result<Arc<Volume>, PoolError> {
+    pub fn create(&self, new: &NewVolume) -> Result<Arc<Volume>, PoolError> {
+        let (name, size, thick) = (&new.name, new.size, new.thick);
         check_size(size)?;
         let mut entries = self.entries.write().unwrap();
         if entries.contains_key(name) {
@@ -285,10 +281,7 @@ impl Pool {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        MetaFile::create(
-            &creating,
-            Superblock::new(name.clone(), size, thick, created),
-        )?;
+        MetaFile::create(&creating, Superblock::new(new, created))?;
         let result = DataFile::create(&data_path, size, thick, self.cache)
             .map_err(|e| PoolError::from_file_error(e, &self.name, &data_path, size))
             .and_then(|_| {
@@ -364,7 +357,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let p = pool(dir.path());
-            let v = p.create(&name("vm1"), 1 << 20, false).unwrap();
+            let v = p
+                .create(&NewVolume::single(name("vm1"), 1 << 20, false))
+                .unwrap();
             let h = v.open(true).unwrap();
             h.data().write_at(b"persist me", 4096, false).unwrap();
         }
@@ -394,8 +389,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let p = pool(dir.path());
-            p.create(&name("half"), 1 << 20, false).unwrap();
-            p.create(&name("gone"), 1 << 20, false).unwrap();
+            p.create(&NewVolume::single(name("half"), 1 << 20, false))
+                .unwrap();
+            p.create(&NewVolume::single(name("gone"), 1 << 20, false))
+                .unwrap();
         }
         std::fs::rename(
             dir.path().join("half.meta"),
@@ -423,8 +420,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let p = pool(dir.path());
-            p.create(&name("ok"), 1 << 20, false).unwrap();
-            p.create(&name("bad"), 1 << 20, false).unwrap();
+            p.create(&NewVolume::single(name("ok"), 1 << 20, false))
+                .unwrap();
+            p.create(&NewVolume::single(name("bad"), 1 << 20, false))
+                .unwrap();
         }
         let meta = dir.path().join("bad.meta");
         let mut bytes = std::fs::read(&meta).unwrap();
@@ -454,7 +453,9 @@ mod tests {
     fn open_volumes_cannot_be_deleted_and_volumes_only_grow() {
         let dir = tempfile::tempdir().unwrap();
         let p = pool(dir.path());
-        let v = p.create(&name("vm"), 1 << 20, false).unwrap();
+        let v = p
+            .create(&NewVolume::single(name("vm"), 1 << 20, false))
+            .unwrap();
         let h = v.open(true).unwrap();
         assert!(matches!(
             p.delete(&name("vm")),
@@ -480,7 +481,9 @@ mod tests {
     fn crash_while_open_is_noticed_as_unclean() {
         let dir = tempfile::tempdir().unwrap();
         let p = pool(dir.path());
-        let v = p.create(&name("vm"), 1 << 20, false).unwrap();
+        let v = p
+            .create(&NewVolume::single(name("vm"), 1 << 20, false))
+            .unwrap();
         let h = v.open(true).unwrap();
         let sb = MetaFile::open(&dir.path().join("vm.meta"))
             .unwrap()
@@ -501,7 +504,7 @@ mod tests {
         let p = pool(dir.path());
         for size in [0, 1000, crate::MAX_VOLUME_SIZE + 4096] {
             assert!(matches!(
-                p.create(&name("x"), size, false),
+                p.create(&NewVolume::single(name("x"), size, false)),
                 Err(PoolError::InvalidSize { .. })
             ));
         }

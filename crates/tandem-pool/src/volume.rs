@@ -1,14 +1,15 @@
 //! One replica in a pool: its data file, its metadata, and who has it open.
 
+use std::io;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tandem_api::{PoolName, VolumeInfo, VolumeName};
+use tandem_api::{DiskState, NodeId, PoolName, VolumeInfo, VolumeName};
 
 use crate::data::DataFile;
 use crate::error::PoolError;
-use crate::meta::MetaFile;
+use crate::meta::{GenerationId, MetaFile, PeerSlot, Superblock};
 use crate::{BLOCK_SIZE, MAX_VOLUME_SIZE};
 
 #[derive(Default)]
@@ -27,6 +28,10 @@ pub struct Volume {
     read_only: AtomicBool,
     thick: bool,
     openers: Mutex<Openers>,
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EOPNOTSUPP)
 }
 
 /// Checks a requested volume size against what a pool can hold.
@@ -79,6 +84,107 @@ impl Volume {
 
     pub fn data(&self) -> &DataFile {
         &self.data
+    }
+
+    /// Deallocates a range (a hint: file systems that cannot leave the data). A thick
+    /// volume keeps its blocks reserved: the range is zeroed in place instead.
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let result = if self.thick {
+            self.data.zero_range(offset, len)
+        } else {
+            self.data.punch_hole(offset, len)
+        };
+        match result {
+            Err(e) if unsupported(&e) => Ok(()),
+            other => other,
+        }?;
+        self.sync_if(fua)
+    }
+
+    /// Zeroes a range: by punching a hole when `may_punch` and the volume is thin, else
+    /// in place. When the file system has no fast way, zeros are written, unless
+    /// `fast_only` asks for `EOPNOTSUPP` instead.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fast_only: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        let fast = if may_punch && !self.thick {
+            self.data.punch_hole(offset, len)
+        } else {
+            self.data.zero_range(offset, len)
+        };
+        match fast {
+            Err(e) if unsupported(&e) && !fast_only => self.data.write_zeros(offset, len),
+            other => other,
+        }?;
+        self.sync_if(fua)
+    }
+
+    fn sync_if(&self, fua: bool) -> io::Result<()> {
+        if fua { self.data.flush() } else { Ok(()) }
+    }
+
+    pub fn disk_state(&self) -> DiskState {
+        self.meta.lock().unwrap().superblock().disk_state
+    }
+
+    /// A copy of the replica's superblock.
+    pub fn superblock(&self) -> Superblock {
+        self.meta.lock().unwrap().superblock().clone()
+    }
+
+    /// The bitmap slot that tracks changes for `peer`, taken on first use.
+    pub fn bitmap_slot(&self, peer: NodeId) -> Result<usize, PoolError> {
+        let mut meta = self.meta.lock().unwrap();
+        if let Some(i) = meta.superblock().peers.iter().position(|p| p.node == peer) {
+            return Ok(i);
+        }
+        let slots = meta.superblock().layout.bitmap_slots as usize;
+        let slot = meta.superblock().peers.len();
+        if slot >= slots {
+            return Err(PoolError::Failed {
+                name: self.name.clone(),
+                error: format!("all {slots} bitmap slots are taken"),
+            });
+        }
+        meta.update(|sb| {
+            sb.peers.push(PeerSlot {
+                node: peer,
+                bitmap_generation: GenerationId(0),
+            })
+        })?;
+        Ok(slot)
+    }
+
+    pub fn read_bitmap(&self, slot: usize) -> Result<Vec<u64>, PoolError> {
+        Ok(self.meta.lock().unwrap().read_bitmap(slot)?)
+    }
+
+    pub fn write_bitmap_page(
+        &self,
+        slot: usize,
+        page: u64,
+        words: &[u64],
+    ) -> Result<(), PoolError> {
+        Ok(self
+            .meta
+            .lock()
+            .unwrap()
+            .write_bitmap_page(slot, page, words)?)
+    }
+
+    /// Makes bitmap pages written so far durable.
+    pub fn sync_meta(&self) -> Result<(), PoolError> {
+        Ok(self.meta.lock().unwrap().sync()?)
+    }
+
+    /// Changes the superblock durably (generation identifiers, disk state, peers).
+    pub fn update_superblock(&self, change: impl FnOnce(&mut Superblock)) -> Result<(), PoolError> {
+        Ok(self.meta.lock().unwrap().update(change)?)
     }
 
     pub fn openers(&self) -> u32 {

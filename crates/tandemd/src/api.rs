@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
+use axum::extract::Query;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Json, Router};
-use tandem_api::{ApiError, CreateVolume, UpdateVolume, VolumeName};
+use tandem_api::{ApiError, CreateVolume, UpdateVolume, VolumeName, VolumeSpec};
 use tandem_pool::PoolError;
 
 use crate::node::{Node, NodeError};
@@ -25,6 +26,8 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/node/volumes/{name}",
             get(show).patch(update).delete(remove),
         )
+        .route("/v1/node/volumes/{name}/spec", put(set_spec))
+        .route("/v1/node/volumes/{name}/status", get(status))
         .fallback(|| async {
             Failure(
                 StatusCode::NOT_FOUND,
@@ -64,6 +67,13 @@ impl From<NodeError> for Failure {
     fn from(e: NodeError) -> Self {
         let message = e.to_string();
         let (status, correction) = match &e {
+            NodeError::BadSpec(_) => (StatusCode::BAD_REQUEST, "fix the spec and send it again".into()),
+            NodeError::SpecInUse(_) => (StatusCode::CONFLICT, "disconnect the NBD clients, then retry".into()),
+            NodeError::NotReplicated(_) => (
+                StatusCode::NOT_FOUND,
+                "give the node the volume's spec with PUT /v1/node/volumes/NAME/spec".into(),
+            ),
+            NodeError::SpecStore { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "check the data directory".into()),
             NodeError::UnknownPool(_) => (StatusCode::NOT_FOUND, "list pools with GET /v1/node/pools".into()),
             NodeError::ExistsElsewhere { .. } => (StatusCode::CONFLICT, "choose another name".into()),
             NodeError::Pool(p) => match p {
@@ -173,4 +183,44 @@ async fn remove(
     let name = volume_name(&name)?;
     blocking(move || node.delete(&name)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_spec(
+    State(node): Shared,
+    Path(name): Path<String>,
+    body: Result<Json<VolumeSpec>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    let Json(spec) = body?;
+    if spec.name != name {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            ApiError {
+                message: format!("spec names volume {}, the route names {name}", spec.name),
+                cause: None,
+                correction: Some("send the spec to /v1/node/volumes/<its name>/spec".into()),
+            },
+        ));
+    }
+    Ok(Json(blocking(move || node.set_spec(spec)).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct StatusQuery {
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// A replicated volume's status: JSON, or `?format=text` for the drbdadm-like form.
+async fn status(
+    State(node): Shared,
+    Path(name): Path<String>,
+    Query(query): Query<StatusQuery>,
+) -> Result<Response, Failure> {
+    let name = volume_name(&name)?;
+    let status = node.status(&name)?;
+    Ok(match query.format.as_deref() {
+        Some("text") => status.to_string().into_response(),
+        _ => Json(status).into_response(),
+    })
 }

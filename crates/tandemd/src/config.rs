@@ -38,6 +38,9 @@ pub struct Options {
     /// NBD on a Unix socket [default: <data-dir>/nbd.sock].
     #[arg(long, value_name = "PATH")]
     pub nbd_socket: Option<PathBuf>,
+    /// Peer protocol between nodes [default: 127.0.0.1:7700].
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<SocketAddr>,
     /// HTTP API [default: 127.0.0.1:3370].
     #[arg(long, value_name = "ADDR")]
     pub api_listen: Option<SocketAddr>,
@@ -71,6 +74,7 @@ pub struct Settings {
     pub nbd_listen: SocketAddr,
     pub nbd_socket: PathBuf,
     pub api_listen: SocketAddr,
+    pub peer_listen: SocketAddr,
     pub log_level: String,
     pub cache: CacheMode,
     pub tls: Option<Tls>,
@@ -183,6 +187,10 @@ impl Options {
                 .api_listen
                 .or(file.api_listen)
                 .unwrap_or(([127, 0, 0, 1], 3370).into()),
+            peer_listen: self
+                .peer_listen
+                .or(file.peer_listen)
+                .unwrap_or(([127, 0, 0, 1], 7700).into()),
             log_level: self
                 .log_level
                 .or(file.log_level)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tandem_api::VolumeName;
 use tandem_nbd::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, ZeroMode};
 use tandem_pool::{PoolError, Volume, VolumeHandle};
+use tandem_replication::ReplicatedVolume;
 
 use crate::node::Node;
 
@@ -33,36 +34,86 @@ impl NodeExports {
     }
 }
 
-fn info(volume: &Volume, read_only: bool) -> ExportInfo {
+fn info(name: &VolumeName, size: u64, alignment: usize, read_only: bool) -> ExportInfo {
     ExportInfo {
-        size: volume.size(),
+        size,
         read_only,
         block_sizes: BlockSizes {
             // Requests aligned like this take the direct-I/O path.
-            minimum: volume.data().alignment() as u32,
+            minimum: alignment as u32,
             preferred: 4096,
             maximum: tandem_nbd::proto::MAX_PAYLOAD,
         },
-        description: format!("Tandem volume {}", volume.name()),
+        description: format!("Tandem volume {name}"),
+    }
+}
+
+fn local_info(volume: &Volume, read_only: bool) -> ExportInfo {
+    info(
+        volume.name(),
+        volume.size(),
+        volume.data().alignment(),
+        read_only,
+    )
+}
+
+fn replicated_info(volume: &ReplicatedVolume) -> ExportInfo {
+    let alignment = volume.local().map_or(512, |v| v.data().alignment());
+    info(&volume.spec().name, volume.size(), alignment, false)
+}
+
+impl NodeExports {
+    fn replicated(&self, name: &str) -> Option<Arc<ReplicatedVolume>> {
+        self.node.replicated(&name.parse().ok()?)
     }
 }
 
 impl Catalog for NodeExports {
     fn list(&self) -> Vec<(String, String)> {
-        self.node
+        let mut names: Vec<String> = self
+            .node
             .volumes()
             .into_iter()
             .filter(|v| v.error.is_none())
-            .map(|v| (v.name.to_string(), format!("Tandem volume {}", v.name)))
+            .map(|v| v.name.to_string())
+            .collect();
+        names.extend(
+            self.node
+                .replicated_names()
+                .into_iter()
+                .map(|n| n.to_string()),
+        );
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|n| (n.clone(), format!("Tandem volume {n}")))
             .collect()
     }
 
     fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        if let Some(rv) = self.replicated(name) {
+            return Ok(replicated_info(&rv));
+        }
         let volume = self.volume(name)?;
-        Ok(info(&volume, volume.read_only()))
+        Ok(local_info(&volume, volume.read_only()))
     }
 
     fn open(&self, name: &str) -> Result<Box<dyn Export>, OpenError> {
+        if let Some(volume) = self.replicated(name) {
+            let local = match volume.local() {
+                Some(v) => Some(
+                    v.open(true)
+                        .map_err(|e| OpenError::Unavailable(e.to_string()))?,
+                ),
+                None => None,
+            };
+            volume.open(true).map_err(|e| OpenError::Refused(e.0))?;
+            return Ok(Box::new(ReplicatedExport {
+                volume,
+                _local: local,
+            }));
+        }
         let volume = self.volume(name)?;
         let handle = volume
             .open(!volume.read_only())
@@ -71,28 +122,86 @@ impl Catalog for NodeExports {
     }
 }
 
+/// One client's open replicated volume; it keeps the local replica (if any) open, so
+/// its metadata records the use.
+struct ReplicatedExport {
+    volume: Arc<ReplicatedVolume>,
+    _local: Option<VolumeHandle>,
+}
+
+impl Drop for ReplicatedExport {
+    fn drop(&mut self) {
+        self.volume.close(true);
+    }
+}
+
+impl Export for ReplicatedExport {
+    fn info(&self) -> ExportInfo {
+        replicated_info(&self.volume)
+    }
+
+    fn size(&self) -> u64 {
+        self.volume.size()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.volume.read(offset, buf)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.volume.write(offset, data, fua)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.volume.flush()
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.volume.trim(offset, len, fua)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
+        self.volume
+            .write_zeroes(offset, len, mode.may_punch, mode.fast_only, fua)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.volume
+            .local()
+            .map_or(Ok(()), |v| v.data().prefetch(offset, len))
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        match self.volume.local() {
+            Some(v) if v.disk_state() == tandem_api::DiskState::UpToDate => {
+                extents_of(v, offset, len)
+            }
+            // Without an UpToDate local replica, claim data everywhere: always safe.
+            _ => Ok(vec![Extent { len, hole: false }]),
+        }
+    }
+}
+
+fn extents_of(volume: &Volume, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    Ok(volume
+        .data()
+        .extents(offset, len)?
+        .into_iter()
+        .map(|e| Extent {
+            len: e.len,
+            hole: e.hole,
+        })
+        .collect())
+}
+
 /// One client's open volume.
 struct VolumeExport {
     handle: VolumeHandle,
 }
 
-impl VolumeExport {
-    fn sync_if(&self, fua: bool) -> io::Result<()> {
-        if fua {
-            self.handle.data().flush()
-        } else {
-            Ok(())
-        }
-    }
-}
-
-fn unsupported(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EOPNOTSUPP)
-}
-
 impl Export for VolumeExport {
     fn info(&self) -> ExportInfo {
-        info(&self.handle, !self.handle.writable())
+        local_info(&self.handle, !self.handle.writable())
     }
 
     fn size(&self) -> u64 {
@@ -112,33 +221,12 @@ impl Export for VolumeExport {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        let data = self.handle.data();
-        // A thick volume keeps its blocks reserved: trimmed ranges are zeroed in place.
-        let result = if self.handle.thick() {
-            data.zero_range(offset, len)
-        } else {
-            data.punch_hole(offset, len)
-        };
-        match result {
-            // TRIM is advisory: a file system that cannot deallocate simply keeps the data.
-            Err(e) if unsupported(&e) => Ok(()),
-            other => other,
-        }?;
-        self.sync_if(fua)
+        self.handle.trim(offset, len, fua)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
-        let data = self.handle.data();
-        let fast = if mode.may_punch && !self.handle.thick() {
-            data.punch_hole(offset, len)
-        } else {
-            data.zero_range(offset, len)
-        };
-        match fast {
-            Err(e) if unsupported(&e) && !mode.fast_only => data.write_zeros(offset, len),
-            other => other,
-        }?;
-        self.sync_if(fua)
+        self.handle
+            .write_zeroes(offset, len, mode.may_punch, mode.fast_only, fua)
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -146,15 +234,6 @@ impl Export for VolumeExport {
     }
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        Ok(self
-            .handle
-            .data()
-            .extents(offset, len)?
-            .into_iter()
-            .map(|e| Extent {
-                len: e.len,
-                hole: e.hole,
-            })
-            .collect())
+        extents_of(&self.handle, offset, len)
     }
 }

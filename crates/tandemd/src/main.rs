@@ -81,10 +81,16 @@ fn run(settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
     let _lock = lock_data_dir(&settings.data_dir)?;
+    let peers = TcpListener::bind(settings.peer_listen)
+        .with_context(|| format!("binding peer address {}", settings.peer_listen))?;
+    let replicator = tandem_replication::Replicator::start(settings.name.clone(), peers)?;
+    tracing::info!(addr = %settings.peer_listen, "serving peers");
     let node = Arc::new(Node::open(
         settings.name.clone(),
         &settings.pools,
         settings.cache,
+        replicator,
+        &settings.data_dir,
     )?);
 
     let tls = match &settings.tls {

@@ -1,15 +1,29 @@
 //! The node role: this host's pools and the volumes in them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context;
 use tandem_api::{
-    CreateVolume, NodeInfo, NodeName, PoolInfo, PoolName, UpdateVolume, VolumeInfo, VolumeName,
+    CreateVolume, NodeId, NodeInfo, NodeName, PoolInfo, PoolName, UpdateVolume, VolumeInfo,
+    VolumeName, VolumeSpec, VolumeStatus,
 };
-use tandem_pool::{CacheMode, Entry, Pool, PoolError, Volume};
+use tandem_pool::{CacheMode, Entry, GenerationId, NewVolume, Pool, PoolError, Volume};
+use tandem_replication::{ReplicatedVolume, Replicator};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    #[error("volume spec refused: {0}")]
+    BadSpec(String),
+    #[error("volume {0} is open on this node; its participants cannot change while it is in use")]
+    SpecInUse(VolumeName),
+    #[error("volume {0} is not replicated on this node")]
+    NotReplicated(VolumeName),
+    #[error("cannot store the spec of volume {name}: {source}")]
+    SpecStore {
+        name: VolumeName,
+        source: std::io::Error,
+    },
     #[error("pool {0} does not exist on this node")]
     UnknownPool(PoolName),
     #[error("volume {name} already exists in pool {pool}")]
@@ -21,6 +35,9 @@ pub enum NodeError {
 pub struct Node {
     name: NodeName,
     pools: Vec<Pool>,
+    replicator: Arc<Replicator>,
+    /// Where the specs of replicated volumes are kept, so a restart knows them.
+    specs: PathBuf,
     /// Serialises creations so a name stays unique across pools.
     creating: Mutex<()>,
 }
@@ -30,7 +47,9 @@ impl Node {
         name: NodeName,
         pools: &[(PoolName, PathBuf)],
         cache: CacheMode,
-    ) -> Result<Node, PoolError> {
+        replicator: Arc<Replicator>,
+        data_dir: &Path,
+    ) -> anyhow::Result<Node> {
         let pools = pools
             .iter()
             .map(|(name, dir)| {
@@ -39,11 +58,35 @@ impl Node {
                 Ok(pool)
             })
             .collect::<Result<Vec<_>, PoolError>>()?;
-        Ok(Node {
+        let specs = data_dir.join("specs");
+        std::fs::create_dir_all(&specs).with_context(|| format!("creating {}", specs.display()))?;
+        let node = Node {
             name,
             pools,
+            replicator,
+            specs,
             creating: Mutex::new(()),
-        })
+        };
+        node.load_specs()?;
+        Ok(node)
+    }
+
+    /// Applies the specs stored by earlier runs.
+    fn load_specs(&self) -> anyhow::Result<()> {
+        for entry in std::fs::read_dir(&self.specs)? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)?;
+            let spec: VolumeSpec = serde_json::from_str(&text)
+                .with_context(|| format!("stored volume spec {} is invalid", path.display()))?;
+            let name = spec.name.clone();
+            if let Err(e) = self.apply_spec(spec) {
+                tracing::error!(volume = %name, error = %e, "stored volume spec not applied");
+            }
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &NodeName {
@@ -128,7 +171,9 @@ impl Node {
                 pool: other.name().clone(),
             });
         }
-        Ok(pool.create(&req.name, req.size, req.thick)?.info())
+        Ok(pool
+            .create(&NewVolume::single(req.name.clone(), req.size, req.thick))?
+            .info())
     }
 
     pub fn update(
@@ -153,10 +198,141 @@ impl Node {
         Ok(volume.info())
     }
 
+    /// Deletes a volume: this node's part of a replicated one (spec and replica), or a
+    /// local volume.
     pub fn delete(&self, name: &VolumeName) -> Result<(), NodeError> {
+        if let Some(v) = self.replicator.get(name) {
+            if v.status().open {
+                return Err(PoolError::InUse {
+                    name: name.clone(),
+                    openers: 1,
+                }
+                .into());
+            }
+            self.replicator.remove(name);
+            let path = self.specs.join(format!("{name}.json"));
+            std::fs::remove_file(&path).map_err(|e| NodeError::SpecStore {
+                name: name.clone(),
+                source: e,
+            })?;
+            if self.find(name).is_none() {
+                return Ok(());
+            }
+        }
         let (pool, _) = self
             .find(name)
             .ok_or_else(|| PoolError::NotFound { name: name.clone() })?;
         Ok(pool.delete(name)?)
+    }
+
+    pub fn replicated(&self, name: &VolumeName) -> Option<Arc<ReplicatedVolume>> {
+        self.replicator.get(name)
+    }
+
+    pub fn replicated_names(&self) -> Vec<VolumeName> {
+        self.replicator
+            .volumes()
+            .iter()
+            .map(|v| v.spec().name.clone())
+            .collect()
+    }
+
+    /// Makes this node a participant of a replicated volume as `spec` says: creates the
+    /// local replica when this node is diskful and has none, and remembers the spec.
+    pub fn set_spec(&self, spec: VolumeSpec) -> Result<VolumeStatus, NodeError> {
+        spec.validate(&self.name).map_err(NodeError::BadSpec)?;
+        if self
+            .replicator
+            .get(&spec.name)
+            .is_some_and(|v| v.status().open)
+        {
+            return Err(NodeError::SpecInUse(spec.name.clone()));
+        }
+        let name = spec.name.clone();
+        let path = self.specs.join(format!("{name}.json"));
+        let tmp = path.with_extension("json.tmp");
+        let store = |e| NodeError::SpecStore {
+            name: name.clone(),
+            source: e,
+        };
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&spec).expect("serialisable"),
+        )
+        .map_err(store)?;
+        let volume = self.apply_spec(spec)?;
+        std::fs::rename(&tmp, &path).map_err(store)?;
+        Ok(volume.status())
+    }
+
+    fn apply_spec(&self, spec: VolumeSpec) -> Result<Arc<ReplicatedVolume>, NodeError> {
+        let me = spec.me(&self.name).ok_or_else(|| {
+            NodeError::BadSpec(format!("node {} is not a participant", self.name))
+        })?;
+        let local = if me.kind.diskful() {
+            Some(self.local_replica(&spec, me.node_id)?)
+        } else {
+            None
+        };
+        self.replicator
+            .apply(spec, local)
+            .map_err(NodeError::BadSpec)
+    }
+
+    /// This node's replica of a spec'd volume, created empty if missing.
+    fn local_replica(&self, spec: &VolumeSpec, node_id: NodeId) -> Result<Arc<Volume>, NodeError> {
+        let _guard = self.creating.lock().unwrap();
+        let volume = match self.find(&spec.name) {
+            Some((_, Entry::Ready(v))) => v,
+            Some((_, Entry::Failed { error, .. })) => {
+                return Err(PoolError::Failed {
+                    name: spec.name.clone(),
+                    error,
+                }
+                .into());
+            }
+            None => {
+                // Empty replicas created from one spec hold the same (zero) data, so they
+                // start at one generation derived from the volume id: no initial sync.
+                let generation =
+                    GenerationId(u64::from_le_bytes(spec.volume_id.0[..8].try_into().unwrap()) | 1);
+                let new = NewVolume {
+                    name: spec.name.clone(),
+                    size: spec.size,
+                    thick: false,
+                    id: spec.volume_id,
+                    node_id,
+                    generation,
+                };
+                self.pools[0].create(&new)?
+            }
+        };
+        let sb = volume.superblock();
+        if sb.volume_id != spec.volume_id {
+            return Err(NodeError::BadSpec(format!(
+                "a different volume named {} (id {}) already exists on this node",
+                spec.name, sb.volume_id
+            )));
+        }
+        if sb.size > spec.size {
+            return Err(NodeError::BadSpec(format!(
+                "the local replica is larger ({} bytes) than the spec",
+                sb.size
+            )));
+        }
+        if sb.size < spec.size {
+            volume.update(Some(spec.size), None, || Ok(u64::MAX))?;
+        }
+        if sb.node_id != node_id {
+            volume.update_superblock(|sb| sb.node_id = node_id)?;
+        }
+        Ok(volume)
+    }
+
+    pub fn status(&self, name: &VolumeName) -> Result<VolumeStatus, NodeError> {
+        self.replicator
+            .get(name)
+            .map(|v| v.status())
+            .ok_or_else(|| NodeError::NotReplicated(name.clone()))
     }
 }

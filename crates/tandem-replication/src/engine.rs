@@ -1,0 +1,216 @@
+//! The node's replication engine: the peer listener, the dialers, keepalives, and the
+//! replicated volumes this node takes part in.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tandem_api::{NodeName, VolumeName, VolumeSpec};
+use tandem_pool::Volume;
+
+use crate::peer::{DEAD_AFTER, Peer};
+use crate::volume::ReplicatedVolume;
+use crate::wire::{self, Header, Hello, Kind, WireError};
+
+/// How long a new connection may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+const TICK: Duration = Duration::from_millis(250);
+/// Idle links are pinged this often, so a dead peer is noticed within `DEAD_AFTER`.
+const PING_AFTER: Duration = Duration::from_secs(1);
+
+pub struct Replicator {
+    node: NodeName,
+    volumes: RwLock<HashMap<VolumeName, Arc<ReplicatedVolume>>>,
+}
+
+impl Replicator {
+    /// Starts serving peers on `listener`, with a background thread for keepalives and
+    /// reconnection.
+    pub fn start(node: NodeName, listener: TcpListener) -> io::Result<Arc<Replicator>> {
+        let replicator = Arc::new(Replicator {
+            node,
+            volumes: RwLock::default(),
+        });
+        let r = replicator.clone();
+        std::thread::Builder::new()
+            .name("peer-accept".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    match stream {
+                        Ok(stream) => {
+                            let r = r.clone();
+                            let _ = std::thread::Builder::new()
+                                .name("peer-hello".into())
+                                .spawn(move || r.accept(stream));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "peer accept failed");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            })?;
+        let r = Arc::downgrade(&replicator);
+        std::thread::Builder::new()
+            .name("peer-ticker".into())
+            .spawn(move || {
+                while let Some(r) = r.upgrade() {
+                    r.tick();
+                    drop(r);
+                    std::thread::sleep(TICK);
+                }
+            })?;
+        Ok(replicator)
+    }
+
+    pub fn node(&self) -> &NodeName {
+        &self.node
+    }
+
+    /// Takes a volume spec (new or changed) with this node's replica, if diskful.
+    pub fn apply(
+        &self,
+        spec: VolumeSpec,
+        local: Option<Arc<Volume>>,
+    ) -> Result<Arc<ReplicatedVolume>, String> {
+        spec.validate(&self.node)?;
+        let me = spec.me(&self.node).expect("validated").clone();
+        let volume = Arc::new(ReplicatedVolume::new(spec, me, local));
+        let old = self
+            .volumes
+            .write()
+            .unwrap()
+            .insert(volume.spec().name.clone(), volume.clone());
+        if let Some(old) = old {
+            old.shut_down();
+        }
+        tracing::info!(volume = %volume.spec().name, participants = volume.spec().participants.len(),
+            "replicated volume configured");
+        Ok(volume)
+    }
+
+    pub fn remove(&self, name: &VolumeName) -> Option<Arc<ReplicatedVolume>> {
+        let old = self.volumes.write().unwrap().remove(name);
+        if let Some(v) = &old {
+            v.shut_down();
+        }
+        old
+    }
+
+    pub fn get(&self, name: &VolumeName) -> Option<Arc<ReplicatedVolume>> {
+        self.volumes.read().unwrap().get(name).cloned()
+    }
+
+    pub fn volumes(&self) -> Vec<Arc<ReplicatedVolume>> {
+        self.volumes.read().unwrap().values().cloned().collect()
+    }
+
+    fn find(&self, hello: &Hello) -> Option<Arc<ReplicatedVolume>> {
+        self.volumes
+            .read()
+            .unwrap()
+            .values()
+            .find(|v| v.spec().volume_id == hello.volume)
+            .cloned()
+    }
+
+    /// Serves an incoming connection: its Hello names the volume and the peer.
+    fn accept(&self, mut stream: TcpStream) {
+        let from = stream
+            .peer_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        let result = (|| -> Result<(), WireError> {
+            stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+            let hello = read_hello(&mut stream)?;
+            let volume = self.find(&hello).ok_or_else(|| {
+                WireError::Refused(format!(
+                    "volume {} is not configured on this node",
+                    hello.volume
+                ))
+            })?;
+            let peer = volume.check_hello(&hello).map_err(WireError::Refused)?;
+            send_hello(&mut stream, &volume.hello(hello.from))?;
+            volume.establish(peer, stream, &hello)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(from, error = %e, "incoming peer connection refused");
+        }
+    }
+
+    fn tick(&self) {
+        for volume in self.volumes() {
+            for peer in volume.peers() {
+                let silent = peer.silent_for();
+                if peer.connection() == tandem_api::ConnectionState::Connected {
+                    if silent > DEAD_AFTER {
+                        tracing::warn!(volume = %volume.spec().name, peer = %peer.participant.node,
+                            silent_ms = silent.as_millis() as u64, "peer is silent; closing the connection");
+                        peer.disconnect();
+                    } else if silent > PING_AFTER {
+                        let _ = peer.send(&Header::new(Kind::Ping, 0), &[]);
+                    }
+                } else if volume.me().node_id < peer.participant.node_id && peer.dial_due() {
+                    // The lower node id dials, so each pair has one connection.
+                    let (volume, peer) = (volume.clone(), peer.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("peer-dial".into())
+                        .spawn(move || dial(&volume, peer));
+                }
+            }
+        }
+    }
+}
+
+fn dial(volume: &Arc<ReplicatedVolume>, peer: Arc<Peer>) {
+    let target = &peer.participant;
+    let result = (|| -> Result<(), WireError> {
+        let addr: SocketAddr = target
+            .address
+            .parse()
+            .map_err(|_| WireError::Refused("bad address".into()))?;
+        let mut stream = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)?;
+        stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+        send_hello(&mut stream, &volume.hello(target.node_id))?;
+        let hello = read_hello(&mut stream)?;
+        let checked = volume.check_hello(&hello).map_err(WireError::Refused)?;
+        if checked.participant.node_id != target.node_id {
+            return Err(WireError::Refused(format!(
+                "expected node id {}, got {}",
+                target.node_id, hello.from
+            )));
+        }
+        volume.establish(peer.clone(), stream, &hello)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {}
+        Err(WireError::Refused(why)) => {
+            tracing::warn!(volume = %volume.spec().name, peer = %target.node, %why, "peer refused");
+        }
+        Err(e) => {
+            tracing::debug!(volume = %volume.spec().name, peer = %target.node, error = %e, "cannot reach peer")
+        }
+    }
+}
+
+fn send_hello(stream: &mut TcpStream, hello: &Hello) -> io::Result<()> {
+    let body = hello.encode();
+    let mut h = Header::new(Kind::Hello, 0);
+    h.payload = body.len() as u32;
+    wire::send(stream, &h, &body)
+}
+
+fn read_hello(stream: &mut TcpStream) -> Result<Hello, WireError> {
+    let h = wire::read_header(stream)?;
+    if h.kind != Kind::Hello {
+        return Err(WireError::Malformed(format!(
+            "expected Hello, got {:?}",
+            h.kind
+        )));
+    }
+    Hello::decode(&wire::read_payload(stream, h.payload)?)
+}

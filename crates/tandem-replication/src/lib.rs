@@ -1,0 +1,18 @@
+//! The replication engine: keeps a volume's replicas on several nodes identical, the
+//! way DRBD does, in user space.
+//!
+//! ```text
+//! NBD export ─► ReplicatedVolume ─┬─► local replica (tandem-pool)
+//!                                 └─► Peer ══ peer protocol (wire) ══ Peer ─► its replica
+//! ```
+//! [`Replicator`] owns the peer listener, dials peers, and pings idle links.
+
+mod completion;
+mod engine;
+mod interval;
+mod peer;
+mod volume;
+pub mod wire;
+
+pub use engine::Replicator;
+pub use volume::{OpenRefused, ReplicatedVolume};

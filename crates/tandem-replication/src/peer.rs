@@ -1,0 +1,190 @@
+//! One other participant of a volume: the link to it and the requests waiting on it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_api::{ConnectionState, Participant};
+
+use crate::completion::Completion;
+use crate::wire::{self, Header, State};
+
+/// A peer silent for this long is declared dead and its connection closed.
+pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+enum Link {
+    /// No connection; dialing or waiting to be dialed.
+    Down,
+    /// A live connection. `epoch` tells its receiver apart from older ones.
+    Up { writer: TcpStream, epoch: u64 },
+    /// Refused for a reason that retrying cannot fix (shown as StandAlone).
+    Refused(String),
+}
+
+pub(crate) struct Peer {
+    pub participant: Participant,
+    link: Mutex<Link>,
+    epochs: AtomicU64,
+    pending: Mutex<HashMap<u64, Arc<Completion>>>,
+    /// What the peer last said about itself.
+    remote: Mutex<Option<State>>,
+    last_seen: Mutex<Instant>,
+    dial: Mutex<(Instant, Duration)>,
+}
+
+impl Peer {
+    pub fn new(participant: Participant) -> Peer {
+        Peer {
+            participant,
+            link: Mutex::new(Link::Down),
+            epochs: AtomicU64::new(0),
+            pending: Mutex::default(),
+            remote: Mutex::new(None),
+            last_seen: Mutex::new(Instant::now()),
+            dial: Mutex::new((Instant::now(), BACKOFF_MIN)),
+        }
+    }
+
+    pub fn connection(&self) -> ConnectionState {
+        match &*self.link.lock().unwrap() {
+            Link::Down => ConnectionState::Connecting,
+            Link::Up { .. } => ConnectionState::Connected,
+            Link::Refused(_) => ConnectionState::StandAlone,
+        }
+    }
+
+    pub fn remote(&self) -> Option<State> {
+        *self.remote.lock().unwrap()
+    }
+
+    pub fn set_remote(&self, state: State) {
+        *self.remote.lock().unwrap() = Some(state);
+    }
+
+    pub fn seen(&self) {
+        *self.last_seen.lock().unwrap() = Instant::now();
+    }
+
+    pub fn silent_for(&self) -> Duration {
+        self.last_seen.lock().unwrap().elapsed()
+    }
+
+    /// Makes `stream` the live connection; returns its epoch. A previous connection is
+    /// closed (its receiver notices and detaches with its own, older epoch).
+    pub fn attach(&self, stream: &TcpStream, remote: State) -> io::Result<u64> {
+        let writer = stream.try_clone()?;
+        let epoch = self.epochs.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut link = self.link.lock().unwrap();
+        if let Link::Up { writer: old, .. } = &*link {
+            let _ = old.shutdown(Shutdown::Both);
+        }
+        *link = Link::Up { writer, epoch };
+        drop(link);
+        self.set_remote(remote);
+        self.seen();
+        *self.dial.lock().unwrap() = (Instant::now(), BACKOFF_MIN);
+        Ok(epoch)
+    }
+
+    /// Called by the receiver of connection `epoch` when it ends: every request still
+    /// waiting on this peer is settled as lost.
+    pub fn detach(&self, epoch: u64) {
+        let mut link = self.link.lock().unwrap();
+        match &*link {
+            Link::Up { epoch: e, writer } if *e == epoch => {
+                let _ = writer.shutdown(Shutdown::Both);
+                *link = Link::Down;
+            }
+            _ => return,
+        }
+        drop(link);
+        *self.remote.lock().unwrap() = None;
+        let lost: Vec<_> = self
+            .pending
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for c in lost {
+            c.lost(self.participant.node_id);
+        }
+    }
+
+    /// Refuses the peer for good (until the spec changes), closing any connection.
+    pub fn refuse(&self, reason: String) {
+        let mut link = self.link.lock().unwrap();
+        if let Link::Up { writer, .. } = &*link {
+            let _ = writer.shutdown(Shutdown::Both);
+        }
+        *link = Link::Refused(reason);
+    }
+
+    /// Closes the live connection (dead peer, shutdown); its receiver detaches.
+    pub fn disconnect(&self) {
+        if let Link::Up { writer, .. } = &*self.link.lock().unwrap() {
+            let _ = writer.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Sends one message; a failure closes the connection.
+    pub fn send(&self, header: &Header, payload: &[u8]) -> io::Result<()> {
+        let mut link = self.link.lock().unwrap();
+        let Link::Up { writer, .. } = &mut *link else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "peer not connected",
+            ));
+        };
+        let result = wire::send(writer, header, payload);
+        if result.is_err() {
+            let _ = writer.shutdown(Shutdown::Both);
+        }
+        result
+    }
+
+    /// Sends a request whose answer settles `completion`. Registered before sending, so
+    /// an answer cannot outrun it; if sending fails the request counts as lost.
+    pub fn request(&self, header: &Header, payload: &[u8], completion: &Arc<Completion>) {
+        self.pending
+            .lock()
+            .unwrap()
+            .insert(header.id, completion.clone());
+        if self.send(header, payload).is_err() {
+            if let Some(c) = self.pending.lock().unwrap().remove(&header.id) {
+                c.lost(self.participant.node_id);
+            }
+        }
+    }
+
+    /// The completion waiting for answer `id`, taken out.
+    pub fn answered(&self, id: u64) -> Option<Arc<Completion>> {
+        self.pending.lock().unwrap().remove(&id)
+    }
+
+    /// Whether to dial now; if so, the next attempt is pushed back (doubling, capped).
+    pub fn dial_due(&self) -> bool {
+        if !matches!(*self.link.lock().unwrap(), Link::Down) {
+            return false;
+        }
+        let mut dial = self.dial.lock().unwrap();
+        if Instant::now() < dial.0 {
+            return false;
+        }
+        let backoff = dial.1;
+        *dial = (Instant::now() + backoff, (backoff * 2).min(BACKOFF_MAX));
+        true
+    }
+
+    pub fn refusal(&self) -> Option<String> {
+        match &*self.link.lock().unwrap() {
+            Link::Refused(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+}

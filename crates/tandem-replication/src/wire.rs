@@ -1,0 +1,315 @@
+//! The peer protocol: fixed 40-byte headers, then the payload the header announces.
+//! Bulk data travels as payload and is never copied into a header buffer.
+//!
+//! ```text
+//! 0  magic u32 "TNDP"   4  kind u16   6  flags u16   8  id u64
+//! 16 offset u64         24 length u64               32 payload u32   36 status u32
+//! ```
+//! All integers are big-endian. A connection starts with `Hello` both ways; the
+//! version spoken is the highest both support.
+
+use std::io::{self, IoSlice, Read, Write};
+
+use tandem_api::{ClusterId, DiskState, NodeId, Role, VolumeId};
+
+pub const MAGIC: u32 = 0x544e_4450;
+pub const HEADER_LEN: usize = 40;
+/// Protocol versions this build speaks.
+pub const VERSION_MIN: u16 = 1;
+pub const VERSION_MAX: u16 = 1;
+/// Largest payload accepted: one NBD request's worth.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// Message kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    Hello = 1,
+    /// Sent on an idle link; any message proves the sender alive, so it has no answer
+    /// (a receiver that never writes cannot deadlock against a busy writer).
+    Ping = 2,
+    /// Replicate a write: payload is the data.
+    Write = 10,
+    /// Replicate a zeroing (`flags` say whether holes may be punched).
+    Zero = 11,
+    /// Replicate a trim.
+    Trim = 12,
+    Flush = 13,
+    /// Completion of Write/Zero/Trim/Flush; `status` is 0 or an errno.
+    Ack = 14,
+    /// Read from the peer's replica.
+    Read = 20,
+    /// Data for a Read; payload is the data when `status` is 0.
+    ReadReply = 21,
+    /// The sender's role or disk state changed: payload is a `State`.
+    State = 30,
+}
+
+impl Kind {
+    fn from_u16(v: u16) -> Option<Kind> {
+        use Kind::*;
+        [
+            Hello, Ping, Write, Zero, Trim, Flush, Ack, Read, ReadReply, State,
+        ]
+        .into_iter()
+        .find(|k| *k as u16 == v)
+    }
+}
+
+pub const FLAG_FUA: u16 = 1 << 0;
+pub const FLAG_MAY_PUNCH: u16 = 1 << 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub flags: u16,
+    pub id: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub payload: u32,
+    pub status: u32,
+}
+
+impl Header {
+    pub fn new(kind: Kind, id: u64) -> Header {
+        Header {
+            kind,
+            flags: 0,
+            id,
+            offset: 0,
+            length: 0,
+            payload: 0,
+            status: 0,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&(self.kind as u16).to_be_bytes());
+        b[6..8].copy_from_slice(&self.flags.to_be_bytes());
+        b[8..16].copy_from_slice(&self.id.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..32].copy_from_slice(&self.length.to_be_bytes());
+        b[32..36].copy_from_slice(&self.payload.to_be_bytes());
+        b[36..40].copy_from_slice(&self.status.to_be_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
+        let u16_at = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+        let u32_at = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
+        if u32_at(0) != MAGIC {
+            return Err(WireError::Malformed(format!(
+                "bad magic {:#010x}",
+                u32_at(0)
+            )));
+        }
+        let kind = Kind::from_u16(u16_at(4))
+            .ok_or_else(|| WireError::Malformed(format!("unknown message kind {}", u16_at(4))))?;
+        let payload = u32_at(32);
+        if payload > MAX_PAYLOAD {
+            return Err(WireError::Malformed(format!(
+                "payload of {payload} bytes is over the limit"
+            )));
+        }
+        Ok(Header {
+            kind,
+            flags: u16_at(6),
+            id: u64_at(8),
+            offset: u64_at(16),
+            length: u64_at(24),
+            payload,
+            status: u32_at(36),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// Sends a header and its payload with one vectored write.
+pub fn send(w: &mut impl Write, header: &Header, payload: &[u8]) -> io::Result<()> {
+    debug_assert_eq!(header.payload as usize, payload.len());
+    let head = header.encode();
+    let mut slices = [IoSlice::new(&head), IoSlice::new(payload)];
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub fn read_header(r: &mut impl Read) -> Result<Header, WireError> {
+    let mut b = [0u8; HEADER_LEN];
+    r.read_exact(&mut b)?;
+    Header::decode(&b)
+}
+
+/// What each side says about itself when a connection opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version_min: u16,
+    pub version_max: u16,
+    pub cluster: ClusterId,
+    pub volume: VolumeId,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub state: State,
+}
+
+/// A participant's role, disk state and data generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct State {
+    pub role: Role,
+    pub disk: DiskState,
+    pub generation: u64,
+}
+
+const HELLO_LEN: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN;
+const STATE_LEN: usize = 1 + 1 + 8;
+
+impl State {
+    pub fn encode(&self) -> [u8; STATE_LEN] {
+        let mut b = [0u8; STATE_LEN];
+        b[0] = (self.role == Role::Primary) as u8;
+        b[1] = DiskState::ALL.iter().position(|d| *d == self.disk).unwrap() as u8;
+        b[2..10].copy_from_slice(&self.generation.to_be_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<State, WireError> {
+        if b.len() != STATE_LEN {
+            return Err(WireError::Malformed(format!("state of {} bytes", b.len())));
+        }
+        let role = match b[0] {
+            0 => Role::Secondary,
+            1 => Role::Primary,
+            r => return Err(WireError::Malformed(format!("unknown role {r}"))),
+        };
+        let disk = *DiskState::ALL
+            .get(b[1] as usize)
+            .ok_or_else(|| WireError::Malformed("unknown disk state".into()))?;
+        Ok(State {
+            role,
+            disk,
+            generation: u64::from_be_bytes(b[2..10].try_into().unwrap()),
+        })
+    }
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HELLO_LEN);
+        b.extend_from_slice(&self.version_min.to_be_bytes());
+        b.extend_from_slice(&self.version_max.to_be_bytes());
+        b.extend_from_slice(&self.cluster.0);
+        b.extend_from_slice(&self.volume.0);
+        b.push(self.from.get());
+        b.push(self.to.get());
+        b.extend_from_slice(&self.state.encode());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Hello, WireError> {
+        if b.len() != HELLO_LEN {
+            return Err(WireError::Malformed(format!("hello of {} bytes", b.len())));
+        }
+        let node =
+            |v: u8| NodeId::new(v).ok_or_else(|| WireError::Malformed(format!("node id {v}")));
+        Ok(Hello {
+            version_min: u16::from_be_bytes([b[0], b[1]]),
+            version_max: u16::from_be_bytes([b[2], b[3]]),
+            cluster: ClusterId(b[4..20].try_into().unwrap()),
+            volume: VolumeId(b[20..36].try_into().unwrap()),
+            from: node(b[36])?,
+            to: node(b[37])?,
+            state: State::decode(&b[38..])?,
+        })
+    }
+
+    /// The version both sides speak, if any.
+    pub fn agree(&self, other: &Hello) -> Option<u16> {
+        let v = self.version_max.min(other.version_max);
+        (v >= self.version_min.max(other.version_min)).then_some(v)
+    }
+}
+
+/// Reads a payload of `len` bytes into a fresh buffer.
+pub fn read_payload(r: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_garbage_is_refused() {
+        let h = Header {
+            kind: Kind::Write,
+            flags: FLAG_FUA,
+            id: 7,
+            offset: 4096,
+            length: 512,
+            payload: 512,
+            status: 0,
+        };
+        assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+        let mut bad = h.encode();
+        bad[0] = 0;
+        assert!(matches!(Header::decode(&bad), Err(WireError::Malformed(_))));
+        let mut unknown = h.encode();
+        unknown[5] = 99;
+        assert!(Header::decode(&unknown).is_err());
+        let mut big = h.encode();
+        big[32..36].copy_from_slice(&(MAX_PAYLOAD + 1).to_be_bytes());
+        assert!(Header::decode(&big).is_err());
+    }
+
+    #[test]
+    fn hello_round_trips_and_versions_are_negotiated() {
+        let hello = Hello {
+            version_min: 1,
+            version_max: 3,
+            cluster: ClusterId([1; 16]),
+            volume: VolumeId([2; 16]),
+            from: NodeId::new(0).unwrap(),
+            to: NodeId::new(31).unwrap(),
+            state: State {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+                generation: 42,
+            },
+        };
+        assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
+        let old = Hello {
+            version_min: 1,
+            version_max: 1,
+            ..hello.clone()
+        };
+        assert_eq!(hello.agree(&old), Some(1));
+        let future = Hello {
+            version_min: 4,
+            version_max: 5,
+            ..hello.clone()
+        };
+        assert_eq!(hello.agree(&future), None);
+        assert!(Hello::decode(&hello.encode()[..10]).is_err());
+    }
+}

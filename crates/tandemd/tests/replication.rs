@@ -1,0 +1,206 @@
+//! Replicated volumes across several `tandemd` nodes on loopback, driven through NBD by
+//! real clients; replicas are compared byte for byte.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tandem_lab::{Kind, Node, first_difference, output, run, scratch, spec};
+
+const MIB: u64 = 1 << 20;
+
+fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = run(cmd.arg(uri));
+    assert!(
+        !out.contains("failed"),
+        "qemu-io reported a failure:\n{out}"
+    );
+    out
+}
+
+#[test]
+fn two_replicas_and_a_tiebreaker_hold_identical_bytes_after_random_writes() {
+    let nodes = [Node::start("r1"), Node::start("r2"), Node::start("r3")];
+    let spec = spec(
+        "vm1",
+        256 * MIB,
+        &[
+            (&nodes[0], Kind::Diskful),
+            (&nodes[1], Kind::Diskful),
+            (&nodes[2], Kind::Tiebreaker),
+        ],
+        "",
+    );
+    for n in &nodes {
+        n.put_spec("vm1", &spec);
+    }
+    nodes[0].wait_connected("vm1", Duration::from_secs(20));
+    assert!(
+        !nodes[2].data_file("vm1").exists(),
+        "a tiebreaker holds no data"
+    );
+
+    let dir = scratch("fio-repl");
+    let out = run(Command::new("fio")
+        .current_dir(&dir)
+        .args([
+            "--name=w",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bsrange=4k-1m",
+            "--iodepth=16",
+        ])
+        .args([
+            "--size=256M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_state_save=0",
+        ])
+        .args(["--output-format=json"])
+        .arg(format!("--uri={}", nodes[0].unix_uri("vm1"))));
+    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let job = &json["jobs"][0];
+    assert_eq!(job["error"], 0, "{out}");
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap() >= 256 * MIB,
+        "{out}"
+    );
+
+    let status = nodes[0].status("vm1");
+    assert_eq!(
+        status["role"], "Secondary",
+        "the last close demotes: {status:#}"
+    );
+    assert_eq!(status["peers"][0]["disk"], "UpToDate", "{status:#}");
+    assert_eq!(
+        first_difference(&nodes[0].data_file("vm1"), &nodes[1].data_file("vm1")),
+        None,
+        "replicas differ"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_diskless_node_reads_and_writes_over_the_network() {
+    let nodes = [Node::start("d1"), Node::start("d2"), Node::start("d3")];
+    let spec = spec(
+        "vm2",
+        64 * MIB,
+        &[
+            (&nodes[0], Kind::Diskful),
+            (&nodes[1], Kind::Diskful),
+            (&nodes[2], Kind::Diskless),
+        ],
+        "",
+    );
+    for n in &nodes {
+        n.put_spec("vm2", &spec);
+    }
+    nodes[2].wait_connected("vm2", Duration::from_secs(20));
+
+    qemu_io(
+        &nodes[2].uri("vm2"),
+        &["write -P 0x5c 1M 3M", "write -z 2M 64k", "flush"],
+    );
+    qemu_io(
+        &nodes[2].uri("vm2"),
+        &[
+            "read -P 0x5c 1M 1M",
+            "read -P 0 2M 64k",
+            "read -P 0x5c 3M 1M",
+        ],
+    );
+    for n in &nodes[..2] {
+        let data = std::fs::read(n.data_file("vm2")).unwrap();
+        assert!(
+            data[MIB as usize..2 * MIB as usize]
+                .iter()
+                .all(|&b| b == 0x5c),
+            "{}",
+            n.name
+        );
+        assert!(
+            data[2 * MIB as usize..2 * MIB as usize + 65536]
+                .iter()
+                .all(|&b| b == 0),
+            "{}",
+            n.name
+        );
+        assert!(
+            data[3 * MIB as usize..4 * MIB as usize]
+                .iter()
+                .all(|&b| b == 0x5c),
+            "{}",
+            n.name
+        );
+    }
+    assert_eq!(
+        first_difference(&nodes[0].data_file("vm2"), &nodes[1].data_file("vm2")),
+        None
+    );
+    let status = nodes[2].status("vm2");
+    assert_eq!(status["disk"], "Diskless", "{status:#}");
+}
+
+#[test]
+fn a_second_node_cannot_open_a_volume_another_node_writes() {
+    let nodes = [Node::start("p1"), Node::start("p2")];
+    let spec = spec(
+        "vm3",
+        16 * MIB,
+        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
+        r#""quorum":"off""#,
+    );
+    for n in &nodes {
+        n.put_spec("vm3", &spec);
+    }
+    nodes[0].wait_connected("vm3", Duration::from_secs(20));
+    // Hold the volume open on p1 while p2 tries.
+    let mut holder = Command::new("nbdsh")
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .args([
+            "-u",
+            &nodes[0].uri("vm3"),
+            "-c",
+            "import time; time.sleep(4)",
+        ])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while nodes[1].status("vm3")["peers"][0]["role"] != "Primary" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "p2 never saw p1 become Primary"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = output(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write 0 4k",
+        &nodes[1].uri("vm3"),
+    ]));
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() || text.contains("failed"),
+        "second open succeeded: {text}"
+    );
+    assert!(text.contains("p1"), "the refusal names the holder: {text}");
+    holder.wait().unwrap();
+    // Once closed there, the other node may open it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while nodes[1].status("vm3")["peers"][0]["role"] == "Primary" {
+        assert!(std::time::Instant::now() < deadline, "p1 never demoted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    qemu_io(&nodes[1].uri("vm3"), &["write -P 7 0 4k"]);
+}
