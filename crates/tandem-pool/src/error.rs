@@ -64,7 +64,7 @@ impl PoolError {
         }
     }
 
-    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> PoolError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> PoolError {
         let context = context.into();
         move |source| PoolError::Io { context, source }
     }

@@ -20,7 +20,10 @@ impl Bitmap {
     /// A bitmap over `size` bytes, from stored words (whole pages, possibly longer).
     pub fn from_words(size: u64, mut words: Vec<u64>) -> Bitmap {
         let blocks = size.div_ceil(BLOCK_SIZE);
-        words.resize((blocks.div_ceil(BLOCKS_PER_PAGE) as usize) * WORDS_PER_PAGE, 0);
+        words.resize(
+            (blocks.div_ceil(BLOCKS_PER_PAGE) as usize) * WORDS_PER_PAGE,
+            0,
+        );
         // Bits past the end are meaningless; never let them count.
         for b in blocks..(words.len() as u64 * 64) {
             words[(b / 64) as usize] &= !(1 << (b % 64));
@@ -108,8 +111,14 @@ mod tests {
         assert_eq!(b.bytes(), 3 * 4096, "partial blocks count whole");
         assert_eq!(b.next_run(0, 1 << 20), Some(4096..4 * 4096));
         b.mark(200 << 20, 4096);
-        assert_eq!(b.mark(200 << 20, 4096).start, (200 << 20) / (BLOCKS_PER_PAGE * 4096) as usize);
-        assert_eq!(b.next_run(4 * 4096, 1 << 20), Some((200 << 20)..(200 << 20) + 4096));
+        assert_eq!(
+            b.mark(200 << 20, 4096).start,
+            (200 << 20) / (BLOCKS_PER_PAGE * 4096) as usize
+        );
+        assert_eq!(
+            b.next_run(4 * 4096, 1 << 20),
+            Some((200 << 20)..(200 << 20) + 4096)
+        );
         b.clear(0, 1 << 30);
         assert!(b.is_clear());
         assert_eq!(b.next_run(0, 1 << 20), None);

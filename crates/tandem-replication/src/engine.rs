@@ -78,7 +78,7 @@ impl Replicator {
     ) -> Result<Arc<ReplicatedVolume>, String> {
         spec.validate(&self.node)?;
         let me = spec.me(&self.node).expect("validated").clone();
-        let volume = Arc::new(ReplicatedVolume::new(spec, me, local));
+        let volume = Arc::new(ReplicatedVolume::new(spec, me, local).map_err(|e| e.to_string())?);
         let old = self
             .volumes
             .write()

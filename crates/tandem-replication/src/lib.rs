@@ -7,10 +7,12 @@
 //! ```
 //! [`Replicator`] owns the peer listener, dials peers, and pings idle links.
 
+mod bitmap;
 mod completion;
 mod engine;
 mod interval;
 mod peer;
+mod resync;
 mod volume;
 pub mod wire;
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tandem_api::{ConnectionState, Participant};
 
+use crate::bitmap::Bitmap;
 use crate::completion::Completion;
 use crate::wire::{self, Header, State};
 
@@ -35,11 +36,37 @@ pub(crate) struct Peer {
     remote: Mutex<Option<State>>,
     last_seen: Mutex<Instant>,
     dial: Mutex<(Instant, Duration)>,
+    /// Blocks the peer lacks, when both sides hold data.
+    pub tracked: Option<Mutex<Tracked>>,
+    pub sync: Mutex<Sync>,
+    /// Resync bytes sent to or received from the peer.
+    pub transferred: AtomicU64,
+}
+
+/// The out-of-sync bitmap towards a peer and the metadata slot it is stored in.
+pub(crate) struct Tracked {
+    pub slot: usize,
+    pub bits: Bitmap,
+}
+
+/// Resync between this node and the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sync {
+    Idle,
+    /// This node sends the peer what its bitmap marks; `total` bytes at the start.
+    Source {
+        total: u64,
+    },
+    /// This node receives; its own disk is Inconsistent until the source is done.
+    Target,
 }
 
 impl Peer {
-    pub fn new(participant: Participant) -> Peer {
+    pub fn new(participant: Participant, tracked: Option<Tracked>) -> Peer {
         Peer {
+            tracked: tracked.map(Mutex::new),
+            sync: Mutex::new(Sync::Idle),
+            transferred: AtomicU64::new(0),
             participant,
             link: Mutex::new(Link::Down),
             epochs: AtomicU64::new(0),
@@ -104,6 +131,7 @@ impl Peer {
         }
         drop(link);
         *self.remote.lock().unwrap() = None;
+        *self.sync.lock().unwrap() = Sync::Idle;
         let lost: Vec<_> = self
             .pending
             .lock()
@@ -179,6 +207,14 @@ impl Peer {
         let backoff = dial.1;
         *dial = (Instant::now() + backoff, (backoff * 2).min(BACKOFF_MAX));
         true
+    }
+
+    /// The epoch of the live connection, if any.
+    pub fn epoch(&self) -> Option<u64> {
+        match &*self.link.lock().unwrap() {
+            Link::Up { epoch, .. } => Some(*epoch),
+            _ => None,
+        }
     }
 
     pub fn refusal(&self) -> Option<String> {

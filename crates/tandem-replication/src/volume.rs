@@ -12,12 +12,15 @@ use tandem_api::{
     ConnectionState, DiskState, NodeId, OnNoQuorum, Participant, PeerStatus, QuorumPolicy,
     ReplicationState, Role, VolumeSpec, VolumeStatus,
 };
-use tandem_pool::Volume;
+use tandem_pool::{GenerationId, PoolError, Volume};
 
+use crate::bitmap::Bitmap;
 use crate::completion::Completion;
 use crate::interval::IntervalLock;
-use crate::peer::Peer;
-use crate::wire::{self, FLAG_FUA, FLAG_MAY_PUNCH, Header, Hello, Kind, State, WireError};
+use crate::peer::{Peer, Sync, Tracked};
+use crate::wire::{
+    self, FLAG_FUA, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Hello, Kind, State, WireError,
+};
 
 /// Why a volume cannot be opened on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,11 +29,30 @@ pub struct OpenRefused(pub String);
 pub struct ReplicatedVolume {
     spec: VolumeSpec,
     me: Participant,
-    local: Option<Arc<Volume>>,
+    pub(crate) local: Option<Arc<Volume>>,
     peers: Vec<Arc<Peer>>,
-    intervals: IntervalLock,
+    pub(crate) intervals: IntervalLock,
     next_id: AtomicU64,
     writers: Mutex<u32>,
+    /// Held while deciding whether to start a new data generation.
+    rotation: Mutex<()>,
+}
+
+/// What a new connection between two replicas holding data must do first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Direction {
+    InSync,
+    /// This node sends what the peer lacks; `full` when it lacks everything.
+    Source {
+        full: bool,
+    },
+    Target,
+    /// Neither replica descends from the other: split brain, or unrelated data.
+    Diverged(String),
+}
+
+fn is_data_change(kind: Kind) -> bool {
+    matches!(kind, Kind::Write | Kind::Zero | Kind::Trim)
 }
 
 fn errno(e: &io::Error) -> u32 {
@@ -44,14 +66,28 @@ fn error_from(status: u32, what: &str) -> io::Error {
 
 impl ReplicatedVolume {
     /// `local` is this node's replica when the spec makes it diskful.
-    pub fn new(spec: VolumeSpec, me: Participant, local: Option<Arc<Volume>>) -> ReplicatedVolume {
-        let peers = spec
-            .participants
-            .iter()
-            .filter(|p| p.node_id != me.node_id)
-            .map(|p| Arc::new(Peer::new(p.clone())))
-            .collect();
-        ReplicatedVolume {
+    /// A diskful node loads, for every other diskful participant, the bitmap of what
+    /// that peer lacks.
+    pub fn new(
+        spec: VolumeSpec,
+        me: Participant,
+        local: Option<Arc<Volume>>,
+    ) -> Result<ReplicatedVolume, PoolError> {
+        let mut peers = Vec::new();
+        for p in spec.participants.iter().filter(|p| p.node_id != me.node_id) {
+            let tracked = match &local {
+                Some(v) if p.kind.diskful() => {
+                    let slot = v.bitmap_slot(p.node_id)?;
+                    Some(Tracked {
+                        slot,
+                        bits: Bitmap::from_words(spec.size, v.read_bitmap(slot)?),
+                    })
+                }
+                _ => None,
+            };
+            peers.push(Arc::new(Peer::new(p.clone(), tracked)));
+        }
+        Ok(ReplicatedVolume {
             spec,
             me,
             local,
@@ -59,7 +95,8 @@ impl ReplicatedVolume {
             intervals: IntervalLock::default(),
             next_id: AtomicU64::new(1),
             writers: Mutex::new(0),
-        }
+            rotation: Mutex::new(()),
+        })
     }
 
     pub fn spec(&self) -> &VolumeSpec {
@@ -116,10 +153,174 @@ impl ReplicatedVolume {
             from: self.me.node_id,
             to,
             state: self.state(),
+            bitmap_generation: self.bitmap_generation(to),
+            dirty: self
+                .peer(to)
+                .and_then(|p| p.tracked.as_ref())
+                .is_some_and(|t| !t.lock().unwrap().bits.is_clear()),
         }
     }
 
-    fn next_id(&self) -> u64 {
+    fn peer(&self, id: NodeId) -> Option<&Arc<Peer>> {
+        self.peers.iter().find(|p| p.participant.node_id == id)
+    }
+
+    /// The generation this replica had when it started tracking changes for `peer`.
+    fn bitmap_generation(&self, peer: NodeId) -> u64 {
+        self.local
+            .as_ref()
+            .and_then(|v| {
+                v.superblock()
+                    .peers
+                    .iter()
+                    .find(|p| p.node == peer)
+                    .map(|p| p.bitmap_generation.0)
+            })
+            .unwrap_or(0)
+    }
+
+    fn set_bitmap_generation(&self, peer: NodeId, generation: u64) {
+        let Some(local) = &self.local else { return };
+        let result = local.update_superblock(|sb| {
+            if let Some(slot) = sb.peers.iter_mut().find(|p| p.node == peer) {
+                slot.bitmap_generation = GenerationId(generation);
+            }
+        });
+        if let Err(e) = result {
+            tracing::error!(volume = %self.spec.name, error = %e, "cannot record a peer's bitmap generation");
+        }
+    }
+
+    /// Starts tracking changes for a diskful peer that is not receiving them: records
+    /// the generation both still share.
+    fn begin_tracking(&self, peer: &Peer) {
+        if peer.tracked.is_none() || self.disk() != DiskState::UpToDate {
+            return;
+        }
+        let id = peer.participant.node_id;
+        if self.bitmap_generation(id) == 0 {
+            self.set_bitmap_generation(id, self.state().generation);
+        }
+    }
+
+    /// Marks a range out of sync for `peer` and stores the touched bitmap pages.
+    pub(crate) fn mark(&self, peer: &Peer, offset: u64, len: u64) {
+        let (Some(tracked), Some(local)) = (&peer.tracked, &self.local) else {
+            return;
+        };
+        self.begin_tracking(peer);
+        let mut t = tracked.lock().unwrap();
+        for page in t.bits.mark(offset, len) {
+            if let Err(e) = local.write_bitmap_page(t.slot, page as u64, t.bits.page(page)) {
+                tracing::error!(volume = %self.spec.name, peer = %peer.participant.node, error = %e,
+                    "cannot store the out-of-sync bitmap");
+            }
+        }
+    }
+
+    /// The peer has everything: stop recording a shared generation for it.
+    pub(crate) fn forget_tracking(&self, peer: &Peer) {
+        self.set_bitmap_generation(peer.participant.node_id, 0);
+    }
+
+    /// Clears a range that `peer` now has, storing the touched pages.
+    pub(crate) fn clear(&self, peer: &Peer, offset: u64, len: u64) {
+        let (Some(tracked), Some(local)) = (&peer.tracked, &self.local) else {
+            return;
+        };
+        let mut t = tracked.lock().unwrap();
+        for page in t.bits.clear(offset, len) {
+            if let Err(e) = local.write_bitmap_page(t.slot, page as u64, t.bits.page(page)) {
+                tracing::error!(volume = %self.spec.name, error = %e, "cannot store the out-of-sync bitmap");
+            }
+        }
+    }
+
+    /// A Primary starts a new data generation when a replica holding data stops
+    /// receiving writes, so that replica's data is recognisably older afterwards.
+    fn rotate_if_needed(&self) {
+        let Some(local) = &self.local else { return };
+        let _guard = self.rotation.lock().unwrap();
+        let current = self.state().generation;
+        let data_peers: Vec<NodeId> = self
+            .data_peers()
+            .iter()
+            .map(|p| p.participant.node_id)
+            .collect();
+        let mut stale = false;
+        for p in self
+            .peers
+            .iter()
+            .filter(|p| p.tracked.is_some() && !data_peers.contains(&p.participant.node_id))
+        {
+            self.begin_tracking(p);
+            stale |= self.bitmap_generation(p.participant.node_id) == current;
+        }
+        if !stale {
+            return;
+        }
+        let next = GenerationId::random();
+        let result = local.update_superblock(|sb| {
+            let g = &mut sb.generations;
+            g.history = [g.bitmap, g.history[0]];
+            g.bitmap = g.current;
+            g.current = next;
+        });
+        match result {
+            Ok(()) => {
+                tracing::info!(volume = %self.spec.name, generation = format!("{:016x}", next.0),
+                    "new data generation: a replica stopped receiving writes");
+                self.announce();
+            }
+            Err(e) => {
+                tracing::error!(volume = %self.spec.name, error = %e, "cannot start a new data generation")
+            }
+        }
+    }
+
+    /// Decides what a new connection to a replica holding data must do first.
+    fn direction(&self, peer: &Peer, hello: &Hello) -> Direction {
+        use DiskState::UpToDate;
+        if peer.tracked.is_none() {
+            return Direction::InSync;
+        }
+        let mine = self.state();
+        let theirs = hello.state;
+        let my_mark = self.bitmap_generation(peer.participant.node_id);
+        let my_dirty = peer
+            .tracked
+            .as_ref()
+            .is_some_and(|t| !t.lock().unwrap().bits.is_clear());
+        match (mine.disk == UpToDate, theirs.disk == UpToDate) {
+            (true, true) if mine.generation == theirs.generation => match (my_dirty, hello.dirty) {
+                (false, false) => Direction::InSync,
+                (true, false) => Direction::Source { full: false },
+                (false, true) => Direction::Target,
+                // Both missed some in-flight writes: the lower node id wins.
+                (true, true) if self.me.node_id < hello.from => Direction::Source { full: false },
+                (true, true) => Direction::Target,
+            },
+            (true, true) if my_mark != 0 && theirs.generation == my_mark => {
+                Direction::Source { full: false }
+            }
+            (true, true)
+                if hello.bitmap_generation != 0 && mine.generation == hello.bitmap_generation =>
+            {
+                Direction::Target
+            }
+            (true, true) => Direction::Diverged(format!(
+                "split brain: both replicas changed since they last agreed (generation {:016x} here, {:016x} on the peer)",
+                mine.generation, theirs.generation
+            )),
+            (true, false) => Direction::Source {
+                full: !(my_mark != 0 && theirs.generation == my_mark),
+            },
+            (false, true) => Direction::Target,
+            (false, false) => Direction::Diverged("neither replica is UpToDate".into()),
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
@@ -154,20 +355,6 @@ impl ReplicatedVolume {
                 hello.version_min, hello.version_max, mine.version_min, mine.version_max
             ));
         }
-        // Two diskful replicas that both claim to be current but hold different data
-        // generations have diverged; resync decides that, and is not run here yet.
-        if peer.participant.kind.diskful() && self.local.is_some() {
-            let here = self.state();
-            if here.disk == DiskState::UpToDate
-                && hello.state.disk == DiskState::UpToDate
-                && here.generation != hello.state.generation
-            {
-                return Err(format!(
-                    "data generations differ ({:016x} here, {:016x} on the peer): the replicas need a resync",
-                    here.generation, hello.state.generation
-                ));
-            }
-        }
         Ok(peer.clone())
     }
 
@@ -180,8 +367,33 @@ impl ReplicatedVolume {
     ) -> io::Result<()> {
         stream.set_read_timeout(None)?;
         stream.set_nodelay(true)?;
+        let direction = self.direction(&peer, hello);
+        if let Direction::Diverged(why) = &direction {
+            tracing::error!(volume = %self.spec.name, peer = %peer.participant.node, %why,
+                "replicas diverged; not connecting until an operator discards one");
+            peer.refuse(why.clone());
+            return Ok(());
+        }
         let epoch = peer.attach(&stream, hello.state)?;
-        tracing::info!(volume = %self.spec.name, peer = %peer.participant.node, epoch, "peer connected");
+        tracing::info!(volume = %self.spec.name, peer = %peer.participant.node, epoch, ?direction, "peer connected");
+        match direction {
+            Direction::Target => self.become_target(&peer),
+            Direction::Source { full } => {
+                if full {
+                    self.mark(&peer, 0, self.spec.size);
+                }
+                let total = peer
+                    .tracked
+                    .as_ref()
+                    .map_or(0, |t| t.lock().unwrap().bits.bytes());
+                *peer.sync.lock().unwrap() = Sync::Source { total };
+                let (volume, p) = (self.clone(), peer.clone());
+                std::thread::Builder::new()
+                    .name(format!("resync-{}", peer.participant.node))
+                    .spawn(move || volume.resync(p, epoch))?;
+            }
+            _ => {}
+        }
         let volume = self.clone();
         std::thread::Builder::new()
             .name(format!("peer-{}", peer.participant.node))
@@ -200,6 +412,67 @@ impl ReplicatedVolume {
         };
         tracing::warn!(volume = %self.spec.name, peer = %peer.participant.node, %why, "peer disconnected");
         peer.detach(epoch);
+        self.begin_tracking(&peer);
+    }
+
+    /// This replica lacks what the peer has: it is Inconsistent until the resync ends.
+    fn become_target(&self, peer: &Peer) {
+        *peer.sync.lock().unwrap() = Sync::Target;
+        peer.transferred.store(0, Ordering::Relaxed);
+        if let Some(local) = &self.local {
+            if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Inconsistent) {
+                tracing::error!(volume = %self.spec.name, error = %e, "cannot record the Inconsistent state");
+            }
+        }
+        tracing::info!(volume = %self.spec.name, source = %peer.participant.node, "resync starts: this replica is SyncTarget");
+        self.announce();
+    }
+
+    /// The source finished: adopt its data generation and become UpToDate.
+    fn finish_target(&self, peer: &Peer, generation: u64) {
+        *peer.sync.lock().unwrap() = Sync::Idle;
+        if let Some(local) = &self.local {
+            let result = local
+                .data()
+                .flush()
+                .map_err(PoolError::io("flushing resynced data"))
+                .and_then(|()| {
+                    local.update_superblock(|sb| {
+                        let g = &mut sb.generations;
+                        g.history = [g.current, g.history[0]];
+                        g.current = GenerationId(generation);
+                        sb.disk_state = DiskState::UpToDate;
+                    })
+                });
+            if let Err(e) = result {
+                tracing::error!(volume = %self.spec.name, error = %e, "cannot record the end of resync");
+                return;
+            }
+        }
+        tracing::info!(volume = %self.spec.name, source = %peer.participant.node,
+            bytes = peer.transferred.load(Ordering::Relaxed), "resync finished: this replica is UpToDate");
+        self.announce();
+    }
+
+    /// A Primary's new data generation, adopted by a replica that received all its writes.
+    fn adopt(&self, peer: &Peer, state: State) {
+        let Some(local) = &self.local else { return };
+        let mine = self.state();
+        if state.role != Role::Primary
+            || state.generation == mine.generation
+            || mine.disk != DiskState::UpToDate
+            || *peer.sync.lock().unwrap() != Sync::Idle
+        {
+            return;
+        }
+        let result = local.update_superblock(|sb| {
+            let g = &mut sb.generations;
+            g.history = [g.current, g.history[0]];
+            g.current = GenerationId(state.generation);
+        });
+        if let Err(e) = result {
+            tracing::error!(volume = %self.spec.name, error = %e, "cannot adopt the Primary's generation");
+        }
     }
 
     /// Reads and handles one message from a peer.
@@ -209,7 +482,12 @@ impl ReplicatedVolume {
         let from = peer.participant.node_id;
         match h.kind {
             Kind::Ping => {}
-            Kind::State => peer.set_remote(State::decode(&payload)?),
+            Kind::State => {
+                let state = State::decode(&payload)?;
+                self.adopt(peer, state);
+                peer.set_remote(state);
+            }
+            Kind::ResyncDone => self.finish_target(peer, h.offset),
             Kind::Ack | Kind::ReadReply => {
                 if let Some(c) = peer.answered(h.id) {
                     let data = (h.kind == Kind::ReadReply && h.status == 0).then_some(payload);
@@ -244,6 +522,17 @@ impl ReplicatedVolume {
                     Kind::Trim => v.trim(h.offset, h.length, fua),
                     _ => v.data().flush(),
                 });
+                if status == 0 && is_data_change(h.kind) {
+                    if h.flags & FLAG_RESYNC != 0 {
+                        peer.transferred.fetch_add(h.length, Ordering::Relaxed);
+                    }
+                    // Replicas this node cannot reach may also have missed this change.
+                    for other in self.peers.iter().filter(|p| p.participant.node_id != from) {
+                        if other.connection() != ConnectionState::Connected {
+                            self.mark(other, h.offset, h.length);
+                        }
+                    }
+                }
                 let mut ack = Header::new(Kind::Ack, h.id);
                 ack.status = status;
                 peer.send(&ack, &[])?;
@@ -319,7 +608,7 @@ impl ReplicatedVolume {
     }
 
     /// Peers that hold data and are connected: they receive every write.
-    fn data_peers(&self) -> Vec<&Arc<Peer>> {
+    pub(crate) fn data_peers(&self) -> Vec<&Arc<Peer>> {
         self.peers
             .iter()
             .filter(|p| {
@@ -340,6 +629,9 @@ impl ReplicatedVolume {
         payload: &[u8],
         local: impl FnOnce(&Volume) -> io::Result<()>,
     ) -> io::Result<()> {
+        if is_data_change(h.kind) {
+            self.rotate_if_needed();
+        }
         let targets = self.data_peers();
         let completion = Arc::new(Completion::new(targets.len()));
         for p in &targets {
@@ -352,6 +644,17 @@ impl ReplicatedVolume {
                 status, "peer failed a replicated request");
         }
         let acked = targets.len() - outcome.lost.len() - outcome.failed.len();
+        if is_data_change(h.kind) {
+            let reached = |p: &Peer| {
+                let id = p.participant.node_id;
+                targets.iter().any(|t| t.participant.node_id == id)
+                    && !outcome.lost.contains(&id)
+                    && !outcome.failed.iter().any(|(f, _)| *f == id)
+            };
+            for p in self.peers.iter().filter(|p| !reached(p)) {
+                self.mark(p, h.offset, h.length);
+            }
+        }
         match local_result {
             Some(Err(e)) => Err(e),
             None if acked == 0 => Err(io::Error::other(format!(
@@ -491,7 +794,7 @@ impl ReplicatedVolume {
     }
 
     /// Tells every connected peer this node's current state.
-    fn announce(&self) {
+    pub(crate) fn announce(&self) {
         let state = self.state().encode();
         let mut h = Header::new(Kind::State, 0);
         h.payload = state.len() as u32;
@@ -510,12 +813,33 @@ impl ReplicatedVolume {
                     Some(_) => ConnectionState::StandAlone,
                     None => p.connection(),
                 };
-                let replication =
-                    if connection == ConnectionState::Connected && p.participant.kind.diskful() {
-                        ReplicationState::Established
-                    } else {
-                        ReplicationState::Off
-                    };
+                let sync = *p.sync.lock().unwrap();
+                let out_of_sync = p
+                    .tracked
+                    .as_ref()
+                    .map_or(0, |t| t.lock().unwrap().bits.bytes());
+                let (replication, done) = match sync {
+                    _ if connection != ConnectionState::Connected
+                        || !p.participant.kind.diskful() =>
+                    {
+                        (ReplicationState::Off, None)
+                    }
+                    // The peer line shows the peer's part in the resync.
+                    Sync::Source { total } => {
+                        let left = out_of_sync.min(total);
+                        let done = if total == 0 {
+                            100.0
+                        } else {
+                            100.0 * (total - left) as f64 / total as f64
+                        };
+                        (
+                            ReplicationState::SyncTarget,
+                            Some((done * 100.0).floor() / 100.0),
+                        )
+                    }
+                    Sync::Target => (ReplicationState::SyncSource, None),
+                    Sync::Idle => (ReplicationState::Established, None),
+                };
                 PeerStatus {
                     node: p.participant.node.clone(),
                     node_id: p.participant.node_id,
@@ -531,9 +855,9 @@ impl ReplicatedVolume {
                         |s| s.disk,
                     ),
                     role: remote.map_or(Role::Secondary, |s| s.role),
-                    done: None,
-                    out_of_sync: 0,
-                    resync_transferred: 0,
+                    done,
+                    out_of_sync,
+                    resync_transferred: p.transferred.load(Ordering::Relaxed),
                 }
             })
             .collect();

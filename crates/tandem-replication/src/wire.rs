@@ -43,21 +43,35 @@ pub enum Kind {
     ReadReply = 21,
     /// The sender's role or disk state changed: payload is a `State`.
     State = 30,
+    /// Resync is complete; `offset` carries the source's data generation, which the
+    /// target adopts.
+    ResyncDone = 31,
 }
 
 impl Kind {
+    const ALL: [Kind; 11] = [
+        Kind::Hello,
+        Kind::Ping,
+        Kind::Write,
+        Kind::Zero,
+        Kind::Trim,
+        Kind::Flush,
+        Kind::Ack,
+        Kind::Read,
+        Kind::ReadReply,
+        Kind::State,
+        Kind::ResyncDone,
+    ];
+
     fn from_u16(v: u16) -> Option<Kind> {
-        use Kind::*;
-        [
-            Hello, Ping, Write, Zero, Trim, Flush, Ack, Read, ReadReply, State,
-        ]
-        .into_iter()
-        .find(|k| *k as u16 == v)
+        Kind::ALL.into_iter().find(|k| *k as u16 == v)
     }
 }
 
 pub const FLAG_FUA: u16 = 1 << 0;
 pub const FLAG_MAY_PUNCH: u16 = 1 << 1;
+/// A Write carrying resync data rather than an application write.
+pub const FLAG_RESYNC: u16 = 1 << 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -169,6 +183,11 @@ pub struct Hello {
     pub from: NodeId,
     pub to: NodeId,
     pub state: State,
+    /// The sender's data generation when it started tracking changes for the receiver
+    /// (0: it tracks none).
+    pub bitmap_generation: u64,
+    /// Whether the sender has blocks marked out of sync for the receiver.
+    pub dirty: bool,
 }
 
 /// A participant's role, disk state and data generation.
@@ -179,7 +198,7 @@ pub struct State {
     pub generation: u64,
 }
 
-const HELLO_LEN: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN;
+const HELLO_LEN: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN + 8 + 1;
 const STATE_LEN: usize = 1 + 1 + 8;
 
 impl State {
@@ -221,6 +240,8 @@ impl Hello {
         b.push(self.from.get());
         b.push(self.to.get());
         b.extend_from_slice(&self.state.encode());
+        b.extend_from_slice(&self.bitmap_generation.to_be_bytes());
+        b.push(self.dirty as u8);
         b
     }
 
@@ -237,7 +258,15 @@ impl Hello {
             volume: VolumeId(b[20..36].try_into().unwrap()),
             from: node(b[36])?,
             to: node(b[37])?,
-            state: State::decode(&b[38..])?,
+            state: State::decode(&b[38..38 + STATE_LEN])?,
+            bitmap_generation: u64::from_be_bytes(
+                b[38 + STATE_LEN..46 + STATE_LEN].try_into().unwrap(),
+            ),
+            dirty: match b[46 + STATE_LEN] {
+                0 => false,
+                1 => true,
+                v => return Err(WireError::Malformed(format!("dirty flag {v}"))),
+            },
         })
     }
 
@@ -258,6 +287,14 @@ pub fn read_payload(r: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_decodes() {
+        for kind in Kind::ALL {
+            let h = Header::new(kind, 1);
+            assert_eq!(Header::decode(&h.encode()).unwrap().kind, kind);
+        }
+    }
 
     #[test]
     fn headers_round_trip_and_garbage_is_refused() {
@@ -296,6 +333,8 @@ mod tests {
                 disk: DiskState::UpToDate,
                 generation: 42,
             },
+            bitmap_generation: 41,
+            dirty: true,
         };
         assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
         let old = Hello {

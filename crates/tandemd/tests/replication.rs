@@ -204,3 +204,79 @@ fn a_second_node_cannot_open_a_volume_another_node_writes() {
     }
     qemu_io(&nodes[1].uri("vm3"), &["write -P 7 0 4k"]);
 }
+
+/// Waits until `node` sees `peer_index` of `volume` in the given replication state and disk.
+fn wait_peer(
+    node: &Node,
+    volume: &str,
+    peer_index: usize,
+    replication: &str,
+    disk: &str,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = node.status(volume);
+        let peer = &status["peers"][peer_index];
+        if peer["replication"] == replication && peer["disk"] == disk {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never saw {replication}/{disk}: {status:#}\n{}",
+            node.name,
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_returning_replica_gets_only_the_blocks_it_missed() {
+    let mut nodes = [Node::start("s1"), Node::start("s2"), Node::start("s3")];
+    let spec = spec(
+        "vm4",
+        128 * MIB,
+        &[
+            (&nodes[0], Kind::Diskful),
+            (&nodes[1], Kind::Diskful),
+            (&nodes[2], Kind::Tiebreaker),
+        ],
+        "",
+    );
+    for n in &nodes {
+        n.put_spec("vm4", &spec);
+    }
+    nodes[0].wait_connected("vm4", Duration::from_secs(20));
+    qemu_io(&nodes[0].unix_uri("vm4"), &["write -P 1 0 16M"]);
+
+    nodes[1].kill();
+    // 40 scattered 64 KiB writes while the second replica is away: 2.5 MiB changed.
+    let writes: Vec<String> = (0..40)
+        .map(|i| format!("write -P 9 {} 64k", i * 3 * MIB + 4096))
+        .collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io(&nodes[0].unix_uri("vm4"), &writes);
+    let changed = 40 * 64 * 1024;
+    let status = nodes[0].status("vm4");
+    assert_eq!(
+        status["peers"][0]["out-of-sync"].as_u64().unwrap(),
+        changed,
+        "4 KiB-aligned writes mark exactly their blocks: {status:#}"
+    );
+
+    nodes[1].restart();
+    let status = wait_peer(&nodes[0], "vm4", 0, "Established", "UpToDate");
+    let sent = status["peers"][0]["resync-transferred"].as_u64().unwrap();
+    assert!(
+        sent >= changed && sent as f64 <= 1.1 * changed as f64,
+        "resync sent {sent} for {changed}: {status:#}"
+    );
+    assert_eq!(status["peers"][0]["out-of-sync"], 0, "{status:#}");
+    assert_eq!(
+        first_difference(&nodes[0].data_file("vm4"), &nodes[1].data_file("vm4")),
+        None,
+        "replicas differ after resync"
+    );
+    let back = nodes[1].status("vm4");
+    assert_eq!(back["disk"], "UpToDate", "{back:#}");
+}

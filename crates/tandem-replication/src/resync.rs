@@ -1,0 +1,110 @@
+//! Resync, source side: sends a peer the blocks its bitmap marks, while the volume stays
+//! in use. Each chunk is read and sent under the interval lock, so an application write
+//! to the same range waits and stale resync data never lands after newer data.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::completion::Completion;
+use crate::peer::{Peer, Sync};
+use crate::volume::ReplicatedVolume;
+use crate::wire::{FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Kind};
+
+/// Largest piece sent at once; small enough that application writes waiting for the
+/// same range wait briefly.
+const CHUNK: u64 = 1 << 20;
+
+impl ReplicatedVolume {
+    pub(crate) fn resync(self: Arc<Self>, peer: Arc<Peer>, epoch: u64) {
+        let name = &self.spec().name;
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let mut at = 0u64;
+        let rate = self.spec().options.resync_rate;
+        tracing::info!(volume = %name, target = %peer.participant.node, "resync starts: this replica is SyncSource");
+        let finished = loop {
+            if peer.epoch() != Some(epoch) {
+                break false;
+            }
+            let next = peer
+                .tracked
+                .as_ref()
+                .and_then(|t| t.lock().unwrap().bits.next_run(at, CHUNK));
+            let Some(run) = next else {
+                if at == 0 {
+                    break true;
+                }
+                // Blocks behind us may have been marked meanwhile: sweep again.
+                at = 0;
+                continue;
+            };
+            let len = run.end - run.start;
+            if !self.send_chunk(&peer, run.start, len) {
+                break false;
+            }
+            self.clear(&peer, run.start, len);
+            sent += len;
+            peer.transferred.fetch_add(len, Ordering::Relaxed);
+            at = run.end;
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        };
+        if !finished {
+            tracing::warn!(volume = %name, target = %peer.participant.node, sent, "resync interrupted");
+            return;
+        }
+        if let Some(local) = &self.local {
+            if let Err(e) = local.sync_meta() {
+                tracing::error!(volume = %name, error = %e, "cannot store the bitmap after resync");
+                return;
+            }
+        }
+        let mut done = Header::new(Kind::ResyncDone, self.next_id());
+        done.offset = self.state().generation;
+        if peer.send(&done, &[]).is_err() {
+            return;
+        }
+        *peer.sync.lock().unwrap() = Sync::Idle;
+        self.forget_tracking(&peer);
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(volume = %name, target = %peer.participant.node, bytes = sent,
+            mib_per_s = sent as f64 / (1 << 20) as f64 / secs.max(1e-6), "resync finished");
+    }
+
+    /// Sends one marked range (data, or a zeroing for a hole) and waits for the ack.
+    fn send_chunk(&self, peer: &Arc<Peer>, offset: u64, len: u64) -> bool {
+        let Some(local) = &self.local else {
+            return false;
+        };
+        let _held = self.intervals.lock(offset, len);
+        let holes = local.data().extents(offset, len).unwrap_or_default();
+        let all_hole = holes.len() == 1 && holes[0].hole && holes[0].len == len;
+        let mut buf = Vec::new();
+        let mut h = if all_hole {
+            let mut h = Header::new(Kind::Zero, self.next_id());
+            h.flags = FLAG_MAY_PUNCH | FLAG_RESYNC;
+            h
+        } else {
+            buf = vec![0u8; len as usize];
+            if let Err(e) = local.data().read_at(&mut buf, offset) {
+                tracing::error!(volume = %self.spec().name, offset, error = %e, "resync read failed");
+                return false;
+            }
+            let mut h = Header::new(Kind::Write, self.next_id());
+            h.flags = FLAG_RESYNC;
+            h.payload = len as u32;
+            h
+        };
+        h.offset = offset;
+        h.length = len;
+        let completion = Arc::new(Completion::new(1));
+        peer.request(&h, &buf, &completion);
+        let outcome = completion.wait();
+        outcome.lost.is_empty() && outcome.failed.is_empty()
+    }
+}
