@@ -13,7 +13,7 @@ pub use ids::{ClusterId, NodeId, VolumeId};
 pub use names::{NameError, NodeName, PoolName, VolumeName};
 pub use size::{ByteSize, SizeError};
 pub use spec::{
-    OnNoQuorum, Participant, ParticipantKind, PeerStatus, QuorumPolicy, VolumeOptions, VolumeSpec,
-    VolumeStatus,
+    OnNoQuorum, Participant, ParticipantKind, PeerStatus, QuorumPolicy, Resolve, VolumeOptions,
+    VolumeSpec, VolumeStatus,
 };
 pub use states::{ConnectionState, DiskState, ReplicationState, Role};

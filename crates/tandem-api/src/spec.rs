@@ -134,6 +134,13 @@ impl VolumeSpec {
     }
 }
 
+/// Ends a split brain: the named node's replica is discarded and resynced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Resolve {
+    pub discard: NodeName,
+}
+
 /// One peer as a node sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -59,6 +59,10 @@ pub(crate) enum Sync {
     },
     /// This node receives; its own disk is Inconsistent until the source is done.
     Target,
+    /// This node compares checksums with the peer; `done` bytes so far.
+    Verifying {
+        done: u64,
+    },
 }
 
 impl Peer {
@@ -151,6 +155,14 @@ impl Peer {
             let _ = writer.shutdown(Shutdown::Both);
         }
         *link = Link::Refused(reason);
+    }
+
+    /// Lets a refused peer connect again (after an operator resolved the reason).
+    pub fn unrefuse(&self) {
+        let mut link = self.link.lock().unwrap();
+        if matches!(*link, Link::Refused(_)) {
+            *link = Link::Down;
+        }
     }
 
     /// Closes the live connection (dead peer, shutdown); its receiver detaches.

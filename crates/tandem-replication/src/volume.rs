@@ -4,7 +4,7 @@
 
 use std::io::{self, BufReader};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +36,8 @@ pub struct ReplicatedVolume {
     writers: Mutex<u32>,
     /// Held while deciding whether to start a new data generation.
     rotation: Mutex<()>,
+    /// The local replica failed an I/O and is no longer used.
+    detached: AtomicBool,
 }
 
 /// What a new connection between two replicas holding data must do first.
@@ -96,6 +98,7 @@ impl ReplicatedVolume {
             next_id: AtomicU64::new(1),
             writers: Mutex::new(0),
             rotation: Mutex::new(()),
+            detached: AtomicBool::new(false),
         })
     }
 
@@ -128,9 +131,34 @@ impl ReplicatedVolume {
     }
 
     fn disk(&self) -> DiskState {
+        match &self.local {
+            None => DiskState::Diskless,
+            Some(_) if self.detached.load(Ordering::Acquire) => DiskState::Failed,
+            Some(v) => v.disk_state(),
+        }
+    }
+
+    /// The local replica, unless it failed and was detached.
+    fn attached(&self) -> Option<&Arc<Volume>> {
         self.local
             .as_ref()
-            .map_or(DiskState::Diskless, |v| v.disk_state())
+            .filter(|_| !self.detached.load(Ordering::Acquire))
+    }
+
+    /// Stops using a local replica whose I/O failed: the volume goes on with its peers,
+    /// and the replica will need a full resync once repaired.
+    fn detach(&self, error: &io::Error) {
+        if self.detached.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::error!(volume = %self.spec.name, %error, "local replica failed; detached, serving through peers");
+        if let Some(local) = &self.local {
+            // The superblock slots are allocated, so this works even on a full disk.
+            if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Failed) {
+                tracing::error!(volume = %self.spec.name, error = %e, "cannot record the Failed state");
+            }
+        }
+        self.announce();
     }
 
     pub(crate) fn state(&self) -> State {
@@ -382,15 +410,7 @@ impl ReplicatedVolume {
                 if full {
                     self.mark(&peer, 0, self.spec.size);
                 }
-                let total = peer
-                    .tracked
-                    .as_ref()
-                    .map_or(0, |t| t.lock().unwrap().bits.bytes());
-                *peer.sync.lock().unwrap() = Sync::Source { total };
-                let (volume, p) = (self.clone(), peer.clone());
-                std::thread::Builder::new()
-                    .name(format!("resync-{}", peer.participant.node))
-                    .spawn(move || volume.resync(p, epoch))?;
+                self.start_resync(&peer, epoch)?;
             }
             _ => {}
         }
@@ -413,6 +433,82 @@ impl ReplicatedVolume {
         tracing::warn!(volume = %self.spec.name, peer = %peer.participant.node, %why, "peer disconnected");
         peer.detach(epoch);
         self.begin_tracking(&peer);
+    }
+
+    /// Sends the peer what its bitmap marks, in the background.
+    fn start_resync(self: &Arc<Self>, peer: &Arc<Peer>, epoch: u64) -> io::Result<()> {
+        let total = peer
+            .tracked
+            .as_ref()
+            .map_or(0, |t| t.lock().unwrap().bits.bytes());
+        *peer.sync.lock().unwrap() = Sync::Source { total };
+        let (volume, p) = (self.clone(), peer.clone());
+        std::thread::Builder::new()
+            .name(format!("resync-{}", peer.participant.node))
+            .spawn(move || volume.resync(p, epoch))?;
+        Ok(())
+    }
+
+    /// Online verify: compares every 4 KiB block with each connected UpToDate peer by
+    /// checksum, marks the blocks that differ, and resyncs them from here. Returns the
+    /// number of differing blocks per peer.
+    pub fn verify(self: &Arc<Self>) -> Result<Vec<(tandem_api::NodeName, u64)>, String> {
+        const CHUNK: u64 = 1 << 20;
+        let Some(local) = self.local_up_to_date() else {
+            return Err(format!(
+                "node {} has no UpToDate replica of {} to verify against",
+                self.me.node, self.spec.name
+            ));
+        };
+        let mut report = Vec::new();
+        for peer in self.data_peers() {
+            let Some(epoch) = peer.epoch() else { continue };
+            if peer.remote().is_none_or(|s| s.disk != DiskState::UpToDate)
+                || *peer.sync.lock().unwrap() != Sync::Idle
+            {
+                continue;
+            }
+            let mut differing = 0u64;
+            let mut at = 0u64;
+            while at < self.spec.size {
+                *peer.sync.lock().unwrap() = Sync::Verifying { done: at };
+                let len = CHUNK.min(self.spec.size - at);
+                let _held = self.intervals.lock(at, len);
+                let mut data = vec![0u8; len as usize];
+                local
+                    .data()
+                    .read_at(&mut data, at)
+                    .map_err(|e| e.to_string())?;
+                let mut h = Header::new(Kind::Verify, self.next_id());
+                h.offset = at;
+                h.length = len;
+                let completion = Arc::new(Completion::new(1));
+                peer.request(&h, &[], &completion);
+                let outcome = completion.wait();
+                let Some(theirs) = outcome.data else {
+                    *peer.sync.lock().unwrap() = Sync::Idle;
+                    return Err(format!(
+                        "peer {} stopped answering during verify",
+                        peer.participant.node
+                    ));
+                };
+                for (i, block) in data.chunks(4096).enumerate() {
+                    let mine = crc32c::crc32c(block).to_be_bytes();
+                    if theirs.get(i * 4..i * 4 + 4) != Some(&mine[..]) {
+                        differing += 1;
+                        self.mark(peer, at + i as u64 * 4096, block.len() as u64);
+                    }
+                }
+                at += len;
+            }
+            *peer.sync.lock().unwrap() = Sync::Idle;
+            tracing::info!(volume = %self.spec.name, peer = %peer.participant.node, differing, "online verify finished");
+            if differing > 0 {
+                self.start_resync(peer, epoch).map_err(|e| e.to_string())?;
+            }
+            report.push((peer.participant.node.clone(), differing));
+        }
+        Ok(report)
     }
 
     /// This replica lacks what the peer has: it is Inconsistent until the resync ends.
@@ -488,11 +584,24 @@ impl ReplicatedVolume {
                 peer.set_remote(state);
             }
             Kind::ResyncDone => self.finish_target(peer, h.offset),
-            Kind::Ack | Kind::ReadReply => {
+            Kind::Ack | Kind::ReadReply | Kind::VerifyReply => {
                 if let Some(c) = peer.answered(h.id) {
-                    let data = (h.kind == Kind::ReadReply && h.status == 0).then_some(payload);
+                    let data = (h.kind != Kind::Ack && h.status == 0).then_some(payload);
                     c.answered(from, h.status, data);
                 }
+            }
+            Kind::Verify => {
+                let mut data = vec![0u8; h.length as usize];
+                let status = self.serve_peer(&h, |v| v.data().read_at(&mut data, h.offset));
+                let sums: Vec<u8> = data
+                    .chunks(4096)
+                    .flat_map(|b| crc32c::crc32c(b).to_be_bytes())
+                    .collect();
+                let mut reply = Header::new(Kind::VerifyReply, h.id);
+                reply.status = status;
+                let sums = if status == 0 { &sums[..] } else { &[][..] };
+                reply.payload = sums.len() as u32;
+                peer.send(&reply, sums)?;
             }
             Kind::Read => {
                 let mut data = vec![0u8; h.length as usize];
@@ -548,7 +657,7 @@ impl ReplicatedVolume {
 
     /// Runs a peer's request on the local replica; the status to answer with.
     fn serve_peer(&self, h: &Header, op: impl FnOnce(&Volume) -> io::Result<()>) -> u32 {
-        let Some(local) = &self.local else {
+        let Some(local) = self.attached() else {
             return libc::EIO as u32;
         };
         if h.kind != Kind::Flush
@@ -563,6 +672,9 @@ impl ReplicatedVolume {
             Err(e) => {
                 tracing::error!(volume = %self.spec.name, kind = ?h.kind, offset = h.offset, error = %e,
                     "replicated request failed on the local replica");
+                if !matches!(h.kind, Kind::Read | Kind::Verify) {
+                    self.detach(&e);
+                }
                 errno(&e)
             }
         }
@@ -592,10 +704,20 @@ impl ReplicatedVolume {
 
     /// Writes may proceed only with quorum: without it, fail or wait, per policy.
     fn require_quorum(&self) -> io::Result<()> {
+        let mut waited = false;
         loop {
             if self.has_quorum() {
+                // While suspended, the others may have moved on: a replica found behind
+                // must not take the suspended writes.
+                if waited && self.local.is_some() && self.disk() != DiskState::UpToDate {
+                    return Err(io::Error::other(format!(
+                        "volume {}: this replica was outdated while I/O was suspended",
+                        self.spec.name
+                    )));
+                }
                 return Ok(());
             }
+            waited = true;
             if self.spec.options.on_no_quorum == OnNoQuorum::IoError {
                 let (have, total) = self.votes();
                 return Err(io::Error::other(format!(
@@ -637,7 +759,7 @@ impl ReplicatedVolume {
         for p in &targets {
             p.request(h, payload, &completion);
         }
-        let local_result = self.local.as_ref().map(|v| local(v));
+        let local_result = self.attached().map(|v| local(v));
         let outcome = completion.wait();
         for (peer, status) in &outcome.failed {
             tracing::error!(volume = %self.spec.name, peer = %peer, kind = ?h.kind, offset = h.offset,
@@ -656,7 +778,10 @@ impl ReplicatedVolume {
             }
         }
         match local_result {
-            Some(Err(e)) => Err(e),
+            Some(Err(e)) => {
+                self.detach(&e);
+                if acked == 0 { Err(e) } else { Ok(()) }
+            }
             None if acked == 0 => Err(io::Error::other(format!(
                 "volume {}: no replica holding data is reachable from this node",
                 self.spec.name
@@ -714,8 +839,7 @@ impl ReplicatedVolume {
     }
 
     fn local_up_to_date(&self) -> Option<&Arc<Volume>> {
-        self.local
-            .as_ref()
+        self.attached()
             .filter(|v| v.disk_state() == DiskState::UpToDate)
     }
 
@@ -839,6 +963,13 @@ impl ReplicatedVolume {
                     }
                     Sync::Target => (ReplicationState::SyncSource, None),
                     Sync::Idle => (ReplicationState::Established, None),
+                    Sync::Verifying { done } => {
+                        let pct = 100.0 * done as f64 / self.spec.size.max(1) as f64;
+                        (
+                            ReplicationState::VerifyT,
+                            Some((pct * 100.0).floor() / 100.0),
+                        )
+                    }
                 };
                 PeerStatus {
                     node: p.participant.node.clone(),
@@ -871,6 +1002,55 @@ impl ReplicatedVolume {
             quorum: self.has_quorum(),
             peers,
         }
+    }
+
+    /// Makes every peer connect afresh, so the handshake decides again (after an
+    /// invalidate, or after split brain was resolved).
+    pub fn reconnect(&self) {
+        for p in &self.peers {
+            p.unrefuse();
+            p.disconnect();
+        }
+    }
+
+    /// Discards the local replica's data: it is Inconsistent until a full resync from
+    /// a peer completes. Refused while the volume is open here.
+    pub fn invalidate(&self) -> Result<(), String> {
+        let Some(local) = &self.local else {
+            return Err(format!(
+                "node {} holds no replica of volume {}",
+                self.me.node, self.spec.name
+            ));
+        };
+        if *self.writers.lock().unwrap() > 0 {
+            return Err(format!(
+                "volume {} is open on this node; close it first",
+                self.spec.name
+            ));
+        }
+        local
+            .update_superblock(|sb| sb.disk_state = DiskState::Inconsistent)
+            .map_err(|e| e.to_string())?;
+        tracing::warn!(volume = %self.spec.name, "local replica invalidated: a full resync follows");
+        self.announce();
+        self.reconnect();
+        Ok(())
+    }
+
+    /// Resolves split brain: the node named `discard` gives up its data; every other
+    /// node merely reconnects.
+    pub fn resolve(&self, discard: &tandem_api::NodeName) -> Result<(), String> {
+        if *discard == self.me.node {
+            return self.invalidate();
+        }
+        if !self.peers.iter().any(|p| p.participant.node == *discard) {
+            return Err(format!(
+                "node {discard} is not a participant of volume {}",
+                self.spec.name
+            ));
+        }
+        self.reconnect();
+        Ok(())
     }
 
     /// Closes every peer connection (the volume is being removed or replaced).

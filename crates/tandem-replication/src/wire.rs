@@ -46,10 +46,14 @@ pub enum Kind {
     /// Resync is complete; `offset` carries the source's data generation, which the
     /// target adopts.
     ResyncDone = 31,
+    /// Asks for checksums of a range, one CRC32C per 4 KiB block.
+    Verify = 40,
+    /// The checksums for a Verify, as payload (big-endian u32s).
+    VerifyReply = 41,
 }
 
 impl Kind {
-    const ALL: [Kind; 11] = [
+    const ALL: [Kind; 13] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Write,
@@ -61,6 +65,8 @@ impl Kind {
         Kind::ReadReply,
         Kind::State,
         Kind::ResyncDone,
+        Kind::Verify,
+        Kind::VerifyReply,
     ];
 
     fn from_u16(v: u16) -> Option<Kind> {

@@ -8,9 +8,9 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use tandem_api::{ApiError, CreateVolume, UpdateVolume, VolumeName, VolumeSpec};
+use tandem_api::{ApiError, CreateVolume, Resolve, UpdateVolume, VolumeName, VolumeSpec};
 use tandem_pool::PoolError;
 
 use crate::node::{Node, NodeError};
@@ -28,6 +28,9 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/node/volumes/{name}/spec", put(set_spec))
         .route("/v1/node/volumes/{name}/status", get(status))
+        .route("/v1/node/volumes/{name}/resolve", post(resolve))
+        .route("/v1/node/volumes/{name}/invalidate", post(invalidate))
+        .route("/v1/node/volumes/{name}/verify", post(verify))
         .fallback(|| async {
             Failure(
                 StatusCode::NOT_FOUND,
@@ -68,6 +71,7 @@ impl From<NodeError> for Failure {
         let message = e.to_string();
         let (status, correction) = match &e {
             NodeError::BadSpec(_) => (StatusCode::BAD_REQUEST, "fix the spec and send it again".into()),
+            NodeError::Refused(_) => (StatusCode::CONFLICT, "see the volume's status for why".into()),
             NodeError::SpecInUse(_) => (StatusCode::CONFLICT, "disconnect the NBD clients, then retry".into()),
             NodeError::NotReplicated(_) => (
                 StatusCode::NOT_FOUND,
@@ -223,4 +227,38 @@ async fn status(
         Some("text") => status.to_string().into_response(),
         _ => Json(status).into_response(),
     })
+}
+
+async fn resolve(
+    State(node): Shared,
+    Path(name): Path<String>,
+    body: Result<Json<Resolve>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    let Json(req) = body?;
+    Ok(Json(
+        blocking(move || node.resolve(&name, &req.discard)).await?,
+    ))
+}
+
+async fn invalidate(
+    State(node): Shared,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    Ok(Json(blocking(move || node.invalidate(&name)).await?))
+}
+
+/// Runs online verify; answers the number of differing 4 KiB blocks per peer.
+async fn verify(
+    State(node): Shared,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    let report = blocking(move || node.verify(&name)).await?;
+    let peers: Vec<_> = report
+        .into_iter()
+        .map(|(node, blocks)| serde_json::json!({ "node": node, "differing-blocks": blocks }))
+        .collect();
+    Ok(Json(serde_json::json!({ "peers": peers })))
 }

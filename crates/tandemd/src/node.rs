@@ -17,6 +17,8 @@ pub enum NodeError {
     BadSpec(String),
     #[error("volume {0} is open on this node; its participants cannot change while it is in use")]
     SpecInUse(VolumeName),
+    #[error("{0}")]
+    Refused(String),
     #[error("volume {0} is not replicated on this node")]
     NotReplicated(VolumeName),
     #[error("cannot store the spec of volume {name}: {source}")]
@@ -327,6 +329,35 @@ impl Node {
             volume.update_superblock(|sb| sb.node_id = node_id)?;
         }
         Ok(volume)
+    }
+
+    fn replica(&self, name: &VolumeName) -> Result<Arc<ReplicatedVolume>, NodeError> {
+        self.replicator
+            .get(name)
+            .ok_or_else(|| NodeError::NotReplicated(name.clone()))
+    }
+
+    /// Ends a split brain on this node's side (see [`ReplicatedVolume::resolve`]).
+    pub fn resolve(
+        &self,
+        name: &VolumeName,
+        discard: &NodeName,
+    ) -> Result<VolumeStatus, NodeError> {
+        let volume = self.replica(name)?;
+        volume.resolve(discard).map_err(NodeError::Refused)?;
+        Ok(volume.status())
+    }
+
+    /// Online verify against every connected peer; differing blocks per peer.
+    pub fn verify(&self, name: &VolumeName) -> Result<Vec<(NodeName, u64)>, NodeError> {
+        self.replica(name)?.verify().map_err(NodeError::Refused)
+    }
+
+    /// Discards this node's replica in favour of a full resync from a peer.
+    pub fn invalidate(&self, name: &VolumeName) -> Result<VolumeStatus, NodeError> {
+        let volume = self.replica(name)?;
+        volume.invalidate().map_err(NodeError::Refused)?;
+        Ok(volume.status())
     }
 
     pub fn status(&self, name: &VolumeName) -> Result<VolumeStatus, NodeError> {

@@ -280,3 +280,55 @@ fn a_returning_replica_gets_only_the_blocks_it_missed() {
     let back = nodes[1].status("vm4");
     assert_eq!(back["disk"], "UpToDate", "{back:#}");
 }
+
+#[test]
+fn online_verify_finds_bytes_flipped_behind_its_back_and_resync_repairs_them() {
+    let nodes = [Node::start("v1"), Node::start("v2")];
+    let spec = spec(
+        "vm5",
+        32 * MIB,
+        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
+        r#""quorum":"off""#,
+    );
+    for n in &nodes {
+        n.put_spec("vm5", &spec);
+    }
+    nodes[0].wait_connected("vm5", Duration::from_secs(20));
+    qemu_io(&nodes[0].unix_uri("vm5"), &["write -P 0x33 0 8M"]);
+    assert_eq!(
+        first_difference(&nodes[0].data_file("vm5"), &nodes[1].data_file("vm5")),
+        None
+    );
+
+    // Damage three blocks of the second replica directly in its file.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(nodes[1].data_file("vm5"))
+            .unwrap();
+        for offset in [4096u64, 3 * MIB + 100, 7 * MIB + 4095] {
+            f.write_all_at(&[0xEE], offset).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let r = nodes[0].api("POST", "/v1/node/volumes/vm5/verify", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let report = r.json();
+    assert_eq!(report["peers"][0]["node"], "v2", "{report:#}");
+    assert_eq!(report["peers"][0]["differing-blocks"], 3, "{report:#}");
+    wait_peer(&nodes[0], "vm5", 0, "Established", "UpToDate");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while first_difference(&nodes[0].data_file("vm5"), &nodes[1].data_file("vm5")).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "resync did not repair the damaged blocks"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A second verify finds nothing.
+    let report = nodes[0]
+        .api("POST", "/v1/node/volumes/vm5/verify", None)
+        .json();
+    assert_eq!(report["peers"][0]["differing-blocks"], 0, "{report:#}");
+}
