@@ -563,6 +563,36 @@ impl MetaFile {
             })
     }
 
+    /// Reads every block of the activity-log ring.
+    pub fn read_activity_log(&self) -> Result<Vec<Vec<u8>>, MetaError> {
+        let l = &self.sb.layout;
+        (0..l.al_blocks as u64)
+            .map(|i| {
+                let mut block = vec![0u8; BLOCK_SIZE as usize];
+                self.file
+                    .read_exact_at(&mut block, l.al_offset + i * BLOCK_SIZE)
+                    .map_err(|source| MetaError::Io {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                Ok(block)
+            })
+            .collect()
+    }
+
+    /// Writes block `index` of the activity-log ring and syncs it: a write covered by
+    /// the log must not reach the disk before the log entry does.
+    pub fn write_activity_log(&self, index: u32, block: &[u8]) -> Result<(), MetaError> {
+        let l = &self.sb.layout;
+        let io_err = |source| MetaError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let at = l.al_offset + (index % l.al_blocks) as u64 * BLOCK_SIZE;
+        self.file.write_all_at(block, at).map_err(io_err)?;
+        self.file.sync_data().map_err(io_err)
+    }
+
     pub fn sync(&self) -> Result<(), MetaError> {
         self.file.sync_data().map_err(|source| MetaError::Io {
             path: self.path.clone(),

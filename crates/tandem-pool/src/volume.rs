@@ -177,6 +177,14 @@ impl Volume {
             .write_bitmap_page(slot, page, words)?)
     }
 
+    pub fn read_activity_log(&self) -> Result<Vec<Vec<u8>>, PoolError> {
+        Ok(self.meta.lock().unwrap().read_activity_log()?)
+    }
+
+    pub fn write_activity_log(&self, index: u32, block: &[u8]) -> Result<(), PoolError> {
+        Ok(self.meta.lock().unwrap().write_activity_log(index, block)?)
+    }
+
     /// Makes bitmap pages written so far durable.
     pub fn sync_meta(&self) -> Result<(), PoolError> {
         Ok(self.meta.lock().unwrap().sync()?)

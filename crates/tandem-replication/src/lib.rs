@@ -7,6 +7,7 @@
 //! ```
 //! [`Replicator`] owns the peer listener, dials peers, and pings idle links.
 
+mod al;
 mod bitmap;
 mod completion;
 mod engine;

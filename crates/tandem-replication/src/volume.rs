@@ -14,6 +14,7 @@ use tandem_api::{
 };
 use tandem_pool::{GenerationId, PoolError, Volume};
 
+use crate::al::{ActivityLog, EXTENT};
 use crate::bitmap::Bitmap;
 use crate::completion::Completion;
 use crate::interval::IntervalLock;
@@ -38,6 +39,10 @@ pub struct ReplicatedVolume {
     rotation: Mutex<()>,
     /// The local replica failed an I/O and is no longer used.
     detached: AtomicBool,
+    al: Option<ActivityLog>,
+    /// Extents the previous run left in the activity log: after a crash as Primary,
+    /// this replica may differ from the others there until a peer resyncs them.
+    suspect: Mutex<Vec<u64>>,
 }
 
 /// What a new connection between two replicas holding data must do first.
@@ -89,7 +94,20 @@ impl ReplicatedVolume {
             };
             peers.push(Arc::new(Peer::new(p.clone(), tracked)));
         }
+        let (al, suspect) = match &local {
+            Some(v) => {
+                let (al, left) = ActivityLog::open(v.clone())?;
+                if !left.is_empty() {
+                    tracing::warn!(volume = %spec.name, extents = left.len(),
+                        "this node crashed as Primary: its active extents will be resynced from a peer");
+                }
+                (Some(al), left)
+            }
+            None => (None, Vec::new()),
+        };
         Ok(ReplicatedVolume {
+            al,
+            suspect: Mutex::new(suspect),
             spec,
             me,
             local,
@@ -414,6 +432,7 @@ impl ReplicatedVolume {
             }
             _ => {}
         }
+        self.report_suspect(&peer, hello);
         let volume = self.clone();
         std::thread::Builder::new()
             .name(format!("peer-{}", peer.participant.node))
@@ -433,6 +452,25 @@ impl ReplicatedVolume {
         tracing::warn!(volume = %self.spec.name, peer = %peer.participant.node, %why, "peer disconnected");
         peer.detach(epoch);
         self.begin_tracking(&peer);
+    }
+
+    /// After a crash as Primary, asks an UpToDate peer to resync the extents this
+    /// replica may hold differently.
+    fn report_suspect(&self, peer: &Peer, hello: &Hello) {
+        let suspect = self.suspect.lock().unwrap().clone();
+        if suspect.is_empty() || peer.tracked.is_none() || hello.state.disk != DiskState::UpToDate {
+            return;
+        }
+        let payload: Vec<u8> = suspect
+            .iter()
+            .flat_map(|e| [(e * EXTENT).to_be_bytes(), EXTENT.to_be_bytes()].concat())
+            .collect();
+        let mut h = Header::new(Kind::OutOfSync, self.next_id());
+        h.payload = payload.len() as u32;
+        if peer.send(&h, &payload).is_ok() {
+            tracing::info!(volume = %self.spec.name, peer = %peer.participant.node, extents = suspect.len(),
+                "asked the peer to resync the extents active at the crash");
+        }
     }
 
     /// Sends the peer what its bitmap marks, in the background.
@@ -545,6 +583,12 @@ impl ReplicatedVolume {
                 return;
             }
         }
+        self.suspect.lock().unwrap().clear();
+        if *self.writers.lock().unwrap() == 0 {
+            if let Some(al) = &self.al {
+                let _ = al.clear();
+            }
+        }
         tracing::info!(volume = %self.spec.name, source = %peer.participant.node,
             bytes = peer.transferred.load(Ordering::Relaxed), "resync finished: this replica is UpToDate");
         self.announce();
@@ -572,7 +616,11 @@ impl ReplicatedVolume {
     }
 
     /// Reads and handles one message from a peer.
-    fn handle(&self, peer: &Peer, r: &mut BufReader<TcpStream>) -> Result<(), WireError> {
+    fn handle(
+        self: &Arc<Self>,
+        peer: &Peer,
+        r: &mut BufReader<TcpStream>,
+    ) -> Result<(), WireError> {
         let h = wire::read_header(r)?;
         let payload = wire::read_payload(r, h.payload)?;
         let from = peer.participant.node_id;
@@ -584,6 +632,29 @@ impl ReplicatedVolume {
                 peer.set_remote(state);
             }
             Kind::ResyncDone => self.finish_target(peer, h.offset),
+            Kind::OutOfSync => {
+                if payload.len() % 16 != 0 {
+                    return Err(WireError::Malformed(
+                        "out-of-sync ranges are not (offset, length) pairs".into(),
+                    ));
+                }
+                for pair in payload.chunks_exact(16) {
+                    let offset = u64::from_be_bytes(pair[..8].try_into().unwrap());
+                    let len = u64::from_be_bytes(pair[8..].try_into().unwrap());
+                    self.mark(
+                        peer,
+                        offset.min(self.spec.size),
+                        len.min(self.spec.size.saturating_sub(offset)),
+                    );
+                }
+                let idle = *peer.sync.lock().unwrap() == Sync::Idle;
+                if idle && self.disk() == DiskState::UpToDate {
+                    if let Some(epoch) = peer.epoch() {
+                        let peer = self.peer(from).expect("the sender is a peer").clone();
+                        self.start_resync(&peer, epoch).map_err(WireError::Io)?;
+                    }
+                }
+            }
             Kind::Ack | Kind::ReadReply | Kind::VerifyReply => {
                 if let Some(c) = peer.answered(h.id) {
                     let data = (h.kind != Kind::Ack && h.status == 0).then_some(payload);
@@ -751,6 +822,12 @@ impl ReplicatedVolume {
         payload: &[u8],
         local: impl FnOnce(&Volume) -> io::Result<()>,
     ) -> io::Result<()> {
+        let _covered = match &self.al {
+            Some(al) if is_data_change(h.kind) && self.attached().is_some() => {
+                Some(al.cover(h.offset, h.length).map_err(io::Error::other)?)
+            }
+            _ => None,
+        };
         if is_data_change(h.kind) {
             self.rotate_if_needed();
         }
@@ -912,6 +989,11 @@ impl ReplicatedVolume {
         *writers -= 1;
         if *writers == 0 {
             drop(writers);
+            if let Some(al) = &self.al {
+                if let Err(e) = al.clear() {
+                    tracing::error!(volume = %self.spec.name, error = %e, "cannot clear the activity log");
+                }
+            }
             tracing::info!(volume = %self.spec.name, "demoted to Secondary");
             self.announce();
         }

@@ -46,6 +46,9 @@ pub enum Kind {
     /// Resync is complete; `offset` carries the source's data generation, which the
     /// target adopts.
     ResyncDone = 31,
+    /// Ranges the sender may hold differently (its activity log after a crash), as
+    /// payload of big-endian (offset, length) pairs; the receiver resyncs them to it.
+    OutOfSync = 32,
     /// Asks for checksums of a range, one CRC32C per 4 KiB block.
     Verify = 40,
     /// The checksums for a Verify, as payload (big-endian u32s).
@@ -53,7 +56,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 13] = [
+    const ALL: [Kind; 14] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Write,
@@ -65,6 +68,7 @@ impl Kind {
         Kind::ReadReply,
         Kind::State,
         Kind::ResyncDone,
+        Kind::OutOfSync,
         Kind::Verify,
         Kind::VerifyReply,
     ];

@@ -332,3 +332,79 @@ fn online_verify_finds_bytes_flipped_behind_its_back_and_resync_repairs_them() {
         .json();
     assert_eq!(report["peers"][0]["differing-blocks"], 0, "{report:#}");
 }
+
+#[test]
+fn killing_the_primary_loses_no_acknowledged_write_and_it_resyncs_on_return() {
+    use tandem_lab::workload;
+    let mut nodes = [Node::start("k1"), Node::start("k2"), Node::start("k3")];
+    let spec = spec(
+        "vm6",
+        64 * MIB,
+        &[
+            (&nodes[0], Kind::Diskful),
+            (&nodes[1], Kind::Diskful),
+            (&nodes[2], Kind::Tiebreaker),
+        ],
+        "",
+    );
+    for n in &nodes {
+        n.put_spec("vm6", &spec);
+    }
+    nodes[0].wait_connected("vm6", Duration::from_secs(20));
+    let dir = scratch("workload");
+    let log = dir.join("acked.log");
+
+    let mut writer = workload::start(&nodes[0].unix_uri("vm6"), &log, 1, 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    nodes[0].kill();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let acked = workload::acknowledged(&log);
+    assert!(
+        acked.len() > 50,
+        "the workload wrote too little to mean anything: {}",
+        acked.len()
+    );
+
+    // The survivor takes over: every acknowledged write is there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while nodes[1].status("vm6")["peers"][0]["connection"] == "Connected" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "k2 never noticed k1 died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let problems = workload::check(&nodes[1].unix_uri("vm6"), &log);
+    assert!(
+        problems.is_empty(),
+        "acknowledged writes lost on k2: {problems:?}"
+    );
+    // It keeps writing on its own.
+    let mut writer = workload::start(&nodes[1].unix_uri("vm6"), &log, 2, 1 << 40);
+    std::thread::sleep(Duration::from_millis(700));
+    let _ = writer.kill();
+    let _ = writer.wait();
+
+    // The old Primary returns, resyncs, and ends identical.
+    nodes[0].restart();
+    wait_peer(&nodes[1], "vm6", 0, "Established", "UpToDate");
+    let back = nodes[0].status("vm6");
+    assert_eq!(back["disk"], "UpToDate", "{back:#}");
+    assert_eq!(
+        first_difference(&nodes[0].data_file("vm6"), &nodes[1].data_file("vm6")),
+        None,
+        "replicas differ"
+    );
+    let problems = workload::check(&nodes[0].unix_uri("vm6"), &log);
+    assert!(
+        problems.is_empty(),
+        "acknowledged writes missing on the returned replica: {problems:?}"
+    );
+    assert!(
+        nodes[0].log().contains("crashed as Primary"),
+        "{}",
+        nodes[0].log()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

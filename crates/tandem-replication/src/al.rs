@@ -1,0 +1,179 @@
+//! The activity log: the 4 MiB extents a Primary may be writing, recorded in the
+//! metadata file before any write to them starts. After a Primary crash, its replica
+//! may differ from the others only inside these extents, so they, and not the whole
+//! volume, are resynced.
+//!
+//! Each log block is a complete snapshot (magic, sequence, extents, CRC32C), written
+//! round-robin into the ring and synced; the valid block with the highest sequence is
+//! the log.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Condvar, Mutex};
+
+use tandem_pool::{PoolError, Volume};
+
+pub(crate) const EXTENT: u64 = 4 << 20;
+/// Extents active at once: 1 GiB of hot data.
+const MAX_ACTIVE: usize = 256;
+const MAGIC: u32 = 0x5441_4c31;
+const BLOCK: usize = 4096;
+
+struct State {
+    /// Active extents, least recently used first.
+    active: VecDeque<u64>,
+    inflight: HashMap<u64, u32>,
+    seq: u64,
+}
+
+pub(crate) struct ActivityLog {
+    local: Arc<Volume>,
+    state: Mutex<State>,
+    released: Condvar,
+}
+
+/// Extents a write is covered by, until it completes.
+pub(crate) struct Covered<'a> {
+    log: &'a ActivityLog,
+    extents: RangeInclusive<u64>,
+}
+
+fn encode(seq: u64, extents: &VecDeque<u64>) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    b[4..12].copy_from_slice(&seq.to_le_bytes());
+    b[12..16].copy_from_slice(&(extents.len() as u32).to_le_bytes());
+    for (i, e) in extents.iter().enumerate() {
+        b[16 + 8 * i..24 + 8 * i].copy_from_slice(&e.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&b[..BLOCK - 4]);
+    b[BLOCK - 4..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// A valid snapshot: its sequence and extents.
+fn decode(b: &[u8]) -> Option<(u64, Vec<u64>)> {
+    let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    if b.len() != BLOCK
+        || u32_at(0) != MAGIC
+        || crc32c::crc32c(&b[..BLOCK - 4]) != u32_at(BLOCK - 4)
+    {
+        return None;
+    }
+    let count = u32_at(12) as usize;
+    (count <= MAX_ACTIVE).then(|| (u64_at(4), (0..count).map(|i| u64_at(16 + 8 * i)).collect()))
+}
+
+impl ActivityLog {
+    /// Opens the log; also returns the extents the previous run left active (empty
+    /// after a clean close).
+    pub fn open(local: Arc<Volume>) -> Result<(ActivityLog, Vec<u64>), PoolError> {
+        let last = local
+            .read_activity_log()?
+            .iter()
+            .filter_map(|b| decode(b))
+            .max_by_key(|(seq, _)| *seq);
+        let (seq, left) = last.unwrap_or((0, Vec::new()));
+        let log = ActivityLog {
+            local,
+            state: Mutex::new(State {
+                active: VecDeque::new(),
+                inflight: HashMap::new(),
+                seq,
+            }),
+            released: Condvar::new(),
+        };
+        Ok((log, left))
+    }
+
+    fn store(&self, state: &mut State) -> Result<(), PoolError> {
+        state.seq += 1;
+        self.local
+            .write_activity_log(state.seq as u32, &encode(state.seq, &state.active))
+    }
+
+    /// Makes sure the extents of `[offset, offset + len)` are logged before a write to
+    /// them starts.
+    pub fn cover(&self, offset: u64, len: u64) -> Result<Covered<'_>, PoolError> {
+        let extents = offset / EXTENT..=(offset + len.max(1) - 1) / EXTENT;
+        let mut state = self.state.lock().unwrap();
+        loop {
+            let missing: Vec<u64> = extents
+                .clone()
+                .filter(|e| !state.active.contains(e))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            // Evict idle extents, oldest first, to make room.
+            while state.active.len() + missing.len() > MAX_ACTIVE {
+                let idle = state.active.iter().position(|e| {
+                    !extents.contains(e) && state.inflight.get(e).copied().unwrap_or(0) == 0
+                });
+                match idle {
+                    Some(i) => {
+                        state.active.remove(i);
+                    }
+                    None => break,
+                }
+            }
+            if state.active.len() + missing.len() > MAX_ACTIVE {
+                state = self.released.wait(state).unwrap();
+                continue;
+            }
+            state.active.extend(missing);
+            self.store(&mut state)?;
+            break;
+        }
+        for e in extents.clone() {
+            *state.inflight.entry(e).or_insert(0) += 1;
+            if let Some(i) = state.active.iter().position(|a| *a == e) {
+                let e = state.active.remove(i).expect("present");
+                state.active.push_back(e);
+            }
+        }
+        Ok(Covered { log: self, extents })
+    }
+
+    /// Empties the log (the volume closed cleanly, or a resync covered what it held).
+    pub fn clear(&self) -> Result<(), PoolError> {
+        let mut guard = self.state.lock().unwrap();
+        let state = &mut *guard;
+        state
+            .active
+            .retain(|e| state.inflight.get(e).copied().unwrap_or(0) > 0);
+        self.store(state)
+    }
+}
+
+impl Drop for Covered<'_> {
+    fn drop(&mut self) {
+        let mut state = self.log.state.lock().unwrap();
+        for e in self.extents.clone() {
+            if let Some(n) = state.inflight.get_mut(&e) {
+                *n -= 1;
+                if *n == 0 {
+                    state.inflight.remove(&e);
+                }
+            }
+        }
+        self.log.released.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_round_trip_and_damage_is_detected() {
+        let extents: VecDeque<u64> = [3, 9, 1 << 20].into_iter().collect();
+        let block = encode(7, &extents);
+        assert_eq!(decode(&block), Some((7, vec![3, 9, 1 << 20])));
+        let mut torn = block.clone();
+        torn[20] ^= 1;
+        assert_eq!(decode(&torn), None);
+        assert_eq!(decode(&vec![0u8; BLOCK]), None);
+    }
+}
