@@ -2,6 +2,8 @@
 //! their API over HTTP, and the real NBD clients (qemu-io, nbdsh, fio, ...) run as
 //! commands. Everything lives on loopback and under `target/lab/`.
 
+pub mod workload;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
