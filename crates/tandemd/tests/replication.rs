@@ -408,3 +408,149 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_resyncs_on_return() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A small ext4 file system on a loop device, unmounted on drop.
+struct SmallFs {
+    mount: std::path::PathBuf,
+}
+
+impl SmallFs {
+    fn new(size_mib: u64) -> Option<SmallFs> {
+        let dir = scratch("smallfs");
+        let image = dir.join("fs.img");
+        let mount = dir.join("mnt");
+        std::fs::create_dir_all(&mount).unwrap();
+        let ok = |cmd: &mut Command| output(cmd).status.success();
+        if !(ok(Command::new("truncate")
+            .args(["-s", &format!("{size_mib}M")])
+            .arg(&image))
+            && ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))
+            && ok(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(&mount)))
+        {
+            println!("skipped: cannot mount a loop file system here");
+            return None;
+        }
+        Some(SmallFs { mount })
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+#[test]
+fn a_replica_whose_disk_fills_up_fails_and_the_volume_keeps_serving() {
+    use tandem_lab::workload;
+    let Some(fs) = SmallFs::new(48) else { return };
+    let pool = format!("default={}", fs.mount.join("pool").display());
+    let nodes = [
+        Node::start("f1"),
+        Node::start_with("f2", &["--pool", &pool]),
+        Node::start("f3"),
+    ];
+    let spec = spec(
+        "vm7",
+        128 * MIB,
+        &[
+            (&nodes[0], Kind::Diskful),
+            (&nodes[1], Kind::Diskful),
+            (&nodes[2], Kind::Tiebreaker),
+        ],
+        "",
+    );
+    for n in &nodes {
+        n.put_spec("vm7", &spec);
+    }
+    nodes[0].wait_connected("vm7", Duration::from_secs(20));
+    // 96 MiB of data cannot fit in f2's 48 MiB file system.
+    qemu_io(&nodes[0].unix_uri("vm7"), &["write -P 0x42 0 96M"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = nodes[0].status("vm7");
+        if status["peers"][0]["disk"] == "Failed" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "f2 never failed: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(nodes[1].status("vm7")["disk"], "Failed");
+    // Still serving, with every byte intact, and writes keep working.
+    qemu_io(&nodes[0].unix_uri("vm7"), &["read -P 0x42 0 96M"]);
+    let dir = scratch("fullfs");
+    let log = dir.join("acked.log");
+    let mut writer = workload::start(&nodes[0].unix_uri("vm7"), &log, 3, 0);
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let problems = workload::check(&nodes[0].unix_uri("vm7"), &log);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(nodes[1].log().contains("detached"), "{}", nodes[1].log());
+    drop(nodes);
+    drop(fs);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn thirty_two_participants_read_what_each_other_wrote() {
+    let nodes: Vec<Node> = (0..32).map(|i| Node::start(&format!("m{i}"))).collect();
+    let members: Vec<(&Node, Kind)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n, if i < 3 { Kind::Diskful } else { Kind::Diskless }))
+        .collect();
+    let spec = spec("vm8", 8 * MIB, &members, "");
+    for n in &nodes {
+        n.put_spec("vm8", &spec);
+    }
+    for n in &nodes {
+        n.wait_connected("vm8", Duration::from_secs(60));
+    }
+    let open_retrying = |node: &Node, commands: &[&str]| {
+        // The previous writer's demotion reaches every node a moment after it closed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut cmd = Command::new("qemu-io");
+            cmd.args(["-f", "raw"]);
+            for c in commands {
+                cmd.args(["-c", c]);
+            }
+            let out = output(cmd.arg(node.uri("vm8")));
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            if out.status.success() && !text.contains("failed") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: {text}",
+                node.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    for i in 0..32 {
+        let offset = i * 64 * 1024;
+        open_retrying(
+            &nodes[i as usize],
+            &[&format!("write -P {} {offset} 64k", i + 1)],
+        );
+        let reader = &nodes[(i as usize + 1) % 32];
+        open_retrying(reader, &[&format!("read -P {} {offset} 64k", i + 1)]);
+    }
+    for n in &nodes[1..3] {
+        assert_eq!(
+            first_difference(&nodes[0].data_file("vm8"), &n.data_file("vm8")),
+            None,
+            "{}",
+            n.name
+        );
+    }
+}
