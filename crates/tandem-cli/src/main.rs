@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use tandem_api::{
     ByteSize, CreateVolume, NodeInfo, PoolInfo, PoolName, UpdateVolume, VolumeInfo, VolumeName,
+    VolumeStatus,
 };
 
 use crate::client::{CliError, Client};
@@ -83,6 +84,10 @@ enum VolumeCommand {
     },
     /// Delete a volume and its data.
     Delete { name: VolumeName },
+    /// Replication status of a replicated volume, as `drbdadm status` shows it.
+    Status { name: VolumeName },
+    /// Compare the replicas by checksum; differing blocks are resynced.
+    Verify { name: VolumeName },
 }
 
 #[derive(Subcommand)]
@@ -102,13 +107,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn emit<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> Table) {
+/// Prints `value` as JSON for scripts, or in its human form (a table, a status text).
+fn emit<T: Serialize, H: std::fmt::Display>(
+    output: Output,
+    value: &T,
+    human: impl FnOnce(&T) -> H,
+) {
     match output {
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(value).expect("serialisable")
         ),
-        Output::Table => print!("{}", table(value)),
+        Output::Table => print!("{}", human(value)),
     }
 }
 
@@ -217,6 +227,24 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                 let v: VolumeInfo =
                     api.send("PATCH", &format!("/v1/node/volumes/{name}"), &change)?;
                 emit(out, &v, |v| volume_table(std::slice::from_ref(v)));
+            }
+            VolumeCommand::Status { name } => {
+                let status: VolumeStatus = api.get(&format!("/v1/node/volumes/{name}/status"))?;
+                emit(out, &status, |s| s.to_string());
+            }
+            VolumeCommand::Verify { name } => {
+                let report: serde_json::Value =
+                    api.send("POST", &format!("/v1/node/volumes/{name}/verify"), &())?;
+                emit(out, &report, |r| {
+                    let mut t = Table::new(["PEER", "DIFFERING BLOCKS"]);
+                    for p in r["peers"].as_array().into_iter().flatten() {
+                        t.row([
+                            p["node"].as_str().unwrap_or("?").to_owned(),
+                            p["differing-blocks"].to_string(),
+                        ]);
+                    }
+                    t
+                });
             }
             VolumeCommand::Delete { name } => {
                 api.delete(&format!("/v1/node/volumes/{name}"))?;

@@ -554,3 +554,45 @@ fn thirty_two_participants_read_what_each_other_wrote() {
         );
     }
 }
+
+#[test]
+fn the_cli_shows_replication_status_like_drbdadm() {
+    let nodes = [Node::start("c1"), Node::start("c2"), Node::start("c3")];
+    let spec = spec(
+        "vm9",
+        16 * MIB,
+        &[
+            (&nodes[0], Kind::Diskful),
+            (&nodes[1], Kind::Diskful),
+            (&nodes[2], Kind::Tiebreaker),
+        ],
+        "",
+    );
+    for n in &nodes {
+        n.put_spec("vm9", &spec);
+    }
+    nodes[0].wait_connected("vm9", Duration::from_secs(20));
+    let text = run(Command::new(tandem_lab::tandem_bin()).args([
+        "--controller",
+        &nodes[0].api_url(),
+        "volume",
+        "status",
+        "vm9",
+    ]));
+    assert_eq!(
+        text,
+        "vm9 role:Secondary\n  c1 disk:UpToDate open:no\n  c2 disk:UpToDate replication:Established\n  c3 disk:Diskless tiebreaker:yes\n"
+    );
+    let json = run(Command::new(tandem_lab::tandem_bin()).args([
+        "--controller",
+        &nodes[1].api_url(),
+        "-o",
+        "json",
+        "volume",
+        "status",
+        "vm9",
+    ]));
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(status["peers"][0]["node"], "c1");
+    assert_eq!(status["quorum"], true);
+}
