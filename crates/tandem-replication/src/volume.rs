@@ -5,7 +5,7 @@
 use std::io::{self, BufReader};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use tandem_api::{
@@ -44,6 +44,9 @@ pub struct ReplicatedVolume {
     /// this replica may differ from the others there until a peer resyncs them.
     suspect: Mutex<Vec<u64>>,
 }
+
+/// Threads per connection serving a Primary's requests on the local replica.
+const PEER_WORKERS: usize = 8;
 
 /// What a new connection between two replicas holding data must do first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -442,8 +445,27 @@ impl ReplicatedVolume {
 
     fn receive(self: Arc<Self>, peer: Arc<Peer>, stream: TcpStream, epoch: u64) {
         let mut reader = BufReader::with_capacity(256 << 10, stream);
+        let (requests, queue) = mpsc::channel::<(Header, Vec<u8>)>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..PEER_WORKERS {
+            let (volume, peer, queue) = (self.clone(), peer.clone(), queue.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("peer-{}-{i}", peer.participant.node))
+                .spawn(move || {
+                    loop {
+                        let job = queue.lock().unwrap().recv();
+                        let Ok((h, payload)) = job else { return };
+                        if volume.serve_request(&peer, h, payload).is_err() {
+                            peer.disconnect();
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a peer worker");
+            }
+        }
         let why = loop {
-            match self.handle(&peer, &mut reader) {
+            match self.handle(&peer, &mut reader, &requests) {
                 Ok(()) => peer.seen(),
                 Err(WireError::Io(e)) => break format!("connection lost: {e}"),
                 Err(e) => break e.to_string(),
@@ -620,6 +642,7 @@ impl ReplicatedVolume {
         self: &Arc<Self>,
         peer: &Peer,
         r: &mut BufReader<TcpStream>,
+        requests: &mpsc::Sender<(Header, Vec<u8>)>,
     ) -> Result<(), WireError> {
         let h = wire::read_header(r)?;
         let payload = wire::read_payload(r, h.payload)?;
@@ -661,6 +684,38 @@ impl ReplicatedVolume {
                     c.answered(from, h.status, data);
                 }
             }
+            Kind::Verify | Kind::Read | Kind::Write | Kind::Zero | Kind::Trim | Kind::Flush => {
+                let reads = matches!(h.kind, Kind::Read | Kind::Verify);
+                if reads && h.length > wire::MAX_PAYLOAD as u64 {
+                    return Err(WireError::Malformed(format!(
+                        "read of {} bytes is over the limit",
+                        h.length
+                    )));
+                }
+                if h.kind == Kind::Write && h.length != payload.len() as u64 {
+                    return Err(WireError::Malformed(
+                        "write length differs from its payload".into(),
+                    ));
+                }
+                // Served by the connection's workers: the Primary never has two
+                // overlapping writes in flight, so they may complete in any order.
+                if requests.send((h, payload)).is_err() {
+                    return Err(WireError::Refused("request workers stopped".into()));
+                }
+            }
+            Kind::Hello => {
+                return Err(WireError::Malformed(
+                    "Hello on an established connection".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Performs a request a peer sent (as Primary) on the local replica and answers it.
+    fn serve_request(&self, peer: &Peer, h: Header, payload: Vec<u8>) -> io::Result<()> {
+        let from = peer.participant.node_id;
+        match h.kind {
             Kind::Verify => {
                 let mut data = vec![0u8; h.length as usize];
                 let status = self.serve_peer(&h, |v| v.data().read_at(&mut data, h.offset));
@@ -672,7 +727,7 @@ impl ReplicatedVolume {
                 reply.status = status;
                 let sums = if status == 0 { &sums[..] } else { &[][..] };
                 reply.payload = sums.len() as u32;
-                peer.send(&reply, sums)?;
+                peer.send(&reply, sums)
             }
             Kind::Read => {
                 let mut data = vec![0u8; h.length as usize];
@@ -681,14 +736,9 @@ impl ReplicatedVolume {
                 reply.status = status;
                 let data = if status == 0 { &data[..] } else { &[][..] };
                 reply.payload = data.len() as u32;
-                peer.send(&reply, data)?;
+                peer.send(&reply, data)
             }
             Kind::Write | Kind::Zero | Kind::Trim | Kind::Flush => {
-                if h.kind == Kind::Write && h.length != payload.len() as u64 {
-                    return Err(WireError::Malformed(
-                        "write length differs from its payload".into(),
-                    ));
-                }
                 let fua = h.flags & FLAG_FUA != 0;
                 let status = self.serve_peer(&h, |v| match h.kind {
                     Kind::Write => v.data().write_at(&payload, h.offset, fua),
@@ -715,15 +765,10 @@ impl ReplicatedVolume {
                 }
                 let mut ack = Header::new(Kind::Ack, h.id);
                 ack.status = status;
-                peer.send(&ack, &[])?;
+                peer.send(&ack, &[])
             }
-            Kind::Hello => {
-                return Err(WireError::Malformed(
-                    "Hello on an established connection".into(),
-                ));
-            }
+            _ => unreachable!("only requests are queued"),
         }
-        Ok(())
     }
 
     /// Runs a peer's request on the local replica; the status to answer with.
