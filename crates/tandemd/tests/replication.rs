@@ -596,3 +596,28 @@ fn the_cli_shows_replication_status_like_drbdadm() {
     assert_eq!(status["peers"][0]["node"], "c1");
     assert_eq!(status["quorum"], true);
 }
+
+#[test]
+fn overlapping_writes_from_several_connections_leave_replicas_identical() {
+    let nodes = [Node::start("o1"), Node::start("o2")];
+    let spec = spec("vm10", 16 * MIB, &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)], r#""quorum":"off""#);
+    for n in &nodes {
+        n.put_spec("vm10", &spec);
+    }
+    nodes[0].wait_connected("vm10", Duration::from_secs(20));
+    // Four jobs, each its own NBD connection, hammering the same 4 MiB with
+    // unaligned-size, overlapping writes.
+    let dir = scratch("fio-overlap");
+    let out = run(Command::new("fio")
+        .current_dir(&dir)
+        .args(["--name=o", "--ioengine=nbd", "--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"])
+        .args(["--numjobs=4", "--size=4M", "--io_size=64M", "--randrepeat=0", "--output-format=json"])
+        .arg(format!("--uri={}", nodes[0].unix_uri("vm10"))));
+    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    for job in json["jobs"].as_array().unwrap() {
+        assert_eq!(job["error"], 0, "{out}");
+        assert!(job["write"]["io_bytes"].as_u64().unwrap() >= 64 * MIB, "{out}");
+    }
+    assert_eq!(first_difference(&nodes[0].data_file("vm10"), &nodes[1].data_file("vm10")), None, "replicas differ");
+    let _ = std::fs::remove_dir_all(dir);
+}
