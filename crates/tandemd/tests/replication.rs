@@ -600,7 +600,12 @@ fn the_cli_shows_replication_status_like_drbdadm() {
 #[test]
 fn overlapping_writes_from_several_connections_leave_replicas_identical() {
     let nodes = [Node::start("o1"), Node::start("o2")];
-    let spec = spec("vm10", 16 * MIB, &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)], r#""quorum":"off""#);
+    let spec = spec(
+        "vm10",
+        16 * MIB,
+        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
+        r#""quorum":"off""#,
+    );
     for n in &nodes {
         n.put_spec("vm10", &spec);
     }
@@ -610,14 +615,83 @@ fn overlapping_writes_from_several_connections_leave_replicas_identical() {
     let dir = scratch("fio-overlap");
     let out = run(Command::new("fio")
         .current_dir(&dir)
-        .args(["--name=o", "--ioengine=nbd", "--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"])
-        .args(["--numjobs=4", "--size=4M", "--io_size=64M", "--randrepeat=0", "--output-format=json"])
+        .args([
+            "--name=o",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bsrange=4k-256k",
+            "--iodepth=16",
+        ])
+        .args([
+            "--numjobs=4",
+            "--size=4M",
+            "--io_size=64M",
+            "--randrepeat=0",
+            "--output-format=json",
+        ])
         .arg(format!("--uri={}", nodes[0].unix_uri("vm10"))));
     let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
     for job in json["jobs"].as_array().unwrap() {
         assert_eq!(job["error"], 0, "{out}");
-        assert!(job["write"]["io_bytes"].as_u64().unwrap() >= 64 * MIB, "{out}");
+        assert!(
+            job["write"]["io_bytes"].as_u64().unwrap() >= 64 * MIB,
+            "{out}"
+        );
     }
-    assert_eq!(first_difference(&nodes[0].data_file("vm10"), &nodes[1].data_file("vm10")), None, "replicas differ");
+    assert_eq!(
+        first_difference(&nodes[0].data_file("vm10"), &nodes[1].data_file("vm10")),
+        None,
+        "replicas differ"
+    );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn state_changes_stream_as_server_sent_events() {
+    let mut nodes = [Node::start("e1"), Node::start("e2")];
+    let spec = spec(
+        "vm11",
+        16 * MIB,
+        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
+        r#""quorum":"off""#,
+    );
+    for n in &nodes {
+        n.put_spec("vm11", &spec);
+    }
+    nodes[0].wait_connected("vm11", Duration::from_secs(20));
+    let events = Command::new("curl")
+        .args([
+            "-sN",
+            "--max-time",
+            "6",
+            &nodes[0].url("/v1/node/volumes/vm11/events"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    nodes[1].kill();
+    std::thread::sleep(Duration::from_millis(1000));
+    nodes[1].restart();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = String::from_utf8(events.wait_with_output().unwrap().stdout).unwrap();
+    let states: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect();
+    let connections: Vec<&str> = states
+        .iter()
+        .map(|s| s["peers"][0]["connection"].as_str().unwrap())
+        .collect();
+    assert_eq!(connections.first(), Some(&"Connected"), "{out}");
+    assert!(
+        connections.contains(&"Connecting"),
+        "the loss of e2 was an event: {connections:?}"
+    );
+    assert_eq!(
+        connections.last(),
+        Some(&"Connected"),
+        "its return was an event: {connections:?}"
+    );
 }
