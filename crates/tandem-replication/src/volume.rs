@@ -35,6 +35,10 @@ pub struct ReplicatedVolume {
     pub(crate) intervals: IntervalLock,
     next_id: AtomicU64,
     writers: Mutex<u32>,
+    /// Held by the one local open that is asking the peers to agree to a promotion.
+    promotion: Mutex<()>,
+    /// A promotion is being agreed on; peers asking meanwhile may be refused.
+    promoting: AtomicBool,
     /// Held while deciding whether to start a new data generation.
     rotation: Mutex<()>,
     /// The local replica failed an I/O and is no longer used.
@@ -118,6 +122,8 @@ impl ReplicatedVolume {
             intervals: IntervalLock::default(),
             next_id: AtomicU64::new(1),
             writers: Mutex::new(0),
+            promotion: Mutex::new(()),
+            promoting: AtomicBool::new(false),
             rotation: Mutex::new(()),
             detached: AtomicBool::new(false),
         })
@@ -655,6 +661,11 @@ impl ReplicatedVolume {
                 peer.set_remote(state);
             }
             Kind::ResyncDone => self.finish_target(peer, h.offset),
+            Kind::Promote => {
+                let mut ack = Header::new(Kind::Ack, h.id);
+                ack.status = self.promotion_asked(peer, from);
+                peer.send(&ack, &[])?;
+            }
             Kind::OutOfSync => {
                 if payload.len() % 16 != 0 {
                     return Err(WireError::Malformed(
@@ -1004,26 +1015,84 @@ impl ReplicatedVolume {
         if !writable {
             return Ok(());
         }
-        let mut writers = self.writers.lock().unwrap();
-        if *writers == 0 && !self.spec.options.allow_two_primaries {
+        let _one = self.promotion.lock().unwrap();
+        {
+            let mut writers = self.writers.lock().unwrap();
+            if *writers > 0 {
+                *writers += 1;
+                return Ok(());
+            }
+        }
+        if !self.spec.options.allow_two_primaries {
             if let Some(holder) = self
                 .peers
                 .iter()
                 .find(|p| p.remote().is_some_and(|s| s.role == Role::Primary))
             {
-                return Err(OpenRefused(format!(
-                    "volume {} is open for writing on node {}; close it there first",
-                    self.spec.name, holder.participant.node
-                )));
+                return Err(self.held_by(&holder.participant.node));
             }
+            self.agree_promotion()?;
         }
-        *writers += 1;
-        if *writers == 1 {
-            drop(writers);
-            tracing::info!(volume = %self.spec.name, "promoted to Primary");
-            self.announce();
-        }
+        *self.writers.lock().unwrap() = 1;
+        tracing::info!(volume = %self.spec.name, "promoted to Primary");
+        self.announce();
         Ok(())
+    }
+
+    fn held_by(&self, node: &tandem_api::NodeName) -> OpenRefused {
+        OpenRefused(format!(
+            "volume {} is open for writing on node {node}; close it there first",
+            self.spec.name
+        ))
+    }
+
+    /// Asks every connected peer to agree that this node becomes Primary. Two nodes
+    /// asking at once: the lower node id wins.
+    fn agree_promotion(&self) -> Result<(), OpenRefused> {
+        self.promoting.store(true, Ordering::Release);
+        let asked: Vec<&Arc<Peer>> = self
+            .peers
+            .iter()
+            .filter(|p| p.connection() == ConnectionState::Connected)
+            .collect();
+        let completion = Arc::new(Completion::new(asked.len()));
+        for p in &asked {
+            p.request(
+                &Header::new(Kind::Promote, self.next_id()),
+                &[],
+                &completion,
+            );
+        }
+        let outcome = completion.wait();
+        self.promoting.store(false, Ordering::Release);
+        match outcome.failed.first() {
+            Some((id, _)) => {
+                // Peers that agreed think this node is Primary now: correct them.
+                self.announce();
+                let node = self
+                    .peer(*id)
+                    .map_or_else(|| id.to_string(), |p| p.participant.node.to_string());
+                Err(self.held_by(&node.parse().expect("participant names are valid")))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A peer asks to become Primary: refused while this node is Primary, or is itself
+    /// asking with a lower node id.
+    fn promotion_asked(&self, peer: &Peer, from: NodeId) -> u32 {
+        let busy = self.role() == Role::Primary
+            || (self.promoting.load(Ordering::Acquire) && self.me.node_id < from);
+        if busy && !self.spec.options.allow_two_primaries {
+            return libc::EBUSY as u32;
+        }
+        if let Some(state) = peer.remote() {
+            peer.set_remote(State {
+                role: Role::Primary,
+                ..state
+            });
+        }
+        0
     }
 
     pub fn close(&self, writable: bool) {

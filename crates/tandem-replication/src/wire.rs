@@ -49,6 +49,8 @@ pub enum Kind {
     /// Ranges the sender may hold differently (its activity log after a crash), as
     /// payload of big-endian (offset, length) pairs; the receiver resyncs them to it.
     OutOfSync = 32,
+    /// The sender wants to become Primary; answered by an Ack (0, or EBUSY to refuse).
+    Promote = 33,
     /// Asks for checksums of a range, one CRC32C per 4 KiB block.
     Verify = 40,
     /// The checksums for a Verify, as payload (big-endian u32s).
@@ -56,7 +58,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 15] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Write,
@@ -69,6 +71,7 @@ impl Kind {
         Kind::State,
         Kind::ResyncDone,
         Kind::OutOfSync,
+        Kind::Promote,
         Kind::Verify,
         Kind::VerifyReply,
     ];

@@ -695,3 +695,61 @@ fn state_changes_stream_as_server_sent_events() {
         "its return was an event: {connections:?}"
     );
 }
+
+#[test]
+fn two_nodes_opening_at_once_never_both_become_primary() {
+    let nodes = [Node::start("t1"), Node::start("t2")];
+    let spec = spec(
+        "vm12",
+        16 * MIB,
+        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
+        r#""quorum":"off""#,
+    );
+    for n in &nodes {
+        n.put_spec("vm12", &spec);
+    }
+    nodes[0].wait_connected("vm12", Duration::from_secs(20));
+    for round in 0..5 {
+        // Both open for writing at the same moment and hold the export for a while.
+        let holders: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                Command::new("nbdsh")
+                    .env(
+                        "PATH",
+                        format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+                    )
+                    .args([
+                        "-u",
+                        &n.uri("vm12"),
+                        "-c",
+                        "import time; h.pwrite(b'x' * 4096, 0); time.sleep(1)",
+                    ])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let ok: Vec<bool> = holders
+            .into_iter()
+            .map(|mut h| h.wait().unwrap().success())
+            .collect();
+        assert!(
+            ok.iter().filter(|o| **o).count() <= 1,
+            "round {round}: both nodes became Primary: {ok:?}"
+        );
+        // Let the demotions settle before the next round.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while nodes
+            .iter()
+            .any(|n| n.status("vm12")["peers"][0]["role"] == "Primary")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a node stayed Primary"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
