@@ -2,6 +2,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,9 +25,14 @@ fn closed() -> io::Error {
 /// The two halves of a connection in transmission: one reader, one writer, usable from
 /// different threads.
 pub(crate) struct Transport {
-    pub reader: Box<dyn Read + Send>,
+    pub reader: Box<dyn Source>,
     pub writer: Box<dyn Write + Send>,
 }
+
+/// The read half of a connection; its descriptor tells whether more is waiting.
+pub(crate) trait Source: Read + AsRawFd + Send {}
+
+impl<T: Read + AsRawFd + Send> Source for T {}
 
 impl Conn {
     /// Accepted sockets may inherit non-blocking mode from their listener.

@@ -8,12 +8,12 @@
 //! is started only when a request arrives and nobody is left waiting for the next one.
 
 use std::io::{self, BufReader, Read, Write};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::thread::Scope;
 
 use crate::buf::AlignedBuf;
-use crate::conn::Transport;
+use crate::conn::{Source, Transport};
 use crate::export::{Export, Extent, ZeroMode};
 use crate::handshake::Negotiated;
 use crate::proto::*;
@@ -43,8 +43,24 @@ enum Stop {
 }
 
 struct Reader {
-    stream: BufReader<Box<dyn Read + Send>>,
+    stream: BufReader<Box<dyn Source>>,
     stopped: bool,
+}
+
+impl Reader {
+    /// Whether another request has (at least partly) arrived already.
+    fn more_waiting(&self) -> bool {
+        if !self.stream.buffer().is_empty() {
+            return true;
+        }
+        let mut fd = libc::pollfd {
+            fd: self.stream.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid descriptor described by a live struct, without waiting.
+        unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+    }
 }
 
 struct Connection<'s> {
@@ -77,12 +93,14 @@ pub(crate) fn run(session: &Negotiated, transport: Transport, peer: &str) {
 impl<'s> Connection<'s> {
     fn worker<'scope>(&'scope self, scope: &'scope Scope<'scope, '_>, peer: &'scope str) {
         let mut buf = AlignedBuf::new();
+        // The reader lock, when this worker keeps it while serving a request.
+        let mut kept: Option<MutexGuard<'_, Reader>> = None;
         loop {
             // A worker counts as idle until it holds a request: also while it sits in
             // read() under the lock, so a request in flight does not look like a
             // shortage of workers.
             self.idle.fetch_add(1, Ordering::AcqRel);
-            let mut reader = self.reader.lock().unwrap();
+            let mut reader = kept.take().unwrap_or_else(|| self.reader.lock().unwrap());
             if reader.stopped {
                 self.idle.fetch_sub(1, Ordering::AcqRel);
                 break;
@@ -107,18 +125,28 @@ impl<'s> Connection<'s> {
                     break;
                 }
             };
-            drop(reader);
-            if self.idle.load(Ordering::Acquire) == 0
-                && self.workers.load(Ordering::Acquire) < MAX_WORKERS
-            {
-                self.workers.fetch_add(1, Ordering::AcqRel);
-                scope.spawn(move || self.worker(scope, peer));
+            if reader.more_waiting() {
+                // Requests are queued: let another worker read on while this one serves.
+                drop(reader);
+                if self.idle.load(Ordering::Acquire) == 0
+                    && self.workers.load(Ordering::Acquire) < MAX_WORKERS
+                {
+                    self.workers.fetch_add(1, Ordering::AcqRel);
+                    scope.spawn(move || self.worker(scope, peer));
+                }
+            } else {
+                // Nothing else has arrived (queue depth 1): this worker reads the next
+                // request itself, sparing a wake-up of another thread per request.
+                kept = Some(reader);
             }
             if let Err(e) = self.serve(&req, payload_len, &mut buf) {
                 if !self.broken.swap(true, Ordering::AcqRel) {
                     tracing::debug!(peer, error = %e, "cannot send reply; client gone");
                 }
-                self.reader.lock().unwrap().stopped = true;
+                match kept.as_mut() {
+                    Some(reader) => reader.stopped = true,
+                    None => self.reader.lock().unwrap().stopped = true,
+                }
                 break;
             }
             buf.trim();
