@@ -2,6 +2,7 @@
 //! their API over HTTP, and the real NBD clients (qemu-io, nbdsh, fio, ...) run as
 //! commands. Everything lives on loopback and under `target/lab/`.
 
+pub mod netns;
 pub mod workload;
 
 use std::net::{SocketAddr, TcpListener};

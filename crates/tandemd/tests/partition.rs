@@ -162,6 +162,8 @@ fn cutting_the_secondarys_link_during_writes_resyncs_only_changed_blocks() {
     }
     a.wait_connected(volume, Duration::from_secs(20));
     b.wait_connected(volume, Duration::from_secs(20));
+    // A slower link to the secondary, as between racks.
+    lab.limit(1, "500mbit");
 
     // The Primary writes through NBD over its host's network address.
     let mut io = a.qemu_io_session(volume);
@@ -232,6 +234,7 @@ fn cutting_the_secondarys_link_during_writes_resyncs_only_changed_blocks() {
     let peer_b = &status["peers"][0];
     assert_eq!(peer_b["node"], "cb");
     let sent = peer_b["resync-transferred"].as_u64().unwrap();
+    eprintln!("resync sent {sent} bytes for {changed} changed while cut");
     assert!(
         sent >= changed && sent as f64 <= 1.1 * changed as f64,
         "resync sent {sent} bytes for {changed} changed: {status:#}"
@@ -300,8 +303,9 @@ fn summary(attempts: &[Attempt]) -> String {
 /// 3 hosts: A (Primary, diskful), B (diskful), C (tiebreaker). A's cable is pulled
 /// while it writes, then B (the majority side) takes over.
 struct Isolation {
-    lab: Lab,
+    // Nodes first: they stop before their namespaces go.
     nodes: [NsNode; 3],
+    lab: Lab,
 }
 
 const ISOLATED: &str = "iv1";
@@ -331,7 +335,7 @@ impl Isolation {
         for n in &nodes {
             n.wait_connected(ISOLATED, Duration::from_secs(20));
         }
-        Some(Isolation { lab, nodes })
+        Some(Isolation { nodes, lab })
     }
 
     fn all(&self) -> Vec<&NsNode> {
@@ -355,11 +359,13 @@ impl Isolation {
         );
     }
 
-    /// Heals A's link and waits until all replicas agree again, noting whether A was
+    /// Heals every link and waits until all replicas agree again, noting whether A was
     /// seen as SyncTarget on the way; `None` if they do not within `timeout`.
     fn heal_and_converge(&self, timeout: Duration) -> Option<bool> {
         let (a, b) = (&self.nodes[0], &self.nodes[1]);
-        self.lab.heal(0);
+        for i in 0..3 {
+            self.lab.heal(i);
+        }
         let mut saw_target = false;
         poll(timeout, || {
             let sa = a.status(ISOLATED);
@@ -539,7 +545,21 @@ fn an_isolated_primary_loses_quorum_and_the_majority_takes_over() {
 
 #[test]
 fn an_isolated_primary_with_suspend_io_holds_writes_until_quorum_returns() {
-    let Some(t) = Isolation::new("s", "suspend-io") else {
+    suspended_write_of_a_dead_client("s", false);
+}
+
+/// As above, but A's link comes back while B's is down for a moment: A regains quorum
+/// through the tiebreaker alone, before it learns from B that the others moved on.
+#[test]
+fn a_write_held_by_suspend_io_is_not_applied_when_quorum_returns_through_the_tiebreaker() {
+    suspended_write_of_a_dead_client("t", true);
+}
+
+/// A (Primary) is cut off with `suspend-io`; a write is held; B takes over and writes;
+/// A's client is killed; then the links come back (A's alone first, if
+/// `tiebreaker_first`).
+fn suspended_write_of_a_dead_client(prefix: &str, tiebreaker_first: bool) {
+    let Some(t) = Isolation::new(prefix, "suspend-io") else {
         return;
     };
     let all = t.all();
@@ -568,15 +588,30 @@ fn an_isolated_primary_with_suspend_io_holds_writes_until_quorum_returns() {
     io.kill();
     std::thread::sleep(Duration::from_secs(1));
     let before_heal = a.status(ISOLATED);
-    eprintln!("A after its client was killed, still cut off: {before_heal:#}");
-    if before_heal["role"] != "Secondary" {
-        problems.push(format!(
-            "A stays Primary after its only client died (role {}), holding the suspended write",
-            before_heal["role"]
-        ));
+    // The held write outlives its client: the export stays open, A stays Primary.
+    eprintln!(
+        "A after its client was killed, still cut off: role {}, open {}",
+        before_heal["role"], before_heal["open"]
+    );
+    if tiebreaker_first {
+        t.lab.cut(1);
+        t.lab.heal(0);
+        let regained = poll(Duration::from_secs(15), || {
+            let status = a.status(ISOLATED);
+            (status["quorum"] == true && status["role"] == "Secondary").then_some(())
+        });
+        eprintln!(
+            "A with quorum through the tiebreaker only ({regained:?}): {:#}",
+            a.status(ISOLATED)
+        );
+        if not_filled(&a.data_file(ISOLATED), held, 64 * KIB, 0xa3).is_none() {
+            problems.push(format!(
+                "A applied the held write of its dead client (at {held}) once the tiebreaker gave it quorum, although B had taken over meanwhile"
+            ));
+        }
     }
     let healed = Instant::now();
-    let converged = t.heal_and_converge(Duration::from_secs(40));
+    let converged = t.heal_and_converge(Duration::from_secs(25));
     eprintln!(
         "after the heal ({:?}): converged {converged:?}\nA: {:#}\nB: {:#}",
         healed.elapsed(),
@@ -585,7 +620,7 @@ fn an_isolated_primary_with_suspend_io_holds_writes_until_quorum_returns() {
     );
     if converged.is_none() {
         problems.push(format!(
-            "replicas did not converge within 40 s of the heal:\nA: {:#}\nB: {:#}",
+            "replicas did not converge within 25 s of the heal:\nA: {:#}\nB: {:#}",
             a.status(ISOLATED),
             b.status(ISOLATED)
         ));
@@ -594,16 +629,27 @@ fn an_isolated_primary_with_suspend_io_holds_writes_until_quorum_returns() {
     if let Some(at) = first_difference(&fa, &fb) {
         problems.push(format!("A's replica differs from B's at byte {at}"));
     }
+    if not_filled(&fa, held, 64 * KIB, 0xa3).is_none() {
+        problems.push(format!(
+            "the held write of the killed client (at {held}) was applied on A after the heal"
+        ));
+    }
     if checksum(&fb) != b_before {
         problems.push(
             "B's replica changed when A came back (the dead client's suspended write landed on the majority?)"
                 .into(),
         );
     }
-    for (who, f) in [("A", &fa), ("B", &fb)] {
+    // B's data, written after the failover, is what both replicas must hold.
+    let replicas: &[(&str, &Path)] = if converged.is_some() {
+        &[("A", &fa), ("B", &fb)]
+    } else {
+        &[("B", &fb)]
+    };
+    for (who, f) in replicas {
         if let Some(at) = not_filled(f, 16 * MIB, 2 * MIB, 0xb5) {
             problems.push(format!(
-                "{who}'s replica lost B's newer data at {at} (the suspended write of a killed client at {held} was applied after the failover?)"
+                "{who}'s replica lost B's newer data at {at} (the held write of the killed client, at {held}, landed after the failover)"
             ));
         }
     }
@@ -717,10 +763,64 @@ fn split_brain_is_detected_and_resolved_by_discarding_one_side() {
         logs(&all)
     );
     assert_eq!(checksum(&fa), ca, "the kept side's data changed");
-    assert_eq!(not_filled(&fb, 1 * MIB, MIB, 0xaa), None);
+    assert_eq!(not_filled(&fb, MIB, MIB, 0xaa), None);
     assert_eq!(
         not_filled(&fb, 2 * MIB, MIB, 0x01),
         None,
         "B's discarded write is still there"
+    );
+}
+
+#[test]
+fn idle_links_stay_connected() {
+    let Some(lab) = Lab::new(3) else { return };
+    let nodes = [lab.start(0, "ka"), lab.start(1, "kb"), lab.start(2, "kc")];
+    let all: Vec<&NsNode> = nodes.iter().collect();
+    let volume = "kv1";
+    let spec = spec(
+        volume,
+        16 * MIB,
+        &[
+            (&nodes[0], Kind::Diskful),
+            (&nodes[1], Kind::Diskful),
+            (&nodes[2], Kind::Tiebreaker),
+        ],
+        "",
+    );
+    for n in &nodes {
+        n.put_spec(volume, &spec);
+    }
+    for n in &nodes {
+        n.wait_connected(volume, Duration::from_secs(20));
+    }
+    // Nobody writes for 12 s: keepalives alone must hold every link up (pings every
+    // second, a peer declared dead after 5 s of silence).
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut drops = BTreeSet::new();
+    while Instant::now() < until {
+        for n in &nodes {
+            for p in n.status(volume)["peers"].as_array().unwrap() {
+                if p["connection"] != "Connected" {
+                    drops.insert(format!("{} -> {}", n.name, p["node"].as_str().unwrap()));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let silent: Vec<String> = all
+        .iter()
+        .flat_map(|n| {
+            plain(&n.log())
+                .lines()
+                .filter(|l| l.contains("peer is silent"))
+                .map(|l| format!("{}: {l}", n.name))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        drops.is_empty() && silent.is_empty(),
+        "healthy idle links were dropped: {drops:?}\n{}\n\n{}",
+        silent.join("\n"),
+        logs(&all)
     );
 }
