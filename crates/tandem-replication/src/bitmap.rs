@@ -37,10 +37,6 @@ impl Bitmap {
         self.set * BLOCK_SIZE
     }
 
-    pub fn is_clear(&self) -> bool {
-        self.set == 0
-    }
-
     fn blocks_of(&self, offset: u64, len: u64) -> Range<u64> {
         (offset / BLOCK_SIZE).min(self.blocks)..(offset + len).div_ceil(BLOCK_SIZE).min(self.blocks)
     }
@@ -106,7 +102,7 @@ mod tests {
     #[test]
     fn marks_count_and_runs() {
         let mut b = Bitmap::from_words(1 << 30, Vec::new());
-        assert!(b.is_clear());
+        assert_eq!(b.bytes(), 0);
         assert_eq!(b.mark(4096 + 10, 8192), 0..1);
         assert_eq!(b.bytes(), 3 * 4096, "partial blocks count whole");
         assert_eq!(b.next_run(0, 1 << 20), Some(4096..4 * 4096));
@@ -120,7 +116,7 @@ mod tests {
             Some((200 << 20)..(200 << 20) + 4096)
         );
         b.clear(0, 1 << 30);
-        assert!(b.is_clear());
+        assert_eq!(b.bytes(), 0);
         assert_eq!(b.next_run(0, 1 << 20), None);
     }
 

@@ -150,22 +150,30 @@ impl Replicator {
                         tracing::warn!(volume = %volume.spec().name, peer = %peer.participant.node,
                             silent_ms = silent.as_millis() as u64, "peer is silent; closing the connection");
                         peer.disconnect();
-                    } else if silent > PING_AFTER {
+                    } else if peer.quiet_for() > PING_AFTER {
+                        // Each side speaks at least every second, so each hears the other.
                         let _ = peer.send(&Header::new(Kind::Ping, 0), &[]);
                     }
                 } else if volume.me().node_id < peer.participant.node_id && peer.dial_due() {
                     // The lower node id dials, so each pair has one connection.
                     let (volume, peer) = (volume.clone(), peer.clone());
-                    let _ = std::thread::Builder::new()
-                        .name("peer-dial".into())
-                        .spawn(move || dial(&volume, peer));
+                    let spawned = std::thread::Builder::new().name("peer-dial".into()).spawn({
+                        let peer = peer.clone();
+                        move || {
+                            dial(&volume, &peer);
+                            peer.dialed();
+                        }
+                    });
+                    if spawned.is_err() {
+                        peer.dialed();
+                    }
                 }
             }
         }
     }
 }
 
-fn dial(volume: &Arc<ReplicatedVolume>, peer: Arc<Peer>) {
+fn dial(volume: &Arc<ReplicatedVolume>, peer: &Arc<Peer>) {
     let target = &peer.participant;
     let result = (|| -> Result<(), WireError> {
         let addr: SocketAddr = target

@@ -35,7 +35,10 @@ pub(crate) struct Peer {
     /// What the peer last said about itself.
     remote: Mutex<Option<State>>,
     last_seen: Mutex<Instant>,
+    last_sent: Mutex<Instant>,
     dial: Mutex<(Instant, Duration)>,
+    /// A dial attempt is under way: never two at once.
+    dialing: std::sync::atomic::AtomicBool,
     /// Blocks the peer lacks, when both sides hold data.
     pub tracked: Option<Mutex<Tracked>>,
     pub sync: Mutex<Sync>,
@@ -77,6 +80,8 @@ impl Peer {
             pending: Mutex::default(),
             remote: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
+            last_sent: Mutex::new(Instant::now()),
+            dialing: std::sync::atomic::AtomicBool::new(false),
             dial: Mutex::new((Instant::now(), BACKOFF_MIN)),
         }
     }
@@ -103,6 +108,11 @@ impl Peer {
 
     pub fn silent_for(&self) -> Duration {
         self.last_seen.lock().unwrap().elapsed()
+    }
+
+    /// Time since this node last sent the peer anything.
+    pub fn quiet_for(&self) -> Duration {
+        self.last_sent.lock().unwrap().elapsed()
     }
 
     /// Makes `stream` the live connection; returns its epoch. A previous connection is
@@ -182,8 +192,11 @@ impl Peer {
             ));
         };
         let result = wire::send(writer, header, payload);
-        if result.is_err() {
-            let _ = writer.shutdown(Shutdown::Both);
+        match &result {
+            Ok(()) => *self.last_sent.lock().unwrap() = Instant::now(),
+            Err(_) => {
+                let _ = writer.shutdown(Shutdown::Both);
+            }
         }
         result
     }
@@ -207,9 +220,11 @@ impl Peer {
         self.pending.lock().unwrap().remove(&id)
     }
 
-    /// Whether to dial now; if so, the next attempt is pushed back (doubling, capped).
+    /// Whether to dial now; if so, the next attempt is pushed back (doubling, capped)
+    /// and [`Peer::dialed`] must follow.
     pub fn dial_due(&self) -> bool {
-        if !matches!(*self.link.lock().unwrap(), Link::Down) {
+        if !matches!(*self.link.lock().unwrap(), Link::Down) || self.dialing.load(Ordering::Acquire)
+        {
             return false;
         }
         let mut dial = self.dial.lock().unwrap();
@@ -218,7 +233,13 @@ impl Peer {
         }
         let backoff = dial.1;
         *dial = (Instant::now() + backoff, (backoff * 2).min(BACKOFF_MAX));
+        self.dialing.store(true, Ordering::Release);
         true
+    }
+
+    /// The dial attempt started by [`Peer::dial_due`] is over.
+    pub fn dialed(&self) {
+        self.dialing.store(false, Ordering::Release);
     }
 
     /// The epoch of the live connection, if any.

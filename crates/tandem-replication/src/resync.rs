@@ -71,6 +71,7 @@ impl ReplicatedVolume {
         }
         *peer.sync.lock().unwrap() = Sync::Idle;
         self.forget_tracking(&peer);
+        self.settle_suspect();
         let secs = started.elapsed().as_secs_f64();
         tracing::info!(volume = %name, target = %peer.participant.node, bytes = sent,
             mib_per_s = sent as f64 / (1 << 20) as f64 / secs.max(1e-6), "resync finished");

@@ -47,6 +47,8 @@ pub struct ReplicatedVolume {
     /// Extents the previous run left in the activity log: after a crash as Primary,
     /// this replica may differ from the others there until a peer resyncs them.
     suspect: Mutex<Vec<u64>>,
+    /// On a diskless participant: the newest data generation a Primary announced.
+    known: Mutex<u64>,
 }
 
 /// Threads per connection serving a Primary's requests on the local replica.
@@ -115,6 +117,7 @@ impl ReplicatedVolume {
         Ok(ReplicatedVolume {
             al,
             suspect: Mutex::new(suspect),
+            known: Mutex::new(0),
             spec,
             me,
             local,
@@ -192,10 +195,10 @@ impl ReplicatedVolume {
         State {
             role: self.role(),
             disk: self.disk(),
-            generation: self
-                .local
-                .as_ref()
-                .map_or(0, |v| v.superblock().generations.current.0),
+            generation: match &self.local {
+                Some(v) => v.superblock().generations.current.0,
+                None => *self.known.lock().unwrap(),
+            },
         }
     }
 
@@ -209,10 +212,6 @@ impl ReplicatedVolume {
             to,
             state: self.state(),
             bitmap_generation: self.bitmap_generation(to),
-            dirty: self
-                .peer(to)
-                .and_then(|p| p.tracked.as_ref())
-                .is_some_and(|t| !t.lock().unwrap().bits.is_clear()),
         }
     }
 
@@ -334,7 +333,13 @@ impl ReplicatedVolume {
     }
 
     /// Decides what a new connection to a replica holding data must do first.
-    fn direction(&self, peer: &Peer, hello: &Hello) -> Direction {
+    fn direction(
+        &self,
+        peer: &Peer,
+        hello: &Hello,
+        my_dirty: bool,
+        their_dirty: bool,
+    ) -> Direction {
         use DiskState::UpToDate;
         if peer.tracked.is_none() {
             return Direction::InSync;
@@ -342,12 +347,8 @@ impl ReplicatedVolume {
         let mine = self.state();
         let theirs = hello.state;
         let my_mark = self.bitmap_generation(peer.participant.node_id);
-        let my_dirty = peer
-            .tracked
-            .as_ref()
-            .is_some_and(|t| !t.lock().unwrap().bits.is_clear());
         match (mine.disk == UpToDate, theirs.disk == UpToDate) {
-            (true, true) if mine.generation == theirs.generation => match (my_dirty, hello.dirty) {
+            (true, true) if mine.generation == theirs.generation => match (my_dirty, their_dirty) {
                 (false, false) => Direction::InSync,
                 (true, false) => Direction::Source { full: false },
                 (false, true) => Direction::Target,
@@ -420,9 +421,16 @@ impl ReplicatedVolume {
         stream: TcpStream,
         hello: &Hello,
     ) -> io::Result<()> {
-        stream.set_read_timeout(None)?;
         stream.set_nodelay(true)?;
-        let direction = self.direction(&peer, hello);
+        // Each side tells the other which ranges it knows to differ (its bitmap for
+        // the peer, plus extents left in its activity log by a crash); the resync
+        // covers both sets.
+        let mine = self.differing_ranges(&peer);
+        let theirs =
+            exchange_ranges(&stream, &mine).map_err(|e| io::Error::other(e.to_string()))?;
+        stream.set_read_timeout(None)?;
+        self.learn_generation(&peer, hello);
+        let direction = self.direction(&peer, hello, !mine.is_empty(), !theirs.is_empty());
         if let Direction::Diverged(why) = &direction {
             tracing::error!(volume = %self.spec.name, peer = %peer.participant.node, %why,
                 "replicas diverged; not connecting until an operator discards one");
@@ -432,8 +440,15 @@ impl ReplicatedVolume {
         let epoch = peer.attach(&stream, hello.state)?;
         tracing::info!(volume = %self.spec.name, peer = %peer.participant.node, epoch, ?direction, "peer connected");
         match direction {
-            Direction::Target => self.become_target(&peer),
+            Direction::Target => {
+                // The source now resyncs what this side knew to differ as well.
+                self.clear(&peer, 0, self.spec.size);
+                self.become_target(&peer);
+            }
             Direction::Source { full } => {
+                for (offset, len) in &theirs {
+                    self.mark(&peer, *offset, *len);
+                }
                 if full {
                     self.mark(&peer, 0, self.spec.size);
                 }
@@ -441,7 +456,6 @@ impl ReplicatedVolume {
             }
             _ => {}
         }
-        self.report_suspect(&peer, hello);
         let volume = self.clone();
         std::thread::Builder::new()
             .name(format!("peer-{}", peer.participant.node))
@@ -482,23 +496,64 @@ impl ReplicatedVolume {
         self.begin_tracking(&peer);
     }
 
-    /// After a crash as Primary, asks an UpToDate peer to resync the extents this
-    /// replica may hold differently.
-    fn report_suspect(&self, peer: &Peer, hello: &Hello) {
-        let suspect = self.suspect.lock().unwrap().clone();
-        if suspect.is_empty() || peer.tracked.is_none() || hello.state.disk != DiskState::UpToDate {
+    /// Ranges this replica knows to differ from the peer's: its bitmap for the peer,
+    /// and the extents a crash as Primary left in its activity log. Coarsened to at
+    /// most `MAX_RANGES` (resyncing a little more is harmless).
+    fn differing_ranges(&self, peer: &Peer) -> Vec<(u64, u64)> {
+        let Some(tracked) = &peer.tracked else {
+            return Vec::new();
+        };
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        {
+            let t = tracked.lock().unwrap();
+            let mut at = 0;
+            while let Some(run) = t.bits.next_run(at, u64::MAX) {
+                ranges.push((run.start, run.end - run.start));
+                at = run.end;
+            }
+        }
+        ranges.extend(
+            self.suspect
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|e| (e * EXTENT, EXTENT.min(self.spec.size - e * EXTENT))),
+        );
+        ranges.sort_unstable();
+        coarsen(&mut ranges);
+        ranges
+    }
+
+    /// A diskless participant remembers the newest data generation a Primary
+    /// announced; a diskful replica that hears of a generation it never had has been
+    /// left behind while partitioned, and is Outdated.
+    fn learn_generation(&self, peer: &Peer, hello: &Hello) {
+        let theirs = hello.state.generation;
+        if self.local.is_none() {
+            if hello.state.role == Role::Primary || *self.known.lock().unwrap() == 0 {
+                *self.known.lock().unwrap() = theirs;
+            }
             return;
         }
-        let payload: Vec<u8> = suspect
-            .iter()
-            .flat_map(|e| [(e * EXTENT).to_be_bytes(), EXTENT.to_be_bytes()].concat())
-            .collect();
-        let mut h = Header::new(Kind::OutOfSync, self.next_id());
-        h.payload = payload.len() as u32;
-        if peer.send(&h, &payload).is_ok() {
-            tracing::info!(volume = %self.spec.name, peer = %peer.participant.node, extents = suspect.len(),
-                "asked the peer to resync the extents active at the crash");
+        if peer.participant.kind.diskful() || theirs == 0 || self.disk() != DiskState::UpToDate {
+            return;
         }
+        let Some(local) = &self.local else { return };
+        let sb = local.superblock();
+        let g = &sb.generations;
+        let ours = [g.current, g.bitmap, g.history[0], g.history[1]]
+            .into_iter()
+            .chain(sb.peers.iter().map(|p| p.bitmap_generation))
+            .any(|x| x.0 == theirs);
+        if ours {
+            return;
+        }
+        tracing::warn!(volume = %self.spec.name, peer = %peer.participant.node, generation = format!("{theirs:016x}"),
+            "a peer has seen a newer data generation: this replica was left behind and is Outdated");
+        if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Outdated) {
+            tracing::error!(volume = %self.spec.name, error = %e, "cannot record the Outdated state");
+        }
+        self.announce();
     }
 
     /// Sends the peer what its bitmap marks, in the background.
@@ -611,15 +666,24 @@ impl ReplicatedVolume {
                 return;
             }
         }
-        self.suspect.lock().unwrap().clear();
-        if *self.writers.lock().unwrap() == 0 {
-            if let Some(al) = &self.al {
-                let _ = al.clear();
-            }
-        }
+        self.settle_suspect();
         tracing::info!(volume = %self.spec.name, source = %peer.participant.node,
             bytes = peer.transferred.load(Ordering::Relaxed), "resync finished: this replica is UpToDate");
         self.announce();
+    }
+
+    /// A resync (either way) covered the extents a crash left in the activity log.
+    pub(crate) fn settle_suspect(&self) {
+        if std::mem::take(&mut *self.suspect.lock().unwrap()).is_empty() {
+            return;
+        }
+        if *self.writers.lock().unwrap() == 0 {
+            if let Some(al) = &self.al {
+                if let Err(e) = al.clear() {
+                    tracing::error!(volume = %self.spec.name, error = %e, "cannot clear the activity log");
+                }
+            }
+        }
     }
 
     /// A Primary's new data generation, adopted by a replica that received all its writes.
@@ -658,6 +722,11 @@ impl ReplicatedVolume {
             Kind::State => {
                 let state = State::decode(&payload)?;
                 self.adopt(peer, state);
+                if self.local.is_none() && state.role == Role::Primary {
+                    // A diskless participant carries the Primary's newest generation
+                    // to replicas that were cut off (see `learn_generation`).
+                    *self.known.lock().unwrap() = state.generation;
+                }
                 peer.set_remote(state);
             }
             Kind::ResyncDone => self.finish_target(peer, h.offset),
@@ -667,27 +736,9 @@ impl ReplicatedVolume {
                 peer.send(&ack, &[])?;
             }
             Kind::OutOfSync => {
-                if payload.len() % 16 != 0 {
-                    return Err(WireError::Malformed(
-                        "out-of-sync ranges are not (offset, length) pairs".into(),
-                    ));
-                }
-                for pair in payload.chunks_exact(16) {
-                    let offset = u64::from_be_bytes(pair[..8].try_into().unwrap());
-                    let len = u64::from_be_bytes(pair[8..].try_into().unwrap());
-                    self.mark(
-                        peer,
-                        offset.min(self.spec.size),
-                        len.min(self.spec.size.saturating_sub(offset)),
-                    );
-                }
-                let idle = *peer.sync.lock().unwrap() == Sync::Idle;
-                if idle && self.disk() == DiskState::UpToDate {
-                    if let Some(epoch) = peer.epoch() {
-                        let peer = self.peer(from).expect("the sender is a peer").clone();
-                        self.start_resync(&peer, epoch).map_err(WireError::Io)?;
-                    }
-                }
+                return Err(WireError::Malformed(
+                    "range list outside the handshake".into(),
+                ));
             }
             Kind::Ack | Kind::ReadReply | Kind::VerifyReply => {
                 if let Some(c) = peer.answered(h.id) {
@@ -909,6 +960,11 @@ impl ReplicatedVolume {
             for p in self.peers.iter().filter(|p| !reached(p)) {
                 self.mark(p, h.offset, h.length);
             }
+        }
+        if is_data_change(h.kind) {
+            // Quorum may have gone while the request was in flight: then it must not
+            // be acknowledged (io-error), or only once quorum is back (suspend-io).
+            self.require_quorum()?;
         }
         match local_result {
             Some(Err(e)) => {
@@ -1253,6 +1309,94 @@ impl ReplicatedVolume {
     pub fn shut_down(&self) {
         for p in &self.peers {
             p.refuse("volume removed from this node".into());
+        }
+    }
+}
+
+/// At most this many ranges travel in a handshake (64 KiB).
+const MAX_RANGES: usize = 4096;
+
+/// Merges sorted, possibly overlapping ranges, then joins neighbours across the
+/// smallest gaps until at most `MAX_RANGES` remain.
+fn coarsen(ranges: &mut Vec<(u64, u64)>) {
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(offset, len) in ranges.iter() {
+        match merged.last_mut() {
+            Some((o, l)) if offset <= *o + *l => *l = (*l).max(offset + len - *o),
+            _ => merged.push((offset, len)),
+        }
+    }
+    while merged.len() > MAX_RANGES {
+        let mut gaps: Vec<u64> = merged
+            .windows(2)
+            .map(|w| w[1].0 - (w[0].0 + w[0].1))
+            .collect();
+        gaps.sort_unstable();
+        let limit = gaps[gaps.len() / 2];
+        let mut joined: Vec<(u64, u64)> = Vec::with_capacity(merged.len() / 2 + 1);
+        for (offset, len) in merged {
+            match joined.last_mut() {
+                Some((o, l)) if offset - (*o + *l) <= limit => *l = offset + len - *o,
+                _ => joined.push((offset, len)),
+            }
+        }
+        merged = joined;
+    }
+    *ranges = merged;
+}
+
+/// Sends this side's differing ranges and reads the peer's (one OutOfSync message
+/// each way, right after Hello).
+fn exchange_ranges(stream: &TcpStream, mine: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, WireError> {
+    let payload: Vec<u8> = mine
+        .iter()
+        .flat_map(|(o, l)| [o.to_be_bytes(), l.to_be_bytes()].concat())
+        .collect();
+    let mut h = Header::new(Kind::OutOfSync, 0);
+    h.payload = payload.len() as u32;
+    let mut writer = stream;
+    wire::send(&mut writer, &h, &payload)?;
+    let mut reader = stream;
+    let theirs = wire::read_header(&mut reader)?;
+    if theirs.kind != Kind::OutOfSync
+        || theirs.payload as usize > MAX_RANGES * 16
+        || theirs.payload % 16 != 0
+    {
+        return Err(WireError::Malformed(format!(
+            "expected the peer's range list, got {:?}",
+            theirs.kind
+        )));
+    }
+    let body = wire::read_payload(&mut reader, theirs.payload)?;
+    Ok(body
+        .chunks_exact(16)
+        .map(|c| {
+            (
+                u64::from_be_bytes(c[..8].try_into().unwrap()),
+                u64::from_be_bytes(c[8..].try_into().unwrap()),
+            )
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_and_coarsen_without_losing_any() {
+        let mut r = vec![(0, 4096), (4096, 4096), (100_000, 10), (100_005, 100)];
+        coarsen(&mut r);
+        assert_eq!(r, [(0, 8192), (100_000, 105)]);
+        let mut many: Vec<(u64, u64)> = (0..10_000u64).map(|i| (i * 16384, 4096)).collect();
+        let original = many.clone();
+        coarsen(&mut many);
+        assert!(many.len() <= MAX_RANGES);
+        for (o, l) in original {
+            assert!(
+                many.iter().any(|(mo, ml)| *mo <= o && o + l <= mo + ml),
+                "range {o} lost"
+            );
         }
     }
 }

@@ -46,8 +46,8 @@ pub enum Kind {
     /// Resync is complete; `offset` carries the source's data generation, which the
     /// target adopts.
     ResyncDone = 31,
-    /// Ranges the sender may hold differently (its activity log after a crash), as
-    /// payload of big-endian (offset, length) pairs; the receiver resyncs them to it.
+    /// Right after Hello: the ranges the sender knows to differ from the receiver's
+    /// replica, as big-endian (offset, length) pairs.
     OutOfSync = 32,
     /// The sender wants to become Primary; answered by an Ack (0, or EBUSY to refuse).
     Promote = 33,
@@ -199,8 +199,6 @@ pub struct Hello {
     /// The sender's data generation when it started tracking changes for the receiver
     /// (0: it tracks none).
     pub bitmap_generation: u64,
-    /// Whether the sender has blocks marked out of sync for the receiver.
-    pub dirty: bool,
 }
 
 /// A participant's role, disk state and data generation.
@@ -211,7 +209,7 @@ pub struct State {
     pub generation: u64,
 }
 
-const HELLO_LEN: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN + 8 + 1;
+const HELLO_LEN: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN + 8;
 const STATE_LEN: usize = 1 + 1 + 8;
 
 impl State {
@@ -254,7 +252,6 @@ impl Hello {
         b.push(self.to.get());
         b.extend_from_slice(&self.state.encode());
         b.extend_from_slice(&self.bitmap_generation.to_be_bytes());
-        b.push(self.dirty as u8);
         b
     }
 
@@ -272,14 +269,7 @@ impl Hello {
             from: node(b[36])?,
             to: node(b[37])?,
             state: State::decode(&b[38..38 + STATE_LEN])?,
-            bitmap_generation: u64::from_be_bytes(
-                b[38 + STATE_LEN..46 + STATE_LEN].try_into().unwrap(),
-            ),
-            dirty: match b[46 + STATE_LEN] {
-                0 => false,
-                1 => true,
-                v => return Err(WireError::Malformed(format!("dirty flag {v}"))),
-            },
+            bitmap_generation: u64::from_be_bytes(b[38 + STATE_LEN..].try_into().unwrap()),
         })
     }
 
@@ -347,7 +337,6 @@ mod tests {
                 generation: 42,
             },
             bitmap_generation: 41,
-            dirty: true,
         };
         assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
         let old = Hello {
