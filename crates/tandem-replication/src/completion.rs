@@ -4,14 +4,16 @@ use std::sync::{Condvar, Mutex};
 
 use tandem_api::NodeId;
 
-#[derive(Debug, Default)]
+use crate::wire::Buffer;
+
+#[derive(Default)]
 pub(crate) struct Outcome {
     /// Peers whose connection dropped before they answered.
     pub lost: Vec<NodeId>,
     /// Peers that answered with an errno.
     pub failed: Vec<(NodeId, u32)>,
     /// Data a peer answered a read with.
-    pub data: Option<Vec<u8>>,
+    pub data: Option<Buffer>,
 }
 
 pub(crate) struct Completion {
@@ -36,7 +38,7 @@ impl Completion {
         }
     }
 
-    pub fn answered(&self, peer: NodeId, status: u32, data: Option<Vec<u8>>) {
+    pub fn answered(&self, peer: NodeId, status: u32, data: Option<Buffer>) {
         self.settle(|o| {
             if status != 0 {
                 o.failed.push((peer, status));

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::completion::Completion;
 use crate::peer::{Peer, Sync};
 use crate::volume::ReplicatedVolume;
-use crate::wire::{FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Kind};
+use crate::wire::{Buffer, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Kind};
 
 /// Largest piece sent at once; small enough that application writes waiting for the
 /// same range wait briefly.
@@ -85,13 +85,13 @@ impl ReplicatedVolume {
         let _held = self.intervals.lock(offset, len);
         let holes = local.data().extents(offset, len).unwrap_or_default();
         let all_hole = holes.len() == 1 && holes[0].hole && holes[0].len == len;
-        let mut buf = Vec::new();
+        let mut buf = Buffer::zeroed(0);
         let mut h = if all_hole {
             let mut h = Header::new(Kind::Zero, self.next_id());
             h.flags = FLAG_MAY_PUNCH | FLAG_RESYNC;
             h
         } else {
-            buf = vec![0u8; len as usize];
+            buf = Buffer::zeroed(len as usize);
             if let Err(e) = local.data().read_at(&mut buf, offset) {
                 tracing::error!(volume = %self.spec().name, offset, error = %e, "resync read failed");
                 return false;

@@ -20,7 +20,7 @@ use crate::completion::Completion;
 use crate::interval::IntervalLock;
 use crate::peer::{Peer, Sync, Tracked};
 use crate::wire::{
-    self, FLAG_FUA, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Hello, Kind, State, WireError,
+    self, Buffer, FLAG_FUA, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Hello, Kind, State, WireError,
 };
 
 /// Why a volume cannot be opened on this node.
@@ -465,7 +465,7 @@ impl ReplicatedVolume {
 
     fn receive(self: Arc<Self>, peer: Arc<Peer>, stream: TcpStream, epoch: u64) {
         let mut reader = BufReader::with_capacity(256 << 10, stream);
-        let (requests, queue) = mpsc::channel::<(Header, Vec<u8>)>();
+        let (requests, queue) = mpsc::channel::<(Header, Buffer)>();
         let queue = Arc::new(Mutex::new(queue));
         for i in 0..PEER_WORKERS {
             let (volume, peer, queue) = (self.clone(), peer.clone(), queue.clone());
@@ -595,7 +595,7 @@ impl ReplicatedVolume {
                 *peer.sync.lock().unwrap() = Sync::Verifying { done: at };
                 let len = CHUNK.min(self.spec.size - at);
                 let _held = self.intervals.lock(at, len);
-                let mut data = vec![0u8; len as usize];
+                let mut data = Buffer::zeroed(len as usize);
                 local
                     .data()
                     .read_at(&mut data, at)
@@ -712,7 +712,7 @@ impl ReplicatedVolume {
         self: &Arc<Self>,
         peer: &Peer,
         r: &mut BufReader<TcpStream>,
-        requests: &mpsc::Sender<(Header, Vec<u8>)>,
+        requests: &mpsc::Sender<(Header, Buffer)>,
     ) -> Result<(), WireError> {
         let h = wire::read_header(r)?;
         let payload = wire::read_payload(r, h.payload)?;
@@ -775,11 +775,11 @@ impl ReplicatedVolume {
     }
 
     /// Performs a request a peer sent (as Primary) on the local replica and answers it.
-    fn serve_request(&self, peer: &Peer, h: Header, payload: Vec<u8>) -> io::Result<()> {
+    fn serve_request(&self, peer: &Peer, h: Header, payload: Buffer) -> io::Result<()> {
         let from = peer.participant.node_id;
         match h.kind {
             Kind::Verify => {
-                let mut data = vec![0u8; h.length as usize];
+                let mut data = Buffer::zeroed(h.length as usize);
                 let status = self.serve_peer(&h, |v| v.data().read_at(&mut data, h.offset));
                 let sums: Vec<u8> = data
                     .chunks(4096)
@@ -792,7 +792,7 @@ impl ReplicatedVolume {
                 peer.send(&reply, sums)
             }
             Kind::Read => {
-                let mut data = vec![0u8; h.length as usize];
+                let mut data = Buffer::zeroed(h.length as usize);
                 let status = self.serve_peer(&h, |v| v.data().read_at(&mut data, h.offset));
                 let mut reply = Header::new(Kind::ReadReply, h.id);
                 reply.status = status;
@@ -1034,35 +1034,50 @@ impl ReplicatedVolume {
 
     /// Reads from the local replica when it is UpToDate, else from an UpToDate peer.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if let Some(local) = self.local_up_to_date() {
-            return local.data().read_at(buf, offset);
-        }
-        let mut last = None;
-        for peer in self.data_peers() {
-            if peer.remote().is_none_or(|s| s.disk != DiskState::UpToDate) {
-                continue;
+        // A reconnect or a resync changing hands can leave no UpToDate replica in reach
+        // for a moment: wait for one as long as a dead peer takes to be noticed.
+        let deadline = std::time::Instant::now() + crate::peer::DEAD_AFTER;
+        loop {
+            if let Some(local) = self.local_up_to_date() {
+                return local.data().read_at(buf, offset);
             }
-            let mut h = Header::new(Kind::Read, self.next_id());
-            h.offset = offset;
-            h.length = buf.len() as u64;
-            let completion = Arc::new(Completion::new(1));
-            peer.request(&h, &[], &completion);
-            let outcome = completion.wait();
-            match (outcome.data, outcome.failed.first()) {
-                (Some(data), _) if data.len() == buf.len() => {
-                    buf.copy_from_slice(&data);
-                    return Ok(());
+            let mut last = None;
+            for peer in self.data_peers() {
+                if peer.remote().is_none_or(|s| s.disk != DiskState::UpToDate) {
+                    continue;
                 }
-                (_, Some(&(_, status))) => last = Some(error_from(status, "peer read failed")),
-                _ => last = Some(io::Error::other("peer connection lost during a read")),
+                match self.read_from(peer, offset, buf) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
             }
+            if std::time::Instant::now() >= deadline {
+                return Err(last.unwrap_or_else(|| {
+                    io::Error::other(format!(
+                        "volume {}: no UpToDate replica is reachable from this node",
+                        self.spec.name
+                    ))
+                }));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        Err(last.unwrap_or_else(|| {
-            io::Error::other(format!(
-                "volume {}: no UpToDate replica is reachable from this node",
-                self.spec.name
-            ))
-        }))
+    }
+
+    fn read_from(&self, peer: &Peer, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut h = Header::new(Kind::Read, self.next_id());
+        h.offset = offset;
+        h.length = buf.len() as u64;
+        let completion = Arc::new(Completion::new(1));
+        peer.request(&h, &[], &completion);
+        let outcome = completion.wait();
+        match (outcome.data, outcome.failed.first()) {
+            (Some(data), _) if data.len() == buf.len() => {
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+            (_, Some(&(_, status))) => Err(error_from(status, "peer read failed")),
+            _ => Err(io::Error::other("peer connection lost during a read")),
+        }
     }
 
     /// Opens the volume on this node. Writing makes this node Primary, which is refused
