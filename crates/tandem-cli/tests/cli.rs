@@ -4,24 +4,22 @@ use std::process::Command;
 
 use tandem_lab::{Node, output, run};
 
-fn tandem(node: &Node) -> Command {
-    let mut cmd = Command::new(tandem_lab::tandem_bin());
-    cmd.args(["--controller", &node.api_url()]);
-    cmd
-}
-
 #[test]
 fn volume_lifecycle_through_the_cli() {
     let node = Node::start("cli1");
-    let table = run(tandem(&node).args(["volume", "create", "vm1", "--size", "1G"]));
+    let table = run(node
+        .tandem()
+        .args(["volume", "create", "vm1", "--size", "1G"]));
     assert!(table.starts_with("NAME"), "{table}");
     assert!(
         table.contains("vm1") && table.contains("1G") && table.contains("thin"),
         "{table}"
     );
-    run(tandem(&node).args(["volume", "create", "vm2", "--size", "64M", "--thick"]));
+    run(node
+        .tandem()
+        .args(["volume", "create", "vm2", "--size", "64M", "--thick"]));
 
-    let json = run(tandem(&node).args(["volume", "list", "--output", "json"]));
+    let json = run(node.tandem().args(["volume", "list", "--output", "json"]));
     let list: serde_json::Value = serde_json::from_str(&json).unwrap();
     let sizes: Vec<(String, u64, bool)> = list
         .as_array()
@@ -43,22 +41,26 @@ fn volume_lifecycle_through_the_cli() {
         ]
     );
 
-    run(tandem(&node).args(["volume", "resize", "vm1", "--size", "2G"]));
+    run(node
+        .tandem()
+        .args(["volume", "resize", "vm1", "--size", "2G"]));
     assert_eq!(
         std::fs::metadata(node.data_file("vm1")).unwrap().len(),
         2 << 30
     );
 
-    run(tandem(&node).args(["volume", "delete", "vm2"]));
+    run(node.tandem().args(["volume", "delete", "vm2"]));
     assert!(!node.data_file("vm2").exists());
-    let json = run(tandem(&node).args(["-o", "json", "volume", "list"]));
+    let json = run(node.tandem().args(["-o", "json", "volume", "list"]));
     assert!(!json.contains("vm2"), "{json}");
 }
 
 #[test]
 fn cli_errors_say_what_to_do_and_exit_non_zero() {
     let node = Node::start("cli2");
-    run(tandem(&node).args(["volume", "create", "vm1", "--size", "1G"]));
+    run(node
+        .tandem()
+        .args(["volume", "create", "vm1", "--size", "1G"]));
     let cases: [(&[&str], &str); 5] = [
         (
             &["volume", "create", "vm1", "--size", "1G"],
@@ -73,13 +75,13 @@ fn cli_errors_say_what_to_do_and_exit_non_zero() {
         ),
     ];
     for (args, expected) in cases {
-        let out = output(tandem(&node).args(args));
+        let out = output(node.tandem().args(args));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
     // Nothing changed.
-    let json = run(tandem(&node).args(["-o", "json", "volume", "list"]));
+    let json = run(node.tandem().args(["-o", "json", "volume", "list"]));
     let list: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["size"], 1u64 << 30);

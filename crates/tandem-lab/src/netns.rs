@@ -20,20 +20,17 @@
 //! [`Lab::limit`] shapes a host's link in both directions with `tbf`. Dropping the lab
 //! deletes every namespace, which destroys the veths and the bridge, also after a panic.
 //!
-//! [`NsNode`] is a `tandemd` process started with `ip netns exec` on a host, listening on
-//! the host's address only. The test process (root namespace) reaches its API from a
-//! thread that joins the host's namespace ([`in_ns`]); NBD clients run in the host's
-//! namespace too ([`NsNode::qemu_io`], [`NsNode::qemu_io_session`]). Data files live on
-//! the shared file system and are read directly.
+//! [`Lab::start`] starts a [`Node`] with `ip netns exec` on a host, listening on the
+//! host's address only. The test process (root namespace) reaches its API from a thread
+//! that joins the host's namespace ([`in_ns`]); NBD clients run in the host's namespace
+//! too ([`Node::here`], [`Node::qemu_io`], [`Node::qemu_io_session`]). Data files live
+//! on the shared file system and are read directly.
 
-use std::io::{Read, Write};
+use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use crate::{Kind, Response, http, scratch, tandemd_bin};
+use crate::{Node, unique};
 
 /// The first three octets of every host address (hosts are .1, .2, ...).
 const SUBNET: [u8; 3] = [198, 18, 77];
@@ -88,12 +85,6 @@ fn tc(ns: &str, args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     );
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Deletes namespaces left by lab processes that no longer exist (killed test runs).
@@ -227,8 +218,15 @@ impl Lab {
     }
 
     /// Starts `tandemd` on host `i` as node `name`.
-    pub fn start(&self, i: usize, name: &str) -> NsNode {
-        NsNode::start(&self.hosts[i], name, &[])
+    pub fn start(&self, i: usize, name: &str) -> Node {
+        Node::start_on(&self.hosts[i], name, &[])
+    }
+
+    /// Starts node `names[i]` on host `i`, for each name (then see
+    /// [`crate::put_replicated`]).
+    pub fn start_all<const N: usize>(&self, names: [&str; N]) -> [Node; N] {
+        let mut host = 0..;
+        names.map(|name| self.start(host.next().unwrap(), name))
     }
 }
 
@@ -243,9 +241,9 @@ impl Drop for Lab {
 }
 
 /// `ip netns exec <ns> <program>`: a command to run in a namespace.
-pub fn exec(ns: &str, program: &str) -> Command {
+pub fn exec(ns: &str, program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, program]);
+    cmd.args(["netns", "exec", ns]).arg(program);
     cmd
 }
 
@@ -267,390 +265,16 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// One `tandemd` process on a host, listening on the host's address only; its
-/// directory and addresses survive restarts.
-pub struct NsNode {
-    pub name: String,
-    pub ns: String,
-    pub addr: IpAddr,
-    pub dir: PathBuf,
-    pub api: SocketAddr,
-    pub nbd: SocketAddr,
-    pub peer: SocketAddr,
-    args: Vec<String>,
-    child: Option<Child>,
-}
-
-impl NsNode {
-    /// Starts `tandemd` on `host` with extra flags and waits until its API answers.
-    pub fn start(host: &Host, name: &str, args: &[&str]) -> NsNode {
-        let mut node = NsNode {
-            name: name.to_owned(),
-            ns: host.ns.clone(),
-            addr: host.addr,
-            dir: scratch(name),
-            api: SocketAddr::new(host.addr, API_PORT),
-            nbd: SocketAddr::new(host.addr, NBD_PORT),
-            peer: SocketAddr::new(host.addr, PEER_PORT),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            child: None,
-        };
-        node.launch();
-        node
-    }
-
-    fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("tandemd.log"))
-            .expect("log file");
-        // `ip netns exec` execs the program: the child is tandemd itself.
-        let child = exec(&self.ns, tandemd_bin().to_str().expect("UTF-8 path"))
-            .args(["--name", &self.name, "--log-level", "debug"])
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args([
-                "--api-listen",
-                &self.api.to_string(),
-                "--nbd-listen",
-                &self.nbd.to_string(),
-                "--peer-listen",
-                &self.peer.to_string(),
-            ])
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {:?} in {}: {e}", tandemd_bin(), self.ns));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "tandemd {} exited at start ({status}):\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            if self
-                .try_api("GET", "/v1/node", None)
-                .is_ok_and(|r| r.status == 200)
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("tandemd {} did not come up:\n{}", self.name, self.log());
-    }
-
-    /// An API request from inside the node's namespace; any HTTP status, or why there
-    /// was no answer.
-    pub fn try_api(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-    ) -> Result<Response, String> {
-        let url = format!("http://{}{path}", self.api);
-        in_ns(&self.ns, || http(method, &url, body))
-    }
-
-    /// An API request; panics unless the API answers (with whatever status).
-    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Response {
-        self.try_api(method, path, body)
-            .unwrap_or_else(|e| panic!("API of {} unreachable: {e}", self.name))
-    }
-
-    /// Gives this node a volume spec; panics unless accepted.
-    pub fn put_spec(&self, name: &str, spec: &str) -> serde_json::Value {
-        let r = self.api("PUT", &format!("/v1/node/volumes/{name}/spec"), Some(spec));
-        assert_eq!(
-            r.status, 200,
-            "spec for {name} refused by {}: {}",
-            self.name, r.body
-        );
-        r.json()
-    }
-
-    /// The volume's status on this node (JSON).
-    pub fn status(&self, name: &str) -> serde_json::Value {
-        let r = self.api("GET", &format!("/v1/node/volumes/{name}/status"), None);
-        assert_eq!(
-            r.status, 200,
-            "status of {name} on {}: {}",
-            self.name, r.body
-        );
-        r.json()
-    }
-
-    /// This node's view of peer `node` of volume `name` (from the status).
-    pub fn peer_status(&self, name: &str, node: &str) -> serde_json::Value {
-        let status = self.status(name);
-        status["peers"]
-            .as_array()
-            .and_then(|peers| peers.iter().find(|p| p["node"] == node).cloned())
-            .unwrap_or_else(|| panic!("{}: no peer {node} in {status:#}", self.name))
-    }
-
-    /// Waits until this node sees every peer of `name` connected.
-    pub fn wait_connected(&self, name: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status(name);
-            let peers = status["peers"].as_array().cloned().unwrap_or_default();
-            if peers.iter().all(|p| p["connection"] == "Connected") {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: peers of {name} not connected: {status:#}\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// `nbd://` URI of a volume on this node; reachable from inside its namespace (see
-    /// [`NsNode::qemu_io`]), or from another host's namespace over the lab network.
-    pub fn uri(&self, volume: &str) -> String {
-        format!("nbd://{}/{volume}", self.nbd)
-    }
-
-    /// `nbd+unix://` URI of a volume on this node (a path socket works from any
-    /// namespace, but bypasses the network).
-    pub fn unix_uri(&self, volume: &str) -> String {
-        format!(
-            "nbd+unix:///{volume}?socket={}",
-            self.dir.join("nbd.sock").display()
+impl Node {
+    /// Starts `tandemd` on `host` with extra flags, listening on the host's address only,
+    /// and waits until its API answers.
+    pub fn start_on(host: &Host, name: &str, args: &[&str]) -> Node {
+        let at = |port| SocketAddr::new(host.addr, port);
+        Node::launch_new(
+            name,
+            [at(API_PORT), at(NBD_PORT), at(PEER_PORT)],
+            Some(host.ns.clone()),
+            args,
         )
-    }
-
-    /// Runs `qemu-io -f raw -c <command>... <uri>` in this node's namespace against its
-    /// TCP export of `volume`; returns whatever happened.
-    pub fn qemu_io(&self, volume: &str, commands: &[&str]) -> Output {
-        let mut cmd = exec(&self.ns, "qemu-io");
-        cmd.args(["-f", "raw"]);
-        for c in commands {
-            cmd.args(["-c", c]);
-        }
-        crate::output(cmd.arg(self.uri(volume)))
-    }
-
-    /// An interactive `qemu-io` in this node's namespace, holding `volume` open (and so
-    /// this node Primary) until it quits or is killed.
-    pub fn qemu_io_session(&self, volume: &str) -> QemuIo {
-        QemuIo::spawn(exec(&self.ns, "qemu-io").args(["-f", "raw", &self.uri(volume)]))
-    }
-
-    pub fn data_file(&self, volume: &str) -> PathBuf {
-        self.dir.join("pools/default").join(format!("{volume}.raw"))
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("tandemd.log")).unwrap_or_default()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    pub fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: signals our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        child.wait().expect("wait for tandemd")
-    }
-
-    /// SIGKILL: a crash.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "stop or kill the node first");
-        self.launch();
-    }
-}
-
-impl Drop for NsNode {
-    fn drop(&mut self) {
-        self.kill();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// A replicated volume's spec over `nodes` (node id = position), as JSON; like
-/// [`crate::spec`], with the nodes' namespace addresses.
-pub fn spec(name: &str, size: u64, nodes: &[(&NsNode, Kind)], options: &str) -> String {
-    let participants: Vec<String> = nodes
-        .iter()
-        .enumerate()
-        .map(|(id, (node, kind))| {
-            let kind = match kind {
-                Kind::Diskful => "diskful",
-                Kind::Diskless => "diskless",
-                Kind::Tiebreaker => "tiebreaker",
-            };
-            format!(
-                r#"{{"node-id":{id},"node":"{}","address":"{}","kind":"{kind}"}}"#,
-                node.name, node.peer
-            )
-        })
-        .collect();
-    let mut volume_id = [0u8; 16];
-    for (i, b) in name.bytes().enumerate() {
-        volume_id[i % 16] ^= b.wrapping_add(i as u8);
-    }
-    volume_id[15] ^= 0xa5;
-    let hex: String = volume_id.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        r#"{{"cluster-id":"0123456789abcdef0123456789abcdef","volume-id":"{hex}","name":"{name}","size":{size},"participants":[{}],"options":{{{options}}}}}"#,
-        participants.join(",")
-    )
-}
-
-/// An interactive `qemu-io`: one command at a time, each answered by its output once
-/// the next prompt appears, or not within a timeout (the command hangs; its output can
-/// still be awaited with [`QemuIo::wait`]).
-pub struct QemuIo {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    output: Receiver<Vec<u8>>,
-    pending: Vec<u8>,
-    /// The command whose answer has not arrived yet.
-    busy: bool,
-}
-
-const PROMPT: &[u8] = b"qemu-io> ";
-
-impl QemuIo {
-    /// Spawns `cmd` (a qemu-io without `-c`) and waits for its first prompt.
-    pub fn spawn(cmd: &mut Command) -> QemuIo {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-        let (tx, output) = channel();
-        for mut pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        let mut session = QemuIo {
-            stdin: child.stdin.take(),
-            child,
-            output,
-            pending: Vec::new(),
-            busy: true,
-        };
-        if let Some(text) = session.wait(Duration::from_secs(20)) {
-            assert!(
-                text.trim().is_empty(),
-                "qemu-io said at start: {text}; exit: {:?}",
-                session.child.try_wait()
-            );
-        } else {
-            let _ = session.child.kill();
-            panic!(
-                "qemu-io did not start ({cmd:?}): {}",
-                String::from_utf8_lossy(&session.pending)
-            );
-        }
-        session
-    }
-
-    /// Sends one command and returns its output, or `None` if it has not finished
-    /// within `timeout`.
-    pub fn command(&mut self, command: &str, timeout: Duration) -> Option<String> {
-        assert!(!self.busy, "the previous command has not finished");
-        let stdin = self.stdin.as_mut().expect("qemu-io stdin open");
-        writeln!(stdin, "{command}").expect("qemu-io stdin");
-        stdin.flush().expect("qemu-io stdin");
-        self.busy = true;
-        self.wait(timeout)
-    }
-
-    /// Waits for the answer of the command in progress (or for the first prompt).
-    pub fn wait(&mut self, timeout: Duration) -> Option<String> {
-        assert!(self.busy, "no command in progress");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(at) = self.pending.windows(PROMPT.len()).position(|w| w == PROMPT) {
-                let text = String::from_utf8_lossy(&self.pending[..at]).into_owned();
-                self.pending.drain(..at + PROMPT.len());
-                self.busy = false;
-                return Some(text);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.output.recv_timeout(left) {
-                Ok(chunk) => self.pending.extend(chunk),
-                Err(RecvTimeoutError::Timeout) => return None,
-                Err(RecvTimeoutError::Disconnected) => {
-                    if self.pending.is_empty() {
-                        return None;
-                    }
-                    // Exited: whatever it said last is the answer.
-                    let text = String::from_utf8_lossy(&self.pending).into_owned();
-                    self.pending.clear();
-                    self.busy = false;
-                    return Some(text);
-                }
-            }
-        }
-    }
-
-    /// True once the process has exited.
-    pub fn exited(&mut self) -> bool {
-        self.child.try_wait().ok().flatten().is_some()
-    }
-
-    /// Quits (closing the export) and waits up to 20 s for the exit; a qemu-io still
-    /// busy with a command, or not exiting, is killed instead. `None` when killed.
-    pub fn quit(mut self) -> Option<ExitStatus> {
-        if !self.busy {
-            let _ = writeln!(self.stdin.as_mut().unwrap(), "quit");
-            self.stdin.take();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Some(status) = self.child.try_wait().expect("wait for qemu-io") {
-                    return Some(status);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        self.kill();
-        None
-    }
-
-    /// SIGKILL: the client dies with whatever it had in flight.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        self.kill();
     }
 }

@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
+
+use crate::nbdsh;
 
 /// nbdsh puts the connected handle in `h`; the log gets "block seq" per acked write.
 const WRITER: &str = r#"
@@ -32,16 +34,6 @@ for line in sys.stdin:
         got_b = 2**64 - 1
     print(b, got_b, got_seq)
 "#;
-
-fn nbdsh() -> Command {
-    let mut cmd = Command::new("nbdsh");
-    // nbdsh needs the system python3 with the libnbd bindings.
-    cmd.env(
-        "PATH",
-        format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-    );
-    cmd
-}
 
 /// Starts writing to `uri` until killed; sequence numbers start after `start`, so
 /// several runs on one log never reuse one.

@@ -9,44 +9,15 @@ use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use tandem_lab::{Node, run};
+use tandem_lab::{Node, nbdsh, not_filled, qemu_io, read_range, run, wait_exit, wait_for};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------------------------------
 // Real clients: nbdsh, qemu-io, nbdinfo, fio.
-
-/// A `PATH` whose first `python3` can `import nbd`. nbdsh is `python3 -m nbd`, and the
-/// first python3 on the inherited `PATH` (a pyenv one, say) may lack the libnbd bindings
-/// that the distribution installed for its own python3.
-fn nbd_path() -> &'static str {
-    static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let inherited = std::env::var("PATH").unwrap_or_default();
-        let imports_nbd = |path: &str| {
-            Command::new("python3")
-                .args(["-c", "import nbd"])
-                .env("PATH", path)
-                .stdin(Stdio::null())
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
-        if imports_nbd(&inherited) {
-            return inherited;
-        }
-        for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
-            let path = format!("{dir}:{inherited}");
-            if imports_nbd(&path) {
-                return path;
-            }
-        }
-        panic!("no python3 with the libnbd bindings (Debian: python3-libnbd); nbdsh cannot run")
-    })
-}
 
 /// Python run inside nbdsh before a test's own lines: connects `h` with the client-side
 /// checks off, so bad requests reach the server, and defines
@@ -81,11 +52,9 @@ def check(name, offset, data):
 "#;
 
 /// Runs `script` in nbdsh connected to `uri`; returns the `key=value` lines it printed.
-fn nbdsh(uri: &str, script: &str) -> BTreeMap<String, String> {
+fn nbdsh_results(uri: &str, script: &str) -> BTreeMap<String, String> {
     let code = format!("URI = {uri:?}\n{NBDSH_PRELUDE}\n{script}");
-    let out = run(Command::new("nbdsh")
-        .env("PATH", nbd_path())
-        .args(["-c", &code]));
+    let out = run(nbdsh().args(["-c", &code]));
     out.lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
@@ -100,53 +69,14 @@ fn expect(results: &BTreeMap<String, String>, key: &str, want: &str) {
     );
 }
 
-/// qemu-io commands against a URI; asserts success and that no pattern check failed.
-fn qemu_io(uri: &str, commands: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    cmd.arg(uri);
-    let out = run(&mut cmd);
-    assert!(
-        !out.contains("failed"),
-        "qemu-io {commands:?} on {uri}:\n{out}"
-    );
-    out
-}
-
-fn volume_info(node: &Node, vol: &str) -> serde_json::Value {
-    let r = node.api("GET", &format!("/v1/node/volumes/{vol}"), None);
-    assert_eq!(r.status, 200, "GET volume {vol}: {}", r.body);
-    r.json()
-}
-
-/// Waits until `open` of the volume is `want` (connections are torn down asynchronously).
-fn wait_open(node: &Node, vol: &str, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let open = volume_info(node, vol)["open"].as_u64();
-        if open == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "volume {vol} has open={open:?}, want {want}\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The daemon is alive, answers its API, and serves a normal client on the volume
 /// (writing and reading its last 4 KiB); the earlier, broken connections have released
 /// the volume.
 fn assert_still_serving(node: &Node, vol: &str) {
     let r = node.api("GET", "/v1/node", None);
     assert_eq!(r.status, 200, "node API after abuse: {}", r.body);
-    wait_open(node, vol, 0);
-    let size = volume_info(node, vol)["size"].as_u64().unwrap();
+    node.wait_open(vol, 0);
+    let size = node.volume(vol)["size"].as_u64().unwrap();
     let out = run(Command::new("nbdinfo").args(["--size", &node.uri(vol)]));
     assert_eq!(out.trim(), size.to_string(), "nbdinfo --size");
     let last = size - 4096;
@@ -159,19 +89,16 @@ fn assert_still_serving(node: &Node, vol: &str) {
         ],
     );
     qemu_io(&node.unix_uri(vol), &[&format!("read -P 0x3c {last} 4k")]);
-    wait_open(node, vol, 0);
+    node.wait_open(vol, 0);
 }
 
 /// Asserts that the data file holds `len` bytes of `byte` at `offset`, naming the first
 /// byte that differs instead of printing the whole range.
 fn assert_file_bytes(node: &Node, vol: &str, offset: u64, len: u64, byte: u8, what: &str) {
-    let data = std::fs::read(node.data_file(vol)).expect("data file");
-    let range = &data[offset as usize..(offset + len) as usize];
-    if let Some(i) = range.iter().position(|&b| b != byte) {
+    if let Some(at) = not_filled(&node.data_file(vol), offset, len, byte) {
         panic!(
-            "{what}: byte {} of the data file is {:#04x}, want {byte:#04x} in [{offset}, +{len})",
-            offset + i as u64,
-            range[i]
+            "{what}: byte {at} of the data file is {:#04x}, want {byte:#04x} in [{offset}, +{len})",
+            read_range(&node.data_file(vol), at, 1)[0]
         );
     }
 }
@@ -179,31 +106,21 @@ fn assert_file_bytes(node: &Node, vol: &str, offset: u64, len: u64, byte: u8, wh
 /// Waits (a little) for the daemon to log `text`: a connection's reason for closing may
 /// be logged just after the client saw the close.
 fn assert_logged(node: &Node, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !node.log().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not log {text:?}:\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        &format!("the daemon logs {text:?}"),
+        Duration::from_secs(5),
+        &[node],
+        || node.log().contains(text),
+    );
 }
 
 /// Waits for a client process, killing it (and failing) if it outlives `limit`.
 fn wait_child(child: &mut Child, what: &str, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_exit(child, limit).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} still running after {limit:?}");
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -486,7 +403,7 @@ check("final_write", 12288, b"\x5a" * 4096)
 h.shutdown()
 print("done=yes")
 "#;
-    let r = nbdsh(&node.uri("vol"), script);
+    let r = nbdsh_results(&node.uri("vol"), script);
     expect(&r, "size", &(64 * MIB).to_string());
     expect(&r, "structured", "True");
     expect(&r, "meta", "False");
@@ -541,16 +458,11 @@ print("done=yes")
 fn read_only_volume_refuses_writes_with_eperm_and_still_reads() {
     let node = started_with_volume("readonly", "ro", 4 * MIB);
     qemu_io(&node.uri("ro"), &["write -P 0x77 0 64k", "flush"]);
-    wait_open(&node, "ro", 0);
+    node.wait_open("ro", 0);
 
-    let r = node.api(
-        "PATCH",
-        "/v1/node/volumes/ro",
-        Some(r#"{"read_only":true}"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["read_only"], true);
-    assert_eq!(volume_info(&node, "ro")["read_only"], true);
+    let patched = node.patch_volume("ro", r#"{"read_only":true}"#);
+    assert_eq!(patched["read_only"], true);
+    assert_eq!(node.volume("ro")["read_only"], true);
 
     let script = r#"
 print(f"read_only={h.is_read_only()}")
@@ -568,7 +480,7 @@ attempt("flush", lambda: h.flush())
 attempt("read", lambda: h.pread(65536, 0))
 check("read", 0, good)
 "#;
-    let r = nbdsh(&node.uri("ro"), script);
+    let r = nbdsh_results(&node.uri("ro"), script);
     expect(&r, "read_only", "True");
     expect(&r, "can_trim", "False");
     for key in ["write", "write_fua", "trim", "zero"] {
@@ -588,18 +500,13 @@ check("read", 0, good)
     assert_eq!(raw.simple_reply(1), EPERM);
     assert_eq!(raw.read(2, 0, 4096).unwrap(), vec![0x77; 4096]);
     raw.disconnect();
-    wait_open(&node, "ro", 0);
+    node.wait_open("ro", 0);
 
     // Writable again, then a writer connects: marking read-only now would break the
     // promise made to that writer, so it is refused and nothing changes.
-    let r = node.api(
-        "PATCH",
-        "/v1/node/volumes/ro",
-        Some(r#"{"read_only":false}"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
+    node.patch_volume("ro", r#"{"read_only":false}"#);
     let writer = Raw::session(node.nbd, "ro");
-    wait_open(&node, "ro", 1);
+    node.wait_open("ro", 1);
     let r = node.api(
         "PATCH",
         "/v1/node/volumes/ro",
@@ -609,16 +516,12 @@ check("read", 0, good)
     let err = r.json();
     assert!(err["message"].as_str().unwrap().contains("open"), "{err}");
     assert!(err["correction"].is_string(), "{err}");
-    assert_eq!(volume_info(&node, "ro")["read_only"], false);
+    assert_eq!(node.volume("ro")["read_only"], false);
     writer.disconnect();
-    wait_open(&node, "ro", 0);
-    let r = node.api(
-        "PATCH",
-        "/v1/node/volumes/ro",
-        Some(r#"{"read_only":true}"#),
-    );
-    assert_eq!(r.status, 200, "once the writer left: {}", r.body);
-    let r = nbdsh(
+    node.wait_open("ro", 0);
+    // Once the writer left, it may be.
+    node.patch_volume("ro", r#"{"read_only":true}"#);
+    let r = nbdsh_results(
         &node.unix_uri("ro"),
         "print(f\"read_only={h.is_read_only()}\")",
     );
@@ -764,7 +667,7 @@ fn truncated_request_header_then_close_releases_the_volume() {
     let node = started_with_volume("trunc", "vol", 4 * MIB);
 
     let mut raw = Raw::session(node.nbd, "vol");
-    wait_open(&node, "vol", 1);
+    node.wait_open("vol", 1);
     let header = request_bytes(0, CMD_READ, 7, 0, 4096);
     raw.send(&header[..10]);
     raw.s.shutdown(Shutdown::Write).unwrap();
@@ -993,14 +896,14 @@ fn busy_node(name: &str) -> (Node, Child) {
     let node = started_with_volume(name, "busy", VOL_SIZE);
     qemu_io(&node.uri("busy"), &["write -P 0x5a 0 512k", "flush"]);
     let fio = start_fio(&node, "busy");
-    wait_open(&node, "busy", 1);
+    node.wait_open("busy", 1);
     std::thread::sleep(Duration::from_millis(700));
     qemu_io(
         &node.unix_uri("busy"),
         &["write -P 0x5b 512k 512k", "flush"],
     );
     std::thread::sleep(Duration::from_millis(300));
-    let info = volume_info(&node, "busy");
+    let info = node.volume("busy");
     assert!(
         info["allocated"].as_u64().unwrap() > 2 * MIB,
         "fio is writing: {info}"
@@ -1070,7 +973,7 @@ fn sigterm_with_io_in_flight_exits_cleanly_and_leaves_clean_metadata() {
         !restart_log.contains("was not closed cleanly"),
         "after a clean stop:\n{restart_log}"
     );
-    let info = volume_info(&node, "busy");
+    let info = node.volume("busy");
     assert_eq!(info["disk"], "UpToDate", "{info}");
     assert_eq!(info["open"], 0, "{info}");
     assert_eq!(info["size"], VOL_SIZE, "{info}");
@@ -1103,7 +1006,7 @@ fn kill_with_io_in_flight_is_noticed_at_restart_and_flushed_data_survives() {
         restart_log.contains("was not closed cleanly"),
         "after a kill:\n{restart_log}"
     );
-    let info = volume_info(&node, "busy");
+    let info = node.volume("busy");
     assert_eq!(info["disk"], "UpToDate", "{info}");
     assert_eq!(info["size"], VOL_SIZE, "{info}");
     assert_flushed_data_intact(&node);

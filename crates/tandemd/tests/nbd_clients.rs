@@ -2,14 +2,17 @@
 //! (nbdinfo, qemu-io, qemu-img, nbdcopy, nbdsh, fio). Every test checks bytes and states,
 //! on the wire and in the volume's raw data file, not only exit codes.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, FileTypeExt, PermissionsExt};
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tandem_lab::{Node, output, run, scratch};
+use tandem_lab::{
+    HeldClient, Node, assert_file_filled, assert_file_holds, assert_same_bytes, fio_jobs, json,
+    nbdsh, output, qemu_io, qemu_io_command, qemu_io_with, random_bytes, read_range, run, scratch,
+    wait_for,
+};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -17,127 +20,6 @@ const MIB: u64 = 1 << 20;
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// Runs qemu-io on `target` with one `-c` per command; panics unless it succeeds and no
-/// command reported a failure (qemu-io keeps going after a failed command).
-fn qemu_io(opts: &[&str], target: &str, cmds: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(opts);
-    for c in cmds {
-        cmd.arg("-c").arg(c);
-    }
-    cmd.arg(target);
-    let out = output(&mut cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !stdout.contains("failed") && !stderr.contains("failed"),
-        "{cmd:?} ({}):\nstdout: {stdout}\nstderr: {stderr}",
-        out.status
-    );
-    stdout
-}
-
-/// `nbdsh`, with the system Python first on PATH: nbdsh runs `python3 -m nbd`, and the
-/// libnbd bindings live in the distribution's Python, not in a pyenv one.
-fn nbdsh() -> Command {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let mut cmd = Command::new("nbdsh");
-    cmd.env("PATH", format!("/usr/bin:/bin:{path}"));
-    cmd
-}
-
-/// An nbdsh client that ran `script` and then holds its connection open until dropped.
-struct HeldClient {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl HeldClient {
-    /// Connects to `uri`, runs `script`, and returns once the script is done (it must not
-    /// print anything itself).
-    fn start(uri: &str, script: &str) -> HeldClient {
-        let code = format!("{script}\nprint('ready', flush=True)\nimport sys\nsys.stdin.read()\n");
-        let mut child = nbdsh()
-            .arg("-u")
-            .arg(uri)
-            .arg("-c")
-            .arg(code)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start nbdsh");
-        let stdin = child.stdin.take();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        if line.trim() != "ready" {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "nbdsh did not get ready (said {line:?}):\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        HeldClient { child, stdin }
-    }
-}
-
-impl Drop for HeldClient {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    buf
-}
-
-/// Asserts two byte strings are equal, naming the first difference instead of dumping them.
-fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    if let Some(i) = actual.iter().zip(expected).position(|(a, e)| a != e) {
-        panic!(
-            "{what}: first difference at byte {i} ({i:#x}): {:#04x}, expected {:#04x}",
-            actual[i], expected[i]
-        );
-    }
-}
-
-/// Asserts the bytes `[offset, offset + len)` of a file all equal `byte`.
-fn assert_file_filled(path: &Path, offset: u64, len: u64, byte: u8) {
-    let data = read_range(path, offset, len);
-    if let Some(i) = data.iter().position(|&b| b != byte) {
-        panic!(
-            "{}: byte {} is {:#04x}, expected {byte:#04x} over [{offset}, +{len})",
-            path.display(),
-            offset + i as u64,
-            data[i]
-        );
-    }
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*), different for each seed.
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// Writes a sparse image of `len` random bytes with real holes at `holes` (offset, len);
 /// returns its contents.
@@ -167,60 +49,36 @@ fn make_image(path: &Path, len: u64, holes: &[(u64, u64)], seed: u64) -> Vec<u8>
     content
 }
 
+/// Node `name` with a volume `vm1` of `size`, and in a scratch directory an image
+/// `in.raw` of that size (see [`make_image`]): the node, the directory, the image's path
+/// and its contents.
+fn node_and_image(
+    name: &str,
+    size: u64,
+    holes: &[(u64, u64)],
+    seed: u64,
+) -> (Node, PathBuf, PathBuf, Vec<u8>) {
+    let node = Node::start(name);
+    node.create_volume("vm1", size);
+    let dir = scratch(&format!("{name}-files"));
+    let image = dir.join("in.raw");
+    let content = make_image(&image, size, holes, seed);
+    (node, dir, image, content)
+}
+
 fn sha256(path: &Path) -> String {
     let out = run(Command::new("sha256sum").arg(path));
     out.split_whitespace().next().unwrap().to_owned()
 }
 
-/// The node's log without terminal colour codes.
-fn plain_log(node: &Node) -> String {
-    let log = node.log();
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Waits until the node's log shows `n` NBD connections made.
 fn wait_for_connections(node: &Node, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while plain_log(node).matches("NBD client connected").count() < n {
-        assert!(
-            Instant::now() < deadline,
-            "clients did not connect:\n{}",
-            plain_log(node)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits until the API says no NBD client has the volume open.
-fn wait_until_closed(node: &Node, volume: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info = node
-            .api("GET", &format!("/v1/node/volumes/{volume}"), None)
-            .json();
-        if info["open"] == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{volume} stays open: {info}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
+    wait_for(
+        &format!("{n} NBD clients connected"),
+        Duration::from_secs(15),
+        &[node],
+        || node.plain_log().matches("NBD client connected").count() >= n,
+    );
 }
 
 /// The direct-I/O alignment the kernel reports for a file, computed the way tandemd does:
@@ -325,8 +183,8 @@ fn nbdinfo_lists_every_volume_with_its_size() {
 // 2. qemu-io: every kind of request, checked in the raw data file
 // ---------------------------------------------------------------------------------------
 
-/// Runs a fixed mix of qemu-io requests against a 16 MiB volume and returns what the
-/// volume must hold afterwards.
+/// Runs a fixed mix of qemu-io requests (qemu-io options `opts`) against a 16 MiB volume
+/// and returns what the volume must hold afterwards.
 fn qemu_io_request_mix(opts: &[&str], target: &str) -> Vec<u8> {
     let mut model = vec![0u8; (16 * MIB) as usize];
     let mut fill = |off: u64, len: u64, byte: u8| {
@@ -344,7 +202,7 @@ fn qemu_io_request_mix(opts: &[&str], target: &str) -> Vec<u8> {
     fill(7 * MIB + 100, 1000, 0x5a); // unaligned: read-modify-write in qemu
     fill(12 * MIB, 4 * MIB, 0x77);
 
-    let out = qemu_io(
+    let out = qemu_io_with(
         opts,
         target,
         &[
@@ -398,18 +256,17 @@ fn qemu_io_requests_land_in_the_data_file(node: &Node) {
         ("nocache", &["-t", "none"][..], node.unix_uri("nocache")),
     ] {
         node.create_volume(volume, 16 * MIB);
-        let mut all = vec!["-f", "raw"];
-        all.extend_from_slice(opts);
-        let model = qemu_io_request_mix(&all, &target);
+        let model = qemu_io_request_mix(opts, &target);
         let file = node.data_file(volume);
-        assert_same_bytes(
-            &read_range(&file, 0, 16 * MIB),
+        assert_file_holds(
+            &file,
+            0,
             &model,
             &format!("data file of {volume} (qemu-io {opts:?})"),
         );
         // And a fresh connection reads the same through the server.
-        qemu_io(
-            &all,
+        qemu_io_with(
+            opts,
             &target,
             &[
                 "read -P 0xab 0 1M",
@@ -503,26 +360,19 @@ fn assert_map(map: &[MapEntry], size: u64, start: u64, len: u64, zero: bool, too
 
 #[test]
 fn qemu_img_convert_round_trips_an_image_and_map_shows_discarded_holes() {
-    let node = Node::start("convert");
     let size = 32 * MIB;
-    node.create_volume("vm1", size);
-    let uri = node.uri("vm1");
-    let dir = scratch("convert-files");
-    let image = dir.join("in.raw");
     let holes = [(4 * MIB, 2 * MIB), (20 * MIB, 64 * KIB), (31 * MIB, MIB)];
-    let content = make_image(&image, size, &holes, 3);
+    let (node, dir, image, content) = node_and_image("convert", size, &holes, 3);
+    let uri = node.uri("vm1");
+    let file = node.data_file("vm1");
 
     // Junk first, so the image's zero runs must really be written as zeros.
-    qemu_io(&["-f", "raw"], &uri, &["write -P 0xff 0 32M"]);
+    qemu_io(&uri, &["write -P 0xff 0 32M"]);
     run(Command::new("qemu-img")
         .args(["convert", "-n", "-f", "raw", "-O", "raw"])
         .arg(&image)
         .arg(&uri));
-    assert_same_bytes(
-        &read_range(&node.data_file("vm1"), 0, size),
-        &content,
-        "data file after qemu-img convert in",
-    );
+    assert_file_holds(&file, 0, &content, "data file after qemu-img convert in");
 
     let back = dir.join("out.raw");
     run(Command::new("qemu-img")
@@ -535,7 +385,7 @@ fn qemu_img_convert_round_trips_an_image_and_map_shows_discarded_holes() {
         .arg(&back));
     assert!(compare.contains("Images are identical"), "{compare}");
     assert_eq!(sha256(&back), sha256(&image), "image converted back out");
-    assert_eq!(sha256(&node.data_file("vm1")), sha256(&image), "data file");
+    assert_eq!(sha256(&file), sha256(&image), "data file");
 
     // The source's first hole went over as zeroes; the data around it is data.
     for (tool, map) in [
@@ -548,7 +398,7 @@ fn qemu_img_convert_round_trips_an_image_and_map_shows_discarded_holes() {
     }
 
     // A discarded range becomes a hole in both tools' view, and zeros in the file.
-    qemu_io(&["-f", "raw"], &uri, &["discard 8M 2M", "read -P 0 8M 2M"]);
+    qemu_io(&uri, &["discard 8M 2M", "read -P 0 8M 2M"]);
     for (tool, map) in [
         ("qemu-img map", qemu_img_map(&uri)),
         ("nbdinfo --map", nbdinfo_map(&uri)),
@@ -566,9 +416,10 @@ fn qemu_img_convert_round_trips_an_image_and_map_shows_discarded_holes() {
             "{tool}: no extent exactly [8M, +2M): {map:#?}"
         );
     }
-    assert_file_filled(&node.data_file("vm1"), 8 * MIB, 2 * MIB, 0);
-    assert_same_bytes(
-        &read_range(&node.data_file("vm1"), 10 * MIB, 22 * MIB),
+    assert_file_filled(&file, 8 * MIB, 2 * MIB, 0);
+    assert_file_holds(
+        &file,
+        10 * MIB,
         &content[(10 * MIB) as usize..],
         "data after the discarded range",
     );
@@ -581,25 +432,19 @@ fn qemu_img_convert_round_trips_an_image_and_map_shows_discarded_holes() {
 
 #[test]
 fn nbdcopy_with_two_connections_copies_in_and_out_exactly() {
-    let node = Node::start("nbdcopy");
     let size = 24 * MIB;
-    node.create_volume("vm1", size);
+    let holes = [(MIB, 3 * MIB), (16 * MIB, 256 * KIB)];
+    let (node, dir, image, content) = node_and_image("nbdcopy", size, &holes, 4);
     let uri = node.uri("vm1");
-    let dir = scratch("nbdcopy-files");
-    let image = dir.join("in.raw");
-    let content = make_image(&image, size, &[(MIB, 3 * MIB), (16 * MIB, 256 * KIB)], 4);
+    let file = node.data_file("vm1");
 
     // Junk first: the image's holes must come out as zeros, not as what was there.
-    qemu_io(&["-f", "raw"], &uri, &["write -P 0xee 0 24M"]);
+    qemu_io(&uri, &["write -P 0xee 0 24M"]);
     run(Command::new("nbdcopy")
         .args(["--connections=2", "--requests=16", "--flush"])
         .arg(&image)
         .arg(&uri));
-    assert_same_bytes(
-        &read_range(&node.data_file("vm1"), 0, size),
-        &content,
-        "data file after nbdcopy in",
-    );
+    assert_file_holds(&file, 0, &content, "data file after nbdcopy in");
 
     let back = dir.join("out.raw");
     std::fs::File::create(&back).unwrap();
@@ -617,7 +462,8 @@ fn nbdcopy_with_two_connections_copies_in_and_out_exactly() {
 // 5. fio's nbd engine: deep queues, two jobs, verified
 // ---------------------------------------------------------------------------------------
 
-fn fio_jobs(uri: &str, out: &Path, extra: &[&str]) -> Vec<Value> {
+/// Two verifying fio jobs on `uri`, reporting to `out`; returns the jobs' reports.
+fn fio_verified(uri: &str, out: &Path, extra: &[&str]) -> Vec<Value> {
     let mut cmd = Command::new("fio");
     // Anything fio leaves behind goes to the scratch directory, not the crate.
     cmd.current_dir(out.parent().unwrap())
@@ -633,14 +479,10 @@ fn fio_jobs(uri: &str, out: &Path, extra: &[&str]) -> Vec<Value> {
             "--verify=crc32c",
             "--verify_state_save=0",
             "--randseed=1234",
-            "--output-format=json",
         ])
         .arg(format!("--uri={uri}"))
-        .arg(format!("--output={}", out.display()))
         .args(extra);
-    run(&mut cmd);
-    let report = json(&std::fs::read_to_string(out).unwrap());
-    report["jobs"].as_array().expect("jobs").clone()
+    fio_jobs(&mut cmd, out)
 }
 
 #[test]
@@ -649,7 +491,7 @@ fn fio_nbd_engine_random_writes_verify_with_two_jobs_deep_queues() {
     node.create_volume("vm1", 64 * MIB);
     let dir = scratch("fio-files");
 
-    let jobs = fio_jobs(
+    let jobs = fio_verified(
         &node.unix_uri("vm1"),
         &dir.join("write.json"),
         &["--do_verify=1"],
@@ -664,7 +506,7 @@ fn fio_nbd_engine_random_writes_verify_with_two_jobs_deep_queues() {
     }
 
     // Again, verify only, on a new connection over TCP: the data is in the volume.
-    let jobs = fio_jobs(
+    let jobs = fio_verified(
         &node.uri("vm1"),
         &dir.join("verify.json"),
         &["--verify_only=1"],
@@ -692,7 +534,7 @@ fn fio_nbd_engine_random_writes_verify_with_two_jobs_deep_queues() {
 fn unflushed_writes_survive_a_clean_stop_with_a_client_attached() {
     let mut node = Node::start("restart");
     node.create_volume("vm1", 16 * MIB);
-    qemu_io(&["-f", "raw"], &node.uri("vm1"), &["write -P 0x21 0 16M"]);
+    qemu_io(&node.uri("vm1"), &["write -P 0x21 0 16M"]);
 
     // A client writes without flushing and stays connected while the node stops.
     let client = HeldClient::start(
@@ -717,7 +559,6 @@ fn unflushed_writes_survive_a_clean_stop_with_a_client_attached() {
 
     node.restart();
     qemu_io(
-        &["-f", "raw"],
         &node.uri("vm1"),
         &[
             "read -P 0x21 0 1M",
@@ -734,11 +575,7 @@ fn flushed_writes_survive_sigkill_of_the_node() {
     let mut node = Node::start("crash");
     node.create_volume("vm1", 16 * MIB);
     // One client's flushed writes via qemu-io (it has exited), another's still connected.
-    qemu_io(
-        &["-f", "raw"],
-        &node.uri("vm1"),
-        &["write -P 0x3c 0 2M", "flush"],
-    );
+    qemu_io(&node.uri("vm1"), &["write -P 0x3c 0 2M", "flush"]);
     let client = HeldClient::start(
         &node.uri("vm1"),
         "h.pwrite(b'\\xc3' * (3 << 20), 2 << 20)\nh.flush()",
@@ -748,7 +585,6 @@ fn flushed_writes_survive_sigkill_of_the_node() {
 
     node.restart();
     qemu_io(
-        &["-f", "raw"],
         &node.uri("vm1"),
         &[
             "read -P 0x3c 0 2M",
@@ -766,7 +602,6 @@ fn flushed_writes_survive_sigkill_of_the_node() {
     );
     // And the volume is writable again after the crash.
     qemu_io(
-        &["-f", "raw"],
         &node.unix_uri("vm1"),
         &["write -P 0x99 8M 1M", "read -P 0x99 8M 1M"],
     );
@@ -797,7 +632,6 @@ fn unix_socket_is_not_accessible_to_other_users() {
         );
         // And it serves.
         qemu_io(
-            &["-f", "raw"],
             &node.unix_uri("vm1"),
             &["write -P 0x42 0 4k", "read -P 0x42 0 4k"],
         );
@@ -834,7 +668,6 @@ fn volumes_beyond_4_gib_address_and_map_correctly() {
     let uri = node.uri("big");
     // Extents 64 KiB-aligned, so file system block size does not blur the map.
     qemu_io(
-        &["-f", "raw"],
         &uri,
         &[
             "write -P 0x41 4294934528 64k", // [4G - 32k, 4G + 32k): across 2^32
@@ -875,7 +708,7 @@ fn unaligned_requests_from_libnbd_are_byte_exact() {
     let node = Node::start("unaligned");
     let size = 4 * MIB;
     node.create_volume("vm1", size);
-    qemu_io(&["-f", "raw"], &node.uri("vm1"), &["write -P 0x11 0 4M"]);
+    qemu_io(&node.uri("vm1"), &["write -P 0x11 0 4M"]);
     let dir = scratch("unaligned-files");
     let readback = dir.join("readback.bin");
 
@@ -937,16 +770,11 @@ fn read_only_volume_is_advertised_and_refuses_writes() {
     let node = Node::start("readonly");
     node.create_volume("vm1", 4 * MIB);
     let uri = node.uri("vm1");
-    qemu_io(&["-f", "raw"], &uri, &["write -P 0x42 0 4M"]);
+    qemu_io(&uri, &["write -P 0x42 0 4M"]);
     // qemu-io has exited, but the server notices the disconnect on its own time; until
     // it has, the volume counts as open and may not be made read-only.
-    wait_until_closed(&node, "vm1");
-    let r = node.api(
-        "PATCH",
-        "/v1/node/volumes/vm1",
-        Some(r#"{"read_only":true}"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
+    node.wait_open("vm1", 0);
+    node.patch_volume("vm1", r#"{"read_only":true}"#);
 
     let info = json(&run(Command::new("nbdinfo").arg("--json").arg(&uri)));
     let e = &info["exports"][0];
@@ -956,16 +784,16 @@ fn read_only_volume_is_advertised_and_refuses_writes() {
     }
 
     // QEMU will not open it for writing; read-only it reads fine.
-    let out = output(
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "write -P 0x99 0 4k"])
-            .arg(&uri),
-    );
+    let out = output(&mut qemu_io_command(
+        &["-f", "raw"],
+        &["write -P 0x99 0 4k"],
+        &[&uri],
+    ));
     assert!(
         !out.status.success(),
         "qemu-io opened a read-only export rw"
     );
-    qemu_io(&["-f", "raw", "-r"], &uri, &["read -P 0x42 0 4M"]);
+    qemu_io_with(&["-r"], &uri, &["read -P 0x42 0 4M"]);
 
     // libnbd, with its own checks off, sends the writes anyway: the server refuses each.
     let said = run(nbdsh().args(["-u", &node.unix_uri("vm1")]).arg("-c").arg(
@@ -986,13 +814,8 @@ for name, op in [("write", lambda: h.pwrite(b"x" * 4096, 0)),
     assert_file_filled(&node.data_file("vm1"), 0, 4 * MIB, 0x42);
 
     // Writable again: writes land.
-    let r = node.api(
-        "PATCH",
-        "/v1/node/volumes/vm1",
-        Some(r#"{"read_only":false}"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    qemu_io(&["-f", "raw"], &uri, &["write -P 0x24 0 4k"]);
+    node.patch_volume("vm1", r#"{"read_only":false}"#);
+    qemu_io(&uri, &["write -P 0x24 0 4k"]);
     assert_file_filled(&node.data_file("vm1"), 0, 4 * KIB, 0x24);
 }
 
@@ -1008,7 +831,6 @@ fn thick_volume_keeps_its_blocks_through_discard_and_zeroing() {
     assert_eq!(r.status, 201, "{}", r.body);
     let uri = node.uri("vm1");
     qemu_io(
-        &["-f", "raw"],
         &uri,
         &[
             "write -P 0x42 0 16M",
@@ -1078,7 +900,7 @@ fn clean_stop_under_load_exits_promptly_and_leaves_the_volume_clean() {
         took < Duration::from_secs(10),
         "stop under load took {took:?}"
     );
-    let log = plain_log(&node);
+    let log = node.plain_log();
     assert!(
         log.contains("finishing in-flight NBD requests connections=2"),
         "the stop did not happen under load:\n{log}"
@@ -1092,7 +914,6 @@ fn clean_stop_under_load_exits_promptly_and_leaves_the_volume_clean() {
         "after a clean stop the volume was found unclean:\n{log}"
     );
     qemu_io(
-        &["-f", "raw"],
         &node.uri("vm1"),
         &["write -P 0x5e 0 1M", "read -P 0x5e 0 1M"],
     );
@@ -1114,20 +935,19 @@ fn qemu_negotiates_extended_headers_and_libnbd_structured_replies() {
     let node = Node::start("modes");
     node.create_volume("vm1", 4 * MIB);
     qemu_io(
-        &["-f", "raw"],
         &node.uri("vm1"),
         &["write -P 0x12 0 64k", "read -P 0x12 0 64k"],
     );
     wait_for_connections(&node, 1);
     // Only the server can tell which reply mode was negotiated; it logs it.
     assert!(
-        plain_log(&node).contains("export=vm1 mode=Extended"),
+        node.plain_log().contains("export=vm1 mode=Extended"),
         "QEMU did not get extended headers:\n{}",
-        plain_log(&node)
+        node.plain_log()
     );
     run(Command::new("nbdinfo").arg(node.uri("vm1")));
     wait_for_connections(&node, 2);
-    let log = plain_log(&node);
+    let log = node.plain_log();
     // libnbd 1.14 knows no extended headers; newer ones negotiate them too.
     assert!(
         log.matches("export=vm1 mode=Structured").count()

@@ -1,14 +1,15 @@
 //! System tests: NBD over TLS (STARTTLS) between a real `tandemd` and real clients
 //! (libnbd's nbdinfo, QEMU's qemu-io and qemu-img), with certificates made by openssl.
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tandem_lab::{Node, have, output, run, scratch};
+use tandem_lab::{
+    HeldClient, Node, assert_file_filled, assert_file_holds, assert_same_bytes, fio_jobs, have,
+    json, output, qemu_io_command, qemu_io_result, random_bytes, read_range, run, scratch,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -36,22 +37,35 @@ fn openssl(dir: &Path, args: &[&str]) {
     run(Command::new("openssl").current_dir(dir).args(args));
 }
 
+/// `openssl req <kind>` with a new P-256 key, `<name>-key.pem`, writing `out`, then
+/// `rest` of the arguments.
+fn new_key(dir: &Path, kind: &str, name: &str, out: &str, rest: &[&str]) {
+    let key = format!("{name}-key.pem");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let args = [
+        &["req", kind][..],
+        &ec,
+        &["-keyout", &key, "-out", out],
+        rest,
+    ]
+    .concat();
+    openssl(dir, &args);
+}
+
 /// A self-signed CA: `<name>-cert.pem`, `<name>-key.pem`.
 fn make_ca(dir: &Path, name: &str) {
-    openssl(
+    new_key(
         dir,
+        "-x509",
+        name,
+        &format!("{name}-cert.pem"),
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}-key.pem"),
-            "-out",
-            &format!("{name}-cert.pem"),
             "-days",
             "2",
             "-subj",
@@ -68,23 +82,12 @@ fn make_ca(dir: &Path, name: &str) {
 fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, extensions: &str) {
     let ext = format!("{name}.ext");
     std::fs::write(dir.join(&ext), extensions).unwrap();
-    openssl(
+    new_key(
         dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}-key.pem"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
+        "-new",
+        name,
+        &format!("{name}.csr"),
+        &["-subj", &format!("/CN={cn}")],
     );
     openssl(
         dir,
@@ -201,10 +204,6 @@ fn nbds_uri(node: &Node, volume: &str, creds: &Path) -> String {
     )
 }
 
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
-}
-
 /// nbdinfo --json; the parsed report, or the error output when it fails.
 fn nbdinfo(uri: &str) -> Result<Value, String> {
     let out = output(Command::new("nbdinfo").arg("--json").arg(uri));
@@ -232,65 +231,11 @@ fn qemu_tls(node: &Node, volume: &str, creds: &Path) -> (String, String) {
 /// qemu-io over TLS; Ok(stdout) when it succeeded and no command failed.
 fn qemu_io_tls(node: &Node, volume: &str, creds: &Path, cmds: &[&str]) -> Result<String, String> {
     let (object, image) = qemu_tls(node, volume, creds);
-    let mut cmd = Command::new("qemu-io");
-    cmd.arg("--object").arg(object);
-    for c in cmds {
-        cmd.arg("-c").arg(c);
-    }
-    cmd.arg("--image-opts").arg(image);
-    let out = output(&mut cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    if out.status.success() && !stdout.contains("failed") && !stderr.contains("failed") {
-        Ok(stdout)
-    } else {
-        Err(format!(
-            "{} \nstdout: {stdout}\nstderr: {stderr}",
-            out.status
-        ))
-    }
-}
-
-fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
-    let file = std::fs::File::open(path).unwrap();
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset).unwrap();
-    buf
-}
-
-fn assert_file_filled(path: &Path, offset: u64, len: u64, byte: u8) {
-    let data = read_range(path, offset, len);
-    if let Some(i) = data.iter().position(|&b| b != byte) {
-        panic!(
-            "{}: byte {} is {:#04x}, expected {byte:#04x} over [{offset}, +{len})",
-            path.display(),
-            offset + i as u64,
-            data[i]
-        );
-    }
-}
-
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    if let Some(i) = actual.iter().zip(expected).position(|(a, e)| a != e) {
-        panic!(
-            "{what}: first difference at byte {i}: {:#04x}, expected {:#04x}",
-            actual[i], expected[i]
-        );
-    }
+    qemu_io_result(&mut qemu_io_command(
+        &["--object", &object],
+        cmds,
+        &["--image-opts", &image],
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -361,8 +306,9 @@ fn tls_clients_negotiate_tls_and_move_data_intact() {
         .args(["-f", "raw"])
         .arg(&image)
         .args(["--target-image-opts", &opts]));
-    assert_same_bytes(
-        &read_range(&file, 0, size),
+    assert_file_holds(
+        &file,
+        0,
         &content,
         "data file after qemu-img convert over TLS",
     );
@@ -390,11 +336,11 @@ fn tls_required_refuses_plain_tcp_clients_and_serves_tls_ones() {
     let err = nbdinfo(&node.uri("vm1")).expect_err("plain nbdinfo must be refused");
     assert!(!err.is_empty(), "refused without a word");
     // A plain qemu-io cannot open the export, so its write never lands.
-    let mut plain = Command::new("qemu-io");
-    plain
-        .args(["-f", "raw", "-c", "write -P 0x99 0 1M"])
-        .arg(node.uri("vm1"));
-    let out = output(&mut plain);
+    let out = output(&mut qemu_io_command(
+        &["-f", "raw"],
+        &["write -P 0x99 0 1M"],
+        &[&node.uri("vm1")],
+    ));
     assert!(
         !out.status.success(),
         "plain qemu-io was served: {}",
@@ -482,30 +428,28 @@ fn fio_over_tls_with_deep_queues_verifies() {
     let home = pki.dir.join("home");
     std::fs::create_dir_all(home.join(".pki/libnbd")).unwrap();
     std::fs::copy(&pki.ca_cert, home.join(".pki/libnbd/ca-cert.pem")).unwrap();
-    let report = pki.dir.join("fio.json");
-    run(Command::new("fio")
-        .current_dir(&pki.dir)
-        .env("HOME", &home)
-        .args([
-            "--name=tls",
-            "--ioengine=nbd",
-            "--rw=randwrite",
-            "--bsrange=4k-4m",
-            "--iodepth=32",
-            "--numjobs=2",
-            "--size=24m",
-            "--offset_increment=24m",
-            "--verify=crc32c",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--output-format=json",
-        ])
-        .arg(format!("--uri=nbds://{}/vm1", node.nbd))
-        .arg(format!("--output={}", report.display())));
-    let report = json(&std::fs::read_to_string(&report).unwrap());
-    let jobs = report["jobs"].as_array().expect("jobs");
+    let jobs = fio_jobs(
+        Command::new("fio")
+            .current_dir(&pki.dir)
+            .env("HOME", &home)
+            .args([
+                "--name=tls",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bsrange=4k-4m",
+                "--iodepth=32",
+                "--numjobs=2",
+                "--size=24m",
+                "--offset_increment=24m",
+                "--verify=crc32c",
+                "--verify_state_save=0",
+                "--do_verify=1",
+            ])
+            .arg(format!("--uri=nbds://{}/vm1", node.nbd)),
+        &pki.dir.join("fio.json"),
+    );
     assert_eq!(jobs.len(), 2);
-    for job in jobs {
+    for job in &jobs {
         assert_eq!(job["error"], 0, "{job:#}");
         assert_eq!(job["write"]["io_bytes"], 24 * MIB, "{job:#}");
         assert_eq!(job["read"]["io_bytes"], 24 * MIB, "verify phase: {job:#}");
@@ -527,46 +471,17 @@ fn clean_stop_with_a_tls_client_attached_is_prompt_and_keeps_its_writes() {
     let mut node = start_tls_node("tlsstop", &pki, &["--tls-required"]);
     node.create_volume("vm1", 8 * MIB);
     // A TLS client writes (no flush) and stays connected.
-    let script = format!(
+    let client = HeldClient::start_unconnected(&format!(
         "h.set_uri_allow_local_file(True)\n\
          h.connect_uri({uri:?})\n\
-         h.pwrite(b'\\x7e' * (2 << 20), 1 << 20)\n\
-         print('ready', flush=True)\n\
-         import sys\n\
-         sys.stdin.read()\n",
+         h.pwrite(b'\\x7e' * (2 << 20), 1 << 20)",
         uri = nbds_uri(&node, "vm1", &pki.anonymous)
-    );
-    let path = std::env::var("PATH").unwrap_or_default();
-    let mut client = Command::new("nbdsh")
-        // nbdsh runs `python3 -m nbd`: the distribution's Python has the bindings.
-        .env("PATH", format!("/usr/bin:/bin:{path}"))
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start nbdsh");
-    let stdin = client.stdin.take();
-    let mut line = String::new();
-    BufReader::new(client.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    if line.trim() != "ready" {
-        let _ = client.kill();
-        let out = client.wait_with_output().unwrap();
-        panic!(
-            "nbdsh over TLS did not get ready ({line:?}):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    ));
 
     let started = Instant::now();
     let status = node.stop();
     let took = started.elapsed();
-    drop(stdin);
-    let _ = client.kill();
-    let _ = client.wait();
+    drop(client);
     assert!(status.success(), "tandemd exit status {status}");
     assert!(
         took < Duration::from_secs(10),

@@ -7,10 +7,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
-use tandem_lab::{Node, output, run};
+use tandem_lab::{Node, SmallFs, output, qemu_io, qemu_io_command, qemu_io_with, run, wait_exit};
 
 const MIB: u64 = 1 << 20;
 
@@ -26,16 +26,21 @@ fn create(node: &Node, body: &str) -> tandem_lab::Response {
     node.api("POST", "/v1/node/volumes", Some(body))
 }
 
-fn get_volume(node: &Node, vol: &str) -> Value {
-    let r = node.api("GET", &format!("/v1/node/volumes/{vol}"), None);
-    assert_eq!(r.status, 200, "GET {vol}: {}", r.body);
-    r.json()
-}
-
 fn list(node: &Node) -> Value {
     let r = node.api("GET", "/v1/node/volumes", None);
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()
+}
+
+/// The names in a list of volumes, in its order.
+fn names(list: &Value) -> Vec<&str> {
+    let volumes = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"));
+    volumes
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect()
 }
 
 /// Asserts every field of a healthy volume's JSON body; returns `allocated`.
@@ -71,6 +76,12 @@ fn assert_volume(v: &Value, name: &str, size: u64, thick: bool, read_only: bool)
         assert!(allocated >= size, "thick volume allocates its size: {v}");
     }
     allocated
+}
+
+/// Changes a volume (PATCH with `body`, which must be accepted) and asserts every field of
+/// the volume it answers with.
+fn assert_patched(node: &Node, name: &str, body: &str, size: u64, thick: bool, read_only: bool) {
+    assert_volume(&node.patch_volume(name, body), name, size, thick, read_only);
 }
 
 /// Asserts an error response: status, and a JSON body with a non-empty message and
@@ -155,32 +166,6 @@ fn go_refusal(addr: SocketAddr, name: &str) -> (u32, String) {
     }
 }
 
-fn wait_open(node: &Node, vol: &str, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let open = get_volume(node, vol)["open"].as_u64();
-        if open == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{vol}: open={open:?}, want {want}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn qemu_io(uri: &str, commands: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = run(cmd.arg(uri));
-    assert!(!out.contains("failed"), "qemu-io {commands:?}:\n{out}");
-    out
-}
-
 // ---------------------------------------------------------------------------------------
 // 6. The happy path.
 
@@ -197,7 +182,7 @@ fn volume_life_cycle_through_the_api() {
         created["allocated"].as_u64().unwrap() < 8 * MIB,
         "a thin volume starts sparse: {created}"
     );
-    assert_eq!(get_volume(&node, "alpha"), created);
+    assert_eq!(node.volume("alpha"), created);
     assert_eq!(
         std::fs::metadata(node.data_file("alpha")).unwrap().len(),
         8 * MIB
@@ -213,30 +198,19 @@ fn volume_life_cycle_through_the_api() {
 
     // Listed in name order, each as GET shows it.
     let all = list(&node);
-    let names: Vec<&str> = all
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["alpha", "beta"]);
-    assert_eq!(all[0], get_volume(&node, "alpha"));
-    assert_eq!(all[1], get_volume(&node, "beta"));
+    assert_eq!(names(&all), ["alpha", "beta"]);
+    assert_eq!(all[0], node.volume("alpha"));
+    assert_eq!(all[1], node.volume("beta"));
 
     // Data written over NBD shows up in `allocated`.
     qemu_io(&node.uri("alpha"), &["write -P 0x11 0 1M", "flush"]);
-    wait_open(&node, "alpha", 0);
-    let allocated = assert_volume(&get_volume(&node, "alpha"), "alpha", 8 * MIB, false, false);
+    node.wait_open("alpha", 0);
+    let allocated = assert_volume(&node.volume("alpha"), "alpha", 8 * MIB, false, false);
     assert!(allocated >= MIB, "after writing 1 MiB: {allocated}");
 
     // Grow.
-    let r = node.api(
-        "PATCH",
-        "/v1/node/volumes/alpha",
-        Some(r#"{"size":16777216}"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_volume(&r.json(), "alpha", 16 * MIB, false, false);
+    let grow = r#"{"size":16777216}"#;
+    assert_patched(&node, "alpha", grow, 16 * MIB, false, false);
     assert_eq!(
         std::fs::metadata(node.data_file("alpha")).unwrap().len(),
         16 * MIB
@@ -244,60 +218,46 @@ fn volume_life_cycle_through_the_api() {
     let size = run(Command::new("nbdinfo").args(["--size", &node.uri("alpha")]));
     assert_eq!(size.trim(), (16 * MIB).to_string());
     // To the same size: nothing to do.
-    let r = node.api(
-        "PATCH",
-        "/v1/node/volumes/alpha",
-        Some(r#"{"size":16777216}"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_volume(&r.json(), "alpha", 16 * MIB, false, false);
+    assert_patched(&node, "alpha", grow, 16 * MIB, false, false);
     // A thick volume stays fully allocated when it grows.
-    let r = node.api(
-        "PATCH",
-        "/v1/node/volumes/beta",
-        Some(r#"{"size":12582912}"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_volume(&r.json(), "beta", 12 * MIB, true, false);
+    assert_patched(&node, "beta", r#"{"size":12582912}"#, 12 * MIB, true, false);
 
     // Read-only, and back.
-    let r = node.api(
-        "PATCH",
-        "/v1/node/volumes/alpha",
-        Some(r#"{"read_only":true}"#),
+    assert_patched(
+        &node,
+        "alpha",
+        r#"{"read_only":true}"#,
+        16 * MIB,
+        false,
+        true,
     );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_volume(&r.json(), "alpha", 16 * MIB, false, true);
-    let r = node.api("PATCH", "/v1/node/volumes/alpha", Some("{}"));
-    assert_eq!(r.status, 200, "an empty change: {}", r.body);
-    assert_volume(&r.json(), "alpha", 16 * MIB, false, true);
+    // An empty change.
+    assert_patched(&node, "alpha", "{}", 16 * MIB, false, true);
 
     // Everything survives a restart.
     assert!(node.stop().success());
     node.restart();
-    assert_volume(&get_volume(&node, "alpha"), "alpha", 16 * MIB, false, true);
-    assert_volume(&get_volume(&node, "beta"), "beta", 12 * MIB, true, false);
+    assert_volume(&node.volume("alpha"), "alpha", 16 * MIB, false, true);
+    assert_volume(&node.volume("beta"), "beta", 12 * MIB, true, false);
     // Read-only: qemu-io must open it read-only too, and cannot open it for writing.
-    let out = run(Command::new("qemu-io")
-        .args(["-r", "-f", "raw", "-c", "read -P 0x11 0 1M"])
-        .arg(node.uri("alpha")));
-    assert!(!out.contains("failed"), "{out}");
-    let rw = output(
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "write 0 4k"])
-            .arg(node.uri("alpha")),
-    );
+    qemu_io_with(&["-r"], &node.uri("alpha"), &["read -P 0x11 0 1M"]);
+    let rw = output(&mut qemu_io_command(
+        &["-f", "raw"],
+        &["write 0 4k"],
+        &[&node.uri("alpha")],
+    ));
     assert!(!rw.status.success(), "qemu-io wrote to a read-only volume");
-    let r = node.api(
-        "PATCH",
-        "/v1/node/volumes/alpha",
-        Some(r#"{"read_only":false}"#),
+    assert_patched(
+        &node,
+        "alpha",
+        r#"{"read_only":false}"#,
+        16 * MIB,
+        false,
+        false,
     );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_volume(&r.json(), "alpha", 16 * MIB, false, false);
 
     // Delete.
-    wait_open(&node, "alpha", 0);
+    node.wait_open("alpha", 0);
     let r = node.api("DELETE", "/v1/node/volumes/alpha", None);
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(r.body, "");
@@ -309,13 +269,7 @@ fn volume_life_cycle_through_the_api() {
     );
     let r = node.api("GET", "/v1/node/volumes/alpha", None);
     assert_error(&r, 404, false, "GET after DELETE");
-    let names: Vec<Value> = list(&node)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].clone())
-        .collect();
-    assert_eq!(names, [json!("beta")]);
+    assert_eq!(names(&list(&node)), ["beta"]);
     let r = node.api("DELETE", "/v1/node/volumes/beta", None);
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(list(&node), json!([]));
@@ -335,7 +289,7 @@ fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
     let node = Node::start("apibad");
     node.create_volume("keep", 4 * MIB);
     qemu_io(&node.uri("keep"), &["write -P 0x42 0 64k", "flush"]);
-    wait_open(&node, "keep", 0);
+    node.wait_open("keep", 0);
     // A file an operator left in the pool, in the way of a new volume's name.
     std::fs::write(pool_dir(&node).join("stray.raw"), b"operator data").unwrap();
     let volumes = list(&node);
@@ -408,43 +362,37 @@ fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
     );
     unchanged(what);
 
-    let what = "duplicate name";
-    let e = assert_error(
-        &create(&node, r#"{"name":"keep","size":8192}"#),
-        409,
-        false,
-        what,
-    );
-    assert!(e["message"].as_str().unwrap().contains("keep"), "{e}");
-    unchanged(what);
-    let what = "duplicate name, thick, in the pool named";
-    assert_error(
-        &create(
-            &node,
-            r#"{"name":"keep","size":4096,"pool":"default","thick":true}"#,
+    // Refused for what is already there (or is not): the message names it.
+    for (body, status, named, what) in [
+        (
+            r#"{"name":"keep","size":8192}"#,
+            409,
+            "keep",
+            "duplicate name",
         ),
-        409,
-        false,
-        what,
-    );
-    unchanged(what);
-    let what = "unknown pool";
-    let e = assert_error(
-        &create(&node, r#"{"name":"x","size":4096,"pool":"nosuch"}"#),
-        404,
-        false,
-        what,
-    );
-    assert!(e["message"].as_str().unwrap().contains("nosuch"), "{e}");
-    unchanged(what);
-    let what = "a stray file in the way";
-    assert_error(
-        &create(&node, r#"{"name":"stray","size":4096}"#),
-        409,
-        false,
-        what,
-    );
-    unchanged(what);
+        (
+            r#"{"name":"keep","size":4096,"pool":"default","thick":true}"#,
+            409,
+            "",
+            "duplicate name, thick, in the pool named",
+        ),
+        (
+            r#"{"name":"x","size":4096,"pool":"nosuch"}"#,
+            404,
+            "nosuch",
+            "unknown pool",
+        ),
+        (
+            r#"{"name":"stray","size":4096}"#,
+            409,
+            "",
+            "a stray file in the way",
+        ),
+    ] {
+        let e = assert_error(&create(&node, body), status, false, what);
+        assert!(e["message"].as_str().unwrap().contains(named), "{e}");
+        unchanged(what);
+    }
 
     let keep = "/v1/node/volumes/keep";
     for (body, status, cause, what) in [
@@ -509,22 +457,25 @@ fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
         assert_error(&node.api(method, path, body), status, false, what);
         unchanged(what);
     }
-    let r = node.api("PUT", keep, Some("{}"));
-    assert!(
-        r.status == 405 || r.status == 404,
-        "PUT is not a method of volumes: {} {}",
-        r.status,
-        r.body
-    );
-    unchanged("PUT");
-    let r = node.api("DELETE", "/v1/node/volumes", None);
-    assert!(
-        r.status == 405 || r.status == 404,
-        "{} {}",
-        r.status,
-        r.body
-    );
-    unchanged("DELETE on the collection");
+    // Methods the routes do not have.
+    for (method, path, body, what) in [
+        ("PUT", keep, Some("{}"), "PUT"),
+        (
+            "DELETE",
+            "/v1/node/volumes",
+            None,
+            "DELETE on the collection",
+        ),
+    ] {
+        let r = node.api(method, path, body);
+        assert!(
+            r.status == 405 || r.status == 404,
+            "{what} is not a method here: {} {}",
+            r.status,
+            r.body
+        );
+        unchanged(what);
+    }
 
     // Deleting an open volume: refused while a writer has it, and while a reader has
     // it. Opening for writing records "not clean" in keep.meta and closing records
@@ -540,7 +491,7 @@ fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
         }
     };
     let session = open_session(node.nbd, "keep");
-    wait_open(&node, "keep", 1);
+    node.wait_open("keep", 1);
     let e = assert_error(
         &node.api("DELETE", keep, None),
         409,
@@ -548,15 +499,14 @@ fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
         "DELETE while open",
     );
     assert!(e["message"].as_str().unwrap().contains("open"), "{e}");
-    assert_eq!(get_volume(&node, "keep")["open"], 1);
+    assert_eq!(node.volume("keep")["open"], 1);
     drop(session);
-    wait_open(&node, "keep", 0);
+    node.wait_open("keep", 0);
     unchanged_but_meta("DELETE while open");
 
-    let r = node.api("PATCH", keep, Some(r#"{"read_only":true}"#));
-    assert_eq!(r.status, 200, "{}", r.body);
+    node.patch_volume("keep", r#"{"read_only":true}"#);
     let session = open_session(node.nbd, "keep");
-    wait_open(&node, "keep", 1);
+    node.wait_open("keep", 1);
     assert_error(
         &node.api("DELETE", keep, None),
         409,
@@ -564,9 +514,8 @@ fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
         "DELETE while a reader has it open",
     );
     drop(session);
-    wait_open(&node, "keep", 0);
-    let r = node.api("PATCH", keep, Some(r#"{"read_only":false}"#));
-    assert_eq!(r.status, 200, "{}", r.body);
+    node.wait_open("keep", 0);
+    node.patch_volume("keep", r#"{"read_only":false}"#);
     unchanged_but_meta("DELETE while a reader has it open");
     qemu_io(&node.uri("keep"), &["read -P 0x42 0 64k"]);
 }
@@ -626,56 +575,6 @@ fn volume_too_large_for_the_pool_file_system_is_a_client_error() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// A small ext4 file system on a loop device, for a pool that can be filled without
-/// filling the machine's disk; unmounted and removed on drop.
-struct SmallFs {
-    dir: PathBuf,
-    mnt: PathBuf,
-}
-
-impl SmallFs {
-    /// None where this machine cannot make one (not root, no loop devices, no mkfs.ext4).
-    fn new(mib: u64) -> Option<SmallFs> {
-        let dir = tandem_lab::scratch("smallfs");
-        let img = dir.join("fs.img");
-        let mnt = dir.join("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(mib * MIB)
-            .unwrap();
-        let ok = |cmd: &mut Command| {
-            cmd.stdin(Stdio::null())
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
-        if ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))
-            && ok(Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&img)
-                .arg(&mnt))
-        {
-            Some(SmallFs { dir, mnt })
-        } else {
-            let _ = std::fs::remove_dir_all(&dir);
-            None
-        }
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(&self.mnt)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Growing a thick volume beyond the pool's free space must fail as "no space" (507,
 /// like creating one) and leave the volume, its data file and the pool's free space as
 /// they were.
@@ -697,7 +596,7 @@ fn failed_grow_of_a_thick_volume_changes_nothing() {
     };
     let r = create(&node, r#"{"name":"t","size":8388608,"thick":true}"#);
     assert_eq!(r.status, 201, "{}", r.body);
-    let volume = get_volume(&node, "t");
+    let volume = node.volume("t");
     let free_before = free();
     assert!(
         free_before > 16 * MIB && free_before < 64 * MIB,
@@ -714,7 +613,7 @@ fn failed_grow_of_a_thick_volume_changes_nothing() {
     if r.status != 507 {
         problems.push(format!("answered {} {e}, not 507", r.status));
     }
-    let now = get_volume(&node, "t");
+    let now = node.volume("t");
     if now != volume {
         problems.push(format!("volume was {volume}, is {now}"));
     }
@@ -745,15 +644,15 @@ fn refused_patch_changes_nothing_even_when_it_also_grows() {
     let node = Node::start("apipatch");
     node.create_volume("vol", 4 * MIB);
     let session = open_session(node.nbd, "vol");
-    wait_open(&node, "vol", 1);
-    let before = get_volume(&node, "vol");
+    node.wait_open("vol", 1);
+    let before = node.volume("vol");
     let r = node.api(
         "PATCH",
         "/v1/node/volumes/vol",
         Some(r#"{"size":8388608,"read_only":true}"#),
     );
     assert_error(&r, 409, false, "grow + read-only with a writer connected");
-    let after = get_volume(&node, "vol");
+    let after = node.volume("vol");
     drop(session);
     assert_eq!(
         after["size"], before["size"],
@@ -791,14 +690,8 @@ fn corrupt_metadata_is_reported_failed_and_never_touched() {
     assert!(log.contains("volume refused"), "{log}");
 
     let all = list(&node);
-    let names: Vec<&str> = all
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["bad", "good"]);
-    let bad = get_volume(&node, "bad");
+    assert_eq!(names(&all), ["bad", "good"]);
+    let bad = node.volume("bad");
     assert_eq!(all[0], bad);
     assert_eq!(bad["disk"], "Failed", "{bad}");
     assert_eq!(bad["pool"], "default", "{bad}");
@@ -808,7 +701,7 @@ fn corrupt_metadata_is_reported_failed_and_never_touched() {
         "error names the corruption: {bad}"
     );
     assert!(error.contains("bad.meta"), "error names the file: {bad}");
-    assert_volume(&get_volume(&node, "good"), "good", 4 * MIB, false, false);
+    assert_volume(&node.volume("good"), "good", 4 * MIB, false, false);
 
     // The healthy volume works as before.
     qemu_io(
@@ -834,11 +727,11 @@ fn corrupt_metadata_is_reported_failed_and_never_touched() {
     let exports = run(Command::new("nbdinfo").args(["--list", &node.uri("")]));
     assert!(exports.contains("good"), "{exports}");
     assert!(!exports.contains("export=\"bad\""), "{exports}");
-    let qemu = output(
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "read 0 4k"])
-            .arg(node.unix_uri("bad")),
-    );
+    let qemu = output(&mut qemu_io_command(
+        &["-f", "raw"],
+        &["read 0 4k"],
+        &[&node.unix_uri("bad")],
+    ));
     assert!(!qemu.status.success(), "qemu-io opened a failed volume");
 
     // Refused: delete, grow, read-only, re-create.
@@ -875,14 +768,14 @@ fn corrupt_metadata_is_reported_failed_and_never_touched() {
     // Its files are exactly as they were, through all of that and another restart.
     assert!(node.stop().success());
     node.restart();
-    assert_eq!(get_volume(&node, "bad")["disk"], "Failed");
+    assert_eq!(node.volume("bad")["disk"], "Failed");
     assert!(std::fs::read(&meta).unwrap() == bytes, "bad.meta changed");
     assert!(
         std::fs::read(node.data_file("bad")).unwrap() == raw,
         "bad.raw changed"
     );
     assert!(pool_dir(&node).join("good.meta").is_file());
-    assert_eq!(get_volume(&node, "good")["disk"], "UpToDate");
+    assert_eq!(node.volume("good")["disk"], "UpToDate");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -942,21 +835,6 @@ fn second_daemon(dir: &Path, extra: &[&str]) -> std::process::Child {
         .expect("start a second tandemd")
 }
 
-/// Waits up to `limit` for the child to exit.
-fn exited_within(
-    child: &mut std::process::Child,
-    limit: Duration,
-) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
 fn stderr_of(child: &mut std::process::Child) -> String {
     let mut s = String::new();
     child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
@@ -988,7 +866,7 @@ fn second_daemon_on_the_same_data_dir_refuses_to_start() {
     node.create_volume("vol", 4 * MIB);
 
     let mut child = second_daemon(&node.dir, &[]);
-    let Some(status) = exited_within(&mut child, Duration::from_secs(10)) else {
+    let Some(status) = wait_exit(&mut child, Duration::from_secs(10)) else {
         let _ = child.kill();
         let _ = child.wait();
         panic!("a second tandemd on the same data dir kept running");
@@ -1008,7 +886,7 @@ fn second_daemon_on_the_same_data_dir_refuses_to_start() {
         Ok(()),
         "after the refused second daemon"
     );
-    assert_eq!(get_volume(&node, "vol")["disk"], "UpToDate");
+    assert_eq!(node.volume("vol")["disk"], "UpToDate");
 }
 
 /// Same data directory, but the second daemon is given another pool: the pool locks do
@@ -1023,12 +901,12 @@ fn second_daemon_with_another_pool_does_not_take_over_the_nbd_socket() {
         &node.dir,
         &[&format!("--pool=other={}", other_pool.display())],
     );
-    let early = exited_within(&mut child, Duration::from_secs(2));
+    let early = wait_exit(&mut child, Duration::from_secs(2));
     let while_running = first_serves(&node);
     if early.is_none() {
         // SAFETY: signals our own child process.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        if exited_within(&mut child, Duration::from_secs(10)).is_none() {
+        if wait_exit(&mut child, Duration::from_secs(10)).is_none() {
             let _ = child.kill();
             let _ = child.wait();
         }

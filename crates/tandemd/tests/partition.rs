@@ -9,63 +9,15 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tandem_lab::Kind;
-use tandem_lab::first_difference;
-use tandem_lab::netns::{Lab, NsNode, QemuIo, spec};
+use tandem_lab::netns::Lab;
+use tandem_lab::{
+    Node, QUORUM_OFF, QemuIo, TWO_REPLICAS, WITH_TIEBREAKER, assert_same_replicas,
+    first_difference, logs, not_filled, poll, put_replicated, wait_for,
+};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4 * KIB;
-
-/// Polls `f` every 100 ms until it returns `Some`, for at most `timeout`.
-fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Like [`poll`], panicking with `what` and the nodes' logs on timeout.
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    nodes: &[&NsNode],
-    f: impl FnMut() -> Option<T>,
-) -> T {
-    poll(timeout, f).unwrap_or_else(|| panic!("timed out: {what}\n{}", logs(nodes)))
-}
-
-fn logs(nodes: &[&NsNode]) -> String {
-    nodes
-        .iter()
-        .map(|n| format!("---- tandemd.log of {} ----\n{}", n.name, plain(&n.log())))
-        .collect()
-}
-
-/// Text without ANSI colour sequences.
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // ESC [ parameters final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// True when qemu-io's answer to one write says it was written.
 fn wrote(answer: &str) -> bool {
@@ -73,7 +25,7 @@ fn wrote(answer: &str) -> bool {
 }
 
 /// Runs one write in a session; panics unless it is written within `timeout`.
-fn must_write(io: &mut QemuIo, command: &str, timeout: Duration, nodes: &[&NsNode]) {
+fn must_write(io: &mut QemuIo, command: &str, timeout: Duration, nodes: &[&Node]) {
     match io.command(command, timeout) {
         Some(answer) if wrote(&answer) => {}
         Some(answer) => panic!("{command}: {answer}\n{}", logs(nodes)),
@@ -81,18 +33,14 @@ fn must_write(io: &mut QemuIo, command: &str, timeout: Duration, nodes: &[&NsNod
     }
 }
 
-/// Runs qemu-io commands on a node; panics unless every one succeeds.
-fn qemu_io(node: &NsNode, volume: &str, commands: &[&str]) -> String {
-    let out = node.qemu_io(volume, commands);
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+/// Asserts nothing went wrong; otherwise panics with every problem and the nodes' logs.
+fn assert_no_problems(problems: &[String], nodes: &[&Node]) {
     assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io on {} ({commands:?}) failed:\n{text}\n{}",
-        node.name,
-        logs(&[node])
+        problems.is_empty(),
+        "{}\n\n{}",
+        problems.join("\n"),
+        logs(nodes)
     );
-    text
 }
 
 fn checksum(path: &Path) -> u64 {
@@ -102,23 +50,13 @@ fn checksum(path: &Path) -> u64 {
     h.finish()
 }
 
-/// The first offset in `[offset, offset + len)` of `path` not holding `byte`.
-fn not_filled(path: &Path, offset: u64, len: u64, byte: u8) -> Option<u64> {
-    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let range = &data[offset as usize..(offset + len) as usize];
-    range
-        .iter()
-        .position(|&b| b != byte)
-        .map(|i| offset + i as u64)
-}
-
 /// 4 KiB blocks touched by `[offset, offset + len)`.
 fn blocks(offset: u64, len: u64) -> impl Iterator<Item = u64> {
     offset / BLOCK..(offset + len).div_ceil(BLOCK)
 }
 
 /// `node`'s view of `peer` is a finished, connected replication.
-fn in_sync(node: &NsNode, volume: &str, peer: &str) -> Option<serde_json::Value> {
+fn in_sync(node: &Node, volume: &str, peer: &str) -> Option<serde_json::Value> {
     let status = node.status(volume);
     let p = status["peers"]
         .as_array()?
@@ -133,7 +71,7 @@ fn in_sync(node: &NsNode, volume: &str, peer: &str) -> Option<serde_json::Value>
         .then_some(status)
 }
 
-fn connection(node: &NsNode, volume: &str, peer: &str) -> String {
+fn connection(node: &Node, volume: &str, peer: &str) -> String {
     node.peer_status(volume, peer)["connection"]
         .as_str()
         .unwrap_or("?")
@@ -143,23 +81,11 @@ fn connection(node: &NsNode, volume: &str, peer: &str) -> String {
 #[test]
 fn cutting_the_secondarys_link_during_writes_resyncs_only_changed_blocks() {
     let Some(lab) = Lab::new(3) else { return };
-    let nodes = [lab.start(0, "ca"), lab.start(1, "cb"), lab.start(2, "cc")];
-    let all: Vec<&NsNode> = nodes.iter().collect();
-    let (a, b) = (&nodes[0], &nodes[1]);
     let volume = "pv1";
-    let spec = spec(
-        volume,
-        64 * MIB,
-        &[
-            (&nodes[0], Kind::Diskful),
-            (&nodes[1], Kind::Diskful),
-            (&nodes[2], Kind::Tiebreaker),
-        ],
-        "",
-    );
-    for n in &nodes {
-        n.put_spec(volume, &spec);
-    }
+    let nodes = lab.start_all(["ca", "cb", "cc"]);
+    put_replicated(&nodes, volume, 64 * MIB, &WITH_TIEBREAKER, "");
+    let all: Vec<&Node> = nodes.iter().collect();
+    let (a, b) = (&nodes[0], &nodes[1]);
     a.wait_connected(volume, Duration::from_secs(20));
     b.wait_connected(volume, Duration::from_secs(20));
     // A slower link to the secondary, as between racks.
@@ -260,12 +186,7 @@ fn cutting_the_secondarys_link_during_writes_resyncs_only_changed_blocks() {
         || in_sync(b, volume, "ca"),
     );
     assert_eq!(back["disk"], "UpToDate", "{back:#}");
-    assert_eq!(
-        first_difference(&a.data_file(volume), &b.data_file(volume)),
-        None,
-        "replicas differ after resync\n{}",
-        logs(&all)
-    );
+    assert_same_replicas(a, b, volume);
     assert_eq!(not_filled(&b.data_file(volume), 0, 64 * KIB, 0x44), None);
     assert_eq!(
         not_filled(&b.data_file(volume), 64 * KIB, 4 * MIB - 64 * KIB, 0x11),
@@ -304,7 +225,7 @@ fn summary(attempts: &[Attempt]) -> String {
 /// while it writes, then B (the majority side) takes over.
 struct Isolation {
     // Nodes first: they stop before their namespaces go.
-    nodes: [NsNode; 3],
+    nodes: [Node; 3],
     lab: Lab,
 }
 
@@ -313,33 +234,32 @@ const ISOLATED: &str = "iv1";
 impl Isolation {
     fn new(prefix: &str, on_no_quorum: &str) -> Option<Isolation> {
         let lab = Lab::new(3)?;
-        let nodes = [
-            lab.start(0, &format!("{prefix}a")),
-            lab.start(1, &format!("{prefix}b")),
-            lab.start(2, &format!("{prefix}c")),
-        ];
+        let names = ["a", "b", "c"].map(|node| format!("{prefix}{node}"));
+        let nodes = lab.start_all(names.each_ref().map(String::as_str));
         // A slow resync, so that the SyncTarget state lasts long enough to be seen.
-        let spec = spec(
-            ISOLATED,
-            32 * MIB,
-            &[
-                (&nodes[0], Kind::Diskful),
-                (&nodes[1], Kind::Diskful),
-                (&nodes[2], Kind::Tiebreaker),
-            ],
-            &format!(r#""on-no-quorum":"{on_no_quorum}","resync-rate":1048576"#),
-        );
-        for n in &nodes {
-            n.put_spec(ISOLATED, &spec);
-        }
+        let options = format!(r#""on-no-quorum":"{on_no_quorum}","resync-rate":1048576"#);
+        put_replicated(&nodes, ISOLATED, 32 * MIB, &WITH_TIEBREAKER, &options);
         for n in &nodes {
             n.wait_connected(ISOLATED, Duration::from_secs(20));
         }
         Some(Isolation { nodes, lab })
     }
 
-    fn all(&self) -> Vec<&NsNode> {
+    fn all(&self) -> Vec<&Node> {
         self.nodes.iter().collect()
+    }
+
+    /// A qemu-io session on A, which makes it Primary, after writing A's data from before
+    /// the cut: 4 MiB of 0xa1.
+    fn primary_session(&self) -> QemuIo {
+        let mut io = self.nodes[0].qemu_io_session(ISOLATED);
+        must_write(
+            &mut io,
+            "write -P 0xa1 0 4M",
+            Duration::from_secs(20),
+            &self.all(),
+        );
+        io
     }
 
     /// Waits until B has declared A dead and has quorum without it.
@@ -387,10 +307,7 @@ fn an_isolated_primary_loses_quorum_and_the_majority_takes_over() {
     };
     let all = t.all();
     let [a, b, _c] = &t.nodes;
-    let mut problems = Vec::new();
-
-    let mut io = a.qemu_io_session(ISOLATED);
-    must_write(&mut io, "write -P 0xa1 0 4M", Duration::from_secs(20), &all);
+    let mut io = t.primary_session();
 
     // Pull A's cable and keep writing, one 64 KiB block every 100 ms at fresh offsets,
     // until writes fail.
@@ -462,8 +379,7 @@ fn an_isolated_primary_loses_quorum_and_the_majority_takes_over() {
     // The majority side takes over: B opens the volume and writes, also where A's
     // writes failed.
     t.wait_majority();
-    qemu_io(
-        b,
+    b.qemu_io(
         ISOLATED,
         &[
             "write -P 0xb5 16M 2M",
@@ -477,6 +393,7 @@ fn an_isolated_primary_loses_quorum_and_the_majority_takes_over() {
     wait_for("A demotes", Duration::from_secs(10), &all, || {
         (a.status(ISOLATED)["role"] == "Secondary").then_some(())
     });
+    let mut problems = Vec::new();
     let healed = Instant::now();
     match t.heal_and_converge(Duration::from_secs(40)) {
         None => problems.push(format!(
@@ -535,12 +452,7 @@ fn an_isolated_primary_loses_quorum_and_the_majority_takes_over() {
             ));
         }
     }
-    assert!(
-        problems.is_empty(),
-        "{}\n\n{}",
-        problems.join("\n"),
-        logs(&all)
-    );
+    assert_no_problems(&problems, &all);
 }
 
 #[test]
@@ -564,10 +476,7 @@ fn suspended_write_of_a_dead_client(prefix: &str, tiebreaker_first: bool) {
     };
     let all = t.all();
     let [a, b, _c] = &t.nodes;
-    let mut problems = Vec::new();
-
-    let mut io = a.qemu_io_session(ISOLATED);
-    must_write(&mut io, "write -P 0xa1 0 4M", Duration::from_secs(20), &all);
+    let mut io = t.primary_session();
     t.lab.cut(0);
     wait_for("A loses quorum", Duration::from_secs(15), &all, || {
         (a.status(ISOLATED)["quorum"] == false).then_some(())
@@ -581,7 +490,7 @@ fn suspended_write_of_a_dead_client(prefix: &str, tiebreaker_first: bool) {
     );
 
     t.wait_majority();
-    qemu_io(b, ISOLATED, &["write -P 0xb5 16M 2M"]);
+    b.qemu_io(ISOLATED, &["write -P 0xb5 16M 2M"]);
     let b_before = checksum(&b.data_file(ISOLATED));
 
     // The client holding the suspended write dies; then the link comes back.
@@ -593,6 +502,7 @@ fn suspended_write_of_a_dead_client(prefix: &str, tiebreaker_first: bool) {
         "A after its client was killed, still cut off: role {}, open {}",
         before_heal["role"], before_heal["open"]
     );
+    let mut problems = Vec::new();
     if tiebreaker_first {
         t.lab.cut(1);
         t.lab.heal(0);
@@ -653,33 +563,20 @@ fn suspended_write_of_a_dead_client(prefix: &str, tiebreaker_first: bool) {
             ));
         }
     }
-    assert!(
-        problems.is_empty(),
-        "{}\n\n{}",
-        problems.join("\n"),
-        logs(&all)
-    );
+    assert_no_problems(&problems, &all);
 }
 
 #[test]
 fn split_brain_is_detected_and_resolved_by_discarding_one_side() {
     let Some(lab) = Lab::new(2) else { return };
-    let nodes = [lab.start(0, "ba"), lab.start(1, "bb")];
-    let all: Vec<&NsNode> = nodes.iter().collect();
-    let [a, b] = &nodes;
     let volume = "sv1";
-    let spec = spec(
-        volume,
-        16 * MIB,
-        &[(a, Kind::Diskful), (b, Kind::Diskful)],
-        r#""quorum":"off""#,
-    );
-    for n in &nodes {
-        n.put_spec(volume, &spec);
-    }
+    let nodes = lab.start_all(["ba", "bb"]);
+    put_replicated(&nodes, volume, 16 * MIB, &TWO_REPLICAS, QUORUM_OFF);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let [a, b] = &nodes;
     a.wait_connected(volume, Duration::from_secs(20));
     b.wait_connected(volume, Duration::from_secs(20));
-    qemu_io(a, volume, &["write -P 0x01 0 4M"]);
+    a.qemu_io(volume, &["write -P 0x01 0 4M"]);
     wait_for("A demotes", Duration::from_secs(10), &all, || {
         (b.peer_status(volume, "ba")["role"] == "Secondary").then_some(())
     });
@@ -756,12 +653,7 @@ fn split_brain_is_detected_and_resolved_by_discarding_one_side() {
         &all,
         || (in_sync(a, volume, "bb").is_some() && in_sync(b, volume, "ba").is_some()).then_some(()),
     );
-    assert_eq!(
-        first_difference(&fa, &fb),
-        None,
-        "replicas differ after the resolution\n{}",
-        logs(&all)
-    );
+    assert_same_replicas(a, b, volume);
     assert_eq!(checksum(&fa), ca, "the kept side's data changed");
     assert_eq!(not_filled(&fb, MIB, MIB, 0xaa), None);
     assert_eq!(
@@ -774,22 +666,10 @@ fn split_brain_is_detected_and_resolved_by_discarding_one_side() {
 #[test]
 fn idle_links_stay_connected() {
     let Some(lab) = Lab::new(3) else { return };
-    let nodes = [lab.start(0, "ka"), lab.start(1, "kb"), lab.start(2, "kc")];
-    let all: Vec<&NsNode> = nodes.iter().collect();
     let volume = "kv1";
-    let spec = spec(
-        volume,
-        16 * MIB,
-        &[
-            (&nodes[0], Kind::Diskful),
-            (&nodes[1], Kind::Diskful),
-            (&nodes[2], Kind::Tiebreaker),
-        ],
-        "",
-    );
-    for n in &nodes {
-        n.put_spec(volume, &spec);
-    }
+    let nodes = lab.start_all(["ka", "kb", "kc"]);
+    put_replicated(&nodes, volume, 16 * MIB, &WITH_TIEBREAKER, "");
+    let all: Vec<&Node> = nodes.iter().collect();
     for n in &nodes {
         n.wait_connected(volume, Duration::from_secs(20));
     }
@@ -810,7 +690,7 @@ fn idle_links_stay_connected() {
     let silent: Vec<String> = all
         .iter()
         .flat_map(|n| {
-            plain(&n.log())
+            n.plain_log()
                 .lines()
                 .filter(|l| l.contains("peer is silent"))
                 .map(|l| format!("{}: {l}", n.name))

@@ -4,40 +4,17 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tandem_lab::{Kind, Node, first_difference, output, run, scratch, spec};
+use tandem_lab::{
+    Kind, Node, QUORUM_OFF, SmallFs, TWO_REPLICAS, WITH_TIEBREAKER, assert_same_replicas, fio_jobs,
+    first_difference, nbdsh, not_filled, output, put_replicated, qemu_io, qemu_io_command,
+    qemu_io_result, run, scratch, start_replicated, wait_for,
+};
 
 const MIB: u64 = 1 << 20;
 
-fn qemu_io(uri: &str, commands: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = run(cmd.arg(uri));
-    assert!(
-        !out.contains("failed"),
-        "qemu-io reported a failure:\n{out}"
-    );
-    out
-}
-
 #[test]
 fn two_replicas_and_a_tiebreaker_hold_identical_bytes_after_random_writes() {
-    let nodes = [Node::start("r1"), Node::start("r2"), Node::start("r3")];
-    let spec = spec(
-        "vm1",
-        256 * MIB,
-        &[
-            (&nodes[0], Kind::Diskful),
-            (&nodes[1], Kind::Diskful),
-            (&nodes[2], Kind::Tiebreaker),
-        ],
-        "",
-    );
-    for n in &nodes {
-        n.put_spec("vm1", &spec);
-    }
+    let nodes = start_replicated("vm1", 256 * MIB, ["r1", "r2", "r3"], WITH_TIEBREAKER, "");
     nodes[0].wait_connected("vm1", Duration::from_secs(20));
     assert!(
         !nodes[2].data_file("vm1").exists(),
@@ -45,29 +22,30 @@ fn two_replicas_and_a_tiebreaker_hold_identical_bytes_after_random_writes() {
     );
 
     let dir = scratch("fio-repl");
-    let out = run(Command::new("fio")
-        .current_dir(&dir)
-        .args([
-            "--name=w",
-            "--ioengine=nbd",
-            "--rw=randwrite",
-            "--bsrange=4k-1m",
-            "--iodepth=16",
-        ])
-        .args([
-            "--size=256M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_state_save=0",
-        ])
-        .args(["--output-format=json"])
-        .arg(format!("--uri={}", nodes[0].unix_uri("vm1"))));
-    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
-    let job = &json["jobs"][0];
-    assert_eq!(job["error"], 0, "{out}");
+    let jobs = fio_jobs(
+        Command::new("fio")
+            .current_dir(&dir)
+            .args([
+                "--name=w",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bsrange=4k-1m",
+                "--iodepth=16",
+            ])
+            .args([
+                "--size=256M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_state_save=0",
+            ])
+            .arg(format!("--uri={}", nodes[0].unix_uri("vm1"))),
+        &dir.join("fio.json"),
+    );
+    let job = &jobs[0];
+    assert_eq!(job["error"], 0, "{job:#}");
     assert!(
         job["write"]["io_bytes"].as_u64().unwrap() >= 256 * MIB,
-        "{out}"
+        "{job:#}"
     );
 
     let status = nodes[0].status("vm1");
@@ -76,30 +54,19 @@ fn two_replicas_and_a_tiebreaker_hold_identical_bytes_after_random_writes() {
         "the last close demotes: {status:#}"
     );
     assert_eq!(status["peers"][0]["disk"], "UpToDate", "{status:#}");
-    assert_eq!(
-        first_difference(&nodes[0].data_file("vm1"), &nodes[1].data_file("vm1")),
-        None,
-        "replicas differ"
-    );
+    assert_same_replicas(&nodes[0], &nodes[1], "vm1");
     let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_diskless_node_reads_and_writes_over_the_network() {
-    let nodes = [Node::start("d1"), Node::start("d2"), Node::start("d3")];
-    let spec = spec(
+    let nodes = start_replicated(
         "vm2",
         64 * MIB,
-        &[
-            (&nodes[0], Kind::Diskful),
-            (&nodes[1], Kind::Diskful),
-            (&nodes[2], Kind::Diskless),
-        ],
+        ["d1", "d2", "d3"],
+        [Kind::Diskful, Kind::Diskful, Kind::Diskless],
         "",
     );
-    for n in &nodes {
-        n.put_spec("vm2", &spec);
-    }
     nodes[2].wait_connected("vm2", Duration::from_secs(20));
 
     qemu_io(
@@ -115,56 +82,22 @@ fn a_diskless_node_reads_and_writes_over_the_network() {
         ],
     );
     for n in &nodes[..2] {
-        let data = std::fs::read(n.data_file("vm2")).unwrap();
-        assert!(
-            data[MIB as usize..2 * MIB as usize]
-                .iter()
-                .all(|&b| b == 0x5c),
-            "{}",
-            n.name
-        );
-        assert!(
-            data[2 * MIB as usize..2 * MIB as usize + 65536]
-                .iter()
-                .all(|&b| b == 0),
-            "{}",
-            n.name
-        );
-        assert!(
-            data[3 * MIB as usize..4 * MIB as usize]
-                .iter()
-                .all(|&b| b == 0x5c),
-            "{}",
-            n.name
-        );
+        let file = n.data_file("vm2");
+        for (offset, len, byte) in [(MIB, MIB, 0x5c), (2 * MIB, 65536, 0), (3 * MIB, MIB, 0x5c)] {
+            assert_eq!(not_filled(&file, offset, len, byte), None, "{}", n.name);
+        }
     }
-    assert_eq!(
-        first_difference(&nodes[0].data_file("vm2"), &nodes[1].data_file("vm2")),
-        None
-    );
+    assert_same_replicas(&nodes[0], &nodes[1], "vm2");
     let status = nodes[2].status("vm2");
     assert_eq!(status["disk"], "Diskless", "{status:#}");
 }
 
 #[test]
 fn a_second_node_cannot_open_a_volume_another_node_writes() {
-    let nodes = [Node::start("p1"), Node::start("p2")];
-    let spec = spec(
-        "vm3",
-        16 * MIB,
-        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
-        r#""quorum":"off""#,
-    );
-    for n in &nodes {
-        n.put_spec("vm3", &spec);
-    }
+    let nodes = start_replicated("vm3", 16 * MIB, ["p1", "p2"], TWO_REPLICAS, QUORUM_OFF);
     nodes[0].wait_connected("vm3", Duration::from_secs(20));
     // Hold the volume open on p1 while p2 tries.
-    let mut holder = Command::new("nbdsh")
-        .env(
-            "PATH",
-            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-        )
+    let mut holder = nbdsh()
         .args([
             "-u",
             &nodes[0].uri("vm3"),
@@ -173,21 +106,17 @@ fn a_second_node_cannot_open_a_volume_another_node_writes() {
         ])
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while nodes[1].status("vm3")["peers"][0]["role"] != "Primary" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "p2 never saw p1 become Primary"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = output(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write 0 4k",
-        &nodes[1].uri("vm3"),
-    ]));
+    nodes[1].wait_status(
+        "vm3",
+        "p2 sees p1 become Primary",
+        Duration::from_secs(10),
+        |s| s["peers"][0]["role"] == "Primary",
+    );
+    let out = output(&mut qemu_io_command(
+        &["-f", "raw"],
+        &["write 0 4k"],
+        &[&nodes[1].uri("vm3")],
+    ));
     let text =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -197,55 +126,15 @@ fn a_second_node_cannot_open_a_volume_another_node_writes() {
     assert!(text.contains("p1"), "the refusal names the holder: {text}");
     holder.wait().unwrap();
     // Once closed there, the other node may open it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while nodes[1].status("vm3")["peers"][0]["role"] == "Primary" {
-        assert!(std::time::Instant::now() < deadline, "p1 never demoted");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    nodes[1].wait_status("vm3", "p1 demotes", Duration::from_secs(10), |s| {
+        s["peers"][0]["role"] != "Primary"
+    });
     qemu_io(&nodes[1].uri("vm3"), &["write -P 7 0 4k"]);
-}
-
-/// Waits until `node` sees `peer_index` of `volume` in the given replication state and disk.
-fn wait_peer(
-    node: &Node,
-    volume: &str,
-    peer_index: usize,
-    replication: &str,
-    disk: &str,
-) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = node.status(volume);
-        let peer = &status["peers"][peer_index];
-        if peer["replication"] == replication && peer["disk"] == disk {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} never saw {replication}/{disk}: {status:#}\n{}",
-            node.name,
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
 fn a_returning_replica_gets_only_the_blocks_it_missed() {
-    let mut nodes = [Node::start("s1"), Node::start("s2"), Node::start("s3")];
-    let spec = spec(
-        "vm4",
-        128 * MIB,
-        &[
-            (&nodes[0], Kind::Diskful),
-            (&nodes[1], Kind::Diskful),
-            (&nodes[2], Kind::Tiebreaker),
-        ],
-        "",
-    );
-    for n in &nodes {
-        n.put_spec("vm4", &spec);
-    }
+    let mut nodes = start_replicated("vm4", 128 * MIB, ["s1", "s2", "s3"], WITH_TIEBREAKER, "");
     nodes[0].wait_connected("vm4", Duration::from_secs(20));
     qemu_io(&nodes[0].unix_uri("vm4"), &["write -P 1 0 16M"]);
 
@@ -265,40 +154,24 @@ fn a_returning_replica_gets_only_the_blocks_it_missed() {
     );
 
     nodes[1].restart();
-    let status = wait_peer(&nodes[0], "vm4", 0, "Established", "UpToDate");
+    let status = nodes[0].wait_peer("vm4", 0, "Established", "UpToDate");
     let sent = status["peers"][0]["resync-transferred"].as_u64().unwrap();
     assert!(
         sent >= changed && sent as f64 <= 1.1 * changed as f64,
         "resync sent {sent} for {changed}: {status:#}"
     );
     assert_eq!(status["peers"][0]["out-of-sync"], 0, "{status:#}");
-    assert_eq!(
-        first_difference(&nodes[0].data_file("vm4"), &nodes[1].data_file("vm4")),
-        None,
-        "replicas differ after resync"
-    );
+    assert_same_replicas(&nodes[0], &nodes[1], "vm4");
     let back = nodes[1].status("vm4");
     assert_eq!(back["disk"], "UpToDate", "{back:#}");
 }
 
 #[test]
 fn online_verify_finds_bytes_flipped_behind_its_back_and_resync_repairs_them() {
-    let nodes = [Node::start("v1"), Node::start("v2")];
-    let spec = spec(
-        "vm5",
-        32 * MIB,
-        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
-        r#""quorum":"off""#,
-    );
-    for n in &nodes {
-        n.put_spec("vm5", &spec);
-    }
+    let nodes = start_replicated("vm5", 32 * MIB, ["v1", "v2"], TWO_REPLICAS, QUORUM_OFF);
     nodes[0].wait_connected("vm5", Duration::from_secs(20));
     qemu_io(&nodes[0].unix_uri("vm5"), &["write -P 0x33 0 8M"]);
-    assert_eq!(
-        first_difference(&nodes[0].data_file("vm5"), &nodes[1].data_file("vm5")),
-        None
-    );
+    assert_same_replicas(&nodes[0], &nodes[1], "vm5");
 
     // Damage three blocks of the second replica directly in its file.
     {
@@ -317,15 +190,16 @@ fn online_verify_finds_bytes_flipped_behind_its_back_and_resync_repairs_them() {
     let report = r.json();
     assert_eq!(report["peers"][0]["node"], "v2", "{report:#}");
     assert_eq!(report["peers"][0]["differing-blocks"], 3, "{report:#}");
-    wait_peer(&nodes[0], "vm5", 0, "Established", "UpToDate");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while first_difference(&nodes[0].data_file("vm5"), &nodes[1].data_file("vm5")).is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "resync did not repair the damaged blocks"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nodes[0].wait_peer("vm5", 0, "Established", "UpToDate");
+    wait_for(
+        "resync repairs the damaged blocks",
+        Duration::from_secs(20),
+        &[],
+        || match first_difference(&nodes[0].data_file("vm5"), &nodes[1].data_file("vm5")) {
+            None => Ok(()),
+            Some(at) => Err(format!("the replicas differ at byte {at}")),
+        },
+    );
     // A second verify finds nothing.
     let report = nodes[0]
         .api("POST", "/v1/node/volumes/vm5/verify", None)
@@ -336,20 +210,7 @@ fn online_verify_finds_bytes_flipped_behind_its_back_and_resync_repairs_them() {
 #[test]
 fn killing_the_primary_loses_no_acknowledged_write_and_it_resyncs_on_return() {
     use tandem_lab::workload;
-    let mut nodes = [Node::start("k1"), Node::start("k2"), Node::start("k3")];
-    let spec = spec(
-        "vm6",
-        64 * MIB,
-        &[
-            (&nodes[0], Kind::Diskful),
-            (&nodes[1], Kind::Diskful),
-            (&nodes[2], Kind::Tiebreaker),
-        ],
-        "",
-    );
-    for n in &nodes {
-        n.put_spec("vm6", &spec);
-    }
+    let mut nodes = start_replicated("vm6", 64 * MIB, ["k1", "k2", "k3"], WITH_TIEBREAKER, "");
     nodes[0].wait_connected("vm6", Duration::from_secs(20));
     let dir = scratch("workload");
     let log = dir.join("acked.log");
@@ -367,14 +228,9 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_resyncs_on_return() {
     );
 
     // The survivor takes over: every acknowledged write is there.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while nodes[1].status("vm6")["peers"][0]["connection"] == "Connected" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "k2 never noticed k1 died"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nodes[1].wait_status("vm6", "k2 notices k1 died", Duration::from_secs(20), |s| {
+        s["peers"][0]["connection"] != "Connected"
+    });
     let problems = workload::check(&nodes[1].unix_uri("vm6"), &log);
     assert!(
         problems.is_empty(),
@@ -388,14 +244,10 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_resyncs_on_return() {
 
     // The old Primary returns, resyncs, and ends identical.
     nodes[0].restart();
-    wait_peer(&nodes[1], "vm6", 0, "Established", "UpToDate");
+    nodes[1].wait_peer("vm6", 0, "Established", "UpToDate");
     let back = nodes[0].status("vm6");
     assert_eq!(back["disk"], "UpToDate", "{back:#}");
-    assert_eq!(
-        first_difference(&nodes[0].data_file("vm6"), &nodes[1].data_file("vm6")),
-        None,
-        "replicas differ"
-    );
+    assert_same_replicas(&nodes[0], &nodes[1], "vm6");
     let problems = workload::check(&nodes[0].unix_uri("vm6"), &log);
     assert!(
         problems.is_empty(),
@@ -409,78 +261,26 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_resyncs_on_return() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A small ext4 file system on a loop device, unmounted on drop.
-struct SmallFs {
-    mount: std::path::PathBuf,
-}
-
-impl SmallFs {
-    fn new(size_mib: u64) -> Option<SmallFs> {
-        let dir = scratch("smallfs");
-        let image = dir.join("fs.img");
-        let mount = dir.join("mnt");
-        std::fs::create_dir_all(&mount).unwrap();
-        let ok = |cmd: &mut Command| output(cmd).status.success();
-        if !(ok(Command::new("truncate")
-            .args(["-s", &format!("{size_mib}M")])
-            .arg(&image))
-            && ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))
-            && ok(Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&image)
-                .arg(&mount)))
-        {
-            println!("skipped: cannot mount a loop file system here");
-            return None;
-        }
-        Some(SmallFs { mount })
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-    }
-}
-
 #[test]
 fn a_replica_whose_disk_fills_up_fails_and_the_volume_keeps_serving() {
     use tandem_lab::workload;
-    let Some(fs) = SmallFs::new(48) else { return };
-    let pool = format!("default={}", fs.mount.join("pool").display());
+    let Some(fs) = SmallFs::new(48) else {
+        println!("skipped: cannot mount a loop file system here");
+        return;
+    };
+    let pool = format!("default={}", fs.mnt.join("pool").display());
     let nodes = [
         Node::start("f1"),
         Node::start_with("f2", &["--pool", &pool]),
         Node::start("f3"),
     ];
-    let spec = spec(
-        "vm7",
-        128 * MIB,
-        &[
-            (&nodes[0], Kind::Diskful),
-            (&nodes[1], Kind::Diskful),
-            (&nodes[2], Kind::Tiebreaker),
-        ],
-        "",
-    );
-    for n in &nodes {
-        n.put_spec("vm7", &spec);
-    }
+    put_replicated(&nodes, "vm7", 128 * MIB, &WITH_TIEBREAKER, "");
     nodes[0].wait_connected("vm7", Duration::from_secs(20));
     // 96 MiB of data cannot fit in f2's 48 MiB file system.
     qemu_io(&nodes[0].unix_uri("vm7"), &["write -P 0x42 0 96M"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = nodes[0].status("vm7");
-        if status["peers"][0]["disk"] == "Failed" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "f2 never failed: {status:#}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nodes[0].wait_status("vm7", "f2 fails", Duration::from_secs(20), |s| {
+        s["peers"][0]["disk"] == "Failed"
+    });
     assert_eq!(nodes[1].status("vm7")["disk"], "Failed");
     // Still serving, with every byte intact, and writes keep working.
     qemu_io(&nodes[0].unix_uri("vm7"), &["read -P 0x42 0 96M"]);
@@ -500,41 +300,32 @@ fn a_replica_whose_disk_fills_up_fails_and_the_volume_keeps_serving() {
 
 #[test]
 fn thirty_two_participants_read_what_each_other_wrote() {
-    let nodes: Vec<Node> = (0..32).map(|i| Node::start(&format!("m{i}"))).collect();
-    let members: Vec<(&Node, Kind)> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n, if i < 3 { Kind::Diskful } else { Kind::Diskless }))
-        .collect();
-    let spec = spec("vm8", 8 * MIB, &members, "");
-    for n in &nodes {
-        n.put_spec("vm8", &spec);
-    }
+    let names: [String; 32] = std::array::from_fn(|i| format!("m{i}"));
+    let kinds = std::array::from_fn(|i| if i < 3 { Kind::Diskful } else { Kind::Diskless });
+    let nodes = start_replicated(
+        "vm8",
+        8 * MIB,
+        names.each_ref().map(String::as_str),
+        kinds,
+        "",
+    );
     for n in &nodes {
         n.wait_connected("vm8", Duration::from_secs(60));
     }
     let open_retrying = |node: &Node, commands: &[&str]| {
         // The previous writer's demotion reaches every node a moment after it closed.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut cmd = Command::new("qemu-io");
-            cmd.args(["-f", "raw"]);
-            for c in commands {
-                cmd.args(["-c", c]);
-            }
-            let out = output(cmd.arg(node.uri("vm8")));
-            let text = String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr);
-            if out.status.success() && !text.contains("failed") {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{}: {text}",
-                node.name
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for(
+            &format!("{} runs {commands:?}", node.name),
+            Duration::from_secs(10),
+            &[],
+            || {
+                qemu_io_result(&mut qemu_io_command(
+                    &["-f", "raw"],
+                    commands,
+                    &[&node.uri("vm8")],
+                ))
+            },
+        );
     };
     for i in 0..32 {
         let offset = i * 64 * 1024;
@@ -546,52 +337,22 @@ fn thirty_two_participants_read_what_each_other_wrote() {
         open_retrying(reader, &[&format!("read -P {} {offset} 64k", i + 1)]);
     }
     for n in &nodes[1..3] {
-        assert_eq!(
-            first_difference(&nodes[0].data_file("vm8"), &n.data_file("vm8")),
-            None,
-            "{}",
-            n.name
-        );
+        assert_same_replicas(&nodes[0], n, "vm8");
     }
 }
 
 #[test]
 fn the_cli_shows_replication_status_like_drbdadm() {
-    let nodes = [Node::start("c1"), Node::start("c2"), Node::start("c3")];
-    let spec = spec(
-        "vm9",
-        16 * MIB,
-        &[
-            (&nodes[0], Kind::Diskful),
-            (&nodes[1], Kind::Diskful),
-            (&nodes[2], Kind::Tiebreaker),
-        ],
-        "",
-    );
-    for n in &nodes {
-        n.put_spec("vm9", &spec);
-    }
+    let nodes = start_replicated("vm9", 16 * MIB, ["c1", "c2", "c3"], WITH_TIEBREAKER, "");
     nodes[0].wait_connected("vm9", Duration::from_secs(20));
-    let text = run(Command::new(tandem_lab::tandem_bin()).args([
-        "--controller",
-        &nodes[0].api_url(),
-        "volume",
-        "status",
-        "vm9",
-    ]));
+    let text = run(nodes[0].tandem().args(["volume", "status", "vm9"]));
     assert_eq!(
         text,
         "vm9 role:Secondary\n  c1 disk:UpToDate open:no\n  c2 disk:UpToDate replication:Established\n  c3 disk:Diskless tiebreaker:yes\n"
     );
-    let json = run(Command::new(tandem_lab::tandem_bin()).args([
-        "--controller",
-        &nodes[1].api_url(),
-        "-o",
-        "json",
-        "volume",
-        "status",
-        "vm9",
-    ]));
+    let json = run(nodes[1]
+        .tandem()
+        .args(["-o", "json", "volume", "status", "vm9"]));
     let status: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(status["peers"][0]["node"], "c1");
     assert_eq!(status["quorum"], true);
@@ -599,65 +360,44 @@ fn the_cli_shows_replication_status_like_drbdadm() {
 
 #[test]
 fn overlapping_writes_from_several_connections_leave_replicas_identical() {
-    let nodes = [Node::start("o1"), Node::start("o2")];
-    let spec = spec(
-        "vm10",
-        16 * MIB,
-        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
-        r#""quorum":"off""#,
-    );
-    for n in &nodes {
-        n.put_spec("vm10", &spec);
-    }
+    let nodes = start_replicated("vm10", 16 * MIB, ["o1", "o2"], TWO_REPLICAS, QUORUM_OFF);
     nodes[0].wait_connected("vm10", Duration::from_secs(20));
     // Four jobs, each its own NBD connection, hammering the same 4 MiB with
     // unaligned-size, overlapping writes.
     let dir = scratch("fio-overlap");
-    let out = run(Command::new("fio")
-        .current_dir(&dir)
-        .args([
-            "--name=o",
-            "--ioengine=nbd",
-            "--rw=randwrite",
-            "--bsrange=4k-256k",
-            "--iodepth=16",
-        ])
-        .args([
-            "--numjobs=4",
-            "--size=4M",
-            "--io_size=64M",
-            "--randrepeat=0",
-            "--output-format=json",
-        ])
-        .arg(format!("--uri={}", nodes[0].unix_uri("vm10"))));
-    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
-    for job in json["jobs"].as_array().unwrap() {
-        assert_eq!(job["error"], 0, "{out}");
+    let jobs = fio_jobs(
+        Command::new("fio")
+            .current_dir(&dir)
+            .args([
+                "--name=o",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bsrange=4k-256k",
+                "--iodepth=16",
+            ])
+            .args([
+                "--numjobs=4",
+                "--size=4M",
+                "--io_size=64M",
+                "--randrepeat=0",
+            ])
+            .arg(format!("--uri={}", nodes[0].unix_uri("vm10"))),
+        &dir.join("fio.json"),
+    );
+    for job in &jobs {
+        assert_eq!(job["error"], 0, "{job:#}");
         assert!(
             job["write"]["io_bytes"].as_u64().unwrap() >= 64 * MIB,
-            "{out}"
+            "{job:#}"
         );
     }
-    assert_eq!(
-        first_difference(&nodes[0].data_file("vm10"), &nodes[1].data_file("vm10")),
-        None,
-        "replicas differ"
-    );
+    assert_same_replicas(&nodes[0], &nodes[1], "vm10");
     let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn state_changes_stream_as_server_sent_events() {
-    let mut nodes = [Node::start("e1"), Node::start("e2")];
-    let spec = spec(
-        "vm11",
-        16 * MIB,
-        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
-        r#""quorum":"off""#,
-    );
-    for n in &nodes {
-        n.put_spec("vm11", &spec);
-    }
+    let mut nodes = start_replicated("vm11", 16 * MIB, ["e1", "e2"], TWO_REPLICAS, QUORUM_OFF);
     nodes[0].wait_connected("vm11", Duration::from_secs(20));
     let events = Command::new("curl")
         .args([
@@ -698,27 +438,14 @@ fn state_changes_stream_as_server_sent_events() {
 
 #[test]
 fn two_nodes_opening_at_once_never_both_become_primary() {
-    let nodes = [Node::start("t1"), Node::start("t2")];
-    let spec = spec(
-        "vm12",
-        16 * MIB,
-        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
-        r#""quorum":"off""#,
-    );
-    for n in &nodes {
-        n.put_spec("vm12", &spec);
-    }
+    let nodes = start_replicated("vm12", 16 * MIB, ["t1", "t2"], TWO_REPLICAS, QUORUM_OFF);
     nodes[0].wait_connected("vm12", Duration::from_secs(20));
     for round in 0..5 {
         // Both open for writing at the same moment and hold the export for a while.
         let holders: Vec<_> = nodes
             .iter()
             .map(|n| {
-                Command::new("nbdsh")
-                    .env(
-                        "PATH",
-                        format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-                    )
+                nbdsh()
                     .args([
                         "-u",
                         &n.uri("vm12"),
@@ -740,16 +467,15 @@ fn two_nodes_opening_at_once_never_both_become_primary() {
             "round {round}: both nodes became Primary: {ok:?}"
         );
         // Let the demotions settle before the next round.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while nodes
-            .iter()
-            .any(|n| n.status("vm12")["peers"][0]["role"] == "Primary")
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a node stayed Primary"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for(
+            "no node sees its peer Primary",
+            Duration::from_secs(10),
+            &[&nodes[0], &nodes[1]],
+            || {
+                nodes
+                    .iter()
+                    .all(|n| n.status("vm12")["peers"][0]["role"] != "Primary")
+            },
+        );
     }
 }

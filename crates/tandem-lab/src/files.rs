@@ -1,0 +1,152 @@
+//! Byte-level checks of data files and images, and a small file system to fill up.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::scratch;
+
+/// The first offset where two files differ (length counts), or `None` if identical.
+pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    use std::io::Read;
+    let open = |p: &Path| std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let (mut fa, mut fb) = (open(a), open(b));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut at = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if let Some(i) = (0..na.min(nb)).find(|&i| ba[i] != bb[i]) {
+            return Some(at + i as u64);
+        }
+        if na != nb {
+            return Some(at + na.min(nb) as u64);
+        }
+        if na == 0 {
+            return None;
+        }
+        at += na as u64;
+    }
+
+    fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]).expect("read") {
+                0 => break,
+                k => n += k,
+            }
+        }
+        n
+    }
+}
+
+/// The bytes `[offset, offset + len)` of a file.
+pub fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    buf
+}
+
+/// The first offset in `[offset, offset + len)` of a file that does not hold `byte`.
+pub fn not_filled(path: &Path, offset: u64, len: u64, byte: u8) -> Option<u64> {
+    read_range(path, offset, len)
+        .iter()
+        .position(|&b| b != byte)
+        .map(|i| offset + i as u64)
+}
+
+/// Asserts the bytes `[offset, offset + len)` of a file all equal `byte`.
+pub fn assert_file_filled(path: &Path, offset: u64, len: u64, byte: u8) {
+    if let Some(at) = not_filled(path, offset, len, byte) {
+        panic!(
+            "{}: byte {at} is {:#04x}, expected {byte:#04x} over [{offset}, +{len})",
+            path.display(),
+            read_range(path, at, 1)[0]
+        );
+    }
+}
+
+/// Asserts two byte strings are equal, naming the first difference instead of dumping them.
+pub fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    if let Some(i) = actual.iter().zip(expected).position(|(a, e)| a != e) {
+        panic!(
+            "{what}: first difference at byte {i} ({i:#x}): {:#04x}, expected {:#04x}",
+            actual[i], expected[i]
+        );
+    }
+}
+
+/// Asserts a file holds `expected` at `offset`, naming the first difference.
+pub fn assert_file_holds(path: &Path, offset: u64, expected: &[u8], what: &str) {
+    let actual = read_range(path, offset, expected.len() as u64);
+    assert_same_bytes(&actual, expected, what);
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), different for each seed.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A small ext4 file system on a loop device, for a pool that can be filled without
+/// filling the machine's disk; unmounted and removed on drop.
+pub struct SmallFs {
+    dir: PathBuf,
+    /// Where it is mounted.
+    pub mnt: PathBuf,
+}
+
+impl SmallFs {
+    /// `None` where this machine cannot make one (not root, no loop devices, no
+    /// mkfs.ext4).
+    pub fn new(mib: u64) -> Option<SmallFs> {
+        let dir = scratch("smallfs");
+        let img = dir.join("fs.img");
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let ok = |cmd: &mut Command| {
+            cmd.stdin(Stdio::null())
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))
+            && ok(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt))
+        {
+            Some(SmallFs { dir, mnt })
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+            None
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.mnt)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
