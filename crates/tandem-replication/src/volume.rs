@@ -4,6 +4,7 @@
 
 use std::io::{self, BufReader};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -759,10 +760,15 @@ impl ReplicatedVolume {
                         "write length differs from its payload".into(),
                     ));
                 }
-                // Served by the connection's workers: the Primary never has two
-                // overlapping writes in flight, so they may complete in any order.
-                if requests.send((h, payload)).is_err() {
-                    return Err(WireError::Refused("request workers stopped".into()));
+                if more_waiting(r) {
+                    // Served by the connection's workers: the Primary never has two
+                    // overlapping writes in flight, so they may complete in any order.
+                    if requests.send((h, payload)).is_err() {
+                        return Err(WireError::Refused("request workers stopped".into()));
+                    }
+                } else {
+                    // A lone request is served right here, sparing a thread hop.
+                    self.serve_request(peer, h, payload)?;
                 }
             }
             Kind::Hello => {
@@ -1326,6 +1332,16 @@ impl ReplicatedVolume {
             p.refuse("volume removed from this node".into());
         }
     }
+}
+
+/// Whether another message has (at least partly) arrived already.
+fn more_waiting(r: &BufReader<TcpStream>) -> bool {
+    if !r.buffer().is_empty() {
+        return true;
+    }
+    let mut fd = libc::pollfd { fd: r.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: polls one valid descriptor described by a live struct, without waiting.
+    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
 }
 
 /// At most this many ranges travel in a handshake (64 KiB).
