@@ -1339,7 +1339,11 @@ fn more_waiting(r: &BufReader<TcpStream>) -> bool {
     if !r.buffer().is_empty() {
         return true;
     }
-    let mut fd = libc::pollfd { fd: r.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut fd = libc::pollfd {
+        fd: r.get_ref().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: polls one valid descriptor described by a live struct, without waiting.
     unsafe { libc::poll(&mut fd, 1, 0) > 0 }
 }
