@@ -513,13 +513,12 @@ impl ReplicatedVolume {
                 at = run.end;
             }
         }
-        ranges.extend(
-            self.suspect
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|e| (e * EXTENT, EXTENT.min(self.spec.size - e * EXTENT))),
-        );
+        ranges.extend(self.suspect.lock().unwrap().iter().map(|e| {
+            (
+                e * EXTENT,
+                EXTENT.min(self.spec.size.saturating_sub(e * EXTENT)),
+            )
+        }));
         ranges.sort_unstable();
         coarsen(&mut ranges);
         ranges

@@ -262,7 +262,13 @@ impl Node {
             serde_json::to_vec_pretty(&spec).expect("serialisable"),
         )
         .map_err(store)?;
-        let volume = self.apply_spec(spec)?;
+        let volume = match self.apply_spec(spec) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         std::fs::rename(&tmp, &path).map_err(store)?;
         Ok(volume.status())
     }
