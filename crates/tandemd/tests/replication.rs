@@ -479,3 +479,115 @@ fn two_nodes_opening_at_once_never_both_become_primary() {
         );
     }
 }
+
+/// A raw peer-protocol message: the 40-byte header and its payload.
+fn peer_message(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(40 + payload.len());
+    m.extend_from_slice(&0x544e_4450u32.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&[0u8; 2 + 8 + 8 + 8]);
+    m.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    m.extend_from_slice(&0u32.to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// A Hello as node `from` to node `to` of the volume `spec` describes.
+fn hello(
+    spec: &serde_json::Value,
+    versions: (u16, u16),
+    cluster: [u8; 16],
+    from: u8,
+    to: u8,
+) -> Vec<u8> {
+    let hex = |s: &str| {
+        (0..16)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+            .collect::<Vec<u8>>()
+    };
+    let mut h = Vec::new();
+    h.extend_from_slice(&versions.0.to_be_bytes());
+    h.extend_from_slice(&versions.1.to_be_bytes());
+    h.extend_from_slice(&cluster);
+    h.extend_from_slice(&hex(spec["volume-id"].as_str().unwrap()));
+    h.extend_from_slice(&[from, to, 0, 5]); // Secondary, DUnknown
+    h.extend_from_slice(&[0u8; 16]); // generation, bitmap generation
+    peer_message(1, &h)
+}
+
+#[test]
+fn malformed_and_foreign_peer_messages_end_only_their_connection() {
+    use std::io::{Read, Write};
+    let nodes = start_replicated("vm13", 16 * MIB, ["w1", "w2"], TWO_REPLICAS, QUORUM_OFF);
+    nodes[0].wait_connected("vm13", Duration::from_secs(20));
+    let spec: serde_json::Value = serde_json::from_str(&tandem_lab::spec(
+        "vm13",
+        16 * MIB,
+        &[(&nodes[0], Kind::Diskful), (&nodes[1], Kind::Diskful)],
+        QUORUM_OFF,
+    ))
+    .unwrap();
+    let cluster: [u8; 16] = (0..16)
+        .map(|i| {
+            u8::from_str_radix(&spec["cluster-id"].as_str().unwrap()[2 * i..2 * i + 2], 16).unwrap()
+        })
+        .collect::<Vec<u8>>()
+        .try_into()
+        .unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage", vec![0xAB; 64], "bad magic"),
+        (
+            "unknown kind",
+            peer_message(999, &[]),
+            "unknown message kind",
+        ),
+        (
+            "oversized payload",
+            {
+                let mut m = peer_message(1, &[]);
+                m[32..36].copy_from_slice(&(64u32 << 20).to_be_bytes());
+                m
+            },
+            "over the limit",
+        ),
+        (
+            "short hello",
+            peer_message(1, &[1, 2, 3]),
+            "hello of 3 bytes",
+        ),
+        (
+            "foreign cluster",
+            hello(&spec, (1, 1), [0x77; 16], 1, 0),
+            "belongs to cluster",
+        ),
+        (
+            "future version",
+            hello(&spec, (9, 12), cluster, 1, 0),
+            "no common protocol version",
+        ),
+        (
+            "unknown node",
+            hello(&spec, (1, 1), cluster, 7, 0),
+            "not a participant",
+        ),
+    ];
+    for (what, bytes, reason) in &cases {
+        let mut s = std::net::TcpStream::connect(nodes[0].peer).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        // The node answers nothing acceptable and closes the connection.
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+        wait_for(
+            &format!("the log to give the reason for {what}"),
+            Duration::from_secs(10),
+            &[&nodes[0]],
+            || nodes[0].plain_log().contains(reason),
+        );
+    }
+    // The real peer was never disturbed, and replication still works.
+    let status = nodes[0].status("vm13");
+    assert_eq!(status["peers"][0]["connection"], "Connected", "{status:#}");
+    qemu_io(&nodes[0].uri("vm13"), &["write -P 0x61 0 1M"]);
+    assert_same_replicas(&nodes[0], &nodes[1], "vm13");
+}
