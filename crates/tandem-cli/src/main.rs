@@ -1,6 +1,7 @@
 //! `tandem`: the command line for Tandem.
 
 mod client;
+mod demo;
 mod table;
 
 use std::process::ExitCode;
@@ -49,6 +50,15 @@ enum Command {
     Pool(PoolCommand),
     /// The node's name, version and pools.
     Node,
+    /// Start a local three-node cluster with a replicated volume, until Ctrl-C.
+    Demo {
+        /// Where the nodes keep their data.
+        #[arg(long, default_value = "tandem-demo")]
+        dir: std::path::PathBuf,
+        /// Size of the demo volume.
+        #[arg(long, default_value = "1G")]
+        size: ByteSize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -98,6 +108,15 @@ enum PoolCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Demo { dir, size } = &cli.command {
+        return match demo::run(dir, size.0) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -170,6 +189,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
     let api = Client::new(&cli.controller);
     let out = cli.output;
     match &cli.command {
+        Command::Demo { .. } => unreachable!("handled in main"),
         Command::Node => {
             let node: NodeInfo = api.get("/v1/node")?;
             emit(out, &node, |n| {

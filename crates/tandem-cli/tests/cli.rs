@@ -107,3 +107,48 @@ fn controller_url_comes_from_the_environment() {
     assert_eq!(pools[0]["kind"], "file");
     assert!(pools[0]["capacity"].as_u64().unwrap() >= pools[0]["free"].as_u64().unwrap());
 }
+
+#[test]
+fn demo_serves_a_replicated_volume_on_every_node_and_ctrl_c_stops_it_all() {
+    use std::io::{BufRead, BufReader};
+    let dir = tandem_lab::scratch("demo");
+    let mut demo = Command::new(tandem_lab::tandem_bin())
+        .args(["demo", "--dir"])
+        .arg(&dir)
+        .args(["--size", "64M"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut uris = Vec::new();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(at) = line.find("nbd://") {
+            if line.starts_with('n') {
+                uris.push(line[at..].trim().to_owned());
+            }
+        }
+        if line.contains("Press Ctrl-C") {
+            break;
+        }
+    }
+    assert_eq!(uris.len(), 3, "one NBD address per node: {uris:?}");
+    // Write on one replica's node, then read on the other replica's and the tiebreaker's.
+    tandem_lab::qemu_io(&uris[0], &["write -P 0xd7 0 1M", "flush"]);
+    for uri in &uris[1..] {
+        tandem_lab::qemu_io(uri, &["read -P 0xd7 0 1M"]);
+    }
+    // SAFETY: signals the child we started.
+    unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
+    let status = demo.wait().unwrap();
+    assert!(status.success(), "demo exited with {status}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("demo stopped")), "{rest:?}");
+    let left = output(Command::new("pgrep").arg("-f").arg(dir.to_str().unwrap()));
+    assert!(
+        left.stdout.is_empty(),
+        "processes left behind: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
