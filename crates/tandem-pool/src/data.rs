@@ -12,6 +12,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::buffer::Buffer;
+
 /// How the data file uses the host page cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheMode {
@@ -233,12 +235,12 @@ impl DataFile {
     /// Zeroes the range by writing zeros: the way that works on every file system.
     pub fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: usize = 1 << 20;
-        let zeros = AlignedZeros::new(CHUNK.min(len as usize).max(1), self.align.max(1));
+        let zeros = Buffer::zeroed(CHUNK.min(len as usize));
         let mut at = offset;
         let end = offset + len;
         while at < end {
             let n = (end - at).min(CHUNK as u64) as usize;
-            self.write_at(&zeros.as_slice()[..n], at, false)?;
+            self.write_at(&zeros[..n], at, false)?;
             at += n as u64;
         }
         Ok(())
@@ -348,37 +350,6 @@ fn seek(file: &File, offset: u64, whence: i32) -> io::Result<Option<u64>> {
     }
 }
 
-/// A zero-filled buffer aligned for direct I/O.
-struct AlignedZeros {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedZeros {
-    fn new(len: usize, align: usize) -> Self {
-        let layout = std::alloc::Layout::from_size_align(len.next_multiple_of(align), align)
-            .expect("valid layout");
-        // SAFETY: non-zero size; freed in Drop with the same layout.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        AlignedZeros { ptr, layout }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for layout.size() initialised (zeroed) bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedZeros {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,17 +365,15 @@ mod tests {
     fn aligned_and_unaligned_io_see_each_other() {
         for cache in [CacheMode::None, CacheMode::Writeback] {
             let (_d, f) = files(cache);
-            let aligned = AlignedZeros::new(8192, 4096);
-            // SAFETY: test-only mutable view of our own allocation.
-            let buf = unsafe { std::slice::from_raw_parts_mut(aligned.ptr, 8192) };
+            let mut buf = Buffer::zeroed(8192);
             buf.fill(7);
-            f.write_at(buf, 4096, false).unwrap();
+            f.write_at(&buf, 4096, false).unwrap();
             f.write_at(b"hello", 4100, true).unwrap();
             let mut out = vec![0u8; 9];
             f.read_at(&mut out, 4096).unwrap();
             assert_eq!(out, [7, 7, 7, 7, b'h', b'e', b'l', b'l', b'o']);
             buf.fill(0);
-            f.read_at(buf, 4096).unwrap();
+            f.read_at(&mut buf, 4096).unwrap();
             assert_eq!(&buf[4..9], b"hello");
             assert_eq!(buf[9], 7);
         }

@@ -6,12 +6,14 @@
 //! <pool dir>/<volume>.meta   superblock (two checksummed slots), activity log, bitmaps
 //! ```
 
+mod buffer;
 mod data;
 mod error;
 pub mod meta;
 mod pool;
 mod volume;
 
+pub use buffer::Buffer;
 pub use data::{CacheMode, DataFile, Extent};
 pub use error::PoolError;
 pub use meta::{GenerationId, Generations, MetaError, NewVolume, Superblock};

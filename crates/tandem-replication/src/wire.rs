@@ -11,6 +11,7 @@
 use std::io::{self, IoSlice, Read, Write};
 
 use tandem_api::{ClusterId, DiskState, NodeId, Role, VolumeId};
+pub use tandem_pool::Buffer;
 
 pub const MAGIC: u32 = 0x544e_4450;
 pub const HEADER_LEN: usize = 40;
@@ -280,38 +281,6 @@ impl Hello {
     }
 }
 
-/// Bytes aligned for direct I/O, so a replica writes or reads them in place instead of
-/// falling back to the page cache.
-pub struct Buffer {
-    bytes: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-const ALIGN: usize = 4096;
-
-impl Buffer {
-    pub fn zeroed(len: usize) -> Buffer {
-        let bytes = vec![0u8; len + ALIGN];
-        // Moving the Vec never moves its heap block, so the alignment holds.
-        let start = bytes.as_ptr().align_offset(ALIGN);
-        Buffer { bytes, start, len }
-    }
-}
-
-impl std::ops::Deref for Buffer {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.bytes[self.start..self.start + self.len]
-    }
-}
-
-impl std::ops::DerefMut for Buffer {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.start..self.start + self.len]
-    }
-}
-
 /// Reads a payload of `len` bytes into a fresh aligned buffer.
 pub fn read_payload(r: &mut impl Read, len: u32) -> io::Result<Buffer> {
     let mut buf = Buffer::zeroed(len as usize);
@@ -322,15 +291,6 @@ pub fn read_payload(r: &mut impl Read, len: u32) -> io::Result<Buffer> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buffers_are_aligned_for_direct_io() {
-        for len in [0, 1, 4096, 1 << 20] {
-            let b = Buffer::zeroed(len);
-            assert_eq!(b.len(), len);
-            assert_eq!(b.as_ptr() as usize % ALIGN, 0);
-        }
-    }
 
     #[test]
     fn every_kind_decodes() {
