@@ -132,6 +132,23 @@ impl Volume {
         self.meta.lock().unwrap().superblock().disk_state
     }
 
+    /// The current data generation (read without copying the superblock: the
+    /// replication write path asks on every write).
+    pub fn generation(&self) -> GenerationId {
+        self.meta.lock().unwrap().superblock().generations.current
+    }
+
+    /// The generation recorded when this replica started tracking changes for `peer`
+    /// (0 when it tracks none).
+    pub fn bitmap_generation(&self, peer: NodeId) -> GenerationId {
+        let meta = self.meta.lock().unwrap();
+        meta.superblock()
+            .peers
+            .iter()
+            .find(|p| p.node == peer)
+            .map_or(GenerationId(0), |p| p.bitmap_generation)
+    }
+
     /// A copy of the replica's superblock.
     pub fn superblock(&self) -> Superblock {
         self.meta.lock().unwrap().superblock().clone()

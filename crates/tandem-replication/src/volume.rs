@@ -197,7 +197,7 @@ impl ReplicatedVolume {
             role: self.role(),
             disk: self.disk(),
             generation: match &self.local {
-                Some(v) => v.superblock().generations.current.0,
+                Some(v) => v.generation().0,
                 None => *self.known.lock().unwrap(),
             },
         }
@@ -224,14 +224,7 @@ impl ReplicatedVolume {
     fn bitmap_generation(&self, peer: NodeId) -> u64 {
         self.local
             .as_ref()
-            .and_then(|v| {
-                v.superblock()
-                    .peers
-                    .iter()
-                    .find(|p| p.node == peer)
-                    .map(|p| p.bitmap_generation.0)
-            })
-            .unwrap_or(0)
+            .map_or(0, |v| v.bitmap_generation(peer).0)
     }
 
     fn set_bitmap_generation(&self, peer: NodeId, generation: u64) {
@@ -293,20 +286,20 @@ impl ReplicatedVolume {
 
     /// A Primary starts a new data generation when a replica holding data stops
     /// receiving writes, so that replica's data is recognisably older afterwards.
-    fn rotate_if_needed(&self) {
+    fn rotate_if_needed(&self, targets: &[&Arc<Peer>]) {
         let Some(local) = &self.local else { return };
         let _guard = self.rotation.lock().unwrap();
-        let current = self.state().generation;
-        let data_peers: Vec<NodeId> = self
-            .data_peers()
-            .iter()
-            .map(|p| p.participant.node_id)
-            .collect();
+        let current = local.generation().0;
         let mut stale = false;
+        let receiving = |p: &Peer| {
+            targets
+                .iter()
+                .any(|t| t.participant.node_id == p.participant.node_id)
+        };
         for p in self
             .peers
             .iter()
-            .filter(|p| p.tracked.is_some() && !data_peers.contains(&p.participant.node_id))
+            .filter(|p| p.tracked.is_some() && !receiving(p))
         {
             self.begin_tracking(p);
             stale |= self.bitmap_generation(p.participant.node_id) == current;
@@ -940,10 +933,10 @@ impl ReplicatedVolume {
             }
             _ => None,
         };
-        if is_data_change(h.kind) {
-            self.rotate_if_needed();
-        }
         let targets = self.data_peers();
+        if is_data_change(h.kind) {
+            self.rotate_if_needed(&targets);
+        }
         let completion = Arc::new(Completion::new(targets.len()));
         for p in &targets {
             p.request(h, payload, &completion);
@@ -1199,6 +1192,11 @@ impl ReplicatedVolume {
         }
     }
 
+    /// Whether an NBD client has the volume open for writing on this node.
+    pub fn is_open(&self) -> bool {
+        *self.writers.lock().unwrap() > 0
+    }
+
     pub fn status(&self) -> VolumeStatus {
         let peers = self
             .peers
@@ -1270,7 +1268,7 @@ impl ReplicatedVolume {
             kind: self.me.kind,
             role: self.role(),
             disk: self.disk(),
-            open: *self.writers.lock().unwrap() > 0,
+            open: self.is_open(),
             quorum: self.has_quorum(),
             peers,
         }

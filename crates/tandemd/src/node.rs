@@ -204,7 +204,7 @@ impl Node {
     /// local volume.
     pub fn delete(&self, name: &VolumeName) -> Result<(), NodeError> {
         if let Some(v) = self.replicator.get(name) {
-            if v.status().open {
+            if v.is_open() {
                 return Err(PoolError::InUse {
                     name: name.clone(),
                     openers: 1,
@@ -243,11 +243,7 @@ impl Node {
     /// local replica when this node is diskful and has none, and remembers the spec.
     pub fn set_spec(&self, spec: VolumeSpec) -> Result<VolumeStatus, NodeError> {
         spec.validate(&self.name).map_err(NodeError::BadSpec)?;
-        if self
-            .replicator
-            .get(&spec.name)
-            .is_some_and(|v| v.status().open)
-        {
+        if self.replicator.get(&spec.name).is_some_and(|v| v.is_open()) {
             return Err(NodeError::SpecInUse(spec.name.clone()));
         }
         let name = spec.name.clone();
