@@ -155,6 +155,7 @@ impl Options {
             Some(c) => c.parse::<CacheMode>().map_err(anyhow::Error::msg)?,
             None => CacheMode::None,
         };
+        let client_ca = self.tls_ca.or(file.tls_ca);
         let tls = match (
             self.tls_cert.or(file.tls_cert),
             self.tls_key.or(file.tls_key),
@@ -162,11 +163,11 @@ impl Options {
             (Some(cert), Some(key)) => Some(Tls {
                 cert,
                 key,
-                client_ca: self.tls_ca.or(file.tls_ca),
+                client_ca,
                 required: self.tls_required || file.tls_required,
             }),
-            (None, None) if self.tls_required || file.tls_required => {
-                bail!("tls-required needs tls-cert and tls-key")
+            (None, None) if self.tls_required || file.tls_required || client_ca.is_some() => {
+                bail!("tls-required and tls-ca need tls-cert and tls-key")
             }
             (None, None) => None,
             _ => bail!("tls-cert and tls-key go together"),
@@ -235,6 +236,7 @@ mod tests {
             &["tandemd", "--name", "x", "--pool", "a=/1", "--pool", "a=/2"],
             &["tandemd", "--name", "x", "--cache", "sometimes"],
             &["tandemd", "--name", "x", "--tls-required"],
+            &["tandemd", "--name", "x", "--tls-ca", "/ca.pem"],
         ] {
             assert!(Options::parse_from(args).settle().is_err(), "{args:?}");
         }

@@ -183,6 +183,12 @@ impl Node {
         name: &VolumeName,
         change: &UpdateVolume,
     ) -> Result<VolumeInfo, NodeError> {
+        if self.replicator.get(name).is_some() {
+            // Changing one replica alone would make the replicas disagree.
+            return Err(NodeError::Refused(format!(
+                "volume {name} is replicated: change its size in its spec, on every participant"
+            )));
+        }
         let (pool, entry) = self
             .find(name)
             .ok_or_else(|| PoolError::NotFound { name: name.clone() })?;

@@ -591,3 +591,27 @@ fn malformed_and_foreign_peer_messages_end_only_their_connection() {
     qemu_io(&nodes[0].uri("vm13"), &["write -P 0x61 0 1M"]);
     assert_same_replicas(&nodes[0], &nodes[1], "vm13");
 }
+
+#[test]
+fn resizing_one_replica_of_a_replicated_volume_is_refused() {
+    let nodes = start_replicated("vm14", 16 * MIB, ["g1", "g2"], TWO_REPLICAS, QUORUM_OFF);
+    let r = nodes[0].api(
+        "PATCH",
+        "/v1/node/volumes/vm14",
+        Some(r#"{"size":33554432}"#),
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.json()["message"].as_str().unwrap().contains("spec"),
+        "{}",
+        r.body
+    );
+    for n in &nodes {
+        assert_eq!(
+            std::fs::metadata(n.data_file("vm14")).unwrap().len(),
+            16 * MIB,
+            "{}",
+            n.name
+        );
+    }
+}
