@@ -1025,7 +1025,8 @@ impl ReplicatedVolume {
         })
     }
 
-    fn local_up_to_date(&self) -> Option<&Arc<Volume>> {
+    /// The local replica when reads may be served from it: attached and UpToDate.
+    pub fn local_up_to_date(&self) -> Option<&Arc<Volume>> {
         self.attached()
             .filter(|v| v.disk_state() == DiskState::UpToDate)
     }

@@ -166,18 +166,17 @@ impl Export for ReplicatedExport {
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Only the replica reads are served from is worth warming.
         self.volume
-            .local()
+            .local_up_to_date()
             .map_or(Ok(()), |v| v.data().prefetch(offset, len))
     }
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        match self.volume.local() {
-            Some(v) if v.disk_state() == tandem_api::DiskState::UpToDate => {
-                extents_of(v, offset, len)
-            }
+        match self.volume.local_up_to_date() {
+            Some(v) => extents_of(v, offset, len),
             // Without an UpToDate local replica, claim data everywhere: always safe.
-            _ => Ok(vec![Extent { len, hole: false }]),
+            None => Ok(vec![Extent { len, hole: false }]),
         }
     }
 }
