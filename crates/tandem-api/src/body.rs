@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DiskState, NodeName, PoolName, VolumeName};
+use crate::{ClusterId, DiskState, NodeName, PoolName, VolumeName};
 
 /// Every error the API returns: what failed, why, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,11 +81,42 @@ pub struct PoolInfo {
     pub volumes: u32,
 }
 
+/// What a node says about itself on `GET /v1/node`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct NodeInfo {
     pub name: NodeName,
+    /// The `tandemd` release.
     pub version: String,
+    /// The node API's version: a controller manages only nodes speaking its own.
+    pub api_version: u32,
+    /// `host:port` the node's peers connect to (its `--peer-listen`).
+    pub peer_address: String,
+    /// The cluster the node has joined, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<ClusterId>,
     pub pools: Vec<PoolInfo>,
+}
+
+/// Version of the node API (`/v1/node/...`) this build speaks.
+pub const NODE_API_VERSION: u32 = 1;
+
+/// `POST /v1/node/join`: a controller makes the node part of its cluster. From then on
+/// the node answers its API only to requests that carry the cluster secret
+/// (`Authorization: Bearer SECRET`), apart from `GET /v1/node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct JoinCluster {
+    pub cluster_id: ClusterId,
+    pub secret: String,
+}
+
+/// A new storage pool: a directory on the node, created if missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CreatePool {
+    pub name: PoolName,
+    pub path: String,
 }
 
 #[cfg(test)]

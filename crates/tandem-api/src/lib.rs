@@ -2,18 +2,27 @@
 //! sizes, states in DRBD's words, and the JSON bodies of the HTTP API.
 
 mod body;
+mod cluster;
 mod ids;
 mod names;
 mod size;
 mod spec;
 mod states;
 
-pub use body::{ApiError, CreateVolume, NodeInfo, PoolInfo, UpdateVolume, VolumeInfo};
+pub use body::{
+    ApiError, CreatePool, CreateVolume, JoinCluster, NODE_API_VERSION, NodeInfo, PoolInfo,
+    UpdateVolume, VolumeInfo,
+};
+pub use cluster::{
+    ChangeReplicas, ClusterInfo, ClusterNode, ClusterParticipant, ClusterPool, ClusterVolume,
+    CreateClusterVolume, CreateNode, Finding, Group, Health, KV_KEY_MAX, KvEntry, KvValue,
+    NodeState, OnNode, ResizeVolume, Severity, VolumeState, check_kv_key,
+};
 pub use ids::{ClusterId, NodeId, VolumeId};
-pub use names::{NameError, NodeName, PoolName, VolumeName};
+pub use names::{GroupName, NameError, NodeName, PoolName, StoreName, VolumeName};
 pub use size::{ByteSize, SizeError};
 pub use spec::{
-    OnNoQuorum, Participant, ParticipantKind, PeerStatus, QuorumPolicy, Resolve, VolumeOptions,
-    VolumeSpec, VolumeStatus,
+    OnNoQuorum, Participant, ParticipantKind, PeerStatus, QuorumPolicy, ReplicaReport, Resolve,
+    VolumeOptions, VolumeSpec, VolumeStatus,
 };
 pub use states::{ConnectionState, DiskState, ReplicationState, Role};

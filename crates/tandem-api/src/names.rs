@@ -100,6 +100,16 @@ name_type!(
     NodeName,
     "node"
 );
+name_type!(
+    /// A resource group's name: the placement rules volumes are created with.
+    GroupName,
+    "group"
+);
+name_type!(
+    /// A key-value store's name.
+    StoreName,
+    "store"
+);
 
 #[cfg(test)]
 mod tests {

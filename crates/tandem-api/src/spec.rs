@@ -7,8 +7,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ClusterId, ConnectionState, DiskState, NodeId, NodeName, ReplicationState, Role, VolumeId,
-    VolumeName,
+    ClusterId, ConnectionState, DiskState, NodeId, NodeName, PoolName, ReplicationState, Role,
+    VolumeId, VolumeName,
 };
 
 /// What a participant contributes to a volume.
@@ -42,6 +42,15 @@ pub struct Participant {
     /// `host:port` of the node's peer listener.
     pub address: String,
     pub kind: ParticipantKind,
+    /// The pool holding a diskful participant's replica; the node's first pool when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolName>,
+    /// A diskful participant added to a volume that may already hold data: its new
+    /// replica starts Inconsistent and takes a full resync. Replicas created with the
+    /// volume start in sync (they all hold zeros).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -173,6 +182,15 @@ pub struct VolumeStatus {
     pub open: bool,
     pub quorum: bool,
     pub peers: Vec<PeerStatus>,
+}
+
+/// A replicated volume on one node: what it was told and what it sees
+/// (`GET /v1/node/replicated`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReplicaReport {
+    pub spec: VolumeSpec,
+    pub status: VolumeStatus,
 }
 
 impl fmt::Display for VolumeStatus {

@@ -183,6 +183,8 @@ pub fn run(dir: &Path, size: u64) -> anyhow::Result<()> {
                 node: n.name.parse().expect("valid name"),
                 address: n.peer.to_string(),
                 kind,
+                pool: None,
+                fresh: false,
             })
             .collect(),
         options: VolumeOptions::default(),

@@ -90,6 +90,7 @@ fn run(settings: Settings) -> anyhow::Result<()> {
         &settings.pools,
         settings.cache,
         replicator,
+        settings.peer_listen.to_string(),
         &settings.data_dir,
     )?);
 

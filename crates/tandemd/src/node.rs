@@ -38,6 +38,8 @@ pub struct Node {
     name: NodeName,
     pools: Vec<Pool>,
     replicator: Arc<Replicator>,
+    /// `host:port` peers reach this node at.
+    peer_address: String,
     /// Where the specs of replicated volumes are kept, so a restart knows them.
     specs: PathBuf,
     /// Serialises creations so a name stays unique across pools.
@@ -50,6 +52,7 @@ impl Node {
         pools: &[(PoolName, PathBuf)],
         cache: CacheMode,
         replicator: Arc<Replicator>,
+        peer_address: String,
         data_dir: &Path,
     ) -> anyhow::Result<Node> {
         let pools = pools
@@ -66,6 +69,7 @@ impl Node {
             name,
             pools,
             replicator,
+            peer_address,
             specs,
             creating: Mutex::new(()),
         };
@@ -115,6 +119,9 @@ impl Node {
         NodeInfo {
             name: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
+            api_version: tandem_api::NODE_API_VERSION,
+            peer_address: self.peer_address.clone(),
+            cluster_id: None,
             pools: self.pools(),
         }
     }
