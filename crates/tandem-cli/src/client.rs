@@ -1,6 +1,7 @@
-//! HTTP calls to the node or controller API, with errors a person can act on.
+//! HTTP calls to the controller (or a node) API, with errors a person can act on.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -14,8 +15,10 @@ pub struct Client {
 pub enum CliError {
     /// The API answered with an error.
     Api(ApiError),
-    /// The API could not be reached or answered nonsense.
+    /// The API could not be reached.
     Transport { url: String, why: String },
+    /// The API answered something this CLI does not understand.
+    Answer { url: String, why: String },
 }
 
 impl fmt::Display for CliError {
@@ -24,8 +27,13 @@ impl fmt::Display for CliError {
             CliError::Api(error) => write!(f, "{error}"),
             CliError::Transport { url, why } => write!(
                 f,
-                "cannot talk to tandemd at {url}: {why}\n  hint: is tandemd running there? \
-                 Point the CLI at it with --controller URL or TANDEM_CONTROLLER"
+                "cannot talk to tandemd at {url}: {why}\n  hint: is `tandemd --controller` \
+                 running there? Point the CLI at it with --controller URL or TANDEM_CONTROLLER"
+            ),
+            CliError::Answer { url, why } => write!(
+                f,
+                "tandemd at {url} gave an unexpected answer: {why}\n  hint: are the CLI and \
+                 tandemd the same version? `tandem cluster` shows the controller's"
             ),
         }
     }
@@ -35,7 +43,8 @@ impl Client {
     pub fn new(base: &str) -> Client {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(std::time::Duration::from_secs(60)))
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_global(Some(Duration::from_secs(60)))
             .build()
             .into();
         Client {
@@ -44,16 +53,21 @@ impl Client {
         }
     }
 
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, CliError> {
         let url = format!("{}{path}", self.base);
         let transport = |why: String| CliError::Transport {
             url: self.base.clone(),
             why,
         };
-        let req = ureq::http::Request::builder()
-            .method(method)
-            .uri(&url)
-            .header("content-type", "application/json")
+        let mut req = ureq::http::Request::builder().method(method).uri(&url);
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
             .body(body.unwrap_or_default())
             .map_err(|e| transport(e.to_string()))?;
         let mut resp = self.agent.run(req).map_err(|e| transport(e.to_string()))?;
@@ -64,8 +78,8 @@ impl Client {
             .map_err(|e| transport(e.to_string()))?;
         if status >= 400 {
             let error = serde_json::from_str::<ApiError>(&text).unwrap_or(ApiError {
-                message: format!("request failed with HTTP {status}"),
-                cause: Some(text),
+                message: format!("{method} {path} failed with HTTP {status}"),
+                cause: (!text.trim().is_empty()).then(|| text.trim().to_owned()),
                 correction: None,
             });
             return Err(CliError::Api(error));
@@ -74,15 +88,20 @@ impl Client {
     }
 
     fn decode<T: DeserializeOwned>(&self, text: &str) -> Result<T, CliError> {
-        serde_json::from_str(text).map_err(|e| CliError::Transport {
+        serde_json::from_str(text).map_err(|e| CliError::Answer {
             url: self.base.clone(),
-            why: format!("unexpected answer ({e}); are the CLI and tandemd the same version?"),
+            why: e.to_string(),
         })
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
         let text = self.call("GET", path, None)?;
         self.decode(&text)
+    }
+
+    /// A plain-text answer, as it comes.
+    pub fn get_text(&self, path: &str) -> Result<String, CliError> {
+        self.call("GET", path, None)
     }
 
     pub fn send<B: Serialize, T: DeserializeOwned>(
@@ -96,7 +115,38 @@ impl Client {
         self.decode(&text)
     }
 
+    /// A POST that carries no body: an action on the object the path names.
+    pub fn post<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        let text = self.call("POST", path, None)?;
+        self.decode(&text)
+    }
+
     pub fn delete(&self, path: &str) -> Result<(), CliError> {
         self.call("DELETE", path, None).map(|_| ())
+    }
+}
+
+/// Percent-encodes a path of segments (a key-value key) for a URL; `/` stays a separator.
+pub fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_percent_encoded_but_keep_their_segments() {
+        assert_eq!(encode_path("sr/vdi/vm-1.x_y~"), "sr/vdi/vm-1.x_y~");
+        assert_eq!(encode_path("a?b#c%d"), "a%3Fb%23c%25d");
+        assert_eq!(encode_path("sr/é"), "sr/%C3%A9");
     }
 }

@@ -1,25 +1,31 @@
-//! `tandem`: the command line for Tandem.
+//! `tandem`: the command line for a Tandem cluster.
 
 mod client;
+mod commands;
 mod demo;
 mod table;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use serde::Serialize;
-use tandem_api::{
-    ByteSize, CreateVolume, NodeInfo, PoolInfo, PoolName, UpdateVolume, VolumeInfo, VolumeName,
-    VolumeStatus,
-};
+use clap::{Parser, Subcommand};
+use tandem_api::ByteSize;
 
-use crate::client::{CliError, Client};
-use crate::table::Table;
+use crate::client::Client;
+use crate::commands::group::GroupCommand;
+use crate::commands::kv::KvCommand;
+use crate::commands::node::NodeCommand;
+use crate::commands::pool::PoolCommand;
+use crate::commands::volume::VolumeCommand;
+use crate::commands::{Output, cluster, group, health, kv, node, pool, volume};
 
-#[derive(Parser)]
-#[command(name = "tandem", version, about = "Manage Tandem volumes and pools")]
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Manage a Tandem cluster: nodes, pools, groups, volumes and key-value stores"
+)]
 struct Cli {
-    /// API of the node or controller to talk to.
+    /// API of the node running the controller (`tandemd --controller`).
     #[arg(
         long,
         global = true,
@@ -34,22 +40,27 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
-    Table,
-    Json,
-}
-
-#[derive(Subcommand)]
+#[derive(Debug, Subcommand)]
 enum Command {
-    /// Volumes: create, list, resize, delete.
+    /// The cluster's identity and the node running its controller.
+    Cluster,
+    /// Nodes: the hosts of the cluster.
     #[command(subcommand)]
-    Volume(VolumeCommand),
-    /// Storage pools of the node.
+    Node(NodeCommand),
+    /// Storage pools: directories on the nodes that hold replicas.
     #[command(subcommand)]
     Pool(PoolCommand),
-    /// The node's name, version and pools.
-    Node,
+    /// Resource groups: replica count, pool and nodes for the volumes created in them.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Volumes: create, list, attach, resize, delete.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Key-value stores.
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// What needs attention; exits 0 when all is well, 1 on warnings, 2 on errors.
+    Health,
     /// Start a local three-node cluster with a replicated volume, until Ctrl-C.
     Demo {
         /// Where the nodes keep their data.
@@ -61,63 +72,29 @@ enum Command {
     },
 }
 
-#[derive(Subcommand)]
-enum VolumeCommand {
-    /// Create a volume.
-    Create {
-        name: VolumeName,
-        /// Size, e.g. 10G (units K, M, G, T are binary).
-        #[arg(long)]
-        size: ByteSize,
-        /// Reserve all space now instead of on first write.
-        #[arg(long)]
-        thick: bool,
-        /// Pool to create it in [default: the node's first pool].
-        #[arg(long)]
-        pool: Option<PoolName>,
-    },
-    /// List volumes.
-    List,
-    /// Show one volume.
-    Show { name: VolumeName },
-    /// Grow a volume.
-    Resize {
-        name: VolumeName,
-        #[arg(long)]
-        size: ByteSize,
-    },
-    /// Make a volume read-only, or writable again with --off.
-    ReadOnly {
-        name: VolumeName,
-        #[arg(long)]
-        off: bool,
-    },
-    /// Delete a volume and its data.
-    Delete { name: VolumeName },
-    /// Replication status of a replicated volume, as `drbdadm status` shows it.
-    Status { name: VolumeName },
-    /// Compare the replicas by checksum; differing blocks are resynced.
-    Verify { name: VolumeName },
-}
-
-#[derive(Subcommand)]
-enum PoolCommand {
-    /// List storage pools with capacity and free space.
-    List,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Demo { dir, size } = &cli.command {
-        return match demo::run(dir, size.0) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    match run(&cli) {
+    let api = Client::new(&cli.controller);
+    let out = cli.output;
+    let done = match &cli.command {
+        Command::Demo { dir, size } => {
+            return match demo::run(dir, size.0) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Health => return ExitCode::from(health::run(&api, out)),
+        Command::Cluster => cluster::run(&api, out),
+        Command::Node(cmd) => node::run(&api, out, cmd),
+        Command::Pool(cmd) => pool::run(&api, out, cmd),
+        Command::Group(cmd) => group::run(&api, out, cmd),
+        Command::Volume(cmd) => volume::run(&api, out, cmd),
+        Command::Kv(cmd) => kv::run(&api, out, cmd),
+    };
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -126,155 +103,192 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints `value` as JSON for scripts, or in its human form (a table, a status text).
-fn emit<T: Serialize, H: std::fmt::Display>(
-    output: Output,
-    value: &T,
-    human: impl FnOnce(&T) -> H,
-) {
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("serialisable")
-        ),
-        Output::Table => print!("{}", human(value)),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
 
-fn volume_table(volumes: &[VolumeInfo]) -> Table {
-    let mut t = Table::new([
-        "NAME",
-        "SIZE",
-        "ALLOCATED",
-        "POOL",
-        "TYPE",
-        "ACCESS",
-        "DISK",
-        "OPEN",
-    ]);
-    for v in volumes {
-        t.row([
-            v.name.to_string(),
-            ByteSize(v.size).to_string(),
-            ByteSize(v.allocated).to_string(),
-            v.pool.to_string(),
-            (if v.thick { "thick" } else { "thin" }).into(),
-            (if v.read_only { "ro" } else { "rw" }).into(),
-            match &v.error {
-                Some(e) => format!("{} ({e})", v.disk),
-                None => v.disk.to_string(),
-            },
-            v.open.to_string(),
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tandem").chain(args.iter().copied()))
+    }
+
+    fn refused(args: &[&str]) -> clap::Error {
+        match parse(args) {
+            Ok(cli) => panic!("{args:?} accepted: {:?}", cli.command),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn volume_create_reads_binary_sizes_and_optional_placement() {
+        let cli = parse(&["volume", "create", "vm1", "--size", "10G"]).unwrap();
+        let Command::Volume(VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            group,
+        }) = cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!((name.as_str(), size.0), ("vm1", 10 << 30));
+        assert_eq!((replicas, group), (None, None));
+
+        let cli = parse(&[
+            "-o",
+            "json",
+            "volume",
+            "create",
+            "vm1",
+            "--size",
+            "1.5T",
+            "--replicas",
+            "3",
+            "--group",
+            "fast",
+        ])
+        .unwrap();
+        assert_eq!(cli.output, Output::Json);
+        let Command::Volume(VolumeCommand::Create {
+            size,
+            replicas,
+            group,
+            ..
+        }) = cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(size.0, 3 << 39);
+        assert_eq!(replicas, Some(3));
+        assert_eq!(group.unwrap().as_str(), "fast");
+
+        let e = refused(&["volume", "create", "vm1", "--size", "12Q"]);
+        assert!(
+            e.to_string().contains("cannot read \"12Q\" as a size"),
+            "{e}"
+        );
+        let e = refused(&["volume", "resize", "vm1", "--size", "lots"]);
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn replica_counts_stay_within_1_to_31() {
+        for n in ["1", "31"] {
+            assert!(parse(&["volume", "create", "v", "--size", "1G", "--replicas", n]).is_ok());
+            assert!(parse(&["group", "create", "g", "--replicas", n]).is_ok());
+        }
+        for n in ["0", "32", "-1", "two"] {
+            refused(&["volume", "create", "v", "--size", "1G", "--replicas", n]);
+            refused(&["group", "create", "g", "--replicas", n]);
+        }
+    }
+
+    #[test]
+    fn names_are_checked_before_anything_is_sent() {
+        let e = refused(&["volume", "show", "../etc"]);
+        assert!(e.to_string().contains("volume name"), "{e}");
+        refused(&["node", "create", "n/1", "10.0.0.1:3370"]);
+        refused(&["pool", "create", "n1", ".hidden", "--path", "/srv"]);
+    }
+
+    #[test]
+    fn kv_keys_are_paths() {
+        let cli = parse(&["kv", "set", "xcp-sr", "sr/vdi/vm1", "-1"]).unwrap();
+        let Command::Kv(KvCommand::Set { key, value, .. }) = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(
+            (key.to_string().as_str(), value.as_str()),
+            ("sr/vdi/vm1", "-1")
+        );
+        for bad in ["sr//vdi", "/sr", "a b", ""] {
+            let e = refused(&["kv", "get", "xcp-sr", bad]);
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "{bad:?}");
+            assert!(e.to_string().contains("a key is a path"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_replica_change_is_either_an_add_or_a_remove() {
+        let cli = parse(&["volume", "replicas", "vm1", "--add", "n3"]).unwrap();
+        let Command::Volume(VolumeCommand::Replicas { add, remove, .. }) = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!((add.unwrap().as_str(), remove), ("n3", None));
+        let both = refused(&["volume", "replicas", "vm1", "--add", "n3", "--remove", "n1"]);
+        assert_eq!(both.kind(), ErrorKind::ArgumentConflict);
+        let neither = refused(&["volume", "replicas", "vm1"]);
+        assert_eq!(neither.kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn group_options_take_the_apis_words() {
+        let cli = parse(&[
+            "group",
+            "create",
+            "fast",
+            "--nodes",
+            "n1,n2",
+            "--quorum",
+            "off",
+            "--on-no-quorum",
+            "suspend-io",
+            "--pool",
+            "ssd",
+        ])
+        .unwrap();
+        let Command::Group(GroupCommand::Create {
+            nodes,
+            quorum,
+            on_no_quorum,
+            pool,
+            replicas,
+            ..
+        }) = cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        let nodes: Vec<&str> = nodes.iter().map(|n| n.as_str()).collect();
+        assert_eq!(nodes, ["n1", "n2"]);
+        assert_eq!(quorum, Some(tandem_api::QuorumPolicy::Off));
+        assert_eq!(on_no_quorum, Some(tandem_api::OnNoQuorum::SuspendIo));
+        assert_eq!(pool.unwrap().as_str(), "ssd");
+        assert_eq!(replicas, None);
+        assert_eq!(
+            refused(&["group", "create", "g", "--quorum", "most"]).kind(),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn delete_takes_force_where_the_api_does() {
+        let cli = parse(&["volume", "delete", "vm1", "--force"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Volume(VolumeCommand::Delete { force: true, .. })
+        ));
+        let cli = parse(&["node", "delete", "n1"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Node(NodeCommand::Delete { force: false, .. })
+        ));
+        refused(&["group", "delete", "g", "--force"]);
+    }
+
+    #[test]
+    fn the_old_node_local_commands_are_gone() {
+        refused(&["node"]);
+        refused(&["volume", "read-only", "vm1"]);
+        refused(&["volume", "create", "vm1", "--size", "1G", "--thick"]);
+        refused(&[
+            "volume", "create", "vm1", "--size", "1G", "--pool", "default",
         ]);
     }
-    t
-}
 
-fn pool_table(pools: &[PoolInfo]) -> Table {
-    let mut t = Table::new(["POOL", "KIND", "PATH", "CAPACITY", "FREE", "VOLUMES"]);
-    for p in pools {
-        t.row([
-            p.name.to_string(),
-            p.kind.clone(),
-            p.path.clone(),
-            ByteSize(p.capacity).to_string(),
-            ByteSize(p.free).to_string(),
-            p.volumes.to_string(),
-        ]);
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
-    t
-}
-
-fn run(cli: &Cli) -> Result<(), CliError> {
-    let api = Client::new(&cli.controller);
-    let out = cli.output;
-    match &cli.command {
-        Command::Demo { .. } => unreachable!("handled in main"),
-        Command::Node => {
-            let node: NodeInfo = api.get("/v1/node")?;
-            emit(out, &node, |n| {
-                let mut t = Table::new(["NODE", "VERSION", "POOLS"]);
-                t.row([
-                    n.name.to_string(),
-                    n.version.clone(),
-                    n.pools.len().to_string(),
-                ]);
-                t
-            });
-        }
-        Command::Pool(PoolCommand::List) => {
-            let pools: Vec<PoolInfo> = api.get("/v1/node/pools")?;
-            emit(out, &pools, |p| pool_table(p));
-        }
-        Command::Volume(cmd) => match cmd {
-            VolumeCommand::Create {
-                name,
-                size,
-                thick,
-                pool,
-            } => {
-                let req = CreateVolume {
-                    name: name.clone(),
-                    size: size.0,
-                    pool: pool.clone(),
-                    thick: *thick,
-                };
-                let v: VolumeInfo = api.send("POST", "/v1/node/volumes", &req)?;
-                emit(out, &v, |v| volume_table(std::slice::from_ref(v)));
-            }
-            VolumeCommand::List => {
-                let volumes: Vec<VolumeInfo> = api.get("/v1/node/volumes")?;
-                emit(out, &volumes, |v| volume_table(v));
-            }
-            VolumeCommand::Show { name } => {
-                let v: VolumeInfo = api.get(&format!("/v1/node/volumes/{name}"))?;
-                emit(out, &v, |v| volume_table(std::slice::from_ref(v)));
-            }
-            VolumeCommand::Resize { name, size } => {
-                let change = UpdateVolume {
-                    size: Some(size.0),
-                    ..Default::default()
-                };
-                let v: VolumeInfo =
-                    api.send("PATCH", &format!("/v1/node/volumes/{name}"), &change)?;
-                emit(out, &v, |v| volume_table(std::slice::from_ref(v)));
-            }
-            VolumeCommand::ReadOnly { name, off } => {
-                let change = UpdateVolume {
-                    read_only: Some(!off),
-                    ..Default::default()
-                };
-                let v: VolumeInfo =
-                    api.send("PATCH", &format!("/v1/node/volumes/{name}"), &change)?;
-                emit(out, &v, |v| volume_table(std::slice::from_ref(v)));
-            }
-            VolumeCommand::Status { name } => {
-                let status: VolumeStatus = api.get(&format!("/v1/node/volumes/{name}/status"))?;
-                emit(out, &status, |s| s.to_string());
-            }
-            VolumeCommand::Verify { name } => {
-                let report: serde_json::Value =
-                    api.send("POST", &format!("/v1/node/volumes/{name}/verify"), &())?;
-                emit(out, &report, |r| {
-                    let mut t = Table::new(["PEER", "DIFFERING BLOCKS"]);
-                    for p in r["peers"].as_array().into_iter().flatten() {
-                        t.row([
-                            p["node"].as_str().unwrap_or("?").to_owned(),
-                            p["differing-blocks"].to_string(),
-                        ]);
-                    }
-                    t
-                });
-            }
-            VolumeCommand::Delete { name } => {
-                api.delete(&format!("/v1/node/volumes/{name}"))?;
-                if out == Output::Json {
-                    println!("{}", serde_json::json!({ "deleted": name }));
-                } else {
-                    println!("volume {name} deleted");
-                }
-            }
-        },
-    }
-    Ok(())
 }
