@@ -13,7 +13,7 @@ crate::states::words!(
 );
 crate::states::words!(
     /// A volume's condition across its replicas, worst first when summarised.
-    VolumeState { Failed, SplitBrain, NoQuorum, Degraded, Syncing, Creating, Deleting, UpToDate }
+    VolumeState { Failed, SplitBrain, NoQuorum, Degraded, Syncing, Creating, UpToDate }
 );
 crate::states::words!(
     /// How bad a health finding is.

@@ -1,0 +1,381 @@
+//! The cluster API under `/v1/` and its OpenAPI document at `/openapi.json`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tandem_api::{
+    ApiError, ChangeReplicas, CreateClusterVolume, CreateNode, CreatePool, Group, GroupName,
+    KvValue, NodeName, OnNode, PoolName, ResizeVolume, StoreName, VolumeName,
+};
+
+use crate::controller::{Controller, Refusal, RefusalKind};
+
+type Shared = State<Arc<Controller>>;
+
+/// The routes of the cluster API.
+pub fn router(controller: Arc<Controller>) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/health", get(health))
+        .route("/v1/nodes", get(nodes).post(create_node))
+        .route("/v1/nodes/{node}", get(node).delete(delete_node))
+        .route("/v1/nodes/{node}/pools", post(create_pool))
+        .route(
+            "/v1/nodes/{node}/pools/{pool}",
+            axum::routing::delete(delete_pool),
+        )
+        .route("/v1/pools", get(pools))
+        .route("/v1/groups", get(groups).post(create_group))
+        .route("/v1/groups/{group}", get(group).delete(delete_group))
+        .route("/v1/volumes", get(volumes).post(create_volume))
+        .route(
+            "/v1/volumes/{volume}",
+            get(volume).patch(resize_volume).delete(delete_volume),
+        )
+        .route("/v1/volumes/{volume}/status", get(status))
+        .route("/v1/volumes/{volume}/attach", post(attach))
+        .route("/v1/volumes/{volume}/detach", post(detach))
+        .route("/v1/volumes/{volume}/replicas", post(replicas))
+        .route("/v1/volumes/{volume}/verify", post(verify))
+        .route("/v1/kv/{store}", get(kv_list))
+        .route(
+            "/v1/kv/{store}/{*key}",
+            get(kv_get).put(kv_set).delete(kv_delete),
+        )
+        .with_state(controller)
+}
+
+/// An error response: the status for its kind and `{message, cause, correction}`.
+pub struct Failure(StatusCode, ApiError);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        let status = match r.kind {
+            RefusalKind::BadRequest => StatusCode::BAD_REQUEST,
+            RefusalKind::NotFound => StatusCode::NOT_FOUND,
+            RefusalKind::Conflict => StatusCode::CONFLICT,
+            RefusalKind::Unreachable => StatusCode::BAD_GATEWAY,
+            RefusalKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        tracing::debug!(message = %r.error.message, %status, "cluster API request refused");
+        Failure(status, r.error)
+    }
+}
+
+fn bad_request(message: String, cause: String, correction: &str) -> Failure {
+    Failure(
+        StatusCode::BAD_REQUEST,
+        ApiError {
+            message,
+            cause: Some(cause),
+            correction: Some(correction.into()),
+        },
+    )
+}
+
+impl From<JsonRejection> for Failure {
+    fn from(r: JsonRejection) -> Self {
+        bad_request(
+            "request body is not valid".into(),
+            r.body_text(),
+            "send a JSON object with the fields /openapi.json documents",
+        )
+    }
+}
+
+impl From<PathRejection> for Failure {
+    fn from(r: PathRejection) -> Self {
+        bad_request(
+            "a name in the URL is not valid".into(),
+            r.body_text(),
+            "names use letters, digits, '_', '.', '-'",
+        )
+    }
+}
+
+/// Runs controller work (database writes, calls to nodes) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Refusal> + Send + 'static,
+) -> Result<T, Failure> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(Failure::from),
+        Err(e) => Err(Failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError {
+                message: "request handler failed".into(),
+                cause: Some(e.to_string()),
+                correction: Some("see the controller's tandemd log".into()),
+            },
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Deserialize)]
+struct Format {
+    #[serde(default)]
+    format: Option<String>,
+}
+
+async fn openapi() -> impl IntoResponse {
+    Json(crate::openapi::document())
+}
+
+async fn cluster(State(c): Shared) -> impl IntoResponse {
+    Json(c.info())
+}
+
+async fn health(State(c): Shared) -> impl IntoResponse {
+    Json(c.health())
+}
+
+async fn nodes(State(c): Shared) -> impl IntoResponse {
+    Json(c.view(|s| s.nodes()))
+}
+
+async fn node(
+    State(c): Shared,
+    path: Result<Path<NodeName>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    Ok(Json(c.node(&name)?))
+}
+
+async fn create_node(
+    State(c): Shared,
+    body: Result<Json<CreateNode>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body?;
+    let node = blocking(move || c.create_node(&req)).await?;
+    Ok((StatusCode::CREATED, Json(node)))
+}
+
+async fn delete_node(
+    State(c): Shared,
+    path: Result<Path<NodeName>, PathRejection>,
+    Query(q): Query<Force>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    blocking(move || c.delete_node(&name, q.force)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pools(State(c): Shared) -> impl IntoResponse {
+    Json(c.view(|s| s.pools()))
+}
+
+async fn create_pool(
+    State(c): Shared,
+    path: Result<Path<NodeName>, PathRejection>,
+    body: Result<Json<CreatePool>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(node) = path?;
+    let Json(req) = body?;
+    let pool = blocking(move || c.create_pool(&node, &req)).await?;
+    Ok((StatusCode::CREATED, Json(pool)))
+}
+
+async fn delete_pool(
+    State(c): Shared,
+    path: Result<Path<(NodeName, PoolName)>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path((node, pool)) = path?;
+    blocking(move || c.delete_pool(&node, &pool)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn groups(State(c): Shared) -> impl IntoResponse {
+    Json(c.view(|s| s.model.groups.values().cloned().collect::<Vec<_>>()))
+}
+
+async fn group(
+    State(c): Shared,
+    path: Result<Path<GroupName>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    c.view(|s| s.model.groups.get(&name).cloned())
+        .map(Json)
+        .ok_or_else(|| {
+            Refusal::new(
+                RefusalKind::NotFound,
+                format!("group {name} does not exist"),
+                "list groups with `tandem group list`",
+            )
+            .into()
+        })
+}
+
+async fn create_group(
+    State(c): Shared,
+    body: Result<Json<Group>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(group) = body?;
+    let group = blocking(move || c.create_group(&group)).await?;
+    Ok((StatusCode::CREATED, Json(group)))
+}
+
+async fn delete_group(
+    State(c): Shared,
+    path: Result<Path<GroupName>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    blocking(move || c.delete_group(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn volumes(State(c): Shared) -> impl IntoResponse {
+    Json(c.view(|s| s.volumes()))
+}
+
+async fn volume(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    Ok(Json(c.volume(&name)?))
+}
+
+async fn create_volume(
+    State(c): Shared,
+    body: Result<Json<CreateClusterVolume>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body?;
+    let volume = blocking(move || c.create_volume(&req)).await?;
+    Ok((StatusCode::CREATED, Json(volume)))
+}
+
+async fn resize_volume(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+    body: Result<Json<ResizeVolume>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    let Json(req) = body?;
+    Ok(Json(
+        blocking(move || c.resize_volume(&name, req.size)).await?,
+    ))
+}
+
+async fn delete_volume(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+    Query(q): Query<Force>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    blocking(move || c.delete_volume(&name, q.force)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn status(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+    Query(q): Query<Format>,
+) -> Result<Response, Failure> {
+    let Path(name) = path?;
+    let text = q.format.as_deref() == Some("text");
+    let body = blocking(move || c.status(&name, text)).await?;
+    Ok(if text {
+        body.into_response()
+    } else {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    })
+}
+
+async fn attach(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+    body: Result<Json<OnNode>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    let Json(req) = body?;
+    Ok(Json(blocking(move || c.attach(&name, &req.node)).await?))
+}
+
+async fn detach(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+    body: Result<Json<OnNode>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    let Json(req) = body?;
+    Ok(Json(blocking(move || c.detach(&name, &req.node)).await?))
+}
+
+async fn replicas(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+    body: Result<Json<ChangeReplicas>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    let Json(req) = body?;
+    Ok(Json(
+        blocking(move || c.change_replicas(&name, &req)).await?,
+    ))
+}
+
+async fn verify(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    Ok(Json(blocking(move || c.verify(&name)).await?))
+}
+
+async fn kv_list(
+    State(c): Shared,
+    path: Result<Path<StoreName>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(store) = path?;
+    Ok(Json(c.kv_list(&store)))
+}
+
+async fn kv_get(
+    State(c): Shared,
+    path: Result<Path<(StoreName, String)>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path((store, key)) = path?;
+    Ok(Json(c.kv_get(&store, &key)?))
+}
+
+async fn kv_set(
+    State(c): Shared,
+    path: Result<Path<(StoreName, String)>, PathRejection>,
+    body: Result<Json<KvValue>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path((store, key)) = path?;
+    let Json(req) = body?;
+    Ok(Json(
+        blocking(move || c.kv_set(&store, &key, &req.value)).await?,
+    ))
+}
+
+async fn kv_delete(
+    State(c): Shared,
+    path: Result<Path<(StoreName, String)>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path((store, key)) = path?;
+    blocking(move || c.kv_delete(&store, &key)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,253 @@
+//! The controller: the model (in memory, written through to the database), what each
+//! node last reported, and one reconciler thread per node.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use tandem_api::{ApiError, NodeName, NodeState, PoolInfo, ReplicaReport, VolumeName};
+
+use crate::model::Model;
+use crate::node_client::NodeClient;
+use crate::store::{Store, StoreError, Writer};
+
+/// How often each node is visited when nothing changes.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+
+/// What a node last reported.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub state: NodeState,
+    pub version: Option<String>,
+    /// Why the node is not Online, or what failed in its last visit.
+    pub error: Option<String>,
+    pub pools: Vec<PoolInfo>,
+    /// Its replicated volumes; empty while it is not Online.
+    pub replicas: BTreeMap<VolumeName, ReplicaReport>,
+    /// Volumes whose desired state the node refused, and why.
+    pub failures: BTreeMap<VolumeName, String>,
+}
+
+impl Default for Observed {
+    fn default() -> Self {
+        Observed {
+            state: NodeState::Connecting,
+            version: None,
+            error: None,
+            pools: Vec::new(),
+            replicas: BTreeMap::new(),
+            failures: BTreeMap::new(),
+        }
+    }
+}
+
+impl Observed {
+    pub fn online(&self) -> bool {
+        self.state == NodeState::Online
+    }
+}
+
+/// Why a request was refused: the HTTP status class and the error the user sees.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub error: ApiError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    BadRequest,
+    NotFound,
+    Conflict,
+    /// A node the request needs did not answer.
+    Unreachable,
+    Internal,
+}
+
+impl Refusal {
+    pub fn new(
+        kind: RefusalKind,
+        message: impl Into<String>,
+        correction: impl Into<String>,
+    ) -> Self {
+        Refusal {
+            kind,
+            error: ApiError {
+                message: message.into(),
+                cause: None,
+                correction: Some(correction.into()),
+            },
+        }
+    }
+
+    pub fn with_cause(mut self, cause: impl ToString) -> Self {
+        self.error.cause = Some(cause.to_string());
+        self
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "controller database write failed");
+        Refusal::new(
+            RefusalKind::Internal,
+            "cannot write the controller database; nothing was changed",
+            "check the data directory of the controller node (space, permissions)",
+        )
+        .with_cause(e)
+    }
+}
+
+pub(crate) struct Desired {
+    pub store: Store,
+    pub model: Model,
+}
+
+/// Wakes reconcilers when the desired state changes.
+#[derive(Default)]
+struct Wake {
+    generation: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Wake {
+    fn notify(&self) {
+        *self.generation.lock().unwrap() += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until a change newer than `seen` or the timeout; returns the newest.
+    fn wait(&self, seen: u64, timeout: Duration) -> u64 {
+        let guard = self.generation.lock().unwrap();
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |g| *g == seen)
+            .unwrap();
+        *guard
+    }
+}
+
+pub struct Controller {
+    pub(crate) desired: Mutex<Desired>,
+    pub(crate) observed: RwLock<BTreeMap<NodeName, Observed>>,
+    wake: Wake,
+    /// Stop flags of the reconciler threads, by node.
+    reconcilers: Mutex<BTreeMap<NodeName, Arc<AtomicBool>>>,
+    /// The node this controller runs on.
+    pub(crate) host: NodeName,
+}
+
+impl Controller {
+    /// Opens the database in `data_dir` and starts reconciling every known node. The
+    /// host's own node (`host` at API address `host_api`) is registered on first start.
+    pub fn start(
+        data_dir: &Path,
+        host: NodeName,
+        host_api: String,
+    ) -> Result<Arc<Controller>, StoreError> {
+        let path = data_dir.join("controller.db");
+        let mut store = Store::open(&path)?;
+        let mut model = store.load()?;
+        if model.nodes.is_empty() {
+            let row = crate::model::NodeRow {
+                address: host_api,
+                peer_address: String::new(),
+            };
+            store.write(|w| w.node(&host, &row))?;
+            model.nodes.insert(host.clone(), row);
+            tracing::info!(node = %host, "controller's own node registered");
+        }
+        tracing::info!(database = %path.display(), cluster = %model.cluster.id,
+            nodes = model.nodes.len(), volumes = model.volumes.len(), "controller started");
+        let nodes: Vec<NodeName> = model.nodes.keys().cloned().collect();
+        let controller = Arc::new(Controller {
+            desired: Mutex::new(Desired { store, model }),
+            observed: RwLock::default(),
+            wake: Wake::default(),
+            reconcilers: Mutex::default(),
+            host,
+        });
+        for node in nodes {
+            controller.reconcile(node);
+        }
+        Ok(controller)
+    }
+
+    pub(crate) fn desired(&self) -> MutexGuard<'_, Desired> {
+        self.desired.lock().unwrap()
+    }
+
+    /// Writes a change to the database, then applies it to the model, then wakes the
+    /// reconcilers: the model never holds what the database does not.
+    pub(crate) fn commit(
+        &self,
+        d: &mut Desired,
+        persist: impl FnOnce(&Writer<'_>) -> Result<(), StoreError>,
+        apply: impl FnOnce(&mut Model),
+    ) -> Result<(), Refusal> {
+        d.store.write(persist)?;
+        apply(&mut d.model);
+        self.wake.notify();
+        Ok(())
+    }
+
+    pub(crate) fn client(&self, node: &NodeName) -> Option<NodeClient> {
+        let d = self.desired();
+        let row = d.model.nodes.get(node)?;
+        Some(NodeClient::new(&row.address, &d.model.cluster.secret))
+    }
+
+    pub(crate) fn observed(&self, node: &NodeName) -> Observed {
+        self.observed
+            .read()
+            .unwrap()
+            .get(node)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn set_observed(&self, node: &NodeName, update: impl FnOnce(&mut Observed)) {
+        let mut all = self.observed.write().unwrap();
+        update(all.entry(node.clone()).or_default());
+    }
+
+    /// Starts the reconciler thread of a node.
+    pub(crate) fn reconcile(self: &Arc<Self>, node: NodeName) {
+        let stop = Arc::new(AtomicBool::new(false));
+        if let Some(old) = self
+            .reconcilers
+            .lock()
+            .unwrap()
+            .insert(node.clone(), stop.clone())
+        {
+            old.store(true, Ordering::Relaxed);
+        }
+        let controller = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("reconcile-{node}"))
+            .spawn(move || {
+                let mut seen = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(c) = controller.upgrade() else {
+                        return;
+                    };
+                    crate::reconcile::visit(&c, &node);
+                    seen = c.wake.wait(seen, RECONCILE_EVERY);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a reconciler thread");
+        }
+    }
+
+    /// Stops reconciling a node and forgets what it reported.
+    pub(crate) fn forget(&self, node: &NodeName) {
+        if let Some(stop) = self.reconcilers.lock().unwrap().remove(node) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        self.observed.write().unwrap().remove(node);
+        self.wake.notify();
+    }
+}

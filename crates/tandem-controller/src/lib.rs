@@ -1,0 +1,18 @@
+//! The controller role of `tandemd`: the cluster's object model in an embedded
+//! database, placement of replicas, reconciliation of every node toward its desired
+//! volume specs, and the cluster API (`/v1/...`, `/openapi.json`).
+
+mod api;
+mod controller;
+mod model;
+mod node_client;
+mod openapi;
+mod ops;
+mod placement;
+mod reconcile;
+mod store;
+mod view;
+
+pub use api::router;
+pub use controller::Controller;
+pub use store::StoreError;

@@ -1,0 +1,141 @@
+//! The cluster's desired state: what the controller keeps in its database, and the
+//! volume specs it derives from it for each node.
+
+use std::collections::BTreeMap;
+
+use tandem_api::{
+    ClusterId, Group, GroupName, NodeId, NodeName, Participant, ParticipantKind, PoolName,
+    StoreName, VolumeId, VolumeName, VolumeOptions, VolumeSpec,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub id: ClusterId,
+    /// Presented by the controller to its nodes (`Authorization: Bearer`).
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    /// The node's API address, `host:port`.
+    pub address: String,
+    /// Where its peers reach it; learnt from the node, empty until it has answered.
+    pub peer_address: String,
+}
+
+/// A pool as last reported by its node (kept so pools of offline nodes stay listed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRow {
+    pub kind: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParticipantRow {
+    pub node: NodeName,
+    pub node_id: NodeId,
+    pub kind: ParticipantKind,
+    pub pool: Option<PoolName>,
+    /// Exported over NBD on its node by the operator's request.
+    pub attached: bool,
+    /// Added after the volume was created: starts empty and takes a full resync.
+    pub fresh: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRow {
+    pub id: VolumeId,
+    pub size: u64,
+    pub group: GroupName,
+    /// Diskful replicas wanted.
+    pub replicas: u8,
+    pub participants: Vec<ParticipantRow>,
+}
+
+impl VolumeRow {
+    pub fn participant(&self, node: &NodeName) -> Option<&ParticipantRow> {
+        self.participants.iter().find(|p| &p.node == node)
+    }
+
+    pub fn diskful(&self) -> impl Iterator<Item = &ParticipantRow> {
+        self.participants.iter().filter(|p| p.kind.diskful())
+    }
+
+    /// The lowest node id no participant uses.
+    pub fn free_node_id(&self) -> Option<NodeId> {
+        (0..=NodeId::MAX)
+            .filter_map(NodeId::new)
+            .find(|id| self.participants.iter().all(|p| p.node_id != *id))
+    }
+}
+
+/// Everything the controller persists.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub cluster: Cluster,
+    pub nodes: BTreeMap<NodeName, NodeRow>,
+    pub pools: BTreeMap<(NodeName, PoolName), PoolRow>,
+    pub groups: BTreeMap<GroupName, Group>,
+    pub volumes: BTreeMap<VolumeName, VolumeRow>,
+    pub kv: BTreeMap<(StoreName, String), String>,
+}
+
+impl Model {
+    /// The spec of a volume as every participant must see it, or `None` while it
+    /// cannot be given to nodes (no diskful participant left, or a participant whose
+    /// peer address is not known yet).
+    pub fn spec(&self, name: &VolumeName) -> Option<VolumeSpec> {
+        let v = self.volumes.get(name)?;
+        if v.diskful().next().is_none() {
+            return None;
+        }
+        let group = self.groups.get(&v.group);
+        let participants = v
+            .participants
+            .iter()
+            .map(|p| {
+                let node = self.nodes.get(&p.node)?;
+                if node.peer_address.is_empty() {
+                    return None;
+                }
+                Some(Participant {
+                    node_id: p.node_id,
+                    node: p.node.clone(),
+                    address: node.peer_address.clone(),
+                    kind: p.kind,
+                    pool: p.pool.clone(),
+                    fresh: p.fresh,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(VolumeSpec {
+            cluster_id: self.cluster.id,
+            volume_id: v.id,
+            name: name.clone(),
+            size: v.size,
+            participants,
+            options: VolumeOptions {
+                quorum: group.map(|g| g.quorum).unwrap_or_default(),
+                on_no_quorum: group.map(|g| g.on_no_quorum).unwrap_or_default(),
+                ..VolumeOptions::default()
+            },
+        })
+    }
+
+    /// The specs a node must hold, by volume name.
+    pub fn specs_for(&self, node: &NodeName) -> BTreeMap<VolumeName, VolumeSpec> {
+        self.volumes
+            .iter()
+            .filter(|(_, v)| v.participant(node).is_some())
+            .filter_map(|(name, _)| Some((name.clone(), self.spec(name)?)))
+            .collect()
+    }
+
+    /// Volumes a node takes part in.
+    pub fn participations(&self, node: &NodeName) -> usize {
+        self.volumes
+            .values()
+            .filter(|v| v.participant(node).is_some())
+            .count()
+    }
+}

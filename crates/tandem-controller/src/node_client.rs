@@ -1,0 +1,154 @@
+//! The controller's calls to a node's API (`/v1/node/...`), authenticated with the
+//! cluster secret.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tandem_api::{ApiError, NodeInfo, ReplicaReport, VolumeName, VolumeSpec, VolumeStatus};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Creating a replica syncs metadata to disk; a few seconds is plenty.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The node could not be reached or answered something that is not its API.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The node answered with an error.
+    #[error("{}", .1)]
+    Refused(u16, ApiError),
+}
+
+pub struct NodeClient {
+    base: String,
+    secret: String,
+    agent: ureq::Agent,
+}
+
+impl NodeClient {
+    pub fn new(address: &str, secret: &str) -> NodeClient {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .build()
+            .into();
+        NodeClient {
+            base: format!("http://{address}"),
+            secret: secret.to_owned(),
+            agent,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, CallError> {
+        let url = format!("{}{path}", self.base);
+        let unreachable = |e: String| CallError::Unreachable(format!("{method} {url}: {e}"));
+        let req = ureq::http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {}", self.secret))
+            .body(body.unwrap_or_default())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut resp = self
+            .agent
+            .run(req)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| unreachable(e.to_string()))?;
+        if status >= 400 {
+            let error = serde_json::from_str::<ApiError>(&text).unwrap_or(ApiError {
+                message: format!("HTTP {status} from {url}"),
+                cause: Some(text),
+                correction: None,
+            });
+            return Err(CallError::Refused(status, error));
+        }
+        Ok(text)
+    }
+
+    fn json<T: DeserializeOwned>(&self, text: &str) -> Result<T, CallError> {
+        serde_json::from_str(text).map_err(|e| {
+            CallError::Unreachable(format!(
+                "{} answered something that is not the tandemd node API: {e}",
+                self.base
+            ))
+        })
+    }
+
+    fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CallError> {
+        let text = self.call(
+            method,
+            path,
+            Some(serde_json::to_string(body).expect("serialisable")),
+        )?;
+        self.json(&text)
+    }
+
+    pub fn info(&self) -> Result<NodeInfo, CallError> {
+        let text = self.call("GET", "/v1/node", None)?;
+        self.json(&text)
+    }
+
+    pub fn join(&self, join: &tandem_api::JoinCluster) -> Result<NodeInfo, CallError> {
+        self.send("POST", "/v1/node/join", join)
+    }
+
+    pub fn leave(&self) -> Result<(), CallError> {
+        self.call("POST", "/v1/node/leave", Some("{}".into()))
+            .map(|_| ())
+    }
+
+    pub fn replicated(&self) -> Result<Vec<ReplicaReport>, CallError> {
+        let text = self.call("GET", "/v1/node/replicated", None)?;
+        self.json(&text)
+    }
+
+    pub fn put_spec(&self, spec: &VolumeSpec) -> Result<VolumeStatus, CallError> {
+        self.send("PUT", &format!("/v1/node/volumes/{}/spec", spec.name), spec)
+    }
+
+    /// Deletes the node's part of a volume; one it does not have counts as deleted.
+    pub fn delete_volume(&self, name: &VolumeName) -> Result<(), CallError> {
+        match self.call("DELETE", &format!("/v1/node/volumes/{name}"), None) {
+            Err(CallError::Refused(404, _)) | Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn create_pool(
+        &self,
+        pool: &tandem_api::CreatePool,
+    ) -> Result<tandem_api::PoolInfo, CallError> {
+        self.send("POST", "/v1/node/pools", pool)
+    }
+
+    pub fn delete_pool(&self, name: &tandem_api::PoolName) -> Result<(), CallError> {
+        self.call("DELETE", &format!("/v1/node/pools/{name}"), None)
+            .map(|_| ())
+    }
+
+    /// The volume's status on this node, as JSON or as the drbdadm-like text.
+    pub fn status(&self, name: &VolumeName, text: bool) -> Result<String, CallError> {
+        let query = if text { "?format=text" } else { "" };
+        self.call(
+            "GET",
+            &format!("/v1/node/volumes/{name}/status{query}"),
+            None,
+        )
+    }
+
+    pub fn verify(&self, name: &VolumeName) -> Result<serde_json::Value, CallError> {
+        self.send("POST", &format!("/v1/node/volumes/{name}/verify"), &())
+    }
+}

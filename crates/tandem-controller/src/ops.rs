@@ -1,0 +1,950 @@
+//! What the API asks of the controller: each operation checks the request against the
+//! model and what nodes report, then commits the change (database first), and the
+//! reconcilers carry it to the nodes.
+
+use std::sync::Arc;
+
+use tandem_api::{
+    ChangeReplicas, ClusterInfo, ClusterNode, ClusterPool, ClusterVolume, CreateClusterVolume,
+    CreateNode, CreatePool, Group, GroupName, Health, KvEntry, NodeName, ParticipantKind, PoolName,
+    StoreName, VolumeId, VolumeName,
+};
+
+use crate::controller::{Controller, Desired, Refusal, RefusalKind};
+use crate::model::{NodeRow, ParticipantRow, VolumeRow};
+use crate::node_client::{CallError, NodeClient};
+use crate::placement::{self, Candidate};
+use crate::view::Snapshot;
+
+use RefusalKind::{BadRequest, Conflict, NotFound, Unreachable};
+
+/// Replica data lives in 4 KiB blocks.
+const BLOCK: u64 = 4096;
+const MAX_REPLICAS: u8 = 31;
+
+fn no_volume(name: &VolumeName) -> Refusal {
+    Refusal::new(
+        NotFound,
+        format!("volume {name} does not exist"),
+        "list volumes with `tandem volume list`",
+    )
+}
+
+fn no_node(name: &NodeName) -> Refusal {
+    Refusal::new(
+        NotFound,
+        format!("node {name} does not exist"),
+        "list nodes with `tandem node list`",
+    )
+}
+
+fn node_call(node: &NodeName, what: &str, e: CallError) -> Refusal {
+    let kind = match &e {
+        CallError::Unreachable(_) => Unreachable,
+        CallError::Refused(404, _) => NotFound,
+        CallError::Refused(400, _) => BadRequest,
+        CallError::Refused(..) => Conflict,
+    };
+    let correction = match &e {
+        CallError::Refused(_, api) => api
+            .correction
+            .clone()
+            .unwrap_or_else(|| format!("see the tandemd log on {node}")),
+        CallError::Unreachable(_) => format!("check that tandemd runs on {node}"),
+    };
+    Refusal::new(kind, format!("node {node} could not {what}"), correction).with_cause(e)
+}
+
+fn check_size(size: u64) -> Result<(), Refusal> {
+    if size == 0 || size % BLOCK != 0 {
+        return Err(Refusal::new(
+            BadRequest,
+            format!("size {size} is not a positive multiple of 4 KiB"),
+            "give a size such as 10G or 512M",
+        ));
+    }
+    Ok(())
+}
+
+impl Controller {
+    fn snapshot<T>(&self, d: &Desired, f: impl FnOnce(&Snapshot<'_>) -> T) -> T {
+        let observed = self.observed.read().unwrap();
+        f(&Snapshot {
+            model: &d.model,
+            observed: &observed,
+        })
+    }
+
+    /// Runs `f` on a snapshot of the model and the nodes' reports.
+    pub fn view<T>(&self, f: impl FnOnce(&Snapshot<'_>) -> T) -> T {
+        let d = self.desired();
+        self.snapshot(&d, f)
+    }
+
+    pub fn info(&self) -> ClusterInfo {
+        ClusterInfo {
+            cluster_id: self.desired().model.cluster.id,
+            controller: self.host.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        self.view(|s| s.health())
+    }
+
+    pub fn volume(&self, name: &VolumeName) -> Result<ClusterVolume, Refusal> {
+        self.view(|s| s.volume(name)).ok_or_else(|| no_volume(name))
+    }
+
+    pub fn node(&self, name: &NodeName) -> Result<ClusterNode, Refusal> {
+        self.view(|s| s.node(name)).ok_or_else(|| no_node(name))
+    }
+
+    // ---- nodes ----
+
+    /// Registers a node: it must answer at its address, be the node named, speak this
+    /// API and not belong to another cluster. Nothing is recorded otherwise.
+    pub fn create_node(self: &Arc<Self>, req: &CreateNode) -> Result<ClusterNode, Refusal> {
+        if !req.address.contains(':')
+            || req.address.parse::<std::net::SocketAddr>().is_err()
+                && req
+                    .address
+                    .rsplit_once(':')
+                    .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        {
+            return Err(Refusal::new(
+                BadRequest,
+                format!("node address {:?} is not host:port", req.address),
+                "give the node's API address, e.g. 192.0.2.10:3370",
+            ));
+        }
+        let cluster = {
+            let d = self.desired();
+            if d.model.nodes.contains_key(&req.name) {
+                return Err(Refusal::new(
+                    Conflict,
+                    format!("node {} already exists", req.name),
+                    "choose another name, or delete the node first",
+                ));
+            }
+            d.model.cluster.clone()
+        };
+        let client = NodeClient::new(&req.address, &cluster.secret);
+        let info =
+            crate::reconcile::admit(&client, &req.name, &req.address, &cluster).map_err(|t| {
+                let kind = if t.unreachable { Unreachable } else { Conflict };
+                Refusal::new(
+                    kind,
+                    format!(
+                        "node {} at {} cannot join the cluster",
+                        req.name, req.address
+                    ),
+                    format!(
+                        "start tandemd on that host with --name {} --api-listen {}, then retry",
+                        req.name, req.address
+                    ),
+                )
+                .with_cause(t.why)
+            })?;
+        let row = NodeRow {
+            address: req.address.clone(),
+            peer_address: String::new(),
+        };
+        {
+            let mut d = self.desired();
+            if d.model.nodes.contains_key(&req.name) {
+                return Err(Refusal::new(
+                    Conflict,
+                    format!("node {} already exists", req.name),
+                    "choose another name",
+                ));
+            }
+            self.commit(
+                &mut d,
+                |w| w.node(&req.name, &row),
+                |m| {
+                    m.nodes.insert(req.name.clone(), row.clone());
+                },
+            )?;
+        }
+        crate::reconcile::remember_node(self, &req.name, &row, &info);
+        tracing::info!(node = %req.name, address = %req.address, "node joined the cluster");
+        self.reconcile(req.name.clone());
+        self.node(&req.name)
+    }
+
+    /// Removes a node from the cluster: its participants leave every volume. Refused
+    /// while it holds the only UpToDate replica of a volume, unless `force`.
+    pub fn delete_node(&self, name: &NodeName, force: bool) -> Result<(), Refusal> {
+        let client = {
+            let mut d = self.desired();
+            let row = d
+                .model
+                .nodes
+                .get(name)
+                .cloned()
+                .ok_or_else(|| no_node(name))?;
+            if !force {
+                let sole: Vec<String> = self.snapshot(&d, |s| {
+                    d.model
+                        .volumes
+                        .keys()
+                        .filter(|v| s.sole_up_to_date(v, name))
+                        .map(|v| v.to_string())
+                        .collect()
+                });
+                if !sole.is_empty() {
+                    return Err(Refusal::new(
+                        Conflict,
+                        format!(
+                            "node {name} holds the only UpToDate replica of: {}",
+                            sole.join(", ")
+                        ),
+                        "add a replica elsewhere first (`tandem volume replicas NAME --add NODE`), \
+                         or delete with --force and lose that data",
+                    ));
+                }
+            }
+            let candidates = self.snapshot(&d, |s| candidates_for(s, None, None));
+            let mut changed = Vec::new();
+            for (vname, v) in &d.model.volumes {
+                if v.participant(name).is_none() {
+                    continue;
+                }
+                let mut v = v.clone();
+                v.participants.retain(|p| &p.node != name);
+                v.replicas = v.diskful().count() as u8;
+                let others: Vec<Candidate> = candidates
+                    .iter()
+                    .filter(|c| &c.node != name)
+                    .cloned()
+                    .map(|mut c| {
+                        c.taken = v.participant(&c.node).is_some();
+                        c
+                    })
+                    .collect();
+                settle_tiebreaker(&mut v, &others);
+                changed.push((vname.clone(), v));
+            }
+            let secret = d.model.cluster.secret.clone();
+            self.commit(
+                &mut d,
+                |w| {
+                    for (vname, v) in &changed {
+                        w.volume(vname, v)?;
+                    }
+                    w.delete_node(name)
+                },
+                |m| {
+                    for (vname, v) in changed.clone() {
+                        m.volumes.insert(vname, v);
+                    }
+                    m.nodes.remove(name);
+                    m.pools.retain(|(n, _), _| n != name);
+                },
+            )?;
+            NodeClient::new(&row.address, &secret)
+        };
+        let was_online = self.observed(name).online();
+        self.forget(name);
+        tracing::info!(node = %name, force, "node removed from the cluster");
+        if was_online {
+            // Best effort: the node drops this cluster's volumes and forgets the secret.
+            // An unreachable node keeps them; it is no longer managed either way.
+            if let Ok(reports) = client.replicated() {
+                let id = self.desired().model.cluster.id;
+                for r in reports.iter().filter(|r| r.spec.cluster_id == id) {
+                    if let Err(e) = client.delete_volume(&r.spec.name) {
+                        tracing::warn!(node = %name, volume = %r.spec.name, error = %e,
+                            "removed node kept a volume");
+                    }
+                }
+            }
+            if let Err(e) = client.leave() {
+                tracing::warn!(node = %name, error = %e, "removed node did not leave the cluster");
+            }
+        }
+        Ok(())
+    }
+
+    // ---- pools ----
+
+    fn online_client(&self, node: &NodeName) -> Result<NodeClient, Refusal> {
+        let client = self.client(node).ok_or_else(|| no_node(node))?;
+        let o = self.observed(node);
+        if !o.online() {
+            return Err(Refusal::new(
+                Unreachable,
+                format!("node {node} is {}", o.state),
+                format!(
+                    "start tandemd on {node} and retry once `tandem node list` shows it Online"
+                ),
+            ));
+        }
+        Ok(client)
+    }
+
+    /// Refreshes what a node reports right away (after a change made on it).
+    fn revisit(&self, node: &NodeName) {
+        crate::reconcile::visit(self, node);
+    }
+
+    pub fn create_pool(&self, node: &NodeName, req: &CreatePool) -> Result<ClusterPool, Refusal> {
+        let client = self.online_client(node)?;
+        client
+            .create_pool(req)
+            .map_err(|e| node_call(node, &format!("create pool {}", req.name), e))?;
+        self.revisit(node);
+        self.view(|s| {
+            s.pools()
+                .into_iter()
+                .find(|p| &p.node == node && p.name == req.name)
+        })
+        .ok_or_else(|| {
+            Refusal::new(
+                RefusalKind::Internal,
+                format!("node {node} created pool {} but does not list it", req.name),
+                format!("see the tandemd log on {node}"),
+            )
+        })
+    }
+
+    pub fn delete_pool(&self, node: &NodeName, pool: &PoolName) -> Result<(), Refusal> {
+        let used: Vec<String> = {
+            let d = self.desired();
+            if !d.model.pools.contains_key(&(node.clone(), pool.clone())) {
+                return Err(Refusal::new(
+                    NotFound,
+                    format!("node {node} has no pool {pool}"),
+                    "list pools with `tandem pool list`",
+                ));
+            }
+            d.model
+                .volumes
+                .iter()
+                .filter(|(_, v)| {
+                    v.participant(node)
+                        .is_some_and(|p| p.kind.diskful() && p.pool.as_ref() == Some(pool))
+                })
+                .map(|(n, _)| n.to_string())
+                .collect()
+        };
+        if !used.is_empty() {
+            return Err(Refusal::new(
+                Conflict,
+                format!("pool {node}/{pool} holds replicas of: {}", used.join(", ")),
+                "move or delete those volumes first",
+            ));
+        }
+        let client = self.online_client(node)?;
+        client
+            .delete_pool(pool)
+            .map_err(|e| node_call(node, &format!("delete pool {pool}"), e))?;
+        self.revisit(node);
+        Ok(())
+    }
+
+    // ---- groups ----
+
+    pub fn create_group(&self, group: &Group) -> Result<Group, Refusal> {
+        if !(1..=MAX_REPLICAS).contains(&group.replicas) {
+            return Err(Refusal::new(
+                BadRequest,
+                format!(
+                    "a group has 1 to {MAX_REPLICAS} replicas, not {}",
+                    group.replicas
+                ),
+                "give --replicas between 1 and 31",
+            ));
+        }
+        let mut d = self.desired();
+        if d.model.groups.contains_key(&group.name) {
+            return Err(Refusal::new(
+                Conflict,
+                format!("group {} already exists", group.name),
+                "choose another name",
+            ));
+        }
+        if let Some(unknown) = group.nodes.iter().find(|n| !d.model.nodes.contains_key(*n)) {
+            return Err(no_node(unknown));
+        }
+        self.commit(
+            &mut d,
+            |w| w.group(group),
+            |m| {
+                m.groups.insert(group.name.clone(), group.clone());
+            },
+        )?;
+        Ok(group.clone())
+    }
+
+    pub fn delete_group(&self, name: &GroupName) -> Result<(), Refusal> {
+        let mut d = self.desired();
+        if !d.model.groups.contains_key(name) {
+            return Err(Refusal::new(
+                NotFound,
+                format!("group {name} does not exist"),
+                "list groups with `tandem group list`",
+            ));
+        }
+        if name.as_str() == "default" {
+            return Err(Refusal::new(
+                Conflict,
+                "group default cannot be deleted",
+                "volumes created without --group use it",
+            ));
+        }
+        let users: Vec<String> = d
+            .model
+            .volumes
+            .iter()
+            .filter(|(_, v)| &v.group == name)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        if !users.is_empty() {
+            return Err(Refusal::new(
+                Conflict,
+                format!("group {name} is used by: {}", users.join(", ")),
+                "delete those volumes first",
+            ));
+        }
+        self.commit(
+            &mut d,
+            |w| w.delete_group(name),
+            |m| {
+                m.groups.remove(name);
+            },
+        )
+    }
+
+    // ---- volumes ----
+
+    pub fn create_volume(&self, req: &CreateClusterVolume) -> Result<ClusterVolume, Refusal> {
+        check_size(req.size)?;
+        let mut d = self.desired();
+        if d.model.volumes.contains_key(&req.name) {
+            return Err(Refusal::new(
+                Conflict,
+                format!("volume {} already exists", req.name),
+                "choose another name",
+            ));
+        }
+        let group_name = req
+            .group
+            .clone()
+            .unwrap_or_else(|| "default".parse().expect("valid"));
+        let group = d.model.groups.get(&group_name).cloned().ok_or_else(|| {
+            Refusal::new(
+                NotFound,
+                format!("group {group_name} does not exist"),
+                "list groups with `tandem group list`",
+            )
+        })?;
+        let replicas = req.replicas.unwrap_or(group.replicas);
+        if !(1..=MAX_REPLICAS).contains(&replicas) {
+            return Err(Refusal::new(
+                BadRequest,
+                format!("a volume has 1 to {MAX_REPLICAS} replicas, not {replicas}"),
+                "give --replicas between 1 and 31",
+            ));
+        }
+        let candidates = self.snapshot(&d, |s| candidates_for(s, Some(&group), Some(&group.pool)));
+        let chosen = placement::place(replicas as usize, req.size, &group.pool, &candidates)
+            .map_err(|e| {
+                Refusal::new(
+                    Conflict,
+                    format!("cannot place volume {}: {e}", req.name),
+                    "add nodes or pools, free space, or ask for fewer replicas",
+                )
+            })?;
+        let mut v = VolumeRow {
+            id: VolumeId::random(),
+            size: req.size,
+            group: group_name,
+            replicas,
+            participants: Vec::new(),
+        };
+        for node in chosen {
+            let node_id = v.free_node_id().expect("at most 31 replicas");
+            v.participants.push(ParticipantRow {
+                node,
+                node_id,
+                kind: ParticipantKind::Diskful,
+                pool: Some(group.pool.clone()),
+                attached: false,
+                fresh: false,
+            });
+        }
+        let others = retaken(&candidates, &v);
+        settle_tiebreaker(&mut v, &others);
+        self.commit(
+            &mut d,
+            |w| w.volume(&req.name, &v),
+            |m| {
+                m.volumes.insert(req.name.clone(), v.clone());
+            },
+        )?;
+        tracing::info!(volume = %req.name, size = req.size, nodes = ?v.participants.iter()
+            .map(|p| format!("{}:{}", p.node, kind_word(p.kind))).collect::<Vec<_>>(), "volume created");
+        Ok(self
+            .snapshot(&d, |s| s.volume(&req.name))
+            .expect("just created"))
+    }
+
+    /// Changes one volume under the lock: `f` edits a copy, which is then committed.
+    fn change_volume(
+        &self,
+        name: &VolumeName,
+        f: impl FnOnce(&Snapshot<'_>, &mut VolumeRow) -> Result<(), Refusal>,
+    ) -> Result<ClusterVolume, Refusal> {
+        let mut d = self.desired();
+        let mut v = d
+            .model
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| no_volume(name))?;
+        self.snapshot(&d, |s| f(s, &mut v))?;
+        self.commit(
+            &mut d,
+            |w| w.volume(name, &v),
+            |m| {
+                m.volumes.insert(name.clone(), v.clone());
+            },
+        )?;
+        Ok(self.snapshot(&d, |s| s.volume(name)).expect("exists"))
+    }
+
+    pub fn resize_volume(&self, name: &VolumeName, size: u64) -> Result<ClusterVolume, Refusal> {
+        check_size(size)?;
+        self.change_volume(name, |_, v| {
+            if size < v.size {
+                return Err(Refusal::new(
+                    BadRequest,
+                    format!(
+                        "volume {name} is {}; volumes only grow",
+                        tandem_api::ByteSize(v.size)
+                    ),
+                    "give a size at least the current one",
+                ));
+            }
+            v.size = size;
+            Ok(())
+        })
+    }
+
+    pub fn delete_volume(&self, name: &VolumeName, force: bool) -> Result<(), Refusal> {
+        let mut d = self.desired();
+        if !d.model.volumes.contains_key(name) {
+            return Err(no_volume(name));
+        }
+        let open = self.snapshot(&d, |s| s.open_on(name));
+        if !open.is_empty() && !force {
+            return Err(Refusal::new(
+                Conflict,
+                format!(
+                    "volume {name} is open on {}",
+                    open.iter()
+                        .map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "disconnect its NBD clients first, or delete with --force (its replicas go as \
+                 soon as the clients disconnect)",
+            ));
+        }
+        self.commit(
+            &mut d,
+            |w| w.delete_volume(name),
+            |m| {
+                m.volumes.remove(name);
+            },
+        )?;
+        tracing::info!(volume = %name, force, "volume deleted");
+        Ok(())
+    }
+
+    /// Makes the volume usable on `node`: a diskless participant if it holds no replica.
+    pub fn attach(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
+        self.change_volume(name, |s, v| {
+            if !s.model.nodes.contains_key(node) {
+                return Err(no_node(node));
+            }
+            match v.participants.iter_mut().find(|p| &p.node == node) {
+                Some(p) => {
+                    if p.kind == ParticipantKind::Tiebreaker {
+                        p.kind = ParticipantKind::Diskless;
+                    }
+                    p.attached = true;
+                }
+                None => {
+                    let node_id = v.free_node_id().ok_or_else(|| {
+                        Refusal::new(
+                            Conflict,
+                            format!("volume {name} already has 32 participants"),
+                            "detach it from a node it is no longer used on",
+                        )
+                    })?;
+                    v.participants.push(ParticipantRow {
+                        node: node.clone(),
+                        node_id,
+                        kind: ParticipantKind::Diskless,
+                        pool: None,
+                        attached: true,
+                        fresh: false,
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub fn detach(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
+        self.change_volume(name, |s, v| {
+            let p = v.participant(node).filter(|p| p.attached).ok_or_else(|| {
+                Refusal::new(
+                    Conflict,
+                    format!("volume {name} is not attached on {node}"),
+                    "see where it is attached with `tandem volume show NAME`",
+                )
+            })?;
+            if s.open_on(name).contains(node) {
+                return Err(Refusal::new(
+                    Conflict,
+                    format!("volume {name} is open on {node}"),
+                    "disconnect its NBD clients on that node first",
+                ));
+            }
+            if p.kind.diskful() {
+                v.participants
+                    .iter_mut()
+                    .filter(|p| &p.node == node)
+                    .for_each(|p| p.attached = false);
+            } else {
+                v.participants.retain(|p| &p.node != node);
+                let others = retaken(&candidates_for(s, None, None), v);
+                settle_tiebreaker(v, &others);
+            }
+            Ok(())
+        })
+    }
+
+    pub fn change_replicas(
+        &self,
+        name: &VolumeName,
+        change: &ChangeReplicas,
+    ) -> Result<ClusterVolume, Refusal> {
+        match (&change.add, &change.remove) {
+            (Some(node), None) => self.add_replica(name, node),
+            (None, Some(node)) => self.remove_replica(name, node),
+            _ => Err(Refusal::new(
+                BadRequest,
+                "give exactly one of add and remove",
+                "e.g. `tandem volume replicas NAME --add NODE`",
+            )),
+        }
+    }
+
+    fn add_replica(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
+        self.change_volume(name, |s, v| {
+            if !s.model.nodes.contains_key(node) {
+                return Err(no_node(node));
+            }
+            let group = s.model.groups.get(&v.group).cloned().ok_or_else(|| {
+                Refusal::new(
+                    RefusalKind::Internal,
+                    format!("volume {name} names a missing group {}", v.group),
+                    "recreate the group",
+                )
+            })?;
+            let mut candidates = candidates_for(s, Some(&group), Some(&group.pool));
+            for c in &mut candidates {
+                c.taken = v.participant(&c.node).is_some_and(|p| p.kind.diskful());
+            }
+            let target: Vec<Candidate> = candidates
+                .iter()
+                .filter(|c| &c.node == node)
+                .cloned()
+                .collect();
+            placement::place(1, v.size, &group.pool, &target).map_err(|e| {
+                Refusal::new(
+                    Conflict,
+                    format!("cannot add a replica of {name} on {node}: {e}"),
+                    "choose another node (see `tandem pool list`)",
+                )
+            })?;
+            match v.participants.iter_mut().find(|p| &p.node == node) {
+                Some(p) => {
+                    p.kind = ParticipantKind::Diskful;
+                    p.pool = Some(group.pool.clone());
+                    p.fresh = true;
+                }
+                None => {
+                    let node_id = v.free_node_id().ok_or_else(|| {
+                        Refusal::new(
+                            Conflict,
+                            format!("volume {name} already has 32 participants"),
+                            "remove a participant first",
+                        )
+                    })?;
+                    v.participants.push(ParticipantRow {
+                        node: node.clone(),
+                        node_id,
+                        kind: ParticipantKind::Diskful,
+                        pool: Some(group.pool.clone()),
+                        attached: false,
+                        fresh: true,
+                    });
+                }
+            }
+            v.replicas = v.diskful().count() as u8;
+            let others = retaken(&candidates, v);
+            settle_tiebreaker(v, &others);
+            Ok(())
+        })
+    }
+
+    fn remove_replica(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
+        self.change_volume(name, |s, v| {
+            let p = v
+                .participant(node)
+                .filter(|p| p.kind.diskful())
+                .ok_or_else(|| {
+                    Refusal::new(
+                        NotFound,
+                        format!("node {node} holds no replica of {name}"),
+                        "see the replicas with `tandem volume show NAME`",
+                    )
+                })?;
+            if v.diskful().count() == 1 {
+                return Err(Refusal::new(
+                    Conflict,
+                    format!("{node} holds the last replica of {name}"),
+                    "add a replica elsewhere first, or delete the volume",
+                ));
+            }
+            if s.sole_up_to_date(name, node) {
+                return Err(Refusal::new(
+                    Conflict,
+                    format!("{node} holds the only UpToDate replica of {name}"),
+                    "wait for the other replicas to finish syncing (`tandem volume status NAME`)",
+                ));
+            }
+            if p.attached {
+                // Still used there: it keeps serving, over the network.
+                v.participants
+                    .iter_mut()
+                    .filter(|p| &p.node == node)
+                    .for_each(|p| {
+                        p.kind = ParticipantKind::Diskless;
+                        p.pool = None;
+                        p.fresh = false;
+                    });
+            } else {
+                v.participants.retain(|p| &p.node != node);
+            }
+            v.replicas = v.diskful().count() as u8;
+            let others = retaken(&candidates_for(s, None, None), v);
+            settle_tiebreaker(v, &others);
+            Ok(())
+        })
+    }
+
+    fn speaker(&self, name: &VolumeName) -> Result<(NodeName, NodeClient), Refusal> {
+        let node = self
+            .view(|s| {
+                if s.model.volumes.contains_key(name) {
+                    Ok(s.speaker(name))
+                } else {
+                    Err(no_volume(name))
+                }
+            })?
+            .ok_or_else(|| {
+                Refusal::new(
+                    Unreachable,
+                    format!("no online node reports volume {name} yet"),
+                    "wait for its nodes to come online (`tandem node list`)",
+                )
+            })?;
+        let client = self.client(&node).ok_or_else(|| no_node(&node))?;
+        Ok((node, client))
+    }
+
+    /// The volume's status as its best-placed node sees it: JSON or the text form.
+    pub fn status(&self, name: &VolumeName, text: bool) -> Result<String, Refusal> {
+        let (node, client) = self.speaker(name)?;
+        client
+            .status(name, text)
+            .map_err(|e| node_call(&node, &format!("report volume {name}"), e))
+    }
+
+    pub fn verify(&self, name: &VolumeName) -> Result<serde_json::Value, Refusal> {
+        let (node, client) = self.speaker(name)?;
+        let mut report = client
+            .verify(name)
+            .map_err(|e| node_call(&node, &format!("verify volume {name}"), e))?;
+        report["node"] = serde_json::Value::String(node.to_string());
+        Ok(report)
+    }
+
+    // ---- key-value stores ----
+
+    pub fn kv_list(&self, store: &StoreName) -> Vec<KvEntry> {
+        self.desired()
+            .model
+            .kv
+            .iter()
+            .filter(|((s, _), _)| s == store)
+            .map(|((s, k), v)| KvEntry {
+                store: s.clone(),
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect()
+    }
+
+    pub fn kv_get(&self, store: &StoreName, key: &str) -> Result<KvEntry, Refusal> {
+        check_key(key)?;
+        self.desired()
+            .model
+            .kv
+            .get(&(store.clone(), key.to_owned()))
+            .map(|v| KvEntry {
+                store: store.clone(),
+                key: key.to_owned(),
+                value: v.clone(),
+            })
+            .ok_or_else(|| {
+                Refusal::new(
+                    NotFound,
+                    format!("store {store} has no key {key}"),
+                    format!("list its keys with `tandem kv list {store}`"),
+                )
+            })
+    }
+
+    pub fn kv_set(&self, store: &StoreName, key: &str, value: &str) -> Result<KvEntry, Refusal> {
+        check_key(key)?;
+        let mut d = self.desired();
+        self.commit(
+            &mut d,
+            |w| w.kv_set(store, key, value),
+            |m| {
+                m.kv.insert((store.clone(), key.to_owned()), value.to_owned());
+            },
+        )?;
+        Ok(KvEntry {
+            store: store.clone(),
+            key: key.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+
+    pub fn kv_delete(&self, store: &StoreName, key: &str) -> Result<(), Refusal> {
+        self.kv_get(store, key)?;
+        let mut d = self.desired();
+        self.commit(
+            &mut d,
+            |w| w.kv_delete(store, key),
+            |m| {
+                m.kv.remove(&(store.clone(), key.to_owned()));
+            },
+        )
+    }
+}
+
+fn check_key(key: &str) -> Result<(), Refusal> {
+    tandem_api::check_kv_key(key).map_err(|why| {
+        Refusal::new(
+            BadRequest,
+            why,
+            "use a path of printable words such as sr/vdi/vm1",
+        )
+    })
+}
+
+fn kind_word(kind: ParticipantKind) -> &'static str {
+    match kind {
+        ParticipantKind::Diskful => "diskful",
+        ParticipantKind::Diskless => "diskless",
+        ParticipantKind::Tiebreaker => "tiebreaker",
+    }
+}
+
+/// Every node as a placement candidate for the group's pool (`pool` absent: for
+/// tiebreakers, which need none).
+fn candidates_for(
+    s: &Snapshot<'_>,
+    group: Option<&Group>,
+    pool: Option<&PoolName>,
+) -> Vec<Candidate> {
+    s.model
+        .nodes
+        .keys()
+        .map(|node| {
+            let o = s.observed.get(node);
+            let free = pool.and_then(|pool| {
+                o.and_then(|o| o.pools.iter().find(|p| &p.name == pool))
+                    .map(|p| p.free)
+            });
+            let provisioned = pool.map_or(0, |pool| {
+                s.model
+                    .volumes
+                    .values()
+                    .filter(|v| {
+                        v.participant(node)
+                            .is_some_and(|p| p.kind.diskful() && p.pool.as_ref() == Some(pool))
+                    })
+                    .map(|v| v.size)
+                    .sum()
+            });
+            Candidate {
+                node: node.clone(),
+                online: o.is_some_and(|o| o.online()),
+                allowed: group.is_none_or(|g| g.nodes.is_empty() || g.nodes.contains(node)),
+                free,
+                provisioned,
+                participations: s.model.participations(node),
+                taken: false,
+            }
+        })
+        .collect()
+}
+
+/// The candidates with `taken` set for the volume's current participants.
+fn retaken(candidates: &[Candidate], v: &VolumeRow) -> Vec<Candidate> {
+    candidates
+        .iter()
+        .cloned()
+        .map(|mut c| {
+            c.taken = v.participant(&c.node).is_some();
+            c
+        })
+        .collect()
+}
+
+/// Two replicas cannot form a majority alone: a third, diskless vote (tiebreaker) is
+/// added when a node is free for it, and dropped when the replica count changes.
+fn settle_tiebreaker(v: &mut VolumeRow, candidates: &[Candidate]) {
+    let diskful = v.diskful().count();
+    let has_tiebreaker = v
+        .participants
+        .iter()
+        .any(|p| p.kind == ParticipantKind::Tiebreaker);
+    if diskful == 2 && !has_tiebreaker {
+        if let (Some(node), Some(node_id)) = (placement::tiebreaker(candidates), v.free_node_id()) {
+            v.participants.push(ParticipantRow {
+                node,
+                node_id,
+                kind: ParticipantKind::Tiebreaker,
+                pool: None,
+                attached: false,
+                fresh: false,
+            });
+        }
+    } else if diskful != 2 && has_tiebreaker {
+        v.participants
+            .retain(|p| p.kind != ParticipantKind::Tiebreaker);
+    }
+}

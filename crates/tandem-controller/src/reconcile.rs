@@ -1,0 +1,280 @@
+//! One visit of a node: learn what it is and has, make it hold exactly the volume specs
+//! the model gives it, and record what it reports.
+//!
+//! Visits are idempotent and work from the difference between the model and what the
+//! node reports, so a node that was away converges on its next visit: volumes created
+//! meanwhile appear, deleted ones go, changed ones are updated. Nothing waits for a
+//! node to come back.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use tandem_api::{
+    JoinCluster, NODE_API_VERSION, NodeInfo, NodeName, NodeState, ReplicaReport, VolumeName,
+};
+
+use crate::controller::{Controller, Observed};
+use crate::model::{Cluster, NodeRow, PoolRow};
+use crate::node_client::{CallError, NodeClient};
+
+/// A visit that could not get the node in hand.
+pub(crate) struct Trouble {
+    pub state: NodeState,
+    pub why: String,
+    /// The node did not answer (as opposed to answering something unacceptable).
+    pub unreachable: bool,
+}
+
+impl From<CallError> for Trouble {
+    fn from(e: CallError) -> Self {
+        let why = match &e {
+            CallError::Refused(401, _) => {
+                format!("the node refused the cluster secret: {e}")
+            }
+            _ => e.to_string(),
+        };
+        Trouble {
+            state: NodeState::Offline,
+            why,
+            unreachable: matches!(e, CallError::Unreachable(_)),
+        }
+    }
+}
+
+pub(crate) fn visit(c: &Controller, node: &NodeName) {
+    let (row, cluster) = {
+        let d = c.desired();
+        match d.model.nodes.get(node) {
+            Some(row) => (row.clone(), d.model.cluster.clone()),
+            None => return,
+        }
+    };
+    let client = NodeClient::new(&row.address, &cluster.secret);
+    match converge(c, node, &row, &cluster, &client) {
+        Ok(()) => {}
+        Err(t) => {
+            let was = c.observed(node).state;
+            if was != t.state {
+                tracing::warn!(%node, state = %t.state, why = %t.why, "node is not online");
+            }
+            c.set_observed(node, |o| {
+                o.state = t.state;
+                o.error = Some(t.why);
+                o.replicas.clear();
+                o.failures.clear();
+            });
+        }
+    }
+}
+
+/// Checks the node is the one registered, in this cluster, speaking this API.
+pub(crate) fn admit(
+    client: &NodeClient,
+    node: &NodeName,
+    address: &str,
+    cluster: &Cluster,
+) -> Result<NodeInfo, Trouble> {
+    let info = client.info()?;
+    if info.api_version != NODE_API_VERSION {
+        return Err(Trouble {
+            state: NodeState::VersionMismatch,
+            why: format!(
+                "node speaks API version {} (tandemd {}), the controller speaks {}; run the same \
+                 tandemd release on every node",
+                info.api_version, info.version, NODE_API_VERSION
+            ),
+            unreachable: false,
+        });
+    }
+    if &info.name != node {
+        return Err(Trouble {
+            state: NodeState::Offline,
+            why: format!(
+                "the tandemd at {address} is named {}, not {node}",
+                info.name
+            ),
+            unreachable: false,
+        });
+    }
+    match info.cluster_id {
+        Some(id) if id == cluster.id => Ok(info),
+        Some(other) => Err(Trouble {
+            state: NodeState::Offline,
+            why: format!(
+                "node belongs to another cluster ({other}); release it from that cluster first"
+            ),
+            unreachable: false,
+        }),
+        None => Ok(client.join(&JoinCluster {
+            cluster_id: cluster.id,
+            secret: cluster.secret.clone(),
+        })?),
+    }
+}
+
+/// The address peers reach a node at: its peer listener, with the host of its API
+/// address when it listens on every interface.
+fn peer_address(info: &NodeInfo, api_address: &str) -> String {
+    match info.peer_address.parse::<SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => {
+            let host = api_address
+                .rsplit_once(':')
+                .map_or(api_address, |(host, _)| host);
+            format!("{host}:{}", addr.port())
+        }
+        _ => info.peer_address.clone(),
+    }
+}
+
+fn converge(
+    c: &Controller,
+    node: &NodeName,
+    row: &NodeRow,
+    cluster: &Cluster,
+    client: &NodeClient,
+) -> Result<(), Trouble> {
+    let info = admit(client, node, &row.address, cluster)?;
+    remember_node(c, node, row, &info);
+
+    let mut reports = client.replicated()?;
+    let desired = c.desired().model.specs_for(node);
+    let mut failures = BTreeMap::new();
+    let mut changed = false;
+    for (name, spec) in &desired {
+        let current = reports.iter().find(|r| &r.spec.name == name);
+        let result = match current {
+            Some(r) if r.spec == *spec => continue,
+            // Another volume of that name (deleted and created again meanwhile).
+            Some(r) if r.spec.volume_id != spec.volume_id => client
+                .delete_volume(name)
+                .and_then(|()| client.put_spec(spec)),
+            _ => client.put_spec(spec),
+        };
+        changed = true;
+        match result {
+            Ok(_) => tracing::info!(%node, volume = %name, "volume spec applied"),
+            Err(e) => {
+                tracing::warn!(%node, volume = %name, error = %e, "node refused the volume spec");
+                failures.insert(name.clone(), e.to_string());
+            }
+        }
+    }
+    for r in &reports {
+        let name = &r.spec.name;
+        if r.spec.cluster_id != cluster.id || desired.contains_key(name) {
+            continue;
+        }
+        changed = true;
+        match client.delete_volume(name) {
+            Ok(()) => tracing::info!(%node, volume = %name, "volume removed from node"),
+            Err(e) => {
+                tracing::warn!(%node, volume = %name, error = %e, "node kept a volume it should drop");
+                failures.insert(name.clone(), format!("cannot remove it: {e}"));
+            }
+        }
+    }
+    if changed {
+        reports = client.replicated()?;
+    }
+    let was = c.observed(node).state;
+    if was != NodeState::Online {
+        tracing::info!(%node, "node is online");
+    }
+    let replicas: BTreeMap<VolumeName, ReplicaReport> = reports
+        .into_iter()
+        .filter(|r| r.spec.cluster_id == cluster.id)
+        .map(|r| (r.spec.name.clone(), r))
+        .collect();
+    c.set_observed(node, |o| {
+        *o = Observed {
+            state: NodeState::Online,
+            version: Some(info.version.clone()),
+            error: None,
+            pools: info.pools.clone(),
+            replicas,
+            failures,
+        }
+    });
+    Ok(())
+}
+
+/// Records the node's peer address and pools in the model when they changed.
+pub(crate) fn remember_node(c: &Controller, node: &NodeName, row: &NodeRow, info: &NodeInfo) {
+    let peer = peer_address(info, &row.address);
+    let pools: Vec<_> = info
+        .pools
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                PoolRow {
+                    kind: p.kind.clone(),
+                    path: p.path.clone(),
+                },
+            )
+        })
+        .collect();
+    let mut d = c.desired();
+    let Some(current) = d.model.nodes.get(node).cloned() else {
+        return;
+    };
+    let known: Vec<_> = d
+        .model
+        .pools
+        .iter()
+        .filter(|((n, _), _)| n == node)
+        .map(|((_, name), p)| (name.clone(), p.clone()))
+        .collect();
+    if current.peer_address == peer && known == pools {
+        return;
+    }
+    let updated = NodeRow {
+        peer_address: peer,
+        ..current
+    };
+    let result = c.commit(
+        &mut d,
+        |w| {
+            w.node(node, &updated)?;
+            w.pools(node, &pools)
+        },
+        |m| {
+            m.nodes.insert(node.clone(), updated.clone());
+            m.pools.retain(|(n, _), _| n != node);
+            for (name, p) in pools.clone() {
+                m.pools.insert((node.clone(), name), p);
+            }
+        },
+    );
+    if let Err(e) = result {
+        tracing::error!(%node, error = %e.error, "cannot record the node's addresses and pools");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(peer: &str) -> NodeInfo {
+        NodeInfo {
+            name: "n1".parse().unwrap(),
+            version: "0".into(),
+            api_version: NODE_API_VERSION,
+            peer_address: peer.into(),
+            cluster_id: None,
+            pools: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn peers_reach_a_wildcard_listener_at_the_api_host() {
+        assert_eq!(
+            peer_address(&info("0.0.0.0:7700"), "198.18.77.2:3370"),
+            "198.18.77.2:7700"
+        );
+        assert_eq!(
+            peer_address(&info("127.0.0.1:7701"), "198.18.77.2:3370"),
+            "127.0.0.1:7701"
+        );
+    }
+}

@@ -1,0 +1,533 @@
+//! The controller's database: SQLite in the data directory.
+//!
+//! SQLite because it is the most widely deployed embedded engine, survives power loss
+//! (write-ahead log, `synchronous=FULL`), needs nothing installed (built in), and its
+//! one-file databases are easy to back up and inspect with the `sqlite3` tool.
+//!
+//! The schema is versioned with `PRAGMA user_version`: each step of [`MIGRATIONS`]
+//! moves a database one version up, in a transaction, so a newer `tandemd` opens an
+//! older database; a database from a newer `tandemd` is refused, never altered.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tandem_api::{ClusterId, Group, NodeId, NodeName, ParticipantKind, VolumeName};
+
+use crate::model::{Cluster, Model, NodeRow, ParticipantRow, PoolRow, VolumeRow};
+
+/// Schema steps; `MIGRATIONS[i]` upgrades version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: nodes, pools, groups, volumes and their participants.
+    "CREATE TABLE cluster (
+         one INTEGER PRIMARY KEY CHECK (one = 1),
+         id TEXT NOT NULL,
+         secret TEXT NOT NULL);
+     CREATE TABLE nodes (
+         name TEXT PRIMARY KEY,
+         address TEXT NOT NULL,
+         peer_address TEXT NOT NULL DEFAULT '');
+     CREATE TABLE pools (
+         node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+         name TEXT NOT NULL,
+         kind TEXT NOT NULL,
+         path TEXT NOT NULL,
+         PRIMARY KEY (node, name));
+     CREATE TABLE groups (
+         name TEXT PRIMARY KEY,
+         body TEXT NOT NULL);
+     CREATE TABLE volumes (
+         name TEXT PRIMARY KEY,
+         id TEXT NOT NULL UNIQUE,
+         size INTEGER NOT NULL,
+         grp TEXT NOT NULL REFERENCES groups(name),
+         replicas INTEGER NOT NULL);
+     CREATE TABLE participants (
+         volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+         node TEXT NOT NULL REFERENCES nodes(name),
+         node_id INTEGER NOT NULL,
+         kind TEXT NOT NULL,
+         pool TEXT,
+         attached INTEGER NOT NULL,
+         fresh INTEGER NOT NULL,
+         PRIMARY KEY (volume, node),
+         UNIQUE (volume, node_id));
+     INSERT INTO groups VALUES ('default', '{\"name\":\"default\"}');",
+    // 2: key-value stores.
+    "CREATE TABLE kv (
+         store TEXT NOT NULL,
+         key TEXT NOT NULL,
+         value TEXT NOT NULL,
+         PRIMARY KEY (store, key));",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path} has schema version {found}, newer than this tandemd knows ({known})")]
+    Newer {
+        path: String,
+        found: u32,
+        known: u32,
+    },
+    #[error("database content is invalid: {0}")]
+    Invalid(String),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+pub struct Store {
+    db: Connection,
+}
+
+fn invalid(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Invalid(e.to_string())
+}
+
+fn kind_name(kind: ParticipantKind) -> &'static str {
+    match kind {
+        ParticipantKind::Diskful => "diskful",
+        ParticipantKind::Diskless => "diskless",
+        ParticipantKind::Tiebreaker => "tiebreaker",
+    }
+}
+
+fn parse_kind(s: &str) -> Result<ParticipantKind, StoreError> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(invalid)
+}
+
+impl Store {
+    /// Opens (creating if missing) and upgrades the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let mut db = Connection::open(path)?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.pragma_update(None, "foreign_keys", "ON")?;
+        let found: u32 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as u32;
+        if found > known {
+            return Err(StoreError::Newer {
+                path: path.display().to_string(),
+                found,
+                known,
+            });
+        }
+        for (version, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let tx = db.transaction()?;
+            tx.execute_batch(step)?;
+            tx.pragma_update(None, "user_version", version as u32 + 1)?;
+            tx.commit()?;
+            tracing::info!(
+                database = %path.display(),
+                version = version + 1,
+                "controller database schema upgraded"
+            );
+        }
+        let store = Store { db };
+        if store.cluster()?.is_none() {
+            let cluster = Cluster {
+                id: ClusterId::random(),
+                secret: random_secret(),
+            };
+            store.db.execute(
+                "INSERT INTO cluster (one, id, secret) VALUES (1, ?1, ?2)",
+                params![cluster.id.to_string(), cluster.secret],
+            )?;
+            tracing::info!(cluster = %cluster.id, "new cluster");
+        }
+        Ok(store)
+    }
+
+    fn cluster(&self) -> Result<Option<Cluster>, StoreError> {
+        self.db
+            .query_row("SELECT id, secret FROM cluster", [], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .optional()?
+            .map(|(id, secret)| {
+                Ok(Cluster {
+                    id: id.parse().map_err(invalid)?,
+                    secret,
+                })
+            })
+            .transpose()
+    }
+
+    /// Reads the whole model.
+    pub fn load(&self) -> Result<Model, StoreError> {
+        let cluster = self
+            .cluster()?
+            .ok_or_else(|| invalid("the cluster row is missing"))?;
+        let mut nodes = BTreeMap::new();
+        let mut q = self
+            .db
+            .prepare("SELECT name, address, peer_address FROM nodes")?;
+        for row in q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))? {
+            let (name, address, peer_address) = row?;
+            nodes.insert(
+                name.parse().map_err(invalid)?,
+                NodeRow {
+                    address,
+                    peer_address,
+                },
+            );
+        }
+        let mut pools = BTreeMap::new();
+        let mut q = self
+            .db
+            .prepare("SELECT node, name, kind, path FROM pools")?;
+        for row in q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+            ))
+        })? {
+            let (node, name, kind, path) = row?;
+            pools.insert(
+                (
+                    node.parse().map_err(invalid)?,
+                    name.parse().map_err(invalid)?,
+                ),
+                PoolRow { kind, path },
+            );
+        }
+        let mut groups = BTreeMap::new();
+        let mut q = self.db.prepare("SELECT body FROM groups")?;
+        for row in q.query_map([], |r| r.get::<_, String>(0))? {
+            let group: Group = serde_json::from_str(&row?).map_err(invalid)?;
+            groups.insert(group.name.clone(), group);
+        }
+        let mut volumes = BTreeMap::new();
+        let mut q = self
+            .db
+            .prepare("SELECT name, id, size, grp, replicas FROM volumes")?;
+        for row in q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, u8>(4)?,
+            ))
+        })? {
+            let (name, id, size, group, replicas) = row?;
+            volumes.insert(
+                name.parse::<VolumeName>().map_err(invalid)?,
+                VolumeRow {
+                    id: id.parse().map_err(invalid)?,
+                    size: size as u64,
+                    group: group.parse().map_err(invalid)?,
+                    replicas,
+                    participants: Vec::new(),
+                },
+            );
+        }
+        let mut q = self.db.prepare(
+            "SELECT volume, node, node_id, kind, pool, attached, fresh FROM participants
+             ORDER BY volume, node_id",
+        )?;
+        for row in q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u8>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, bool>(5)?,
+                r.get::<_, bool>(6)?,
+            ))
+        })? {
+            let (volume, node, node_id, kind, pool, attached, fresh) = row?;
+            let volume: VolumeName = volume.parse().map_err(invalid)?;
+            let row = ParticipantRow {
+                node: node.parse().map_err(invalid)?,
+                node_id: NodeId::new(node_id)
+                    .ok_or_else(|| invalid(format!("node id {node_id}")))?,
+                kind: parse_kind(&kind)?,
+                pool: pool.map(|p| p.parse()).transpose().map_err(invalid)?,
+                attached,
+                fresh,
+            };
+            volumes
+                .get_mut(&volume)
+                .ok_or_else(|| invalid(format!("participant of unknown volume {volume}")))?
+                .participants
+                .push(row);
+        }
+        let mut kv = BTreeMap::new();
+        let mut q = self.db.prepare("SELECT store, key, value FROM kv")?;
+        for row in q.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+        })? {
+            let (store, key, value) = row?;
+            kv.insert((store.parse().map_err(invalid)?, key), value);
+        }
+        Ok(Model {
+            cluster,
+            nodes,
+            pools,
+            groups,
+            volumes,
+            kv,
+        })
+    }
+
+    /// Runs `f` in one transaction: all of its changes land, or none.
+    pub fn write<T>(
+        &mut self,
+        f: impl FnOnce(&Writer<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tx = self.db.transaction()?;
+        let out = f(&Writer { tx: &tx })?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// Changes inside one transaction.
+pub struct Writer<'a> {
+    tx: &'a Transaction<'a>,
+}
+
+impl Writer<'_> {
+    pub fn node(&self, name: &NodeName, row: &NodeRow) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO nodes (name, address, peer_address) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET address = ?2, peer_address = ?3",
+            params![name.as_str(), row.address, row.peer_address],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_node(&self, name: &NodeName) -> Result<(), StoreError> {
+        self.tx
+            .execute("DELETE FROM participants WHERE node = ?1", [name.as_str()])?;
+        self.tx
+            .execute("DELETE FROM nodes WHERE name = ?1", [name.as_str()])?;
+        Ok(())
+    }
+
+    /// Replaces the pools recorded for a node.
+    pub fn pools(
+        &self,
+        node: &NodeName,
+        pools: &[(tandem_api::PoolName, PoolRow)],
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute("DELETE FROM pools WHERE node = ?1", [node.as_str()])?;
+        for (name, p) in pools {
+            self.tx.execute(
+                "INSERT INTO pools (node, name, kind, path) VALUES (?1, ?2, ?3, ?4)",
+                params![node.as_str(), name.as_str(), p.kind, p.path],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn group(&self, group: &Group) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO groups (name, body) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET body = ?2",
+            params![
+                group.name.as_str(),
+                serde_json::to_string(group).expect("serialisable")
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_group(&self, name: &tandem_api::GroupName) -> Result<(), StoreError> {
+        self.tx
+            .execute("DELETE FROM groups WHERE name = ?1", [name.as_str()])?;
+        Ok(())
+    }
+
+    /// Writes a volume and replaces its participants.
+    pub fn volume(&self, name: &VolumeName, v: &VolumeRow) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO volumes (name, id, size, grp, replicas) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (name) DO UPDATE SET size = ?3, grp = ?4, replicas = ?5",
+            params![
+                name.as_str(),
+                v.id.to_string(),
+                v.size as i64,
+                v.group.as_str(),
+                v.replicas
+            ],
+        )?;
+        self.tx.execute(
+            "DELETE FROM participants WHERE volume = ?1",
+            [name.as_str()],
+        )?;
+        for p in &v.participants {
+            self.tx.execute(
+                "INSERT INTO participants (volume, node, node_id, kind, pool, attached, fresh)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    name.as_str(),
+                    p.node.as_str(),
+                    u8::from(p.node_id),
+                    kind_name(p.kind),
+                    p.pool.as_ref().map(|p| p.as_str()),
+                    p.attached,
+                    p.fresh
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn delete_volume(&self, name: &VolumeName) -> Result<(), StoreError> {
+        self.tx
+            .execute("DELETE FROM volumes WHERE name = ?1", [name.as_str()])?;
+        Ok(())
+    }
+
+    pub fn kv_set(
+        &self,
+        store: &tandem_api::StoreName,
+        key: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO kv (store, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (store, key) DO UPDATE SET value = ?3",
+            params![store.as_str(), key, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn kv_delete(&self, store: &tandem_api::StoreName, key: &str) -> Result<(), StoreError> {
+        self.tx.execute(
+            "DELETE FROM kv WHERE store = ?1 AND key = ?2",
+            params![store.as_str(), key],
+        )?;
+        Ok(())
+    }
+}
+
+/// 32 random bytes, hex: the cluster secret.
+fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume(node: &str) -> VolumeRow {
+        VolumeRow {
+            id: tandem_api::VolumeId::random(),
+            size: 1 << 30,
+            group: "default".parse().unwrap(),
+            replicas: 1,
+            participants: vec![ParticipantRow {
+                node: node.parse().unwrap(),
+                node_id: NodeId::new(0).unwrap(),
+                kind: ParticipantKind::Diskful,
+                pool: Some("default".parse().unwrap()),
+                attached: false,
+                fresh: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn objects_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.db");
+        let mut store = Store::open(&path).unwrap();
+        let first = store.load().unwrap();
+        assert_eq!(first.cluster.secret.len(), 64);
+        assert!(first.groups.contains_key(&"default".parse().unwrap()));
+        let n1: NodeName = "n1".parse().unwrap();
+        let vm: VolumeName = "vm1".parse().unwrap();
+        let row = volume("n1");
+        store
+            .write(|w| {
+                w.node(
+                    &n1,
+                    &NodeRow {
+                        address: "127.0.0.1:3370".into(),
+                        peer_address: "127.0.0.1:7700".into(),
+                    },
+                )?;
+                w.volume(&vm, &row)?;
+                w.kv_set(&"sr".parse().unwrap(), "vdi/a", "x")
+            })
+            .unwrap();
+        drop(store);
+        let model = Store::open(&path).unwrap().load().unwrap();
+        assert_eq!(model.cluster, first.cluster);
+        assert_eq!(model.volumes[&vm], row);
+        assert_eq!(model.nodes[&n1].peer_address, "127.0.0.1:7700");
+        assert_eq!(model.kv.len(), 1);
+    }
+
+    #[test]
+    fn an_older_schema_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.db");
+        {
+            // A database as the first release wrote it: schema 1, with a volume.
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(MIGRATIONS[0]).unwrap();
+            db.pragma_update(None, "user_version", 1).unwrap();
+            db.execute(
+                "INSERT INTO cluster VALUES (1, '00112233445566778899aabbccddeeff', 'old-secret')",
+                [],
+            )
+            .unwrap();
+            db.execute("INSERT INTO nodes VALUES ('n1', '127.0.0.1:3370', '')", [])
+                .unwrap();
+            db.execute(
+                "INSERT INTO volumes VALUES ('vm1', 'ffeeddccbbaa99887766554433221100', 4096, 'default', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(&path).unwrap();
+        let model = store.load().unwrap();
+        assert_eq!(model.cluster.secret, "old-secret");
+        assert_eq!(model.volumes.len(), 1);
+        store
+            .write(|w| w.kv_set(&"sr".parse().unwrap(), "k", "v"))
+            .unwrap();
+        let version: u32 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as u32);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Store::open(&path).err().expect("refused");
+        assert!(err.to_string().contains("newer"), "{err}");
+        let version: u32 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 99);
+    }
+
+    #[test]
+    fn a_failed_transaction_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.db")).unwrap();
+        let vm: VolumeName = "vm1".parse().unwrap();
+        // The participant's node does not exist: the foreign key fails the whole write.
+        let err = store.write(|w| w.volume(&vm, &volume("ghost")));
+        assert!(err.is_err());
+        assert!(store.load().unwrap().volumes.is_empty());
+    }
+}
