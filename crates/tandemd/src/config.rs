@@ -63,6 +63,11 @@ pub struct Options {
     #[arg(long)]
     #[serde(default)]
     pub tls_required: bool,
+    /// Also run the cluster controller on this node (database in the data dir, cluster
+    /// API on the API address).
+    #[arg(long)]
+    #[serde(default)]
+    pub controller: bool,
 }
 
 /// Settings after merging and defaults.
@@ -78,6 +83,7 @@ pub struct Settings {
     pub log_level: String,
     pub cache: CacheMode,
     pub tls: Option<Tls>,
+    pub controller: bool,
 }
 
 #[derive(Debug)]
@@ -198,6 +204,7 @@ impl Options {
                 .unwrap_or_else(|| "info".into()),
             cache,
             tls,
+            controller: self.controller || file.controller,
         })
     }
 }
