@@ -16,6 +16,7 @@ mod peer;
 mod resync;
 mod volume;
 pub mod wire;
+mod workers;
 
 pub use engine::Replicator;
 pub use volume::{OpenRefused, ReplicatedVolume};

@@ -6,7 +6,7 @@ use std::io::{self, BufReader};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_api::{
@@ -23,6 +23,7 @@ use crate::peer::{Peer, Sync, Tracked};
 use crate::wire::{
     self, Buffer, FLAG_FUA, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Hello, Kind, State, WireError,
 };
+use crate::workers::Workers;
 
 /// Why a volume cannot be opened on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +53,8 @@ pub struct ReplicatedVolume {
     known: Mutex<u64>,
 }
 
-/// Threads per connection serving a Primary's requests on the local replica.
+/// Threads per connection serving a Primary's requests on the local replica, at most;
+/// they start as requests queue up (see [`Workers`]).
 const PEER_WORKERS: usize = 8;
 
 /// What a new connection between two replicas holding data must do first.
@@ -459,27 +461,20 @@ impl ReplicatedVolume {
 
     fn receive(self: Arc<Self>, peer: Arc<Peer>, stream: TcpStream, epoch: u64) {
         let mut reader = BufReader::with_capacity(256 << 10, stream);
-        let (requests, queue) = mpsc::channel::<(Header, Buffer)>();
-        let queue = Arc::new(Mutex::new(queue));
-        for i in 0..PEER_WORKERS {
-            let (volume, peer, queue) = (self.clone(), peer.clone(), queue.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("peer-{}-{i}", peer.participant.node))
-                .spawn(move || {
-                    loop {
-                        let job = queue.lock().unwrap().recv();
-                        let Ok((h, payload)) = job else { return };
-                        if volume.serve_request(&peer, h, payload).is_err() {
-                            peer.disconnect();
-                        }
+        let mut workers = {
+            let (volume, peer) = (self.clone(), peer.clone());
+            Workers::new(
+                format!("peer-{}", peer.participant.node),
+                PEER_WORKERS,
+                move |(h, payload): (Header, Buffer)| {
+                    if volume.serve_request(&peer, h, payload).is_err() {
+                        peer.disconnect();
                     }
-                });
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a peer worker");
-            }
-        }
+                },
+            )
+        };
         let why = loop {
-            match self.handle(&peer, &mut reader, &requests) {
+            match self.handle(&peer, &mut reader, &mut workers) {
                 Ok(()) => peer.seen(),
                 Err(WireError::Io(e)) => break format!("connection lost: {e}"),
                 Err(e) => break e.to_string(),
@@ -705,7 +700,7 @@ impl ReplicatedVolume {
         self: &Arc<Self>,
         peer: &Peer,
         r: &mut BufReader<TcpStream>,
-        requests: &mpsc::Sender<(Header, Buffer)>,
+        workers: &mut Workers<(Header, Buffer)>,
     ) -> Result<(), WireError> {
         let h = wire::read_header(r)?;
         let payload = wire::read_payload(r, h.payload)?;
@@ -755,9 +750,7 @@ impl ReplicatedVolume {
                 if more_waiting(r) {
                     // Served by the connection's workers: the Primary never has two
                     // overlapping writes in flight, so they may complete in any order.
-                    if requests.send((h, payload)).is_err() {
-                        return Err(WireError::Refused("request workers stopped".into()));
-                    }
+                    workers.push((h, payload));
                 } else {
                     // A lone request is served right here, sparing a thread hop.
                     self.serve_request(peer, h, payload)?;
