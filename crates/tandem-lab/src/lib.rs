@@ -116,14 +116,29 @@ impl Response {
 /// Sends an HTTP request with an optional raw body and returns status and body,
 /// whatever the status.
 pub fn http(method: &str, url: &str, body: Option<&str>) -> Result<Response, String> {
+    http_as(None, method, url, body)
+}
+
+/// As [`http`], with `Authorization: Bearer SECRET` when a secret is given (the node API
+/// of a node that has joined a cluster).
+pub fn http_as(
+    secret: Option<&str>,
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+) -> Result<Response, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
-    let req = ureq::http::Request::builder()
+    let mut req = ureq::http::Request::builder()
         .method(method)
         .uri(url)
-        .header("content-type", "application/json")
+        .header("content-type", "application/json");
+    if let Some(secret) = secret {
+        req = req.header("authorization", format!("Bearer {secret}"));
+    }
+    let req = req
         .body(body.unwrap_or("").to_owned())
         .map_err(|e| e.to_string())?;
     let mut resp = agent.run(req).map_err(|e| e.to_string())?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::{
-    QemuIo, Response, first_difference, free_addr, http, netns, poll, qemu_io_command,
+    QemuIo, Response, first_difference, free_addr, http, http_as, netns, poll, qemu_io_command,
     qemu_io_result, scratch, tandem_bin, tandemd_bin, wait_for,
 };
 
@@ -152,6 +152,17 @@ impl Node {
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Response {
         self.try_api(method, path, body)
             .unwrap_or_else(|e| panic!("API of {} unreachable: {e}", self.name))
+    }
+
+    /// An API request carrying a cluster secret (`Authorization: Bearer SECRET`); panics
+    /// unless the API answers (with whatever status).
+    pub fn api_as(&self, secret: &str, method: &str, path: &str, body: Option<&str>) -> Response {
+        let url = self.url(path);
+        let result = match &self.ns {
+            None => http_as(Some(secret), method, &url, body),
+            Some(ns) => netns::in_ns(ns, || http_as(Some(secret), method, &url, body)),
+        };
+        result.unwrap_or_else(|e| panic!("API of {} unreachable: {e}", self.name))
     }
 
     /// The `tandem` command, pointed at this node's API.

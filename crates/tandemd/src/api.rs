@@ -5,23 +5,33 @@ use std::sync::Arc;
 
 use axum::extract::Query;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use tandem_api::{ApiError, CreateVolume, Resolve, UpdateVolume, VolumeName, VolumeSpec};
+use tandem_api::{
+    ApiError, CreatePool, CreateVolume, JoinCluster, PoolName, Resolve, UpdateVolume, VolumeName,
+    VolumeSpec,
+};
 use tandem_pool::PoolError;
 
+use crate::cluster::ClusterError;
 use crate::node::{Node, NodeError};
+use crate::pools::PoolsError;
 
 type Shared = State<Arc<Node>>;
 
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/node", get(node_info))
-        .route("/v1/node/pools", get(pools))
+        .route("/v1/node/join", post(join))
+        .route("/v1/node/leave", post(leave))
+        .route("/v1/node/replicated", get(replicated))
+        .route("/v1/node/pools", get(pools).post(create_pool))
+        .route("/v1/node/pools/{name}", delete(delete_pool))
         .route("/v1/node/volumes", get(list).post(create))
         .route(
             "/v1/node/volumes/{name}",
@@ -43,7 +53,46 @@ pub fn router(node: Arc<Node>) -> Router {
                 },
             )
         })
+        .layer(middleware::from_fn_with_state(node.clone(), authenticate))
         .with_state(node)
+}
+
+/// Once the node has joined a cluster, its routes need the cluster secret
+/// (`Authorization: Bearer SECRET`), apart from `GET /v1/node` and the join itself
+/// (which carries the secret in its body).
+async fn authenticate(State(node): Shared, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let node_route = path == "/v1/node" || path.starts_with("/v1/node/");
+    let open = matches!(
+        (req.method(), path),
+        (&Method::GET | &Method::HEAD, "/v1/node") | (&Method::POST, "/v1/node/join")
+    );
+    if node_route && !open {
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if let Err(cluster) = node.authorize(authorization) {
+            tracing::debug!(method = %req.method(), path, "API request without the cluster secret refused");
+            let mut response = Failure(
+                StatusCode::UNAUTHORIZED,
+                ApiError {
+                    message: format!(
+                        "node {} belongs to cluster {cluster}; its API needs the cluster secret",
+                        node.name()
+                    ),
+                    cause: None,
+                    correction: Some("manage it through the cluster's controller".into()),
+                },
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(req).await
 }
 
 /// An error response: status and `{message, cause, correction}`.
@@ -80,7 +129,56 @@ impl From<NodeError> for Failure {
                 "give the node the volume's spec with PUT /v1/node/volumes/NAME/spec".into(),
             ),
             NodeError::SpecStore { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "check the data directory".into()),
-            NodeError::UnknownPool(_) => (StatusCode::NOT_FOUND, "list pools with GET /v1/node/pools".into()),
+            NodeError::Pools(p) => match p {
+                PoolsError::Unknown { .. } => (StatusCode::NOT_FOUND, "list pools with GET /v1/node/pools".into()),
+                PoolsError::Exists(_) => (StatusCode::CONFLICT, "choose another name".into()),
+                PoolsError::Unopened { name, .. } => (
+                    StatusCode::CONFLICT,
+                    format!(
+                        "restore its directory and restart tandemd, or forget it with DELETE /v1/node/pools/{name}"
+                    ),
+                ),
+                PoolsError::BadPath { .. } => (
+                    StatusCode::BAD_REQUEST,
+                    "give the absolute path of a directory, e.g. /srv/tandem/fast".into(),
+                ),
+                PoolsError::PathInUse { .. } => {
+                    (StatusCode::CONFLICT, "give each pool a directory of its own".into())
+                }
+                PoolsError::NotEmpty { .. } => (StatusCode::CONFLICT, "delete its volumes first".into()),
+                PoolsError::Configured(_) => (
+                    StatusCode::CONFLICT,
+                    "remove it from tandemd's settings and restart tandemd".into(),
+                ),
+                PoolsError::Open {
+                    error: PoolError::Locked { .. },
+                    ..
+                } => (StatusCode::CONFLICT, "give a directory no other tandemd uses".into()),
+                PoolsError::Open { .. } => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "check that tandemd can create and write the directory".into(),
+                ),
+                PoolsError::Store { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "check the data directory".into()),
+            },
+            NodeError::Cluster(c) => match c {
+                ClusterError::BadSecret(_) => (
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "send a secret of {} to {} visible ASCII characters",
+                        crate::cluster::MIN_SECRET_LEN,
+                        crate::cluster::MAX_SECRET_LEN
+                    ),
+                ),
+                ClusterError::OtherCluster { node, file, .. } => (
+                    StatusCode::CONFLICT,
+                    format!(
+                        "to release the node, delete it from its cluster's controller (`tandem node delete {node}`), \
+                         or remove {} while tandemd is stopped",
+                        file.display()
+                    ),
+                ),
+                ClusterError::Store { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "check the data directory".into()),
+            },
             NodeError::ExistsElsewhere { .. } => (StatusCode::CONFLICT, "choose another name".into()),
             NodeError::Pool(p) => match p {
                 PoolError::NotFound { .. } => (StatusCode::NOT_FOUND, "list volumes with `tandem volume list`".into()),
@@ -154,6 +252,52 @@ async fn pools(State(node): Shared) -> impl IntoResponse {
     Json(node.pools())
 }
 
+/// Joins a cluster: from then on the API needs its secret.
+async fn join(
+    State(node): Shared,
+    body: Result<Json<JoinCluster>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body?;
+    Ok(Json(blocking(move || node.join(req)).await?))
+}
+
+/// Forgets the cluster (the controller deletes the node); any body is ignored.
+async fn leave(State(node): Shared) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(blocking(move || node.leave()).await?))
+}
+
+/// Spec and status of every replicated volume on the node, by name.
+async fn replicated(State(node): Shared) -> impl IntoResponse {
+    Json(node.replica_reports())
+}
+
+async fn create_pool(
+    State(node): Shared,
+    body: Result<Json<CreatePool>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body?;
+    let info = blocking(move || node.create_pool(&req)).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn delete_pool(
+    State(node): Shared,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let name: PoolName = name.parse().map_err(|e: tandem_api::NameError| {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            ApiError {
+                message: e.to_string(),
+                cause: None,
+                correction: Some("use letters, digits, '_', '.', '-'".into()),
+            },
+        )
+    })?;
+    blocking(move || node.delete_pool(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn list(State(node): Shared) -> impl IntoResponse {
     Json(node.volumes())
 }
@@ -208,7 +352,13 @@ async fn set_spec(
             },
         ));
     }
-    Ok(Json(blocking(move || node.set_spec(spec)).await?))
+    Ok(Json(
+        blocking(move || {
+            node.check_placement(&spec)?;
+            node.set_spec(spec)
+        })
+        .await?,
+    ))
 }
 
 #[derive(serde::Deserialize)]

@@ -1,9 +1,12 @@
 //! `tandemd`: the Tandem node daemon.
 
 mod api;
+mod cluster;
 mod config;
+mod durable;
 mod exports;
 mod node;
+mod pools;
 
 use std::net::TcpListener;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -5,11 +5,14 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tandem_api::{
-    CreateVolume, NodeId, NodeInfo, NodeName, PoolInfo, PoolName, UpdateVolume, VolumeInfo,
-    VolumeName, VolumeSpec, VolumeStatus,
+    ClusterId, CreatePool, CreateVolume, JoinCluster, NodeId, NodeInfo, NodeName, PoolInfo,
+    PoolName, ReplicaReport, UpdateVolume, VolumeInfo, VolumeName, VolumeSpec, VolumeStatus,
 };
 use tandem_pool::{CacheMode, Entry, GenerationId, NewVolume, Pool, PoolError, Volume};
 use tandem_replication::{ReplicatedVolume, Replicator};
+
+use crate::cluster::{ClusterError, Membership};
+use crate::pools::{Pools, PoolsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -26,17 +29,21 @@ pub enum NodeError {
         name: VolumeName,
         source: std::io::Error,
     },
-    #[error("pool {0} does not exist on this node")]
-    UnknownPool(PoolName),
     #[error("volume {name} already exists in pool {pool}")]
     ExistsElsewhere { name: VolumeName, pool: PoolName },
     #[error(transparent)]
     Pool(#[from] PoolError),
+    #[error(transparent)]
+    Pools(#[from] PoolsError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 pub struct Node {
     name: NodeName,
-    pools: Vec<Pool>,
+    pools: Pools,
+    /// The cluster this node has joined, if any.
+    membership: Membership,
     replicator: Arc<Replicator>,
     /// `host:port` peers reach this node at.
     peer_address: String,
@@ -55,19 +62,14 @@ impl Node {
         peer_address: String,
         data_dir: &Path,
     ) -> anyhow::Result<Node> {
-        let pools = pools
-            .iter()
-            .map(|(name, dir)| {
-                let pool = Pool::open(name.clone(), dir, cache)?;
-                tracing::info!(pool = %name, dir = %dir.display(), volumes = pool.entries().len(), "pool opened");
-                Ok(pool)
-            })
-            .collect::<Result<Vec<_>, PoolError>>()?;
+        let pools = Pools::open(pools, cache, data_dir)?;
+        let membership = Membership::load(data_dir)?;
         let specs = data_dir.join("specs");
         std::fs::create_dir_all(&specs).with_context(|| format!("creating {}", specs.display()))?;
         let node = Node {
             name,
             pools,
+            membership,
             replicator,
             peer_address,
             specs,
@@ -99,8 +101,8 @@ impl Node {
         &self.name
     }
 
-    fn find(&self, name: &VolumeName) -> Option<(&Pool, Entry)> {
-        self.pools.iter().find_map(|p| p.get(name).map(|e| (p, e)))
+    fn find(&self, name: &VolumeName) -> Option<(Arc<Pool>, Entry)> {
+        self.pools.find_volume(name)
     }
 
     /// The volume, if it exists and is usable.
@@ -121,34 +123,115 @@ impl Node {
             version: env!("CARGO_PKG_VERSION").into(),
             api_version: tandem_api::NODE_API_VERSION,
             peer_address: self.peer_address.clone(),
-            cluster_id: None,
+            cluster_id: self.membership.cluster_id(),
             pools: self.pools(),
         }
     }
 
     pub fn pools(&self) -> Vec<PoolInfo> {
-        self.pools
+        self.pools.infos()
+    }
+
+    /// Creates a pool at run time (see [`Pools::create`]).
+    pub fn create_pool(&self, req: &CreatePool) -> Result<PoolInfo, NodeError> {
+        Ok(self.pools.create(req)?)
+    }
+
+    /// Forgets a pool created at run time; refused while it holds volumes.
+    pub fn delete_pool(&self, name: &PoolName) -> Result<(), NodeError> {
+        // No volume may be created in it meanwhile.
+        let _guard = self.creating.lock().unwrap();
+        Ok(self.pools.remove(name)?)
+    }
+
+    /// Joins a cluster (idempotent for the same cluster and secret).
+    pub fn join(&self, req: JoinCluster) -> Result<NodeInfo, NodeError> {
+        self.membership.join(self.name.as_str(), req)?;
+        Ok(self.info())
+    }
+
+    /// Forgets the cluster this node belongs to, if any.
+    pub fn leave(&self) -> Result<NodeInfo, NodeError> {
+        self.membership.leave()?;
+        Ok(self.info())
+    }
+
+    /// Whether a request with this `Authorization` header may use the node API; the
+    /// cluster's id when it may not.
+    pub fn authorize(&self, header: Option<&str>) -> Result<(), ClusterId> {
+        self.membership.authorize(header)
+    }
+
+    /// Every replicated volume configured here: its spec and its status, by name.
+    pub fn replica_reports(&self) -> Vec<ReplicaReport> {
+        let mut reports: Vec<ReplicaReport> = self
+            .replicator
+            .volumes()
             .iter()
-            .map(|p| {
-                let stats = p.stats().unwrap_or(tandem_pool::PoolStats {
-                    capacity: 0,
-                    free: 0,
-                });
-                PoolInfo {
-                    name: p.name().clone(),
-                    kind: "file".into(),
-                    path: p.dir().display().to_string(),
-                    capacity: stats.capacity,
-                    free: stats.free,
-                    volumes: p.entries().len() as u32,
-                }
+            .map(|v| ReplicaReport {
+                spec: v.spec().clone(),
+                status: v.status(),
             })
-            .collect()
+            .collect();
+        reports.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        reports
+    }
+
+    /// Checks where a spec places this node's replica, before it is applied: the spec's
+    /// cluster is the one this node joined (if any), the pool it names exists, and an
+    /// existing replica is in that pool.
+    pub fn check_placement(&self, spec: &VolumeSpec) -> Result<(), NodeError> {
+        if let Some(joined) = self
+            .membership
+            .cluster_id()
+            .filter(|joined| *joined != spec.cluster_id)
+        {
+            return Err(NodeError::BadSpec(format!(
+                "it belongs to cluster {}, and node {} to cluster {joined}",
+                spec.cluster_id, self.name
+            )));
+        }
+        let Some(me) = spec.me(&self.name).filter(|p| p.kind.diskful()) else {
+            return Ok(());
+        };
+        let Some(wanted) = &me.pool else {
+            return Ok(());
+        };
+        if self.pools.get(wanted).is_err() {
+            return Err(NodeError::BadSpec(format!(
+                "it places this node's replica in pool {wanted}, which node {} does not have (its pools: {})",
+                self.name,
+                self.pools
+                    .names()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if let Some((pool, _)) = self.find(&spec.name).filter(|(p, _)| p.name() != wanted) {
+            return Err(NodeError::BadSpec(format!(
+                "it places this node's replica in pool {wanted}, but volume {} is in pool {} here",
+                spec.name,
+                pool.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The pool a new replica of `spec` goes to: the one its participant on this node
+    /// names, else the first.
+    fn replica_pool(&self, spec: &VolumeSpec) -> Result<Arc<Pool>, NodeError> {
+        match spec.me(&self.name).and_then(|p| p.pool.as_ref()) {
+            Some(pool) => Ok(self.pools.get(pool)?),
+            None => Ok(self.pools.first()),
+        }
     }
 
     pub fn volumes(&self) -> Vec<VolumeInfo> {
         let mut all: Vec<VolumeInfo> = self
             .pools
+            .all()
             .iter()
             .flat_map(|p| p.entries().into_iter().map(|e| e.info(p.name())))
             .collect();
@@ -164,15 +247,10 @@ impl Node {
     }
 
     pub fn create(&self, req: &CreateVolume) -> Result<VolumeInfo, NodeError> {
-        let pool_name = req
-            .pool
-            .clone()
-            .unwrap_or_else(|| self.pools[0].name().clone());
-        let pool = self
-            .pools
-            .iter()
-            .find(|p| *p.name() == pool_name)
-            .ok_or_else(|| NodeError::UnknownPool(pool_name.clone()))?;
+        let pool = match &req.pool {
+            Some(name) => self.pools.get(name)?,
+            None => self.pools.first(),
+        };
         let _guard = self.creating.lock().unwrap();
         if let Some((other, _)) = self.find(&req.name) {
             return Err(NodeError::ExistsElsewhere {
@@ -215,29 +293,31 @@ impl Node {
 
     /// Deletes a volume: this node's part of a replicated one (spec and replica), or a
     /// local volume.
+    /// Unknown names are `NotFound`. A stored spec that could not be applied at start
+    /// is removed too, so it does not come back at the next one.
     pub fn delete(&self, name: &VolumeName) -> Result<(), NodeError> {
-        if let Some(v) = self.replicator.get(name) {
-            if v.is_open() {
-                return Err(PoolError::InUse {
-                    name: name.clone(),
-                    openers: 1,
-                }
-                .into());
-            }
-            self.replicator.remove(name);
-            let path = self.specs.join(format!("{name}.json"));
-            std::fs::remove_file(&path).map_err(|e| NodeError::SpecStore {
+        let replicated = self.replicator.get(name);
+        if replicated.as_ref().is_some_and(|v| v.is_open()) {
+            return Err(PoolError::InUse {
                 name: name.clone(),
-                source: e,
-            })?;
-            if self.find(name).is_none() {
-                return Ok(());
+                openers: 1,
             }
+            .into());
         }
-        let (pool, _) = self
-            .find(name)
-            .ok_or_else(|| PoolError::NotFound { name: name.clone() })?;
-        Ok(pool.delete(name)?)
+        // The spec goes first: from then on a crash cannot bring the volume back.
+        let path = self.specs.join(format!("{name}.json"));
+        let had_spec = crate::durable::remove(&path).map_err(|e| NodeError::SpecStore {
+            name: name.clone(),
+            source: e,
+        })?;
+        if replicated.is_some() {
+            self.replicator.remove(name);
+        }
+        match self.find(name) {
+            Some((pool, _)) => Ok(pool.delete(name)?),
+            None if had_spec || replicated.is_some() => Ok(()),
+            None => Err(PoolError::NotFound { name: name.clone() }.into()),
+        }
     }
 
     pub fn replicated(&self, name: &VolumeName) -> Option<Arc<ReplicatedVolume>> {
@@ -321,7 +401,7 @@ impl Node {
                     node_id,
                     generation,
                 };
-                self.pools[0].create(&new)?
+                self.replica_pool(spec)?.create(&new)?
             }
         };
         let sb = volume.superblock();

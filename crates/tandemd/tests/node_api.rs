@@ -926,3 +926,722 @@ fn second_daemon_with_another_pool_does_not_take_over_the_nbd_socket() {
         node.socket().exists(),
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 10. What a cluster controller uses: joining, pools at run time, replicated volumes.
+
+/// The cluster id `tandem_lab::spec` puts in its specs.
+const CLUSTER: &str = "0123456789abcdef0123456789abcdef";
+const OTHER_CLUSTER: &str = "fedcba9876543210fedcba9876543210";
+const SECRET: &str = "s3cret-of-the-cluster-0123456789abcdef";
+
+fn join_body(cluster: &str, secret: &str) -> String {
+    json!({ "cluster-id": cluster, "secret": secret }).to_string()
+}
+
+/// The pools a node lists: (name, path).
+fn pool_list(r: &tandem_lab::Response) -> Vec<(String, PathBuf)> {
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {}", r.body))
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                PathBuf::from(p["path"].as_str().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn joined_node_answers_only_with_the_cluster_secret() {
+    let mut node = Node::start("join1");
+    let cluster_file = node.dir.join("cluster.json");
+    let info = node.api("GET", "/v1/node", None).json();
+    assert!(info.get("cluster-id").is_none(), "a fresh node: {info}");
+    assert_eq!(info["api-version"], 1, "{info}");
+
+    // Refused joins change nothing: the node stays open.
+    for (body, what) in [
+        (join_body(CLUSTER, "short"), "a short secret"),
+        (
+            join_body(CLUSTER, &"x".repeat(31)),
+            "a secret of 31 characters",
+        ),
+        (
+            join_body(CLUSTER, &format!("{SECRET} with spaces")),
+            "a secret with spaces",
+        ),
+        (join_body("0123", SECRET), "a bad cluster id"),
+        (json!({ "cluster-id": CLUSTER }).to_string(), "no secret"),
+        (
+            json!({ "cluster-id": CLUSTER, "secret": SECRET, "x": 1 }).to_string(),
+            "an unknown field",
+        ),
+    ] {
+        let e = assert_error(
+            &node.api("POST", "/v1/node/join", Some(&body)),
+            400,
+            false,
+            what,
+        );
+        if what.contains("secret of") || what == "a short secret" {
+            assert!(e["message"].as_str().unwrap().contains("32"), "{what}: {e}");
+        }
+        assert!(!cluster_file.exists(), "{what} wrote cluster.json");
+        assert_eq!(list(&node), json!([]), "{what}: the API is still open");
+    }
+
+    // Join.
+    let r = node.api("POST", "/v1/node/join", Some(&join_body(CLUSTER, SECRET)));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info = r.json();
+    assert_eq!(info["cluster-id"], CLUSTER, "{info}");
+    assert_eq!(info["name"], "join1", "{info}");
+    assert_eq!(
+        file_mode(&cluster_file),
+        0o600,
+        "cluster.json holds the secret"
+    );
+    let stored: Value = serde_json::from_slice(&std::fs::read(&cluster_file).unwrap()).unwrap();
+    assert_eq!(stored["cluster-id"], CLUSTER, "{stored}");
+    assert_eq!(stored["secret"], SECRET, "{stored}");
+    assert!(!node.dir.join("cluster.json.tmp").exists());
+
+    // Without the secret, or with a wrong one: 401 everywhere but GET /v1/node.
+    let expected_message =
+        format!("node join1 belongs to cluster {CLUSTER}; its API needs the cluster secret");
+    let spec = tandem_lab::spec("rv", 4 * MIB, &[(&node, tandem_lab::Kind::Diskful)], "");
+    let refused = |r: &tandem_lab::Response, what: &str| {
+        let e = assert_error(r, 401, false, what);
+        assert_eq!(e["message"], expected_message.as_str(), "{what}");
+        assert_eq!(
+            e["correction"], "manage it through the cluster's controller",
+            "{what}"
+        );
+    };
+    let near_miss = format!("{}X", &SECRET[..SECRET.len() - 1]);
+    let routes: [(&str, &str, Option<&str>); 11] = [
+        ("GET", "/v1/node/volumes", None),
+        (
+            "POST",
+            "/v1/node/volumes",
+            Some(r#"{"name":"x","size":4096}"#),
+        ),
+        ("GET", "/v1/node/volumes/x", None),
+        ("DELETE", "/v1/node/volumes/x", None),
+        ("PUT", "/v1/node/volumes/rv/spec", Some(&spec)),
+        ("GET", "/v1/node/pools", None),
+        (
+            "POST",
+            "/v1/node/pools",
+            Some(r#"{"name":"p","path":"/tmp/p"}"#),
+        ),
+        ("DELETE", "/v1/node/pools/default", None),
+        ("GET", "/v1/node/replicated", None),
+        ("POST", "/v1/node/leave", Some("{}")),
+        ("GET", "/v1/node/nothing-here", None),
+    ];
+    for (method, path, body) in routes {
+        refused(
+            &node.api(method, path, body),
+            &format!("{method} {path} without a secret"),
+        );
+        for secret in [&near_miss, &SECRET[..SECRET.len() - 1], "", "wrong"] {
+            refused(
+                &node.api_as(secret, method, path, body),
+                &format!("{method} {path} with secret {secret:?}"),
+            );
+        }
+    }
+    assert!(
+        cluster_file.exists(),
+        "an unauthenticated leave was refused"
+    );
+    assert!(
+        !node.dir.join("specs/rv.json").exists(),
+        "an unauthenticated spec was refused"
+    );
+    let info = node.api("GET", "/v1/node", None);
+    assert_eq!(info.status, 200, "{}", info.body);
+    assert_eq!(info.json()["cluster-id"], CLUSTER);
+
+    // With the secret.
+    let r = node.api_as(
+        SECRET,
+        "POST",
+        "/v1/node/volumes",
+        Some(r#"{"name":"v1","size":4194304}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = node.api_as(SECRET, "GET", "/v1/node/volumes", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(names(&r.json()), ["v1"]);
+    let r = node.api_as(SECRET, "PUT", "/v1/node/volumes/rv/spec", Some(&spec));
+    assert_eq!(r.status, 200, "a spec of the node's cluster: {}", r.body);
+    // A spec of another cluster is refused.
+    let foreign = spec
+        .replace(CLUSTER, OTHER_CLUSTER)
+        .replace("\"rv\"", "\"rw\"");
+    let e = assert_error(
+        &node.api_as(SECRET, "PUT", "/v1/node/volumes/rw/spec", Some(&foreign)),
+        400,
+        false,
+        "a spec of another cluster",
+    );
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains(OTHER_CLUSTER) && message.contains(CLUSTER),
+        "{e}"
+    );
+    assert!(!node.dir.join("specs/rw.json").exists());
+
+    // Joining again: the same cluster and secret is fine; anything else is refused
+    // with how to release the node.
+    let r = node.api("POST", "/v1/node/join", Some(&join_body(CLUSTER, SECRET)));
+    assert_eq!(r.status, 200, "the same join again: {}", r.body);
+    assert_eq!(r.json()["cluster-id"], CLUSTER);
+    let other_secret = format!("{SECRET}-other");
+    for (body, what) in [
+        (join_body(OTHER_CLUSTER, SECRET), "another cluster"),
+        (
+            join_body(OTHER_CLUSTER, &other_secret),
+            "another cluster and secret",
+        ),
+        (
+            join_body(CLUSTER, &other_secret),
+            "the same cluster, another secret",
+        ),
+    ] {
+        let e = assert_error(
+            &node.api("POST", "/v1/node/join", Some(&body)),
+            409,
+            false,
+            what,
+        );
+        let message = e["message"].as_str().unwrap();
+        assert!(
+            message.contains(CLUSTER) && message.contains("join1"),
+            "{what}: {e}"
+        );
+        let correction = e["correction"].as_str().unwrap();
+        assert!(
+            correction.contains("tandem node delete join1") && correction.contains("cluster.json"),
+            "{what}: {e}"
+        );
+        let stored: Value = serde_json::from_slice(&std::fs::read(&cluster_file).unwrap()).unwrap();
+        assert_eq!(stored["cluster-id"], CLUSTER, "{what}");
+        assert_eq!(stored["secret"], SECRET, "{what}");
+    }
+
+    // The membership survives a restart.
+    assert!(node.stop().success());
+    node.restart();
+    assert_eq!(
+        node.api("GET", "/v1/node", None).json()["cluster-id"],
+        CLUSTER
+    );
+    refused(
+        &node.api("GET", "/v1/node/volumes", None),
+        "after a restart",
+    );
+    let r = node.api_as(SECRET, "GET", "/v1/node/volumes", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(names(&r.json()), ["rv", "v1"]);
+
+    // Leaving: the node is open again, and stays so across a restart.
+    let r = node.api_as(SECRET, "POST", "/v1/node/leave", Some("{}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json().get("cluster-id").is_none(), "{}", r.body);
+    assert!(!cluster_file.exists(), "leave removes cluster.json");
+    assert_eq!(names(&list(&node)), ["rv", "v1"]);
+    let r = node.api("POST", "/v1/node/leave", None);
+    assert_eq!(r.status, 200, "leaving again: {}", r.body);
+    assert!(node.stop().success());
+    node.restart();
+    assert!(
+        node.api("GET", "/v1/node", None)
+            .json()
+            .get("cluster-id")
+            .is_none()
+    );
+    assert_eq!(names(&list(&node)), ["rv", "v1"]);
+    // Now another cluster may have it.
+    let r = node.api(
+        "POST",
+        "/v1/node/join",
+        Some(&join_body(OTHER_CLUSTER, &other_secret)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["cluster-id"], OTHER_CLUSTER);
+    refused_by(&node, OTHER_CLUSTER);
+}
+
+/// Asserts the node refuses an unauthenticated listing, naming `cluster`.
+fn refused_by(node: &Node, cluster: &str) {
+    let r = node.api("GET", "/v1/node/volumes", None);
+    let e = assert_error(&r, 401, false, "unauthenticated");
+    assert!(e["message"].as_str().unwrap().contains(cluster), "{e}");
+}
+
+/// A corrupt cluster.json stops the start with the file named and what to do.
+#[test]
+fn invalid_cluster_file_stops_the_start_with_a_reason() {
+    let mut node = Node::start("join2");
+    assert!(node.stop().success());
+    std::fs::write(node.dir.join("cluster.json"), "{\"cluster-id\": 12").unwrap();
+    let mut child = Command::new(tandem_lab::tandemd_bin())
+        .args(["--name", "join2", "--data-dir"])
+        .arg(&node.dir)
+        .args([
+            "--api-listen",
+            &tandem_lab::free_addr().to_string(),
+            "--nbd-listen",
+            &tandem_lab::free_addr().to_string(),
+            "--peer-listen",
+            &tandem_lab::free_addr().to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let Some(status) = wait_exit(&mut child, Duration::from_secs(10)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("tandemd started with a corrupt cluster.json");
+    };
+    let stderr = stderr_of(&mut child);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("cluster.json") && stderr.contains("while tandemd is stopped"),
+        "{stderr}"
+    );
+    std::fs::remove_file(node.dir.join("cluster.json")).unwrap();
+    node.restart();
+}
+
+#[test]
+fn pools_are_created_and_deleted_at_run_time() {
+    let mut node = Node::start("pools1");
+    let default_dir = pool_dir(&node);
+    let fast_dir = node.dir.join("disks/fast/pool");
+    let pools_file = node.dir.join("pools.json");
+    let pools = |node: &Node| pool_list(&node.api("GET", "/v1/node/pools", None));
+    assert_eq!(pools(&node), [("default".to_owned(), default_dir.clone())]);
+
+    // Create: the directory (and its parents) are made.
+    let body = json!({ "name": "fast", "path": fast_dir }).to_string();
+    let r = node.api("POST", "/v1/node/pools", Some(&body));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let created = r.json();
+    assert_eq!(created["name"], "fast", "{created}");
+    assert_eq!(created["kind"], "file", "{created}");
+    assert_eq!(
+        Path::new(created["path"].as_str().unwrap()),
+        fast_dir,
+        "{created}"
+    );
+    assert_eq!(created["volumes"], 0, "{created}");
+    assert!(created["capacity"].as_u64().unwrap() > 0, "{created}");
+    assert!(fast_dir.is_dir());
+    let listed = node.api("GET", "/v1/node/pools", None).json();
+    let without_free = |p: &Value| {
+        let mut p = p.clone();
+        p.as_object_mut().unwrap().remove("free");
+        p
+    };
+    assert_eq!(without_free(&listed[1]), without_free(&created));
+    assert_eq!(
+        pools(&node),
+        [
+            ("default".to_owned(), default_dir.clone()),
+            ("fast".to_owned(), fast_dir.clone())
+        ]
+    );
+    let info = node.api("GET", "/v1/node", None).json();
+    assert_eq!(info["pools"].as_array().unwrap().len(), 2, "{info}");
+    let stored: Value = serde_json::from_slice(&std::fs::read(&pools_file).unwrap()).unwrap();
+    assert_eq!(stored, json!([{ "name": "fast", "path": fast_dir }]));
+
+    // Bad requests change nothing.
+    let plain_file = node.dir.join("a-file");
+    std::fs::write(&plain_file, "x").unwrap();
+    let before = std::fs::read(&pools_file).unwrap();
+    let other = node.dir.join("other");
+    for (body, status, cause, what) in [
+        (
+            json!({"name": "p", "path": "relative/dir"}),
+            400,
+            false,
+            "a relative path",
+        ),
+        (
+            json!({"name": "p", "path": ""}),
+            400,
+            false,
+            "an empty path",
+        ),
+        (
+            json!({"name": "p", "path": format!("{}/../x", node.dir.display())}),
+            400,
+            false,
+            "a path with ..",
+        ),
+        (
+            json!({"name": "p", "path": plain_file}),
+            400,
+            false,
+            "a file",
+        ),
+        (
+            json!({"name": "../p", "path": other}),
+            400,
+            true,
+            "an invalid name",
+        ),
+        (json!({"name": "p"}), 400, true, "no path"),
+        (
+            json!({"name": "p", "path": other, "kind": "lvm"}),
+            400,
+            true,
+            "an unknown field",
+        ),
+        (
+            json!({"name": "fast", "path": other}),
+            409,
+            false,
+            "a name in use",
+        ),
+        (
+            json!({"name": "default", "path": other}),
+            409,
+            false,
+            "the settings' pool's name",
+        ),
+        (
+            json!({"name": "p", "path": fast_dir}),
+            409,
+            false,
+            "another pool's directory",
+        ),
+        (
+            json!({"name": "p", "path": format!("{}/", fast_dir.display())}),
+            409,
+            false,
+            "another pool's directory with a slash",
+        ),
+        (
+            json!({"name": "p", "path": default_dir}),
+            409,
+            false,
+            "the settings' pool's directory",
+        ),
+        (
+            json!({"name": "p", "path": fast_dir.join("inner")}),
+            409,
+            false,
+            "inside another pool",
+        ),
+        (
+            json!({"name": "p", "path": node.dir.join("disks")}),
+            409,
+            false,
+            "around another pool",
+        ),
+    ] {
+        let r = node.api("POST", "/v1/node/pools", Some(&body.to_string()));
+        let e = assert_error(&r, status, cause, what);
+        if status == 409 {
+            let message = e["message"].as_str().unwrap();
+            assert!(
+                message.contains("fast") || message.contains("default"),
+                "{what}: names the other pool: {e}"
+            );
+        }
+        assert_eq!(pools(&node).len(), 2, "{what}");
+        assert!(
+            std::fs::read(&pools_file).unwrap() == before,
+            "{what} changed pools.json"
+        );
+        assert!(
+            !other.exists() && !node.dir.join("relative").exists(),
+            "{what} made a directory"
+        );
+        assert!(!fast_dir.join("inner").exists(), "{what} made a directory");
+    }
+
+    // A volume in the new pool; the pool cannot be deleted while it holds it.
+    let r = create(&node, r#"{"name":"quick","size":4194304,"pool":"fast"}"#);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["pool"], "fast");
+    assert!(fast_dir.join("quick.raw").is_file() && fast_dir.join("quick.meta").is_file());
+    let e = assert_error(
+        &node.api("DELETE", "/v1/node/pools/fast", None),
+        409,
+        false,
+        "a pool with a volume",
+    );
+    assert!(e["message"].as_str().unwrap().contains("quick"), "{e}");
+    let e = assert_error(
+        &node.api("DELETE", "/v1/node/pools/default", None),
+        409,
+        false,
+        "the settings' pool",
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("every start"),
+        "{e}"
+    );
+    let e = assert_error(
+        &node.api("DELETE", "/v1/node/pools/nosuch", None),
+        404,
+        false,
+        "an unknown pool",
+    );
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("nosuch") && message.contains("default, fast"),
+        "{e}"
+    );
+    assert_error(
+        &node.api("DELETE", "/v1/node/pools/a%20b", None),
+        400,
+        false,
+        "an invalid pool name",
+    );
+    assert_eq!(pools(&node).len(), 2);
+
+    // The pool and its volume survive a restart.
+    assert!(node.stop().success());
+    node.restart();
+    assert_eq!(
+        pools(&node),
+        [
+            ("default".to_owned(), default_dir.clone()),
+            ("fast".to_owned(), fast_dir.clone())
+        ]
+    );
+    assert_eq!(node.volume("quick")["pool"], "fast");
+    qemu_io(&node.uri("quick"), &["write -P 0x17 0 64k", "flush"]);
+    node.wait_open("quick", 0);
+
+    // Emptied, it is forgotten; its directory stays.
+    let r = node.api("DELETE", "/v1/node/volumes/quick", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = node.api("DELETE", "/v1/node/pools/fast", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(pools(&node), [("default".to_owned(), default_dir.clone())]);
+    assert!(fast_dir.is_dir(), "the directory is left in place");
+    let stored: Value = serde_json::from_slice(&std::fs::read(&pools_file).unwrap()).unwrap();
+    assert_eq!(stored, json!([]));
+    assert_error(
+        &node.api("DELETE", "/v1/node/pools/fast", None),
+        404,
+        false,
+        "deleting it again",
+    );
+    assert!(node.stop().success());
+    node.restart();
+    assert_eq!(pools(&node).len(), 1, "a forgotten pool stays forgotten");
+
+    // The same directory again, under another name.
+    let body = json!({ "name": "again", "path": fast_dir }).to_string();
+    let r = node.api("POST", "/v1/node/pools", Some(&body));
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // A remembered pool whose directory is gone at a start (an unmounted disk) is left
+    // out, not made again; it can then be forgotten.
+    assert!(node.stop().success());
+    std::fs::remove_dir_all(&fast_dir).unwrap();
+    node.restart();
+    assert_eq!(pools(&node).len(), 1);
+    assert!(
+        !fast_dir.exists(),
+        "a missing pool directory was made again"
+    );
+    assert!(
+        node.log().contains("pool directory is missing"),
+        "{}",
+        node.log()
+    );
+    let body = json!({ "name": "again", "path": other }).to_string();
+    let e = assert_error(
+        &node.api("POST", "/v1/node/pools", Some(&body)),
+        409,
+        false,
+        "the name of a pool left out",
+    );
+    assert!(e["correction"].as_str().unwrap().contains("DELETE"), "{e}");
+    let r = node.api("DELETE", "/v1/node/pools/again", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let stored: Value = serde_json::from_slice(&std::fs::read(&pools_file).unwrap()).unwrap();
+    assert_eq!(stored, json!([]));
+}
+
+/// A spec with `"pool"` on this node's participant.
+fn spec_in_pool(node: &Node, volume: &str, pool: Option<&str>) -> String {
+    let spec = tandem_lab::spec(volume, 4 * MIB, &[(node, tandem_lab::Kind::Diskful)], "");
+    let mut spec: Value = serde_json::from_str(&spec).unwrap();
+    if let Some(pool) = pool {
+        spec["participants"][0]["pool"] = json!(pool);
+    }
+    spec.to_string()
+}
+
+fn put_spec(node: &Node, volume: &str, spec: &str) -> tandem_lab::Response {
+    node.api(
+        "PUT",
+        &format!("/v1/node/volumes/{volume}/spec"),
+        Some(spec),
+    )
+}
+
+#[test]
+fn specs_place_replicas_in_the_pool_they_name_and_are_reported() {
+    let mut node = Node::start("place1");
+    let fast_dir = node.dir.join("fast");
+    let specs_dir = node.dir.join("specs");
+    let spec_files = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&specs_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let replicated = |node: &Node| {
+        let r = node.api("GET", "/v1/node/replicated", None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    assert_eq!(replicated(&node), json!([]));
+
+    // A pool the node does not have: refused, naming it and the node's pools.
+    let in_fast = spec_in_pool(&node, "vf", Some("fast"));
+    let r = put_spec(&node, "vf", &in_fast);
+    let e = assert_error(&r, 400, false, "a spec naming an unknown pool");
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("fast") && message.contains("default"),
+        "{e}"
+    );
+    assert!(spec_files().is_empty(), "{:?}", spec_files());
+    assert_eq!(list(&node), json!([]));
+
+    let body = json!({ "name": "fast", "path": fast_dir }).to_string();
+    let r = node.api("POST", "/v1/node/pools", Some(&body));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = put_spec(&node, "vf", &in_fast);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(fast_dir.join("vf.raw").is_file() && fast_dir.join("vf.meta").is_file());
+    assert!(!pool_dir(&node).join("vf.meta").exists());
+    assert_eq!(node.volume("vf")["pool"], "fast");
+    // Without a pool: the first one.
+    let r = put_spec(&node, "vd", &spec_in_pool(&node, "vd", None));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(node.volume("vd")["pool"], "default");
+    // An existing replica is not moved: a spec placing it elsewhere is refused.
+    let e = assert_error(
+        &put_spec(&node, "vd", &spec_in_pool(&node, "vd", Some("fast"))),
+        400,
+        false,
+        "a spec placing an existing replica in another pool",
+    );
+    assert!(e["message"].as_str().unwrap().contains("default"), "{e}");
+    let e = assert_error(
+        &node.api("DELETE", "/v1/node/pools/fast", None),
+        409,
+        false,
+        "a pool holding a replica",
+    );
+    assert!(e["message"].as_str().unwrap().contains("vf"), "{e}");
+
+    // Both reported with spec and status, by name.
+    let check_report = |node: &Node, report: &Value| {
+        let all = report.as_array().unwrap_or_else(|| panic!("{report}"));
+        let names: Vec<&str> = all
+            .iter()
+            .map(|r| r["spec"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["vd", "vf"], "{report}");
+        for r in all {
+            let name = r["spec"]["name"].as_str().unwrap();
+            assert_eq!(r["spec"]["cluster-id"], CLUSTER, "{r}");
+            assert_eq!(r["spec"]["size"], 4 * MIB, "{r}");
+            assert_eq!(r["status"]["name"], name, "{r}");
+            assert_eq!(r["status"]["node"], "place1", "{r}");
+            assert_eq!(r["status"]["kind"], "diskful", "{r}");
+            assert_eq!(r["status"], node.status(name), "{r}");
+        }
+        assert_eq!(
+            all[1]["spec"]["participants"][0]["pool"], "fast",
+            "{report}"
+        );
+        assert!(
+            all[0]["spec"]["participants"][0].get("pool").is_none(),
+            "{report}"
+        );
+    };
+    check_report(&node, &replicated(&node));
+
+    // After a restart: the same.
+    assert!(node.stop().success());
+    node.restart();
+    check_report(&node, &replicated(&node));
+    assert_eq!(node.volume("vf")["pool"], "fast");
+
+    // The pool's file system missing at a start: its replica's spec cannot be applied;
+    // deleting the volume still removes the spec, so it does not come back.
+    assert!(node.stop().success());
+    let moved = node.dir.join("fast-unmounted");
+    std::fs::rename(&fast_dir, &moved).unwrap();
+    node.restart();
+    let report = replicated(&node);
+    let names: Vec<&str> = report
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["spec"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["vd"], "{report}");
+    let r = node.api("DELETE", "/v1/node/volumes/vf", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(spec_files(), ["vd.json"]);
+    assert_error(
+        &node.api("DELETE", "/v1/node/volumes/vf", None),
+        404,
+        false,
+        "deleting it again",
+    );
+
+    // A replicated volume that is not open: spec and replica go; then 404.
+    let r = node.api("DELETE", "/v1/node/volumes/vd", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(spec_files().is_empty(), "{:?}", spec_files());
+    assert!(!pool_dir(&node).join("vd.meta").exists());
+    assert!(!pool_dir(&node).join("vd.raw").exists());
+    assert_eq!(replicated(&node), json!([]));
+    assert_eq!(list(&node), json!([]));
+    assert_error(
+        &node.api("DELETE", "/v1/node/volumes/vd", None),
+        404,
+        false,
+        "deleting a replicated volume again",
+    );
+    assert!(node.stop().success());
+    node.restart();
+    assert_eq!(replicated(&node), json!([]));
+    assert_eq!(list(&node), json!([]));
+}

@@ -1,0 +1,211 @@
+//! The cluster this node has joined, kept in `<data-dir>/cluster.json`: its id and the
+//! secret its controller authenticates with. A node that never joined answers anyone;
+//! a joined node answers its API only to requests carrying the secret.
+
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use anyhow::Context;
+use tandem_api::{ClusterId, JoinCluster};
+
+use crate::durable;
+
+/// Shortest secret a node accepts.
+pub const MIN_SECRET_LEN: usize = 32;
+/// Longest secret a node accepts (it travels in a header of every request).
+pub const MAX_SECRET_LEN: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("the cluster secret is not acceptable: {0}")]
+    BadSecret(String),
+    /// Already a member of another cluster (or of this one under another secret).
+    #[error("node {node} already belongs to cluster {cluster}{}", if *.same_id { " (the secret differs)" } else { "" })]
+    OtherCluster {
+        node: String,
+        cluster: ClusterId,
+        same_id: bool,
+        /// `cluster.json`, which records the membership.
+        file: PathBuf,
+    },
+    #[error("cannot store the cluster membership in {path}: {source}")]
+    Store {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a secret is refused, if it is.
+pub fn check_secret(secret: &str) -> Result<(), String> {
+    let n = secret.chars().count();
+    if n < MIN_SECRET_LEN {
+        return Err(format!(
+            "it has {n} characters; a secret has at least {MIN_SECRET_LEN}"
+        ));
+    }
+    if n > MAX_SECRET_LEN {
+        return Err(format!(
+            "it has {n} characters; a secret has at most {MAX_SECRET_LEN}"
+        ));
+    }
+    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "it may only contain visible ASCII characters (no spaces), as it is sent in an HTTP header"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Equality whose time depends only on the length of `expected`, not on where the
+/// first difference is.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= given.get(i).copied().unwrap_or(0) ^ e;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// The secret of an `Authorization: Bearer SECRET` header value.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
+}
+
+pub struct Membership {
+    path: PathBuf,
+    current: RwLock<Option<JoinCluster>>,
+}
+
+impl Membership {
+    /// Reads `<data_dir>/cluster.json`, if the node has joined a cluster.
+    pub fn load(data_dir: &Path) -> anyhow::Result<Membership> {
+        let path = data_dir.join("cluster.json");
+        let fix = || {
+            format!(
+                "if this node should leave its cluster, remove {} while tandemd is stopped",
+                path.display()
+            )
+        };
+        let current = match durable::read(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+        {
+            None => None,
+            Some(bytes) => {
+                let joined: JoinCluster = serde_json::from_slice(&bytes).with_context(|| {
+                    format!(
+                        "cluster membership {} is invalid; {}",
+                        path.display(),
+                        fix()
+                    )
+                })?;
+                check_secret(&joined.secret).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cluster membership {}: the secret is not acceptable ({e}); {}",
+                        path.display(),
+                        fix()
+                    )
+                })?;
+                tracing::info!(cluster = %joined.cluster_id, "member of a cluster: the node API needs its secret");
+                Some(joined)
+            }
+        };
+        Ok(Membership {
+            path,
+            current: RwLock::new(current),
+        })
+    }
+
+    pub fn cluster_id(&self) -> Option<ClusterId> {
+        self.current.read().unwrap().as_ref().map(|j| j.cluster_id)
+    }
+
+    /// Joins `req`'s cluster; joining the same cluster with the same secret again changes
+    /// nothing. `node` names this node in errors.
+    pub fn join(&self, node: &str, req: JoinCluster) -> Result<(), ClusterError> {
+        check_secret(&req.secret).map_err(ClusterError::BadSecret)?;
+        let mut current = self.current.write().unwrap();
+        if let Some(joined) = current.as_ref() {
+            let same_id = joined.cluster_id == req.cluster_id;
+            if same_id && same_secret(req.secret.as_bytes(), joined.secret.as_bytes()) {
+                return Ok(());
+            }
+            return Err(ClusterError::OtherCluster {
+                node: node.to_owned(),
+                cluster: joined.cluster_id,
+                same_id,
+                file: self.path.clone(),
+            });
+        }
+        let bytes = serde_json::to_vec_pretty(&req).expect("serialisable");
+        durable::write(&self.path, &bytes, 0o600).map_err(|source| ClusterError::Store {
+            path: self.path.clone(),
+            source,
+        })?;
+        tracing::info!(cluster = %req.cluster_id, "joined a cluster: the node API now needs its secret");
+        *current = Some(req);
+        Ok(())
+    }
+
+    /// Forgets the cluster; the cluster it was a member of, if any.
+    pub fn leave(&self) -> Result<Option<ClusterId>, ClusterError> {
+        let mut current = self.current.write().unwrap();
+        durable::remove(&self.path).map_err(|source| ClusterError::Store {
+            path: self.path.clone(),
+            source,
+        })?;
+        let left = current.take().map(|j| j.cluster_id);
+        if let Some(id) = left {
+            tracing::info!(cluster = %id, "left the cluster: the node API is open again");
+        }
+        Ok(left)
+    }
+
+    /// Whether a request with this `Authorization` header may use the node API: always
+    /// on a node that has not joined a cluster; else `Err` with the cluster's id unless
+    /// the header carries its secret.
+    pub fn authorize(&self, header: Option<&str>) -> Result<(), ClusterId> {
+        let current = self.current.read().unwrap();
+        let Some(joined) = current.as_ref() else {
+            return Ok(());
+        };
+        match header.and_then(bearer) {
+            Some(given) if same_secret(given.as_bytes(), joined.secret.as_bytes()) => Ok(()),
+            _ => Err(joined.cluster_id),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abcdef", b"abcdef"));
+        assert!(!same_secret(b"abcdeg", b"abcdef"));
+        assert!(!same_secret(b"abcde", b"abcdef"));
+        assert!(!same_secret(b"abcdefg", b"abcdef"));
+        assert!(!same_secret(b"", b"abcdef"));
+    }
+
+    #[test]
+    fn bearer_header_is_parsed_case_insensitively() {
+        assert_eq!(bearer("Bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer("bearer  s3cret"), Some("s3cret"));
+        assert_eq!(bearer("Basic s3cret"), None);
+        assert_eq!(bearer("s3cret"), None);
+    }
+
+    #[test]
+    fn secrets_must_be_long_and_printable() {
+        assert!(check_secret(&"x".repeat(32)).is_ok());
+        assert!(check_secret(&"x".repeat(31)).is_err());
+        assert!(check_secret(&format!("{} y", "x".repeat(32))).is_err());
+        assert!(check_secret(&"é".repeat(40)).is_err());
+        assert!(check_secret(&"x".repeat(MAX_SECRET_LEN + 1)).is_err());
+    }
+}
