@@ -21,6 +21,8 @@ use RefusalKind::{BadRequest, Conflict, NotFound, Unreachable};
 /// Replica data lives in 4 KiB blocks.
 const BLOCK: u64 = 4096;
 const MAX_REPLICAS: u8 = 31;
+/// How long an attach waits for the node to serve the volume.
+const ATTACH_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn no_volume(name: &VolumeName) -> Refusal {
     Refusal::new(
@@ -566,7 +568,56 @@ impl Controller {
     }
 
     /// Makes the volume usable on `node`: a diskless participant if it holds no replica.
+    /// Answers once the node serves it (connected to its peers, with quorum), or after
+    /// [`ATTACH_WAIT`] with the volume as it then stands (an offline node gets it when it
+    /// returns).
     pub fn attach(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
+        self.change_attachment(name, node)?;
+        if self.observed(node).online() {
+            self.wait_serving(name, node);
+        }
+        self.volume(name)
+    }
+
+    /// Polls the node until it reports the volume connected to every peer and quorate.
+    fn wait_serving(&self, name: &VolumeName, node: &NodeName) {
+        let (Some(client), Some(spec)) = (self.client(node), self.desired().model.spec(name))
+        else {
+            return;
+        };
+        let Some(kind) = spec.me(node).map(|p| p.kind) else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + ATTACH_WAIT;
+        while std::time::Instant::now() < deadline {
+            let ready = client
+                .status(name, false)
+                .ok()
+                .and_then(|text| serde_json::from_str::<tandem_api::VolumeStatus>(&text).ok())
+                .is_some_and(|s| {
+                    // Its current configuration, not the one it had before the change.
+                    s.kind == kind
+                        && s.peers.len() + 1 == spec.participants.len()
+                        && s.quorum
+                        && s.peers
+                            .iter()
+                            .all(|p| p.connection == tandem_api::ConnectionState::Connected)
+                });
+            if ready {
+                tracing::debug!(volume = %name, %node, "attached volume serves");
+                self.revisit(node);
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        tracing::warn!(volume = %name, %node, "attached volume is not serving yet");
+    }
+
+    fn change_attachment(
+        &self,
+        name: &VolumeName,
+        node: &NodeName,
+    ) -> Result<ClusterVolume, Refusal> {
         self.change_volume(name, |s, v| {
             if !s.model.nodes.contains_key(node) {
                 return Err(no_node(node));

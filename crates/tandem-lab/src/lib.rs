@@ -10,6 +10,7 @@
 //! - [`files`]: byte-level checks of data files, and a small file system to fill.
 
 pub mod clients;
+mod cluster;
 pub mod files;
 pub mod netns;
 mod node;
@@ -23,6 +24,7 @@ use std::process::{Command, Output, Stdio};
 pub use clients::{
     HeldClient, QemuIo, fio_jobs, nbdsh, qemu_io, qemu_io_command, qemu_io_result, qemu_io_with,
 };
+pub use cluster::{CONVERGE, Cluster};
 pub use files::{
     SmallFs, assert_file_filled, assert_file_holds, assert_same_bytes, first_difference,
     not_filled, random_bytes, read_range,

@@ -49,7 +49,11 @@ pub fn router(node: Arc<Node>) -> Router {
                 ApiError {
                     message: "no such API route".into(),
                     cause: None,
-                    correction: Some("node routes are under /v1/node/".into()),
+                    correction: Some(
+                        "node routes are under /v1/node/; the cluster API (/v1/volumes, \
+                         /v1/nodes, ...) is served by the node that runs tandemd --controller"
+                            .into(),
+                    ),
                 },
             )
         })

@@ -123,7 +123,24 @@ fn run(settings: Settings) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding API address {}", settings.api_listen))?;
         tracing::info!(addr = %settings.api_listen, "serving the node API");
-        axum::serve(api, api::router(node.clone()))
+        let mut routes = api::router(node.clone());
+        if settings.controller {
+            // The listener is bound, so the controller's first visit of its own node
+            // waits in the backlog instead of failing.
+            let mut own_api = settings.api_listen;
+            if own_api.ip().is_unspecified() {
+                own_api.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let controller = tandem_controller::Controller::start(
+                &settings.data_dir,
+                settings.name.clone(),
+                own_api.to_string(),
+            )
+            .context("starting the controller")?;
+            routes = routes.merge(tandem_controller::router(controller));
+            tracing::info!(addr = %settings.api_listen, "serving the cluster API");
+        }
+        axum::serve(api, routes)
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("API server failed")

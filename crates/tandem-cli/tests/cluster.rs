@@ -1,0 +1,450 @@
+//! The cluster through the `tandem` binary: a controller on the first of three loopback
+//! nodes, real NBD clients on the volumes it places.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tandem_lab::{CONVERGE, Cluster, HeldClient, http, qemu_io, run, wait_for};
+
+const G: u64 = 1 << 30;
+
+#[test]
+fn placement_is_balanced_and_a_volume_attaches_on_a_node_without_replica() {
+    let c = Cluster::start("pl", 3);
+    for node in &c.nodes {
+        let dir = node.dir.join("fast");
+        run(c.tandem().args([
+            "pool",
+            "create",
+            &node.name,
+            "fast",
+            "--path",
+            dir.to_str().unwrap(),
+        ]));
+    }
+    let pools = c.json(&["pool", "list"]);
+    assert_eq!(
+        pools
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["name"] == "fast")
+            .count(),
+        3,
+        "{pools:#}"
+    );
+    run(c.tandem().args([
+        "group",
+        "create",
+        "vms",
+        "--pool",
+        "fast",
+        "--replicas",
+        "2",
+    ]));
+    for i in 0..20 {
+        run(c.tandem().args([
+            "volume",
+            "create",
+            &format!("vm{i}"),
+            "--size",
+            "1G",
+            "--group",
+            "vms",
+        ]));
+    }
+    let volumes = c.wait_up_to_date(Duration::from_secs(90));
+    let mut held: BTreeMap<String, u32> = BTreeMap::new();
+    for v in volumes.as_array().unwrap() {
+        let diskful = Cluster::participants(v, "diskful");
+        assert_eq!(diskful.len(), 2, "{v:#}");
+        // Two replicas and a third node: a tiebreaker on it.
+        assert_eq!(Cluster::participants(v, "tiebreaker").len(), 1, "{v:#}");
+        for n in diskful {
+            *held.entry(n).or_default() += 1;
+        }
+        for p in v["participants"].as_array().unwrap() {
+            if p["kind"] == "diskful" {
+                assert_eq!(p["pool"], "fast", "{v:#}");
+            }
+        }
+    }
+    // 40 replicas on 3 nodes: an even share is 13.3; nobody holds more than one above.
+    assert_eq!(held.values().sum::<u32>(), 40);
+    assert!(held.values().all(|&h| h <= 14), "{held:?}");
+    for node in &c.nodes {
+        let files = std::fs::read_dir(node.dir.join("fast"))
+            .unwrap()
+            .filter(|e| {
+                let path = e.as_ref().unwrap().path();
+                path.extension().is_some_and(|x| x == "raw" || x == "meta")
+            })
+            .count() as u32;
+        assert_eq!(
+            files,
+            2 * held[&node.name],
+            "{} holds {:?}",
+            node.name,
+            held
+        );
+    }
+
+    // Attach vm0 where it has no replica: that node serves it over NBD.
+    let vm0 = &volumes.as_array().unwrap()[0];
+    assert_eq!(vm0["name"], "vm0");
+    let elsewhere = Cluster::participants(vm0, "tiebreaker").remove(0);
+    let replica = Cluster::participants(vm0, "diskful").remove(0);
+    let attached = c.json(&["volume", "attach", "vm0", "--node", &elsewhere]);
+    let p = attached["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == elsewhere.as_str())
+        .unwrap();
+    assert_eq!(
+        (p["kind"].as_str(), p["attached"].as_bool()),
+        (Some("diskless"), Some(true))
+    );
+    let there = c.node(&elsewhere);
+    wait_for(
+        "the diskless participant is configured",
+        CONVERGE,
+        &[there],
+        || c.held_by(&elsewhere).contains(&"vm0".to_owned()),
+    );
+    qemu_io(
+        &there.uri("vm0"),
+        &["write -P 0x5a 1M 3M", "write -P 0xc3 1020M 4M", "flush"],
+    );
+    let read = qemu_io(
+        &c.node(&replica).uri("vm0"),
+        &[
+            "read -P 0x5a 1M 3M",
+            "read -P 0xc3 1020M 4M",
+            "read -P 0 0 1M",
+        ],
+    );
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+    let data = std::fs::read(c.node(&replica).dir.join("fast/vm0.raw")).unwrap();
+    assert_eq!(data.len() as u64, G);
+    assert!(data[1 << 20..4 << 20].iter().all(|&b| b == 0x5a));
+
+    // Detached, it goes back to being the tiebreaker.
+    let detached = c.json(&["volume", "detach", "vm0", "--node", &elsewhere]);
+    assert_eq!(Cluster::participants(&detached, "tiebreaker"), [elsewhere]);
+}
+
+#[test]
+fn a_node_that_was_offline_converges_when_it_returns() {
+    let mut c = Cluster::start("off", 3);
+    for v in ["keep", "gone"] {
+        run(c.tandem().args(["volume", "create", v, "--size", "64M"]));
+    }
+    let volumes = c.wait_up_to_date(CONVERGE);
+    // The node that goes away holds a replica of both volumes (3 nodes, 2 replicas:
+    // pick one that holds "gone").
+    let gone = &volumes.as_array().unwrap()[0];
+    assert_eq!(gone["name"], "gone");
+    let away = Cluster::participants(gone, "diskful")
+        .into_iter()
+        .find(|n| n != "off1")
+        .unwrap();
+    let keep_replicas = Cluster::participants(&volumes.as_array().unwrap()[1], "diskful");
+    c.node_mut(&away).stop();
+    wait_for(
+        "the controller sees the node Offline",
+        CONVERGE,
+        &[],
+        || c.json(&["node", "show", &away])["state"] == "Offline",
+    );
+
+    run(c.tandem().args(["volume", "delete", "gone"]));
+    run(c
+        .tandem()
+        .args(["volume", "create", "new", "--size", "64M"]));
+    let new = c.json(&["volume", "show", "new"]);
+    assert!(
+        !Cluster::participants(&new, "diskful").contains(&away),
+        "placed on an offline node: {new:#}"
+    );
+    run(c
+        .tandem()
+        .args(["volume", "attach", "new", "--node", &away]));
+    run(c
+        .tandem()
+        .args(["volume", "resize", "keep", "--size", "128M"]));
+
+    // What the node must hold when back: every volume it takes part in now.
+    let want: Vec<String> = c
+        .json(&["volume", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| {
+            v["participants"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["node"] == away.as_str())
+        })
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(want.contains(&"new".to_owned()), "{want:?}");
+    c.node_mut(&away).restart();
+    let node = c.node(&away);
+    wait_for("the returning node converges", CONVERGE, &[node], || {
+        let held = c.held_by(&away);
+        let gone_files = node.dir.join("pools/default/gone.raw").exists()
+            || node.dir.join("pools/default/gone.meta").exists();
+        if held == want && !gone_files {
+            Ok(())
+        } else {
+            Err(format!("holds {held:?}, gone files left: {gone_files}"))
+        }
+    });
+    if keep_replicas.contains(&away) {
+        wait_for("its replica of keep grew", CONVERGE, &[node], || {
+            std::fs::metadata(node.data_file("keep")).unwrap().len() == 128 << 20
+        });
+    }
+    let volumes = c.wait_up_to_date(CONVERGE);
+    let names: Vec<&str> = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["keep", "new"]);
+    let (code, out) = c.health();
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn a_restarted_controller_keeps_every_object_and_resumes_reconciling() {
+    let mut c = Cluster::start("rs", 3);
+    run(c
+        .tandem()
+        .args(["group", "create", "solo", "--replicas", "1"]));
+    run(c.tandem().args(["volume", "create", "a", "--size", "64M"]));
+    run(c
+        .tandem()
+        .args(["volume", "create", "b", "--size", "64M", "--group", "solo"]));
+    run(c.tandem().args(["kv", "set", "sr", "vdi/a", "uuid-1"]));
+    c.wait_up_to_date(CONVERGE);
+    let before = (
+        c.json(&["node", "list"]),
+        c.json(&["group", "list"]),
+        c.json(&["volume", "list"]),
+    );
+
+    // Work left for a node that is down while the controller restarts.
+    c.node_mut("rs3").stop();
+    wait_for("rs3 is Offline", CONVERGE, &[], || {
+        c.json(&["node", "show", "rs3"])["state"] == "Offline"
+    });
+    run(c.tandem().args(["volume", "attach", "b", "--node", "rs3"]));
+    c.node_mut("rs1").stop();
+    c.node_mut("rs1").restart();
+    c.node_mut("rs3").restart();
+    c.wait_nodes_online();
+    wait_for(
+        "rs3 got the attachment made before the restart",
+        CONVERGE,
+        &[],
+        || c.held_by("rs3").contains(&"b".to_owned()),
+    );
+    c.wait_up_to_date(CONVERGE);
+    let strip = |v: serde_json::Value| {
+        // Observed states may differ; the objects themselves may not.
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["name"].clone(),
+                    o["id"].clone(),
+                    o["size"].clone(),
+                    o["group"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(c.json(&["node", "list"])), strip(before.0));
+    assert_eq!(c.json(&["group", "list"]), before.1);
+    assert_eq!(strip(c.json(&["volume", "list"])), strip(before.2));
+    assert_eq!(c.json(&["kv", "get", "sr", "vdi/a"])["value"], "uuid-1");
+}
+
+#[test]
+fn bad_input_fails_clearly_and_changes_nothing() {
+    let c = Cluster::start("bad", 3);
+    run(c
+        .tandem()
+        .args(["volume", "create", "vm1", "--size", "64M"]));
+    c.wait_up_to_date(CONVERGE);
+    let before = (c.json(&["volume", "list"]), c.json(&["node", "list"]));
+    let dead = tandem_lab::free_addr().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["volume", "attach", "vm1", "--node", "nope"],
+            "node nope does not exist",
+        ),
+        (&["node", "delete", "nope"], "node nope does not exist"),
+        (
+            &["volume", "create", "vm1", "--size", "64M"],
+            "volume vm1 already exists",
+        ),
+        (
+            &["node", "create", "bad2", "127.0.0.1:1"],
+            "node bad2 already exists",
+        ),
+        (
+            &["volume", "create", "x", "--size", "0"],
+            "not a positive multiple of 4 KiB",
+        ),
+        (&["volume", "create", "x", "--size", "12Q"], "12Q"),
+        (
+            &["volume", "create", "x", "--size", "1G", "--replicas", "4"],
+            "3 found",
+        ),
+        (&["volume", "resize", "vm1", "--size", "1M"], "only grow"),
+        (&["volume", "delete", "nope"], "volume nope does not exist"),
+        (
+            &["node", "create", "ghost", &dead],
+            "cannot join the cluster",
+        ),
+        (
+            &["group", "create", "g", "--nodes", "nope"],
+            "node nope does not exist",
+        ),
+        (&["kv", "get", "sr", "missing"], "no key missing"),
+    ];
+    for (args, expected) in cases {
+        let stderr = c.fails(args);
+        assert!(stderr.contains(expected), "tandem {args:?}: {stderr}");
+        assert!(
+            stderr.contains("hint:") || stderr.contains("--help"),
+            "tandem {args:?}: {stderr}"
+        );
+    }
+
+    // Delete of an open volume: refused while a client holds it.
+    let on = Cluster::participants(&before.0[0], "diskful").remove(0);
+    let holder = HeldClient::start(&c.node(&on).uri("vm1"), "h.pread(512, 0)");
+    wait_for("the controller sees vm1 open", CONVERGE, &[], || {
+        c.json(&["volume", "show", "vm1"])["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["open"] == true)
+    });
+    let stderr = c.fails(&["volume", "delete", "vm1"]);
+    assert!(
+        stderr.contains(&format!("volume vm1 is open on {on}")),
+        "{stderr}"
+    );
+    drop(holder);
+
+    // Malformed JSON straight to the API.
+    for (method, path, body) in [
+        ("POST", "/v1/volumes", "{\"name\": \"x\", \"size\": "),
+        (
+            "POST",
+            "/v1/volumes",
+            "{\"name\": \"x\", \"size\": 4096, \"colour\": 1}",
+        ),
+        ("POST", "/v1/nodes", "[]"),
+        ("PATCH", "/v1/volumes/vm1", "{\"size\": \"big\"}"),
+    ] {
+        let r = http(method, &c.nodes[0].url(path), Some(body)).unwrap();
+        assert_eq!(r.status, 400, "{method} {path} {body}: {}", r.body);
+        assert!(
+            r.json()["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}",
+            r.body
+        );
+    }
+    let r = http("GET", &c.nodes[0].url("/v1/volumes/a%2Fb"), None).unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+
+    let strip = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|o| (o["name"].clone(), o["size"].clone(), o["id"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&c.json(&["volume", "list"])), strip(&before.0));
+    assert_eq!(strip(&c.json(&["node", "list"])), strip(&before.1));
+    assert!(c.json(&["group", "list"]).as_array().unwrap().len() == 1);
+}
+
+#[test]
+fn health_reports_a_killed_node_and_is_ok_once_healed() {
+    let mut c = Cluster::start("hl", 3);
+    run(c
+        .tandem()
+        .args(["volume", "create", "vm1", "--size", "64M"]));
+    let volumes = c.wait_up_to_date(CONVERGE);
+    let (code, out) = c.health();
+    assert_eq!(code, 0, "{out}");
+    // Not the controller's node: the CLI talks to it.
+    let victim = Cluster::participants(&volumes[0], "diskful")
+        .into_iter()
+        .find(|n| n != "hl1")
+        .unwrap();
+    c.node_mut(&victim).kill();
+    let (code, out) = wait_for("health reports the loss", CONVERGE, &[], || {
+        let (code, out) = c.health();
+        if code == 2 && out.contains("Degraded") {
+            Ok((code, out))
+        } else {
+            Err(out)
+        }
+    });
+    assert_eq!(code, 2);
+    assert!(out.contains(&format!("node {victim}")), "{out}");
+    assert!(out.contains("volume vm1"), "{out}");
+    let out = tandem_lab::output(c.tandem().args(["-o", "json", "health"]));
+    assert_eq!(out.status.code(), Some(2));
+    let json = tandem_lab::json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(json["severity"], "Error", "{json:#}");
+
+    c.node_mut(&victim).restart();
+    wait_for("health is ok again", CONVERGE, &[], || {
+        let (code, out) = c.health();
+        if code == 0 { Ok(()) } else { Err(out) }
+    });
+}
+
+#[test]
+fn kv_stores_keep_namespaced_keys() {
+    let c = Cluster::start("kv", 1);
+    run(c.tandem().args(["kv", "set", "sr", "vdi/a", "one"]));
+    run(c.tandem().args(["kv", "set", "sr", "vdi/b", "two"]));
+    run(c
+        .tandem()
+        .args(["kv", "set", "other", "vdi/a", "elsewhere"]));
+    run(c.tandem().args(["kv", "set", "sr", "vdi/a", "uno"]));
+    let list = c.json(&["kv", "list", "sr"]);
+    let pairs: Vec<(&str, &str)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["key"].as_str().unwrap(), e["value"].as_str().unwrap()))
+        .collect();
+    assert_eq!(pairs, [("vdi/a", "uno"), ("vdi/b", "two")]);
+    run(c.tandem().args(["kv", "delete", "sr", "vdi/a"]));
+    assert!(c.fails(&["kv", "get", "sr", "vdi/a"]).contains("no key"));
+    assert_eq!(
+        c.json(&["kv", "get", "other", "vdi/a"])["value"],
+        "elsewhere"
+    );
+    let doc = tandem_lab::json(
+        &http("GET", &c.nodes[0].url("/openapi.json"), None)
+            .unwrap()
+            .body,
+    );
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert!(doc["paths"]["/v1/kv/{store}/{key}"]["put"].is_object());
+}
