@@ -1,8 +1,8 @@
 //! `tandem demo`: a working three-node cluster on this machine, for a first look.
 //!
-//! Three `tandemd` processes on loopback, a replicated volume `demo` (two replicas and a
-//! tiebreaker), its NBD address on every node, and a few commands to try; Ctrl-C stops
-//! everything.
+//! Three `tandemd` processes on loopback, the controller on the first; a volume `demo`
+//! created through it (two replicas and a tiebreaker), its NBD address on every node,
+//! and a few commands to try; Ctrl-C stops everything.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -11,17 +11,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tandem_api::{
-    ClusterId, NodeId, Participant, ParticipantKind, VolumeId, VolumeOptions, VolumeSpec,
-    VolumeStatus,
+    ClusterNode, ClusterVolume, CreateClusterVolume, CreateNode, NodeState, ParticipantKind,
+    VolumeState,
 };
 
-use crate::client::Client;
+use crate::client::{CliError, Client};
 
 struct DemoNode {
     name: String,
     api: SocketAddr,
     nbd: SocketAddr,
-    peer: SocketAddr,
     child: Child,
 }
 
@@ -81,6 +80,7 @@ fn start(dir: &Path, i: u16) -> anyhow::Result<DemoNode> {
             &nbd.to_string(),
         ])
         .args(["--peer-listen", &peer.to_string()])
+        .args(if i == 0 { &["--controller"][..] } else { &[] })
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -95,7 +95,6 @@ fn start(dir: &Path, i: u16) -> anyhow::Result<DemoNode> {
         name,
         api,
         nbd,
-        peer,
         child,
     })
 }
@@ -155,72 +154,76 @@ pub fn run(dir: &Path, size: u64) -> anyhow::Result<()> {
             )
         })?;
     }
-    let kinds = [
-        ParticipantKind::Diskful,
-        ParticipantKind::Diskful,
-        ParticipantKind::Tiebreaker,
-    ];
-    // A demo directory used before keeps its volume: same identity, same data.
-    let earlier: Option<VolumeSpec> = std::fs::read_to_string(dir.join("n1/specs/demo.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok());
-    let spec = VolumeSpec {
-        cluster_id: earlier
-            .as_ref()
-            .map_or_else(ClusterId::random, |s| s.cluster_id),
-        volume_id: earlier
-            .as_ref()
-            .map_or_else(VolumeId::random, |s| s.volume_id),
-        name: "demo".parse()?,
-        size: earlier.as_ref().map_or(size, |s| s.size.max(size)),
-        participants: cluster
-            .nodes
-            .iter()
-            .zip(kinds)
-            .enumerate()
-            .map(|(i, (n, kind))| Participant {
-                node_id: NodeId::new(i as u8).expect("three nodes"),
-                node: n.name.parse().expect("valid name"),
-                address: n.peer.to_string(),
-                kind,
-                pool: None,
-                fresh: false,
-            })
-            .collect(),
-        options: VolumeOptions::default(),
+    // The controller runs on n1; a demo directory used before already has the other
+    // nodes and the volume (same identity, same data).
+    let controller = &clients[0];
+    let fail = |what: &str| {
+        let what = what.to_owned();
+        move |e: CliError| anyhow::anyhow!("{what}: {e}")
     };
-    for client in &clients {
-        let _: VolumeStatus = client
-            .send("PUT", "/v1/node/volumes/demo/spec", &spec)
-            .map_err(|e| anyhow::anyhow!("configuring the demo volume: {e}"))?;
+    let known: Vec<ClusterNode> = controller.get("/v1/nodes").map_err(fail("listing nodes"))?;
+    for n in &cluster.nodes[1..] {
+        if known.iter().all(|k| k.name.as_str() != n.name) {
+            let req = CreateNode {
+                name: n.name.parse()?,
+                address: n.api.to_string(),
+            };
+            let _: ClusterNode = controller
+                .send("POST", "/v1/nodes", &req)
+                .map_err(fail(&format!("adding node {}", n.name)))?;
+        }
     }
-    wait_until("the replicas connecting", Duration::from_secs(20), || {
-        clients[0]
-            .get::<VolumeStatus>("/v1/node/volumes/demo/status")
-            .is_ok_and(|s| {
-                s.peers
-                    .iter()
-                    .all(|p| p.connection == tandem_api::ConnectionState::Connected)
-            })
+    wait_until("every node online", Duration::from_secs(30), || {
+        controller
+            .get::<Vec<ClusterNode>>("/v1/nodes")
+            .is_ok_and(|ns| ns.len() == 3 && ns.iter().all(|n| n.state == NodeState::Online))
     })?;
-    let status: VolumeStatus = clients[0]
-        .get("/v1/node/volumes/demo/status")
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if controller.get::<ClusterVolume>("/v1/volumes/demo").is_err() {
+        let req = CreateClusterVolume {
+            name: "demo".parse()?,
+            size,
+            replicas: Some(2),
+            group: None,
+        };
+        let _: ClusterVolume = controller
+            .send("POST", "/v1/volumes", &req)
+            .map_err(fail("creating volume demo"))?;
+    }
+    wait_until("volume demo UpToDate", Duration::from_secs(30), || {
+        controller
+            .get::<ClusterVolume>("/v1/volumes/demo")
+            .is_ok_and(|v| v.state == VolumeState::UpToDate)
+    })?;
+    let volume: ClusterVolume = controller
+        .get("/v1/volumes/demo")
+        .map_err(fail("reading volume demo"))?;
+    let status = controller
+        .get_text("/v1/volumes/demo/status?format=text")
+        .map_err(fail("reading the status of demo"))?;
 
     println!(
         "Tandem demo: 3 nodes on this machine, data under {}\n",
         dir.display()
     );
-    println!("{:<4}  {:<22}  {:<22}  {}", "NODE", "API", "PEERS", "NBD");
+    println!("{:<4}  {:<22}  {:<11}  {}", "NODE", "API", "HOLDS", "NBD");
     for n in &cluster.nodes {
+        let kind = volume
+            .participants
+            .iter()
+            .find(|p| p.node.as_str() == n.name)
+            .map_or("-", |p| match p.kind {
+                ParticipantKind::Diskful => "replica",
+                ParticipantKind::Diskless => "diskless",
+                ParticipantKind::Tiebreaker => "tiebreaker",
+            });
         println!(
-            "{:<4}  http://{:<15}  {:<22}  nbd://{}/demo",
-            n.name, n.api, n.peer, n.nbd
+            "{:<4}  http://{:<15}  {:<11}  nbd://{}/demo",
+            n.name, n.api, kind, n.nbd
         );
     }
     println!(
-        "\nVolume demo ({}), replicas on n1 and n2, tiebreaker n3:\n",
-        tandem_api::ByteSize(spec.size)
+        "\nVolume demo ({}), controller on n1:\n",
+        tandem_api::ByteSize(volume.size)
     );
     print!("{status}");
     let (n1, n3) = (&cluster.nodes[0], &cluster.nodes[2]);
@@ -231,10 +234,11 @@ pub fn run(dir: &Path, size: u64) -> anyhow::Result<()> {
         n1.nbd
     );
     println!(
-        "  qemu-io -f raw -c 'read -P 0xab 0 1M' nbd://{}/demo     # n3 reads over the network",
+        "  qemu-io -f raw -c 'read -P 0xab 0 1M' nbd://{}/demo",
         n3.nbd
     );
-    println!("  tandem --controller http://{} volume status demo", n1.api);
+    println!("  export TANDEM_CONTROLLER=http://{}", n1.api);
+    println!("  tandem volume status demo; tandem node list; tandem health");
     println!("\nPress Ctrl-C to stop the demo.");
     wait_for_interrupt();
     drop(cluster);

@@ -2,26 +2,30 @@
 
 use std::process::Command;
 
-use tandem_lab::{Node, output, run};
+use tandem_lab::{CONVERGE, Cluster, Node, output, run, wait_for};
 
 #[test]
 fn volume_lifecycle_through_the_cli() {
-    let node = Node::start("cli1");
-    let table = run(node
-        .tandem()
-        .args(["volume", "create", "vm1", "--size", "1G"]));
+    // A one-host cluster: the controller and the only node in one tandemd.
+    let c = Cluster::start("cli1", 1);
+    let node = &c.nodes[0];
+    let table =
+        run(c
+            .tandem()
+            .args(["volume", "create", "vm1", "--size", "1G", "--replicas", "1"]));
     assert!(table.starts_with("NAME"), "{table}");
-    assert!(
-        table.contains("vm1") && table.contains("1G") && table.contains("thin"),
-        "{table}"
-    );
-    run(node
-        .tandem()
-        .args(["volume", "create", "vm2", "--size", "64M", "--thick"]));
-
-    let json = run(node.tandem().args(["volume", "list", "--output", "json"]));
-    let list: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let sizes: Vec<(String, u64, bool)> = list
+    assert!(table.contains("vm1") && table.contains("1G"), "{table}");
+    run(c.tandem().args([
+        "volume",
+        "create",
+        "vm2",
+        "--size",
+        "64M",
+        "--replicas",
+        "1",
+    ]));
+    let list = c.wait_up_to_date(CONVERGE);
+    let sizes: Vec<(String, u64, u64)> = list
         .as_array()
         .unwrap()
         .iter()
@@ -29,44 +33,44 @@ fn volume_lifecycle_through_the_cli() {
             (
                 v["name"].as_str().unwrap().to_owned(),
                 v["size"].as_u64().unwrap(),
-                v["thick"].as_bool().unwrap(),
+                v["replicas"].as_u64().unwrap(),
             )
         })
         .collect();
     assert_eq!(
         sizes,
-        [
-            ("vm1".into(), 1 << 30, false),
-            ("vm2".into(), 64 << 20, true)
-        ]
+        [("vm1".into(), 1 << 30, 1), ("vm2".into(), 64 << 20, 1)]
     );
-
-    run(node
-        .tandem()
-        .args(["volume", "resize", "vm1", "--size", "2G"]));
     assert_eq!(
         std::fs::metadata(node.data_file("vm1")).unwrap().len(),
-        2 << 30
+        1 << 30
     );
 
-    run(node.tandem().args(["volume", "delete", "vm2"]));
-    assert!(!node.data_file("vm2").exists());
-    let json = run(node.tandem().args(["-o", "json", "volume", "list"]));
+    run(c.tandem().args(["volume", "resize", "vm1", "--size", "2G"]));
+    wait_for("the replica grew", CONVERGE, &[node], || {
+        std::fs::metadata(node.data_file("vm1")).unwrap().len() == 2 << 30
+    });
+
+    run(c.tandem().args(["volume", "delete", "vm2"]));
+    wait_for("the replica is gone", CONVERGE, &[node], || {
+        !node.data_file("vm2").exists()
+    });
+    let json = run(c.tandem().args(["-o", "json", "volume", "list"]));
     assert!(!json.contains("vm2"), "{json}");
 }
 
 #[test]
 fn cli_errors_say_what_to_do_and_exit_non_zero() {
-    let node = Node::start("cli2");
-    run(node
+    let c = Cluster::start("cli2", 1);
+    run(c
         .tandem()
-        .args(["volume", "create", "vm1", "--size", "1G"]));
+        .args(["volume", "create", "vm1", "--size", "1G", "--replicas", "1"]));
     let cases: [(&[&str], &str); 5] = [
         (
             &["volume", "create", "vm1", "--size", "1G"],
             "already exists",
         ),
-        (&["volume", "create", "x", "--size", "12Q"], "cannot read"),
+        (&["volume", "create", "x", "--size", "12Q"], "12Q"),
         (&["volume", "resize", "vm1", "--size", "1M"], "only grow"),
         (&["volume", "delete", "nope"], "does not exist"),
         (
@@ -75,14 +79,11 @@ fn cli_errors_say_what_to_do_and_exit_non_zero() {
         ),
     ];
     for (args, expected) in cases {
-        let out = output(node.tandem().args(args));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = c.fails(args);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
     // Nothing changed.
-    let json = run(node.tandem().args(["-o", "json", "volume", "list"]));
-    let list: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let list = c.json(&["volume", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["size"], 1u64 << 30);
 
@@ -94,16 +95,27 @@ fn cli_errors_say_what_to_do_and_exit_non_zero() {
     ]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("TANDEM_CONTROLLER"));
+
+    // A node without the controller says where the cluster API is.
+    let plain = Node::start("cli2b");
+    let out = output(plain.tandem().args(["volume", "list"]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--controller"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn controller_url_comes_from_the_environment() {
-    let node = Node::start("cli3");
+    let c = Cluster::start("cli3", 1);
     let json = run(Command::new(tandem_lab::tandem_bin())
-        .env("TANDEM_CONTROLLER", node.api_url())
+        .env("TANDEM_CONTROLLER", c.nodes[0].api_url())
         .args(["-o", "json", "pool", "list"]));
     let pools: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(pools[0]["name"], "default");
+    assert_eq!(pools[0]["node"], "cli31");
     assert_eq!(pools[0]["kind"], "file");
     assert!(pools[0]["capacity"].as_u64().unwrap() >= pools[0]["free"].as_u64().unwrap());
 }
