@@ -7,7 +7,7 @@ use std::time::Duration;
 use tandem_lab::{
     Kind, Node, QUORUM_OFF, SmallFs, TWO_REPLICAS, WITH_TIEBREAKER, assert_same_replicas, fio_jobs,
     first_difference, nbdsh, not_filled, output, put_replicated, qemu_io, qemu_io_command,
-    qemu_io_result, run, scratch, start_replicated, wait_for,
+    qemu_io_result, scratch, start_replicated, wait_for,
 };
 
 const MIB: u64 = 1 << 20;
@@ -342,18 +342,16 @@ fn thirty_two_participants_read_what_each_other_wrote() {
 }
 
 #[test]
-fn the_cli_shows_replication_status_like_drbdadm() {
+fn status_reads_like_drbdadm() {
     let nodes = start_replicated("vm9", 16 * MIB, ["c1", "c2", "c3"], WITH_TIEBREAKER, "");
     nodes[0].wait_connected("vm9", Duration::from_secs(20));
-    let text = run(nodes[0].tandem().args(["volume", "status", "vm9"]));
+    let text = nodes[0].api("GET", "/v1/node/volumes/vm9/status?format=text", None);
+    assert_eq!(text.status, 200, "{}", text.body);
     assert_eq!(
-        text,
+        text.body,
         "vm9 role:Secondary\n  c1 disk:UpToDate open:no\n  c2 disk:UpToDate replication:Established\n  c3 disk:Diskless tiebreaker:yes\n"
     );
-    let json = run(nodes[1]
-        .tandem()
-        .args(["-o", "json", "volume", "status", "vm9"]));
-    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let status = nodes[1].status("vm9");
     assert_eq!(status["peers"][0]["node"], "c1");
     assert_eq!(status["quorum"], true);
 }
