@@ -448,3 +448,55 @@ fn kv_stores_keep_namespaced_keys() {
     assert_eq!(doc["openapi"], "3.0.3");
     assert!(doc["paths"]["/v1/kv/{store}/{key}"]["put"].is_object());
 }
+
+#[test]
+fn a_node_holding_the_only_current_replica_is_not_deleted_unless_forced() {
+    let mut c = Cluster::start("nd", 3);
+    // Replicas on nd2 and nd3 (the controller's node nd1 stays up throughout).
+    run(c
+        .tandem()
+        .args(["group", "create", "pair", "--nodes", "nd2,nd3"]));
+    run(c.tandem().args([
+        "volume", "create", "vm1", "--size", "64M", "--group", "pair",
+    ]));
+    let volumes = c.wait_up_to_date(CONVERGE);
+    let mut diskful = Cluster::participants(&volumes[0], "diskful");
+    diskful.sort();
+    assert_eq!(diskful, ["nd2", "nd3"]);
+    let (x, y) = ("nd2".to_owned(), "nd3".to_owned());
+    c.node_mut(&y).stop();
+    wait_for("the other replica's node is Offline", CONVERGE, &[], || {
+        c.json(&["node", "show", &y])["state"] == "Offline"
+    });
+    let stderr = c.fails(&["node", "delete", &x]);
+    assert!(
+        stderr.contains(&format!("node {x} holds the only UpToDate replica of: vm1")),
+        "{stderr}"
+    );
+    assert_eq!(c.json(&["node", "list"]).as_array().unwrap().len(), 3);
+    c.node_mut(&y).restart();
+    c.wait_up_to_date(CONVERGE);
+    run(c.tandem().args(["node", "delete", &x]));
+    let nodes = c.json(&["node", "list"]);
+    assert_eq!(nodes.as_array().unwrap().len(), 2, "{nodes:#}");
+    let v = c.json(&["volume", "show", "vm1"]);
+    assert_eq!(Cluster::participants(&v, "diskful"), [y.clone()]);
+    assert!(Cluster::participants(&v, "tiebreaker").is_empty(), "{v:#}");
+    let gone = c.node(&x);
+    wait_for(
+        "the deleted node dropped its replica",
+        CONVERGE,
+        &[gone],
+        || !gone.data_file("vm1").exists(),
+    );
+    assert!(
+        !gone.dir.join("cluster.json").exists(),
+        "it left the cluster"
+    );
+    c.wait_up_to_date(CONVERGE);
+    // It may join again.
+    run(c
+        .tandem()
+        .args(["node", "create", &x, &gone.api.to_string()]));
+    c.wait_nodes_online();
+}
