@@ -32,6 +32,20 @@ impl Bitmap {
         Bitmap { words, blocks, set }
     }
 
+    /// Covers a volume grown to `size` bytes; the new blocks start in sync (every
+    /// replica's data file grows with zeros).
+    pub fn grow(&mut self, size: u64) {
+        let blocks = size.div_ceil(BLOCK_SIZE);
+        if blocks <= self.blocks {
+            return;
+        }
+        self.words.resize(
+            (blocks.div_ceil(BLOCKS_PER_PAGE) as usize) * WORDS_PER_PAGE,
+            0,
+        );
+        self.blocks = blocks;
+    }
+
     /// Bytes marked out of sync.
     pub fn bytes(&self) -> u64 {
         self.set * BLOCK_SIZE
@@ -118,6 +132,21 @@ mod tests {
         b.clear(0, 1 << 30);
         assert_eq!(b.bytes(), 0);
         assert_eq!(b.next_run(0, 1 << 20), None);
+    }
+
+    #[test]
+    fn a_grown_bitmap_marks_past_the_old_end() {
+        let mut b = Bitmap::from_words(10 * 4096, Vec::new());
+        b.mark(0, 1 << 30);
+        assert_eq!(b.bytes(), 10 * 4096, "marks stop at the end");
+        b.grow(1 << 30);
+        assert_eq!(b.bytes(), 10 * 4096, "the new part starts in sync");
+        assert_eq!(b.mark(512 << 20, 4096), 4..5);
+        assert_eq!(b.bytes(), 11 * 4096);
+        assert_eq!(
+            b.next_run(10 * 4096, 1 << 20),
+            Some((512 << 20)..(512 << 20) + 4096)
+        );
     }
 
     #[test]

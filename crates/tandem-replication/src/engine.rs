@@ -10,6 +10,7 @@ use std::time::Duration;
 use tandem_api::{NodeName, VolumeName, VolumeSpec};
 use tandem_pool::Volume;
 
+use crate::change::NotInPlace;
 use crate::peer::{DEAD_AFTER, Peer};
 use crate::volume::ReplicatedVolume;
 use crate::wire::{self, Header, Hello, Kind, WireError};
@@ -20,6 +21,24 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(250);
 /// Idle links are pinged this often, so a dead peer is noticed within `DEAD_AFTER`.
 const PING_AFTER: Duration = Duration::from_secs(1);
+
+/// Why a spec was not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// The spec is wrong in itself or for this node's replica.
+    Invalid(String),
+    /// The change needs a new volume object, and the volume is open on this node.
+    InUse(NotInPlace),
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Invalid(s) => f.write_str(s),
+            ApplyError::InUse(why) => write!(f, "{why}; the volume is open on this node"),
+        }
+    }
+}
 
 pub struct Replicator {
     node: NodeName,
@@ -70,24 +89,39 @@ impl Replicator {
         &self.node
     }
 
-    /// Takes a volume spec (new or changed) with this node's replica, if diskful.
+    /// Takes a volume spec (new or changed) with this node's replica, if diskful. A
+    /// volume this node has already is changed in place when the change allows (see
+    /// [`ReplicatedVolume::in_place`]); otherwise it is replaced, unless it is open.
     pub fn apply(
         &self,
         spec: VolumeSpec,
         local: Option<Arc<Volume>>,
-    ) -> Result<Arc<ReplicatedVolume>, String> {
-        spec.validate(&self.node)?;
+    ) -> Result<Arc<ReplicatedVolume>, ApplyError> {
+        spec.validate(&self.node).map_err(ApplyError::Invalid)?;
         let me = spec.me(&self.node).expect("validated").clone();
-        let volume = Arc::new(ReplicatedVolume::new(spec, me, local).map_err(|e| e.to_string())?);
+        if let Some(current) = self.get(&spec.name) {
+            match current.in_place(&spec, &me, Some(local.as_ref())) {
+                Ok(()) => {
+                    current.update(spec, me).map_err(ApplyError::Invalid)?;
+                    return Ok(current);
+                }
+                Err(why) if current.is_open() => return Err(ApplyError::InUse(why)),
+                Err(_) => {}
+            }
+        }
+        let volume = Arc::new(
+            ReplicatedVolume::new(spec, me, local)
+                .map_err(|e| ApplyError::Invalid(e.to_string()))?,
+        );
         let old = self
             .volumes
             .write()
             .unwrap()
-            .insert(volume.spec().name.clone(), volume.clone());
+            .insert(volume.name().clone(), volume.clone());
         if let Some(old) = old {
             old.shut_down();
         }
-        tracing::info!(volume = %volume.spec().name, participants = volume.spec().participants.len(),
+        tracing::info!(volume = %volume.name(), participants = volume.config().spec.participants.len(),
             "replicated volume configured");
         Ok(volume)
     }
@@ -113,7 +147,7 @@ impl Replicator {
             .read()
             .unwrap()
             .values()
-            .find(|v| v.spec().volume_id == hello.volume)
+            .find(|v| v.volume_id() == hello.volume)
             .cloned()
     }
 
@@ -143,18 +177,18 @@ impl Replicator {
 
     fn tick(&self) {
         for volume in self.volumes() {
-            for peer in volume.peers() {
+            for peer in &volume.config().peers {
                 let silent = peer.silent_for();
                 if peer.connection() == tandem_api::ConnectionState::Connected {
                     if silent > DEAD_AFTER {
-                        tracing::warn!(volume = %volume.spec().name, peer = %peer.participant.node,
+                        tracing::warn!(volume = %volume.name(), peer = %peer.node,
                             silent_ms = silent.as_millis() as u64, "peer is silent; closing the connection");
                         peer.disconnect();
                     } else if peer.quiet_for() > PING_AFTER {
                         // Each side speaks at least every second, so each hears the other.
                         let _ = peer.send(&Header::new(Kind::Ping, 0), &[]);
                     }
-                } else if volume.me().node_id < peer.participant.node_id && peer.dial_due() {
+                } else if volume.my_id() < peer.id && peer.dial_due() {
                     // The lower node id dials, so each pair has one connection.
                     let (volume, peer) = (volume.clone(), peer.clone());
                     let spawned = std::thread::Builder::new().name("peer-dial".into()).spawn({
@@ -169,12 +203,19 @@ impl Replicator {
                     }
                 }
             }
+            for (peer, epoch) in volume.resync_retries() {
+                peer.resync_due
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = volume.start_resync(&peer, epoch) {
+                    tracing::error!(volume = %volume.name(), peer = %peer.node, error = %e, "cannot start a resync");
+                }
+            }
         }
     }
 }
 
 fn dial(volume: &Arc<ReplicatedVolume>, peer: &Arc<Peer>) {
-    let target = &peer.participant;
+    let target = peer;
     let result = (|| -> Result<(), WireError> {
         let addr: SocketAddr = target
             .address
@@ -182,13 +223,13 @@ fn dial(volume: &Arc<ReplicatedVolume>, peer: &Arc<Peer>) {
             .map_err(|_| WireError::Refused("bad address".into()))?;
         let mut stream = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)?;
         stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
-        send_hello(&mut stream, &volume.hello(target.node_id))?;
+        send_hello(&mut stream, &volume.hello(target.id))?;
         let hello = read_hello(&mut stream)?;
         let checked = volume.check_hello(&hello).map_err(WireError::Refused)?;
-        if checked.participant.node_id != target.node_id {
+        if !Arc::ptr_eq(&checked, peer) {
             return Err(WireError::Refused(format!(
-                "expected node id {}, got {}",
-                target.node_id, hello.from
+                "expected node id {} at {}, got {}",
+                target.id, target.address, hello.from
             )));
         }
         volume.establish(peer.clone(), stream, &hello)?;
@@ -197,10 +238,10 @@ fn dial(volume: &Arc<ReplicatedVolume>, peer: &Arc<Peer>) {
     match result {
         Ok(()) => {}
         Err(WireError::Refused(why)) => {
-            tracing::warn!(volume = %volume.spec().name, peer = %target.node, %why, "peer refused");
+            tracing::warn!(volume = %volume.name(), peer = %target.node, %why, "peer refused");
         }
         Err(e) => {
-            tracing::debug!(volume = %volume.spec().name, peer = %target.node, error = %e, "cannot reach peer")
+            tracing::debug!(volume = %volume.name(), peer = %target.node, error = %e, "cannot reach peer")
         }
     }
 }

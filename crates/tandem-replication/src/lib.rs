@@ -9,6 +9,7 @@
 
 mod al;
 mod bitmap;
+mod change;
 mod completion;
 mod engine;
 mod interval;
@@ -18,5 +19,6 @@ mod volume;
 pub mod wire;
 mod workers;
 
-pub use engine::Replicator;
+pub use change::NotInPlace;
+pub use engine::{ApplyError, Replicator};
 pub use volume::{OpenRefused, ReplicatedVolume};

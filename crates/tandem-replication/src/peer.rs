@@ -3,11 +3,11 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_api::{ConnectionState, Participant};
+use tandem_api::{ConnectionState, NodeId, NodeName, Participant, ParticipantKind};
 
 use crate::bitmap::Bitmap;
 use crate::completion::Completion;
@@ -17,6 +17,8 @@ use crate::wire::{self, Header, State};
 pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A refused resync is tried again this often while the peer stays connected.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 enum Link {
     /// No connection; dialing or waiting to be dialed.
@@ -28,7 +30,15 @@ enum Link {
 }
 
 pub(crate) struct Peer {
-    pub participant: Participant,
+    pub id: NodeId,
+    pub node: NodeName,
+    /// `host:port` of its peer listener.
+    pub address: String,
+    /// Holds a replica. Fixed for the object's life: a participant gaining or losing
+    /// its replica is a new `Peer` (with a new connection and handshake).
+    pub diskful: bool,
+    /// The participant's kind; only diskless and tiebreaker change in place.
+    kind: AtomicU8,
     link: Mutex<Link>,
     epochs: AtomicU64,
     pending: Mutex<HashMap<u64, Arc<Completion>>>,
@@ -38,12 +48,21 @@ pub(crate) struct Peer {
     last_sent: Mutex<Instant>,
     dial: Mutex<(Instant, Duration)>,
     /// A dial attempt is under way: never two at once.
-    dialing: std::sync::atomic::AtomicBool,
-    /// Blocks the peer lacks, when both sides hold data.
-    pub tracked: Option<Mutex<Tracked>>,
+    dialing: AtomicBool,
+    /// Blocks the peer lacks, when both sides hold data. Shared with the `Peer` that
+    /// replaces this one when only the participant's address changes.
+    pub tracked: Option<Arc<Mutex<Tracked>>>,
     pub sync: Mutex<Sync>,
     /// Resync bytes sent to or received from the peer.
     pub transferred: AtomicU64,
+    /// The peer declined this node's resync because a Primary resyncs it; what is
+    /// marked for it is settled once it reports UpToDate.
+    pub deferred: AtomicBool,
+    /// The peer failed a replicated change while connected: what is marked for it is
+    /// to be resynced without waiting for a reconnect.
+    pub resync_due: AtomicBool,
+    /// No such resync starts before this.
+    retry_at: Mutex<Instant>,
 }
 
 /// The out-of-sync bitmap towards a peer and the metadata slot it is stored in.
@@ -68,22 +87,80 @@ pub(crate) enum Sync {
     },
 }
 
+/// The kind as the spec spells it.
+pub(crate) fn kind_name(kind: ParticipantKind) -> &'static str {
+    match kind {
+        ParticipantKind::Diskful => "diskful",
+        ParticipantKind::Diskless => "diskless",
+        ParticipantKind::Tiebreaker => "tiebreaker",
+    }
+}
+
+fn kind_code(kind: ParticipantKind) -> u8 {
+    match kind {
+        ParticipantKind::Diskful => 0,
+        ParticipantKind::Diskless => 1,
+        ParticipantKind::Tiebreaker => 2,
+    }
+}
+
 impl Peer {
-    pub fn new(participant: Participant, tracked: Option<Tracked>) -> Peer {
+    pub fn new(participant: &Participant, tracked: Option<Arc<Mutex<Tracked>>>) -> Peer {
         Peer {
-            tracked: tracked.map(Mutex::new),
+            id: participant.node_id,
+            node: participant.node.clone(),
+            address: participant.address.clone(),
+            diskful: participant.kind.diskful(),
+            kind: AtomicU8::new(kind_code(participant.kind)),
+            tracked,
             sync: Mutex::new(Sync::Idle),
             transferred: AtomicU64::new(0),
-            participant,
+            deferred: AtomicBool::new(false),
+            resync_due: AtomicBool::new(false),
+            retry_at: Mutex::new(Instant::now()),
             link: Mutex::new(Link::Down),
             epochs: AtomicU64::new(0),
             pending: Mutex::default(),
             remote: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
             last_sent: Mutex::new(Instant::now()),
-            dialing: std::sync::atomic::AtomicBool::new(false),
+            dialing: AtomicBool::new(false),
             dial: Mutex::new((Instant::now(), BACKOFF_MIN)),
         }
+    }
+
+    pub fn kind(&self) -> ParticipantKind {
+        match self.kind.load(Ordering::Relaxed) {
+            0 => ParticipantKind::Diskful,
+            1 => ParticipantKind::Diskless,
+            _ => ParticipantKind::Tiebreaker,
+        }
+    }
+
+    /// Whether a resync retry (see `resync_due`) may start now; if so, the next one
+    /// may not for a while.
+    pub fn retry_now(&self) -> bool {
+        let mut at = self.retry_at.lock().unwrap();
+        if Instant::now() < *at {
+            return false;
+        }
+        *at = Instant::now() + RETRY_EVERY;
+        true
+    }
+
+    /// Changes the kind of a participant that holds no replica (diskless or tiebreaker).
+    pub fn set_kind(&self, kind: ParticipantKind) {
+        debug_assert_eq!(kind.diskful(), self.diskful);
+        self.kind.store(kind_code(kind), Ordering::Relaxed);
+    }
+
+    /// Whether the participant is the one `p` describes, reachable at the same address
+    /// and holding (or not) a replica alike: then it keeps this object and its link.
+    pub fn same_as(&self, p: &Participant) -> bool {
+        self.id == p.node_id
+            && self.node == p.node
+            && self.address == p.address
+            && self.diskful == p.kind.diskful()
     }
 
     pub fn connection(&self) -> ConnectionState {
@@ -116,14 +193,24 @@ impl Peer {
     }
 
     /// Makes `stream` the live connection; returns its epoch. A previous connection is
-    /// closed (its receiver notices and detaches with its own, older epoch).
+    /// closed (its receiver notices and detaches with its own, older epoch). Refused
+    /// while the peer is refused (a connection that raced with a removal, say).
     pub fn attach(&self, stream: &TcpStream, remote: State) -> io::Result<u64> {
         let writer = stream.try_clone()?;
-        let epoch = self.epochs.fetch_add(1, Ordering::AcqRel) + 1;
         let mut link = self.link.lock().unwrap();
-        if let Link::Up { writer: old, .. } = &*link {
-            let _ = old.shutdown(Shutdown::Both);
+        match &*link {
+            Link::Up { writer: old, .. } => {
+                let _ = old.shutdown(Shutdown::Both);
+            }
+            Link::Refused(why) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("peer {} is refused: {why}", self.node),
+                ));
+            }
+            Link::Down => {}
         }
+        let epoch = self.epochs.fetch_add(1, Ordering::AcqRel) + 1;
         *link = Link::Up { writer, epoch };
         drop(link);
         self.set_remote(remote);
@@ -141,11 +228,16 @@ impl Peer {
                 let _ = writer.shutdown(Shutdown::Both);
                 *link = Link::Down;
             }
+            // Refused while connected (the participant left, say): no newer connection
+            // can exist, so what waits on this one is settled all the same.
+            Link::Refused(_) if self.epochs.load(Ordering::Acquire) == epoch => {}
             _ => return,
         }
         drop(link);
         *self.remote.lock().unwrap() = None;
         *self.sync.lock().unwrap() = Sync::Idle;
+        self.deferred.store(false, Ordering::Relaxed);
+        self.resync_due.store(false, Ordering::Relaxed);
         let lost: Vec<_> = self
             .pending
             .lock()
@@ -154,7 +246,7 @@ impl Peer {
             .map(|(_, c)| c)
             .collect();
         for c in lost {
-            c.lost(self.participant.node_id);
+            c.lost(self.id);
         }
     }
 
@@ -210,7 +302,7 @@ impl Peer {
             .insert(header.id, completion.clone());
         if self.send(header, payload).is_err() {
             if let Some(c) = self.pending.lock().unwrap().remove(&header.id) {
-                c.lost(self.participant.node_id);
+                c.lost(self.id);
             }
         }
     }

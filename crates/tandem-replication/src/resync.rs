@@ -17,16 +17,17 @@ const CHUNK: u64 = 1 << 20;
 
 impl ReplicatedVolume {
     pub(crate) fn resync(self: Arc<Self>, peer: Arc<Peer>, epoch: u64) {
-        let name = &self.spec().name;
+        let name = self.name();
         let started = Instant::now();
         let mut sent = 0u64;
         let mut at = 0u64;
-        let rate = self.spec().options.resync_rate;
-        tracing::info!(volume = %name, target = %peer.participant.node, "resync starts: this replica is SyncSource");
+        tracing::info!(volume = %name, target = %peer.node, "resync starts: this replica is SyncSource");
         let finished = loop {
             if peer.epoch() != Some(epoch) {
                 break false;
             }
+            // The rate may change with the spec while the resync runs.
+            let rate = self.config().spec.options.resync_rate;
             let next = peer
                 .tracked
                 .as_ref()
@@ -40,8 +41,25 @@ impl ReplicatedVolume {
                 continue;
             };
             let len = run.end - run.start;
-            if !self.send_chunk(&peer, run.start, len) {
-                break false;
+            match self.send_chunk(&peer, run.start, len) {
+                Ok(()) => {}
+                Err(Some(status)) if peer.epoch() == Some(epoch) => {
+                    *peer.sync.lock().unwrap() = Sync::Idle;
+                    if status == libc::EBUSY as u32 {
+                        // The target takes its data from the Primary instead.
+                        peer.deferred.store(true, Ordering::Relaxed);
+                        tracing::info!(volume = %name, target = %peer.node, sent,
+                            "resync declined by the target: a Primary resyncs it");
+                    } else {
+                        // Still connected: try again shortly (a replica that has
+                        // not grown yet refuses what lies past its end, say).
+                        peer.resync_due.store(true, Ordering::Relaxed);
+                        tracing::warn!(volume = %name, target = %peer.node, sent, status,
+                            "resync refused by the target; retrying");
+                    }
+                    return;
+                }
+                Err(_) => break false,
             }
             self.clear(&peer, run.start, len);
             sent += len;
@@ -55,7 +73,7 @@ impl ReplicatedVolume {
             }
         };
         if !finished {
-            tracing::warn!(volume = %name, target = %peer.participant.node, sent, "resync interrupted");
+            tracing::warn!(volume = %name, target = %peer.node, sent, "resync interrupted");
             return;
         }
         if let Some(local) = &self.local {
@@ -73,14 +91,15 @@ impl ReplicatedVolume {
         self.forget_tracking(&peer);
         self.settle_suspect();
         let secs = started.elapsed().as_secs_f64();
-        tracing::info!(volume = %name, target = %peer.participant.node, bytes = sent,
+        tracing::info!(volume = %name, target = %peer.node, bytes = sent,
             mib_per_s = sent as f64 / (1 << 20) as f64 / secs.max(1e-6), "resync finished");
     }
 
-    /// Sends one marked range (data, or a zeroing for a hole) and waits for the ack.
-    fn send_chunk(&self, peer: &Arc<Peer>, offset: u64, len: u64) -> bool {
+    /// Sends one marked range (data, or a zeroing for a hole) and waits for the ack;
+    /// on failure, the status the peer answered with, if it answered.
+    fn send_chunk(&self, peer: &Arc<Peer>, offset: u64, len: u64) -> Result<(), Option<u32>> {
         let Some(local) = &self.local else {
-            return false;
+            return Err(None);
         };
         let _held = self.intervals.lock(offset, len);
         let holes = local.data().extents(offset, len).unwrap_or_default();
@@ -93,8 +112,8 @@ impl ReplicatedVolume {
         } else {
             buf = Buffer::zeroed(len as usize);
             if let Err(e) = local.data().read_at(&mut buf, offset) {
-                tracing::error!(volume = %self.spec().name, offset, error = %e, "resync read failed");
-                return false;
+                tracing::error!(volume = %self.name(), offset, error = %e, "resync read failed");
+                return Err(None);
             }
             let mut h = Header::new(Kind::Write, self.next_id());
             h.flags = FLAG_RESYNC;
@@ -106,6 +125,10 @@ impl ReplicatedVolume {
         let completion = Arc::new(Completion::new(1));
         peer.request(&h, &buf, &completion);
         let outcome = completion.wait();
-        outcome.lost.is_empty() && outcome.failed.is_empty()
+        match outcome.failed.first() {
+            Some((_, status)) => Err(Some(*status)),
+            None if outcome.lost.is_empty() => Ok(()),
+            None => Err(None),
+        }
     }
 }

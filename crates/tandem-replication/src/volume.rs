@@ -6,12 +6,12 @@ use std::io::{self, BufReader};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tandem_api::{
-    ConnectionState, DiskState, NodeId, OnNoQuorum, Participant, PeerStatus, QuorumPolicy,
-    ReplicationState, Role, VolumeSpec, VolumeStatus,
+    ClusterId, ConnectionState, DiskState, NodeId, NodeName, OnNoQuorum, Participant, PeerStatus,
+    QuorumPolicy, ReplicationState, Role, VolumeId, VolumeName, VolumeSpec, VolumeStatus,
 };
 use tandem_pool::{GenerationId, PoolError, Volume};
 
@@ -29,11 +29,81 @@ use crate::workers::Workers;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenRefused(pub String);
 
+/// The spec as this node acts on it, and its peers: replaced as a whole when the spec
+/// changes, so each operation works with one version of it.
+pub(crate) struct Config {
+    pub spec: VolumeSpec,
+    pub me: Participant,
+    pub peers: Vec<Arc<Peer>>,
+}
+
+impl Config {
+    pub fn peer(&self, id: NodeId) -> Option<&Arc<Peer>> {
+        self.peers.iter().find(|p| p.id == id)
+    }
+
+    /// Voting participants reachable from here, and how many vote in all.
+    fn votes(&self) -> (usize, usize) {
+        let total = self
+            .spec
+            .participants
+            .iter()
+            .filter(|p| p.kind.votes())
+            .count();
+        let mine = self.me.kind.votes() as usize;
+        let reachable = self
+            .peers
+            .iter()
+            .filter(|p| p.kind().votes() && p.connection() == ConnectionState::Connected)
+            .count();
+        (mine + reachable, total)
+    }
+
+    fn has_quorum(&self) -> bool {
+        let (have, total) = self.votes();
+        self.spec.options.quorum == QuorumPolicy::Off || 2 * have > total
+    }
+
+    /// Peers that hold data and are connected: they receive every write.
+    pub fn data_peers(&self) -> Vec<&Arc<Peer>> {
+        self.peers
+            .iter()
+            .filter(|p| {
+                p.diskful
+                    && p.connection() == ConnectionState::Connected
+                    && p.remote().is_some_and(|s| {
+                        matches!(s.disk, DiskState::UpToDate | DiskState::Inconsistent)
+                    })
+            })
+            .collect()
+    }
+
+    /// A connected peer other than `except` that is Primary.
+    fn primary_besides(&self, except: NodeId) -> Option<&Arc<Peer>> {
+        self.peers.iter().find(|p| {
+            p.id != except
+                && p.connection() == ConnectionState::Connected
+                && p.remote().is_some_and(|s| s.role == Role::Primary)
+        })
+    }
+}
+
 pub struct ReplicatedVolume {
-    spec: VolumeSpec,
-    me: Participant,
+    // What a spec may not change: another value is another volume (or node).
+    name: VolumeName,
+    cluster_id: ClusterId,
+    volume_id: VolumeId,
+    my_id: NodeId,
+    my_node: NodeName,
+    config: RwLock<Arc<Config>>,
+    /// The volume's size (the spec's), read on every request.
+    size: AtomicU64,
+    /// The size before the last time the volume grew here: a peer refusing a change
+    /// past it has not grown yet.
+    old_end: AtomicU64,
+    /// Held while a spec change is applied.
+    pub(crate) changing: Mutex<()>,
     pub(crate) local: Option<Arc<Volume>>,
-    peers: Vec<Arc<Peer>>,
     pub(crate) intervals: IntervalLock,
     next_id: AtomicU64,
     writers: Mutex<u32>,
@@ -51,6 +121,11 @@ pub struct ReplicatedVolume {
     suspect: Mutex<Vec<u64>>,
     /// On a diskless participant: the newest data generation a Primary announced.
     known: Mutex<u64>,
+    /// Resync data from a peer that is not Primary is applied under a read guard.
+    /// Once another peer is Primary such data is declined (only the Primary's own
+    /// resync is ordered with its writes); taking the write guard when a Primary
+    /// appears waits for any being applied, before its first write can arrive.
+    resync_gate: RwLock<()>,
 }
 
 /// Threads per connection serving a Primary's requests on the local replica, at most;
@@ -66,6 +141,8 @@ enum Direction {
         full: bool,
     },
     Target,
+    /// Neither side is UpToDate: connected, nothing to send until one is.
+    Neither,
     /// Neither replica descends from the other: split brain, or unrelated data.
     Diverged(String),
 }
@@ -83,6 +160,19 @@ fn error_from(status: u32, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
+/// The out-of-sync bitmap a diskful node keeps for diskful participant `p`.
+pub(crate) fn tracking(
+    local: &Volume,
+    p: &Participant,
+    size: u64,
+) -> Result<Arc<Mutex<Tracked>>, PoolError> {
+    let slot = local.bitmap_slot(p.node_id)?;
+    Ok(Arc::new(Mutex::new(Tracked {
+        slot,
+        bits: Bitmap::from_words(size, local.read_bitmap(slot)?),
+    })))
+}
+
 impl ReplicatedVolume {
     /// `local` is this node's replica when the spec makes it diskful.
     /// A diskful node loads, for every other diskful participant, the bitmap of what
@@ -95,16 +185,10 @@ impl ReplicatedVolume {
         let mut peers = Vec::new();
         for p in spec.participants.iter().filter(|p| p.node_id != me.node_id) {
             let tracked = match &local {
-                Some(v) if p.kind.diskful() => {
-                    let slot = v.bitmap_slot(p.node_id)?;
-                    Some(Tracked {
-                        slot,
-                        bits: Bitmap::from_words(spec.size, v.read_bitmap(slot)?),
-                    })
-                }
+                Some(v) if p.kind.diskful() => Some(tracking(v, p, spec.size)?),
                 _ => None,
             };
-            peers.push(Arc::new(Peer::new(p.clone(), tracked)));
+            peers.push(Arc::new(Peer::new(p, tracked)));
         }
         let (al, suspect) = match &local {
             Some(v) => {
@@ -121,10 +205,16 @@ impl ReplicatedVolume {
             al,
             suspect: Mutex::new(suspect),
             known: Mutex::new(0),
-            spec,
-            me,
+            name: spec.name.clone(),
+            cluster_id: spec.cluster_id,
+            volume_id: spec.volume_id,
+            my_id: me.node_id,
+            my_node: me.node.clone(),
+            size: AtomicU64::new(spec.size),
+            old_end: AtomicU64::new(spec.size),
+            config: RwLock::new(Arc::new(Config { spec, me, peers })),
+            changing: Mutex::new(()),
             local,
-            peers,
             intervals: IntervalLock::default(),
             next_id: AtomicU64::new(1),
             writers: Mutex::new(0),
@@ -132,27 +222,52 @@ impl ReplicatedVolume {
             promoting: AtomicBool::new(false),
             rotation: Mutex::new(()),
             detached: AtomicBool::new(false),
+            resync_gate: RwLock::new(()),
         })
     }
 
-    pub fn spec(&self) -> &VolumeSpec {
-        &self.spec
+    /// The spec in force.
+    pub fn spec(&self) -> VolumeSpec {
+        self.config().spec.clone()
+    }
+
+    pub fn name(&self) -> &VolumeName {
+        &self.name
+    }
+
+    pub fn volume_id(&self) -> VolumeId {
+        self.volume_id
+    }
+
+    pub(crate) fn cluster_id(&self) -> ClusterId {
+        self.cluster_id
     }
 
     pub fn size(&self) -> u64 {
-        self.spec.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the volume (its bitmaps cover the new size already).
+    pub(crate) fn set_size(&self, size: u64) {
+        let old = self.size.swap(size, Ordering::AcqRel);
+        self.old_end.store(old, Ordering::Release);
     }
 
     pub fn local(&self) -> Option<&Arc<Volume>> {
         self.local.as_ref()
     }
 
-    pub(crate) fn peers(&self) -> &[Arc<Peer>] {
-        &self.peers
+    /// The spec in force and the peers it makes.
+    pub(crate) fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
     }
 
-    pub(crate) fn me(&self) -> &Participant {
-        &self.me
+    pub(crate) fn set_config(&self, config: Config) {
+        *self.config.write().unwrap() = Arc::new(config);
+    }
+
+    pub(crate) fn my_id(&self) -> NodeId {
+        self.my_id
     }
 
     fn role(&self) -> Role {
@@ -163,7 +278,7 @@ impl ReplicatedVolume {
         }
     }
 
-    fn disk(&self) -> DiskState {
+    pub(crate) fn disk(&self) -> DiskState {
         match &self.local {
             None => DiskState::Diskless,
             Some(_) if self.detached.load(Ordering::Acquire) => DiskState::Failed,
@@ -184,11 +299,11 @@ impl ReplicatedVolume {
         if self.detached.swap(true, Ordering::AcqRel) {
             return;
         }
-        tracing::error!(volume = %self.spec.name, %error, "local replica failed; detached, serving through peers");
+        tracing::error!(volume = %self.name, %error, "local replica failed; detached, serving through peers");
         if let Some(local) = &self.local {
             // The superblock slots are allocated, so this works even on a full disk.
             if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Failed) {
-                tracing::error!(volume = %self.spec.name, error = %e, "cannot record the Failed state");
+                tracing::error!(volume = %self.name, error = %e, "cannot record the Failed state");
             }
         }
         self.announce();
@@ -209,17 +324,13 @@ impl ReplicatedVolume {
         Hello {
             version_min: wire::VERSION_MIN,
             version_max: wire::VERSION_MAX,
-            cluster: self.spec.cluster_id,
-            volume: self.spec.volume_id,
-            from: self.me.node_id,
+            cluster: self.cluster_id,
+            volume: self.volume_id,
+            from: self.my_id,
             to,
             state: self.state(),
             bitmap_generation: self.bitmap_generation(to),
         }
-    }
-
-    fn peer(&self, id: NodeId) -> Option<&Arc<Peer>> {
-        self.peers.iter().find(|p| p.participant.node_id == id)
     }
 
     /// The generation this replica had when it started tracking changes for `peer`.
@@ -237,7 +348,7 @@ impl ReplicatedVolume {
             }
         });
         if let Err(e) = result {
-            tracing::error!(volume = %self.spec.name, error = %e, "cannot record a peer's bitmap generation");
+            tracing::error!(volume = %self.name, error = %e, "cannot record a peer's bitmap generation");
         }
     }
 
@@ -247,9 +358,8 @@ impl ReplicatedVolume {
         if peer.tracked.is_none() || self.disk() != DiskState::UpToDate {
             return;
         }
-        let id = peer.participant.node_id;
-        if self.bitmap_generation(id) == 0 {
-            self.set_bitmap_generation(id, self.state().generation);
+        if self.bitmap_generation(peer.id) == 0 {
+            self.set_bitmap_generation(peer.id, self.state().generation);
         }
     }
 
@@ -262,7 +372,7 @@ impl ReplicatedVolume {
         let mut t = tracked.lock().unwrap();
         for page in t.bits.mark(offset, len) {
             if let Err(e) = local.write_bitmap_page(t.slot, page as u64, t.bits.page(page)) {
-                tracing::error!(volume = %self.spec.name, peer = %peer.participant.node, error = %e,
+                tracing::error!(volume = %self.name, peer = %peer.node, error = %e,
                     "cannot store the out-of-sync bitmap");
             }
         }
@@ -270,7 +380,7 @@ impl ReplicatedVolume {
 
     /// The peer has everything: stop recording a shared generation for it.
     pub(crate) fn forget_tracking(&self, peer: &Peer) {
-        self.set_bitmap_generation(peer.participant.node_id, 0);
+        self.set_bitmap_generation(peer.id, 0);
     }
 
     /// Clears a range that `peer` now has, storing the touched pages.
@@ -281,30 +391,30 @@ impl ReplicatedVolume {
         let mut t = tracked.lock().unwrap();
         for page in t.bits.clear(offset, len) {
             if let Err(e) = local.write_bitmap_page(t.slot, page as u64, t.bits.page(page)) {
-                tracing::error!(volume = %self.spec.name, error = %e, "cannot store the out-of-sync bitmap");
+                tracing::error!(volume = %self.name, error = %e, "cannot store the out-of-sync bitmap");
             }
         }
     }
 
     /// A Primary starts a new data generation when a replica holding data stops
     /// receiving writes, so that replica's data is recognisably older afterwards.
-    fn rotate_if_needed(&self, targets: &[&Arc<Peer>]) {
+    fn rotate_if_needed(&self, config: &Config, targets: &[&Arc<Peer>]) {
         let Some(local) = &self.local else { return };
+        if self.disk() != DiskState::UpToDate {
+            // Only data that is whole gets a generation others can descend from.
+            return;
+        }
         let _guard = self.rotation.lock().unwrap();
         let current = local.generation().0;
         let mut stale = false;
-        let receiving = |p: &Peer| {
-            targets
-                .iter()
-                .any(|t| t.participant.node_id == p.participant.node_id)
-        };
-        for p in self
+        let receiving = |p: &Peer| targets.iter().any(|t| t.id == p.id);
+        for p in config
             .peers
             .iter()
             .filter(|p| p.tracked.is_some() && !receiving(p))
         {
             self.begin_tracking(p);
-            stale |= self.bitmap_generation(p.participant.node_id) == current;
+            stale |= self.bitmap_generation(p.id) == current;
         }
         if !stale {
             return;
@@ -318,12 +428,12 @@ impl ReplicatedVolume {
         });
         match result {
             Ok(()) => {
-                tracing::info!(volume = %self.spec.name, generation = format!("{:016x}", next.0),
+                tracing::info!(volume = %self.name, generation = format!("{:016x}", next.0),
                     "new data generation: a replica stopped receiving writes");
                 self.announce();
             }
             Err(e) => {
-                tracing::error!(volume = %self.spec.name, error = %e, "cannot start a new data generation")
+                tracing::error!(volume = %self.name, error = %e, "cannot start a new data generation")
             }
         }
     }
@@ -337,19 +447,21 @@ impl ReplicatedVolume {
         their_dirty: bool,
     ) -> Direction {
         use DiskState::UpToDate;
-        if peer.tracked.is_none() {
+        if peer.tracked.is_none() || hello.state.disk == DiskState::Diskless {
+            // A peer without a replica (yet: its spec may still say diskless) gets no
+            // data until it reconnects with one.
             return Direction::InSync;
         }
         let mine = self.state();
         let theirs = hello.state;
-        let my_mark = self.bitmap_generation(peer.participant.node_id);
+        let my_mark = self.bitmap_generation(peer.id);
         match (mine.disk == UpToDate, theirs.disk == UpToDate) {
             (true, true) if mine.generation == theirs.generation => match (my_dirty, their_dirty) {
                 (false, false) => Direction::InSync,
                 (true, false) => Direction::Source { full: false },
                 (false, true) => Direction::Target,
                 // Both missed some in-flight writes: the lower node id wins.
-                (true, true) if self.me.node_id < hello.from => Direction::Source { full: false },
+                (true, true) if self.my_id < hello.from => Direction::Source { full: false },
                 (true, true) => Direction::Target,
             },
             (true, true) if my_mark != 0 && theirs.generation == my_mark => {
@@ -368,7 +480,9 @@ impl ReplicatedVolume {
                 full: !(my_mark != 0 && theirs.generation == my_mark),
             },
             (false, true) => Direction::Target,
-            (false, false) => Direction::Diverged("neither replica is UpToDate".into()),
+            // Each waits for an UpToDate replica; whichever becomes one first
+            // reconnects to resync the other (see `finish_target`).
+            (false, false) => Direction::Neither,
         }
     }
 
@@ -378,33 +492,39 @@ impl ReplicatedVolume {
 
     /// Checks a peer's Hello against the spec; the peer it comes from.
     pub(crate) fn check_hello(&self, hello: &Hello) -> Result<Arc<Peer>, String> {
-        if hello.cluster != self.spec.cluster_id {
+        if hello.cluster != self.cluster_id {
             return Err(format!(
                 "peer belongs to cluster {}, not {}",
-                hello.cluster, self.spec.cluster_id
+                hello.cluster, self.cluster_id
             ));
         }
-        if hello.to != self.me.node_id {
+        if hello.to != self.my_id {
             return Err(format!(
                 "peer addressed node id {}, this node is {}",
-                hello.to, self.me.node_id
+                hello.to, self.my_id
             ));
         }
-        let peer = self
-            .peers
-            .iter()
-            .find(|p| p.participant.node_id == hello.from)
-            .ok_or_else(|| {
-                format!(
-                    "node id {} is not a participant of volume {}",
-                    hello.from, self.spec.name
-                )
-            })?;
+        let config = self.config();
+        let peer = config.peer(hello.from).ok_or_else(|| {
+            format!(
+                "node id {} is not a participant of volume {}",
+                hello.from, self.name
+            )
+        })?;
         let mine = self.hello(hello.from);
         if mine.agree(hello).is_none() {
             return Err(format!(
                 "no common protocol version (peer {}..={}, here {}..={})",
                 hello.version_min, hello.version_max, mine.version_min, mine.version_max
+            ));
+        }
+        if !peer.diskful && hello.state.disk != DiskState::Diskless {
+            // It would take itself for a replica that receives every write, and get
+            // none from here: wait until both sides have the same spec.
+            return Err(format!(
+                "node {} holds a replica, but the spec here makes it {}; waiting for it to get the same spec",
+                peer.node,
+                crate::peer::kind_name(peer.kind())
             ));
         }
         Ok(peer.clone())
@@ -428,17 +548,29 @@ impl ReplicatedVolume {
         self.learn_generation(&peer, hello);
         let direction = self.direction(&peer, hello, !mine.is_empty(), !theirs.is_empty());
         if let Direction::Diverged(why) = &direction {
-            tracing::error!(volume = %self.spec.name, peer = %peer.participant.node, %why,
+            tracing::error!(volume = %self.name, peer = %peer.node, %why,
                 "replicas diverged; not connecting until an operator discards one");
             peer.refuse(why.clone());
             return Ok(());
         }
         let epoch = peer.attach(&stream, hello.state)?;
-        tracing::info!(volume = %self.spec.name, peer = %peer.participant.node, epoch, ?direction, "peer connected");
+        if !self
+            .config()
+            .peer(peer.id)
+            .is_some_and(|p| Arc::ptr_eq(p, &peer))
+        {
+            // The spec changed during the handshake and this peer is gone.
+            peer.detach(epoch);
+            return Err(io::Error::other("the participant left the volume's spec"));
+        }
+        if hello.state.role == Role::Primary {
+            self.primary_appeared();
+        }
+        tracing::info!(volume = %self.name, peer = %peer.node, epoch, ?direction, "peer connected");
         match direction {
             Direction::Target => {
                 // The source now resyncs what this side knew to differ as well.
-                self.clear(&peer, 0, self.spec.size);
+                self.clear(&peer, 0, self.size());
                 self.become_target(&peer);
             }
             Direction::Source { full } => {
@@ -446,7 +578,7 @@ impl ReplicatedVolume {
                     self.mark(&peer, *offset, *len);
                 }
                 if full {
-                    self.mark(&peer, 0, self.spec.size);
+                    self.mark(&peer, 0, self.size());
                 }
                 self.start_resync(&peer, epoch)?;
             }
@@ -454,9 +586,15 @@ impl ReplicatedVolume {
         }
         let volume = self.clone();
         std::thread::Builder::new()
-            .name(format!("peer-{}", peer.participant.node))
+            .name(format!("peer-{}", peer.node))
             .spawn(move || volume.receive(peer, stream, epoch))?;
         Ok(())
+    }
+
+    /// A peer became (or was found) Primary: resync data from other peers is declined
+    /// from now on; wait for any being applied, before the Primary's first write.
+    fn primary_appeared(&self) {
+        drop(self.resync_gate.write().unwrap());
     }
 
     fn receive(self: Arc<Self>, peer: Arc<Peer>, stream: TcpStream, epoch: u64) {
@@ -464,7 +602,7 @@ impl ReplicatedVolume {
         let mut workers = {
             let (volume, peer) = (self.clone(), peer.clone());
             Workers::new(
-                format!("peer-{}", peer.participant.node),
+                format!("peer-{}", peer.node),
                 PEER_WORKERS,
                 move |(h, payload): (Header, Buffer)| {
                     if volume.serve_request(&peer, h, payload).is_err() {
@@ -480,7 +618,7 @@ impl ReplicatedVolume {
                 Err(e) => break e.to_string(),
             }
         };
-        tracing::warn!(volume = %self.spec.name, peer = %peer.participant.node, %why, "peer disconnected");
+        tracing::warn!(volume = %self.name, peer = %peer.node, %why, "peer disconnected");
         peer.detach(epoch);
         self.begin_tracking(&peer);
     }
@@ -501,12 +639,14 @@ impl ReplicatedVolume {
                 at = run.end;
             }
         }
-        ranges.extend(self.suspect.lock().unwrap().iter().map(|e| {
-            (
-                e * EXTENT,
-                EXTENT.min(self.spec.size.saturating_sub(e * EXTENT)),
-            )
-        }));
+        let size = self.size();
+        ranges.extend(
+            self.suspect
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|e| (e * EXTENT, EXTENT.min(size.saturating_sub(e * EXTENT)))),
+        );
         ranges.sort_unstable();
         coarsen(&mut ranges);
         ranges
@@ -523,7 +663,7 @@ impl ReplicatedVolume {
             }
             return;
         }
-        if peer.participant.kind.diskful() || theirs == 0 || self.disk() != DiskState::UpToDate {
+        if peer.diskful || theirs == 0 || self.disk() != DiskState::UpToDate {
             return;
         }
         let Some(local) = &self.local else { return };
@@ -536,16 +676,16 @@ impl ReplicatedVolume {
         if ours {
             return;
         }
-        tracing::warn!(volume = %self.spec.name, peer = %peer.participant.node, generation = format!("{theirs:016x}"),
+        tracing::warn!(volume = %self.name, peer = %peer.node, generation = format!("{theirs:016x}"),
             "a peer has seen a newer data generation: this replica was left behind and is Outdated");
         if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Outdated) {
-            tracing::error!(volume = %self.spec.name, error = %e, "cannot record the Outdated state");
+            tracing::error!(volume = %self.name, error = %e, "cannot record the Outdated state");
         }
         self.announce();
     }
 
     /// Sends the peer what its bitmap marks, in the background.
-    fn start_resync(self: &Arc<Self>, peer: &Arc<Peer>, epoch: u64) -> io::Result<()> {
+    pub(crate) fn start_resync(self: &Arc<Self>, peer: &Arc<Peer>, epoch: u64) -> io::Result<()> {
         let total = peer
             .tracked
             .as_ref()
@@ -553,7 +693,7 @@ impl ReplicatedVolume {
         *peer.sync.lock().unwrap() = Sync::Source { total };
         let (volume, p) = (self.clone(), peer.clone());
         std::thread::Builder::new()
-            .name(format!("resync-{}", peer.participant.node))
+            .name(format!("resync-{}", peer.node))
             .spawn(move || volume.resync(p, epoch))?;
         Ok(())
     }
@@ -561,16 +701,18 @@ impl ReplicatedVolume {
     /// Online verify: compares every 4 KiB block with each connected UpToDate peer by
     /// checksum, marks the blocks that differ, and resyncs them from here. Returns the
     /// number of differing blocks per peer.
-    pub fn verify(self: &Arc<Self>) -> Result<Vec<(tandem_api::NodeName, u64)>, String> {
+    pub fn verify(self: &Arc<Self>) -> Result<Vec<(NodeName, u64)>, String> {
         const CHUNK: u64 = 1 << 20;
         let Some(local) = self.local_up_to_date() else {
             return Err(format!(
                 "node {} has no UpToDate replica of {} to verify against",
-                self.me.node, self.spec.name
+                self.my_node, self.name
             ));
         };
+        let config = self.config();
+        let size = self.size();
         let mut report = Vec::new();
-        for peer in self.data_peers() {
+        for peer in config.data_peers() {
             let Some(epoch) = peer.epoch() else { continue };
             if peer.remote().is_none_or(|s| s.disk != DiskState::UpToDate)
                 || *peer.sync.lock().unwrap() != Sync::Idle
@@ -579,9 +721,9 @@ impl ReplicatedVolume {
             }
             let mut differing = 0u64;
             let mut at = 0u64;
-            while at < self.spec.size {
+            while at < size {
                 *peer.sync.lock().unwrap() = Sync::Verifying { done: at };
-                let len = CHUNK.min(self.spec.size - at);
+                let len = CHUNK.min(size - at);
                 let _held = self.intervals.lock(at, len);
                 let mut data = Buffer::zeroed(len as usize);
                 local
@@ -598,7 +740,7 @@ impl ReplicatedVolume {
                     *peer.sync.lock().unwrap() = Sync::Idle;
                     return Err(format!(
                         "peer {} stopped answering during verify",
-                        peer.participant.node
+                        peer.node
                     ));
                 };
                 for (i, block) in data.chunks(4096).enumerate() {
@@ -611,11 +753,11 @@ impl ReplicatedVolume {
                 at += len;
             }
             *peer.sync.lock().unwrap() = Sync::Idle;
-            tracing::info!(volume = %self.spec.name, peer = %peer.participant.node, differing, "online verify finished");
+            tracing::info!(volume = %self.name, peer = %peer.node, differing, "online verify finished");
             if differing > 0 {
                 self.start_resync(peer, epoch).map_err(|e| e.to_string())?;
             }
-            report.push((peer.participant.node.clone(), differing));
+            report.push((peer.node.clone(), differing));
         }
         Ok(report)
     }
@@ -626,16 +768,17 @@ impl ReplicatedVolume {
         peer.transferred.store(0, Ordering::Relaxed);
         if let Some(local) = &self.local {
             if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Inconsistent) {
-                tracing::error!(volume = %self.spec.name, error = %e, "cannot record the Inconsistent state");
+                tracing::error!(volume = %self.name, error = %e, "cannot record the Inconsistent state");
             }
         }
-        tracing::info!(volume = %self.spec.name, source = %peer.participant.node, "resync starts: this replica is SyncTarget");
+        tracing::info!(volume = %self.name, source = %peer.node, "resync starts: this replica is SyncTarget");
         self.announce();
     }
 
     /// The source finished: adopt its data generation and become UpToDate.
     fn finish_target(&self, peer: &Peer, generation: u64) {
         *peer.sync.lock().unwrap() = Sync::Idle;
+        let was = self.disk();
         if let Some(local) = &self.local {
             let result = local
                 .data()
@@ -644,20 +787,36 @@ impl ReplicatedVolume {
                 .and_then(|()| {
                     local.update_superblock(|sb| {
                         let g = &mut sb.generations;
-                        g.history = [g.current, g.history[0]];
-                        g.current = GenerationId(generation);
+                        if g.current.0 != generation {
+                            g.history = [g.current, g.history[0]];
+                            g.current = GenerationId(generation);
+                        }
                         sb.disk_state = DiskState::UpToDate;
                     })
                 });
             if let Err(e) = result {
-                tracing::error!(volume = %self.spec.name, error = %e, "cannot record the end of resync");
+                tracing::error!(volume = %self.name, error = %e, "cannot record the end of resync");
                 return;
             }
         }
         self.settle_suspect();
-        tracing::info!(volume = %self.spec.name, source = %peer.participant.node,
+        tracing::info!(volume = %self.name, source = %peer.node,
             bytes = peer.transferred.load(Ordering::Relaxed), "resync finished: this replica is UpToDate");
         self.announce();
+        if was != DiskState::UpToDate {
+            // Replicas that waited alongside this one for an UpToDate peer can now be
+            // resynced from here: a new handshake decides it.
+            for p in self.config().peers.iter().filter(|p| {
+                p.tracked.is_some()
+                    && p.id != peer.id
+                    && *p.sync.lock().unwrap() == Sync::Idle
+                    && p.remote().is_some_and(|s| {
+                        matches!(s.disk, DiskState::Inconsistent | DiskState::Outdated)
+                    })
+            }) {
+                p.disconnect();
+            }
+        }
     }
 
     /// A resync (either way) covered the extents a crash left in the activity log.
@@ -668,7 +827,7 @@ impl ReplicatedVolume {
         if *self.writers.lock().unwrap() == 0 {
             if let Some(al) = &self.al {
                 if let Err(e) = al.clear() {
-                    tracing::error!(volume = %self.spec.name, error = %e, "cannot clear the activity log");
+                    tracing::error!(volume = %self.name, error = %e, "cannot clear the activity log");
                 }
             }
         }
@@ -691,8 +850,32 @@ impl ReplicatedVolume {
             g.current = GenerationId(state.generation);
         });
         if let Err(e) = result {
-            tracing::error!(volume = %self.spec.name, error = %e, "cannot adopt the Primary's generation");
+            tracing::error!(volume = %self.name, error = %e, "cannot adopt the Primary's generation");
         }
+    }
+
+    /// A peer whose resync from here was declined (a Primary resynced it) reports
+    /// UpToDate at this replica's generation: what was marked for it is settled.
+    fn settle_deferred(&self, peer: &Peer, state: State) {
+        if !peer.deferred.load(Ordering::Relaxed)
+            || state.disk != DiskState::UpToDate
+            || *peer.sync.lock().unwrap() != Sync::Idle
+        {
+            return;
+        }
+        let mine = self.state();
+        if mine.disk != DiskState::UpToDate || mine.generation != state.generation {
+            return;
+        }
+        peer.deferred.store(false, Ordering::Relaxed);
+        self.clear(peer, 0, self.size());
+        if let Some(local) = &self.local {
+            if let Err(e) = local.sync_meta() {
+                tracing::error!(volume = %self.name, error = %e, "cannot store the bitmap");
+            }
+        }
+        self.forget_tracking(peer);
+        tracing::info!(volume = %self.name, peer = %peer.node, "peer resynced from the Primary; nothing left to send it");
     }
 
     /// Reads and handles one message from a peer.
@@ -704,7 +887,7 @@ impl ReplicatedVolume {
     ) -> Result<(), WireError> {
         let h = wire::read_header(r)?;
         let payload = wire::read_payload(r, h.payload)?;
-        let from = peer.participant.node_id;
+        let from = peer.id;
         match h.kind {
             Kind::Ping => {}
             Kind::State => {
@@ -715,7 +898,12 @@ impl ReplicatedVolume {
                     // to replicas that were cut off (see `learn_generation`).
                     *self.known.lock().unwrap() = state.generation;
                 }
+                let was_primary = peer.remote().is_some_and(|s| s.role == Role::Primary);
                 peer.set_remote(state);
+                if state.role == Role::Primary && !was_primary {
+                    self.primary_appeared();
+                }
+                self.settle_deferred(peer, state);
             }
             Kind::ResyncDone => self.finish_target(peer, h.offset),
             Kind::Promote => {
@@ -765,9 +953,30 @@ impl ReplicatedVolume {
         Ok(())
     }
 
+    /// Resync data from `peer`, unless another peer is Primary: only a Primary's own
+    /// resync is ordered with its writes (it holds the range while a piece travels),
+    /// so data read elsewhere could land after a newer write of the Primary. Declined
+    /// with EBUSY; the Primary resyncs this replica itself.
+    fn resync_declined(&self, peer: &Peer) -> bool {
+        if peer.remote().is_some_and(|s| s.role == Role::Primary) {
+            return false;
+        }
+        let config = self.config();
+        let Some(primary) = config.primary_besides(peer.id) else {
+            return false;
+        };
+        let mut sync = peer.sync.lock().unwrap();
+        if *sync == Sync::Target {
+            *sync = Sync::Idle;
+            tracing::info!(volume = %self.name, source = %peer.node, primary = %primary.node,
+                "resync from a Secondary declined: the Primary resyncs this replica");
+        }
+        true
+    }
+
     /// Performs a request a peer sent (as Primary) on the local replica and answers it.
     fn serve_request(&self, peer: &Peer, h: Header, payload: Buffer) -> io::Result<()> {
-        let from = peer.participant.node_id;
+        let from = peer.id;
         match h.kind {
             Kind::Verify => {
                 let mut data = Buffer::zeroed(h.length as usize);
@@ -792,6 +1001,13 @@ impl ReplicatedVolume {
                 peer.send(&reply, data)
             }
             Kind::Write | Kind::Zero | Kind::Trim | Kind::Flush => {
+                let resync = h.flags & FLAG_RESYNC != 0 && is_data_change(h.kind);
+                let _gate = resync.then(|| self.resync_gate.read().unwrap());
+                if resync && self.resync_declined(peer) {
+                    let mut ack = Header::new(Kind::Ack, h.id);
+                    ack.status = libc::EBUSY as u32;
+                    return peer.send(&ack, &[]);
+                }
                 let fua = h.flags & FLAG_FUA != 0;
                 let status = self.serve_peer(&h, |v| match h.kind {
                     Kind::Write => v.data().write_at(&payload, h.offset, fua),
@@ -806,11 +1022,11 @@ impl ReplicatedVolume {
                     _ => v.data().flush(),
                 });
                 if status == 0 && is_data_change(h.kind) {
-                    if h.flags & FLAG_RESYNC != 0 {
+                    if resync {
                         peer.transferred.fetch_add(h.length, Ordering::Relaxed);
                     }
                     // Replicas this node cannot reach may also have missed this change.
-                    for other in self.peers.iter().filter(|p| p.participant.node_id != from) {
+                    for other in self.config().peers.iter().filter(|p| p.id != from) {
                         if other.connection() != ConnectionState::Connected {
                             self.mark(other, h.offset, h.length);
                         }
@@ -832,14 +1048,14 @@ impl ReplicatedVolume {
         if h.kind != Kind::Flush
             && h.offset
                 .checked_add(h.length)
-                .is_none_or(|end| end > self.spec.size)
+                .is_none_or(|end| end > self.size())
         {
             return libc::EINVAL as u32;
         }
         match op(local) {
             Ok(()) => 0,
             Err(e) => {
-                tracing::error!(volume = %self.spec.name, kind = ?h.kind, offset = h.offset, error = %e,
+                tracing::error!(volume = %self.name, kind = ?h.kind, offset = h.offset, error = %e,
                     "replicated request failed on the local replica");
                 if !matches!(h.kind, Kind::Read | Kind::Verify) {
                     self.detach(&e);
@@ -849,73 +1065,42 @@ impl ReplicatedVolume {
         }
     }
 
-    /// Voting participants reachable from here, and how many vote in all.
-    fn votes(&self) -> (usize, usize) {
-        let total = self
-            .spec
-            .participants
-            .iter()
-            .filter(|p| p.kind.votes())
-            .count();
-        let mine = self.me.kind.votes() as usize;
-        let reachable = self
-            .peers
-            .iter()
-            .filter(|p| p.participant.kind.votes() && p.connection() == ConnectionState::Connected)
-            .count();
-        (mine + reachable, total)
-    }
-
     pub fn has_quorum(&self) -> bool {
-        let (have, total) = self.votes();
-        self.spec.options.quorum == QuorumPolicy::Off || 2 * have > total
+        self.config().has_quorum()
     }
 
     /// Writes may proceed only with quorum: without it, fail or wait, per policy.
-    fn require_quorum(&self) -> io::Result<()> {
+    fn require_quorum(&self, config: &Config) -> io::Result<()> {
         let mut waited = false;
         loop {
-            if self.has_quorum() {
+            if config.has_quorum() {
                 // While suspended, the others may have moved on: a replica found behind
                 // must not take the suspended writes.
                 if waited && self.local.is_some() && self.disk() != DiskState::UpToDate {
                     return Err(io::Error::other(format!(
                         "volume {}: this replica was outdated while I/O was suspended",
-                        self.spec.name
+                        self.name
                     )));
                 }
                 return Ok(());
             }
             waited = true;
-            if self.spec.options.on_no_quorum == OnNoQuorum::IoError {
-                let (have, total) = self.votes();
+            if config.spec.options.on_no_quorum == OnNoQuorum::IoError {
+                let (have, total) = config.votes();
                 return Err(io::Error::other(format!(
                     "volume {} has no quorum ({have} of {total} votes reachable)",
-                    self.spec.name
+                    self.name
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Peers that hold data and are connected: they receive every write.
-    pub(crate) fn data_peers(&self) -> Vec<&Arc<Peer>> {
-        self.peers
-            .iter()
-            .filter(|p| {
-                p.participant.kind.diskful()
-                    && p.connection() == ConnectionState::Connected
-                    && p.remote().is_some_and(|s| {
-                        matches!(s.disk, DiskState::UpToDate | DiskState::Inconsistent)
-                    })
-            })
-            .collect()
-    }
-
     /// Sends `h` to every data peer and runs `local` on the local replica meanwhile;
     /// returns once all have answered (protocol C).
     fn replicate(
         &self,
+        config: &Config,
         h: &Header,
         payload: &[u8],
         local: impl FnOnce(&Volume) -> io::Result<()>,
@@ -926,52 +1111,91 @@ impl ReplicatedVolume {
             }
             _ => None,
         };
-        let targets = self.data_peers();
+        let targets = config.data_peers();
         if is_data_change(h.kind) {
-            self.rotate_if_needed(&targets);
+            self.rotate_if_needed(config, &targets);
         }
+        // Whether each target held whole data when the request left.
+        let whole: Vec<bool> = targets
+            .iter()
+            .map(|p| p.remote().is_some_and(|s| s.disk == DiskState::UpToDate))
+            .collect();
         let completion = Arc::new(Completion::new(targets.len()));
         for p in &targets {
             p.request(h, payload, &completion);
         }
+        let local_whole = self.local_up_to_date().is_some();
         let local_result = self.attached().map(|v| local(v));
         let outcome = completion.wait();
         for (peer, status) in &outcome.failed {
-            tracing::error!(volume = %self.spec.name, peer = %peer, kind = ?h.kind, offset = h.offset,
+            tracing::error!(volume = %self.name, peer = %peer, kind = ?h.kind, offset = h.offset,
                 status, "peer failed a replicated request");
         }
-        let acked = targets.len() - outcome.lost.len() - outcome.failed.len();
+        let reached = |id: NodeId| {
+            targets.iter().any(|t| t.id == id)
+                && !outcome.lost.contains(&id)
+                && !outcome.failed.iter().any(|(f, _)| *f == id)
+        };
+        let acked = targets.iter().filter(|t| reached(t.id)).count();
         if is_data_change(h.kind) {
-            let reached = |p: &Peer| {
-                let id = p.participant.node_id;
-                targets.iter().any(|t| t.participant.node_id == id)
-                    && !outcome.lost.contains(&id)
-                    && !outcome.failed.iter().any(|(f, _)| *f == id)
-            };
-            for p in self.peers.iter().filter(|p| !reached(p)) {
+            for p in config.peers.iter().filter(|p| !reached(p.id)) {
                 self.mark(p, h.offset, h.length);
             }
-        }
-        if is_data_change(h.kind) {
+            for p in targets
+                .iter()
+                .filter(|t| outcome.failed.iter().any(|(f, _)| *f == t.id))
+            {
+                // Still connected: resync what it failed without waiting for a reconnect.
+                p.resync_due.store(true, Ordering::Relaxed);
+            }
             // Quorum may have gone while the request was in flight: then it must not
             // be acknowledged (io-error), or only once quorum is back (suspend-io).
-            self.require_quorum()?;
+            self.require_quorum(config)?;
         }
+        if let Some((id, _)) = outcome
+            .failed
+            .iter()
+            .find(|(_, status)| *status == libc::EINVAL as u32)
+            .filter(|_| h.kind != Kind::Flush)
+            .filter(|_| h.offset + h.length > self.old_end.load(Ordering::Acquire))
+        {
+            // Past the end of a replica that has not grown yet: the space is not
+            // usable until every replica has it.
+            let node = config
+                .peer(*id)
+                .map_or_else(|| id.to_string(), |p| p.node.to_string());
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "volume {}: the replica on node {node} does not reach offset {} yet (growing?)",
+                    self.name,
+                    h.offset + h.length
+                ),
+            ));
+        }
+        let whole_acked = targets.iter().zip(&whole).any(|(t, w)| *w && reached(t.id));
         match local_result {
             Some(Err(e)) => {
                 self.detach(&e);
-                if acked == 0 { Err(e) } else { Ok(()) }
+                if whole_acked { Ok(()) } else { Err(e) }
             }
-            None if acked == 0 => Err(io::Error::other(format!(
+            // Acknowledged only once it is on a replica that holds whole data.
+            Some(Ok(())) if local_whole || whole_acked => Ok(()),
+            None if whole_acked => Ok(()),
+            _ if acked == 0 && self.local.is_none() => Err(io::Error::other(format!(
                 "volume {}: no replica holding data is reachable from this node",
-                self.spec.name
+                self.name
             ))),
-            _ => Ok(()),
+            _ => Err(io::Error::other(format!(
+                "volume {}: no UpToDate replica is reachable from this node",
+                self.name
+            ))),
         }
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.require_quorum()?;
+        let config = self.config();
+        self.require_quorum(&config)?;
         let _held = self.intervals.lock(offset, data.len() as u64);
         let mut h = Header::new(Kind::Write, self.next_id());
         h.offset = offset;
@@ -980,7 +1204,7 @@ impl ReplicatedVolume {
         if fua {
             h.flags |= FLAG_FUA;
         }
-        self.replicate(&h, data, |v| v.data().write_at(data, offset, fua))
+        self.replicate(&config, &h, data, |v| v.data().write_at(data, offset, fua))
     }
 
     pub fn write_zeroes(
@@ -991,31 +1215,37 @@ impl ReplicatedVolume {
         fast_only: bool,
         fua: bool,
     ) -> io::Result<()> {
-        self.require_quorum()?;
+        let config = self.config();
+        self.require_quorum(&config)?;
         let _held = self.intervals.lock(offset, len);
         let mut h = Header::new(Kind::Zero, self.next_id());
         h.offset = offset;
         h.length = len;
         h.flags = if fua { FLAG_FUA } else { 0 } | if may_punch { FLAG_MAY_PUNCH } else { 0 };
-        self.replicate(&h, &[], |v| {
+        self.replicate(&config, &h, &[], |v| {
             v.write_zeroes(offset, len, may_punch, fast_only, fua)
         })
     }
 
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.require_quorum()?;
+        let config = self.config();
+        self.require_quorum(&config)?;
         let _held = self.intervals.lock(offset, len);
         let mut h = Header::new(Kind::Trim, self.next_id());
         h.offset = offset;
         h.length = len;
         h.flags = if fua { FLAG_FUA } else { 0 };
-        self.replicate(&h, &[], |v| v.trim(offset, len, fua))
+        self.replicate(&config, &h, &[], |v| v.trim(offset, len, fua))
     }
 
     pub fn flush(&self) -> io::Result<()> {
-        self.replicate(&Header::new(Kind::Flush, self.next_id()), &[], |v| {
-            v.data().flush()
-        })
+        let config = self.config();
+        self.replicate(
+            &config,
+            &Header::new(Kind::Flush, self.next_id()),
+            &[],
+            |v| v.data().flush(),
+        )
     }
 
     /// The local replica when reads may be served from it: attached and UpToDate.
@@ -1034,7 +1264,8 @@ impl ReplicatedVolume {
                 return local.data().read_at(buf, offset);
             }
             let mut last = None;
-            for peer in self.data_peers() {
+            let config = self.config();
+            for peer in config.data_peers() {
                 if peer.remote().is_none_or(|s| s.disk != DiskState::UpToDate) {
                     continue;
                 }
@@ -1047,7 +1278,7 @@ impl ReplicatedVolume {
                 return Err(last.unwrap_or_else(|| {
                     io::Error::other(format!(
                         "volume {}: no UpToDate replica is reachable from this node",
-                        self.spec.name
+                        self.name
                     ))
                 }));
             }
@@ -1072,8 +1303,20 @@ impl ReplicatedVolume {
         }
     }
 
+    /// Whether this node can reach whole data: its own replica UpToDate, or a connected
+    /// UpToDate peer.
+    fn reaches_up_to_date(&self, config: &Config) -> bool {
+        self.local_up_to_date().is_some()
+            || config
+                .data_peers()
+                .iter()
+                .any(|p| p.remote().is_some_and(|s| s.disk == DiskState::UpToDate))
+    }
+
     /// Opens the volume on this node. Writing makes this node Primary, which is refused
-    /// while another node is Primary (unless two primaries are allowed).
+    /// while another node is Primary (unless two primaries are allowed), and while this
+    /// node reaches no UpToDate replica (a replica still being resynced, say, holds no
+    /// data to stand on).
     pub fn open(&self, writable: bool) -> Result<(), OpenRefused> {
         if !writable {
             return Ok(());
@@ -1086,34 +1329,51 @@ impl ReplicatedVolume {
                 return Ok(());
             }
         }
-        if !self.spec.options.allow_two_primaries {
-            if let Some(holder) = self
+        let config = self.config();
+        if !self.reaches_up_to_date(&config) {
+            // A peer may be reconnecting: give it as long as a dead one takes to be noticed.
+            let deadline = std::time::Instant::now() + crate::peer::DEAD_AFTER;
+            while !self.reaches_up_to_date(&self.config()) {
+                if std::time::Instant::now() >= deadline {
+                    return Err(OpenRefused(format!(
+                        "volume {}: node {} reaches no UpToDate replica (its own is {}); wait for a resync or for a replica to return",
+                        self.name,
+                        self.my_node,
+                        self.disk()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let config = self.config();
+        if !config.spec.options.allow_two_primaries {
+            if let Some(holder) = config
                 .peers
                 .iter()
                 .find(|p| p.remote().is_some_and(|s| s.role == Role::Primary))
             {
-                return Err(self.held_by(&holder.participant.node));
+                return Err(self.held_by(&holder.node));
             }
-            self.agree_promotion()?;
+            self.agree_promotion(&config)?;
         }
         *self.writers.lock().unwrap() = 1;
-        tracing::info!(volume = %self.spec.name, "promoted to Primary");
+        tracing::info!(volume = %self.name, "promoted to Primary");
         self.announce();
         Ok(())
     }
 
-    fn held_by(&self, node: &tandem_api::NodeName) -> OpenRefused {
+    fn held_by(&self, node: &NodeName) -> OpenRefused {
         OpenRefused(format!(
             "volume {} is open for writing on node {node}; close it there first",
-            self.spec.name
+            self.name
         ))
     }
 
     /// Asks every connected peer to agree that this node becomes Primary. Two nodes
     /// asking at once: the lower node id wins.
-    fn agree_promotion(&self) -> Result<(), OpenRefused> {
+    fn agree_promotion(&self, config: &Config) -> Result<(), OpenRefused> {
         self.promoting.store(true, Ordering::Release);
-        let asked: Vec<&Arc<Peer>> = self
+        let asked: Vec<&Arc<Peer>> = config
             .peers
             .iter()
             .filter(|p| p.connection() == ConnectionState::Connected)
@@ -1132,9 +1392,9 @@ impl ReplicatedVolume {
             Some((id, _)) => {
                 // Peers that agreed think this node is Primary now: correct them.
                 self.announce();
-                let node = self
+                let node = config
                     .peer(*id)
-                    .map_or_else(|| id.to_string(), |p| p.participant.node.to_string());
+                    .map_or_else(|| id.to_string(), |p| p.node.to_string());
                 Err(self.held_by(&node.parse().expect("participant names are valid")))
             }
             None => Ok(()),
@@ -1144,9 +1404,10 @@ impl ReplicatedVolume {
     /// A peer asks to become Primary: refused while this node is Primary, or is itself
     /// asking with a lower node id.
     fn promotion_asked(&self, peer: &Peer, from: NodeId) -> u32 {
+        let two = self.config().spec.options.allow_two_primaries;
         let busy = self.role() == Role::Primary
-            || (self.promoting.load(Ordering::Acquire) && self.me.node_id < from);
-        if busy && !self.spec.options.allow_two_primaries {
+            || (self.promoting.load(Ordering::Acquire) && self.my_id < from);
+        if busy && !two {
             return libc::EBUSY as u32;
         }
         if let Some(state) = peer.remote() {
@@ -1155,6 +1416,7 @@ impl ReplicatedVolume {
                 ..state
             });
         }
+        self.primary_appeared();
         0
     }
 
@@ -1168,10 +1430,10 @@ impl ReplicatedVolume {
             drop(writers);
             if let Some(al) = &self.al {
                 if let Err(e) = al.clear() {
-                    tracing::error!(volume = %self.spec.name, error = %e, "cannot clear the activity log");
+                    tracing::error!(volume = %self.name, error = %e, "cannot clear the activity log");
                 }
             }
-            tracing::info!(volume = %self.spec.name, "demoted to Secondary");
+            tracing::info!(volume = %self.name, "demoted to Secondary");
             self.announce();
         }
     }
@@ -1181,7 +1443,7 @@ impl ReplicatedVolume {
         let state = self.state().encode();
         let mut h = Header::new(Kind::State, 0);
         h.payload = state.len() as u32;
-        for p in &self.peers {
+        for p in &self.config().peers {
             let _ = p.send(&h, &state);
         }
     }
@@ -1192,7 +1454,9 @@ impl ReplicatedVolume {
     }
 
     pub fn status(&self) -> VolumeStatus {
-        let peers = self
+        let config = self.config();
+        let size = self.size();
+        let peers = config
             .peers
             .iter()
             .map(|p| {
@@ -1207,9 +1471,7 @@ impl ReplicatedVolume {
                     .as_ref()
                     .map_or(0, |t| t.lock().unwrap().bits.bytes());
                 let (replication, done) = match sync {
-                    _ if connection != ConnectionState::Connected
-                        || !p.participant.kind.diskful() =>
-                    {
+                    _ if connection != ConnectionState::Connected || !p.diskful => {
                         (ReplicationState::Off, None)
                     }
                     // The peer line shows the peer's part in the resync.
@@ -1228,7 +1490,7 @@ impl ReplicatedVolume {
                     Sync::Target => (ReplicationState::SyncSource, None),
                     Sync::Idle => (ReplicationState::Established, None),
                     Sync::Verifying { done } => {
-                        let pct = 100.0 * done as f64 / self.spec.size.max(1) as f64;
+                        let pct = 100.0 * done as f64 / size.max(1) as f64;
                         (
                             ReplicationState::VerifyT,
                             Some((pct * 100.0).floor() / 100.0),
@@ -1236,13 +1498,13 @@ impl ReplicatedVolume {
                     }
                 };
                 PeerStatus {
-                    node: p.participant.node.clone(),
-                    node_id: p.participant.node_id,
-                    kind: p.participant.kind,
+                    node: p.node.clone(),
+                    node_id: p.id,
+                    kind: p.kind(),
                     connection,
                     replication,
                     disk: remote.map_or(
-                        if p.participant.kind.diskful() {
+                        if p.diskful {
                             DiskState::DUnknown
                         } else {
                             DiskState::Diskless
@@ -1257,13 +1519,13 @@ impl ReplicatedVolume {
             })
             .collect();
         VolumeStatus {
-            name: self.spec.name.clone(),
-            node: self.me.node.clone(),
-            kind: self.me.kind,
+            name: self.name.clone(),
+            node: self.my_node.clone(),
+            kind: config.me.kind,
             role: self.role(),
             disk: self.disk(),
             open: self.is_open(),
-            quorum: self.has_quorum(),
+            quorum: config.has_quorum(),
             peers,
         }
     }
@@ -1271,7 +1533,7 @@ impl ReplicatedVolume {
     /// Makes every peer connect afresh, so the handshake decides again (after an
     /// invalidate, or after split brain was resolved).
     pub fn reconnect(&self) {
-        for p in &self.peers {
+        for p in &self.config().peers {
             p.unrefuse();
             p.disconnect();
         }
@@ -1283,19 +1545,19 @@ impl ReplicatedVolume {
         let Some(local) = &self.local else {
             return Err(format!(
                 "node {} holds no replica of volume {}",
-                self.me.node, self.spec.name
+                self.my_node, self.name
             ));
         };
         if *self.writers.lock().unwrap() > 0 {
             return Err(format!(
                 "volume {} is open on this node; close it first",
-                self.spec.name
+                self.name
             ));
         }
         local
             .update_superblock(|sb| sb.disk_state = DiskState::Inconsistent)
             .map_err(|e| e.to_string())?;
-        tracing::warn!(volume = %self.spec.name, "local replica invalidated: a full resync follows");
+        tracing::warn!(volume = %self.name, "local replica invalidated: a full resync follows");
         self.announce();
         self.reconnect();
         Ok(())
@@ -1303,14 +1565,14 @@ impl ReplicatedVolume {
 
     /// Resolves split brain: the node named `discard` gives up its data; every other
     /// node merely reconnects.
-    pub fn resolve(&self, discard: &tandem_api::NodeName) -> Result<(), String> {
-        if *discard == self.me.node {
+    pub fn resolve(&self, discard: &NodeName) -> Result<(), String> {
+        if *discard == self.my_node {
             return self.invalidate();
         }
-        if !self.peers.iter().any(|p| p.participant.node == *discard) {
+        if !self.config().peers.iter().any(|p| p.node == *discard) {
             return Err(format!(
                 "node {discard} is not a participant of volume {}",
-                self.spec.name
+                self.name
             ));
         }
         self.reconnect();
@@ -1319,7 +1581,7 @@ impl ReplicatedVolume {
 
     /// Closes every peer connection (the volume is being removed or replaced).
     pub fn shut_down(&self) {
-        for p in &self.peers {
+        for p in &self.config().peers {
             p.refuse("volume removed from this node".into());
         }
     }

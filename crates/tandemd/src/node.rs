@@ -334,10 +334,19 @@ impl Node {
 
     /// Makes this node a participant of a replicated volume as `spec` says: creates the
     /// local replica when this node is diskful and has none, and remembers the spec.
+    /// A volume open here changes in place (participants, kinds, size, options); a
+    /// change that would give or take this node's replica, or make it another volume,
+    /// is refused until it is closed here.
     pub fn set_spec(&self, spec: VolumeSpec) -> Result<VolumeStatus, NodeError> {
         spec.validate(&self.name).map_err(NodeError::BadSpec)?;
-        if self.replicator.get(&spec.name).is_some_and(|v| v.is_open()) {
-            return Err(NodeError::SpecInUse(spec.name.clone()));
+        if let Some(current) = self.replicator.get(&spec.name).filter(|v| v.is_open()) {
+            let me = spec.me(&self.name).expect("validated");
+            if let Err(why) = current.in_place(&spec, me, None) {
+                return Err(NodeError::Refused(format!(
+                    "volume {} is open on this node, and this change needs it closed here: {why}",
+                    spec.name
+                )));
+            }
         }
         let name = spec.name.clone();
         let path = self.specs.join(format!("{name}.json"));
@@ -366,14 +375,31 @@ impl Node {
         let me = spec.me(&self.name).ok_or_else(|| {
             NodeError::BadSpec(format!("node {} is not a participant", self.name))
         })?;
-        let local = if me.kind.diskful() {
+        let diskful = me.kind.diskful();
+        let local = if diskful {
             Some(self.local_replica(&spec, me.node_id)?)
         } else {
             None
         };
-        self.replicator
-            .apply(spec, local)
-            .map_err(NodeError::BadSpec)
+        let name = spec.name.clone();
+        let volume_id = spec.volume_id;
+        let volume = self.replicator.apply(spec, local).map_err(|e| match e {
+            tandem_replication::ApplyError::Invalid(why) => NodeError::BadSpec(why),
+            // Opened meanwhile (set_spec checked before).
+            tandem_replication::ApplyError::InUse(_) => NodeError::SpecInUse(name.clone()),
+        })?;
+        if !diskful {
+            // A replica this node kept from when it was diskful gets no writes any
+            // more: it must never pass for current if this node holds a replica again.
+            if let Some((_, Entry::Ready(v))) = self.find(&name) {
+                let sb = v.superblock();
+                if sb.volume_id == volume_id && sb.disk_state == tandem_api::DiskState::UpToDate {
+                    v.update_superblock(|sb| sb.disk_state = tandem_api::DiskState::Outdated)?;
+                    tracing::warn!(volume = %name, "this node is no longer diskful: its old replica is Outdated");
+                }
+            }
+        }
+        Ok(volume)
     }
 
     /// This node's replica of a spec'd volume, created empty if missing.

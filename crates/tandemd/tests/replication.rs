@@ -615,3 +615,280 @@ fn resizing_one_replica_of_a_replicated_volume_is_refused() {
         );
     }
 }
+
+/// The spec of `name` over `members` (node id = position) as JSON, to adjust before
+/// sending: participants marked `fresh`, options.
+fn spec_json(name: &str, size: u64, members: &[(&Node, Kind)], options: &str) -> serde_json::Value {
+    serde_json::from_str(&tandem_lab::spec(name, size, members, options)).unwrap()
+}
+
+/// Gives every node in `to` the spec.
+fn put_spec_to(to: &[&Node], name: &str, spec: &serde_json::Value) {
+    for n in to {
+        n.put_spec(name, &spec.to_string());
+    }
+}
+
+/// Panics if the verifying workload stopped (its client saw an error); then stops it.
+fn stop_writer(writer: &mut std::process::Child, nodes: &[&Node]) {
+    if let Some(status) = writer.try_wait().unwrap() {
+        panic!(
+            "the writer stopped ({status}): a write failed\n{}",
+            tandem_lab::logs(nodes)
+        );
+    }
+    let _ = writer.kill();
+    let _ = writer.wait();
+}
+
+#[test]
+fn participants_join_change_kind_and_leave_while_a_client_writes() {
+    use tandem_lab::workload;
+    let [a, b] = start_replicated("vm15", 32 * MIB, ["j1", "j2"], TWO_REPLICAS, "");
+    let c = Node::start("j3");
+    a.wait_connected("vm15", Duration::from_secs(20));
+    let dir = scratch("join");
+    let log = dir.join("acked.log");
+    let mut writer = workload::start(&a.unix_uri("vm15"), &log, 5, 0);
+    wait_for(
+        "the writer is under way",
+        Duration::from_secs(10),
+        &[&a],
+        || workload::acknowledged(&log).len() > 20,
+    );
+
+    // C joins as a diskless participant; live-migration style, two primaries are
+    // allowed for a while, so C can open the volume while A writes.
+    let two = r#""allow-two-primaries":true"#;
+    let with_c = spec_json(
+        "vm15",
+        32 * MIB,
+        &[
+            (&a, Kind::Diskful),
+            (&b, Kind::Diskful),
+            (&c, Kind::Diskless),
+        ],
+        two,
+    );
+    put_spec_to(&[&a, &b, &c], "vm15", &with_c);
+    c.wait_connected("vm15", Duration::from_secs(20));
+    let status = a.peer_status("vm15", "j3");
+    assert_eq!(status["kind"], "diskless", "{status:#}");
+    assert_eq!(a.status("vm15")["open"], true, "A kept its client");
+    // C reads back through its own export what A's client wrote.
+    let problems = workload::check(&c.unix_uri("vm15"), &log);
+    assert!(problems.is_empty(), "read through C: {problems:?}");
+    assert!(
+        !c.data_file("vm15").exists(),
+        "a diskless node holds no data"
+    );
+
+    // C becomes a tiebreaker; two primaries no longer.
+    let tiebreaker = spec_json(
+        "vm15",
+        32 * MIB,
+        &[
+            (&a, Kind::Diskful),
+            (&b, Kind::Diskful),
+            (&c, Kind::Tiebreaker),
+        ],
+        "",
+    );
+    put_spec_to(&[&a, &b, &c], "vm15", &tiebreaker);
+    a.wait_status("vm15", "C votes", Duration::from_secs(20), |s| {
+        s["peers"][1]["kind"] == "tiebreaker" && s["peers"][1]["connection"] == "Connected"
+    });
+    let on_c = c.status("vm15");
+    assert_eq!(on_c["kind"], "tiebreaker", "{on_c:#}");
+    assert_eq!(on_c["quorum"], true, "{on_c:#}");
+    let on_b = b.peer_status("vm15", "j3");
+    assert_eq!(on_b["kind"], "tiebreaker", "{on_b:#}");
+
+    // C leaves.
+    let without_c = spec_json(
+        "vm15",
+        32 * MIB,
+        &[(&a, Kind::Diskful), (&b, Kind::Diskful)],
+        "",
+    );
+    put_spec_to(&[&a, &b], "vm15", &without_c);
+    let r = c.api("DELETE", "/v1/node/volumes/vm15", None);
+    assert!(r.status < 300, "{}", r.body);
+    let status = a.status("vm15");
+    assert_eq!(status["peers"].as_array().unwrap().len(), 1, "{status:#}");
+    assert_eq!(status["quorum"], true, "{status:#}");
+
+    // The writer went on through all of it; every acknowledged write is on both.
+    std::thread::sleep(Duration::from_millis(500));
+    stop_writer(&mut writer, &[&a, &b, &c]);
+    a.wait_open("vm15", 0);
+    for n in [&a, &b] {
+        let problems = workload::check(&n.unix_uri("vm15"), &log);
+        assert!(problems.is_empty(), "on {}: {problems:?}", n.name);
+    }
+    assert_same_replicas(&a, &b, "vm15");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_volume_grows_while_open_and_new_connections_see_the_new_size() {
+    use tandem_lab::workload;
+    let nodes = start_replicated(
+        "vm17",
+        16 * MIB,
+        ["z1", "z2", "z3"],
+        [Kind::Diskful, Kind::Diskful, Kind::Diskless],
+        "",
+    );
+    nodes[2].wait_connected("vm17", Duration::from_secs(20));
+    let dir = scratch("grow");
+    let log = dir.join("acked.log");
+    let mut writer = workload::start(&nodes[0].unix_uri("vm17"), &log, 7, 0);
+    wait_for(
+        "the writer is under way",
+        Duration::from_secs(10),
+        &[&nodes[0]],
+        || workload::acknowledged(&log).len() > 20,
+    );
+
+    let grown = spec_json(
+        "vm17",
+        48 * MIB,
+        &[
+            (&nodes[0], Kind::Diskful),
+            (&nodes[1], Kind::Diskful),
+            (&nodes[2], Kind::Diskless),
+        ],
+        "",
+    );
+    // A grows first: the new space is refused while B has not grown yet.
+    nodes[0].put_spec("vm17", &grown.to_string());
+    let early = qemu_io_result(&mut qemu_io_command(
+        &["-f", "raw"],
+        &["write -P 0x11 40M 1M"],
+        &[&nodes[0].uri("vm17")],
+    ));
+    assert!(early.is_err(), "a write past B's end succeeded: {early:?}");
+    assert!(
+        nodes[0].plain_log().contains("does not reach offset"),
+        "{}",
+        nodes[0].log()
+    );
+    put_spec_to(&[&nodes[1], &nodes[2]], "vm17", &grown);
+    for n in &nodes[..2] {
+        assert_eq!(
+            std::fs::metadata(n.data_file("vm17")).unwrap().len(),
+            48 * MIB,
+            "{}",
+            n.name
+        );
+    }
+    // A second client on A (the writer keeps the first) sees the new size and writes
+    // past the old end.
+    let size = |n: &Node| -> u64 {
+        let out =
+            tandem_lab::run(nbdsh().args(["-u", &n.uri("vm17"), "-c", "print(h.get_size())"]));
+        out.trim().parse().unwrap()
+    };
+    assert_eq!(size(&nodes[0]), 48 * MIB);
+    qemu_io(
+        &nodes[0].uri("vm17"),
+        &["write -P 0x5d 20M 4M", "write -P 0x5e 47M 1M"],
+    );
+    for n in &nodes[..2] {
+        let file = n.data_file("vm17");
+        assert_eq!(
+            not_filled(&file, 20 * MIB, 4 * MIB, 0x5d),
+            None,
+            "{}",
+            n.name
+        );
+        assert_eq!(not_filled(&file, 47 * MIB, MIB, 0x5e), None, "{}", n.name);
+    }
+    stop_writer(&mut writer, &nodes.each_ref());
+    nodes[0].wait_open("vm17", 0);
+    // Every node's export is the new size now, the diskless one included, and reads
+    // past the old end there come over the network.
+    for n in &nodes {
+        assert_eq!(size(n), 48 * MIB, "{}", n.name);
+    }
+    qemu_io(
+        &nodes[2].uri("vm17"),
+        &[
+            "read -P 0x5d 20M 4M",
+            "read -P 0x5e 47M 1M",
+            "read -P 0 24M 8M",
+        ],
+    );
+    let problems = workload::check(&nodes[1].unix_uri("vm17"), &log);
+    assert!(problems.is_empty(), "{problems:?}");
+    // What the refused write left on A reached B once it had grown.
+    nodes[0].wait_status("vm17", "B has everything", Duration::from_secs(20), |s| {
+        s["peers"][0]["out-of-sync"] == 0
+    });
+    assert_same_replicas(&nodes[0], &nodes[1], "vm17");
+    assert!(
+        nodes[0].plain_log().contains("resync finished"),
+        "{}",
+        nodes[0].log()
+    );
+    // Shrinking is refused.
+    let small = spec_json(
+        "vm17",
+        16 * MIB,
+        &[
+            (&nodes[0], Kind::Diskful),
+            (&nodes[1], Kind::Diskful),
+            (&nodes[2], Kind::Diskless),
+        ],
+        "",
+    );
+    for n in &nodes {
+        let r = n.api(
+            "PUT",
+            "/v1/node/volumes/vm17/spec",
+            Some(&small.to_string()),
+        );
+        assert_eq!(r.status, 400, "{}: {}", n.name, r.body);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_node_cannot_gain_or_lose_its_replica_while_the_volume_is_open_there() {
+    let nodes = start_replicated("vm18", 16 * MIB, ["q1", "q2", "q3"], WITH_TIEBREAKER, "");
+    nodes[0].wait_connected("vm18", Duration::from_secs(20));
+    let holder = tandem_lab::HeldClient::start(&nodes[0].uri("vm18"), "h.pwrite(b'q' * 4096, 0)");
+    let diskless_a = spec_json(
+        "vm18",
+        16 * MIB,
+        &[
+            (&nodes[0], Kind::Diskless),
+            (&nodes[1], Kind::Diskful),
+            (&nodes[2], Kind::Tiebreaker),
+        ],
+        "",
+    );
+    let r = nodes[0].api(
+        "PUT",
+        "/v1/node/volumes/vm18/spec",
+        Some(&diskless_a.to_string()),
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("open on this node"),
+        "{}",
+        r.body
+    );
+    assert_eq!(nodes[0].status("vm18")["disk"], "UpToDate");
+    // Once closed there, the change is taken; the replica left behind is Outdated.
+    drop(holder);
+    nodes[0].wait_open("vm18", 0);
+    let status = nodes[0].put_spec("vm18", &diskless_a.to_string());
+    assert_eq!(status["disk"], "Diskless", "{status:#}");
+    let info = nodes[0].volume("vm18");
+    assert_eq!(info["disk"], "Outdated", "{info:#}");
+}
