@@ -417,8 +417,16 @@ impl Node {
             None => {
                 // Empty replicas created from one spec hold the same (zero) data, so they
                 // start at one generation derived from the volume id: no initial sync.
-                let generation =
-                    GenerationId(u64::from_le_bytes(spec.volume_id.0[..8].try_into().unwrap()) | 1);
+                // A replica added to a volume that may hold data (`fresh`) starts with
+                // no generation and Inconsistent: its first connection to an UpToDate
+                // replica resyncs it in full, and until then it is never read from
+                // nor stood on to become Primary.
+                let fresh = spec.participant(node_id).is_some_and(|p| p.fresh);
+                let generation = if fresh {
+                    GenerationId(0)
+                } else {
+                    GenerationId(u64::from_le_bytes(spec.volume_id.0[..8].try_into().unwrap()) | 1)
+                };
                 let new = NewVolume {
                     name: spec.name.clone(),
                     size: spec.size,
@@ -427,7 +435,14 @@ impl Node {
                     node_id,
                     generation,
                 };
-                self.replica_pool(spec)?.create(&new)?
+                let created = self.replica_pool(spec)?.create(&new)?;
+                if fresh {
+                    created.update_superblock(|sb| {
+                        sb.disk_state = tandem_api::DiskState::Inconsistent
+                    })?;
+                    tracing::info!(volume = %spec.name, "new replica for a volume that may hold data: Inconsistent until a full resync");
+                }
+                created
             }
         };
         let sb = volume.superblock();
@@ -448,6 +463,11 @@ impl Node {
         }
         if sb.node_id != node_id {
             volume.update_superblock(|sb| sb.node_id = node_id)?;
+        }
+        // A replica without a generation holds no data of its own (a fresh one whose
+        // creation was cut short before it was marked Inconsistent, say).
+        if sb.generations.current.0 == 0 && sb.disk_state == tandem_api::DiskState::UpToDate {
+            volume.update_superblock(|sb| sb.disk_state = tandem_api::DiskState::Inconsistent)?;
         }
         Ok(volume)
     }

@@ -731,6 +731,85 @@ fn participants_join_change_kind_and_leave_while_a_client_writes() {
 }
 
 #[test]
+fn a_fresh_replica_added_to_a_volume_in_use_is_resynced_in_full() {
+    use tandem_lab::workload;
+    let [a, b] = start_replicated("vm16", 64 * MIB, ["n1", "n2"], TWO_REPLICAS, "");
+    let c = Node::start("n3");
+    a.wait_connected("vm16", Duration::from_secs(20));
+    qemu_io(
+        &a.unix_uri("vm16"),
+        &[
+            "write -P 0x3c 0 24M",
+            "write -P 0x7e 40M 8M",
+            "write -z 30M 1M",
+        ],
+    );
+    let dir = scratch("fresh");
+    let log = dir.join("acked.log");
+    let mut writer = workload::start(&a.unix_uri("vm16"), &log, 6, 0);
+    wait_for(
+        "the writer is under way",
+        Duration::from_secs(10),
+        &[&a],
+        || workload::acknowledged(&log).len() > 20,
+    );
+
+    let mut spec = spec_json(
+        "vm16",
+        64 * MIB,
+        &[
+            (&a, Kind::Diskful),
+            (&b, Kind::Diskful),
+            (&c, Kind::Diskful),
+        ],
+        "",
+    );
+    spec["participants"][2]["fresh"] = true.into();
+    // C first: it cannot reach the others yet (they do not know it), so its new,
+    // empty replica is all it has, and that is no ground to stand on.
+    let status = c.put_spec("vm16", &spec.to_string());
+    assert_eq!(status["disk"], "Inconsistent", "{status:#}");
+    let refused = qemu_io_result(&mut qemu_io_command(
+        &["-f", "raw"],
+        &["read 0 4k"],
+        &[&c.uri("vm16")],
+    ));
+    let why = refused.expect_err("a fresh replica alone must not be opened");
+    assert!(why.contains("UpToDate"), "{why}");
+
+    put_spec_to(&[&a, &b], "vm16", &spec);
+    c.wait_status("vm16", "C is resynced", Duration::from_secs(45), |s| {
+        s["disk"] == "UpToDate"
+    });
+    a.wait_status("vm16", "A sees C UpToDate", Duration::from_secs(20), |s| {
+        s["peers"][1]["disk"] == "UpToDate" && s["peers"][1]["replication"] == "Established"
+    });
+    let sent = a.peer_status("vm16", "n3")["resync-transferred"]
+        .as_u64()
+        .unwrap();
+    assert!(sent >= 64 * MIB, "a full resync, holes included: {sent}");
+    stop_writer(&mut writer, &[&a, &b, &c]);
+    a.wait_open("vm16", 0);
+    for n in [&a, &b] {
+        n.wait_status(
+            "vm16",
+            "nothing left to send C",
+            Duration::from_secs(20),
+            |s| s["peers"][1]["out-of-sync"] == 0 && s["peers"][1]["disk"] == "UpToDate",
+        );
+    }
+    assert_same_replicas(&a, &c, "vm16");
+    assert_same_replicas(&a, &b, "vm16");
+    let problems = workload::check(&c.unix_uri("vm16"), &log);
+    assert!(problems.is_empty(), "read from C: {problems:?}");
+    // The flag only ever applies to a replica being created: sending it again (as a
+    // controller does) changes nothing.
+    let status = c.put_spec("vm16", &spec.to_string());
+    assert_eq!(status["disk"], "UpToDate", "{status:#}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn a_volume_grows_while_open_and_new_connections_see_the_new_size() {
     use tandem_lab::workload;
     let nodes = start_replicated(
