@@ -415,6 +415,19 @@ fn health_reports_a_killed_node_and_is_ok_once_healed() {
         let (code, out) = c.health();
         if code == 0 { Ok(()) } else { Err(out) }
     });
+    // The drbdadm-like status, from a node of the volume, through the controller.
+    let status = run(c.tandem().args(["volume", "status", "vm1"]));
+    assert!(status.starts_with("vm1 role:Secondary\n"), "{status}");
+    for node in &c.nodes {
+        assert!(
+            status.contains(&format!("  {} disk:", node.name)),
+            "{status}"
+        );
+    }
+    assert!(status.contains("replication:Established"), "{status}");
+    assert!(status.contains("tiebreaker:yes"), "{status}");
+    let verify = c.json(&["volume", "verify", "vm1"]);
+    assert_eq!(verify["peers"][0]["differing-blocks"], 0, "{verify:#}");
 }
 
 #[test]
@@ -499,4 +512,53 @@ fn a_node_holding_the_only_current_replica_is_not_deleted_unless_forced() {
         .tandem()
         .args(["node", "create", &x, &gone.api.to_string()]));
     c.wait_nodes_online();
+}
+
+#[test]
+fn replicas_move_between_nodes_and_keep_the_data() {
+    let c = Cluster::start("mv", 3);
+    run(c
+        .tandem()
+        .args(["volume", "create", "vm1", "--size", "64M"]));
+    let volumes = c.wait_up_to_date(CONVERGE);
+    let diskful = Cluster::participants(&volumes[0], "diskful");
+    let third = Cluster::participants(&volumes[0], "tiebreaker").remove(0);
+    qemu_io(
+        &c.node(&diskful[0]).uri("vm1"),
+        &["write -P 0x3c 0 8M", "write -P 0x7e 40M 2M", "flush"],
+    );
+    // The tiebreaker's node gets a replica: it starts empty and is fully resynced.
+    let v = c.json(&["volume", "replicas", "vm1", "--add", &third]);
+    assert_eq!(Cluster::participants(&v, "diskful").len(), 3, "{v:#}");
+    assert!(Cluster::participants(&v, "tiebreaker").is_empty(), "{v:#}");
+    c.wait_up_to_date(Duration::from_secs(60));
+    let added = c.node(&third);
+    tandem_lab::assert_same_replicas(c.node(&diskful[0]), added, "vm1");
+
+    // Then one of the original replicas goes.
+    let v = c.json(&["volume", "replicas", "vm1", "--remove", &diskful[0]]);
+    let mut left = Cluster::participants(&v, "diskful");
+    left.sort();
+    let mut want = vec![diskful[1].clone(), third.clone()];
+    want.sort();
+    assert_eq!(left, want);
+    let removed = c.node(&diskful[0]);
+    wait_for(
+        "the removed replica's files are gone",
+        CONVERGE,
+        &[removed],
+        || !removed.data_file("vm1").exists(),
+    );
+    c.wait_up_to_date(CONVERGE);
+    let read = qemu_io(
+        &added.uri("vm1"),
+        &[
+            "read -P 0x3c 0 8M",
+            "read -P 0x7e 40M 2M",
+            "read -P 0 8M 32M",
+        ],
+    );
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+    let stderr = c.fails(&["volume", "replicas", "vm1", "--remove", &diskful[0]]);
+    assert!(stderr.contains("holds no replica"), "{stderr}");
 }

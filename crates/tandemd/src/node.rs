@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use tandem_api::{
     ClusterId, CreatePool, CreateVolume, JoinCluster, NodeId, NodeInfo, NodeName, PoolInfo,
-    PoolName, ReplicaReport, UpdateVolume, VolumeInfo, VolumeName, VolumeSpec, VolumeStatus,
+    PoolName, ReplicaReport, UpdateVolume, VolumeId, VolumeInfo, VolumeName, VolumeSpec,
+    VolumeStatus,
 };
 use tandem_pool::{CacheMode, Entry, GenerationId, NewVolume, Pool, PoolError, Volume};
 use tandem_replication::{ReplicatedVolume, Replicator};
@@ -389,17 +390,38 @@ impl Node {
             tandem_replication::ApplyError::InUse(_) => NodeError::SpecInUse(name.clone()),
         })?;
         if !diskful {
-            // A replica this node kept from when it was diskful gets no writes any
-            // more: it must never pass for current if this node holds a replica again.
-            if let Some((_, Entry::Ready(v))) = self.find(&name) {
-                let sb = v.superblock();
-                if sb.volume_id == volume_id && sb.disk_state == tandem_api::DiskState::UpToDate {
-                    v.update_superblock(|sb| sb.disk_state = tandem_api::DiskState::Outdated)?;
-                    tracing::warn!(volume = %name, "this node is no longer diskful: its old replica is Outdated");
-                }
-            }
+            self.drop_former_replica(&name, volume_id)?;
         }
         Ok(volume)
+    }
+
+    /// A replica this node kept from when it was diskful gets no writes any more: it is
+    /// deleted (the volume's data lives on its current replicas), or, while something
+    /// still holds it, marked Outdated so it never passes for current if this node holds
+    /// a replica again.
+    fn drop_former_replica(&self, name: &VolumeName, volume_id: VolumeId) -> Result<(), NodeError> {
+        let Some((pool, Entry::Ready(v))) = self.find(name) else {
+            return Ok(());
+        };
+        let sb = v.superblock();
+        if sb.volume_id != volume_id {
+            return Ok(());
+        }
+        drop(v);
+        match pool.delete(name) {
+            Ok(()) => {
+                tracing::info!(volume = %name, pool = %pool.name(), "this node is no longer diskful: its former replica is deleted");
+            }
+            Err(e) => {
+                if let Some((_, Entry::Ready(v))) = self.find(name) {
+                    if v.superblock().disk_state == tandem_api::DiskState::UpToDate {
+                        v.update_superblock(|sb| sb.disk_state = tandem_api::DiskState::Outdated)?;
+                    }
+                }
+                tracing::warn!(volume = %name, error = %e, "this node is no longer diskful: its former replica is kept, Outdated");
+            }
+        }
+        Ok(())
     }
 
     /// This node's replica of a spec'd volume, created empty if missing.

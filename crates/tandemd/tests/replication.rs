@@ -963,11 +963,16 @@ fn a_node_cannot_gain_or_lose_its_replica_while_the_volume_is_open_there() {
         r.body
     );
     assert_eq!(nodes[0].status("vm18")["disk"], "UpToDate");
-    // Once closed there, the change is taken; the replica left behind is Outdated.
+    // Once closed there, the change is taken; the replica left behind is deleted (its
+    // data lives on the other replica).
     drop(holder);
     nodes[0].wait_open("vm18", 0);
     let status = nodes[0].put_spec("vm18", &diskless_a.to_string());
     assert_eq!(status["disk"], "Diskless", "{status:#}");
-    let info = nodes[0].volume("vm18");
-    assert_eq!(info["disk"], "Outdated", "{info:#}");
+    assert!(!nodes[0].data_file("vm18").exists());
+    let r = nodes[0].api("GET", "/v1/node/volumes/vm18", None);
+    assert_eq!(r.status, 404, "{}", r.body);
+    // It still serves the volume, over the network.
+    let read = tandem_lab::qemu_io(&nodes[0].uri("vm18"), &["read -P 0x71 0 4k"]);
+    assert!(!read.contains("failed"), "{read}");
 }
