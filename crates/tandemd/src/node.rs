@@ -306,7 +306,7 @@ impl Node {
             .into());
         }
         // The spec goes first: from then on a crash cannot bring the volume back.
-        let path = self.specs.join(format!("{name}.json"));
+        let path = self.spec_path(&name);
         let had_spec = crate::durable::remove(&path).map_err(|e| NodeError::SpecStore {
             name: name.clone(),
             source: e,
@@ -350,7 +350,7 @@ impl Node {
             }
         }
         let name = spec.name.clone();
-        let path = self.specs.join(format!("{name}.json"));
+        let path = self.spec_path(&name);
         let tmp = path.with_extension("json.tmp");
         let store = |e| NodeError::SpecStore {
             name: name.clone(),
@@ -424,6 +424,21 @@ impl Node {
         Ok(())
     }
 
+    fn spec_path(&self, name: &VolumeName) -> PathBuf {
+        self.specs.join(format!("{name}.json"))
+    }
+
+    /// Whether the spec this node stored for the volume made it hold a replica.
+    fn held_before(&self, spec: &VolumeSpec) -> bool {
+        std::fs::read_to_string(self.spec_path(&spec.name))
+            .ok()
+            .and_then(|text| serde_json::from_str::<VolumeSpec>(&text).ok())
+            .is_some_and(|stored| {
+                stored.volume_id == spec.volume_id
+                    && stored.me(&self.name).is_some_and(|p| p.kind.diskful())
+            })
+    }
+
     /// This node's replica of a spec'd volume, created empty if missing.
     fn local_replica(&self, spec: &VolumeSpec, node_id: NodeId) -> Result<Arc<Volume>, NodeError> {
         let _guard = self.creating.lock().unwrap();
@@ -443,7 +458,13 @@ impl Node {
                 // no generation and Inconsistent: its first connection to an UpToDate
                 // replica resyncs it in full, and until then it is never read from
                 // nor stood on to become Primary.
-                let fresh = spec.participant(node_id).is_some_and(|p| p.fresh);
+                // A replica this node held before and lost (files removed, disk
+                // replaced) is no different: its peers may hold data.
+                let lost = self.held_before(spec);
+                if lost {
+                    tracing::warn!(volume = %spec.name, "this node's replica is missing: recreated empty, to be resynced in full");
+                }
+                let fresh = lost || spec.participant(node_id).is_some_and(|p| p.fresh);
                 let generation = if fresh {
                     GenerationId(0)
                 } else {

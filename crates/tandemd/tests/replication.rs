@@ -976,3 +976,25 @@ fn a_node_cannot_gain_or_lose_its_replica_while_the_volume_is_open_there() {
     let read = tandem_lab::qemu_io(&nodes[0].uri("vm18"), &["read -P 0x71 0 4k"]);
     assert!(!read.contains("failed"), "{read}");
 }
+
+#[test]
+fn a_lost_replica_comes_back_empty_and_is_resynced_in_full() {
+    let mut nodes = start_replicated("vm19", 16 * MIB, ["l1", "l2", "l3"], WITH_TIEBREAKER, "");
+    nodes[0].wait_connected("vm19", Duration::from_secs(20));
+    nodes[0].qemu_io(
+        "vm19",
+        &["write -P 0x4d 0 6M", "write -P 0x2b 12M 1M", "flush"],
+    );
+    // l2 loses its replica's files while it is down (a disk replaced, say).
+    nodes[1].stop();
+    std::fs::remove_file(nodes[1].data_file("vm19")).unwrap();
+    std::fs::remove_file(nodes[1].data_file("vm19").with_extension("meta")).unwrap();
+    nodes[1].restart();
+    // It must not pass for current: it comes back empty and takes everything from l1.
+    nodes[1].wait_status("vm19", "UpToDate again", Duration::from_secs(60), |s| {
+        s["disk"] == "UpToDate"
+    });
+    assert_same_replicas(&nodes[0], &nodes[1], "vm19");
+    let read = nodes[1].qemu_io("vm19", &["read -P 0x4d 0 6M", "read -P 0x2b 12M 1M"]);
+    assert!(!read.contains("failed"), "{read}");
+}
