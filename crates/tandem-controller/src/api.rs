@@ -10,11 +10,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tandem_api::{
-    ApiError, ChangeReplicas, CreateClusterVolume, CreateNode, CreatePool, Group, GroupName,
-    KvValue, NodeName, OnNode, PoolName, ResizeVolume, StoreName, VolumeName,
+    ChangeReplicas, CreateClusterVolume, CreateNode, CreatePool, Group, GroupName, KvValue,
+    NodeName, OnNode, PoolName, ResizeVolume, StoreName, VolumeName,
 };
 
 use crate::controller::{Controller, Refusal, RefusalKind};
+use crate::http::{Failure, blocking};
 
 type Shared = State<Arc<Controller>>;
 
@@ -52,15 +53,6 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .with_state(controller)
 }
 
-/// An error response: the status for its kind and `{message, cause, correction}`.
-pub struct Failure(StatusCode, ApiError);
-
-impl IntoResponse for Failure {
-    fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
-    }
-}
-
 impl From<Refusal> for Failure {
     fn from(r: Refusal) -> Self {
         let status = match r.kind {
@@ -70,56 +62,7 @@ impl From<Refusal> for Failure {
             RefusalKind::Unreachable => StatusCode::BAD_GATEWAY,
             RefusalKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        tracing::debug!(message = %r.error.message, %status, "cluster API request refused");
         Failure(status, r.error)
-    }
-}
-
-fn bad_request(message: String, cause: String, correction: &str) -> Failure {
-    Failure(
-        StatusCode::BAD_REQUEST,
-        ApiError {
-            message,
-            cause: Some(cause),
-            correction: Some(correction.into()),
-        },
-    )
-}
-
-impl From<JsonRejection> for Failure {
-    fn from(r: JsonRejection) -> Self {
-        bad_request(
-            "request body is not valid".into(),
-            r.body_text(),
-            "send a JSON object with the fields /openapi.json documents",
-        )
-    }
-}
-
-impl From<PathRejection> for Failure {
-    fn from(r: PathRejection) -> Self {
-        bad_request(
-            "a name in the URL is not valid".into(),
-            r.body_text(),
-            "names use letters, digits, '_', '.', '-'",
-        )
-    }
-}
-
-/// Runs controller work (database writes, calls to nodes) off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Refusal> + Send + 'static,
-) -> Result<T, Failure> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result.map_err(Failure::from),
-        Err(e) => Err(Failure(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError {
-                message: "request handler failed".into(),
-                cause: Some(e.to_string()),
-                correction: Some("see the controller's tandemd log".into()),
-            },
-        )),
     }
 }
 

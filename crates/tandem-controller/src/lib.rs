@@ -4,6 +4,7 @@
 
 mod api;
 mod controller;
+pub mod http;
 mod model;
 mod node_client;
 mod openapi;

@@ -19,6 +19,8 @@ use tandem_api::{
 use tandem_pool::PoolError;
 
 use crate::cluster::ClusterError;
+use tandem_controller::http::{Failure, blocking};
+
 use crate::node::{Node, NodeError};
 use crate::pools::PoolsError;
 
@@ -97,28 +99,6 @@ async fn authenticate(State(node): Shared, req: Request, next: Next) -> Response
         }
     }
     next.run(req).await
-}
-
-/// An error response: status and `{message, cause, correction}`.
-struct Failure(StatusCode, ApiError);
-
-impl IntoResponse for Failure {
-    fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
-    }
-}
-
-impl From<JsonRejection> for Failure {
-    fn from(r: JsonRejection) -> Self {
-        Failure(
-            StatusCode::BAD_REQUEST,
-            ApiError {
-                message: "request body is not valid".into(),
-                cause: Some(r.body_text()),
-                correction: Some("send a JSON object with the documented fields".into()),
-            },
-        )
-    }
 }
 
 impl From<NodeError> for Failure {
@@ -206,7 +186,6 @@ impl From<NodeError> for Failure {
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "see the tandemd log on this node".into()),
             },
         };
-        tracing::debug!(%message, %status, "API request failed");
         Failure(
             status,
             ApiError {
@@ -229,23 +208,6 @@ fn volume_name(raw: &str) -> Result<VolumeName, Failure> {
             },
         )
     })
-}
-
-/// Runs blocking pool work (fsync, fallocate) off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
-) -> Result<T, Failure> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result.map_err(Failure::from),
-        Err(e) => Err(Failure(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError {
-                message: "request handler failed".into(),
-                cause: Some(e.to_string()),
-                correction: None,
-            },
-        )),
-    }
 }
 
 async fn node_info(State(node): Shared) -> impl IntoResponse {
