@@ -562,3 +562,27 @@ fn replicas_move_between_nodes_and_keep_the_data() {
     let stderr = c.fails(&["volume", "replicas", "vm1", "--remove", &diskful[0]]);
     assert!(stderr.contains("holds no replica"), "{stderr}");
 }
+
+#[test]
+fn a_third_node_that_joins_becomes_the_tiebreaker_of_two_replica_volumes() {
+    let mut c = Cluster::start("tb", 2);
+    run(c
+        .tandem()
+        .args(["volume", "create", "vm1", "--size", "64M"]));
+    let v = c.wait_up_to_date(CONVERGE);
+    assert!(
+        Cluster::participants(&v[0], "tiebreaker").is_empty(),
+        "{v:#}"
+    );
+    let third = tandem_lab::Node::start("tb3");
+    run(c
+        .tandem()
+        .args(["node", "create", "tb3", &third.api.to_string()]));
+    c.nodes.push(third);
+    wait_for("tb3 is the tiebreaker of vm1", CONVERGE, &[], || {
+        let v = c.json(&["volume", "show", "vm1"]);
+        Cluster::participants(&v, "tiebreaker") == ["tb3"]
+    });
+    c.wait_up_to_date(CONVERGE);
+    assert_eq!(c.held_by("tb3"), ["vm1"]);
+}

@@ -839,6 +839,40 @@ impl Controller {
         Ok(report)
     }
 
+    /// Gives a tiebreaker to every two-replica volume without one, where a node is free
+    /// for it (volumes created while only their two nodes were online).
+    pub(crate) fn settle_tiebreakers(&self) {
+        let mut d = self.desired();
+        let candidates = self.snapshot(&d, |s| candidates_for(s, None, None));
+        let changed: Vec<(VolumeName, VolumeRow)> = d
+            .model
+            .volumes
+            .iter()
+            .filter_map(|(name, v)| {
+                let others = retaken(&candidates, v);
+                let mut v2 = v.clone();
+                settle_tiebreaker(&mut v2, &others);
+                (v2 != *v).then(|| (name.clone(), v2))
+            })
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        let result = self.commit(
+            &mut d,
+            |w| changed.iter().try_for_each(|(n, v)| w.volume(n, v)),
+            |m| {
+                for (n, v) in changed.clone() {
+                    m.volumes.insert(n, v);
+                }
+            },
+        );
+        match result {
+            Ok(()) => tracing::info!(volumes = changed.len(), "tiebreakers added"),
+            Err(e) => tracing::error!(error = %e.error, "cannot record new tiebreakers"),
+        }
+    }
+
     // ---- key-value stores ----
 
     pub fn kv_list(&self, store: &StoreName) -> Vec<KvEntry> {

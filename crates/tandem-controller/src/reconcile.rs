@@ -195,6 +195,10 @@ fn converge(
             failures,
         }
     });
+    if was != NodeState::Online {
+        // A node that comes online may be the third vote a two-replica volume lacks.
+        c.settle_tiebreakers();
+    }
     Ok(())
 }
 
