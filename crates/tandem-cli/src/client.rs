@@ -10,7 +10,13 @@ use tandem_api::ApiError;
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// The cluster API's access token (`TANDEM_TOKEN`), when it requires one.
+    token: Option<String>,
 }
+
+/// Environment variable holding the cluster API's access token (kept out of the command
+/// line, where other users could read it).
+pub const TOKEN_VAR: &str = "TANDEM_TOKEN";
 
 pub enum CliError {
     /// The API answered with an error.
@@ -50,6 +56,7 @@ impl Client {
         Client {
             base: base.trim_end_matches('/').to_owned(),
             agent,
+            token: std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty()),
         }
     }
 
@@ -66,6 +73,9 @@ impl Client {
         let mut req = ureq::http::Request::builder().method(method).uri(&url);
         if body.is_some() {
             req = req.header("content-type", "application/json");
+        }
+        if let Some(token) = &self.token {
+            req = req.header("authorization", format!("Bearer {token}"));
         }
         let req = req
             .body(body.unwrap_or_default())

@@ -586,3 +586,76 @@ fn a_third_node_that_joins_becomes_the_tiebreaker_of_two_replica_volumes() {
     c.wait_up_to_date(CONVERGE);
     assert_eq!(c.held_by("tb3"), ["vm1"]);
 }
+
+#[test]
+fn the_cluster_api_can_require_a_token() {
+    let dir = tandem_lab::scratch("token");
+    let file = dir.join("token");
+    std::fs::write(&file, "correct-horse-battery-staple\n").unwrap();
+    let node = tandem_lab::Node::start_with(
+        "tok1",
+        &["--controller", "--api-token-file", file.to_str().unwrap()],
+    );
+    let r = http("GET", &node.url("/v1/volumes"), None).unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("access token"),
+        "{}",
+        r.body
+    );
+    let r = tandem_lab::http_as(
+        Some("wrong-horse-battery-staple"),
+        "GET",
+        &node.url("/v1/volumes"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
+    // The API description stays readable.
+    assert_eq!(
+        http("GET", &node.url("/openapi.json"), None)
+            .unwrap()
+            .status,
+        200
+    );
+
+    let out = tandem_lab::output(node.tandem().args(["volume", "list"]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TANDEM_TOKEN"));
+    let out = tandem_lab::output(node.tandem().arg("health"));
+    assert_eq!(out.status.code(), Some(2));
+    let listed = run(node
+        .tandem()
+        .env("TANDEM_TOKEN", "correct-horse-battery-staple")
+        .args([
+            "-o",
+            "json",
+            "volume",
+            "create",
+            "vm1",
+            "--size",
+            "64M",
+            "--replicas",
+            "1",
+        ]));
+    assert!(listed.contains("\"vm1\""), "{listed}");
+
+    // A token file that is too short stops tandemd at start, saying why.
+    std::fs::write(&file, "short\n").unwrap();
+    let out = tandem_lab::output(
+        std::process::Command::new(tandem_lab::tandemd_bin())
+            .args(["--name", "tok2", "--controller", "--api-token-file"])
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(dir.join("tok2")),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at least 16"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

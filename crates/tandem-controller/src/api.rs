@@ -2,9 +2,11 @@
 
 use std::sync::Arc;
 
+use axum::extract::Request;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -15,14 +17,50 @@ use tandem_api::{
 };
 
 use crate::controller::{Controller, Refusal, RefusalKind};
-use crate::http::{Failure, blocking};
+use crate::http::{Failure, authorized, blocking};
 
 type Shared = State<Arc<Controller>>;
 
-/// The routes of the cluster API.
-pub fn router(controller: Arc<Controller>) -> Router {
+/// The routes of the cluster API; with `token`, every route but `/openapi.json` needs
+/// it as a bearer token.
+pub fn router(controller: Arc<Controller>, token: Option<String>) -> Router {
+    let api = routes(controller);
+    let api = match token {
+        None => api,
+        Some(token) => {
+            let token: Arc<str> = token.into();
+            api.layer(axum::middleware::from_fn(move |req, next| {
+                require_token(token.clone(), req, next)
+            }))
+        }
+    };
     Router::new()
         .route("/openapi.json", get(openapi))
+        .merge(api)
+}
+
+async fn require_token(token: Arc<str>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if authorized(header, &token) {
+        return next.run(req).await;
+    }
+    let mut response = Failure::new(
+        StatusCode::UNAUTHORIZED,
+        "the cluster API needs its access token",
+        "give it to the CLI in TANDEM_TOKEN, or send `Authorization: Bearer TOKEN`",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+fn routes(controller: Arc<Controller>) -> Router {
+    Router::new()
         .route("/v1/cluster", get(cluster))
         .route("/v1/health", get(health))
         .route("/v1/nodes", get(nodes).post(create_node))

@@ -77,3 +77,51 @@ where
         }
     }
 }
+
+/// Equality whose time depends only on the length of `expected`, not on where the
+/// first difference is.
+pub fn same_secret(given: &str, expected: &str) -> bool {
+    let (given, expected) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= given.get(i).copied().unwrap_or(0) ^ e;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header value.
+fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
+}
+
+/// Whether an `Authorization` header carries `secret` as its bearer token.
+pub fn authorized(header: Option<&str>, secret: &str) -> bool {
+    header
+        .and_then(bearer)
+        .is_some_and(|given| same_secret(given, secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret("abcdef", "abcdef"));
+        for other in ["abcdeg", "abcde", "abcdefg", ""] {
+            assert!(!same_secret(other, "abcdef"), "{other}");
+        }
+    }
+
+    #[test]
+    fn bearer_header_is_parsed_case_insensitively() {
+        assert!(authorized(Some("Bearer s3cret"), "s3cret"));
+        assert!(authorized(Some("bearer  s3cret"), "s3cret"));
+        assert!(!authorized(Some("Basic s3cret"), "s3cret"));
+        assert!(!authorized(Some("s3cret"), "s3cret"));
+        assert!(!authorized(None, "s3cret"));
+    }
+}

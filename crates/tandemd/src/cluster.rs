@@ -57,24 +57,6 @@ pub fn check_secret(secret: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Equality whose time depends only on the length of `expected`, not on where the
-/// first difference is.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = u8::from(given.len() != expected.len());
-    for (i, e) in expected.iter().enumerate() {
-        diff |= given.get(i).copied().unwrap_or(0) ^ e;
-    }
-    std::hint::black_box(diff) == 0
-}
-
-/// The secret of an `Authorization: Bearer SECRET` header value.
-pub fn bearer(header: &str) -> Option<&str> {
-    let (scheme, token) = header.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim_start())
-}
-
 pub struct Membership {
     path: PathBuf,
     current: RwLock<Option<JoinCluster>>,
@@ -130,7 +112,7 @@ impl Membership {
         let mut current = self.current.write().unwrap();
         if let Some(joined) = current.as_ref() {
             let same_id = joined.cluster_id == req.cluster_id;
-            if same_id && same_secret(req.secret.as_bytes(), joined.secret.as_bytes()) {
+            if same_id && tandem_controller::http::same_secret(&req.secret, &joined.secret) {
                 return Ok(());
             }
             return Err(ClusterError::OtherCluster {
@@ -172,9 +154,10 @@ impl Membership {
         let Some(joined) = current.as_ref() else {
             return Ok(());
         };
-        match header.and_then(bearer) {
-            Some(given) if same_secret(given.as_bytes(), joined.secret.as_bytes()) => Ok(()),
-            _ => Err(joined.cluster_id),
+        if tandem_controller::http::authorized(header, &joined.secret) {
+            Ok(())
+        } else {
+            Err(joined.cluster_id)
         }
     }
 }
@@ -182,23 +165,6 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"abcdef", b"abcdef"));
-        assert!(!same_secret(b"abcdeg", b"abcdef"));
-        assert!(!same_secret(b"abcde", b"abcdef"));
-        assert!(!same_secret(b"abcdefg", b"abcdef"));
-        assert!(!same_secret(b"", b"abcdef"));
-    }
-
-    #[test]
-    fn bearer_header_is_parsed_case_insensitively() {
-        assert_eq!(bearer("Bearer s3cret"), Some("s3cret"));
-        assert_eq!(bearer("bearer  s3cret"), Some("s3cret"));
-        assert_eq!(bearer("Basic s3cret"), None);
-        assert_eq!(bearer("s3cret"), None);
-    }
 
     #[test]
     fn secrets_must_be_long_and_printable() {

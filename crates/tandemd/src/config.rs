@@ -68,6 +68,10 @@ pub struct Options {
     #[arg(long)]
     #[serde(default)]
     pub controller: bool,
+    /// File holding the access token the cluster API requires (as `Authorization:
+    /// Bearer TOKEN`); the API is open to anyone reaching it when absent.
+    #[arg(long, value_name = "FILE")]
+    pub api_token_file: Option<PathBuf>,
 }
 
 /// Settings after merging and defaults.
@@ -84,6 +88,24 @@ pub struct Settings {
     pub cache: CacheMode,
     pub tls: Option<Tls>,
     pub controller: bool,
+    /// The cluster API's access token.
+    pub api_token: Option<String>,
+}
+
+/// Shortest access token accepted: guessing must be hopeless.
+const MIN_TOKEN_LEN: usize = 16;
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the API token file {}", path.display()))?;
+    let token = text.trim();
+    if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        bail!(
+            "the API token in {} must be at least {MIN_TOKEN_LEN} printable characters without spaces",
+            path.display()
+        );
+    }
+    Ok(token.to_owned())
 }
 
 #[derive(Debug)]
@@ -205,6 +227,11 @@ impl Options {
             cache,
             tls,
             controller: self.controller || file.controller,
+            api_token: match self.api_token_file.or(file.api_token_file) {
+                Some(path) if self.controller || file.controller => Some(read_token(&path)?),
+                Some(_) => bail!("api-token-file protects the cluster API: it needs controller"),
+                None => None,
+            },
         })
     }
 }

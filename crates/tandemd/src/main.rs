@@ -137,7 +137,10 @@ fn run(settings: Settings) -> anyhow::Result<()> {
                 own_api.to_string(),
             )
             .context("starting the controller")?;
-            routes = routes.merge(tandem_controller::router(controller));
+            routes = routes.merge(tandem_controller::router(
+                controller,
+                settings.api_token.clone(),
+            ));
             tracing::info!(addr = %settings.api_listen, "serving the cluster API");
         }
         axum::serve(api, routes)
