@@ -133,22 +133,21 @@ impl Controller {
             d.model.cluster.clone()
         };
         let client = NodeClient::new(&req.address, &cluster.secret);
-        let info =
-            crate::reconcile::admit(&client, &req.name, &req.address, &cluster).map_err(|t| {
-                let kind = if t.unreachable { Unreachable } else { Conflict };
-                Refusal::new(
-                    kind,
-                    format!(
-                        "node {} at {} cannot join the cluster",
-                        req.name, req.address
-                    ),
-                    format!(
-                        "start tandemd on that host with --name {} --api-listen {}, then retry",
-                        req.name, req.address
-                    ),
-                )
-                .with_cause(t.why)
-            })?;
+        crate::reconcile::admit(&client, &req.name, &req.address, &cluster).map_err(|t| {
+            let kind = if t.unreachable { Unreachable } else { Conflict };
+            Refusal::new(
+                kind,
+                format!(
+                    "node {} at {} cannot join the cluster",
+                    req.name, req.address
+                ),
+                format!(
+                    "start tandemd on that host with --name {} --api-listen {}, then retry",
+                    req.name, req.address
+                ),
+            )
+            .with_cause(t.why)
+        })?;
         let row = NodeRow {
             address: req.address.clone(),
             peer_address: String::new(),
@@ -170,8 +169,9 @@ impl Controller {
                 },
             )?;
         }
-        crate::reconcile::remember_node(self, &req.name, &row, &info);
         tracing::info!(node = %req.name, address = %req.address, "node joined the cluster");
+        // A first visit now, so the answer shows the node as it is.
+        self.revisit(&req.name);
         self.reconcile(req.name.clone());
         self.node(&req.name)
     }
