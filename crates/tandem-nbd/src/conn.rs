@@ -7,7 +7,6 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::tls;
 
 /// A connection's stream during negotiation.
 pub(crate) enum Conn {
@@ -96,7 +95,7 @@ impl Conn {
             Conn::Tls(stream) => {
                 let rustls::StreamOwned { conn, sock } = *stream;
                 sock.set_nodelay(true)?;
-                let plain = tls::spawn_pump(conn, sock)?;
+                let plain = tandem_tls::spawn_pump(conn, sock, "nbd")?;
                 Transport {
                     reader: Box::new(plain.try_clone()?),
                     writer: Box::new(plain),

@@ -13,10 +13,8 @@ mod handshake;
 pub mod proto;
 mod reply;
 mod server;
-mod tls;
 mod transmission;
 
 pub use export::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, ZeroMode};
 pub use handshake::TlsPolicy;
 pub use server::Server;
-pub use tls::{TlsError, server_config};

@@ -100,7 +100,7 @@ fn run(settings: Settings) -> anyhow::Result<()> {
     let tls = match &settings.tls {
         None => TlsPolicy::Off,
         Some(t) => {
-            let config = tandem_nbd::server_config(&t.cert, &t.key, t.client_ca.as_deref())?;
+            let config = tandem_tls::server_config(&t.cert, &t.key, t.client_ca.as_deref())?;
             if t.required {
                 TlsPolicy::Required(config)
             } else {
