@@ -12,6 +12,7 @@ use tandem_pool::Volume;
 
 use crate::change::NotInPlace;
 use crate::peer::{DEAD_AFTER, Peer};
+use crate::stream::{PeerStream, PeerTls};
 use crate::volume::ReplicatedVolume;
 use crate::wire::{self, Header, Hello, Kind, WireError};
 
@@ -43,15 +44,22 @@ impl std::fmt::Display for ApplyError {
 pub struct Replicator {
     node: NodeName,
     volumes: RwLock<HashMap<VolumeName, Arc<ReplicatedVolume>>>,
+    /// Mutual TLS on every peer connection, both ways, when configured.
+    tls: Option<PeerTls>,
 }
 
 impl Replicator {
     /// Starts serving peers on `listener`, with a background thread for keepalives and
-    /// reconnection.
-    pub fn start(node: NodeName, listener: TcpListener) -> io::Result<Arc<Replicator>> {
+    /// reconnection; with `tls`, every peer connection runs under mutual TLS.
+    pub fn start(
+        node: NodeName,
+        listener: TcpListener,
+        tls: Option<PeerTls>,
+    ) -> io::Result<Arc<Replicator>> {
         let replicator = Arc::new(Replicator {
             node,
             volumes: RwLock::default(),
+            tls,
         });
         let r = replicator.clone();
         std::thread::Builder::new()
@@ -152,11 +160,14 @@ impl Replicator {
     }
 
     /// Serves an incoming connection: its Hello names the volume and the peer.
-    fn accept(&self, mut stream: TcpStream) {
-        let from = stream
+    fn accept(&self, sock: TcpStream) {
+        let from = sock
             .peer_addr()
             .map_or_else(|_| "?".into(), |a| a.to_string());
         let result = (|| -> Result<(), WireError> {
+            sock.set_read_timeout(Some(HELLO_TIMEOUT))?;
+            let mut stream = PeerStream::accept(sock, self.tls.as_ref())
+                .map_err(|e| WireError::Refused(format!("TLS handshake failed: {e}")))?;
             stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
             let hello = read_hello(&mut stream)?;
             let volume = self.find(&hello).ok_or_else(|| {
@@ -191,10 +202,11 @@ impl Replicator {
                 } else if volume.my_id() < peer.id && peer.dial_due() {
                     // The lower node id dials, so each pair has one connection.
                     let (volume, peer) = (volume.clone(), peer.clone());
+                    let tls = self.tls.clone();
                     let spawned = std::thread::Builder::new().name("peer-dial".into()).spawn({
                         let peer = peer.clone();
                         move || {
-                            dial(&volume, &peer);
+                            dial(&volume, &peer, tls.as_ref());
                             peer.dialed();
                         }
                     });
@@ -214,14 +226,17 @@ impl Replicator {
     }
 }
 
-fn dial(volume: &Arc<ReplicatedVolume>, peer: &Arc<Peer>) {
+fn dial(volume: &Arc<ReplicatedVolume>, peer: &Arc<Peer>, tls: Option<&PeerTls>) {
     let target = peer;
     let result = (|| -> Result<(), WireError> {
         let addr: SocketAddr = target
             .address
             .parse()
             .map_err(|_| WireError::Refused("bad address".into()))?;
-        let mut stream = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)?;
+        let sock = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)?;
+        sock.set_read_timeout(Some(HELLO_TIMEOUT))?;
+        let mut stream = PeerStream::dial(sock, addr.ip(), tls)
+            .map_err(|e| WireError::Refused(format!("TLS handshake failed: {e}")))?;
         stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
         send_hello(&mut stream, &volume.hello(target.id))?;
         let hello = read_hello(&mut stream)?;
@@ -246,14 +261,14 @@ fn dial(volume: &Arc<ReplicatedVolume>, peer: &Arc<Peer>) {
     }
 }
 
-fn send_hello(stream: &mut TcpStream, hello: &Hello) -> io::Result<()> {
+fn send_hello(stream: &mut PeerStream, hello: &Hello) -> io::Result<()> {
     let body = hello.encode();
     let mut h = Header::new(Kind::Hello, 0);
     h.payload = body.len() as u32;
     wire::send(stream, &h, &body)
 }
 
-fn read_hello(stream: &mut TcpStream) -> Result<Hello, WireError> {
+fn read_hello(stream: &mut PeerStream) -> Result<Hello, WireError> {
     let h = wire::read_header(stream)?;
     if h.kind != Kind::Hello {
         return Err(WireError::Malformed(format!(

@@ -15,10 +15,12 @@ mod engine;
 mod interval;
 mod peer;
 mod resync;
+mod stream;
 mod volume;
 pub mod wire;
 mod workers;
 
 pub use change::NotInPlace;
 pub use engine::{ApplyError, Replicator};
+pub use stream::PeerTls;
 pub use volume::{OpenRefused, ReplicatedVolume};

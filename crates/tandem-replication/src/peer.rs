@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use tandem_api::{ConnectionState, NodeId, NodeName, Participant, ParticipantKind
 
 use crate::bitmap::Bitmap;
 use crate::completion::Completion;
+use crate::stream::PeerStream;
 use crate::wire::{self, Header, State};
 
 /// A peer silent for this long is declared dead and its connection closed.
@@ -24,7 +24,7 @@ enum Link {
     /// No connection; dialing or waiting to be dialed.
     Down,
     /// A live connection. `epoch` tells its receiver apart from older ones.
-    Up { writer: TcpStream, epoch: u64 },
+    Up { writer: PeerStream, epoch: u64 },
     /// Refused for a reason that retrying cannot fix (shown as StandAlone).
     Refused(String),
 }
@@ -195,12 +195,12 @@ impl Peer {
     /// Makes `stream` the live connection; returns its epoch. A previous connection is
     /// closed (its receiver notices and detaches with its own, older epoch). Refused
     /// while the peer is refused (a connection that raced with a removal, say).
-    pub fn attach(&self, stream: &TcpStream, remote: State) -> io::Result<u64> {
+    pub fn attach(&self, stream: &PeerStream, remote: State) -> io::Result<u64> {
         let writer = stream.try_clone()?;
         let mut link = self.link.lock().unwrap();
         match &*link {
             Link::Up { writer: old, .. } => {
-                let _ = old.shutdown(Shutdown::Both);
+                let _ = old.shutdown();
             }
             Link::Refused(why) => {
                 return Err(io::Error::new(
@@ -225,7 +225,7 @@ impl Peer {
         let mut link = self.link.lock().unwrap();
         match &*link {
             Link::Up { epoch: e, writer } if *e == epoch => {
-                let _ = writer.shutdown(Shutdown::Both);
+                let _ = writer.shutdown();
                 *link = Link::Down;
             }
             // Refused while connected (the participant left, say): no newer connection
@@ -254,7 +254,7 @@ impl Peer {
     pub fn refuse(&self, reason: String) {
         let mut link = self.link.lock().unwrap();
         if let Link::Up { writer, .. } = &*link {
-            let _ = writer.shutdown(Shutdown::Both);
+            let _ = writer.shutdown();
         }
         *link = Link::Refused(reason);
     }
@@ -270,7 +270,7 @@ impl Peer {
     /// Closes the live connection (dead peer, shutdown); its receiver detaches.
     pub fn disconnect(&self) {
         if let Link::Up { writer, .. } = &*self.link.lock().unwrap() {
-            let _ = writer.shutdown(Shutdown::Both);
+            let _ = writer.shutdown();
         }
     }
 
@@ -287,7 +287,7 @@ impl Peer {
         match &result {
             Ok(()) => *self.last_sent.lock().unwrap() = Instant::now(),
             Err(_) => {
-                let _ = writer.shutdown(Shutdown::Both);
+                let _ = writer.shutdown();
             }
         }
         result

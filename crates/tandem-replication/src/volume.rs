@@ -3,7 +3,6 @@
 //! every connected peer that holds data.
 
 use std::io::{self, BufReader};
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,6 +19,7 @@ use crate::bitmap::Bitmap;
 use crate::completion::Completion;
 use crate::interval::IntervalLock;
 use crate::peer::{Peer, Sync, Tracked};
+use crate::stream::PeerStream;
 use crate::wire::{
     self, Buffer, FLAG_FUA, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Hello, Kind, State, WireError,
 };
@@ -534,10 +534,10 @@ impl ReplicatedVolume {
     pub(crate) fn establish(
         self: &Arc<Self>,
         peer: Arc<Peer>,
-        stream: TcpStream,
+        stream: PeerStream,
         hello: &Hello,
     ) -> io::Result<()> {
-        stream.set_nodelay(true)?;
+        stream.set_nodelay()?;
         // Each side tells the other which ranges it knows to differ (its bitmap for
         // the peer, plus extents left in its activity log by a crash); the resync
         // covers both sets.
@@ -597,7 +597,7 @@ impl ReplicatedVolume {
         drop(self.resync_gate.write().unwrap());
     }
 
-    fn receive(self: Arc<Self>, peer: Arc<Peer>, stream: TcpStream, epoch: u64) {
+    fn receive(self: Arc<Self>, peer: Arc<Peer>, stream: PeerStream, epoch: u64) {
         let mut reader = BufReader::with_capacity(256 << 10, stream);
         let mut workers = {
             let (volume, peer) = (self.clone(), peer.clone());
@@ -882,7 +882,7 @@ impl ReplicatedVolume {
     fn handle(
         self: &Arc<Self>,
         peer: &Peer,
-        r: &mut BufReader<TcpStream>,
+        r: &mut BufReader<PeerStream>,
         workers: &mut Workers<(Header, Buffer)>,
     ) -> Result<(), WireError> {
         let h = wire::read_header(r)?;
@@ -1588,7 +1588,7 @@ impl ReplicatedVolume {
 }
 
 /// Whether another message has (at least partly) arrived already.
-fn more_waiting(r: &BufReader<TcpStream>) -> bool {
+fn more_waiting(r: &BufReader<PeerStream>) -> bool {
     if !r.buffer().is_empty() {
         return true;
     }
@@ -1635,7 +1635,7 @@ fn coarsen(ranges: &mut Vec<(u64, u64)>) {
 
 /// Sends this side's differing ranges and reads the peer's (one OutOfSync message
 /// each way, right after Hello).
-fn exchange_ranges(stream: &TcpStream, mine: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, WireError> {
+fn exchange_ranges(stream: &PeerStream, mine: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, WireError> {
     let payload: Vec<u8> = mine
         .iter()
         .flat_map(|(o, l)| [o.to_be_bytes(), l.to_be_bytes()].concat())

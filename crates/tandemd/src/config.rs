@@ -59,6 +59,16 @@ pub struct Options {
     /// PEM CA certificates; when set, NBD clients must present a certificate it signed.
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    /// PEM certificate chain of this node for mutual TLS between peers (with
+    /// --peer-tls-key and --peer-tls-ca: every peer connection then runs under TLS).
+    #[arg(long, value_name = "FILE")]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// PEM private key for --peer-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub peer_tls_key: Option<PathBuf>,
+    /// PEM CA certificates: peers must present a certificate one of them signed.
+    #[arg(long, value_name = "FILE")]
+    pub peer_tls_ca: Option<PathBuf>,
     /// Refuse NBD over TCP without TLS.
     #[arg(long)]
     #[serde(default)]
@@ -87,6 +97,8 @@ pub struct Settings {
     pub log_level: String,
     pub cache: CacheMode,
     pub tls: Option<Tls>,
+    /// Certificate, key and CA for mutual TLS between peers.
+    pub peer_tls: Option<[PathBuf; 3]>,
     pub controller: bool,
     /// The cluster API's access token.
     pub api_token: Option<String>,
@@ -226,6 +238,15 @@ impl Options {
                 .unwrap_or_else(|| "info".into()),
             cache,
             tls,
+            peer_tls: match (
+                self.peer_tls_cert.or(file.peer_tls_cert),
+                self.peer_tls_key.or(file.peer_tls_key),
+                self.peer_tls_ca.or(file.peer_tls_ca),
+            ) {
+                (Some(cert), Some(key), Some(ca)) => Some([cert, key, ca]),
+                (None, None, None) => None,
+                _ => bail!("peer-tls-cert, peer-tls-key and peer-tls-ca go together"),
+            },
             controller: self.controller || file.controller,
             api_token: match self.api_token_file.or(file.api_token_file) {
                 Some(path) if self.controller || file.controller => Some(read_token(&path)?),
@@ -271,6 +292,7 @@ mod tests {
             &["tandemd", "--name", "x", "--cache", "sometimes"],
             &["tandemd", "--name", "x", "--tls-required"],
             &["tandemd", "--name", "x", "--tls-ca", "/ca.pem"],
+            &["tandemd", "--name", "x", "--peer-tls-cert", "/c.pem"],
         ] {
             assert!(Options::parse_from(args).settle().is_err(), "{args:?}");
         }

@@ -86,8 +86,16 @@ fn run(settings: Settings) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&settings.data_dir)?;
     let peers = TcpListener::bind(settings.peer_listen)
         .with_context(|| format!("binding peer address {}", settings.peer_listen))?;
-    let replicator = tandem_replication::Replicator::start(settings.name.clone(), peers)?;
-    tracing::info!(addr = %settings.peer_listen, "serving peers");
+    let peer_tls = match &settings.peer_tls {
+        Some([cert, key, ca]) => Some(
+            tandem_replication::PeerTls::load(cert, key, ca)
+                .context("loading the peer TLS credentials")?,
+        ),
+        None => None,
+    };
+    let tls_on = peer_tls.is_some();
+    let replicator = tandem_replication::Replicator::start(settings.name.clone(), peers, peer_tls)?;
+    tracing::info!(addr = %settings.peer_listen, tls = tls_on, "serving peers");
     let node = Arc::new(Node::open(
         settings.name.clone(),
         &settings.pools,
