@@ -14,6 +14,7 @@ mod cluster;
 pub mod files;
 pub mod netns;
 mod node;
+mod pki;
 pub mod wait;
 pub mod workload;
 
@@ -33,6 +34,7 @@ pub use node::{
     Kind, Node, QUORUM_OFF, TWO_REPLICAS, WITH_TIEBREAKER, assert_same_replicas, logs,
     put_replicated, spec, start_replicated,
 };
+pub use pki::{make_ca, make_cert, openssl};
 pub use wait::{Condition, poll, wait_exit, wait_for};
 
 /// Directory holding the workspace's built binaries (`target/debug` or `target/release`).

@@ -998,3 +998,78 @@ fn a_lost_replica_comes_back_empty_and_is_resynced_in_full() {
     let read = nodes[1].qemu_io("vm19", &["read -P 0x4d 0 6M", "read -P 0x2b 12M 1M"]);
     assert!(!read.contains("failed"), "{read}");
 }
+
+/// Peer certificates: both ends of a connection present one (client and server use).
+const PEER_EXT: &str = "basicConstraints=CA:FALSE\n\
+    keyUsage=critical,digitalSignature,keyEncipherment\n\
+    extendedKeyUsage=serverAuth,clientAuth\n\
+    subjectAltName=IP:127.0.0.1\n";
+
+#[test]
+fn peers_replicate_under_mutual_tls_and_refuse_strangers() {
+    if !tandem_lab::have("openssl") {
+        eprintln!("openssl is not installed: skipping this TLS test");
+        return;
+    }
+    let pki = scratch("peer-pki");
+    tandem_lab::make_ca(&pki, "ca");
+    tandem_lab::make_ca(&pki, "rogue-ca");
+    for n in ["t1", "t2", "t3"] {
+        tandem_lab::make_cert(&pki, "ca", n, n, PEER_EXT);
+    }
+    tandem_lab::make_cert(&pki, "rogue-ca", "t4", "t4", PEER_EXT);
+    let path = |f: String| pki.join(f).to_str().unwrap().to_owned();
+    let start = |name: &str, ca: &str| {
+        let (cert, key, ca) = (
+            path(format!("{name}-cert.pem")),
+            path(format!("{name}-key.pem")),
+            path(format!("{ca}-cert.pem")),
+        );
+        Node::start_with(
+            name,
+            &[
+                "--peer-tls-cert",
+                &cert,
+                "--peer-tls-key",
+                &key,
+                "--peer-tls-ca",
+                &ca,
+            ],
+        )
+    };
+    let nodes = [start("t1", "ca"), start("t2", "ca"), start("t3", "ca")];
+    put_replicated(&nodes, "vm20", 16 * MIB, &WITH_TIEBREAKER, "");
+    nodes[0].wait_connected("vm20", Duration::from_secs(20));
+    nodes[0].qemu_io(
+        "vm20",
+        &["write -P 0x6b 0 4M", "write -P 0x19 9M 1M", "flush"],
+    );
+    assert_same_replicas(&nodes[0], &nodes[1], "vm20");
+    assert!(
+        nodes[0].plain_log().contains("tls=true"),
+        "{}",
+        nodes[0].plain_log()
+    );
+
+    // A node whose certificate another CA signed, and one without TLS, never connect.
+    let rogue = start("t4", "ca");
+    let plain = Node::start("t5");
+    for stranger in [&rogue, &plain] {
+        let kinds = [Kind::Diskful, Kind::Diskless];
+        let pair = [&nodes[1], stranger];
+        let members: Vec<(&Node, Kind)> = pair.iter().copied().zip(kinds).collect();
+        let spec = tandem_lab::spec("vm21", 16 * MIB, &members, QUORUM_OFF);
+        for n in pair {
+            n.put_spec("vm21", &spec);
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let status = stranger.status("vm21");
+        assert_ne!(status["peers"][0]["connection"], "Connected", "{status:#}");
+        let r = stranger.api("DELETE", "/v1/node/volumes/vm21", None);
+        assert_eq!(r.status, 204, "{}", r.body);
+        let r = nodes[1].api("DELETE", "/v1/node/volumes/vm21", None);
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    let log = nodes[1].plain_log();
+    assert!(log.contains("TLS handshake failed"), "{log}");
+}
