@@ -7,7 +7,6 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-
 /// A connection's stream during negotiation.
 pub(crate) enum Conn {
     Tcp(TcpStream),
