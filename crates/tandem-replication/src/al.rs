@@ -24,6 +24,9 @@ struct State {
     active: VecDeque<u64>,
     inflight: HashMap<u64, u32>,
     seq: u64,
+    /// Writes waiting for an extent to become idle: only then does a release wake
+    /// anyone.
+    waiting: usize,
 }
 
 pub(crate) struct ActivityLog {
@@ -81,6 +84,7 @@ impl ActivityLog {
                 active: VecDeque::new(),
                 inflight: HashMap::new(),
                 seq,
+                waiting: 0,
             }),
             released: Condvar::new(),
         };
@@ -119,7 +123,9 @@ impl ActivityLog {
                 }
             }
             if state.active.len() + missing.len() > MAX_ACTIVE {
+                state.waiting += 1;
                 state = self.released.wait(state).unwrap();
+                state.waiting -= 1;
                 continue;
             }
             state.active.extend(missing);
@@ -158,7 +164,9 @@ impl Drop for Covered<'_> {
                 }
             }
         }
-        self.log.released.notify_all();
+        if state.waiting > 0 {
+            self.log.released.notify_all();
+        }
     }
 }
 

@@ -1,9 +1,12 @@
 //! A request waiting for the answers of several peers.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use tandem_api::NodeId;
 
+use crate::poll;
 use crate::wire::Buffer;
 
 #[derive(Default)]
@@ -16,24 +19,36 @@ pub(crate) struct Outcome {
     pub data: Option<Buffer>,
 }
 
+struct State {
+    outcome: Outcome,
+    /// The waiter sleeps on the condition variable (rather than polling).
+    sleeping: bool,
+}
+
 pub(crate) struct Completion {
-    state: Mutex<(usize, Outcome)>,
+    /// Answers still awaited; changed under the lock, read without it by a polling
+    /// waiter.
+    left: AtomicUsize,
+    state: Mutex<State>,
     done: Condvar,
 }
 
 impl Completion {
     pub fn new(waiting_for: usize) -> Completion {
         Completion {
-            state: Mutex::new((waiting_for, Outcome::default())),
+            left: AtomicUsize::new(waiting_for),
+            state: Mutex::new(State {
+                outcome: Outcome::default(),
+                sleeping: false,
+            }),
             done: Condvar::new(),
         }
     }
 
     fn settle(&self, record: impl FnOnce(&mut Outcome)) {
         let mut s = self.state.lock().unwrap();
-        record(&mut s.1);
-        s.0 -= 1;
-        if s.0 == 0 {
+        record(&mut s.outcome);
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 && s.sleeping {
             self.done.notify_all();
         }
     }
@@ -54,12 +69,20 @@ impl Completion {
 
     /// Waits until every peer answered or was lost.
     pub fn wait(&self) -> Outcome {
-        let s = self
+        self.wait_polling(Duration::ZERO)
+    }
+
+    /// Like [`Completion::wait`], polling for the answers for up to `budget` before
+    /// sleeping (see [`poll`]): for requests whose answers are due within about that.
+    pub fn wait_polling(&self, budget: Duration) -> Outcome {
+        poll::poll_until(budget, || self.left.load(Ordering::Acquire) == 0);
+        let mut s = self.state.lock().unwrap();
+        s.sleeping = true;
+        let mut s = self
             .done
-            .wait_while(self.state.lock().unwrap(), |s| s.0 > 0)
+            .wait_while(s, |_| self.left.load(Ordering::Acquire) > 0)
             .unwrap();
-        let mut s = s;
-        std::mem::take(&mut s.1)
+        std::mem::take(&mut s.outcome)
     }
 }
 
@@ -70,13 +93,16 @@ mod tests {
 
     #[test]
     fn waits_for_every_peer() {
-        let c = Arc::new(Completion::new(2));
-        let c2 = c.clone();
-        let t = std::thread::spawn(move || c2.wait());
-        c.answered(NodeId::new(1).unwrap(), 0, None);
-        c.lost(NodeId::new(2).unwrap());
-        let o = t.join().unwrap();
-        assert_eq!(o.lost, [NodeId::new(2).unwrap()]);
-        assert!(o.failed.is_empty());
+        for budget in [Duration::ZERO, Duration::from_millis(1)] {
+            let c = Arc::new(Completion::new(2));
+            let c2 = c.clone();
+            let t = std::thread::spawn(move || c2.wait_polling(budget));
+            c.answered(NodeId::new(1).unwrap(), 0, None);
+            std::thread::sleep(Duration::from_millis(5));
+            c.lost(NodeId::new(2).unwrap());
+            let o = t.join().unwrap();
+            assert_eq!(o.lost, [NodeId::new(2).unwrap()]);
+            assert!(o.failed.is_empty());
+        }
     }
 }

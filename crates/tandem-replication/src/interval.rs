@@ -5,8 +5,15 @@ use std::sync::{Condvar, Mutex};
 
 #[derive(Default)]
 pub(crate) struct IntervalLock {
-    held: Mutex<Vec<(u64, u64)>>,
+    state: Mutex<State>,
     released: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    held: Vec<(u64, u64)>,
+    /// Lockers waiting for a range: only then does a release wake anyone.
+    waiting: usize,
 }
 
 pub(crate) struct Held<'a> {
@@ -18,24 +25,27 @@ impl IntervalLock {
     /// Takes `[offset, offset + len)`, waiting while an overlapping range is held.
     pub fn lock(&self, offset: u64, len: u64) -> Held<'_> {
         let range = (offset, offset + len.max(1));
-        let overlaps =
-            |held: &Vec<(u64, u64)>| held.iter().any(|&(s, e)| s < range.1 && range.0 < e);
-        let mut held = self
-            .released
-            .wait_while(self.held.lock().unwrap(), |h| overlaps(h))
-            .unwrap();
-        held.push(range);
+        let overlaps = |s: &State| s.held.iter().any(|&(a, b)| a < range.1 && range.0 < b);
+        let mut state = self.state.lock().unwrap();
+        if overlaps(&state) {
+            state.waiting += 1;
+            state = self.released.wait_while(state, |s| overlaps(s)).unwrap();
+            state.waiting -= 1;
+        }
+        state.held.push(range);
         Held { lock: self, range }
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        let mut held = self.lock.held.lock().unwrap();
-        if let Some(i) = held.iter().position(|r| *r == self.range) {
-            held.swap_remove(i);
+        let mut state = self.lock.state.lock().unwrap();
+        if let Some(i) = state.held.iter().position(|r| *r == self.range) {
+            state.held.swap_remove(i);
         }
-        self.lock.released.notify_all();
+        if state.waiting > 0 {
+            self.lock.released.notify_all();
+        }
     }
 }
 

@@ -14,6 +14,7 @@ mod completion;
 mod engine;
 mod interval;
 mod peer;
+mod poll;
 mod resync;
 mod stream;
 mod volume;

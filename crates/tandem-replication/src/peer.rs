@@ -40,6 +40,9 @@ pub(crate) struct Peer {
     /// The participant's kind; only diskless and tiebreaker change in place.
     kind: AtomicU8,
     link: Mutex<Link>,
+    /// The state of `link` (see `link_code`), set with it: read on every request
+    /// without waiting for a sender holding the link.
+    state: AtomicU8,
     epochs: AtomicU64,
     pending: Mutex<HashMap<u64, Arc<Completion>>>,
     /// What the peer last said about itself.
@@ -87,6 +90,18 @@ pub(crate) enum Sync {
     },
 }
 
+const DOWN: u8 = 0;
+const UP: u8 = 1;
+const REFUSED: u8 = 2;
+
+fn link_code(link: &Link) -> u8 {
+    match link {
+        Link::Down => DOWN,
+        Link::Up { .. } => UP,
+        Link::Refused(_) => REFUSED,
+    }
+}
+
 /// The kind as the spec spells it.
 pub(crate) fn kind_name(kind: ParticipantKind) -> &'static str {
     match kind {
@@ -119,6 +134,7 @@ impl Peer {
             resync_due: AtomicBool::new(false),
             retry_at: Mutex::new(Instant::now()),
             link: Mutex::new(Link::Down),
+            state: AtomicU8::new(link_code(&Link::Down)),
             epochs: AtomicU64::new(0),
             pending: Mutex::default(),
             remote: Mutex::new(None),
@@ -164,11 +180,17 @@ impl Peer {
     }
 
     pub fn connection(&self) -> ConnectionState {
-        match &*self.link.lock().unwrap() {
-            Link::Down => ConnectionState::Connecting,
-            Link::Up { .. } => ConnectionState::Connected,
-            Link::Refused(_) => ConnectionState::StandAlone,
+        match self.state.load(Ordering::Acquire) {
+            UP => ConnectionState::Connected,
+            REFUSED => ConnectionState::StandAlone,
+            _ => ConnectionState::Connecting,
         }
+    }
+
+    /// Replaces the link (whose lock the caller holds).
+    fn set_link(&self, link: &mut Link, new: Link) {
+        self.state.store(link_code(&new), Ordering::Release);
+        *link = new;
     }
 
     pub fn remote(&self) -> Option<State> {
@@ -211,7 +233,7 @@ impl Peer {
             Link::Down => {}
         }
         let epoch = self.epochs.fetch_add(1, Ordering::AcqRel) + 1;
-        *link = Link::Up { writer, epoch };
+        self.set_link(&mut link, Link::Up { writer, epoch });
         drop(link);
         self.set_remote(remote);
         self.seen();
@@ -226,7 +248,7 @@ impl Peer {
         match &*link {
             Link::Up { epoch: e, writer } if *e == epoch => {
                 let _ = writer.shutdown();
-                *link = Link::Down;
+                self.set_link(&mut link, Link::Down);
             }
             // Refused while connected (the participant left, say): no newer connection
             // can exist, so what waits on this one is settled all the same.
@@ -256,14 +278,14 @@ impl Peer {
         if let Link::Up { writer, .. } = &*link {
             let _ = writer.shutdown();
         }
-        *link = Link::Refused(reason);
+        self.set_link(&mut link, Link::Refused(reason));
     }
 
     /// Lets a refused peer connect again (after an operator resolved the reason).
     pub fn unrefuse(&self) {
         let mut link = self.link.lock().unwrap();
         if matches!(*link, Link::Refused(_)) {
-            *link = Link::Down;
+            self.set_link(&mut link, Link::Down);
         }
     }
 

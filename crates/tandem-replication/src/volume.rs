@@ -2,11 +2,11 @@
 //! data path. Writes follow protocol C: acknowledged once on the local replica and on
 //! every connected peer that holds data.
 
-use std::io::{self, BufReader};
+use std::io::{self, BufRead, BufReader};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_api::{
     ClusterId, ConnectionState, DiskState, NodeId, NodeName, OnNoQuorum, Participant, PeerStatus,
@@ -19,6 +19,7 @@ use crate::bitmap::Bitmap;
 use crate::completion::Completion;
 use crate::interval::IntervalLock;
 use crate::peer::{Peer, Sync, Tracked};
+use crate::poll;
 use crate::stream::PeerStream;
 use crate::wire::{
     self, Buffer, FLAG_FUA, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Hello, Kind, State, WireError,
@@ -106,6 +107,8 @@ pub struct ReplicatedVolume {
     pub(crate) local: Option<Arc<Volume>>,
     pub(crate) intervals: IntervalLock,
     next_id: AtomicU64,
+    /// Requests of this node's clients being replicated or read from a peer now.
+    in_flight: AtomicUsize,
     writers: Mutex<u32>,
     /// Held by the one local open that is asking the peers to agree to a promotion.
     promotion: Mutex<()>,
@@ -131,6 +134,15 @@ pub struct ReplicatedVolume {
 /// Threads per connection serving a Primary's requests on the local replica, at most;
 /// they start as requests queue up (see [`Workers`]).
 const PEER_WORKERS: usize = 8;
+
+/// How long a hot link's receiver polls for the next message before it sleeps (see
+/// [`poll`]): a Primary writing at queue depth 1 sends its next request, and a peer its
+/// next answer, about a write's time apart. A link is hot while its messages come
+/// less than this apart.
+const RECV_POLL: Duration = Duration::from_micros(200);
+/// How long a request waiting for its peers' answers (once the local replica is done)
+/// polls for them before it sleeps (see [`poll`]).
+const ANSWER_POLL: Duration = Duration::from_micros(200);
 
 /// What a new connection between two replicas holding data must do first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +229,7 @@ impl ReplicatedVolume {
             local,
             intervals: IntervalLock::default(),
             next_id: AtomicU64::new(1),
+            in_flight: AtomicUsize::new(0),
             writers: Mutex::new(0),
             promotion: Mutex::new(()),
             promoting: AtomicBool::new(false),
@@ -611,9 +624,32 @@ impl ReplicatedVolume {
                 },
             )
         };
+        // The link is hot while messages follow each other closely (a Primary writing
+        // at a low queue depth, its peer answering): then, once a message is handled,
+        // the next one is polled for before the receiver sleeps (see `poll`).
+        let mut hot = false;
         let why = loop {
+            // Not while several requests are in flight here or served for the peer
+            // (queue depth > 1): the next message comes soon then anyway, and the CPU
+            // is better left to them.
+            let poll = hot && self.in_flight.load(Ordering::Acquire) <= 1 && !workers.busy();
+            if reader.buffer().is_empty()
+                && !(poll && poll::poll_until(RECV_POLL, || more_waiting(&reader)))
+            {
+                // Sleeps in the read that fills the buffer, then tells how long it took.
+                let idle = Instant::now();
+                match reader.fill_buf() {
+                    Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+                        break format!("connection lost: {e}");
+                    }
+                    _ => hot = idle.elapsed() < RECV_POLL,
+                }
+            }
             match self.handle(&peer, &mut reader, &mut workers) {
-                Ok(()) => peer.seen(),
+                Ok(kind) => {
+                    peer.seen();
+                    hot &= kind != Kind::Ping;
+                }
                 Err(WireError::Io(e)) => break format!("connection lost: {e}"),
                 Err(e) => break e.to_string(),
             }
@@ -884,7 +920,7 @@ impl ReplicatedVolume {
         peer: &Peer,
         r: &mut BufReader<PeerStream>,
         workers: &mut Workers<(Header, Buffer)>,
-    ) -> Result<(), WireError> {
+    ) -> Result<Kind, WireError> {
         let h = wire::read_header(r)?;
         let payload = wire::read_payload(r, h.payload)?;
         let from = peer.id;
@@ -950,7 +986,7 @@ impl ReplicatedVolume {
                 ));
             }
         }
-        Ok(())
+        Ok(h.kind)
     }
 
     /// Resync data from `peer`, unless another peer is Primary: only a Primary's own
@@ -1069,6 +1105,17 @@ impl ReplicatedVolume {
         self.config().has_quorum()
     }
 
+    /// How long a client's request polls for its peers' answers before it sleeps:
+    /// [`ANSWER_POLL`] when it is the only one in flight (queue depth 1), none when
+    /// others are, which can use the CPU better.
+    fn answer_poll(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) == 1 {
+            ANSWER_POLL
+        } else {
+            Duration::ZERO
+        }
+    }
+
     /// Writes may proceed only with quorum: without it, fail or wait, per policy.
     fn require_quorum(&self, config: &Config) -> io::Result<()> {
         let mut waited = false;
@@ -1105,6 +1152,7 @@ impl ReplicatedVolume {
         payload: &[u8],
         local: impl FnOnce(&Volume) -> io::Result<()>,
     ) -> io::Result<()> {
+        let _in_flight = InFlight::enter(&self.in_flight);
         let _covered = match &self.al {
             Some(al) if is_data_change(h.kind) && self.attached().is_some() => {
                 Some(al.cover(h.offset, h.length).map_err(io::Error::other)?)
@@ -1126,7 +1174,7 @@ impl ReplicatedVolume {
         }
         let local_whole = self.local_up_to_date().is_some();
         let local_result = self.attached().map(|v| local(v));
-        let outcome = completion.wait();
+        let outcome = completion.wait_polling(self.answer_poll());
         for (peer, status) in &outcome.failed {
             tracing::error!(volume = %self.name, peer = %peer, kind = ?h.kind, offset = h.offset,
                 status, "peer failed a replicated request");
@@ -1290,9 +1338,10 @@ impl ReplicatedVolume {
         let mut h = Header::new(Kind::Read, self.next_id());
         h.offset = offset;
         h.length = buf.len() as u64;
+        let _in_flight = InFlight::enter(&self.in_flight);
         let completion = Arc::new(Completion::new(1));
         peer.request(&h, &[], &completion);
-        let outcome = completion.wait();
+        let outcome = completion.wait_polling(self.answer_poll());
         match (outcome.data, outcome.failed.first()) {
             (Some(data), _) if data.len() == buf.len() => {
                 buf.copy_from_slice(&data);
@@ -1584,6 +1633,22 @@ impl ReplicatedVolume {
         for p in &self.config().peers {
             p.refuse("volume removed from this node".into());
         }
+    }
+}
+
+/// Counts a request in flight while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

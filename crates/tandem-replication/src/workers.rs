@@ -54,14 +54,23 @@ impl<J: Send + 'static> Workers<J> {
         self.started
     }
 
+    /// Whether jobs are queued or being served.
+    pub fn busy(&self) -> bool {
+        let state = self.shared.state.lock().unwrap();
+        !state.queue.is_empty() || state.idle < self.started
+    }
+
     /// Queues a job; starts a worker for it if every worker is busy and the limit
     /// allows one more.
     pub fn push(&mut self, job: J) {
         let mut state = self.shared.state.lock().unwrap();
         state.queue.push_back(job);
         let wanted = state.queue.len() > state.idle && self.started < self.limit;
+        let idle = state.idle > 0;
         drop(state);
-        self.shared.ready.notify_one();
+        if idle {
+            self.shared.ready.notify_one();
+        }
         if wanted {
             self.spawn();
         }
