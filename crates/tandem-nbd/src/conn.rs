@@ -24,13 +24,18 @@ fn closed() -> io::Error {
 /// different threads.
 pub(crate) struct Transport {
     pub reader: Box<dyn Source>,
-    pub writer: Box<dyn Write + Send>,
+    pub writer: Box<dyn Sink>,
 }
 
 /// The read half of a connection; its descriptor tells whether more is waiting.
 pub(crate) trait Source: Read + AsRawFd + Send {}
 
 impl<T: Read + AsRawFd + Send> Source for T {}
+
+/// The write half of a connection; its descriptor tells whether it takes more now.
+pub(crate) trait Sink: Write + AsRawFd + Send {}
+
+impl<T: Write + AsRawFd + Send> Sink for T {}
 
 impl Conn {
     /// Accepted sockets may inherit non-blocking mode from their listener.

@@ -11,10 +11,11 @@ mod conn;
 mod export;
 mod handshake;
 pub mod proto;
+mod replies;
 mod reply;
 mod server;
 mod transmission;
 
-pub use export::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, ZeroMode};
+pub use export::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, WriteDone, ZeroMode};
 pub use handshake::TlsPolicy;
 pub use server::Server;

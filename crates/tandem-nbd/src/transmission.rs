@@ -6,17 +6,21 @@
 //! reads, does the I/O and replies, with no hand-off; at depth N up to `MAX_WORKERS`
 //! requests run at once and replies go out as they finish, out of order. A new worker
 //! is started only when a request arrives and nobody is left waiting for the next one.
+//!
+//! A write may complete later ([`Export::write_then`]): the worker moves on to the next
+//! request, and the thread that completes the write sends its reply (see `replies`).
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::Scope;
 
 use crate::buf::AlignedBuf;
 use crate::conn::{Source, Transport};
-use crate::export::{Export, Extent, ZeroMode};
+use crate::export::{Export, Extent, WriteDone, ZeroMode};
 use crate::handshake::Negotiated;
 use crate::proto::*;
+use crate::replies::{self, Replies};
 use crate::reply::{Reply, ReplyMode};
 
 const MAX_WORKERS: usize = 16;
@@ -66,7 +70,9 @@ impl Reader {
 struct Connection<'s> {
     session: &'s Negotiated,
     reader: Mutex<Reader>,
-    writer: Mutex<Box<dyn Write + Send>>,
+    replies: Arc<Replies>,
+    /// The export's name, for messages from threads that outlive a request.
+    export: Arc<str>,
     /// Workers waiting for the reader lock, and workers alive.
     idle: AtomicUsize,
     workers: AtomicUsize,
@@ -82,16 +88,19 @@ pub(crate) fn run(session: &Negotiated, transport: Transport, peer: &str) {
             stream: BufReader::with_capacity(64 << 10, transport.reader),
             stopped: false,
         }),
-        writer: Mutex::new(transport.writer),
+        replies: Replies::new(transport.writer),
+        export: session.name.as_str().into(),
         idle: AtomicUsize::new(0),
         workers: AtomicUsize::new(1),
         broken: AtomicBool::new(false),
     };
     std::thread::scope(|scope| conn.worker(scope, peer));
+    conn.replies.close();
 }
 
 impl<'s> Connection<'s> {
     fn worker<'scope>(&'scope self, scope: &'scope Scope<'scope, '_>, peer: &'scope str) {
+        replies::mark_worker();
         let mut buf = AlignedBuf::new();
         // The reader lock, when this worker keeps it while serving a request.
         let mut kept: Option<MutexGuard<'_, Reader>> = None;
@@ -99,6 +108,7 @@ impl<'s> Connection<'s> {
             // A worker counts as idle until it holds a request: also while it sits in
             // read() under the lock, so a request in flight does not look like a
             // shortage of workers.
+            self.replies.wait_room();
             self.idle.fetch_add(1, Ordering::AcqRel);
             let mut reader = kept.take().unwrap_or_else(|| self.reader.lock().unwrap());
             if reader.stopped {
@@ -139,7 +149,13 @@ impl<'s> Connection<'s> {
                 // request itself, sparing a wake-up of another thread per request.
                 kept = Some(reader);
             }
-            if let Err(e) = self.serve(&req, payload_len, &mut buf) {
+            let served = self.serve(&req, payload_len, &mut buf).and_then(|()| {
+                match self.replies.broken() {
+                    true => Err(io::Error::other("a reply could not be written")),
+                    false => Ok(()),
+                }
+            });
+            if let Err(e) = served {
                 if !self.broken.swap(true, Ordering::AcqRel) {
                     tracing::debug!(peer, error = %e, "cannot send reply; client gone");
                 }
@@ -155,9 +171,7 @@ impl<'s> Connection<'s> {
     }
 
     fn send(&self, reply: &Reply<'_>) -> io::Result<()> {
-        let mut w = self.writer.lock().unwrap();
-        reply.send(&mut **w)?;
-        w.flush()
+        self.replies.send(reply)
     }
 
     /// Performs one request and sends its reply.
@@ -174,7 +188,11 @@ impl<'s> Connection<'s> {
             CMD_READ => return self.read(req, buf),
             CMD_BLOCK_STATUS => return self.block_status(req),
             _ if req.len == 0 && req.kind != CMD_FLUSH => Ok(()),
-            CMD_WRITE => export.write(req.offset, buf.get(payload_len), fua),
+            CMD_WRITE => {
+                let done = self.late_reply(req);
+                export.write_then(req.offset, buf.get(payload_len), fua, done);
+                return Ok(());
+            }
             CMD_FLUSH => export.flush(),
             CMD_TRIM => export.trim(req.offset, req.len, fua),
             CMD_CACHE => export.cache(req.offset, req.len),
@@ -197,6 +215,20 @@ impl<'s> Connection<'s> {
             }
         };
         self.send(&reply)
+    }
+
+    /// Where a write's result goes when the export delivers it: its reply, sent by
+    /// whichever thread that is. Dropped uncalled, it replies with an I/O error.
+    fn late_reply(&self, req: &Request) -> WriteDone {
+        self.replies.owe();
+        let mut late = LateReply {
+            replies: self.replies.clone(),
+            export: self.export.clone(),
+            mode: self.session.mode,
+            req: *req,
+            sent: false,
+        };
+        Box::new(move |result| late.send(result))
     }
 
     /// Validates a request against the protocol and the export; the error to reply with.
@@ -358,6 +390,40 @@ impl<'s> Connection<'s> {
             Err(e) => reply.error(Errno::from_io(&e), &e.to_string()),
         };
         self.send(&reply)
+    }
+}
+
+/// The reply a write owes until the export delivers its result.
+struct LateReply {
+    replies: Arc<Replies>,
+    export: Arc<str>,
+    mode: ReplyMode,
+    req: Request,
+    sent: bool,
+}
+
+impl LateReply {
+    fn send(&mut self, result: io::Result<()>) {
+        self.sent = true;
+        let req = &self.req;
+        let reply = Reply::new(self.mode, req.cookie, req.offset);
+        let reply = match result {
+            Ok(()) => reply.ok(false),
+            Err(e) => {
+                tracing::warn!(export = %self.export, kind = req.kind, offset = req.offset,
+                    len = req.len, error = %e, "request failed");
+                reply.error(Errno::from_io(&e), &e.to_string())
+            }
+        };
+        self.replies.late(&reply);
+    }
+}
+
+impl Drop for LateReply {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.send(Err(io::Error::other("the write was dropped unfinished")));
+        }
     }
 }
 

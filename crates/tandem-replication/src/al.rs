@@ -35,9 +35,10 @@ pub(crate) struct ActivityLog {
     released: Condvar,
 }
 
-/// Extents a write is covered by, until it completes.
-pub(crate) struct Covered<'a> {
-    log: &'a ActivityLog,
+/// Extents a write is covered by, until it completes (and this is dropped, on
+/// whichever thread finishes the write).
+pub(crate) struct Covered {
+    log: Arc<ActivityLog>,
     extents: RangeInclusive<u64>,
 }
 
@@ -99,7 +100,7 @@ impl ActivityLog {
 
     /// Makes sure the extents of `[offset, offset + len)` are logged before a write to
     /// them starts.
-    pub fn cover(&self, offset: u64, len: u64) -> Result<Covered<'_>, PoolError> {
+    pub fn cover(self: &Arc<Self>, offset: u64, len: u64) -> Result<Covered, PoolError> {
         let extents = offset / EXTENT..=(offset + len.max(1) - 1) / EXTENT;
         let mut state = self.state.lock().unwrap();
         loop {
@@ -139,7 +140,10 @@ impl ActivityLog {
                 state.active.push_back(e);
             }
         }
-        Ok(Covered { log: self, extents })
+        Ok(Covered {
+            log: self.clone(),
+            extents,
+        })
     }
 
     /// Empties the log (the volume closed cleanly, or a resync covered what it held).
@@ -153,7 +157,7 @@ impl ActivityLog {
     }
 }
 
-impl Drop for Covered<'_> {
+impl Drop for Covered {
     fn drop(&mut self) {
         let mut state = self.log.state.lock().unwrap();
         for e in self.extents.clone() {

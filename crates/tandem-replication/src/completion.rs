@@ -19,10 +19,15 @@ pub(crate) struct Outcome {
     pub data: Option<Buffer>,
 }
 
+/// What runs once every answer is in, instead of a waiting thread (see
+/// [`Completion::then`]).
+type Then = Box<dyn FnOnce(Outcome) + Send>;
+
 struct State {
     outcome: Outcome,
     /// The waiter sleeps on the condition variable (rather than polling).
     sleeping: bool,
+    then: Option<Then>,
 }
 
 pub(crate) struct Completion {
@@ -40,6 +45,7 @@ impl Completion {
             state: Mutex::new(State {
                 outcome: Outcome::default(),
                 sleeping: false,
+                then: None,
             }),
             done: Condvar::new(),
         }
@@ -48,7 +54,14 @@ impl Completion {
     fn settle(&self, record: impl FnOnce(&mut Outcome)) {
         let mut s = self.state.lock().unwrap();
         record(&mut s.outcome);
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 && s.sleeping {
+        if self.left.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        if let Some(then) = s.then.take() {
+            let outcome = std::mem::take(&mut s.outcome);
+            drop(s);
+            then(outcome);
+        } else if s.sleeping {
             self.done.notify_all();
         }
     }
@@ -65,6 +78,20 @@ impl Completion {
 
     pub fn lost(&self, peer: NodeId) {
         self.settle(|o| o.lost.push(peer));
+    }
+
+    /// Runs `then` with the outcome once every peer answered or was lost: at once on
+    /// this thread if they have, else on the thread that settles the last one (a peer
+    /// link's receiver, or the one that finds the link lost). Instead of a wait.
+    pub fn then(&self, then: impl FnOnce(Outcome) + Send + 'static) {
+        let mut s = self.state.lock().unwrap();
+        if self.left.load(Ordering::Acquire) == 0 {
+            let outcome = std::mem::take(&mut s.outcome);
+            drop(s);
+            then(outcome);
+        } else {
+            s.then = Some(Box::new(then));
+        }
     }
 
     /// Waits until every peer answered or was lost.
@@ -104,5 +131,22 @@ mod tests {
             assert_eq!(o.lost, [NodeId::new(2).unwrap()]);
             assert!(o.failed.is_empty());
         }
+    }
+
+    #[test]
+    fn then_runs_once_with_the_last_answer() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = Completion::new(2);
+        let t = tx.clone();
+        c.then(move |o| t.send(o.failed).unwrap());
+        c.answered(NodeId::new(1).unwrap(), 0, None);
+        assert!(rx.try_recv().is_err(), "one answer is still due");
+        c.answered(NodeId::new(2).unwrap(), 5, None);
+        assert_eq!(rx.try_recv().unwrap(), [(NodeId::new(2).unwrap(), 5)]);
+        // Every answer in before: it runs at once.
+        let c = Completion::new(1);
+        c.lost(NodeId::new(3).unwrap());
+        c.then(move |o| tx.send(o.failed).unwrap());
+        assert!(rx.try_recv().unwrap().is_empty());
     }
 }

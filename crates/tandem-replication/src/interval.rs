@@ -1,7 +1,7 @@
 //! Serialises overlapping writes on the Primary: a write waits until no write in flight
 //! overlaps it, so every replica applies overlapping writes in the same order.
 
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 #[derive(Default)]
 pub(crate) struct IntervalLock {
@@ -16,14 +16,15 @@ struct State {
     waiting: usize,
 }
 
-pub(crate) struct Held<'a> {
-    lock: &'a IntervalLock,
+/// A range taken, until dropped (on whichever thread finishes the write).
+pub(crate) struct Held {
+    lock: Arc<IntervalLock>,
     range: (u64, u64),
 }
 
 impl IntervalLock {
     /// Takes `[offset, offset + len)`, waiting while an overlapping range is held.
-    pub fn lock(&self, offset: u64, len: u64) -> Held<'_> {
+    pub fn lock(self: &Arc<Self>, offset: u64, len: u64) -> Held {
         let range = (offset, offset + len.max(1));
         let overlaps = |s: &State| s.held.iter().any(|&(a, b)| a < range.1 && range.0 < b);
         let mut state = self.state.lock().unwrap();
@@ -33,11 +34,14 @@ impl IntervalLock {
             state.waiting -= 1;
         }
         state.held.push(range);
-        Held { lock: self, range }
+        Held {
+            lock: self.clone(),
+            range,
+        }
     }
 }
 
-impl Drop for Held<'_> {
+impl Drop for Held {
     fn drop(&mut self) {
         let mut state = self.lock.state.lock().unwrap();
         if let Some(i) = state.held.iter().position(|r| *r == self.range) {

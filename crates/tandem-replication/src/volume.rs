@@ -14,10 +14,10 @@ use tandem_api::{
 };
 use tandem_pool::{GenerationId, PoolError, Volume};
 
-use crate::al::{ActivityLog, EXTENT};
+use crate::al::{ActivityLog, Covered, EXTENT};
 use crate::bitmap::Bitmap;
-use crate::completion::Completion;
-use crate::interval::IntervalLock;
+use crate::completion::{Completion, Outcome};
+use crate::interval::{Held, IntervalLock};
 use crate::peer::{Peer, Sync, Tracked};
 use crate::poll;
 use crate::stream::PeerStream;
@@ -105,10 +105,10 @@ pub struct ReplicatedVolume {
     /// Held while a spec change is applied.
     pub(crate) changing: Mutex<()>,
     pub(crate) local: Option<Arc<Volume>>,
-    pub(crate) intervals: IntervalLock,
+    pub(crate) intervals: Arc<IntervalLock>,
     next_id: AtomicU64,
     /// Requests of this node's clients being replicated or read from a peer now.
-    in_flight: AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
     writers: Mutex<u32>,
     /// Held by the one local open that is asking the peers to agree to a promotion.
     promotion: Mutex<()>,
@@ -118,7 +118,7 @@ pub struct ReplicatedVolume {
     rotation: Mutex<()>,
     /// The local replica failed an I/O and is no longer used.
     detached: AtomicBool,
-    al: Option<ActivityLog>,
+    al: Option<Arc<ActivityLog>>,
     /// Extents the previous run left in the activity log: after a crash as Primary,
     /// this replica may differ from the others there until a peer resyncs them.
     suspect: Mutex<Vec<u64>>,
@@ -209,7 +209,7 @@ impl ReplicatedVolume {
                     tracing::warn!(volume = %spec.name, extents = left.len(),
                         "this node crashed as Primary: its active extents will be resynced from a peer");
                 }
-                (Some(al), left)
+                (Some(Arc::new(al)), left)
             }
             None => (None, Vec::new()),
         };
@@ -227,9 +227,9 @@ impl ReplicatedVolume {
             config: RwLock::new(Arc::new(Config { spec, me, peers })),
             changing: Mutex::new(()),
             local,
-            intervals: IntervalLock::default(),
+            intervals: Arc::default(),
             next_id: AtomicU64::new(1),
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::default(),
             writers: Mutex::new(0),
             promotion: Mutex::new(()),
             promoting: AtomicBool::new(false),
@@ -411,7 +411,7 @@ impl ReplicatedVolume {
 
     /// A Primary starts a new data generation when a replica holding data stops
     /// receiving writes, so that replica's data is recognisably older afterwards.
-    fn rotate_if_needed(&self, config: &Config, targets: &[&Arc<Peer>]) {
+    fn rotate_if_needed(&self, config: &Config, targets: &[Arc<Peer>]) {
         let Some(local) = &self.local else { return };
         if self.disk() != DiskState::UpToDate {
             // Only data that is whole gets a generation others can descend from.
@@ -1120,86 +1120,131 @@ impl ReplicatedVolume {
     fn require_quorum(&self, config: &Config) -> io::Result<()> {
         let mut waited = false;
         loop {
-            if config.has_quorum() {
-                // While suspended, the others may have moved on: a replica found behind
-                // must not take the suspended writes.
-                if waited && self.local.is_some() && self.disk() != DiskState::UpToDate {
-                    return Err(io::Error::other(format!(
-                        "volume {}: this replica was outdated while I/O was suspended",
-                        self.name
-                    )));
-                }
-                return Ok(());
+            if let Some(result) = self.quorum_now(config, waited) {
+                return result;
             }
             waited = true;
-            if config.spec.options.on_no_quorum == OnNoQuorum::IoError {
-                let (have, total) = config.votes();
-                return Err(io::Error::other(format!(
-                    "volume {} has no quorum ({have} of {total} votes reachable)",
-                    self.name
-                )));
-            }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// What [`ReplicatedVolume::require_quorum`] decides now (`waited`: after having
+    /// waited), or `None` when it would wait for quorum to come back (suspend-io).
+    fn quorum_now(&self, config: &Config, waited: bool) -> Option<io::Result<()>> {
+        if config.has_quorum() {
+            // While suspended, the others may have moved on: a replica found behind
+            // must not take the suspended writes.
+            if waited && self.local.is_some() && self.disk() != DiskState::UpToDate {
+                return Some(Err(io::Error::other(format!(
+                    "volume {}: this replica was outdated while I/O was suspended",
+                    self.name
+                ))));
+            }
+            return Some(Ok(()));
+        }
+        if config.spec.options.on_no_quorum == OnNoQuorum::IoError {
+            let (have, total) = config.votes();
+            return Some(Err(io::Error::other(format!(
+                "volume {} has no quorum ({have} of {total} votes reachable)",
+                self.name
+            ))));
+        }
+        None
     }
 
     /// Sends `h` to every data peer and runs `local` on the local replica meanwhile;
     /// returns once all have answered (protocol C).
     fn replicate(
         &self,
-        config: &Config,
-        h: &Header,
+        config: Arc<Config>,
+        h: Header,
         payload: &[u8],
         local: impl FnOnce(&Volume) -> io::Result<()>,
     ) -> io::Result<()> {
-        let _in_flight = InFlight::enter(&self.in_flight);
-        let _covered = match &self.al {
+        let started = self.start(config, h, None, payload, local)?;
+        let outcome = started.completion.wait_polling(self.answer_poll());
+        self.settle_outcome(&started, &outcome);
+        if is_data_change(started.h.kind) {
+            // Quorum may have gone while the request was in flight: then it must not
+            // be acknowledged (io-error), or only once quorum is back (suspend-io).
+            self.require_quorum(&started.config)?;
+        }
+        self.verdict(started, outcome)
+    }
+
+    /// The first half of [`ReplicatedVolume::replicate`]: sends `h` to every data peer,
+    /// then runs `local` on the local replica; the answers are still to come.
+    fn start(
+        &self,
+        config: Arc<Config>,
+        h: Header,
+        held: Option<Held>,
+        payload: &[u8],
+        local: impl FnOnce(&Volume) -> io::Result<()>,
+    ) -> io::Result<Started> {
+        let in_flight = InFlight::enter(&self.in_flight);
+        let covered = match &self.al {
             Some(al) if is_data_change(h.kind) && self.attached().is_some() => {
                 Some(al.cover(h.offset, h.length).map_err(io::Error::other)?)
             }
             _ => None,
         };
-        let targets = config.data_peers();
+        let targets: Vec<Arc<Peer>> = config.data_peers().into_iter().cloned().collect();
         if is_data_change(h.kind) {
-            self.rotate_if_needed(config, &targets);
+            self.rotate_if_needed(&config, &targets);
         }
-        // Whether each target held whole data when the request left.
-        let whole: Vec<bool> = targets
+        let whole = targets
             .iter()
             .map(|p| p.remote().is_some_and(|s| s.disk == DiskState::UpToDate))
             .collect();
         let completion = Arc::new(Completion::new(targets.len()));
         for p in &targets {
-            p.request(h, payload, &completion);
+            p.request(&h, payload, &completion);
         }
         let local_whole = self.local_up_to_date().is_some();
         let local_result = self.attached().map(|v| local(v));
-        let outcome = completion.wait_polling(self.answer_poll());
+        Ok(Started {
+            h,
+            config,
+            targets,
+            whole,
+            local_whole,
+            local_result,
+            completion,
+            _held: held,
+            _covered: covered,
+            _in_flight: in_flight,
+        })
+    }
+
+    /// Records what the peers' answers mean for them: blocks marked out of sync for
+    /// those that did not take a change, a resync due for those that failed it.
+    fn settle_outcome(&self, s: &Started, outcome: &Outcome) {
+        let h = &s.h;
         for (peer, status) in &outcome.failed {
             tracing::error!(volume = %self.name, peer = %peer, kind = ?h.kind, offset = h.offset,
                 status, "peer failed a replicated request");
         }
-        let reached = |id: NodeId| {
-            targets.iter().any(|t| t.id == id)
-                && !outcome.lost.contains(&id)
-                && !outcome.failed.iter().any(|(f, _)| *f == id)
-        };
-        let acked = targets.iter().filter(|t| reached(t.id)).count();
-        if is_data_change(h.kind) {
-            for p in config.peers.iter().filter(|p| !reached(p.id)) {
-                self.mark(p, h.offset, h.length);
-            }
-            for p in targets
-                .iter()
-                .filter(|t| outcome.failed.iter().any(|(f, _)| *f == t.id))
-            {
-                // Still connected: resync what it failed without waiting for a reconnect.
-                p.resync_due.store(true, Ordering::Relaxed);
-            }
-            // Quorum may have gone while the request was in flight: then it must not
-            // be acknowledged (io-error), or only once quorum is back (suspend-io).
-            self.require_quorum(config)?;
+        if !is_data_change(h.kind) {
+            return;
         }
+        for p in s.config.peers.iter().filter(|p| !s.reached(p.id, outcome)) {
+            self.mark(p, h.offset, h.length);
+        }
+        for p in s
+            .targets
+            .iter()
+            .filter(|t| outcome.failed.iter().any(|(f, _)| *f == t.id))
+        {
+            // Still connected: resync what it failed without waiting for a reconnect.
+            p.resync_due.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The result of a replicated request once its answers are in and settled, and
+    /// quorum checked.
+    fn verdict(&self, s: Started, outcome: Outcome) -> io::Result<()> {
+        let (h, config) = (&s.h, &s.config);
         if let Some((id, _)) = outcome
             .failed
             .iter()
@@ -1221,14 +1266,23 @@ impl ReplicatedVolume {
                 ),
             ));
         }
-        let whole_acked = targets.iter().zip(&whole).any(|(t, w)| *w && reached(t.id));
-        match local_result {
+        let acked = s
+            .targets
+            .iter()
+            .filter(|t| s.reached(t.id, &outcome))
+            .count();
+        let whole_acked = s
+            .targets
+            .iter()
+            .zip(&s.whole)
+            .any(|(t, w)| *w && s.reached(t.id, &outcome));
+        match s.local_result {
             Some(Err(e)) => {
                 self.detach(&e);
                 if whole_acked { Ok(()) } else { Err(e) }
             }
             // Acknowledged only once it is on a replica that holds whole data.
-            Some(Ok(())) if local_whole || whole_acked => Ok(()),
+            Some(Ok(())) if s.local_whole || whole_acked => Ok(()),
             None if whole_acked => Ok(()),
             _ if acked == 0 && self.local.is_none() => Err(io::Error::other(format!(
                 "volume {}: no replica holding data is reachable from this node",
@@ -1241,10 +1295,81 @@ impl ReplicatedVolume {
         }
     }
 
+    /// Finishes a write started by [`ReplicatedVolume::write_then`] on the thread that
+    /// saw its last answer, which may be a peer link's receiver: that must never wait
+    /// for quorum to come back (suspend-io), so such a wait moves to a thread of its own.
+    fn finish_then(
+        self: Arc<Self>,
+        started: Started,
+        outcome: Outcome,
+        done: impl FnOnce(io::Result<()>) + Send + 'static,
+    ) {
+        self.settle_outcome(&started, &outcome);
+        let config = started.config.clone();
+        if let Some(quorum) = self.quorum_now(&config, false) {
+            return done(quorum.and_then(|()| self.verdict(started, outcome)));
+        }
+        let volume = self.clone();
+        let finish = move || {
+            let result = volume
+                .require_quorum(&config)
+                .and_then(|()| volume.verdict(started, outcome));
+            done(result);
+        };
+        // The closure is moved into the thread only if it starts; else it runs here.
+        let finish = Arc::new(Mutex::new(Some(finish)));
+        let f = finish.clone();
+        let spawned = std::thread::Builder::new()
+            .name("quorum-wait".into())
+            .spawn(move || {
+                if let Some(finish) = f.lock().unwrap().take() {
+                    finish();
+                }
+            });
+        if spawned.is_err()
+            && let Some(finish) = finish.lock().unwrap().take()
+        {
+            finish();
+        }
+    }
+
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         let config = self.config();
         self.require_quorum(&config)?;
         let _held = self.intervals.lock(offset, data.len() as u64);
+        let h = self.write_header(offset, data, fua);
+        self.replicate(config, h, data, |v| v.data().write_at(data, offset, fua))
+    }
+
+    /// Like [`ReplicatedVolume::write`], but returns as soon as the write is sent to the
+    /// peers and done on the local replica: `done` gets the result once every peer
+    /// answered, on the thread that sees the last answer (often a peer link's
+    /// receiver), or on this one if they have already. No thread waits meanwhile.
+    /// The write holds its range (and activity-log extents) until `done` is called.
+    pub fn write_then(
+        self: &Arc<Self>,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        done: impl FnOnce(io::Result<()>) + Send + 'static,
+    ) {
+        let config = self.config();
+        if let Err(e) = self.require_quorum(&config) {
+            return done(Err(e));
+        }
+        let held = self.intervals.lock(offset, data.len() as u64);
+        let h = self.write_header(offset, data, fua);
+        let local = |v: &Volume| v.data().write_at(data, offset, fua);
+        match self.start(config, h, Some(held), data, local) {
+            Ok(started) => {
+                let (volume, completion) = (self.clone(), started.completion.clone());
+                completion.then(move |outcome| volume.finish_then(started, outcome, done));
+            }
+            Err(e) => done(Err(e)),
+        }
+    }
+
+    fn write_header(&self, offset: u64, data: &[u8], fua: bool) -> Header {
         let mut h = Header::new(Kind::Write, self.next_id());
         h.offset = offset;
         h.length = data.len() as u64;
@@ -1252,7 +1377,7 @@ impl ReplicatedVolume {
         if fua {
             h.flags |= FLAG_FUA;
         }
-        self.replicate(&config, &h, data, |v| v.data().write_at(data, offset, fua))
+        h
     }
 
     pub fn write_zeroes(
@@ -1270,7 +1395,7 @@ impl ReplicatedVolume {
         h.offset = offset;
         h.length = len;
         h.flags = if fua { FLAG_FUA } else { 0 } | if may_punch { FLAG_MAY_PUNCH } else { 0 };
-        self.replicate(&config, &h, &[], |v| {
+        self.replicate(config, h, &[], |v| {
             v.write_zeroes(offset, len, may_punch, fast_only, fua)
         })
     }
@@ -1283,17 +1408,14 @@ impl ReplicatedVolume {
         h.offset = offset;
         h.length = len;
         h.flags = if fua { FLAG_FUA } else { 0 };
-        self.replicate(&config, &h, &[], |v| v.trim(offset, len, fua))
+        self.replicate(config, h, &[], |v| v.trim(offset, len, fua))
     }
 
     pub fn flush(&self) -> io::Result<()> {
         let config = self.config();
-        self.replicate(
-            &config,
-            &Header::new(Kind::Flush, self.next_id()),
-            &[],
-            |v| v.data().flush(),
-        )
+        self.replicate(config, Header::new(Kind::Flush, self.next_id()), &[], |v| {
+            v.data().flush()
+        })
     }
 
     /// The local replica when reads may be served from it: attached and UpToDate.
@@ -1636,17 +1758,44 @@ impl ReplicatedVolume {
     }
 }
 
-/// Counts a request in flight while it lives.
-struct InFlight<'a>(&'a AtomicUsize);
+/// A replicated request under way: sent to its targets and done on the local replica,
+/// its answers still to come. What it holds (its range, its activity-log extents, its
+/// place among the requests in flight) is let go when it is dropped.
+struct Started {
+    h: Header,
+    config: Arc<Config>,
+    targets: Vec<Arc<Peer>>,
+    /// Whether each target held whole data when the request left.
+    whole: Vec<bool>,
+    /// Whether the local replica held whole data when the request ran on it.
+    local_whole: bool,
+    local_result: Option<io::Result<()>>,
+    completion: Arc<Completion>,
+    _held: Option<Held>,
+    _covered: Option<Covered>,
+    _in_flight: InFlight,
+}
 
-impl<'a> InFlight<'a> {
-    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
-        count.fetch_add(1, Ordering::AcqRel);
-        InFlight(count)
+impl Started {
+    /// Whether peer `id` took the request.
+    fn reached(&self, id: NodeId, outcome: &Outcome) -> bool {
+        self.targets.iter().any(|t| t.id == id)
+            && !outcome.lost.contains(&id)
+            && !outcome.failed.iter().any(|(f, _)| *f == id)
     }
 }
 
-impl Drop for InFlight<'_> {
+/// Counts a request in flight while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }

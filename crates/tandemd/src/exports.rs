@@ -4,7 +4,7 @@ use std::io;
 use std::sync::Arc;
 
 use tandem_api::VolumeName;
-use tandem_nbd::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, ZeroMode};
+use tandem_nbd::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, WriteDone, ZeroMode};
 use tandem_pool::{PoolError, Volume, VolumeHandle};
 use tandem_replication::ReplicatedVolume;
 
@@ -150,6 +150,11 @@ impl Export for ReplicatedExport {
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         self.volume.write(offset, data, fua)
+    }
+
+    fn write_then(&self, offset: u64, data: &[u8], fua: bool, done: WriteDone) {
+        // The reply goes out from the thread that sees the peers' last answer.
+        self.volume.write_then(offset, data, fua, done)
     }
 
     fn flush(&self) -> io::Result<()> {
