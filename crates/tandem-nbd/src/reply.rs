@@ -155,16 +155,7 @@ impl<'a> Reply<'a> {
                 Part::Data(d) => IoSlice::new(d),
             })
             .collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            match w.write_vectored(rest) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        tandem_io::write_all_vectored(w, &mut slices)
     }
 }
 

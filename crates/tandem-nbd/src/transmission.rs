@@ -14,6 +14,9 @@ use std::io::{self, BufReader, Read};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::Scope;
+use std::time::Duration;
+
+use tandem_io::poll::Cadence;
 
 use crate::buf::AlignedBuf;
 use crate::conn::{Source, Transport};
@@ -24,6 +27,11 @@ use crate::replies::{self, Replies};
 use crate::reply::{Reply, ReplyMode};
 
 const MAX_WORKERS: usize = 16;
+/// How long a worker serving a connection at queue depth 1 polls for the client's
+/// next request before it sleeps (see [`tandem_io::poll`]): a client issuing one
+/// request at a time sends the next within microseconds of its reply; a connection
+/// is hot while its requests come less than this apart.
+const NEXT_REQUEST_POLL: Duration = Duration::from_micros(200);
 
 #[derive(Debug, Clone, Copy)]
 struct Request {
@@ -54,16 +62,7 @@ struct Reader {
 impl Reader {
     /// Whether another request has (at least partly) arrived already.
     fn more_waiting(&self) -> bool {
-        if !self.stream.buffer().is_empty() {
-            return true;
-        }
-        let mut fd = libc::pollfd {
-            fd: self.stream.get_ref().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polls one valid descriptor described by a live struct, without waiting.
-        unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+        !self.stream.buffer().is_empty() || tandem_io::readable_now(&**self.stream.get_ref())
     }
 }
 
@@ -104,18 +103,28 @@ impl<'s> Connection<'s> {
         let mut buf = AlignedBuf::new();
         // The reader lock, when this worker keeps it while serving a request.
         let mut kept: Option<MutexGuard<'_, Reader>> = None;
+        // Whether requests follow their replies closely (queue depth 1): then this
+        // worker polls for the next one before it sleeps in the read.
+        let mut cadence = Cadence::new(NEXT_REQUEST_POLL);
         loop {
             // A worker counts as idle until it holds a request: also while it sits in
             // read() under the lock, so a request in flight does not look like a
             // shortage of workers.
             self.replies.wait_room();
             self.idle.fetch_add(1, Ordering::AcqRel);
+            let polled = kept
+                .as_ref()
+                .is_some_and(|r| cadence.poll(|| r.more_waiting()));
             let mut reader = kept.take().unwrap_or_else(|| self.reader.lock().unwrap());
             if reader.stopped {
                 self.idle.fetch_sub(1, Ordering::AcqRel);
                 break;
             }
-            let next = read_request(&mut reader.stream, self.session.mode, &mut buf);
+            let next = if polled {
+                read_request(&mut reader.stream, self.session.mode, &mut buf)
+            } else {
+                cadence.sleep(|| read_request(&mut reader.stream, self.session.mode, &mut buf))
+            };
             self.idle.fetch_sub(1, Ordering::AcqRel);
             let (req, payload_len) = match next {
                 Ok(r) => r,

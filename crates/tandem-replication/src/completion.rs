@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tandem_api::NodeId;
 
-use crate::poll;
 use crate::wire::Buffer;
+use tandem_io::poll;
 
 #[derive(Default)]
 pub(crate) struct Outcome {

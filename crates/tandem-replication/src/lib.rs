@@ -14,7 +14,6 @@ mod completion;
 mod engine;
 mod interval;
 mod peer;
-mod poll;
 mod resync;
 mod stream;
 mod volume;

@@ -3,7 +3,6 @@
 //! every connected peer that holds data.
 
 use std::io::{self, BufRead, BufReader};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use tandem_api::{
     ClusterId, ConnectionState, DiskState, NodeId, NodeName, OnNoQuorum, Participant, PeerStatus,
     QuorumPolicy, ReplicationState, Role, VolumeId, VolumeName, VolumeSpec, VolumeStatus,
 };
+use tandem_io::poll::Cadence;
 use tandem_pool::{GenerationId, PoolError, Volume};
 
 use crate::al::{ActivityLog, Covered, EXTENT};
@@ -19,7 +19,6 @@ use crate::bitmap::Bitmap;
 use crate::completion::{Completion, Outcome};
 use crate::interval::{Held, IntervalLock};
 use crate::peer::{Peer, Sync, Tracked};
-use crate::poll;
 use crate::stream::PeerStream;
 use crate::wire::{
     self, Buffer, FLAG_FUA, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Hello, Kind, State, WireError,
@@ -626,29 +625,27 @@ impl ReplicatedVolume {
         };
         // The link is hot while messages follow each other closely (a Primary writing
         // at a low queue depth, its peer answering): then, once a message is handled,
-        // the next one is polled for before the receiver sleeps (see `poll`).
-        let mut hot = false;
+        // the next one is polled for before the receiver sleeps.
+        let mut cadence = Cadence::new(RECV_POLL);
         let why = loop {
             // Not while several requests are in flight here or served for the peer
             // (queue depth > 1): the next message comes soon then anyway, and the CPU
             // is better left to them.
-            let poll = hot && self.in_flight.load(Ordering::Acquire) <= 1 && !workers.busy();
-            if reader.buffer().is_empty()
-                && !(poll && poll::poll_until(RECV_POLL, || more_waiting(&reader)))
-            {
-                // Sleeps in the read that fills the buffer, then tells how long it took.
-                let idle = Instant::now();
-                match reader.fill_buf() {
-                    Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+            let lone = self.in_flight.load(Ordering::Acquire) <= 1 && !workers.busy();
+            if reader.buffer().is_empty() && !(lone && cadence.poll(|| more_waiting(&reader))) {
+                // Sleeps in the read that fills the buffer.
+                if let Err(e) = cadence.sleep(|| reader.fill_buf().map(|_| ())) {
+                    if e.kind() != io::ErrorKind::Interrupted {
                         break format!("connection lost: {e}");
                     }
-                    _ => hot = idle.elapsed() < RECV_POLL,
                 }
             }
             match self.handle(&peer, &mut reader, &mut workers) {
                 Ok(kind) => {
                     peer.seen();
-                    hot &= kind != Kind::Ping;
+                    if kind == Kind::Ping {
+                        cadence.cool();
+                    }
                 }
                 Err(WireError::Io(e)) => break format!("connection lost: {e}"),
                 Err(e) => break e.to_string(),
@@ -1428,7 +1425,7 @@ impl ReplicatedVolume {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         // A reconnect or a resync changing hands can leave no UpToDate replica in reach
         // for a moment: wait for one as long as a dead peer takes to be noticed.
-        let deadline = std::time::Instant::now() + crate::peer::DEAD_AFTER;
+        let deadline = Instant::now() + crate::peer::DEAD_AFTER;
         loop {
             if let Some(local) = self.local_up_to_date() {
                 return local.data().read_at(buf, offset);
@@ -1444,7 +1441,7 @@ impl ReplicatedVolume {
                     Err(e) => last = Some(e),
                 }
             }
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return Err(last.unwrap_or_else(|| {
                     io::Error::other(format!(
                         "volume {}: no UpToDate replica is reachable from this node",
@@ -1503,9 +1500,9 @@ impl ReplicatedVolume {
         let config = self.config();
         if !self.reaches_up_to_date(&config) {
             // A peer may be reconnecting: give it as long as a dead one takes to be noticed.
-            let deadline = std::time::Instant::now() + crate::peer::DEAD_AFTER;
+            let deadline = Instant::now() + crate::peer::DEAD_AFTER;
             while !self.reaches_up_to_date(&self.config()) {
-                if std::time::Instant::now() >= deadline {
+                if Instant::now() >= deadline {
                     return Err(OpenRefused(format!(
                         "volume {}: node {} reaches no UpToDate replica (its own is {}); wait for a resync or for a replica to return",
                         self.name,
@@ -1803,16 +1800,7 @@ impl Drop for InFlight {
 
 /// Whether another message has (at least partly) arrived already.
 fn more_waiting(r: &BufReader<PeerStream>) -> bool {
-    if !r.buffer().is_empty() {
-        return true;
-    }
-    let mut fd = libc::pollfd {
-        fd: r.get_ref().as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: polls one valid descriptor described by a live struct, without waiting.
-    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+    !r.buffer().is_empty() || tandem_io::readable_now(r.get_ref())
 }
 
 /// At most this many ranges travel in a handshake (64 KiB).

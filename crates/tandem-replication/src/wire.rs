@@ -168,17 +168,7 @@ pub enum WireError {
 pub fn send(w: &mut impl Write, header: &Header, payload: &[u8]) -> io::Result<()> {
     debug_assert_eq!(header.payload as usize, payload.len());
     let head = header.encode();
-    let mut slices = [IoSlice::new(&head), IoSlice::new(payload)];
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        match w.write_vectored(rest) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    tandem_io::write_all_vectored(w, &mut [IoSlice::new(&head), IoSlice::new(payload)])
 }
 
 pub fn read_header(r: &mut impl Read) -> Result<Header, WireError> {
