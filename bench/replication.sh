@@ -43,6 +43,7 @@
 #   LINK         tc rate of every link, both directions [2gbit]; keep it below the disk's speed
 #   SIZE         volume size, and the size fio jobs cover [1G]; a multiple of 4 MiB
 #   RESYNC_SIZE  bytes written while B is down, for the resync measurement [512M]
+#   JOB_ROUNDS   runs of each job in each configuration, back to back (best is shown) [2]
 #   LAT_ROUNDS   rounds of the loopback latency comparison (best of them is shown) [2]
 #   QUORUM       quorum option of the volumes: majority or off [majority]
 #   IPERF_TIME   seconds of the iperf3 link measurement [5]
@@ -57,6 +58,7 @@ RAMP=${RAMP:-1}
 LINK=${LINK:-2gbit}
 SIZE_ARG=${SIZE:-1G}
 RESYNC_ARG=${RESYNC_SIZE:-512M}
+JOB_ROUNDS=${JOB_ROUNDS:-2}
 LAT_ROUNDS=${LAT_ROUNDS:-2}
 QUORUM=${QUORUM:-majority}
 IPERF_TIME=${IPERF_TIME:-5}
@@ -346,13 +348,17 @@ JOBS=(
     "rand-write-qd32 randwrite 4k 32"
     "rand-read-qd32 randread 4k 32"
 )
+# Each job runs JOB_ROUNDS times back to back (tags ROW.JOB.1, .2, ...): the disk's own
+# speed swings between runs, and only the best run is compared.
 run_jobs() { # NODE VOLUME ROW
-    local n=$1 vol=$2 row=$3 job tag rw bs qd
+    local n=$1 vol=$2 row=$3 job tag rw bs qd k
     for job in "${JOBS[@]}"; do
         read -r tag rw bs qd <<<"$job"
-        note "$row: $tag"
-        measured "$n" "$vol" "$row.$tag" --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE" \
-            --time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap=1 --randrepeat=1
+        for ((k = 1; k <= JOB_ROUNDS; k++)); do
+            note "$row: $tag ($k/$JOB_ROUNDS)"
+            measured "$n" "$vol" "$row.$tag.$k" --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE" \
+                --time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap=1 --randrepeat=1
+        done
     done
 }
 
@@ -541,11 +547,12 @@ stop_node la; stop_node lb
 echo
 cat "$RUN/machine.txt"
 echo
-python3 - "$RUN" "$LINK" "$LAT_ROUNDS" "$RESYNC_BYTES" <<'EOF' | tee "$RUN/results.md"
+python3 - "$RUN" "$LINK" "$LAT_ROUNDS" "$RESYNC_BYTES" "$JOB_ROUNDS" <<'EOF' | tee "$RUN/results.md"
 import json, re, sys
 from pathlib import Path
 
 run, link, lat_rounds, resync_bytes = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+job_rounds = int(sys.argv[5])
 MiB = 1 << 20
 
 def job(tag):
@@ -566,18 +573,21 @@ link_bps = ip["end"]["sum_received"]["bits_per_second"]
 link_mib = link_bps / 8 / MiB
 
 rows = [("1 replica (local)", "local"), ("2 replicas", "repl2"), ("diskless host", "diskless")]
+# (column, job, direction, value, whether lower is better)
 cols = [
-    ("4 MiB seq write, QD4 (MiB/s)", "seq-write", "write", lambda s: s["bw_bytes"] / MiB),
-    ("4 MiB seq read, QD4 (MiB/s)", "seq-read", "read", lambda s: s["bw_bytes"] / MiB),
-    ("4 KiB rand write, QD1, mean (µs)", "rand-write-qd1", "write", lambda s: s["clat_ns"]["mean"] / 1e3),
-    ("4 KiB rand read, QD1, mean (µs)", "rand-read-qd1", "read", lambda s: s["clat_ns"]["mean"] / 1e3),
-    ("4 KiB rand write, QD32 (IOPS)", "rand-write-qd32", "write", lambda s: s["iops"]),
-    ("4 KiB rand read, QD32 (IOPS)", "rand-read-qd32", "read", lambda s: s["iops"]),
+    ("4 MiB seq write, QD4 (MiB/s)", "seq-write", "write", lambda s: s["bw_bytes"] / MiB, False),
+    ("4 MiB seq read, QD4 (MiB/s)", "seq-read", "read", lambda s: s["bw_bytes"] / MiB, False),
+    ("4 KiB rand write, QD1, mean (µs)", "rand-write-qd1", "write", lambda s: s["clat_ns"]["mean"] / 1e3, True),
+    ("4 KiB rand read, QD1, mean (µs)", "rand-read-qd1", "read", lambda s: s["clat_ns"]["mean"] / 1e3, True),
+    ("4 KiB rand write, QD32 (IOPS)", "rand-write-qd32", "write", lambda s: s["iops"], False),
+    ("4 KiB rand read, QD32 (IOPS)", "rand-read-qd32", "read", lambda s: s["iops"], False),
 ]
-val = {}
+val, runs, chosen = {}, {}, {}
 for _, r in rows:
-    for _, tag, ddir, get in cols:
-        val[r, tag] = get(job(f"{r}.{tag}")[ddir])
+    for _, tag, ddir, get, lower in cols:
+        got = [(get(job(f"{r}.{tag}.{k}")[ddir]), f"{r}.{tag}.{k}") for k in range(1, job_rounds + 1)]
+        runs[r, tag] = [v for v, _ in got]
+        val[r, tag], chosen[r, tag] = min(got) if lower else max(got)
     val[r, "prefill"] = job(f"{r}.prefill")["write"]["bw_bytes"] / MiB
 
 print(f"Link a -> b (iperf3, TCP payload): {link_bps / 1e9:.3f} Gbit/s = {link_mib:,.1f} MiB/s "
@@ -586,8 +596,13 @@ print()
 print("| configuration | " + " | ".join(c for c, *_ in cols) + " |")
 print("|---|" + "---:|" * len(cols))
 for label, r in rows:
-    print(f"| {label} | " + " | ".join(fmt(val[r, tag]) + mark(f"{r}.{tag}") for _, tag, *_ in cols) + " |")
+    print(f"| {label} | " + " | ".join(fmt(val[r, tag]) + mark(chosen[r, tag]) for _, tag, *_ in cols) + " |")
 print()
+if job_rounds > 1:
+    print(f"Each cell is the best of {job_rounds} runs; all runs:")
+    for label, r in rows:
+        print(f"  {label}: " + "; ".join(f"{tag} " + ", ".join(fmt(v) for v in runs[r, tag]) for _, tag, *_ in cols))
+    print()
 if disturbed:
     print("† node a's connection to a peer holding data was closed (and redialled) during this job: "
           + ", ".join(sorted(disturbed)))
