@@ -32,6 +32,8 @@ const MAX_WORKERS: usize = 16;
 /// request at a time sends the next within microseconds of its reply; a connection
 /// is hot while its requests come less than this apart.
 const NEXT_REQUEST_POLL: Duration = Duration::from_micros(200);
+/// How long a write's data, not there yet after its header, is polled for.
+const PAYLOAD_POLL: Duration = Duration::from_micros(200);
 
 #[derive(Debug, Clone, Copy)]
 struct Request {
@@ -63,6 +65,80 @@ impl Reader {
     /// Whether another request has (at least partly) arrived already.
     fn more_waiting(&self) -> bool {
         !self.stream.buffer().is_empty() || tandem_io::readable_now(&**self.stream.get_ref())
+    }
+
+    /// Reads the next request, and its payload into `buf`.
+    fn next_request(
+        &mut self,
+        mode: ReplyMode,
+        buf: &mut AlignedBuf,
+    ) -> Result<(Request, usize), Stop> {
+        let r = &mut self.stream;
+        let extended = mode == ReplyMode::Extended;
+        let mut head = [0u8; 32];
+        let head = if extended {
+            &mut head[..]
+        } else {
+            &mut head[..28]
+        };
+        match r.read_exact(&mut head[..1]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(Stop::Done),
+            Err(e) => return Err(Stop::Io(e)),
+        }
+        r.read_exact(&mut head[1..]).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => Stop::Lost("connection closed inside a request header"),
+            _ => Stop::Io(e),
+        })?;
+        let be16 = |at: usize| u16::from_be_bytes(head[at..at + 2].try_into().unwrap());
+        let be32 = |at: usize| u32::from_be_bytes(head[at..at + 4].try_into().unwrap());
+        let be64 = |at: usize| u64::from_be_bytes(head[at..at + 8].try_into().unwrap());
+        let want = if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        if be32(0) != want {
+            return Err(Stop::Violation(format!(
+                "bad request magic {:#010x}",
+                be32(0)
+            )));
+        }
+        let req = Request {
+            flags: be16(4),
+            kind: be16(6),
+            cookie: be64(8),
+            offset: be64(16),
+            len: if extended { be64(24) } else { be32(24) as u64 },
+        };
+        if req.kind == CMD_DISC {
+            return Err(Stop::Done);
+        }
+        // A WRITE always carries its data (QEMU does not set PAYLOAD_LEN on it); with
+        // extended headers any other command may carry a payload announced by PAYLOAD_LEN.
+        let payload = if req.kind == CMD_WRITE || extended && req.flags & CF_PAYLOAD_LEN != 0 {
+            req.len
+        } else {
+            0
+        };
+        if payload > MAX_PAYLOAD as u64 {
+            return Err(Stop::Violation(format!(
+                "request payload of {payload} bytes exceeds 32 MiB"
+            )));
+        }
+        // Clients send a write's header and its data in separate calls: the data is due
+        // at once, so it is polled for rather than slept for (a wake-up costs more).
+        if payload > 0 && r.buffer().is_empty() {
+            tandem_io::poll::poll_until(PAYLOAD_POLL, || tandem_io::readable_now(&**r.get_ref()));
+        }
+        r.read_exact(buf.get(payload as usize))
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => {
+                    Stop::Lost("connection closed inside a write payload")
+                }
+                _ => Stop::Io(e),
+            })?;
+        Ok((req, payload as usize))
     }
 }
 
@@ -120,10 +196,11 @@ impl<'s> Connection<'s> {
                 self.idle.fetch_sub(1, Ordering::AcqRel);
                 break;
             }
+            let mode = self.session.mode;
             let next = if polled {
-                read_request(&mut reader.stream, self.session.mode, &mut buf)
+                reader.next_request(mode, &mut buf)
             } else {
-                cadence.sleep(|| read_request(&mut reader.stream, self.session.mode, &mut buf))
+                cadence.sleep(|| reader.next_request(mode, &mut buf))
             };
             self.idle.fetch_sub(1, Ordering::AcqRel);
             let (req, payload_len) = match next {
@@ -480,70 +557,4 @@ fn push_hole(reply: &mut Reply<'_>, mut offset: u64, mut len: u64, done: bool) {
         reply.hole(offset, n as u32, done && len == 0);
         offset += n;
     }
-}
-
-/// Reads the next request and its payload (into `buf`).
-fn read_request(
-    r: &mut impl Read,
-    mode: ReplyMode,
-    buf: &mut AlignedBuf,
-) -> Result<(Request, usize), Stop> {
-    let extended = mode == ReplyMode::Extended;
-    let mut head = [0u8; 32];
-    let head = if extended {
-        &mut head[..]
-    } else {
-        &mut head[..28]
-    };
-    match r.read_exact(&mut head[..1]) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(Stop::Done),
-        Err(e) => return Err(Stop::Io(e)),
-    }
-    r.read_exact(&mut head[1..]).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => Stop::Lost("connection closed inside a request header"),
-        _ => Stop::Io(e),
-    })?;
-    let be16 = |at: usize| u16::from_be_bytes(head[at..at + 2].try_into().unwrap());
-    let be32 = |at: usize| u32::from_be_bytes(head[at..at + 4].try_into().unwrap());
-    let be64 = |at: usize| u64::from_be_bytes(head[at..at + 8].try_into().unwrap());
-    let want = if extended {
-        EXTENDED_REQUEST_MAGIC
-    } else {
-        REQUEST_MAGIC
-    };
-    if be32(0) != want {
-        return Err(Stop::Violation(format!(
-            "bad request magic {:#010x}",
-            be32(0)
-        )));
-    }
-    let req = Request {
-        flags: be16(4),
-        kind: be16(6),
-        cookie: be64(8),
-        offset: be64(16),
-        len: if extended { be64(24) } else { be32(24) as u64 },
-    };
-    if req.kind == CMD_DISC {
-        return Err(Stop::Done);
-    }
-    // A WRITE always carries its data (QEMU does not set PAYLOAD_LEN on it); with
-    // extended headers any other command may carry a payload announced by PAYLOAD_LEN.
-    let payload = if req.kind == CMD_WRITE || extended && req.flags & CF_PAYLOAD_LEN != 0 {
-        req.len
-    } else {
-        0
-    };
-    if payload > MAX_PAYLOAD as u64 {
-        return Err(Stop::Violation(format!(
-            "request payload of {payload} bytes exceeds 32 MiB"
-        )));
-    }
-    r.read_exact(buf.get(payload as usize))
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => Stop::Lost("connection closed inside a write payload"),
-            _ => Stop::Io(e),
-        })?;
-    Ok((req, payload as usize))
 }
