@@ -6,7 +6,8 @@
 #   host page cache:                  tandemd --cache writeback vs qemu-nbd --cache=writeback --aio=threads
 #                                     vs nbdkit file (its default cache mode)
 # (nbdkit 1.32's file plugin has no direct I/O, so it is only in the second section.)
-# Each round runs all five server configurations, one at a time, in rotating order.
+# Each round runs all five server configurations, one at a time, in rotating order,
+# backwards in even rounds.
 # See docs/benchmarks.md for the method and for how to read the tables.
 #
 # Other people may run tandemd on the same machine. This script stops only the processes
@@ -316,8 +317,11 @@ run_job() {
 n=${#CONFIGS[@]}
 for ((round = 1; round <= ROUNDS; round++)); do
     for ((i = 0; i < n; i++)); do
-        # The starting configuration rotates from round to round, so none always goes first.
-        read -r id server mode <<<"${CONFIGS[$(((i + round - 1) % n))]}"
+        # The starting configuration rotates from round to round, so none always goes
+        # first, and even rounds run the list backwards, so none always follows the same
+        # one (what ran before can still weigh on the disk and the page cache).
+        if ((round % 2)); then k=$i; else k=$((n - 1 - i)); fi
+        read -r id server mode <<<"${CONFIGS[$(((k + round - 1) % n))]}"
         note "round $round/$ROUNDS: $server, cache $mode"
         evict_cache
         start_server "$server" "$mode"
