@@ -9,7 +9,7 @@
 #   - idle resync: with the 2-replica volume, B is stopped, RESYNC_SIZE is written on A,
 #     B is started again, and A's status is followed until B is UpToDate again;
 #   - on loopback (root namespace, no limit): 4 KiB depth-1 write latency of a 2-replica
-#     volume against a 1-replica volume.
+#     volume against a 1-replica volume, and their 4 MiB sequential reads, alternated.
 # and prints the ratios the design's targets are about. See docs/benchmarks.md.
 # Checks on the way, reported with the tables: an online verify after the resync (a
 # against b) and after the diskless-host jobs (b against c); whether node A lost a peer
@@ -44,7 +44,7 @@
 #   SIZE         volume size, and the size fio jobs cover [1G]; a multiple of 4 MiB
 #   RESYNC_SIZE  bytes written while B is down, for the resync measurement [512M]
 #   JOB_ROUNDS   runs of each job in each configuration, back to back (best is shown) [2]
-#   LAT_ROUNDS   rounds of the loopback latency comparison (best of them is shown) [2]
+#   LAT_ROUNDS   rounds of the loopback comparisons (best of them is shown) [2]
 #   QUORUM       quorum option of the volumes: majority or off [majority]
 #   IPERF_TIME   seconds of the iperf3 link measurement [5]
 #   BENCH_DIR    work directory, disk-backed (not tmpfs) [/var/tmp/tandem-repl]
@@ -540,6 +540,16 @@ for ((r = 1; r <= LAT_ROUNDS; r++)); do
             --size="$SIZE" --time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" \
             --norandommap=1 --randrepeat=1
     done
+    # The same local read path on both volumes, alternated in time: the fair form of
+    # the "2 replicas seq read / 1 replica" comparison, which the configurations above
+    # measure minutes apart, at the mercy of the disk's swings between runs.
+    for vol in $order; do
+        note "loopback round $r/$LAT_ROUNDS: $vol, seq-read"
+        if [[ $vol == two ]]; then DATA_PEERS=lb; else DATA_PEERS=; fi
+        measured la "$vol" "lo.$vol.$r.seq-read" --rw=read --bs=4M --iodepth=4 \
+            --size="$SIZE" --time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" \
+            --norandommap=1 --randrepeat=1
+    done
 done
 stop_node la; stop_node lb
 
@@ -622,6 +632,13 @@ for vol in ("one", "two"):
 print(f"Loopback, 4 KiB rand write QD1 mean (best of {lat_rounds}): 1 replica {lo['one'][0]:.1f} µs "
       f"(rounds {', '.join(f'{m:.1f}' for m in lo['one'][1])}), 2 replicas {lo['two'][0]:.1f} µs "
       f"(rounds {', '.join(f'{m:.1f}' for m in lo['two'][1])})")
+lo_read = {}
+for vol in ("one", "two"):
+    rates = [job(f"lo.{vol}.{i}.seq-read")["read"]["bw_bytes"] / MiB for i in range(1, lat_rounds + 1)]
+    lo_read[vol] = (max(rates), rates)
+print(f"Loopback, 4 MiB seq read QD4, alternated (best of {lat_rounds}): 1 replica "
+      f"{fmt(lo_read['one'][0])} MiB/s (rounds {', '.join(fmt(v) for v in lo_read['one'][1])}), "
+      f"2 replicas {fmt(lo_read['two'][0])} MiB/s (rounds {', '.join(fmt(v) for v in lo_read['two'][1])})")
 
 # Resync.
 poll = json.loads((run / "resync-poll.json").read_text())
@@ -666,6 +683,7 @@ def ratio_text(r):
 targets = [
     ("2 replicas seq write / link rate", val["repl2", "seq-write"], link_mib, "MiB/s", ">=", 0.9),
     ("2 replicas seq read / 1 replica seq read", val["repl2", "seq-read"], val["local", "seq-read"], "MiB/s", ">=", 0.9),
+    ("the same, alternated on loopback", lo_read["two"][0], lo_read["one"][0], "MiB/s", ">=", 0.9),
     ("diskless seq read / link rate", val["diskless", "seq-read"], link_mib, "MiB/s", ">=", 0.9),
     ("diskless seq write / link rate", val["diskless", "seq-write"], link_mib, "MiB/s", ">=", 0.9),
     ("loopback QD1 write mean, 2 replicas / 1 replica", lo["two"][0], lo["one"][0], "µs", "<=", 1.5),
