@@ -634,10 +634,10 @@ impl ReplicatedVolume {
             let lone = self.in_flight.load(Ordering::Acquire) <= 1 && !workers.busy();
             if reader.buffer().is_empty() && !(lone && cadence.poll(|| more_waiting(&reader))) {
                 // Sleeps in the read that fills the buffer.
-                if let Err(e) = cadence.sleep(|| reader.fill_buf().map(|_| ())) {
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        break format!("connection lost: {e}");
-                    }
+                if let Err(e) = cadence.sleep(|| reader.fill_buf().map(|_| ()))
+                    && e.kind() != io::ErrorKind::Interrupted
+                {
+                    break format!("connection lost: {e}");
                 }
             }
             match self.handle(&peer, &mut reader, &mut workers) {
