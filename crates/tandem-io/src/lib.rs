@@ -5,17 +5,26 @@
 pub mod poll;
 
 use std::io::{self, IoSlice, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 /// Whether `source` has data to read right now (or has hit its end), without waiting.
 pub fn readable_now(source: &(impl AsRawFd + ?Sized)) -> bool {
-    let mut fd = libc::pollfd {
-        fd: source.as_raw_fd(),
-        events: libc::POLLIN,
+    ready_now(source.as_raw_fd(), libc::POLLIN)
+}
+
+/// Whether `sink` takes more data right now, without waiting.
+pub fn writable_now(sink: &(impl AsRawFd + ?Sized)) -> bool {
+    ready_now(sink.as_raw_fd(), libc::POLLOUT)
+}
+
+fn ready_now(fd: RawFd, events: libc::c_short) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events,
         revents: 0,
     };
     // SAFETY: polls one valid descriptor described by a live struct, without waiting.
-    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
 }
 
 /// Writes every byte of `slices`, in order, with as few system calls as the writer
@@ -66,6 +75,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(w.0, b"headerpayload!");
+    }
+
+    #[test]
+    fn writable_until_the_socket_is_full() {
+        let (x, _y) = UnixStream::pair().unwrap();
+        x.set_nonblocking(true).unwrap();
+        assert!(writable_now(&x));
+        while (&x).write(&[0u8; 4096]).is_ok() {}
+        assert!(!writable_now(&x), "a full socket takes no more");
     }
 
     #[test]

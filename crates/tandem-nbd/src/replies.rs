@@ -151,7 +151,7 @@ impl Replies {
     /// the queue was emptied.
     fn write_queue(&self, w: &mut MutexGuard<'_, Box<dyn Sink>>, wait: bool) -> bool {
         loop {
-            if !wait && !writable(self.fd) {
+            if !wait && !tandem_io::writable_now(&self.fd) {
                 return false;
             }
             let Some(bytes) = self.late.lock().unwrap().queue.pop_front() else {
@@ -226,17 +226,6 @@ impl Replies {
     }
 }
 
-/// Whether the socket takes more without waiting.
-fn writable(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: polls one valid descriptor described by a live struct, without waiting.
-    unsafe { libc::poll(&mut p, 1, 0) > 0 && p.revents & libc::POLLOUT != 0 }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,7 +279,7 @@ mod tests {
         // Fill the socket until it takes no more without waiting.
         let filler = Reply::new(ReplyMode::Simple, 0, 0).ok(false);
         let mut filled = 0;
-        while writable(replies.fd) {
+        while tandem_io::writable_now(&replies.fd) {
             replies.send(&filler).unwrap();
             filled += 1;
         }
