@@ -128,10 +128,11 @@ impl Reader {
         }
         // Clients send a write's header and its data in separate calls: the data is due
         // at once, so it is polled for rather than slept for (a wake-up costs more).
-        if payload > 0 && r.buffer().is_empty() {
-            tandem_io::poll::poll_until(PAYLOAD_POLL, || tandem_io::readable_now(&**r.get_ref()));
+        if payload > 0 {
+            tandem_io::poll::poll_until(PAYLOAD_POLL, || self.more_waiting());
         }
-        r.read_exact(buf.get(payload as usize))
+        self.stream
+            .read_exact(buf.get(payload as usize))
             .map_err(|e| match e.kind() {
                 io::ErrorKind::UnexpectedEof => {
                     Stop::Lost("connection closed inside a write payload")
@@ -236,10 +237,10 @@ impl<'s> Connection<'s> {
                 kept = Some(reader);
             }
             let served = self.serve(&req, payload_len, &mut buf).and_then(|()| {
-                match self.replies.broken() {
-                    true => Err(io::Error::other("a reply could not be written")),
-                    false => Ok(()),
+                if self.replies.broken() {
+                    return Err(io::Error::other("a reply could not be written"));
                 }
+                Ok(())
             });
             if let Err(e) = served {
                 if !self.broken.swap(true, Ordering::AcqRel) {
@@ -291,16 +292,7 @@ impl<'s> Connection<'s> {
             }
             _ => unreachable!("check() refuses unknown commands"),
         };
-        let reply = match result {
-            Ok(()) => reply.ok(false),
-            Err(e) => {
-                let errno = Errno::from_io(&e);
-                tracing::warn!(export = %self.session.name, kind = req.kind, offset = req.offset,
-                    len = req.len, error = %e, "request failed");
-                reply.error(errno, &e.to_string())
-            }
-        };
-        self.send(&reply)
+        self.send(&outcome_reply(mode, req, &self.session.name, result))
     }
 
     /// Where a write's result goes when the export delivers it: its reply, sent by
@@ -491,16 +483,7 @@ struct LateReply {
 impl LateReply {
     fn send(&mut self, result: io::Result<()>) {
         self.sent = true;
-        let req = &self.req;
-        let reply = Reply::new(self.mode, req.cookie, req.offset);
-        let reply = match result {
-            Ok(()) => reply.ok(false),
-            Err(e) => {
-                tracing::warn!(export = %self.export, kind = req.kind, offset = req.offset,
-                    len = req.len, error = %e, "request failed");
-                reply.error(Errno::from_io(&e), &e.to_string())
-            }
-        };
+        let reply = outcome_reply(self.mode, &self.req, &self.export, result);
         self.replies.late(&reply);
     }
 }
@@ -509,6 +492,24 @@ impl Drop for LateReply {
     fn drop(&mut self) {
         if !self.sent {
             self.send(Err(io::Error::other("the write was dropped unfinished")));
+        }
+    }
+}
+
+/// The reply to a request that carries no data, from its result (a failure is logged).
+fn outcome_reply(
+    mode: ReplyMode,
+    req: &Request,
+    export: &str,
+    result: io::Result<()>,
+) -> Reply<'static> {
+    let reply = Reply::new(mode, req.cookie, req.offset);
+    match result {
+        Ok(()) => reply.ok(false),
+        Err(e) => {
+            tracing::warn!(export, kind = req.kind, offset = req.offset, len = req.len,
+                error = %e, "request failed");
+            reply.error(Errno::from_io(&e), &e.to_string())
         }
     }
 }
