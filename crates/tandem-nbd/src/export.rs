@@ -35,27 +35,23 @@ pub struct ZeroMode {
     pub fast_only: bool,
 }
 
-/// Receives the result of a write that completes later (see [`Export::write_then`]).
+/// Receives the result of a write, which may come later (see [`Export::write`]).
 pub type WriteDone = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// An open export. Every method may be called from several threads at once; a method
 /// returns only when the operation is complete (and durable when `fua` is set), except
-/// [`Export::write_then`].
+/// [`Export::write`].
 pub trait Export: Send + Sync {
     fn info(&self) -> ExportInfo;
     /// Current size; requests are checked against it.
     fn size(&self) -> u64;
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
-    /// A write whose result may come later: `done` is called exactly once with it (the
-    /// write complete, and durable when `fua` is set), on this thread before this
-    /// returns or on another one afterwards; `data` is used only until this returns.
-    /// The server's threads move on meanwhile, and `done` replies to the client without
-    /// ever waiting for it, so any thread of the export may call it. By default,
-    /// [`Export::write`] then `done`.
-    fn write_then(&self, offset: u64, data: &[u8], fua: bool, done: WriteDone) {
-        done(self.write(offset, data, fua));
-    }
+    /// Writes `data` at `offset`. Its result may come later: `done` is called exactly
+    /// once with it (the write complete, and durable when `fua` is set), on this thread
+    /// before this returns or on another one afterwards; `data` is used only until this
+    /// returns. The server's threads move on meanwhile, and `done` replies to the client
+    /// without ever waiting for it, so any thread of the export may call it.
+    fn write(&self, offset: u64, data: &[u8], fua: bool, done: WriteDone);
     /// Makes every completed write durable, whichever connection made it.
     fn flush(&self) -> io::Result<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;

@@ -1,7 +1,7 @@
 //! The reply side of a connection in transmission.
 //!
 //! Workers write their replies under one lock, waiting as long as the client takes.
-//! A write whose result comes later ([`crate::Export::write_then`]) is answered by the
+//! A write whose result comes later ([`crate::Export::write`]) is answered by the
 //! thread that completes it, usually a thread of the export (a replication link's
 //! receiver, say) that must never wait for an NBD client: its reply goes out at once
 //! if the writer is free and the socket has room, else it is queued, and whoever holds

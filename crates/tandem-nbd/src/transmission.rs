@@ -7,7 +7,7 @@
 //! requests run at once and replies go out as they finish, out of order. A new worker
 //! is started only when a request arrives and nobody is left waiting for the next one.
 //!
-//! A write may complete later ([`Export::write_then`]): the worker moves on to the next
+//! A write may complete later ([`Export::write`]): the worker moves on to the next
 //! request, and the thread that completes the write sends its reply (see `replies`).
 
 use std::io::{self, BufReader, Read};
@@ -277,7 +277,7 @@ impl<'s> Connection<'s> {
             _ if req.len == 0 && req.kind != CMD_FLUSH => Ok(()),
             CMD_WRITE => {
                 let done = self.late_reply(req);
-                export.write_then(req.offset, buf.get(payload_len), fua, done);
+                export.write(req.offset, buf.get(payload_len), fua, done);
                 return Ok(());
             }
             CMD_FLUSH => export.flush(),

@@ -1292,10 +1292,10 @@ impl ReplicatedVolume {
         }
     }
 
-    /// Finishes a write started by [`ReplicatedVolume::write_then`] on the thread that
+    /// Finishes a write started by [`ReplicatedVolume::write`] on the thread that
     /// saw its last answer, which may be a peer link's receiver: that must never wait
     /// for quorum to come back (suspend-io), so such a wait moves to a thread of its own.
-    fn finish_then(
+    fn finish_write(
         self: Arc<Self>,
         started: Started,
         outcome: Outcome,
@@ -1330,20 +1330,13 @@ impl ReplicatedVolume {
         }
     }
 
-    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        let config = self.config();
-        self.require_quorum(&config)?;
-        let _held = self.intervals.lock(offset, data.len() as u64);
-        let h = self.write_header(offset, data, fua);
-        self.replicate(config, h, data, |v| v.data().write_at(data, offset, fua))
-    }
-
-    /// Like [`ReplicatedVolume::write`], but returns as soon as the write is sent to the
-    /// peers and done on the local replica: `done` gets the result once every peer
-    /// answered, on the thread that sees the last answer (often a peer link's
-    /// receiver), or on this one if they have already. No thread waits meanwhile.
-    /// The write holds its range (and activity-log extents) until `done` is called.
-    pub fn write_then(
+    /// Writes `data` at `offset` on every replica (protocol C), returning as soon as it
+    /// is sent to the peers and done on the local replica: `done` gets the result once
+    /// every peer answered, on the thread that sees the last answer (often a peer
+    /// link's receiver), or on this one if they have already. No thread waits
+    /// meanwhile. The write holds its range (and activity-log extents) until `done` is
+    /// called.
+    pub fn write(
         self: &Arc<Self>,
         offset: u64,
         data: &[u8],
@@ -1355,26 +1348,19 @@ impl ReplicatedVolume {
             return done(Err(e));
         }
         let held = self.intervals.lock(offset, data.len() as u64);
-        let h = self.write_header(offset, data, fua);
-        let local = |v: &Volume| v.data().write_at(data, offset, fua);
-        match self.start(config, h, Some(held), data, local) {
-            Ok(started) => {
-                let (volume, completion) = (self.clone(), started.completion.clone());
-                completion.then(move |outcome| volume.finish_then(started, outcome, done));
-            }
-            Err(e) => done(Err(e)),
-        }
-    }
-
-    fn write_header(&self, offset: u64, data: &[u8], fua: bool) -> Header {
         let mut h = Header::new(Kind::Write, self.next_id());
         h.offset = offset;
         h.length = data.len() as u64;
         h.payload = data.len() as u32;
-        if fua {
-            h.flags |= FLAG_FUA;
+        h.flags = if fua { FLAG_FUA } else { 0 };
+        let local = |v: &Volume| v.data().write_at(data, offset, fua);
+        match self.start(config, h, Some(held), data, local) {
+            Ok(started) => {
+                let (volume, completion) = (self.clone(), started.completion.clone());
+                completion.then(move |outcome| volume.finish_write(started, outcome, done));
+            }
+            Err(e) => done(Err(e)),
         }
-        h
     }
 
     pub fn write_zeroes(

@@ -148,13 +148,9 @@ impl Export for ReplicatedExport {
         self.volume.read(offset, buf)
     }
 
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.volume.write(offset, data, fua)
-    }
-
-    fn write_then(&self, offset: u64, data: &[u8], fua: bool, done: WriteDone) {
+    fn write(&self, offset: u64, data: &[u8], fua: bool, done: WriteDone) {
         // The reply goes out from the thread that sees the peers' last answer.
-        self.volume.write_then(offset, data, fua, done)
+        self.volume.write(offset, data, fua, done)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -216,8 +212,8 @@ impl Export for VolumeExport {
         self.handle.data().read_at(buf, offset)
     }
 
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.handle.data().write_at(data, offset, fua)
+    fn write(&self, offset: u64, data: &[u8], fua: bool, done: WriteDone) {
+        done(self.handle.data().write_at(data, offset, fua))
     }
 
     fn flush(&self) -> io::Result<()> {
