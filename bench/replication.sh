@@ -348,16 +348,31 @@ JOBS=(
     "rand-write-qd32 randwrite 4k 32"
     "rand-read-qd32 randread 4k 32"
 )
+# run_job NODE VOLUME TAG JOB: one measured run of JOB (an entry of JOBS).
+run_job() {
+    local n=$1 vol=$2 tag=$3 name rw bs qd
+    read -r name rw bs qd <<<"$4"
+    measured "$n" "$vol" "$tag" --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE" \
+        --time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap=1 --randrepeat=1
+}
+
+# job_named NAME: the entry of JOBS with that name.
+job_named() {
+    local job
+    for job in "${JOBS[@]}"; do
+        [[ ${job%% *} == "$1" ]] && { echo "$job"; return; }
+    done
+    die "no job named $1"
+}
+
 # Each job runs JOB_ROUNDS times back to back (tags ROW.JOB.1, .2, ...): the disk's own
 # speed swings between runs, and only the best run is compared.
 run_jobs() { # NODE VOLUME ROW
-    local n=$1 vol=$2 row=$3 job tag rw bs qd k
+    local n=$1 vol=$2 row=$3 job k
     for job in "${JOBS[@]}"; do
-        read -r tag rw bs qd <<<"$job"
         for ((k = 1; k <= JOB_ROUNDS; k++)); do
-            note "$row: $tag ($k/$JOB_ROUNDS)"
-            measured "$n" "$vol" "$row.$tag.$k" --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE" \
-                --time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap=1 --randrepeat=1
+            note "$row: ${job%% *} ($k/$JOB_ROUNDS)"
+            run_job "$n" "$vol" "$row.${job%% *}.$k" "$job"
         done
     done
 }
@@ -531,24 +546,18 @@ setup_volume one la:diskful
 setup_volume two la:diskful lb:diskful
 prefill la one lo.one.prefill
 prefill la two lo.two.prefill
+# The depth-1 write latency, then the sequential read: the same local read path on both
+# volumes, alternated in time, is the fair form of the "2 replicas seq read / 1 replica"
+# comparison, which the configurations above measure minutes apart, at the mercy of the
+# disk's swings between runs.
 for ((r = 1; r <= LAT_ROUNDS; r++)); do
     if ((r % 2)); then order="one two"; else order="two one"; fi
-    for vol in $order; do
-        note "loopback round $r/$LAT_ROUNDS: $vol, rand-write-qd1"
-        if [[ $vol == two ]]; then DATA_PEERS=lb; else DATA_PEERS=; fi
-        measured la "$vol" "lo.$vol.$r.rand-write-qd1" --rw=randwrite --bs=4k --iodepth=1 \
-            --size="$SIZE" --time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" \
-            --norandommap=1 --randrepeat=1
-    done
-    # The same local read path on both volumes, alternated in time: the fair form of
-    # the "2 replicas seq read / 1 replica" comparison, which the configurations above
-    # measure minutes apart, at the mercy of the disk's swings between runs.
-    for vol in $order; do
-        note "loopback round $r/$LAT_ROUNDS: $vol, seq-read"
-        if [[ $vol == two ]]; then DATA_PEERS=lb; else DATA_PEERS=; fi
-        measured la "$vol" "lo.$vol.$r.seq-read" --rw=read --bs=4M --iodepth=4 \
-            --size="$SIZE" --time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" \
-            --norandommap=1 --randrepeat=1
+    for name in rand-write-qd1 seq-read; do
+        for vol in $order; do
+            note "loopback round $r/$LAT_ROUNDS: $vol, $name"
+            if [[ $vol == two ]]; then DATA_PEERS=lb; else DATA_PEERS=; fi
+            run_job la "$vol" "lo.$vol.$r.$name" "$(job_named "$name")"
+        done
     done
 done
 stop_node la; stop_node lb
@@ -592,12 +601,21 @@ cols = [
     ("4 KiB rand write, QD32 (IOPS)", "rand-write-qd32", "write", lambda s: s["iops"], False),
     ("4 KiB rand read, QD32 (IOPS)", "rand-read-qd32", "read", lambda s: s["iops"], False),
 ]
+by_tag = {tag: (ddir, get, lower) for _, tag, ddir, get, lower in cols}
+
+def best(runs_of, tag):
+    """The best of the runs tagged runs_of (lowest latency, highest rate) of job tag:
+    (value, the run's tag, every run's value)."""
+    ddir, get, lower = by_tag[tag]
+    got = [(get(job(t)[ddir]), t) for t in runs_of]
+    value, chosen = min(got) if lower else max(got)
+    return value, chosen, [v for v, _ in got]
+
 val, runs, chosen = {}, {}, {}
 for _, r in rows:
-    for _, tag, ddir, get, lower in cols:
-        got = [(get(job(f"{r}.{tag}.{k}")[ddir]), f"{r}.{tag}.{k}") for k in range(1, job_rounds + 1)]
-        runs[r, tag] = [v for v, _ in got]
-        val[r, tag], chosen[r, tag] = min(got) if lower else max(got)
+    for _, tag, *_ in cols:
+        tags = [f"{r}.{tag}.{k}" for k in range(1, job_rounds + 1)]
+        val[r, tag], chosen[r, tag], runs[r, tag] = best(tags, tag)
     val[r, "prefill"] = job(f"{r}.prefill")["write"]["bw_bytes"] / MiB
 
 print(f"Link a -> b (iperf3, TCP payload): {link_bps / 1e9:.3f} Gbit/s = {link_mib:,.1f} MiB/s "
@@ -621,24 +639,18 @@ print("Prefill (4 MiB seq write of the whole volume, first write of every block)
       ", ".join(f"{label} {fmt(val[r, 'prefill'])} MiB/s" for label, r in rows))
 print()
 
-# Loopback latency: best (lowest mean) of the rounds.
+# Loopback: the best of the rounds, per job and volume.
 lo = {}
-for vol in ("one", "two"):
-    means = [job(f"lo.{vol}.{i}.rand-write-qd1")["write"]["clat_ns"]["mean"] / 1e3
-             for i in range(1, lat_rounds + 1)]
-    lo[vol] = (min(means), means)
-    if any(f"lo.{vol}.{i}.rand-write-qd1" in disturbed for i in range(1, lat_rounds + 1)):
-        print(f"† loopback volume {vol}: la's connection to lb was closed during a round")
-print(f"Loopback, 4 KiB rand write QD1 mean (best of {lat_rounds}): 1 replica {lo['one'][0]:.1f} µs "
-      f"(rounds {', '.join(f'{m:.1f}' for m in lo['one'][1])}), 2 replicas {lo['two'][0]:.1f} µs "
-      f"(rounds {', '.join(f'{m:.1f}' for m in lo['two'][1])})")
-lo_read = {}
-for vol in ("one", "two"):
-    rates = [job(f"lo.{vol}.{i}.seq-read")["read"]["bw_bytes"] / MiB for i in range(1, lat_rounds + 1)]
-    lo_read[vol] = (max(rates), rates)
-print(f"Loopback, 4 MiB seq read QD4, alternated (best of {lat_rounds}): 1 replica "
-      f"{fmt(lo_read['one'][0])} MiB/s (rounds {', '.join(fmt(v) for v in lo_read['one'][1])}), "
-      f"2 replicas {fmt(lo_read['two'][0])} MiB/s (rounds {', '.join(fmt(v) for v in lo_read['two'][1])})")
+for tag, label, unit in (("rand-write-qd1", "4 KiB rand write QD1 mean", "µs"),
+                         ("seq-read", "4 MiB seq read QD4, alternated", "MiB/s")):
+    for vol in ("one", "two"):
+        tags = [f"lo.{vol}.{i}.{tag}" for i in range(1, lat_rounds + 1)]
+        lo[tag, vol] = best(tags, tag)
+        if any(t in disturbed for t in tags):
+            print(f"† loopback volume {vol}, {tag}: la's connection to lb was closed during a round")
+    print(f"Loopback, {label} (best of {lat_rounds}): " + ", ".join(
+        f"{n} {fmt(lo[tag, vol][0])} {unit} (rounds {', '.join(fmt(v) for v in lo[tag, vol][2])})"
+        for vol, n in (("one", "1 replica"), ("two", "2 replicas"))))
 
 # Resync.
 poll = json.loads((run / "resync-poll.json").read_text())
@@ -683,10 +695,10 @@ def ratio_text(r):
 targets = [
     ("2 replicas seq write / link rate", val["repl2", "seq-write"], link_mib, "MiB/s", ">=", 0.9),
     ("2 replicas seq read / 1 replica seq read", val["repl2", "seq-read"], val["local", "seq-read"], "MiB/s", ">=", 0.9),
-    ("the same, alternated on loopback", lo_read["two"][0], lo_read["one"][0], "MiB/s", ">=", 0.9),
+    ("the same, alternated on loopback", lo["seq-read", "two"][0], lo["seq-read", "one"][0], "MiB/s", ">=", 0.9),
     ("diskless seq read / link rate", val["diskless", "seq-read"], link_mib, "MiB/s", ">=", 0.9),
     ("diskless seq write / link rate", val["diskless", "seq-write"], link_mib, "MiB/s", ">=", 0.9),
-    ("loopback QD1 write mean, 2 replicas / 1 replica", lo["two"][0], lo["one"][0], "µs", "<=", 1.5),
+    ("loopback QD1 write mean, 2 replicas / 1 replica", lo["rand-write-qd1", "two"][0], lo["rand-write-qd1", "one"][0], "µs", "<=", 1.5),
     ("idle resync rate / link rate", resync_mib, link_mib, "MiB/s", ">=", 0.9),
     ("resync bytes / bytes written", transferred / MiB, written / MiB, "MiB", "<=", 1.0),
 ]
