@@ -631,8 +631,10 @@ impl ReplicatedVolume {
             // Not while several requests are in flight here or served for the peer
             // (queue depth > 1): the next message comes soon then anyway, and the CPU
             // is better left to them.
-            let lone = self.in_flight.load(Ordering::Acquire) <= 1 && !workers.busy();
-            if reader.buffer().is_empty() && !(lone && cadence.poll(|| more_waiting(&reader))) {
+            let lone = || self.in_flight.load(Ordering::Acquire) <= 1 && !workers.busy();
+            if reader.buffer().is_empty()
+                && !(cadence.is_hot() && lone() && cadence.poll(|| more_waiting(&reader)))
+            {
                 // Sleeps in the read that fills the buffer.
                 if let Err(e) = cadence.sleep(|| reader.fill_buf().map(|_| ()))
                     && e.kind() != io::ErrorKind::Interrupted
