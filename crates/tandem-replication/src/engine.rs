@@ -19,7 +19,7 @@ use crate::wire::{self, Header, Hello, Kind, WireError};
 /// How long a new connection may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-const TICK: Duration = Duration::from_millis(250);
+const TICK: Duration = Duration::from_millis(100);
 /// Idle links are pinged this often, so a dead peer is noticed within `DEAD_AFTER`.
 const PING_AFTER: Duration = Duration::from_secs(1);
 
@@ -166,6 +166,7 @@ impl Replicator {
             .map_or_else(|_| "?".into(), |a| a.to_string());
         let result = (|| -> Result<(), WireError> {
             sock.set_read_timeout(Some(HELLO_TIMEOUT))?;
+            tandem_io::bound_tcp_liveness(&sock, DEAD_AFTER)?;
             let mut stream = PeerStream::accept(sock, self.tls.as_ref())
                 .map_err(|e| WireError::Refused(format!("TLS handshake failed: {e}")))?;
             stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
@@ -191,9 +192,16 @@ impl Replicator {
             for peer in &volume.config().peers {
                 let silent = peer.silent_for();
                 if peer.connection() == tandem_api::ConnectionState::Connected {
+                    // Nothing here waits on the peer's socket (see `Outbox`): one
+                    // stuck peer never keeps the others from being pinged.
                     if silent > DEAD_AFTER {
                         tracing::warn!(volume = %volume.name(), peer = %peer.node,
                             silent_ms = silent.as_millis() as u64, "peer is silent; closing the connection");
+                        peer.disconnect();
+                    } else if let Some(waited) = peer.unanswered_for().filter(|w| *w > DEAD_AFTER) {
+                        tracing::warn!(volume = %volume.name(), peer = %peer.node,
+                            waited_ms = waited.as_millis() as u64, queued = peer.queued(),
+                            "peer answers none of the requests waiting on it; closing the connection");
                         peer.disconnect();
                     } else if peer.quiet_for() > PING_AFTER {
                         // Each side speaks at least every second, so each hears the other.
@@ -235,6 +243,7 @@ fn dial(volume: &Arc<ReplicatedVolume>, peer: &Arc<Peer>, tls: Option<&PeerTls>)
             .map_err(|_| WireError::Refused("bad address".into()))?;
         let sock = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)?;
         sock.set_read_timeout(Some(HELLO_TIMEOUT))?;
+        tandem_io::bound_tcp_liveness(&sock, DEAD_AFTER)?;
         let mut stream = PeerStream::dial(sock, addr.ip(), tls)
             .map_err(|e| WireError::Refused(format!("TLS handshake failed: {e}")))?;
         stream.set_read_timeout(Some(HELLO_TIMEOUT))?;

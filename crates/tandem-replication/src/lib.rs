@@ -13,6 +13,7 @@ mod change;
 mod completion;
 mod engine;
 mod interval;
+mod outbox;
 mod peer;
 mod resync;
 mod stream;

@@ -3,18 +3,27 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tandem_api::{ConnectionState, NodeId, NodeName, Participant, ParticipantKind};
 
 use crate::bitmap::Bitmap;
 use crate::completion::Completion;
+use crate::outbox::{Outbox, Unsent};
 use crate::stream::PeerStream;
-use crate::wire::{self, Header, State};
+use crate::wire::{Header, State};
 
-/// A peer silent for this long is declared dead and its connection closed.
+/// A peer silent for this long, or that answers none of the requests waiting on it for
+/// this long, is declared dead and its connection closed (the kernel gives up on data
+/// it cannot deliver after as long, see `tandem_io::bound_tcp_liveness`).
 pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(5);
+/// Every peer speaks at least once a second (`PING_AFTER`). One silent for longer than
+/// this no longer votes for quorum, though it stays connected until [`DEAD_AFTER`]: a
+/// Primary cut off from every peer must stop acknowledging writes on the strength of
+/// their votes well before the others declare it dead and a new Primary takes over,
+/// however the detection of its several dead links is spread in time.
+pub(crate) const VOTE_FRESH: Duration = Duration::from_millis(2500);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// A refused resync is tried again this often while the peer stays connected.
@@ -24,7 +33,7 @@ enum Link {
     /// No connection; dialing or waiting to be dialed.
     Down,
     /// A live connection. `epoch` tells its receiver apart from older ones.
-    Up { writer: PeerStream, epoch: u64 },
+    Up { outbox: Arc<Outbox>, epoch: u64 },
     /// Refused for a reason that retrying cannot fix (shown as StandAlone).
     Refused(String),
 }
@@ -45,10 +54,14 @@ pub(crate) struct Peer {
     state: AtomicU8,
     epochs: AtomicU64,
     pending: Mutex<HashMap<u64, Arc<Completion>>>,
+    /// When the peer last answered a request, or a request started waiting on a peer
+    /// that owed none: how long it has made no progress on what it owes.
+    progress: Stamp,
     /// What the peer last said about itself.
     remote: Mutex<Option<State>>,
-    last_seen: Mutex<Instant>,
-    last_sent: Mutex<Instant>,
+    /// When bytes last came from the peer (any part of any message).
+    last_seen: Stamp,
+    last_sent: Stamp,
     dial: Mutex<(Instant, Duration)>,
     /// A dial attempt is under way: never two at once.
     dialing: AtomicBool,
@@ -137,9 +150,10 @@ impl Peer {
             state: AtomicU8::new(link_code(&Link::Down)),
             epochs: AtomicU64::new(0),
             pending: Mutex::default(),
+            progress: Stamp::now(),
             remote: Mutex::new(None),
-            last_seen: Mutex::new(Instant::now()),
-            last_sent: Mutex::new(Instant::now()),
+            last_seen: Stamp::now(),
+            last_sent: Stamp::now(),
             dialing: AtomicBool::new(false),
             dial: Mutex::new((Instant::now(), BACKOFF_MIN)),
         }
@@ -201,29 +215,47 @@ impl Peer {
         *self.remote.lock().unwrap() = Some(state);
     }
 
+    /// Bytes came from the peer: it is alive, however long its message is.
     pub fn seen(&self) {
-        *self.last_seen.lock().unwrap() = Instant::now();
+        self.last_seen.set();
     }
 
     pub fn silent_for(&self) -> Duration {
-        self.last_seen.lock().unwrap().elapsed()
+        self.last_seen.elapsed()
     }
 
     /// Time since this node last sent the peer anything.
     pub fn quiet_for(&self) -> Duration {
-        self.last_sent.lock().unwrap().elapsed()
+        self.last_sent.elapsed()
+    }
+
+    /// How long requests have waited on the peer without any of them being answered;
+    /// `None` while none waits.
+    pub fn unanswered_for(&self) -> Option<Duration> {
+        let pending = self.pending.lock().unwrap();
+        (!pending.is_empty()).then(|| self.progress.elapsed())
+    }
+
+    /// Bytes queued for the peer, not yet taken by its socket.
+    pub fn queued(&self) -> usize {
+        self.outbox().map_or(0, |o| o.queued())
+    }
+
+    fn outbox(&self) -> Option<Arc<Outbox>> {
+        match &*self.link.lock().unwrap() {
+            Link::Up { outbox, .. } => Some(outbox.clone()),
+            _ => None,
+        }
     }
 
     /// Makes `stream` the live connection; returns its epoch. A previous connection is
     /// closed (its receiver notices and detaches with its own, older epoch). Refused
     /// while the peer is refused (a connection that raced with a removal, say).
     pub fn attach(&self, stream: &PeerStream, remote: State) -> io::Result<u64> {
-        let writer = stream.try_clone()?;
+        let outbox = Outbox::new(stream.try_clone()?, self.node.to_string());
         let mut link = self.link.lock().unwrap();
         match &*link {
-            Link::Up { writer: old, .. } => {
-                let _ = old.shutdown();
-            }
+            Link::Up { outbox: old, .. } => old.close(),
             Link::Refused(why) => {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
@@ -233,7 +265,7 @@ impl Peer {
             Link::Down => {}
         }
         let epoch = self.epochs.fetch_add(1, Ordering::AcqRel) + 1;
-        self.set_link(&mut link, Link::Up { writer, epoch });
+        self.set_link(&mut link, Link::Up { outbox, epoch });
         drop(link);
         self.set_remote(remote);
         self.seen();
@@ -246,8 +278,8 @@ impl Peer {
     pub fn detach(&self, epoch: u64) {
         let mut link = self.link.lock().unwrap();
         match &*link {
-            Link::Up { epoch: e, writer } if *e == epoch => {
-                let _ = writer.shutdown();
+            Link::Up { epoch: e, outbox } if *e == epoch => {
+                outbox.close();
                 self.set_link(&mut link, Link::Down);
             }
             // Refused while connected (the participant left, say): no newer connection
@@ -275,8 +307,8 @@ impl Peer {
     /// Refuses the peer for good (until the spec changes), closing any connection.
     pub fn refuse(&self, reason: String) {
         let mut link = self.link.lock().unwrap();
-        if let Link::Up { writer, .. } = &*link {
-            let _ = writer.shutdown();
+        if let Link::Up { outbox, .. } = &*link {
+            outbox.close();
         }
         self.set_link(&mut link, Link::Refused(reason));
     }
@@ -290,38 +322,33 @@ impl Peer {
     }
 
     /// Closes the live connection (dead peer, shutdown); its receiver detaches.
+    /// Never waits, whatever state the socket is in.
     pub fn disconnect(&self) {
-        if let Link::Up { writer, .. } = &*self.link.lock().unwrap() {
-            let _ = writer.shutdown();
+        if let Some(outbox) = self.outbox() {
+            outbox.close();
         }
     }
 
-    /// Sends one message; a failure closes the connection.
+    /// Sends one message without waiting for the socket (see [`Outbox`]); a failure
+    /// closes the connection.
     pub fn send(&self, header: &Header, payload: &[u8]) -> io::Result<()> {
-        let mut link = self.link.lock().unwrap();
-        let Link::Up { writer, .. } = &mut *link else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "peer not connected",
-            ));
-        };
-        let result = wire::send(writer, header, payload);
-        match &result {
-            Ok(()) => *self.last_sent.lock().unwrap() = Instant::now(),
-            Err(_) => {
-                let _ = writer.shutdown();
-            }
-        }
-        result
+        let outbox = self.outbox().ok_or(Unsent::Closed)?;
+        outbox.send(header, payload)?;
+        self.last_sent.set();
+        Ok(())
     }
 
     /// Sends a request whose answer settles `completion`. Registered before sending, so
     /// an answer cannot outrun it; if sending fails the request counts as lost.
     pub fn request(&self, header: &Header, payload: &[u8], completion: &Arc<Completion>) {
-        self.pending
-            .lock()
-            .unwrap()
-            .insert(header.id, completion.clone());
+        {
+            let mut pending = self.pending.lock().unwrap();
+            if pending.is_empty() {
+                // The peer owed nothing until now: its silence counts from here.
+                self.progress.set();
+            }
+            pending.insert(header.id, completion.clone());
+        }
         if self.send(header, payload).is_err() {
             if let Some(c) = self.pending.lock().unwrap().remove(&header.id) {
                 c.lost(self.id);
@@ -331,7 +358,9 @@ impl Peer {
 
     /// The completion waiting for answer `id`, taken out.
     pub fn answered(&self, id: u64) -> Option<Arc<Completion>> {
-        self.pending.lock().unwrap().remove(&id)
+        let c = self.pending.lock().unwrap().remove(&id);
+        self.progress.set();
+        c
     }
 
     /// Whether to dial now; if so, the next attempt is pushed back (doubling, capped)
@@ -369,5 +398,56 @@ impl Peer {
             Link::Refused(r) => Some(r.clone()),
             _ => None,
         }
+    }
+}
+
+/// The receiving end of a connection: every read that brings bytes proves the peer
+/// alive, so a long message on a slow link is not taken for silence.
+pub(crate) struct Heard {
+    pub stream: PeerStream,
+    pub peer: Arc<Peer>,
+}
+
+impl io::Read for Heard {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        if n > 0 {
+            self.peer.seen();
+        }
+        Ok(n)
+    }
+}
+
+impl std::os::fd::AsRawFd for Heard {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+/// A moment, stored in an atomic so that it is set and read without a lock (the
+/// receiver marks every read with it).
+struct Stamp(AtomicU64);
+
+/// The origin of every [`Stamp`].
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+impl Stamp {
+    fn now() -> Stamp {
+        let s = Stamp(AtomicU64::new(0));
+        s.set();
+        s
+    }
+
+    fn set(&self) {
+        self.0
+            .store(origin().elapsed().as_nanos() as u64, Ordering::Release);
+    }
+
+    fn elapsed(&self) -> Duration {
+        let at = Duration::from_nanos(self.0.load(Ordering::Acquire));
+        origin().elapsed().saturating_sub(at)
     }
 }

@@ -18,7 +18,7 @@ use crate::al::{ActivityLog, Covered, EXTENT};
 use crate::bitmap::Bitmap;
 use crate::completion::{Completion, Outcome};
 use crate::interval::{Held, IntervalLock};
-use crate::peer::{Peer, Sync, Tracked};
+use crate::peer::{Heard, Peer, Sync, Tracked, VOTE_FRESH};
 use crate::stream::PeerStream;
 use crate::wire::{
     self, Buffer, FLAG_FUA, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Hello, Kind, State, WireError,
@@ -42,7 +42,9 @@ impl Config {
         self.peers.iter().find(|p| p.id == id)
     }
 
-    /// Voting participants reachable from here, and how many vote in all.
+    /// Voting participants reachable from here, and how many vote in all. A peer
+    /// counts only while it is heard from (see [`VOTE_FRESH`]): one that fell silent
+    /// may be on the other side of a cut already, long before it is declared dead.
     fn votes(&self) -> (usize, usize) {
         let total = self
             .spec
@@ -54,7 +56,11 @@ impl Config {
         let reachable = self
             .peers
             .iter()
-            .filter(|p| p.kind().votes() && p.connection() == ConnectionState::Connected)
+            .filter(|p| {
+                p.kind().votes()
+                    && p.connection() == ConnectionState::Connected
+                    && p.silent_for() < VOTE_FRESH
+            })
             .count();
         (mine + reachable, total)
     }
@@ -610,7 +616,11 @@ impl ReplicatedVolume {
     }
 
     fn receive(self: Arc<Self>, peer: Arc<Peer>, stream: PeerStream, epoch: u64) {
-        let mut reader = BufReader::with_capacity(256 << 10, stream);
+        let heard = Heard {
+            stream,
+            peer: peer.clone(),
+        };
+        let mut reader = BufReader::with_capacity(256 << 10, heard);
         let mut workers = {
             let (volume, peer) = (self.clone(), peer.clone());
             Workers::new(
@@ -644,7 +654,6 @@ impl ReplicatedVolume {
             }
             match self.handle(&peer, &mut reader, &mut workers) {
                 Ok(kind) => {
-                    peer.seen();
                     if kind == Kind::Ping {
                         cadence.cool();
                     }
@@ -917,7 +926,7 @@ impl ReplicatedVolume {
     fn handle(
         self: &Arc<Self>,
         peer: &Peer,
-        r: &mut BufReader<PeerStream>,
+        r: &mut BufReader<Heard>,
         workers: &mut Workers<(Header, Buffer)>,
     ) -> Result<Kind, WireError> {
         let h = wire::read_header(r)?;
@@ -1787,7 +1796,7 @@ impl Drop for InFlight {
 }
 
 /// Whether another message has (at least partly) arrived already.
-fn more_waiting(r: &BufReader<PeerStream>) -> bool {
+fn more_waiting(r: &BufReader<Heard>) -> bool {
     !r.buffer().is_empty() || tandem_io::readable_now(r.get_ref())
 }
 

@@ -1,0 +1,215 @@
+//! A peer that stops answering while the Primary streams large writes at depth (socket
+//! buffers full) must never freeze the Primary: its writes resume within the dead-peer
+//! timeout, the client sees no error, and the Primary keeps quorum through the peers it
+//! still reaches. Three hosts in network namespaces (two replicas and a tiebreaker);
+//! fio writes 4 MiB blocks at queue depth 4 through NBD on the Primary's host.
+//!
+//! These tests need root (they create network namespaces); without it they print
+//! "skipped" and pass.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tandem_lab::netns::Lab;
+use tandem_lab::{Node, WITH_TIEBREAKER, assert_same_replicas, logs, put_replicated, wait_for};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 256 * MIB;
+/// Writing before the fault, the fault itself, and writing after it heals.
+const BEFORE: Duration = Duration::from_secs(8);
+const FAULT: Duration = Duration::from_secs(30);
+const AFTER: Duration = Duration::from_secs(6);
+/// The longest a write may take across the fault: the dead-peer timeout (5 s) and a
+/// margin for the tick that notices it.
+const MAX_STALL: Duration = Duration::from_secs(6);
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// The host's cable is pulled: no reset reaches anyone, frames are dropped.
+    Cut(usize),
+    /// The node's process is stopped (SIGSTOP): its host still acknowledges TCP until
+    /// its receive buffer is full, then advertises a zero window.
+    Freeze(usize),
+}
+
+impl Fault {
+    fn begin(self, lab: &Lab, nodes: &[Node]) {
+        match self {
+            Fault::Cut(i) => lab.cut(i),
+            Fault::Freeze(i) => signal(&nodes[i], libc::SIGSTOP),
+        }
+    }
+
+    fn end(self, lab: &Lab, nodes: &[Node]) {
+        match self {
+            Fault::Cut(i) => lab.heal(i),
+            Fault::Freeze(i) => signal(&nodes[i], libc::SIGCONT),
+        }
+    }
+}
+
+fn signal(node: &Node, sig: libc::c_int) {
+    // SAFETY: signals a child process of this test.
+    assert_eq!(unsafe { libc::kill(node.pid() as i32, sig) }, 0);
+}
+
+/// What fio reported for its one job: errors, the longest write, bytes written.
+struct Report {
+    error: i64,
+    max_latency: Duration,
+    written: u64,
+}
+
+fn fio_report(path: &std::path::Path) -> Report {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let job = tandem_lab::json(&text)["jobs"][0].clone();
+    Report {
+        error: job["error"].as_i64().expect("fio error field"),
+        max_latency: Duration::from_nanos(job["write"]["lat_ns"]["max"].as_u64().expect("max")),
+        written: job["write"]["io_bytes"].as_u64().expect("io_bytes"),
+    }
+}
+
+/// The scenario: 4 MiB sequential writes at depth 4 on the Primary (host 0), `fault`
+/// on another host for [`FAULT`], then healed; every write succeeds, none takes longer
+/// than [`MAX_STALL`], the Primary never loses quorum, and once healed the two replicas
+/// hold the same bytes.
+fn writes_go_on_through(prefix: &str, fault: Fault) {
+    let Some(lab) = Lab::new(3) else { return };
+    assert!(tandem_lab::have("fio"), "fio is not installed");
+    let volume = format!("{prefix}v");
+    let nodes = lab.start_all([
+        &format!("{prefix}a"),
+        &format!("{prefix}b"),
+        &format!("{prefix}c"),
+    ]);
+    put_replicated(&nodes, &volume, SIZE, &WITH_TIEBREAKER, "");
+    let all: Vec<&Node> = nodes.iter().collect();
+    let (a, b) = (&nodes[0], &nodes[1]);
+    a.wait_connected(&volume, Duration::from_secs(20));
+    b.wait_connected(&volume, Duration::from_secs(20));
+    // Links as between racks: the replication stream fills every buffer on the way.
+    for i in 0..3 {
+        lab.limit(i, "1gbit");
+    }
+
+    let report = tandem_lab::scratch(&format!("{prefix}-fio")).join("fio.json");
+    let runtime = (BEFORE + FAULT + AFTER).as_secs();
+    let mut fio = std::process::Command::new("fio");
+    fio.args([
+        "--name=stream",
+        "--ioengine=nbd",
+        &format!("--uri={}", a.uri(&volume)),
+        "--rw=write",
+        "--bs=4m",
+        "--iodepth=4",
+        &format!("--size={SIZE}"),
+        "--time_based",
+        &format!("--runtime={runtime}"),
+        // Above the link's rate, so the link (not fio) limits before the fault; the
+        // cap keeps the local disk's work during the fault modest.
+        "--rate=200m",
+        "--output-format=json",
+        &format!("--output={}", report.display()),
+    ]);
+    let mut fio = a.here(fio).spawn().expect("start fio");
+
+    // The Primary's quorum, watched throughout.
+    let lost_quorum = Arc::new(AtomicBool::new(false));
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (lost, watching, a_status) = (lost_quorum.clone(), watching.clone(), {
+            let volume = volume.clone();
+            let url = a.url(&format!("/v1/node/volumes/{volume}/status"));
+            let ns = lab.host(0).ns.clone();
+            move || {
+                tandem_lab::netns::in_ns(&ns, || tandem_lab::http("GET", &url, None))
+                    .ok()
+                    .map(|r| r.json())
+            }
+        });
+        std::thread::spawn(move || {
+            while watching.load(Ordering::Acquire) {
+                if let Some(s) = a_status() {
+                    if s["quorum"] == false {
+                        lost.store(true, Ordering::Release);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    std::thread::sleep(BEFORE);
+    assert_eq!(a.status(&volume)["role"], "Primary", "{}", logs(&all));
+    fault.begin(&lab, &nodes);
+    let began = Instant::now();
+    std::thread::sleep(FAULT.saturating_sub(began.elapsed()));
+    fault.end(&lab, &nodes);
+
+    let status = fio.wait().expect("wait for fio");
+    watching.store(false, Ordering::Release);
+    watcher.join().unwrap();
+    let r = fio_report(&report);
+    assert!(
+        status.success() && r.error == 0,
+        "fio failed (error {}): a write reached the client as an error\n{}",
+        r.error,
+        logs(&all)
+    );
+    assert!(
+        r.max_latency <= MAX_STALL,
+        "a write took {:?} (at most {MAX_STALL:?} allowed)\n{}",
+        r.max_latency,
+        logs(&all)
+    );
+    assert!(
+        !lost_quorum.load(Ordering::Acquire),
+        "the Primary lost quorum during the fault\n{}",
+        logs(&all)
+    );
+    assert!(r.written > 0);
+    eprintln!(
+        "{prefix}: {} MiB written, longest write {:?}",
+        r.written / MIB,
+        r.max_latency
+    );
+
+    // Healed: the secondary catches up and the replicas converge.
+    wait_for(
+        "the secondary has resynced",
+        Duration::from_secs(60),
+        &all,
+        || {
+            let s = a.status(&volume);
+            let peer = s["peers"]
+                .as_array()?
+                .iter()
+                .find(|p| p["node"] == b.name)?
+                .clone();
+            (peer["connection"] == "Connected"
+                && peer["replication"] == "Established"
+                && peer["disk"] == "UpToDate"
+                && peer["out-of-sync"] == 0)
+                .then_some(())
+        },
+    );
+    assert_same_replicas(a, b, &volume);
+}
+
+#[test]
+fn the_secondarys_cable_pulled_under_large_writes_stalls_the_primary_at_most_the_dead_peer_timeout()
+{
+    writes_go_on_through("sc", Fault::Cut(1));
+}
+
+#[test]
+fn the_tiebreakers_cable_pulled_under_large_writes_never_stalls_the_primary() {
+    writes_go_on_through("tc", Fault::Cut(2));
+}
+
+#[test]
+fn a_frozen_secondary_under_large_writes_stalls_the_primary_at_most_the_dead_peer_timeout() {
+    writes_go_on_through("fz", Fault::Freeze(1));
+}
