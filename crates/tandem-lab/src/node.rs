@@ -196,26 +196,6 @@ impl Node {
         std::fs::read_to_string(self.dir.join("tandemd.log")).unwrap_or_default()
     }
 
-    /// The log without terminal colour sequences.
-    pub fn plain_log(&self) -> String {
-        let log = self.log();
-        let mut out = String::with_capacity(log.len());
-        let mut chars = log.chars();
-        while let Some(c) = chars.next() {
-            if c == '\x1b' {
-                // ESC [ parameters final-byte
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        out
-    }
-
     pub fn create_volume(&self, name: &str, size: u64) {
         let body = format!(r#"{{"name":"{name}","size":{size}}}"#);
         let r = self.api("POST", "/v1/node/volumes", Some(&body));
@@ -384,11 +364,11 @@ impl Drop for Node {
     }
 }
 
-/// The logs of `nodes`, one after the other, without colour sequences.
+/// The logs of `nodes`, one after the other.
 pub fn logs(nodes: &[&Node]) -> String {
     nodes
         .iter()
-        .map(|n| format!("---- tandemd.log of {} ----\n{}", n.name, n.plain_log()))
+        .map(|n| format!("---- tandemd.log of {} ----\n{}", n.name, n.log()))
         .collect()
 }
 

@@ -47,6 +47,10 @@ pub struct Options {
     /// Log filter, e.g. info, debug, tandem_nbd=trace [default: info].
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Log lines as text or as JSON objects, one per line, for log shippers
+    /// [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
     /// Host page cache for data files: none (direct I/O) or writeback [default: none].
     #[arg(long, value_name = "MODE")]
     pub cache: Option<String>,
@@ -95,6 +99,7 @@ pub struct Settings {
     pub api_listen: SocketAddr,
     pub peer_listen: SocketAddr,
     pub log_level: String,
+    pub log_format: LogFormat,
     pub cache: CacheMode,
     pub tls: Option<Tls>,
     /// Certificate, key and CA for mutual TLS between peers.
@@ -118,6 +123,26 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
         );
     }
     Ok(token.to_owned())
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal).
+    Text,
+    /// One JSON object per line: time, level, target, message and fields.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("log format {s:?} is not text or json")),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -195,6 +220,10 @@ impl Options {
             Some(c) => c.parse::<CacheMode>().map_err(anyhow::Error::msg)?,
             None => CacheMode::None,
         };
+        let log_format = match self.log_format.or(file.log_format) {
+            Some(f) => f.parse::<LogFormat>().map_err(anyhow::Error::msg)?,
+            None => LogFormat::Text,
+        };
         let client_ca = self.tls_ca.or(file.tls_ca);
         let tls = match (
             self.tls_cert.or(file.tls_cert),
@@ -236,6 +265,7 @@ impl Options {
                 .log_level
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
+            log_format,
             cache,
             tls,
             peer_tls: match (
@@ -281,6 +311,12 @@ mod tests {
         assert_eq!(s.cache, CacheMode::Writeback);
         assert_eq!(s.nbd_socket, PathBuf::from("/d/nbd.sock"));
         assert_eq!(s.api_listen.port(), 3370);
+        assert_eq!(s.log_format, LogFormat::Text);
+        std::fs::write(&file, "log-format = \"json\"\n").unwrap();
+        let s = Options::parse_from(["tandemd", "--config", file.to_str().unwrap()])
+            .settle()
+            .unwrap();
+        assert_eq!(s.log_format, LogFormat::Json);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -290,6 +326,7 @@ mod tests {
             &["tandemd", "--name", "x", "--pool", "nodir"][..],
             &["tandemd", "--name", "x", "--pool", "a=/1", "--pool", "a=/2"],
             &["tandemd", "--name", "x", "--cache", "sometimes"],
+            &["tandemd", "--name", "x", "--log-format", "xml"],
             &["tandemd", "--name", "x", "--tls-required"],
             &["tandemd", "--name", "x", "--tls-ca", "/ca.pem"],
             &["tandemd", "--name", "x", "--peer-tls-cert", "/c.pem"],

@@ -8,6 +8,7 @@ mod exports;
 mod node;
 mod pools;
 
+use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
@@ -19,7 +20,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tandem_nbd::TlsPolicy;
 
-use crate::config::{Options, Settings};
+use crate::config::{LogFormat, Options, Settings};
 use crate::exports::NodeExports;
 use crate::node::Node;
 
@@ -28,13 +29,18 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 fn main() -> anyhow::Result<()> {
     let settings = Options::parse().settle()?;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&settings.log_level)
                 .with_context(|| format!("invalid log level {:?}", settings.log_level))?,
         )
         .with_writer(std::io::stderr)
-        .init();
+        // Colour codes only for a person at a terminal, never in files or journald.
+        .with_ansi(std::io::stderr().is_terminal());
+    match settings.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     if let Err(e) = run(settings) {
         tracing::error!(error = format!("{e:#}"), "tandemd stopped");
         return Err(e);

@@ -77,7 +77,7 @@ fn wait_for_connections(node: &Node, n: usize) {
         &format!("{n} NBD clients connected"),
         Duration::from_secs(15),
         &[node],
-        || node.plain_log().matches("NBD client connected").count() >= n,
+        || node.log().matches("NBD client connected").count() >= n,
     );
 }
 
@@ -900,7 +900,7 @@ fn clean_stop_under_load_exits_promptly_and_leaves_the_volume_clean() {
         took < Duration::from_secs(10),
         "stop under load took {took:?}"
     );
-    let log = node.plain_log();
+    let log = node.log();
     assert!(
         log.contains("finishing in-flight NBD requests connections=2"),
         "the stop did not happen under load:\n{log}"
@@ -941,13 +941,13 @@ fn qemu_negotiates_extended_headers_and_libnbd_structured_replies() {
     wait_for_connections(&node, 1);
     // Only the server can tell which reply mode was negotiated; it logs it.
     assert!(
-        node.plain_log().contains("export=vm1 mode=Extended"),
+        node.log().contains("export=vm1 mode=Extended"),
         "QEMU did not get extended headers:\n{}",
-        node.plain_log()
+        node.log()
     );
     run(Command::new("nbdinfo").arg(node.uri("vm1")));
     wait_for_connections(&node, 2);
-    let log = node.plain_log();
+    let log = node.log();
     // libnbd 1.14 knows no extended headers; newer ones negotiate them too.
     assert!(
         log.matches("export=vm1 mode=Structured").count()

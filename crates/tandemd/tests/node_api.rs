@@ -782,6 +782,34 @@ fn corrupt_metadata_is_reported_failed_and_never_touched() {
 // 9. Pools, node info, a second daemon.
 
 #[test]
+fn logs_in_a_file_carry_no_colour_codes_and_json_logs_are_one_object_per_line() {
+    let text = Node::start("logtext");
+    let log = text.log();
+    assert!(log.contains("serving the node API"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "escape sequences in a log file:\n{log}"
+    );
+
+    let json = Node::start_with("logjson", &["--log-format", "json"]);
+    let log = json.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "serving the node API" && l["addr"].is_string()),
+        "{log}"
+    );
+    for l in &lines {
+        assert!(l["timestamp"].is_string() && l["level"].is_string(), "{l}");
+        assert!(l["message"].is_string(), "{l}");
+    }
+}
+
+#[test]
 fn node_and_pool_info() {
     let node = Node::start("info1");
     node.create_volume("a", 4 * MIB);

@@ -690,7 +690,7 @@ fn idle_links_stay_connected() {
     let silent: Vec<String> = all
         .iter()
         .flat_map(|n| {
-            n.plain_log()
+            n.log()
                 .lines()
                 .filter(|l| l.contains("peer is silent"))
                 .map(|l| format!("{}: {l}", n.name))

@@ -582,7 +582,7 @@ fn malformed_and_foreign_peer_messages_end_only_their_connection() {
             &format!("the log to give the reason for {what}"),
             Duration::from_secs(10),
             &[&nodes[0]],
-            || nodes[0].plain_log().contains(reason),
+            || nodes[0].log().contains(reason),
         );
     }
     // The real peer was never disturbed, and replication still works.
@@ -849,7 +849,7 @@ fn a_volume_grows_while_open_and_new_connections_see_the_new_size() {
     ));
     assert!(early.is_err(), "a write past B's end succeeded: {early:?}");
     assert!(
-        nodes[0].plain_log().contains("does not reach offset"),
+        nodes[0].log().contains("does not reach offset"),
         "{}",
         nodes[0].log()
     );
@@ -907,7 +907,7 @@ fn a_volume_grows_while_open_and_new_connections_see_the_new_size() {
     });
     assert_same_replicas(&nodes[0], &nodes[1], "vm17");
     assert!(
-        nodes[0].plain_log().contains("resync finished"),
+        nodes[0].log().contains("resync finished"),
         "{}",
         nodes[0].log()
     );
@@ -1045,11 +1045,7 @@ fn peers_replicate_under_mutual_tls_and_refuse_strangers() {
         &["write -P 0x6b 0 4M", "write -P 0x19 9M 1M", "flush"],
     );
     assert_same_replicas(&nodes[0], &nodes[1], "vm20");
-    assert!(
-        nodes[0].plain_log().contains("tls=true"),
-        "{}",
-        nodes[0].plain_log()
-    );
+    assert!(nodes[0].log().contains("tls=true"), "{}", nodes[0].log());
 
     // A node whose certificate another CA signed, and one without TLS, never connect.
     let rogue = start("t4", "ca");
@@ -1070,6 +1066,6 @@ fn peers_replicate_under_mutual_tls_and_refuse_strangers() {
         let r = nodes[1].api("DELETE", "/v1/node/volumes/vm21", None);
         assert_eq!(r.status, 204, "{}", r.body);
     }
-    let log = nodes[1].plain_log();
+    let log = nodes[1].log();
     assert!(log.contains("TLS handshake failed"), "{log}");
 }
