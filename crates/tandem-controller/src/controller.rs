@@ -137,6 +137,8 @@ pub struct Controller {
     reconcilers: Mutex<BTreeMap<NodeName, Arc<AtomicBool>>>,
     /// The node this controller runs on.
     pub(crate) host: NodeName,
+    /// How long visits of nodes take.
+    pub(crate) reconcile_seconds: tandem_metrics::Histogram,
 }
 
 impl Controller {
@@ -168,6 +170,7 @@ impl Controller {
             wake: Wake::default(),
             reconcilers: Mutex::default(),
             host,
+            reconcile_seconds: tandem_metrics::Histogram::new(tandem_metrics::latency_buckets()),
         });
         for node in nodes {
             controller.reconcile(node);
@@ -233,7 +236,9 @@ impl Controller {
                     let Some(c) = controller.upgrade() else {
                         return;
                     };
+                    let started = std::time::Instant::now();
                     crate::reconcile::visit(&c, &node);
+                    c.reconcile_seconds.observe(started.elapsed().as_secs_f64());
                     seen = c.wake.wait(seen, RECONCILE_EVERY);
                 }
             });

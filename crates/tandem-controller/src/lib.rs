@@ -5,6 +5,7 @@
 mod api;
 mod controller;
 pub mod http;
+mod metrics;
 mod model;
 mod node_client;
 mod openapi;

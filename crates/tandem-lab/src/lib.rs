@@ -8,10 +8,12 @@
 //! - [`clients`]: qemu-io, nbdsh and fio, run the way the tests need them.
 //! - [`wait`]: polling until a condition holds, or panicking with what was seen.
 //! - [`files`]: byte-level checks of data files, and a small file system to fill.
+//! - [`metrics`]: a node's `/metrics`, parsed as Prometheus would.
 
 pub mod clients;
 mod cluster;
 pub mod files;
+pub mod metrics;
 pub mod netns;
 mod node;
 mod pki;

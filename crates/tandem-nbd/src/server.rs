@@ -126,6 +126,11 @@ impl Server {
     pub fn connections(&self) -> usize {
         self.inner.conns.lock().unwrap().len()
     }
+
+    /// Client connections accepted since the server started.
+    pub fn accepted(&self) -> u64 {
+        self.inner.next_id.load(Ordering::Relaxed) - 1
+    }
 }
 
 /// The listeners NBD is served on.

@@ -23,5 +23,6 @@ mod workers;
 
 pub use change::NotInPlace;
 pub use engine::{ApplyError, Replicator};
+pub use peer::LinkStats;
 pub use stream::PeerTls;
 pub use volume::{OpenRefused, ReplicatedVolume};

@@ -62,6 +62,10 @@ pub(crate) struct Peer {
     /// When bytes last came from the peer (any part of any message).
     last_seen: Stamp,
     last_sent: Stamp,
+    /// Bytes handed to the link (sent or queued) and read from it, over every
+    /// connection.
+    sent: AtomicU64,
+    received: AtomicU64,
     dial: Mutex<(Instant, Duration)>,
     /// A dial attempt is under way: never two at once.
     dialing: AtomicBool,
@@ -79,6 +83,20 @@ pub(crate) struct Peer {
     pub resync_due: AtomicBool,
     /// No such resync starts before this.
     retry_at: Mutex<Instant>,
+}
+
+/// Traffic on the link to one peer, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkStats {
+    pub node: NodeName,
+    /// Bytes handed to the link (sent, or queued to be), headers included.
+    pub sent: u64,
+    /// Bytes read from the link.
+    pub received: u64,
+    /// Bytes waiting for the socket to take them.
+    pub queued: u64,
+    /// Connections made (the first, and every reconnection).
+    pub connects: u64,
 }
 
 /// The out-of-sync bitmap towards a peer and the metadata slot it is stored in.
@@ -154,6 +172,8 @@ impl Peer {
             remote: Mutex::new(None),
             last_seen: Stamp::now(),
             last_sent: Stamp::now(),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
             dialing: AtomicBool::new(false),
             dial: Mutex::new((Instant::now(), BACKOFF_MIN)),
         }
@@ -239,6 +259,17 @@ impl Peer {
     /// Bytes queued for the peer, not yet taken by its socket.
     pub fn queued(&self) -> usize {
         self.outbox().map_or(0, |o| o.queued())
+    }
+
+    /// The link's traffic so far.
+    pub fn link_stats(&self) -> LinkStats {
+        LinkStats {
+            node: self.node.clone(),
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            queued: self.queued() as u64,
+            connects: self.epochs.load(Ordering::Relaxed),
+        }
     }
 
     fn outbox(&self) -> Option<Arc<Outbox>> {
@@ -335,6 +366,10 @@ impl Peer {
         let outbox = self.outbox().ok_or(Unsent::Closed)?;
         outbox.send(header, payload)?;
         self.last_sent.set();
+        self.sent.fetch_add(
+            (crate::wire::HEADER_LEN + payload.len()) as u64,
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 
@@ -413,6 +448,7 @@ impl io::Read for Heard {
         let n = self.stream.read(buf)?;
         if n > 0 {
             self.peer.seen();
+            self.peer.received.fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok(n)
     }

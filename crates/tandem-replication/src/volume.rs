@@ -18,7 +18,7 @@ use crate::al::{ActivityLog, Covered, EXTENT};
 use crate::bitmap::Bitmap;
 use crate::completion::{Completion, Outcome};
 use crate::interval::{Held, IntervalLock};
-use crate::peer::{Heard, Peer, Sync, Tracked, VOTE_FRESH};
+use crate::peer::{Heard, LinkStats, Peer, Sync, Tracked, VOTE_FRESH};
 use crate::stream::PeerStream;
 use crate::wire::{
     self, Buffer, FLAG_FUA, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Hello, Kind, State, WireError,
@@ -1693,6 +1693,11 @@ impl ReplicatedVolume {
             quorum: config.has_quorum(),
             peers,
         }
+    }
+
+    /// Traffic on the link to each peer.
+    pub fn links(&self) -> Vec<LinkStats> {
+        self.config().peers.iter().map(|p| p.link_stats()).collect()
     }
 
     /// Makes every peer connect afresh, so the handshake decides again (after an

@@ -86,6 +86,10 @@ pub struct Options {
     /// Bearer TOKEN`); the API is open to anyone reaching it when absent.
     #[arg(long, value_name = "FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// File holding a token that scrapes of `/metrics` must carry (as `Authorization:
+    /// Bearer TOKEN`); metrics carry no secrets and are open when absent.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// Settings after merging and defaults.
@@ -107,6 +111,8 @@ pub struct Settings {
     pub controller: bool,
     /// The cluster API's access token.
     pub api_token: Option<String>,
+    /// The token scrapes of `/metrics` need.
+    pub metrics_token: Option<String>,
 }
 
 /// Shortest access token accepted: guessing must be hopeless.
@@ -283,6 +289,11 @@ impl Options {
                 Some(_) => bail!("api-token-file protects the cluster API: it needs controller"),
                 None => None,
             },
+            metrics_token: self
+                .metrics_token_file
+                .or(file.metrics_token_file)
+                .map(|path| read_token(&path))
+                .transpose()?,
         })
     }
 }

@@ -8,15 +8,18 @@ use tandem_nbd::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, Wri
 use tandem_pool::{PoolError, Volume, VolumeHandle};
 use tandem_replication::ReplicatedVolume;
 
+use crate::metrics::{IoBook, Op, VolumeIo};
 use crate::node::Node;
 
 pub struct NodeExports {
     node: Arc<Node>,
+    io: Arc<IoBook>,
 }
 
 impl NodeExports {
-    pub fn new(node: Arc<Node>) -> Self {
-        NodeExports { node }
+    /// The node's volumes as exports, their requests counted in `io`.
+    pub fn new(node: Arc<Node>, io: Arc<IoBook>) -> Self {
+        NodeExports { node, io }
     }
 
     fn volume(&self, name: &str) -> Result<Arc<Volume>, OpenError> {
@@ -100,6 +103,16 @@ impl Catalog for NodeExports {
     }
 
     fn open(&self, name: &str) -> Result<Box<dyn Export>, OpenError> {
+        let inner = self.open_unmetered(name)?;
+        Ok(Box::new(Metered {
+            inner,
+            io: self.io.volume(name),
+        }))
+    }
+}
+
+impl NodeExports {
+    fn open_unmetered(&self, name: &str) -> Result<Box<dyn Export>, OpenError> {
         if let Some(volume) = self.replicated(name) {
             let local = match volume.local() {
                 Some(v) => Some(
@@ -235,5 +248,70 @@ impl Export for VolumeExport {
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         extents_of(&self.handle, offset, len)
+    }
+}
+
+/// Any export, its requests counted for the node's metrics.
+struct Metered {
+    inner: Box<dyn Export>,
+    io: Arc<VolumeIo>,
+}
+
+impl Metered {
+    fn count<T>(&self, op: Op, len: usize, run: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let at = self.io.start();
+        let result = run();
+        self.io.done(op, at, len, &result);
+        result
+    }
+}
+
+impl Export for Metered {
+    fn info(&self) -> ExportInfo {
+        self.inner.info()
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = buf.len();
+        self.count(Op::Read, len, || self.inner.read(offset, buf))
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool, done: WriteDone) {
+        let (io, at, len) = (self.io.clone(), self.io.start(), data.len());
+        self.inner.write(
+            offset,
+            data,
+            fua,
+            Box::new(move |result| {
+                io.done(Op::Write, at, len, &result);
+                done(result)
+            }),
+        )
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.count(Op::Flush, 0, || self.inner.flush())
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.count(Op::Trim, 0, || self.inner.trim(offset, len, fua))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
+        self.count(Op::Zero, 0, || {
+            self.inner.write_zeroes(offset, len, mode, fua)
+        })
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.cache(offset, len)
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.inner.extents(offset, len)
     }
 }

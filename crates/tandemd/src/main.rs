@@ -5,6 +5,7 @@ mod cluster;
 mod config;
 mod durable;
 mod exports;
+mod metrics;
 mod node;
 mod pools;
 
@@ -122,7 +123,11 @@ fn run(settings: Settings) -> anyhow::Result<()> {
             }
         }
     };
-    let nbd = tandem_nbd::Server::new(Arc::new(NodeExports::new(node.clone())))?;
+    let io = Arc::new(metrics::IoBook::default());
+    let nbd = Arc::new(tandem_nbd::Server::new(Arc::new(NodeExports::new(
+        node.clone(),
+        io.clone(),
+    )))?);
     let tcp = TcpListener::bind(settings.nbd_listen)
         .with_context(|| format!("binding NBD address {}", settings.nbd_listen))?;
     nbd.serve_tcp(tcp, tls)?;
@@ -138,6 +143,7 @@ fn run(settings: Settings) -> anyhow::Result<()> {
             .with_context(|| format!("binding API address {}", settings.api_listen))?;
         tracing::info!(addr = %settings.api_listen, "serving the node API");
         let mut routes = api::router(node.clone());
+        let mut controller = None;
         if settings.controller {
             // The listener is bound, so the controller's first visit of its own node
             // waits in the backlog instead of failing.
@@ -145,18 +151,26 @@ fn run(settings: Settings) -> anyhow::Result<()> {
             if own_api.ip().is_unspecified() {
                 own_api.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
-            let controller = tandem_controller::Controller::start(
+            let started = tandem_controller::Controller::start(
                 &settings.data_dir,
                 settings.name.clone(),
                 own_api.to_string(),
             )
             .context("starting the controller")?;
             routes = routes.merge(tandem_controller::router(
-                controller,
+                started.clone(),
                 settings.api_token.clone(),
             ));
+            controller = Some(started);
             tracing::info!(addr = %settings.api_listen, "serving the cluster API");
         }
+        routes = routes.merge(metrics::router(Arc::new(metrics::Sources {
+            node: node.clone(),
+            io,
+            nbd: nbd.clone(),
+            controller,
+            token: settings.metrics_token.clone(),
+        })));
         axum::serve(api, routes)
             .with_graceful_shutdown(shutdown_signal())
             .await

@@ -34,6 +34,13 @@ enum Fault {
 }
 
 impl Fault {
+    /// The host the fault hits.
+    fn host(self) -> usize {
+        match self {
+            Fault::Cut(i) | Fault::Freeze(i) => i,
+        }
+    }
+
     fn begin(self, lab: &Lab, nodes: &[Node]) {
         match self {
             Fault::Cut(i) => lab.cut(i),
@@ -145,6 +152,19 @@ fn writes_go_on_through(prefix: &str, fault: Fault) {
     assert_eq!(a.status(&volume)["role"], "Primary", "{}", logs(&all));
     fault.begin(&lab, &nodes);
     let began = Instant::now();
+    // The Primary's metrics show the peer lost once it is declared dead.
+    let lost = &nodes[fault.host()].name;
+    wait_for(
+        "the Primary's metrics show the peer lost",
+        FAULT,
+        &all,
+        || {
+            a.metrics().value(
+                "tandem_peer_connection_state",
+                &[("volume", &volume), ("peer", lost), ("state", "Connecting")],
+            ) == 1.0
+        },
+    );
     std::thread::sleep(FAULT.saturating_sub(began.elapsed()));
     fault.end(&lab, &nodes);
 
