@@ -23,6 +23,6 @@ pub use names::{GroupName, NameError, NodeName, PoolName, StoreName, VolumeName}
 pub use size::{ByteSize, SizeError};
 pub use spec::{
     OnNoQuorum, Participant, ParticipantKind, PeerStatus, QuorumPolicy, ReplicaReport, Resolve,
-    VolumeOptions, VolumeSpec, VolumeStatus,
+    VolumeEvent, VolumeOptions, VolumeSpec, VolumeStatus,
 };
 pub use states::{ConnectionState, DiskState, ReplicationState, Role};

@@ -184,6 +184,16 @@ pub struct VolumeStatus {
     pub peers: Vec<PeerStatus>,
 }
 
+/// One event of a node's stream (`GET /v1/node/events`): a replicated volume's status
+/// after a change, or none once the volume is gone from the node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VolumeEvent {
+    pub volume: VolumeName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VolumeStatus>,
+}
+
 /// A replicated volume on one node: what it was told and what it sees
 /// (`GET /v1/node/replicated`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -28,6 +28,9 @@ pub struct Observed {
     pub replicas: BTreeMap<VolumeName, ReplicaReport>,
     /// Volumes whose desired state the node refused, and why.
     pub failures: BTreeMap<VolumeName, String>,
+    /// Events from the node applied so far (see `follow`): a visit whose report may
+    /// be older than one of them looks again.
+    pub events: u64,
 }
 
 impl Default for Observed {
@@ -39,6 +42,7 @@ impl Default for Observed {
             pools: Vec::new(),
             replicas: BTreeMap::new(),
             failures: BTreeMap::new(),
+            events: 0,
         }
     }
 }
@@ -227,6 +231,7 @@ impl Controller {
         {
             old.store(true, Ordering::Relaxed);
         }
+        self.follow(node.clone(), stop.clone());
         let controller = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name(format!("reconcile-{node}"))
@@ -245,6 +250,11 @@ impl Controller {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a reconciler thread");
         }
+    }
+
+    /// Makes every reconciler visit its node now.
+    pub(crate) fn wake_reconcilers(&self) {
+        self.wake.notify();
     }
 
     /// Stops reconciling a node and forgets what it reported.

@@ -4,6 +4,7 @@
 
 mod api;
 mod controller;
+mod follow;
 pub mod http;
 mod metrics;
 mod model;

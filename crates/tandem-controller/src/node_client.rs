@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tandem_api::{ApiError, NodeInfo, ReplicaReport, VolumeName, VolumeSpec, VolumeStatus};
+use tandem_api::{
+    ApiError, NodeInfo, ReplicaReport, VolumeEvent, VolumeName, VolumeSpec, VolumeStatus,
+};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Creating a replica syncs metadata to disk; a few seconds is plenty.
@@ -42,7 +44,14 @@ impl NodeClient {
         }
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, CallError> {
+    /// Sends a request with `agent`; the response, whatever its status.
+    fn request(
+        &self,
+        agent: &ureq::Agent,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<ureq::http::Response<ureq::Body>, CallError> {
         let url = format!("{}{path}", self.base);
         let unreachable = |e: String| CallError::Unreachable(format!("{method} {url}: {e}"));
         let req = ureq::http::Request::builder()
@@ -52,15 +61,17 @@ impl NodeClient {
             .header("authorization", format!("Bearer {}", self.secret))
             .body(body.unwrap_or_default())
             .map_err(|e| unreachable(e.to_string()))?;
-        let mut resp = self
-            .agent
-            .run(req)
-            .map_err(|e| unreachable(e.to_string()))?;
+        agent.run(req).map_err(|e| unreachable(e.to_string()))
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, CallError> {
+        let mut resp = self.request(&self.agent, method, path, body)?;
+        let url = format!("{}{path}", self.base);
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
             .read_to_string()
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| CallError::Unreachable(format!("{method} {url}: {e}")))?;
         if status >= 400 {
             let error = serde_json::from_str::<ApiError>(&text).unwrap_or(ApiError {
                 message: format!("HTTP {status} from {url}"),
@@ -150,5 +161,47 @@ impl NodeClient {
 
     pub fn verify(&self, name: &VolumeName) -> Result<serde_json::Value, CallError> {
         self.send("POST", &format!("/v1/node/volumes/{name}/verify"), &())
+    }
+
+    /// Follows the node's event stream (`GET /v1/node/events`): `on_event` gets each
+    /// event until it returns false, the stream ends, or nothing at all (the node sends
+    /// a keep-alive every few seconds) arrives for `silence`.
+    pub fn follow(
+        &self,
+        silence: Duration,
+        mut on_event: impl FnMut(VolumeEvent) -> bool,
+    ) -> Result<(), CallError> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_per_read(Some(silence))
+            .build()
+            .into();
+        let mut resp = self.request(&agent, "GET", "/v1/node/events", None)?;
+        let status = resp.status().as_u16();
+        let lost = |e: std::io::Error| {
+            CallError::Unreachable(format!("event stream of {}: {e}", self.base))
+        };
+        if status != 200 {
+            return Err(CallError::Unreachable(format!(
+                "event stream of {}: HTTP {status}",
+                self.base
+            )));
+        }
+        let reader = std::io::BufReader::new(resp.body_mut().as_reader());
+        let mut parser = crate::follow::SseParser::default();
+        for line in std::io::BufRead::lines(reader) {
+            let Some((kind, data)) = parser.line(&line.map_err(lost)?) else {
+                continue;
+            };
+            if kind != "volume" {
+                continue;
+            }
+            let event: VolumeEvent = self.json(&data)?;
+            if !on_event(event) {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 }

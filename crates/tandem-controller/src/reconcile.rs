@@ -135,6 +135,8 @@ fn converge(
 ) -> Result<(), Trouble> {
     let info = admit(client, node, &row.address, cluster)?;
     remember_node(c, node, row, &info);
+    // Events applied after this may be newer than the report about to be read.
+    let events_before = c.observed(node).events;
 
     let mut reports = client.replicated()?;
     let desired = c.desired().model.specs_for(node);
@@ -185,7 +187,9 @@ fn converge(
         .filter(|r| r.spec.cluster_id == cluster.id)
         .map(|r| (r.spec.name.clone(), r))
         .collect();
+    let mut overtaken = false;
     c.set_observed(node, |o| {
+        overtaken = o.events != events_before;
         *o = Observed {
             state: NodeState::Online,
             version: Some(info.version.clone()),
@@ -193,8 +197,14 @@ fn converge(
             pools: info.pools.clone(),
             replicas,
             failures,
+            events: o.events,
         }
     });
+    if overtaken {
+        // An event came while the report was read: read again rather than show a
+        // status older than the event's until the next visit.
+        c.wake_reconcilers();
+    }
     if was != NodeState::Online {
         // A node that comes online may be the third vote a two-replica volume lacks.
         c.settle_tiebreakers();

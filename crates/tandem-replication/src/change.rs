@@ -144,7 +144,7 @@ impl ReplicatedVolume {
                         ),
                         _ => None,
                     };
-                    let peer = Arc::new(Peer::new(p, tracked));
+                    let peer = Arc::new(Peer::new(p, tracked, self.notify.clone()));
                     if peer.diskful && !existing.is_some_and(|q| q.diskful) {
                         joined.push(peer.clone());
                     }
@@ -207,7 +207,7 @@ impl ReplicatedVolume {
             .filter(|p| p.resync_due.load(Ordering::Relaxed))
             .filter_map(|p| Some((p.clone(), p.epoch()?)))
             .filter(|(p, _)| {
-                *p.sync.lock().unwrap() == crate::peer::Sync::Idle
+                p.sync() == crate::peer::Sync::Idle
                     && p.remote()
                         .is_some_and(|s| s.disk == tandem_api::DiskState::UpToDate)
                     && p.retry_now()

@@ -11,6 +11,7 @@ use tandem_api::{NodeName, VolumeName, VolumeSpec};
 use tandem_pool::Volume;
 
 use crate::change::NotInPlace;
+use crate::notify::OnChange;
 use crate::peer::{DEAD_AFTER, Peer};
 use crate::stream::{PeerStream, PeerTls};
 use crate::volume::ReplicatedVolume;
@@ -43,6 +44,8 @@ impl std::fmt::Display for ApplyError {
 
 pub struct Replicator {
     node: NodeName,
+    /// Told of every change of a volume's state.
+    on_change: OnChange,
     volumes: RwLock<HashMap<VolumeName, Arc<ReplicatedVolume>>>,
     /// Mutual TLS on every peer connection, both ways, when configured.
     tls: Option<PeerTls>,
@@ -55,9 +58,11 @@ impl Replicator {
         node: NodeName,
         listener: TcpListener,
         tls: Option<PeerTls>,
+        on_change: OnChange,
     ) -> io::Result<Arc<Replicator>> {
         let replicator = Arc::new(Replicator {
             node,
+            on_change,
             volumes: RwLock::default(),
             tls,
         });
@@ -118,7 +123,7 @@ impl Replicator {
             }
         }
         let volume = Arc::new(
-            ReplicatedVolume::new(spec, me, local)
+            ReplicatedVolume::new(spec, me, local, self.on_change.clone())
                 .map_err(|e| ApplyError::Invalid(e.to_string()))?,
         );
         let old = self
@@ -129,6 +134,7 @@ impl Replicator {
         if let Some(old) = old {
             old.shut_down();
         }
+        (self.on_change)(volume.name());
         tracing::info!(volume = %volume.name(), participants = volume.config().spec.participants.len(),
             "replicated volume configured");
         Ok(volume)
@@ -138,6 +144,7 @@ impl Replicator {
         let old = self.volumes.write().unwrap().remove(name);
         if let Some(v) = &old {
             v.shut_down();
+            (self.on_change)(name);
         }
         old
     }
@@ -189,6 +196,7 @@ impl Replicator {
 
     fn tick(&self) {
         for volume in self.volumes() {
+            volume.watch_quorum();
             for peer in &volume.config().peers {
                 let silent = peer.silent_for();
                 if peer.connection() == tandem_api::ConnectionState::Connected {

@@ -13,6 +13,7 @@ mod change;
 mod completion;
 mod engine;
 mod interval;
+mod notify;
 mod outbox;
 mod peer;
 mod resync;
@@ -23,6 +24,7 @@ mod workers;
 
 pub use change::NotInPlace;
 pub use engine::{ApplyError, Replicator};
+pub use notify::OnChange;
 pub use peer::LinkStats;
 pub use stream::PeerTls;
 pub use volume::{OpenRefused, ReplicatedVolume};

@@ -10,6 +10,7 @@ use tandem_api::{ConnectionState, NodeId, NodeName, Participant, ParticipantKind
 
 use crate::bitmap::Bitmap;
 use crate::completion::Completion;
+use crate::notify::Notify;
 use crate::outbox::{Outbox, Unsent};
 use crate::stream::PeerStream;
 use crate::wire::{Header, State};
@@ -72,7 +73,7 @@ pub(crate) struct Peer {
     /// Blocks the peer lacks, when both sides hold data. Shared with the `Peer` that
     /// replaces this one when only the participant's address changes.
     pub tracked: Option<Arc<Mutex<Tracked>>>,
-    pub sync: Mutex<Sync>,
+    sync: Mutex<Sync>,
     /// Resync bytes sent to or received from the peer.
     pub transferred: AtomicU64,
     /// The peer declined this node's resync because a Primary resyncs it; what is
@@ -83,6 +84,8 @@ pub(crate) struct Peer {
     pub resync_due: AtomicBool,
     /// No such resync starts before this.
     retry_at: Mutex<Instant>,
+    /// Tells the node when the link or what the peer said changes.
+    notify: Notify,
 }
 
 /// Traffic on the link to one peer, for metrics.
@@ -151,7 +154,11 @@ fn kind_code(kind: ParticipantKind) -> u8 {
 }
 
 impl Peer {
-    pub fn new(participant: &Participant, tracked: Option<Arc<Mutex<Tracked>>>) -> Peer {
+    pub fn new(
+        participant: &Participant,
+        tracked: Option<Arc<Mutex<Tracked>>>,
+        notify: Notify,
+    ) -> Peer {
         Peer {
             id: participant.node_id,
             node: participant.node.clone(),
@@ -176,7 +183,32 @@ impl Peer {
             received: AtomicU64::new(0),
             dialing: AtomicBool::new(false),
             dial: Mutex::new((Instant::now(), BACKOFF_MIN)),
+            notify,
         }
+    }
+
+    /// Changes the resync state; a change of kind (not mere progress) is reported.
+    pub fn set_sync(&self, new: Sync) {
+        let old = std::mem::replace(&mut *self.sync.lock().unwrap(), new);
+        if std::mem::discriminant(&old) != std::mem::discriminant(&new) {
+            self.notify.fire();
+        }
+    }
+
+    /// Ends the resync state `was` (back to Idle); whether it was in it.
+    pub fn end_sync(&self, was: Sync) -> bool {
+        let mut sync = self.sync.lock().unwrap();
+        if *sync != was {
+            return false;
+        }
+        *sync = Sync::Idle;
+        drop(sync);
+        self.notify.fire();
+        true
+    }
+
+    pub fn sync(&self) -> Sync {
+        *self.sync.lock().unwrap()
     }
 
     pub fn kind(&self) -> ParticipantKind {
@@ -232,7 +264,10 @@ impl Peer {
     }
 
     pub fn set_remote(&self, state: State) {
-        *self.remote.lock().unwrap() = Some(state);
+        let old = self.remote.lock().unwrap().replace(state);
+        if old != Some(state) {
+            self.notify.fire();
+        }
     }
 
     /// Bytes came from the peer: it is alive, however long its message is.
@@ -299,6 +334,7 @@ impl Peer {
         self.set_link(&mut link, Link::Up { outbox, epoch });
         drop(link);
         self.set_remote(remote);
+        self.notify.fire();
         self.seen();
         *self.dial.lock().unwrap() = (Instant::now(), BACKOFF_MIN);
         Ok(epoch)
@@ -321,6 +357,7 @@ impl Peer {
         drop(link);
         *self.remote.lock().unwrap() = None;
         *self.sync.lock().unwrap() = Sync::Idle;
+        self.notify.fire();
         self.deferred.store(false, Ordering::Relaxed);
         self.resync_due.store(false, Ordering::Relaxed);
         let lost: Vec<_> = self
@@ -342,6 +379,8 @@ impl Peer {
             outbox.close();
         }
         self.set_link(&mut link, Link::Refused(reason));
+        drop(link);
+        self.notify.fire();
     }
 
     /// Lets a refused peer connect again (after an operator resolved the reason).
@@ -349,6 +388,8 @@ impl Peer {
         let mut link = self.link.lock().unwrap();
         if matches!(*link, Link::Refused(_)) {
             self.set_link(&mut link, Link::Down);
+            drop(link);
+            self.notify.fire();
         }
     }
 

@@ -44,7 +44,7 @@ impl ReplicatedVolume {
             match self.send_chunk(&peer, run.start, len) {
                 Ok(()) => {}
                 Err(Some(status)) if peer.epoch() == Some(epoch) => {
-                    *peer.sync.lock().unwrap() = Sync::Idle;
+                    peer.set_sync(Sync::Idle);
                     if status == libc::EBUSY as u32 {
                         // The target takes its data from the Primary instead.
                         peer.deferred.store(true, Ordering::Relaxed);
@@ -62,6 +62,7 @@ impl ReplicatedVolume {
                 Err(_) => break false,
             }
             self.clear(&peer, run.start, len);
+            self.progress.tick(&self.notify);
             sent += len;
             peer.transferred.fetch_add(len, Ordering::Relaxed);
             at = run.end;
@@ -87,7 +88,7 @@ impl ReplicatedVolume {
         if peer.send(&done, &[]).is_err() {
             return;
         }
-        *peer.sync.lock().unwrap() = Sync::Idle;
+        peer.set_sync(Sync::Idle);
         self.forget_tracking(&peer);
         self.settle_suspect();
         let secs = started.elapsed().as_secs_f64();

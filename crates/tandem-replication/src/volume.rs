@@ -18,6 +18,7 @@ use crate::al::{ActivityLog, Covered, EXTENT};
 use crate::bitmap::Bitmap;
 use crate::completion::{Completion, Outcome};
 use crate::interval::{Held, IntervalLock};
+use crate::notify::{Notify, OnChange, Progress};
 use crate::peer::{Heard, LinkStats, Peer, Sync, Tracked, VOTE_FRESH};
 use crate::stream::PeerStream;
 use crate::wire::{
@@ -134,6 +135,11 @@ pub struct ReplicatedVolume {
     /// resync is ordered with its writes); taking the write guard when a Primary
     /// appears waits for any being applied, before its first write can arrive.
     resync_gate: RwLock<()>,
+    /// Quorum as last reported (see [`ReplicatedVolume::watch_quorum`]).
+    had_quorum: AtomicBool,
+    /// Resync and verify progress is reported through this, at most once a second.
+    pub(crate) progress: Progress,
+    pub(crate) notify: Notify,
 }
 
 /// Threads per connection serving a Primary's requests on the local replica, at most;
@@ -198,14 +204,16 @@ impl ReplicatedVolume {
         spec: VolumeSpec,
         me: Participant,
         local: Option<Arc<Volume>>,
+        on_change: OnChange,
     ) -> Result<ReplicatedVolume, PoolError> {
+        let notify = Notify::new(spec.name.clone(), on_change);
         let mut peers = Vec::new();
         for p in spec.participants.iter().filter(|p| p.node_id != me.node_id) {
             let tracked = match &local {
                 Some(v) if p.kind.diskful() => Some(tracking(v, p, spec.size)?),
                 _ => None,
             };
-            peers.push(Arc::new(Peer::new(p, tracked)));
+            peers.push(Arc::new(Peer::new(p, tracked, notify.clone())));
         }
         let (al, suspect) = match &local {
             Some(v) => {
@@ -241,6 +249,9 @@ impl ReplicatedVolume {
             rotation: Mutex::new(()),
             detached: AtomicBool::new(false),
             resync_gate: RwLock::new(()),
+            had_quorum: AtomicBool::new(false),
+            progress: Progress::new(),
+            notify,
         })
     }
 
@@ -734,7 +745,7 @@ impl ReplicatedVolume {
             .tracked
             .as_ref()
             .map_or(0, |t| t.lock().unwrap().bits.bytes());
-        *peer.sync.lock().unwrap() = Sync::Source { total };
+        peer.set_sync(Sync::Source { total });
         let (volume, p) = (self.clone(), peer.clone());
         std::thread::Builder::new()
             .name(format!("resync-{}", peer.node))
@@ -759,14 +770,15 @@ impl ReplicatedVolume {
         for peer in config.data_peers() {
             let Some(epoch) = peer.epoch() else { continue };
             if peer.remote().is_none_or(|s| s.disk != DiskState::UpToDate)
-                || *peer.sync.lock().unwrap() != Sync::Idle
+                || peer.sync() != Sync::Idle
             {
                 continue;
             }
             let mut differing = 0u64;
             let mut at = 0u64;
             while at < size {
-                *peer.sync.lock().unwrap() = Sync::Verifying { done: at };
+                peer.set_sync(Sync::Verifying { done: at });
+                self.progress.tick(&self.notify);
                 let len = CHUNK.min(size - at);
                 let _held = self.intervals.lock(at, len);
                 let mut data = Buffer::zeroed(len as usize);
@@ -781,7 +793,7 @@ impl ReplicatedVolume {
                 peer.request(&h, &[], &completion);
                 let outcome = completion.wait();
                 let Some(theirs) = outcome.data else {
-                    *peer.sync.lock().unwrap() = Sync::Idle;
+                    peer.set_sync(Sync::Idle);
                     return Err(format!(
                         "peer {} stopped answering during verify",
                         peer.node
@@ -796,7 +808,7 @@ impl ReplicatedVolume {
                 }
                 at += len;
             }
-            *peer.sync.lock().unwrap() = Sync::Idle;
+            peer.set_sync(Sync::Idle);
             tracing::info!(volume = %self.name, peer = %peer.node, differing, "online verify finished");
             if differing > 0 {
                 self.start_resync(peer, epoch).map_err(|e| e.to_string())?;
@@ -808,7 +820,7 @@ impl ReplicatedVolume {
 
     /// This replica lacks what the peer has: it is Inconsistent until the resync ends.
     fn become_target(&self, peer: &Peer) {
-        *peer.sync.lock().unwrap() = Sync::Target;
+        peer.set_sync(Sync::Target);
         peer.transferred.store(0, Ordering::Relaxed);
         if let Some(local) = &self.local {
             if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Inconsistent) {
@@ -821,7 +833,7 @@ impl ReplicatedVolume {
 
     /// The source finished: adopt its data generation and become UpToDate.
     fn finish_target(&self, peer: &Peer, generation: u64) {
-        *peer.sync.lock().unwrap() = Sync::Idle;
+        peer.set_sync(Sync::Idle);
         let was = self.disk();
         if let Some(local) = &self.local {
             let result = local
@@ -853,7 +865,7 @@ impl ReplicatedVolume {
             for p in self.config().peers.iter().filter(|p| {
                 p.tracked.is_some()
                     && p.id != peer.id
-                    && *p.sync.lock().unwrap() == Sync::Idle
+                    && p.sync() == Sync::Idle
                     && p.remote().is_some_and(|s| {
                         matches!(s.disk, DiskState::Inconsistent | DiskState::Outdated)
                     })
@@ -884,7 +896,7 @@ impl ReplicatedVolume {
         if state.role != Role::Primary
             || state.generation == mine.generation
             || mine.disk != DiskState::UpToDate
-            || *peer.sync.lock().unwrap() != Sync::Idle
+            || peer.sync() != Sync::Idle
         {
             return;
         }
@@ -903,7 +915,7 @@ impl ReplicatedVolume {
     fn settle_deferred(&self, peer: &Peer, state: State) {
         if !peer.deferred.load(Ordering::Relaxed)
             || state.disk != DiskState::UpToDate
-            || *peer.sync.lock().unwrap() != Sync::Idle
+            || peer.sync() != Sync::Idle
         {
             return;
         }
@@ -1009,9 +1021,7 @@ impl ReplicatedVolume {
         let Some(primary) = config.primary_besides(peer.id) else {
             return false;
         };
-        let mut sync = peer.sync.lock().unwrap();
-        if *sync == Sync::Target {
-            *sync = Sync::Idle;
+        if peer.end_sync(Sync::Target) {
             tracing::info!(volume = %self.name, source = %peer.node, primary = %primary.node,
                 "resync from a Secondary declined: the Primary resyncs this replica");
         }
@@ -1603,8 +1613,19 @@ impl ReplicatedVolume {
         }
     }
 
-    /// Tells every connected peer this node's current state.
+    /// Reports a change of quorum that no event caused: a peer's vote lapsing as it
+    /// falls silent (see `VOTE_FRESH`). Called by the node's ticker.
+    pub(crate) fn watch_quorum(&self) {
+        let now = self.has_quorum();
+        if self.had_quorum.swap(now, Ordering::AcqRel) != now {
+            self.notify.fire();
+        }
+    }
+
+    /// Tells every connected peer this node's current state, and the node that it
+    /// changed.
     pub(crate) fn announce(&self) {
+        self.notify.fire();
         let state = self.state().encode();
         let mut h = Header::new(Kind::State, 0);
         h.payload = state.len() as u32;
@@ -1630,7 +1651,7 @@ impl ReplicatedVolume {
                     Some(_) => ConnectionState::StandAlone,
                     None => p.connection(),
                 };
-                let sync = *p.sync.lock().unwrap();
+                let sync = p.sync();
                 let out_of_sync = p
                     .tracked
                     .as_ref()

@@ -8,7 +8,6 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
@@ -41,7 +40,8 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/node/volumes/{name}/spec", put(set_spec))
         .route("/v1/node/volumes/{name}/status", get(status))
-        .route("/v1/node/volumes/{name}/events", get(events))
+        .route("/v1/node/volumes/{name}/events", get(volume_events))
+        .route("/v1/node/events", get(node_events))
         .route("/v1/node/volumes/{name}/resolve", post(resolve))
         .route("/v1/node/volumes/{name}/invalidate", post(invalidate))
         .route("/v1/node/volumes/{name}/verify", post(verify))
@@ -381,26 +381,15 @@ async fn verify(
     Ok(Json(serde_json::json!({ "peers": peers })))
 }
 
-/// Server-sent events: the volume's status each time it changes (checked every
-/// 200 ms), starting with the current one.
-async fn events(
-    State(node): Shared,
-    Path(name): Path<String>,
-) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>, Failure>
-{
+/// Server-sent events: the volume's status each time it changes, starting with the
+/// current one.
+async fn volume_events(State(node): Shared, Path(name): Path<String>) -> Result<Response, Failure> {
     let name = volume_name(&name)?;
     node.status(&name)?;
-    let stream =
-        futures_util::stream::unfold((node, name, None), |(node, name, last)| async move {
-            loop {
-                let status = node.status(&name).ok()?;
-                let json = serde_json::to_string(&status).expect("serialisable");
-                if last.as_ref() != Some(&json) {
-                    let event = Event::default().event("status").data(json.clone());
-                    return Some((Ok(event), (node, name, Some(json))));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-        });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Ok(crate::events::one(node, name))
+}
+
+/// Server-sent events: every replicated volume's status each time it changes.
+async fn node_events(State(node): Shared) -> Response {
+    crate::events::all(node)
 }

@@ -4,6 +4,7 @@ mod api;
 mod cluster;
 mod config;
 mod durable;
+mod events;
 mod exports;
 mod metrics;
 mod node;
@@ -101,13 +102,20 @@ fn run(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let tls_on = peer_tls.is_some();
-    let replicator = tandem_replication::Replicator::start(settings.name.clone(), peers, peer_tls)?;
+    let events = events::Events::new();
+    let replicator = tandem_replication::Replicator::start(
+        settings.name.clone(),
+        peers,
+        peer_tls,
+        events.on_change(),
+    )?;
     tracing::info!(addr = %settings.peer_listen, tls = tls_on, "serving peers");
     let node = Arc::new(Node::open(
         settings.name.clone(),
         &settings.pools,
         settings.cache,
         replicator,
+        events,
         settings.peer_listen.to_string(),
         &settings.data_dir,
     )?);
@@ -171,8 +179,12 @@ fn run(settings: Settings) -> anyhow::Result<()> {
             controller,
             token: settings.metrics_token.clone(),
         })));
+        let events = node.events().clone();
         axum::serve(api, routes)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                events.close();
+            })
             .await
             .context("API server failed")
     })?;

@@ -13,6 +13,7 @@ use tandem_pool::{CacheMode, Entry, GenerationId, NewVolume, Pool, PoolError, Vo
 use tandem_replication::{ReplicatedVolume, Replicator};
 
 use crate::cluster::{ClusterError, Membership};
+use crate::events::Events;
 use crate::pools::{Pools, PoolsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub struct Node {
     /// The cluster this node has joined, if any.
     membership: Membership,
     replicator: Arc<Replicator>,
+    /// Where the replication engine reports volume state changes.
+    events: Arc<Events>,
     /// `host:port` peers reach this node at.
     peer_address: String,
     /// Where the specs of replicated volumes are kept, so a restart knows them.
@@ -60,6 +63,7 @@ impl Node {
         pools: &[(PoolName, PathBuf)],
         cache: CacheMode,
         replicator: Arc<Replicator>,
+        events: Arc<Events>,
         peer_address: String,
         data_dir: &Path,
     ) -> anyhow::Result<Node> {
@@ -72,6 +76,7 @@ impl Node {
             pools,
             membership,
             replicator,
+            events,
             peer_address,
             specs,
             creating: Mutex::new(()),
@@ -96,6 +101,10 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    pub fn events(&self) -> &Arc<Events> {
+        &self.events
     }
 
     pub fn name(&self) -> &NodeName {

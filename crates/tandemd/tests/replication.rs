@@ -394,6 +394,61 @@ fn overlapping_writes_from_several_connections_leave_replicas_identical() {
 }
 
 #[test]
+fn the_node_event_stream_carries_every_volumes_changes_as_they_happen() {
+    let nodes = start_replicated("vm12", 16 * MIB, ["f1", "f2"], TWO_REPLICAS, QUORUM_OFF);
+    put_replicated(&nodes, "vm13", 16 * MIB, &TWO_REPLICAS, QUORUM_OFF);
+    nodes[0].wait_connected("vm12", Duration::from_secs(20));
+    nodes[0].wait_connected("vm13", Duration::from_secs(20));
+    let events = Command::new("curl")
+        .args(["-sN", "--max-time", "4", &nodes[0].url("/v1/node/events")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // Each volume opened for writing on f1: Primary, then Secondary again.
+    nodes[0].qemu_io("vm13", &["write -P 1 0 4k"]);
+    nodes[0].qemu_io("vm12", &["write -P 2 0 4k"]);
+    let out = String::from_utf8(events.wait_with_output().unwrap().stdout).unwrap();
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect();
+    let roles = |volume: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["volume"] == volume)
+            .map(|e| e["status"]["role"].as_str().unwrap().to_owned())
+            .fold(Vec::new(), |mut seen, role| {
+                if seen.last() != Some(&role) {
+                    seen.push(role);
+                }
+                seen
+            })
+    };
+    // The current state first, then each change, in order, for every volume.
+    assert_eq!(
+        roles("vm12"),
+        ["Secondary", "Primary", "Secondary"],
+        "{out}"
+    );
+    assert_eq!(
+        roles("vm13"),
+        ["Secondary", "Primary", "Secondary"],
+        "{out}"
+    );
+    let first_primary = |v: &str| {
+        events
+            .iter()
+            .position(|e| e["volume"] == v && e["status"]["role"] == "Primary")
+    };
+    assert!(
+        first_primary("vm13") < first_primary("vm12"),
+        "in the order they happened: {out}"
+    );
+}
+
+#[test]
 fn state_changes_stream_as_server_sent_events() {
     let mut nodes = start_replicated("vm11", 16 * MIB, ["e1", "e2"], TWO_REPLICAS, QUORUM_OFF);
     nodes[0].wait_connected("vm11", Duration::from_secs(20));
