@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::locks::Locked;
 use tandem_pool::{PoolError, Volume};
 
 pub(crate) const EXTENT: u64 = 4 << 20;
@@ -102,7 +103,7 @@ impl ActivityLog {
     /// them starts.
     pub fn cover(self: &Arc<Self>, offset: u64, len: u64) -> Result<Covered, PoolError> {
         let extents = offset / EXTENT..=(offset + len.max(1) - 1) / EXTENT;
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         loop {
             let missing: Vec<u64> = extents
                 .clone()
@@ -125,7 +126,7 @@ impl ActivityLog {
             }
             if state.active.len() + missing.len() > MAX_ACTIVE {
                 state.waiting += 1;
-                state = self.released.wait(state).unwrap();
+                state = crate::locks::wait(&self.released, state);
                 state.waiting -= 1;
                 continue;
             }
@@ -148,7 +149,7 @@ impl ActivityLog {
 
     /// Empties the log (the volume closed cleanly, or a resync covered what it held).
     pub fn clear(&self) -> Result<(), PoolError> {
-        let mut guard = self.state.lock().unwrap();
+        let mut guard = self.state.locked();
         let state = &mut *guard;
         state
             .active
@@ -159,7 +160,7 @@ impl ActivityLog {
 
 impl Drop for Covered {
     fn drop(&mut self) {
-        let mut state = self.log.state.lock().unwrap();
+        let mut state = self.log.state.locked();
         for e in self.extents.clone() {
             if let Some(n) = state.inflight.get_mut(&e) {
                 *n -= 1;

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use tandem_api::{Participant, VolumeSpec};
 use tandem_pool::Volume;
 
+use crate::locks::Locked;
 use crate::peer::{Peer, kind_name};
 use crate::volume::{Config, ReplicatedVolume, tracking};
 
@@ -94,7 +95,7 @@ impl ReplicatedVolume {
     /// everything marked, so if it ever returns with its old replica, that replica is
     /// never taken for current.
     pub fn update(&self, spec: VolumeSpec, me: Participant) -> Result<(), String> {
-        let _one = self.changing.lock().unwrap();
+        let _one = self.changing.locked();
         self.in_place(&spec, &me, None).map_err(|e| e.to_string())?;
         let old = self.config();
         let size = self.size();
@@ -120,7 +121,7 @@ impl ReplicatedVolume {
         // Every bitmap covers the new size before any write can reach past the old end.
         for p in &old.peers {
             if let Some(t) = &p.tracked {
-                t.lock().unwrap().bits.grow(spec.size);
+                t.locked().bits.grow(spec.size);
             }
         }
         let mut peers = Vec::new();

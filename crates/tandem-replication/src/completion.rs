@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tandem_api::NodeId;
 
+use crate::locks::Locked;
 use crate::wire::Buffer;
 use tandem_io::poll;
 
@@ -52,7 +53,7 @@ impl Completion {
     }
 
     fn settle(&self, record: impl FnOnce(&mut Outcome)) {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.locked();
         record(&mut s.outcome);
         if self.left.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
@@ -84,7 +85,7 @@ impl Completion {
     /// this thread if they have, else on the thread that settles the last one (a peer
     /// link's receiver, or the one that finds the link lost). Instead of a wait.
     pub fn then(&self, then: impl FnOnce(Outcome) + Send + 'static) {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.locked();
         if self.left.load(Ordering::Acquire) == 0 {
             let outcome = std::mem::take(&mut s.outcome);
             drop(s);
@@ -103,12 +104,10 @@ impl Completion {
     /// sleeping (see [`poll`]): for requests whose answers are due within about that.
     pub fn wait_polling(&self, budget: Duration) -> Outcome {
         poll::poll_until(budget, || self.left.load(Ordering::Acquire) == 0);
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.locked();
         s.sleeping = true;
-        let mut s = self
-            .done
-            .wait_while(s, |_| self.left.load(Ordering::Acquire) > 0)
-            .unwrap();
+        let mut s =
+            crate::locks::wait_while(&self.done, s, |_| self.left.load(Ordering::Acquire) > 0);
         std::mem::take(&mut s.outcome)
     }
 }

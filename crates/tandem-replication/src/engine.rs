@@ -11,6 +11,7 @@ use tandem_api::{NodeName, VolumeName, VolumeSpec};
 use tandem_pool::Volume;
 
 use crate::change::NotInPlace;
+use crate::locks::Shared;
 use crate::notify::OnChange;
 use crate::peer::{DEAD_AFTER, Peer};
 use crate::stream::{PeerStream, PeerTls};
@@ -141,7 +142,7 @@ impl Replicator {
     }
 
     pub fn remove(&self, name: &VolumeName) -> Option<Arc<ReplicatedVolume>> {
-        let old = self.volumes.write().unwrap().remove(name);
+        let old = self.volumes.writing().remove(name);
         if let Some(v) = &old {
             v.shut_down();
             (self.on_change)(name);
@@ -150,11 +151,11 @@ impl Replicator {
     }
 
     pub fn get(&self, name: &VolumeName) -> Option<Arc<ReplicatedVolume>> {
-        self.volumes.read().unwrap().get(name).cloned()
+        self.volumes.reading().get(name).cloned()
     }
 
     pub fn volumes(&self) -> Vec<Arc<ReplicatedVolume>> {
-        self.volumes.read().unwrap().values().cloned().collect()
+        self.volumes.reading().values().cloned().collect()
     }
 
     fn find(&self, hello: &Hello) -> Option<Arc<ReplicatedVolume>> {

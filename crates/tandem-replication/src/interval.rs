@@ -1,6 +1,7 @@
 //! Serialises overlapping writes on the Primary: a write waits until no write in flight
 //! overlaps it, so every replica applies overlapping writes in the same order.
 
+use crate::locks::Locked;
 use std::sync::{Arc, Condvar, Mutex};
 
 #[derive(Default)]
@@ -27,10 +28,10 @@ impl IntervalLock {
     pub fn lock(self: &Arc<Self>, offset: u64, len: u64) -> Held {
         let range = (offset, offset + len.max(1));
         let overlaps = |s: &State| s.held.iter().any(|&(a, b)| a < range.1 && range.0 < b);
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         if overlaps(&state) {
             state.waiting += 1;
-            state = self.released.wait_while(state, |s| overlaps(s)).unwrap();
+            state = crate::locks::wait_while(&self.released, state, |s| overlaps(s));
             state.waiting -= 1;
         }
         state.held.push(range);
@@ -43,7 +44,7 @@ impl IntervalLock {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let mut state = self.lock.state.lock().unwrap();
+        let mut state = self.lock.state.locked();
         if let Some(i) = state.held.iter().position(|r| *r == self.range) {
             state.held.swap_remove(i);
         }

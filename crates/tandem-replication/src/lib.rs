@@ -13,6 +13,7 @@ mod change;
 mod completion;
 mod engine;
 mod interval;
+mod locks;
 mod notify;
 mod outbox;
 mod peer;

@@ -10,8 +10,9 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use crate::locks::Locked;
 use crate::stream::PeerStream;
 use crate::wire::{HEADER_LEN, Header};
 
@@ -60,11 +61,6 @@ pub(crate) struct Outbox {
     wake: Condvar,
 }
 
-fn locked(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    // The state stays consistent across a panic elsewhere: every change is one step.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Outbox {
     /// Sends on `stream` (a handle of the connection's own); `peer` names it in logs.
     pub fn new(stream: PeerStream, peer: String) -> Arc<Outbox> {
@@ -87,7 +83,7 @@ impl Outbox {
         debug_assert_eq!(header.payload as usize, payload.len());
         let head = header.encode();
         let total = HEADER_LEN + payload.len();
-        let mut s = locked(&self.state);
+        let mut s = self.state.locked();
         if s.closed {
             return Err(Unsent::Closed);
         }
@@ -100,7 +96,7 @@ impl Outbox {
             &self.stream,
             &mut [IoSlice::new(&head), IoSlice::new(payload)],
         );
-        let mut s = locked(&self.state);
+        let mut s = self.state.locked();
         s.writing = false;
         match sent {
             Ok(_) if s.closed => Err(Unsent::Closed),
@@ -180,9 +176,9 @@ impl Outbox {
     /// long as it takes (a write that never ends ends with [`Outbox::close`]).
     fn sender(&self) {
         loop {
-            let mut s = locked(&self.state);
+            let mut s = self.state.locked();
             while !s.closed && (s.writing || s.queue.is_empty()) {
-                s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+                s = crate::locks::wait(&self.wake, s);
             }
             if s.closed {
                 return;
@@ -192,7 +188,7 @@ impl Outbox {
             drop(s);
             let result =
                 tandem_io::write_all_vectored(&mut &self.stream, &mut [IoSlice::new(&message)]);
-            let mut s = locked(&self.state);
+            let mut s = self.state.locked();
             s.writing = false;
             if s.closed {
                 return;
@@ -209,14 +205,14 @@ impl Outbox {
 
     /// Bytes waiting to be sent.
     pub fn queued(&self) -> usize {
-        locked(&self.state).queued
+        self.state.locked().queued
     }
 
     /// Ends the connection both ways: a sender blocked in a write returns, the receiver
     /// sees the end. What is queued is dropped. Never waits.
     pub fn close(&self) {
         {
-            let mut s = locked(&self.state);
+            let mut s = self.state.locked();
             s.closed = true;
             s.queue.clear();
             s.queued = 0;

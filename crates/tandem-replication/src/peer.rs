@@ -10,6 +10,7 @@ use tandem_api::{ConnectionState, NodeId, NodeName, Participant, ParticipantKind
 
 use crate::bitmap::Bitmap;
 use crate::completion::Completion;
+use crate::locks::Locked;
 use crate::notify::Notify;
 use crate::outbox::{Outbox, Unsent};
 use crate::stream::PeerStream;
@@ -189,7 +190,7 @@ impl Peer {
 
     /// Changes the resync state; a change of kind (not mere progress) is reported.
     pub fn set_sync(&self, new: Sync) {
-        let old = std::mem::replace(&mut *self.sync.lock().unwrap(), new);
+        let old = std::mem::replace(&mut *self.sync.locked(), new);
         if std::mem::discriminant(&old) != std::mem::discriminant(&new) {
             self.notify.fire();
         }
@@ -197,7 +198,7 @@ impl Peer {
 
     /// Ends the resync state `was` (back to Idle); whether it was in it.
     pub fn end_sync(&self, was: Sync) -> bool {
-        let mut sync = self.sync.lock().unwrap();
+        let mut sync = self.sync.locked();
         if *sync != was {
             return false;
         }
@@ -208,7 +209,7 @@ impl Peer {
     }
 
     pub fn sync(&self) -> Sync {
-        *self.sync.lock().unwrap()
+        *self.sync.locked()
     }
 
     pub fn kind(&self) -> ParticipantKind {
@@ -222,7 +223,7 @@ impl Peer {
     /// Whether a resync retry (see `resync_due`) may start now; if so, the next one
     /// may not for a while.
     pub fn retry_now(&self) -> bool {
-        let mut at = self.retry_at.lock().unwrap();
+        let mut at = self.retry_at.locked();
         if Instant::now() < *at {
             return false;
         }
@@ -260,11 +261,11 @@ impl Peer {
     }
 
     pub fn remote(&self) -> Option<State> {
-        *self.remote.lock().unwrap()
+        *self.remote.locked()
     }
 
     pub fn set_remote(&self, state: State) {
-        let old = self.remote.lock().unwrap().replace(state);
+        let old = self.remote.locked().replace(state);
         if old != Some(state) {
             self.notify.fire();
         }
@@ -287,7 +288,7 @@ impl Peer {
     /// How long requests have waited on the peer without any of them being answered;
     /// `None` while none waits.
     pub fn unanswered_for(&self) -> Option<Duration> {
-        let pending = self.pending.lock().unwrap();
+        let pending = self.pending.locked();
         (!pending.is_empty()).then(|| self.progress.elapsed())
     }
 
@@ -308,7 +309,7 @@ impl Peer {
     }
 
     fn outbox(&self) -> Option<Arc<Outbox>> {
-        match &*self.link.lock().unwrap() {
+        match &*self.link.locked() {
             Link::Up { outbox, .. } => Some(outbox.clone()),
             _ => None,
         }
@@ -319,7 +320,7 @@ impl Peer {
     /// while the peer is refused (a connection that raced with a removal, say).
     pub fn attach(&self, stream: &PeerStream, remote: State) -> io::Result<u64> {
         let outbox = Outbox::new(stream.try_clone()?, self.node.to_string());
-        let mut link = self.link.lock().unwrap();
+        let mut link = self.link.locked();
         match &*link {
             Link::Up { outbox: old, .. } => old.close(),
             Link::Refused(why) => {
@@ -336,14 +337,14 @@ impl Peer {
         self.set_remote(remote);
         self.notify.fire();
         self.seen();
-        *self.dial.lock().unwrap() = (Instant::now(), BACKOFF_MIN);
+        *self.dial.locked() = (Instant::now(), BACKOFF_MIN);
         Ok(epoch)
     }
 
     /// Called by the receiver of connection `epoch` when it ends: every request still
     /// waiting on this peer is settled as lost.
     pub fn detach(&self, epoch: u64) {
-        let mut link = self.link.lock().unwrap();
+        let mut link = self.link.locked();
         match &*link {
             Link::Up { epoch: e, outbox } if *e == epoch => {
                 outbox.close();
@@ -355,8 +356,8 @@ impl Peer {
             _ => return,
         }
         drop(link);
-        *self.remote.lock().unwrap() = None;
-        *self.sync.lock().unwrap() = Sync::Idle;
+        *self.remote.locked() = None;
+        *self.sync.locked() = Sync::Idle;
         self.notify.fire();
         self.deferred.store(false, Ordering::Relaxed);
         self.resync_due.store(false, Ordering::Relaxed);
@@ -374,7 +375,7 @@ impl Peer {
 
     /// Refuses the peer for good (until the spec changes), closing any connection.
     pub fn refuse(&self, reason: String) {
-        let mut link = self.link.lock().unwrap();
+        let mut link = self.link.locked();
         if let Link::Up { outbox, .. } = &*link {
             outbox.close();
         }
@@ -385,7 +386,7 @@ impl Peer {
 
     /// Lets a refused peer connect again (after an operator resolved the reason).
     pub fn unrefuse(&self) {
-        let mut link = self.link.lock().unwrap();
+        let mut link = self.link.locked();
         if matches!(*link, Link::Refused(_)) {
             self.set_link(&mut link, Link::Down);
             drop(link);
@@ -418,7 +419,7 @@ impl Peer {
     /// an answer cannot outrun it; if sending fails the request counts as lost.
     pub fn request(&self, header: &Header, payload: &[u8], completion: &Arc<Completion>) {
         {
-            let mut pending = self.pending.lock().unwrap();
+            let mut pending = self.pending.locked();
             if pending.is_empty() {
                 // The peer owed nothing until now: its silence counts from here.
                 self.progress.set();
@@ -426,7 +427,7 @@ impl Peer {
             pending.insert(header.id, completion.clone());
         }
         if self.send(header, payload).is_err() {
-            if let Some(c) = self.pending.lock().unwrap().remove(&header.id) {
+            if let Some(c) = self.pending.locked().remove(&header.id) {
                 c.lost(self.id);
             }
         }
@@ -434,7 +435,7 @@ impl Peer {
 
     /// The completion waiting for answer `id`, taken out.
     pub fn answered(&self, id: u64) -> Option<Arc<Completion>> {
-        let c = self.pending.lock().unwrap().remove(&id);
+        let c = self.pending.locked().remove(&id);
         self.progress.set();
         c
     }
@@ -442,11 +443,10 @@ impl Peer {
     /// Whether to dial now; if so, the next attempt is pushed back (doubling, capped)
     /// and [`Peer::dialed`] must follow.
     pub fn dial_due(&self) -> bool {
-        if !matches!(*self.link.lock().unwrap(), Link::Down) || self.dialing.load(Ordering::Acquire)
-        {
+        if !matches!(*self.link.locked(), Link::Down) || self.dialing.load(Ordering::Acquire) {
             return false;
         }
-        let mut dial = self.dial.lock().unwrap();
+        let mut dial = self.dial.locked();
         if Instant::now() < dial.0 {
             return false;
         }
@@ -463,14 +463,14 @@ impl Peer {
 
     /// The epoch of the live connection, if any.
     pub fn epoch(&self) -> Option<u64> {
-        match &*self.link.lock().unwrap() {
+        match &*self.link.locked() {
             Link::Up { epoch, .. } => Some(*epoch),
             _ => None,
         }
     }
 
     pub fn refusal(&self) -> Option<String> {
-        match &*self.link.lock().unwrap() {
+        match &*self.link.locked() {
             Link::Refused(r) => Some(r.clone()),
             _ => None,
         }

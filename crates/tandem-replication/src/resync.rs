@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::completion::Completion;
+use crate::locks::Locked;
 use crate::peer::{Peer, Sync};
 use crate::volume::ReplicatedVolume;
 use crate::wire::{Buffer, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Kind};
@@ -31,7 +32,7 @@ impl ReplicatedVolume {
             let next = peer
                 .tracked
                 .as_ref()
-                .and_then(|t| t.lock().unwrap().bits.next_run(at, CHUNK));
+                .and_then(|t| t.locked().bits.next_run(at, CHUNK));
             let Some(run) = next else {
                 if at == 0 {
                     break true;

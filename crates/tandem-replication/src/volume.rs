@@ -18,6 +18,7 @@ use crate::al::{ActivityLog, Covered, EXTENT};
 use crate::bitmap::Bitmap;
 use crate::completion::{Completion, Outcome};
 use crate::interval::{Held, IntervalLock};
+use crate::locks::{Locked, Shared};
 use crate::notify::{Notify, OnChange, Progress};
 use crate::peer::{Heard, LinkStats, Peer, Sync, Tracked, VOTE_FRESH};
 use crate::stream::PeerStream;
@@ -288,11 +289,11 @@ impl ReplicatedVolume {
 
     /// The spec in force and the peers it makes.
     pub(crate) fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap().clone()
+        self.config.reading().clone()
     }
 
     pub(crate) fn set_config(&self, config: Config) {
-        *self.config.write().unwrap() = Arc::new(config);
+        *self.config.writing() = Arc::new(config);
     }
 
     pub(crate) fn my_id(&self) -> NodeId {
@@ -300,7 +301,7 @@ impl ReplicatedVolume {
     }
 
     fn role(&self) -> Role {
-        if *self.writers.lock().unwrap() > 0 {
+        if *self.writers.locked() > 0 {
             Role::Primary
         } else {
             Role::Secondary
@@ -344,7 +345,7 @@ impl ReplicatedVolume {
             disk: self.disk(),
             generation: match &self.local {
                 Some(v) => v.generation().0,
-                None => *self.known.lock().unwrap(),
+                None => *self.known.locked(),
             },
         }
     }
@@ -398,7 +399,7 @@ impl ReplicatedVolume {
             return;
         };
         self.begin_tracking(peer);
-        let mut t = tracked.lock().unwrap();
+        let mut t = tracked.locked();
         for page in t.bits.mark(offset, len) {
             if let Err(e) = local.write_bitmap_page(t.slot, page as u64, t.bits.page(page)) {
                 tracing::error!(volume = %self.name, peer = %peer.node, error = %e,
@@ -417,7 +418,7 @@ impl ReplicatedVolume {
         let (Some(tracked), Some(local)) = (&peer.tracked, &self.local) else {
             return;
         };
-        let mut t = tracked.lock().unwrap();
+        let mut t = tracked.locked();
         for page in t.bits.clear(offset, len) {
             if let Err(e) = local.write_bitmap_page(t.slot, page as u64, t.bits.page(page)) {
                 tracing::error!(volume = %self.name, error = %e, "cannot store the out-of-sync bitmap");
@@ -433,7 +434,7 @@ impl ReplicatedVolume {
             // Only data that is whole gets a generation others can descend from.
             return;
         }
-        let _guard = self.rotation.lock().unwrap();
+        let _guard = self.rotation.locked();
         let current = local.generation().0;
         let mut stale = false;
         let receiving = |p: &Peer| targets.iter().any(|t| t.id == p.id);
@@ -623,7 +624,7 @@ impl ReplicatedVolume {
     /// A peer became (or was found) Primary: resync data from other peers is declined
     /// from now on; wait for any being applied, before the Primary's first write.
     fn primary_appeared(&self) {
-        drop(self.resync_gate.write().unwrap());
+        drop(self.resync_gate.writing());
     }
 
     fn receive(self: Arc<Self>, peer: Arc<Peer>, stream: PeerStream, epoch: u64) {
@@ -687,7 +688,7 @@ impl ReplicatedVolume {
         };
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         {
-            let t = tracked.lock().unwrap();
+            let t = tracked.locked();
             let mut at = 0;
             while let Some(run) = t.bits.next_run(at, u64::MAX) {
                 ranges.push((run.start, run.end - run.start));
@@ -713,8 +714,8 @@ impl ReplicatedVolume {
     fn learn_generation(&self, peer: &Peer, hello: &Hello) {
         let theirs = hello.state.generation;
         if self.local.is_none() {
-            if hello.state.role == Role::Primary || *self.known.lock().unwrap() == 0 {
-                *self.known.lock().unwrap() = theirs;
+            if hello.state.role == Role::Primary || *self.known.locked() == 0 {
+                *self.known.locked() = theirs;
             }
             return;
         }
@@ -741,10 +742,7 @@ impl ReplicatedVolume {
 
     /// Sends the peer what its bitmap marks, in the background.
     pub(crate) fn start_resync(self: &Arc<Self>, peer: &Arc<Peer>, epoch: u64) -> io::Result<()> {
-        let total = peer
-            .tracked
-            .as_ref()
-            .map_or(0, |t| t.lock().unwrap().bits.bytes());
+        let total = peer.tracked.as_ref().map_or(0, |t| t.locked().bits.bytes());
         peer.set_sync(Sync::Source { total });
         let (volume, p) = (self.clone(), peer.clone());
         std::thread::Builder::new()
@@ -877,10 +875,10 @@ impl ReplicatedVolume {
 
     /// A resync (either way) covered the extents a crash left in the activity log.
     pub(crate) fn settle_suspect(&self) {
-        if std::mem::take(&mut *self.suspect.lock().unwrap()).is_empty() {
+        if std::mem::take(&mut *self.suspect.locked()).is_empty() {
             return;
         }
-        if *self.writers.lock().unwrap() == 0 {
+        if *self.writers.locked() == 0 {
             if let Some(al) = &self.al {
                 if let Err(e) = al.clear() {
                     tracing::error!(volume = %self.name, error = %e, "cannot clear the activity log");
@@ -952,7 +950,7 @@ impl ReplicatedVolume {
                 if self.local.is_none() && state.role == Role::Primary {
                     // A diskless participant carries the Primary's newest generation
                     // to replicas that were cut off (see `learn_generation`).
-                    *self.known.lock().unwrap() = state.generation;
+                    *self.known.locked() = state.generation;
                 }
                 let was_primary = peer.remote().is_some_and(|s| s.role == Role::Primary);
                 peer.set_remote(state);
@@ -1056,7 +1054,7 @@ impl ReplicatedVolume {
             }
             Kind::Write | Kind::Zero | Kind::Trim | Kind::Flush => {
                 let resync = h.flags & FLAG_RESYNC != 0 && is_data_change(h.kind);
-                let _gate = resync.then(|| self.resync_gate.read().unwrap());
+                let _gate = resync.then(|| self.resync_gate.reading());
                 if resync && self.resync_declined(peer) {
                     let mut ack = Header::new(Kind::Ack, h.id);
                     ack.status = libc::EBUSY as u32;
@@ -1340,12 +1338,12 @@ impl ReplicatedVolume {
         let spawned = std::thread::Builder::new()
             .name("quorum-wait".into())
             .spawn(move || {
-                if let Some(finish) = f.lock().unwrap().take() {
+                if let Some(finish) = f.locked().take() {
                     finish();
                 }
             });
         if spawned.is_err()
-            && let Some(finish) = finish.lock().unwrap().take()
+            && let Some(finish) = finish.locked().take()
         {
             finish();
         }
@@ -1496,9 +1494,9 @@ impl ReplicatedVolume {
         if !writable {
             return Ok(());
         }
-        let _one = self.promotion.lock().unwrap();
+        let _one = self.promotion.locked();
         {
-            let mut writers = self.writers.lock().unwrap();
+            let mut writers = self.writers.locked();
             if *writers > 0 {
                 *writers += 1;
                 return Ok(());
@@ -1531,7 +1529,7 @@ impl ReplicatedVolume {
             }
             self.agree_promotion(&config)?;
         }
-        *self.writers.lock().unwrap() = 1;
+        *self.writers.locked() = 1;
         tracing::info!(volume = %self.name, "promoted to Primary");
         self.announce();
         Ok(())
@@ -1599,7 +1597,7 @@ impl ReplicatedVolume {
         if !writable {
             return;
         }
-        let mut writers = self.writers.lock().unwrap();
+        let mut writers = self.writers.locked();
         *writers -= 1;
         if *writers == 0 {
             drop(writers);
@@ -1636,7 +1634,7 @@ impl ReplicatedVolume {
 
     /// Whether an NBD client has the volume open for writing on this node.
     pub fn is_open(&self) -> bool {
-        *self.writers.lock().unwrap() > 0
+        *self.writers.locked() > 0
     }
 
     pub fn status(&self) -> VolumeStatus {
@@ -1652,10 +1650,7 @@ impl ReplicatedVolume {
                     None => p.connection(),
                 };
                 let sync = p.sync();
-                let out_of_sync = p
-                    .tracked
-                    .as_ref()
-                    .map_or(0, |t| t.lock().unwrap().bits.bytes());
+                let out_of_sync = p.tracked.as_ref().map_or(0, |t| t.locked().bits.bytes());
                 let (replication, done) = match sync {
                     _ if connection != ConnectionState::Connected || !p.diskful => {
                         (ReplicationState::Off, None)
@@ -1739,7 +1734,7 @@ impl ReplicatedVolume {
                 self.my_node, self.name
             ));
         };
-        if *self.writers.lock().unwrap() > 0 {
+        if *self.writers.locked() > 0 {
             return Err(format!(
                 "volume {} is open on this node; close it first",
                 self.name

@@ -3,6 +3,7 @@
 //! stays (idle) until the connection ends. A node in hundreds of volumes, each with a
 //! few links, so keeps only the threads its load has needed.
 
+use crate::locks::Locked;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -56,14 +57,14 @@ impl<J: Send + 'static> Workers<J> {
 
     /// Whether jobs are queued or being served.
     pub fn busy(&self) -> bool {
-        let state = self.shared.state.lock().unwrap();
+        let state = self.shared.state.locked();
         !state.queue.is_empty() || state.idle < self.started
     }
 
     /// Queues a job; starts a worker for it if every worker is busy and the limit
     /// allows one more.
     pub fn push(&mut self, job: J) {
-        let mut state = self.shared.state.lock().unwrap();
+        let mut state = self.shared.state.locked();
         state.queue.push_back(job);
         let wanted = state.queue.len() > state.idle && self.started < self.limit;
         let idle = state.idle > 0;
@@ -87,7 +88,7 @@ impl<J: Send + 'static> Workers<J> {
                 tracing::error!(error = %e, "cannot start a peer worker");
                 if self.started == 0 {
                     // Nobody else would take the queued jobs: serve them here.
-                    let jobs = std::mem::take(&mut self.shared.state.lock().unwrap().queue);
+                    let jobs = std::mem::take(&mut self.shared.state.locked().queue);
                     jobs.into_iter().for_each(|j| (self.serve)(j));
                 }
             }
@@ -96,26 +97,26 @@ impl<J: Send + 'static> Workers<J> {
 }
 
 fn work<J>(shared: &Shared<J>, serve: &(dyn Fn(J) + Send + Sync)) {
-    let mut state = shared.state.lock().unwrap();
+    let mut state = shared.state.locked();
     loop {
         if let Some(job) = state.queue.pop_front() {
             drop(state);
             serve(job);
-            state = shared.state.lock().unwrap();
+            state = shared.state.locked();
             continue;
         }
         if state.closed {
             return;
         }
         state.idle += 1;
-        state = shared.ready.wait(state).unwrap();
+        state = crate::locks::wait(&shared.ready, state);
         state.idle -= 1;
     }
 }
 
 impl<J: Send + 'static> Drop for Workers<J> {
     fn drop(&mut self) {
-        self.shared.state.lock().unwrap().closed = true;
+        self.shared.state.locked().closed = true;
         self.shared.ready.notify_all();
     }
 }
@@ -135,7 +136,7 @@ mod tests {
         let d = done.clone();
         // Each job blocks until the test releases it.
         let mut w = Workers::new("t".into(), 3, move |_: u32| {
-            rx.lock().unwrap().recv().unwrap();
+            rx.locked().recv().unwrap();
             d.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(w.started(), 0);
@@ -154,7 +155,7 @@ mod tests {
             "every queued job is served"
         );
         // Idle workers take new jobs: no new thread.
-        assert!(wait(|| w.shared.state.lock().unwrap().idle == 3));
+        assert!(wait(|| w.shared.state.locked().idle == 3));
         w.push(6);
         tx.send(()).unwrap();
         assert!(wait(|| done.load(Ordering::SeqCst) == 6));
@@ -171,7 +172,7 @@ mod tests {
         for i in 0..50 {
             w.push(i);
             assert!(wait(|| done.load(Ordering::SeqCst) == i as usize + 1));
-            assert!(wait(|| w.shared.state.lock().unwrap().idle == w.started()));
+            assert!(wait(|| w.shared.state.locked().idle == w.started()));
         }
         assert_eq!(w.started(), 1, "one job at a time needs one worker");
     }
