@@ -12,6 +12,7 @@ mod bitmap;
 mod change;
 mod completion;
 mod engine;
+mod handshake;
 mod interval;
 mod locks;
 mod notify;

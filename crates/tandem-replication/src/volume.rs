@@ -17,6 +17,7 @@ use tandem_pool::{GenerationId, PoolError, Volume};
 use crate::al::{ActivityLog, Covered, EXTENT};
 use crate::bitmap::Bitmap;
 use crate::completion::{Completion, Outcome};
+use crate::handshake::{self, Direction, Side};
 use crate::interval::{Held, IntervalLock};
 use crate::locks::{Locked, Shared};
 use crate::notify::{Notify, OnChange, Progress};
@@ -155,21 +156,6 @@ const RECV_POLL: Duration = Duration::from_micros(200);
 /// How long a request waiting for its peers' answers (once the local replica is done)
 /// polls for them before it sleeps (see [`poll`]).
 const ANSWER_POLL: Duration = Duration::from_micros(200);
-
-/// What a new connection between two replicas holding data must do first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Direction {
-    InSync,
-    /// This node sends what the peer lacks; `full` when it lacks everything.
-    Source {
-        full: bool,
-    },
-    Target,
-    /// Neither side is UpToDate: connected, nothing to send until one is.
-    Neither,
-    /// Neither replica descends from the other: split brain, or unrelated data.
-    Diverged(String),
-}
 
 fn is_data_change(kind: Kind) -> bool {
     matches!(kind, Kind::Write | Kind::Zero | Kind::Trim)
@@ -476,44 +462,25 @@ impl ReplicatedVolume {
         my_dirty: bool,
         their_dirty: bool,
     ) -> Direction {
-        use DiskState::UpToDate;
         if peer.tracked.is_none() || hello.state.disk == DiskState::Diskless {
             // A peer without a replica (yet: its spec may still say diskless) gets no
             // data until it reconnects with one.
             return Direction::InSync;
         }
         let mine = self.state();
-        let theirs = hello.state;
-        let my_mark = self.bitmap_generation(peer.id);
-        match (mine.disk == UpToDate, theirs.disk == UpToDate) {
-            (true, true) if mine.generation == theirs.generation => match (my_dirty, their_dirty) {
-                (false, false) => Direction::InSync,
-                (true, false) => Direction::Source { full: false },
-                (false, true) => Direction::Target,
-                // Both missed some in-flight writes: the lower node id wins.
-                (true, true) if self.my_id < hello.from => Direction::Source { full: false },
-                (true, true) => Direction::Target,
-            },
-            (true, true) if my_mark != 0 && theirs.generation == my_mark => {
-                Direction::Source { full: false }
-            }
-            (true, true)
-                if hello.bitmap_generation != 0 && mine.generation == hello.bitmap_generation =>
-            {
-                Direction::Target
-            }
-            (true, true) => Direction::Diverged(format!(
-                "split brain: both replicas changed since they last agreed (generation {:016x} here, {:016x} on the peer)",
-                mine.generation, theirs.generation
-            )),
-            (true, false) => Direction::Source {
-                full: !(my_mark != 0 && theirs.generation == my_mark),
-            },
-            (false, true) => Direction::Target,
-            // Each waits for an UpToDate replica; whichever becomes one first
-            // reconnects to resync the other (see `finish_target`).
-            (false, false) => Direction::Neither,
-        }
+        let me = Side {
+            up_to_date: mine.disk == DiskState::UpToDate,
+            generation: mine.generation,
+            mark: self.bitmap_generation(peer.id),
+            dirty: my_dirty,
+        };
+        let theirs = Side {
+            up_to_date: hello.state.disk == DiskState::UpToDate,
+            generation: hello.state.generation,
+            mark: hello.bitmap_generation,
+            dirty: their_dirty,
+        };
+        handshake::decide(me, theirs, self.my_id < hello.from)
     }
 
     pub(crate) fn next_id(&self) -> u64 {
