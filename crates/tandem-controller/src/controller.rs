@@ -142,7 +142,7 @@ pub struct Controller {
     /// The node this controller runs on.
     pub(crate) host: NodeName,
     /// How long visits of nodes take.
-    pub(crate) reconcile_seconds: tandem_metrics::Histogram,
+    pub(crate) reconcile_seconds: tandem_metrics::Latency,
 }
 
 impl Controller {
@@ -174,7 +174,7 @@ impl Controller {
             wake: Wake::default(),
             reconcilers: Mutex::default(),
             host,
-            reconcile_seconds: tandem_metrics::Histogram::new(tandem_metrics::latency_buckets()),
+            reconcile_seconds: tandem_metrics::Latency::default(),
         });
         for node in nodes {
             controller.reconcile(node);
@@ -243,7 +243,7 @@ impl Controller {
                     };
                     let started = std::time::Instant::now();
                     crate::reconcile::visit(&c, &node);
-                    c.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+                    c.reconcile_seconds.observe(started.elapsed());
                     seen = c.wake.wait(seen, RECONCILE_EVERY);
                 }
             });

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tandem_api::{ConnectionState, DiskState, ReplicationState, Role};
 use tandem_metrics::{
-    Collector, Counter, DescriptorEncoder, Family, Gauge, Histogram, Labels, MetricType, Unit,
+    Collector, Counter, DescriptorEncoder, Family, Gauge, Labels, Latency, MetricType, Unit,
 };
 use tandem_replication::LinkStats;
 
@@ -52,7 +52,7 @@ pub struct VolumeIo {
     errors: [Counter; 5],
     /// Bytes read, written (reads and writes only).
     bytes: [Counter; 2],
-    seconds: [Histogram; 5],
+    seconds: [Latency; 5],
     in_flight: Gauge,
 }
 
@@ -62,7 +62,7 @@ impl VolumeIo {
             requests: Default::default(),
             errors: Default::default(),
             bytes: Default::default(),
-            seconds: std::array::from_fn(|_| Histogram::new(tandem_metrics::latency_buckets())),
+            seconds: Default::default(),
             in_flight: Gauge::default(),
         }
     }
@@ -78,7 +78,7 @@ impl VolumeIo {
         let i = op as usize;
         self.in_flight.dec();
         self.requests[i].inc();
-        self.seconds[i].observe(at.elapsed().as_secs_f64());
+        self.seconds[i].observe(at.elapsed());
         match result {
             Err(_) => {
                 self.errors[i].inc();
