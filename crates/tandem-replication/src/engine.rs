@@ -129,8 +129,7 @@ impl Replicator {
         );
         let old = self
             .volumes
-            .write()
-            .unwrap()
+            .writing()
             .insert(volume.name().clone(), volume.clone());
         if let Some(old) = old {
             old.shut_down();
@@ -160,8 +159,7 @@ impl Replicator {
 
     fn find(&self, hello: &Hello) -> Option<Arc<ReplicatedVolume>> {
         self.volumes
-            .read()
-            .unwrap()
+            .reading()
             .values()
             .find(|v| v.volume_id() == hello.volume)
             .cloned()

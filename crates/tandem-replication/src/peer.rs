@@ -109,7 +109,8 @@ pub(crate) struct Tracked {
     pub bits: Bitmap,
 }
 
-/// Resync between this node and the peer.
+/// Resync between this node and the peer. Its changes follow [`Sync::allows`]; losing
+/// the connection ends any (back to Idle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sync {
     Idle,
@@ -123,6 +124,45 @@ pub(crate) enum Sync {
     Verifying {
         done: u64,
     },
+}
+
+impl Sync {
+    /// Whether the resync state may change from `self` to `next`: a resync or verify
+    /// starts only from Idle; anything may end (back to Idle, also when it ended
+    /// already); a new connection may restart the resync it had (the old one's
+    /// receiver may not have ended it yet); a verify reports progress. Anything else
+    /// (a resync starting in the middle of a verify, the two ends of a resync swapping)
+    /// is a bug, refused.
+    pub fn allows(self, next: Sync) -> bool {
+        matches!(
+            (self, next),
+            (_, Self::Idle)
+                | (
+                    Self::Idle,
+                    Self::Source { .. } | Self::Target | Self::Verifying { .. }
+                )
+                | (Self::Source { .. }, Self::Source { .. })
+                | (Self::Target, Self::Target)
+                | (Self::Verifying { .. }, Self::Verifying { .. })
+        )
+    }
+}
+
+/// A change of resync state that [`Sync::allows`] refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BadTransition {
+    pub from: Sync,
+    pub to: Sync,
+}
+
+impl std::fmt::Display for BadTransition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no resync state change from {:?} to {:?}",
+            self.from, self.to
+        )
+    }
 }
 
 const DOWN: u8 = 0;
@@ -188,12 +228,23 @@ impl Peer {
         }
     }
 
-    /// Changes the resync state; a change of kind (not mere progress) is reported.
-    pub fn set_sync(&self, new: Sync) {
-        let old = std::mem::replace(&mut *self.sync.locked(), new);
+    /// Changes the resync state if [`Sync::allows`] it (a refusal is logged); a change
+    /// of kind (not mere progress) is reported.
+    pub fn set_sync(&self, new: Sync) -> Result<(), BadTransition> {
+        let mut sync = self.sync.locked();
+        let old = *sync;
+        if !old.allows(new) {
+            drop(sync);
+            let bad = BadTransition { from: old, to: new };
+            tracing::error!(peer = %self.node, %bad, "resync state change refused");
+            return Err(bad);
+        }
+        *sync = new;
+        drop(sync);
         if std::mem::discriminant(&old) != std::mem::discriminant(&new) {
             self.notify.fire();
         }
+        Ok(())
     }
 
     /// Ends the resync state `was` (back to Idle); whether it was in it.
@@ -318,7 +369,7 @@ impl Peer {
     /// Makes `stream` the live connection; returns its epoch. A previous connection is
     /// closed (its receiver notices and detaches with its own, older epoch). Refused
     /// while the peer is refused (a connection that raced with a removal, say).
-    pub fn attach(&self, stream: &PeerStream, remote: State) -> io::Result<u64> {
+    pub fn attach(&self, stream: &PeerStream, remote: State, sync: Sync) -> io::Result<u64> {
         let outbox = Outbox::new(stream.try_clone()?, self.node.to_string());
         let mut link = self.link.locked();
         match &*link {
@@ -331,9 +382,20 @@ impl Peer {
             }
             Link::Down => {}
         }
+        // The old connection's receiver will find its epoch stale and leave all to this
+        // one: what waited on the old connection is settled here, as its end would.
+        // Taken before the new one is up, so nothing sent on the new one is among it.
+        let stale = match *link {
+            Link::Up { .. } => self.forget_connection(),
+            _ => Vec::new(),
+        };
+        *self.sync.locked() = sync;
         let epoch = self.epochs.fetch_add(1, Ordering::AcqRel) + 1;
         self.set_link(&mut link, Link::Up { outbox, epoch });
         drop(link);
+        for c in stale {
+            c.lost(self.id);
+        }
         self.set_remote(remote);
         self.notify.fire();
         self.seen();
@@ -357,20 +419,20 @@ impl Peer {
         }
         drop(link);
         *self.remote.locked() = None;
-        *self.sync.locked() = Sync::Idle;
-        self.notify.fire();
-        self.deferred.store(false, Ordering::Relaxed);
-        self.resync_due.store(false, Ordering::Relaxed);
-        let lost: Vec<_> = self
-            .pending
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, c)| c)
-            .collect();
-        for c in lost {
+        for c in self.forget_connection() {
             c.lost(self.id);
         }
+        self.notify.fire();
+    }
+
+    /// A connection ended: its resync (either way) ends with it; the requests that
+    /// waited on it are returned, for the caller to settle as lost once it holds no
+    /// lock (settling runs what waited on them).
+    fn forget_connection(&self) -> Vec<Arc<Completion>> {
+        *self.sync.locked() = Sync::Idle;
+        self.deferred.store(false, Ordering::Relaxed);
+        self.resync_due.store(false, Ordering::Relaxed);
+        self.pending.locked().drain().map(|(_, c)| c).collect()
     }
 
     /// Refuses the peer for good (until the spec changes), closing any connection.
@@ -526,5 +588,42 @@ impl Stamp {
     fn elapsed(&self) -> Duration {
         let at = Duration::from_nanos(self.0.load(Ordering::Acquire));
         origin().elapsed().saturating_sub(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resync_state_changes_follow_the_table() {
+        let (src, vfy) = (Sync::Source { total: 8 }, Sync::Verifying { done: 4 });
+        let (idle, target) = (Sync::Idle, Sync::Target);
+        let allowed = [
+            (idle, idle),
+            (idle, src),
+            (idle, target),
+            (idle, vfy),
+            (src, idle),
+            (src, Sync::Source { total: 2 }),
+            (target, idle),
+            (target, target),
+            (vfy, Sync::Verifying { done: 8 }),
+            (vfy, idle),
+        ];
+        let refused = [
+            (src, target),
+            (src, vfy),
+            (target, src),
+            (target, vfy),
+            (vfy, src),
+            (vfy, target),
+        ];
+        for (from, to) in allowed {
+            assert!(from.allows(to), "{from:?} -> {to:?} must be allowed");
+        }
+        for (from, to) in refused {
+            assert!(!from.allows(to), "{from:?} -> {to:?} must be refused");
+        }
     }
 }

@@ -45,7 +45,7 @@ impl ReplicatedVolume {
             match self.send_chunk(&peer, run.start, len) {
                 Ok(()) => {}
                 Err(Some(status)) if peer.epoch() == Some(epoch) => {
-                    peer.set_sync(Sync::Idle);
+                    let _ = peer.set_sync(Sync::Idle);
                     if status == libc::EBUSY as u32 {
                         // The target takes its data from the Primary instead.
                         peer.deferred.store(true, Ordering::Relaxed);
@@ -89,7 +89,7 @@ impl ReplicatedVolume {
         if peer.send(&done, &[]).is_err() {
             return;
         }
-        peer.set_sync(Sync::Idle);
+        let _ = peer.set_sync(Sync::Idle);
         self.forget_tracking(&peer);
         self.settle_suspect();
         let secs = started.elapsed().as_secs_f64();

@@ -550,7 +550,14 @@ impl ReplicatedVolume {
             peer.refuse(why.clone());
             return Ok(());
         }
-        let epoch = peer.attach(&stream, hello.state)?;
+        // The connection comes up already in the resync the handshake decided, so its
+        // status never shows it Established in between.
+        let sync = match direction {
+            Direction::Source { .. } => Sync::Source { total: 0 },
+            Direction::Target => Sync::Target,
+            _ => Sync::Idle,
+        };
+        let epoch = peer.attach(&stream, hello.state, sync)?;
         if !self
             .config()
             .peer(peer.id)
@@ -577,7 +584,12 @@ impl ReplicatedVolume {
                 if full {
                     self.mark(&peer, 0, self.size());
                 }
-                self.start_resync(&peer, epoch)?;
+                if let Err(e) = self.start_resync(&peer, epoch) {
+                    // The connection stays (its receiver must run to end it cleanly);
+                    // the next one decides again.
+                    tracing::error!(volume = %self.name, peer = %peer.node, error = %e,
+                        "cannot start the resync");
+                }
             }
             _ => {}
         }
@@ -665,8 +677,7 @@ impl ReplicatedVolume {
         let size = self.size();
         ranges.extend(
             self.suspect
-                .lock()
-                .unwrap()
+                .locked()
                 .iter()
                 .map(|e| (e * EXTENT, EXTENT.min(size.saturating_sub(e * EXTENT)))),
         );
@@ -710,7 +721,8 @@ impl ReplicatedVolume {
     /// Sends the peer what its bitmap marks, in the background.
     pub(crate) fn start_resync(self: &Arc<Self>, peer: &Arc<Peer>, epoch: u64) -> io::Result<()> {
         let total = peer.tracked.as_ref().map_or(0, |t| t.locked().bits.bytes());
-        peer.set_sync(Sync::Source { total });
+        peer.set_sync(Sync::Source { total })
+            .map_err(|bad| io::Error::other(bad.to_string()))?;
         let (volume, p) = (self.clone(), peer.clone());
         std::thread::Builder::new()
             .name(format!("resync-{}", peer.node))
@@ -742,7 +754,8 @@ impl ReplicatedVolume {
             let mut differing = 0u64;
             let mut at = 0u64;
             while at < size {
-                peer.set_sync(Sync::Verifying { done: at });
+                peer.set_sync(Sync::Verifying { done: at })
+                    .map_err(|bad| format!("verify against {} interrupted: {bad}", peer.node))?;
                 self.progress.tick(&self.notify);
                 let len = CHUNK.min(size - at);
                 let _held = self.intervals.lock(at, len);
@@ -758,7 +771,7 @@ impl ReplicatedVolume {
                 peer.request(&h, &[], &completion);
                 let outcome = completion.wait();
                 let Some(theirs) = outcome.data else {
-                    peer.set_sync(Sync::Idle);
+                    let _ = peer.end_sync(Sync::Verifying { done: at });
                     return Err(format!(
                         "peer {} stopped answering during verify",
                         peer.node
@@ -773,7 +786,7 @@ impl ReplicatedVolume {
                 }
                 at += len;
             }
-            peer.set_sync(Sync::Idle);
+            let _ = peer.set_sync(Sync::Idle);
             tracing::info!(volume = %self.name, peer = %peer.node, differing, "online verify finished");
             if differing > 0 {
                 self.start_resync(peer, epoch).map_err(|e| e.to_string())?;
@@ -785,7 +798,9 @@ impl ReplicatedVolume {
 
     /// This replica lacks what the peer has: it is Inconsistent until the resync ends.
     fn become_target(&self, peer: &Peer) {
-        peer.set_sync(Sync::Target);
+        if peer.set_sync(Sync::Target).is_err() {
+            return;
+        }
         peer.transferred.store(0, Ordering::Relaxed);
         if let Some(local) = &self.local {
             if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Inconsistent) {
@@ -798,7 +813,13 @@ impl ReplicatedVolume {
 
     /// The source finished: adopt its data generation and become UpToDate.
     fn finish_target(&self, peer: &Peer, generation: u64) {
-        peer.set_sync(Sync::Idle);
+        if !peer.end_sync(Sync::Target) {
+            // A source this replica is not resyncing from (any more): its data is not
+            // all here, so it is not taken for current.
+            tracing::warn!(volume = %self.name, peer = %peer.node,
+                "resync end from a peer this replica is not SyncTarget of; ignored");
+            return;
+        }
         let was = self.disk();
         if let Some(local) = &self.local {
             let result = local
