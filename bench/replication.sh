@@ -6,6 +6,10 @@
 #   - three configurations, fio on A: "1 replica (local)" (A diskful, alone),
 #     "2 replicas" (A and B diskful, C tiebreaker), "diskless host" (A diskless, B and C
 #     diskful), each with the six jobs of bench/nbd-single.sh;
+#   - a pulled cable: with the 2-replica volume, A writes 4 MiB blocks at depth 4 while
+#     B's links go down (no reset reaches anyone) for CUT_FOR seconds: the longest write
+#     (target: at most 6 s, the dead-peer timeout and its tick) and A's write rate while
+#     B is out (target: the 1-replica rate), then B's resync;
 #   - idle resync: with the 2-replica volume, B is stopped, RESYNC_SIZE is written on A,
 #     B is started again, and A's status is followed until B is UpToDate again;
 #   - on loopback (root namespace, no limit): 4 KiB depth-1 write latency of a 2-replica
@@ -46,6 +50,8 @@
 #   JOB_ROUNDS   runs of each job in each configuration, back to back (best is shown) [2]
 #   LAT_ROUNDS   rounds of the loopback comparisons (best of them is shown) [2]
 #   QUORUM       quorum option of the volumes: majority or off [majority]
+#   CUT_AT       seconds of writing before B's cables are pulled [5]
+#   CUT_FOR      seconds B stays cut off [20]; 0 skips the cable pull
 #   IPERF_TIME   seconds of the iperf3 link measurement [5]
 #   BENCH_DIR    work directory, disk-backed (not tmpfs) [/var/tmp/tandem-repl]
 #   NET          first three octets of the namespaces' private subnet [10.77.200]
@@ -61,6 +67,8 @@ RESYNC_ARG=${RESYNC_SIZE:-512M}
 JOB_ROUNDS=${JOB_ROUNDS:-2}
 LAT_ROUNDS=${LAT_ROUNDS:-2}
 QUORUM=${QUORUM:-majority}
+CUT_AT=${CUT_AT:-5}
+CUT_FOR=${CUT_FOR:-20}
 IPERF_TIME=${IPERF_TIME:-5}
 BENCH_DIR=${BENCH_DIR:-/var/tmp/tandem-repl}
 NET=${NET:-10.77.200}
@@ -78,6 +86,7 @@ note() { echo "== $(date +%T) $*" >&2; }
 [[ $LAT_ROUNDS =~ ^[1-9][0-9]*$ ]] || die "LAT_ROUNDS must be a positive integer"
 [[ $IPERF_TIME =~ ^[1-9][0-9]*$ ]] || die "IPERF_TIME must be a positive number of seconds"
 [[ $QUORUM == majority || $QUORUM == off ]] || die "QUORUM must be majority or off"
+[[ $CUT_AT =~ ^[1-9][0-9]*$ && $CUT_FOR =~ ^[0-9]+$ ]] || die "CUT_AT must be a positive number of seconds, CUT_FOR a number of seconds"
 [[ $LINK =~ ^[0-9]+(\.[0-9]+)?[kmg]?bit$ ]] || die "LINK must be a tc rate such as 2gbit or 500mbit"
 [[ $NET =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "NET must be three octets, e.g. 10.77.200"
 SIZE=$(numfmt --from=iec "$SIZE_ARG" 2>/dev/null) || die "SIZE=$SIZE_ARG is not a size (e.g. 1G, 512M)"
@@ -399,8 +408,20 @@ link() {
     ip -n "$nsy" link set "to-$x" up
     tc -n "$nsx" qdisc add dev "to-$y" root tbf rate "$LINK" burst "$TBF_BURST" latency "$TBF_LATENCY"
     tc -n "$nsy" qdisc add dev "to-$x" root tbf rate "$LINK" burst "$TBF_BURST" latency "$TBF_LATENCY"
-    ip -n "$nsx" route add "${NODE_IP[$y]}/32" via "$NET.$((base + 2))" src "${NODE_IP[$x]}"
-    ip -n "$nsy" route add "${NODE_IP[$x]}/32" via "$NET.$((base + 1))" src "${NODE_IP[$y]}"
+    ROUTES[$x]+="${NODE_IP[$y]}/32 via $NET.$((base + 2)) src ${NODE_IP[$x]};"
+    ROUTES[$y]+="${NODE_IP[$x]}/32 via $NET.$((base + 1)) src ${NODE_IP[$y]};"
+    add_routes "$x"
+    add_routes "$y"
+}
+declare -A ROUTES=()  # host -> its routes to the other hosts, ";"-separated
+# add_routes HOST: (re)installs HOST's routes (a link that went down lost its own).
+add_routes() {
+    local route
+    IFS=';' read -ra route_list <<<"${ROUTES[$1]}"
+    for route in "${route_list[@]}"; do
+        # shellcheck disable=SC2086  # the route's words, split on purpose
+        ip -n "$NS_PREFIX-$1" route replace $route
+    done
 }
 note "network: namespaces $NS_PREFIX-{a,b,c}, links a-b, a-c, b-c at $LINK each way"
 link a b 0
@@ -467,6 +488,33 @@ if command -v fincore >/dev/null; then
     done >"$RUN/pagecache-repl2.txt"
 fi
 run_jobs a vol repl2
+
+# b's cables pulled while a streams 4 MiB writes at depth 4: b's ends of its links go
+# down, so a's sockets to b hear nothing, not even a reset. fio logs its write rate every
+# 100 ms; the times of the cut and the heal are taken relative to fio's start.
+set_b_links() { # up|down
+    ip -n "$NS_PREFIX-b" link set to-a "$1"
+    ip -n "$NS_PREFIX-b" link set to-c "$1"
+    [[ $1 == down ]] || add_routes b
+}
+if ((CUT_FOR > 0)); then
+    note "cut: a writes 4 MiB blocks at QD4; b's links go down after ${CUT_AT}s, for ${CUT_FOR}s"
+    fio_start=$(date +%s.%N)
+    fio_nbd a vol cut.write --rw=write --bs=4M --iodepth=4 --size="$SIZE" --time_based=1 \
+        --runtime=$((CUT_AT + CUT_FOR + 5)) --write_bw_log="$RUN/cut" --log_avg_msec=100 &
+    CUT_FIO=$!
+    sleep "$CUT_AT"
+    set_b_links down
+    cut_at=$(date +%s.%N)
+    sleep "$CUT_FOR"
+    set_b_links up
+    heal_at=$(date +%s.%N)
+    wait "$CUT_FIO" || die "fio failed while b was cut off: a write reached the client as an error"
+    python3 -c "import sys; s = float(sys.argv[1]); print(float(sys.argv[2]) - s, float(sys.argv[3]) - s)" \
+        "$fio_start" "$cut_at" "$heal_at" >"$RUN/cut-times.txt"
+    note "cut: healed; waiting for b's resync"
+    wait_synced vol a b
+fi
 
 note "resync: stopping b, writing $RESYNC_BYTES bytes on a"
 api a GET /v1/node/volumes/vol/status >"$RUN/resync-status-0.json"
@@ -566,12 +614,12 @@ stop_node la; stop_node lb
 echo
 cat "$RUN/machine.txt"
 echo
-python3 - "$RUN" "$LINK" "$LAT_ROUNDS" "$RESYNC_BYTES" "$JOB_ROUNDS" <<'EOF' | tee "$RUN/results.md"
+python3 - "$RUN" "$LINK" "$LAT_ROUNDS" "$RESYNC_BYTES" "$JOB_ROUNDS" "$CUT_FOR" <<'EOF' | tee "$RUN/results.md"
 import json, re, sys
 from pathlib import Path
 
 run, link, lat_rounds, resync_bytes = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-job_rounds = int(sys.argv[5])
+job_rounds, cut_for = int(sys.argv[5]), int(sys.argv[6])
 MiB = 1 << 20
 
 def job(tag):
@@ -688,6 +736,35 @@ if pc.exists():
           + ", ".join(f"{n} {int(b) / MiB:,.0f} MiB" for n, b in res.items()))
 print()
 
+# The cut: the write rate in 100 ms windows (fio's bw log: ms, KiB/s, ...), the longest
+# run of windows in which no write completed, and the rate once b was declared dead
+# (from the end of that stall to the heal).
+cut_path = run / "cut-times.txt"
+cut_at, heal_at = (float(x) for x in cut_path.read_text().split()) if cut_path.exists() else (0, 0)
+windows = []
+for path in run.glob("cut_bw*.log"):
+    for line in path.read_text().splitlines():
+        ms, kib = (int(x) for x in line.split(",")[:2])
+        windows.append((ms / 1000, kib))
+windows.sort()
+# Windows without a completed write may be logged as 0 or not at all: the stall is the
+# longest gap between windows that saw writes complete.
+busy = [t for t, kib in windows if kib > 0]
+stall, stall_end = 0.0, cut_at
+for before, after in zip(busy, busy[1:]):
+    if after > cut_at and after - before - 0.1 > stall:
+        stall, stall_end = after - before - 0.1, after
+during = [kib for t, kib in windows if stall_end < t <= heal_at]
+cut_rate = sum(during) / len(during) / 1024 if during else 0.0
+cut_job = job("cut.write")["write"] if cut_path.exists() else None
+longest = cut_job["lat_ns"]["max"] / 1e9 if cut_job else 0.0
+if cut_job:
+    print(f"b cut off for {cut_for} s under 4 MiB writes at QD4 (from {cut_at:.1f} s to {heal_at:.1f} s of the job): "
+          f"longest write {longest:.2f} s; longest time without a completed write {stall:.1f} s; "
+          f"write rate after b was declared dead {fmt(cut_rate)} MiB/s over {len(during) / 10:.1f} s; "
+          f"no write failed ({cut_job['io_bytes'] / MiB:,.0f} MiB written in all)")
+    print()
+
 def ratio_text(r):
     t = f"{r:.2f}"
     return f"{r:.3f}" if t in ("0.90", "1.50", "1.00") and r not in (0.9, 1.5, 1.0) else t
@@ -701,7 +778,10 @@ targets = [
     ("loopback QD1 write mean, 2 replicas / 1 replica", lo["rand-write-qd1", "two"][0], lo["rand-write-qd1", "one"][0], "µs", "<=", 1.5),
     ("idle resync rate / link rate", resync_mib, link_mib, "MiB/s", ">=", 0.9),
     ("resync bytes / bytes written", transferred / MiB, written / MiB, "MiB", "<=", 1.0),
-]
+] + ([
+    ("b cut: longest write / 6 s", longest, 6.0, "s", "<=", 1.0),
+    ("b cut: write rate while b is out / 1 replica seq write", cut_rate, val["local", "seq-write"], "MiB/s", ">=", 0.9),
+] if cut_job else [])
 print("| target | measured | reference | ratio | target | met |")
 print("|---|---:|---:|---:|:---:|:---:|")
 for name, a, b, unit, op, limit in targets:
