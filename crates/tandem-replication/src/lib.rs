@@ -18,6 +18,8 @@ mod locks;
 mod notify;
 mod outbox;
 mod peer;
+mod promotion;
+mod quorum;
 mod resync;
 mod stream;
 mod volume;

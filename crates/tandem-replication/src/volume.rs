@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tandem_api::{
-    ClusterId, ConnectionState, DiskState, NodeId, NodeName, OnNoQuorum, Participant, PeerStatus,
-    QuorumPolicy, ReplicationState, Role, VolumeId, VolumeName, VolumeSpec, VolumeStatus,
+    ClusterId, ConnectionState, DiskState, NodeId, NodeName, Participant, PeerStatus,
+    ReplicationState, Role, VolumeId, VolumeName, VolumeSpec, VolumeStatus,
 };
 use tandem_io::poll::Cadence;
 use tandem_pool::{GenerationId, PoolError, Volume};
@@ -22,6 +22,8 @@ use crate::interval::{Held, IntervalLock};
 use crate::locks::{Locked, Shared};
 use crate::notify::{Notify, OnChange, Progress};
 use crate::peer::{Heard, LinkStats, Peer, Sync, Tracked, VOTE_FRESH};
+use crate::promotion;
+use crate::quorum::{self, Admit, Votes};
 use crate::stream::PeerStream;
 use crate::wire::{
     self, Buffer, FLAG_FUA, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Hello, Kind, State, WireError,
@@ -48,7 +50,7 @@ impl Config {
     /// Voting participants reachable from here, and how many vote in all. A peer
     /// counts only while it is heard from (see [`VOTE_FRESH`]): one that fell silent
     /// may be on the other side of a cut already, long before it is declared dead.
-    fn votes(&self) -> (usize, usize) {
+    fn votes(&self) -> Votes {
         let total = self
             .spec
             .participants
@@ -65,12 +67,14 @@ impl Config {
                     && p.silent_for() < VOTE_FRESH
             })
             .count();
-        (mine + reachable, total)
+        Votes {
+            have: mine + reachable,
+            total,
+        }
     }
 
     fn has_quorum(&self) -> bool {
-        let (have, total) = self.votes();
-        self.spec.options.quorum == QuorumPolicy::Off || 2 * have > total
+        quorum::holds(self.spec.options.quorum, self.votes())
     }
 
     /// Peers that hold data and are connected: they receive every write.
@@ -1135,25 +1139,26 @@ impl ReplicatedVolume {
     /// What [`ReplicatedVolume::require_quorum`] decides now (`waited`: after having
     /// waited), or `None` when it would wait for quorum to come back (suspend-io).
     fn quorum_now(&self, config: &Config, waited: bool) -> Option<io::Result<()>> {
-        if config.has_quorum() {
-            // While suspended, the others may have moved on: a replica found behind
-            // must not take the suspended writes.
-            if waited && self.local.is_some() && self.disk() != DiskState::UpToDate {
-                return Some(Err(io::Error::other(format!(
-                    "volume {}: this replica was outdated while I/O was suspended",
-                    self.name
-                ))));
-            }
-            return Some(Ok(()));
-        }
-        if config.spec.options.on_no_quorum == OnNoQuorum::IoError {
-            let (have, total) = config.votes();
-            return Some(Err(io::Error::other(format!(
+        let options = &config.spec.options;
+        let behind = self.local.is_some() && self.disk() != DiskState::UpToDate;
+        match quorum::admit(
+            options.quorum,
+            options.on_no_quorum,
+            config.votes(),
+            waited,
+            behind,
+        ) {
+            Admit::Go => Some(Ok(())),
+            Admit::Fail(Votes { have, total }) => Some(Err(io::Error::other(format!(
                 "volume {} has no quorum ({have} of {total} votes reachable)",
                 self.name
-            ))));
+            )))),
+            Admit::Outdated => Some(Err(io::Error::other(format!(
+                "volume {}: this replica was outdated while I/O was suspended",
+                self.name
+            )))),
+            Admit::Wait => None,
         }
-        None
     }
 
     /// Sends `h` to every data peer and runs `local` on the local replica meanwhile;
@@ -1565,10 +1570,12 @@ impl ReplicatedVolume {
     /// A peer asks to become Primary: refused while this node is Primary, or is itself
     /// asking with a lower node id.
     fn promotion_asked(&self, peer: &Peer, from: NodeId) -> u32 {
-        let two = self.config().spec.options.allow_two_primaries;
-        let busy = self.role() == Role::Primary
-            || (self.promoting.load(Ordering::Acquire) && self.my_id < from);
-        if busy && !two {
+        let own = promotion::Own {
+            id: self.my_id,
+            primary: self.role() == Role::Primary,
+            promoting: self.promoting.load(Ordering::Acquire),
+        };
+        if !promotion::grant(own, from, self.config().spec.options.allow_two_primaries) {
             return libc::EBUSY as u32;
         }
         if let Some(state) = peer.remote() {

@@ -1,0 +1,119 @@
+//! Quorum: whether this node may accept writes, and what a write does without it.
+//! Votes are those of the diskful participants and tiebreakers; this node's own, and
+//! each peer's while it is connected and heard from (see `VOTE_FRESH`).
+
+use tandem_api::{OnNoQuorum, QuorumPolicy};
+
+/// Voting participants reachable from here, and how many vote in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Votes {
+    pub have: usize,
+    pub total: usize,
+}
+
+impl Votes {
+    /// A strict majority: two partitions can never both have one.
+    pub fn majority(self) -> bool {
+        2 * self.have > self.total
+    }
+}
+
+/// Whether writes may proceed under `policy` with `votes`.
+pub(crate) fn holds(policy: QuorumPolicy, votes: Votes) -> bool {
+    policy == QuorumPolicy::Off || votes.majority()
+}
+
+/// What a write may do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Admit {
+    Go,
+    /// Fail it (on-no-quorum io-error), saying why.
+    Fail(Votes),
+    /// Hold it until quorum returns (on-no-quorum suspend-io).
+    Wait,
+    /// Quorum returned, but this replica was left behind while the write waited: the
+    /// others may have moved on, so it must not take the write.
+    Outdated,
+}
+
+/// The decision for a write: `waited` when it has been held already, `behind` when
+/// this node's replica is not UpToDate (a diskless node never is behind).
+pub(crate) fn admit(
+    policy: QuorumPolicy,
+    on_no_quorum: OnNoQuorum,
+    votes: Votes,
+    waited: bool,
+    behind: bool,
+) -> Admit {
+    if holds(policy, votes) {
+        return if waited && behind {
+            Admit::Outdated
+        } else {
+            Admit::Go
+        };
+    }
+    match on_no_quorum {
+        OnNoQuorum::IoError => Admit::Fail(votes),
+        OnNoQuorum::SuspendIo => Admit::Wait,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn votes(have: usize, total: usize) -> Votes {
+        Votes { have, total }
+    }
+
+    #[test]
+    fn quorum_is_a_strict_majority_of_the_voters() {
+        // (reachable, voters, quorum)
+        for (have, total, want) in [
+            (1, 1, true),
+            (1, 2, false),
+            (2, 2, true),
+            (1, 3, false),
+            (2, 3, true),
+            (2, 4, false),
+            (3, 4, true),
+            (3, 5, true),
+        ] {
+            assert_eq!(votes(have, total).majority(), want, "{have} of {total}");
+        }
+    }
+
+    #[test]
+    fn writes_go_fail_or_wait_by_quorum_and_policy() {
+        use Admit::*;
+        use OnNoQuorum::{IoError, SuspendIo};
+        use QuorumPolicy::{Majority, Off};
+        let cases = [
+            // Quorum kept, lost and regained.
+            (Majority, IoError, votes(2, 3), false, false, Go),
+            (
+                Majority,
+                IoError,
+                votes(1, 3),
+                false,
+                false,
+                Fail(votes(1, 3)),
+            ),
+            (Majority, SuspendIo, votes(1, 3), false, false, Wait),
+            (Majority, SuspendIo, votes(2, 3), true, false, Go),
+            // Back, but left behind meanwhile.
+            (Majority, SuspendIo, votes(2, 3), true, true, Outdated),
+            // Behind without having waited: the write goes (resync handles it).
+            (Majority, IoError, votes(2, 3), false, true, Go),
+            // Quorum off: always.
+            (Off, IoError, votes(1, 3), false, false, Go),
+        ];
+        for (policy, on_no, v, waited, behind, want) in cases {
+            assert_eq!(
+                admit(policy, on_no, v, waited, behind),
+                want,
+                "{policy:?} {on_no:?} {v:?} waited={waited} behind={behind}"
+            );
+        }
+    }
+}
