@@ -246,7 +246,12 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_resyncs_on_return() {
     nodes[0].restart();
     nodes[1].wait_peer("vm6", 0, "Established", "UpToDate");
     let back = nodes[0].status("vm6");
-    assert_eq!(back["disk"], "UpToDate", "{back:#}\n{}", tandem_lab::logs(&[&nodes[0], &nodes[1]]));
+    assert_eq!(
+        back["disk"],
+        "UpToDate",
+        "{back:#}\n{}",
+        tandem_lab::logs(&[&nodes[0], &nodes[1]])
+    );
     assert_same_replicas(&nodes[0], &nodes[1], "vm6");
     let problems = workload::check(&nodes[0].unix_uri("vm6"), &log);
     assert!(
