@@ -239,6 +239,7 @@ pub fn run(dir: &Path, size: u64) -> anyhow::Result<()> {
     );
     println!("  export TANDEM_CONTROLLER=http://{}", n1.api);
     println!("  tandem volume status demo; tandem node list; tandem health");
+    println!("  curl -s http://{}/metrics | grep ^tandem_volume", n1.api);
     println!("\nPress Ctrl-C to stop the demo.");
     wait_for_interrupt();
     drop(cluster);
