@@ -664,7 +664,7 @@ impl ReplicatedVolume {
 
     /// Ranges this replica knows to differ from the peer's: its bitmap for the peer,
     /// and the extents a crash as Primary left in its activity log. Coarsened to at
-    /// most `MAX_RANGES` (resyncing a little more is harmless).
+    /// most `wire::MAX_RANGES` (resyncing a little more is harmless).
     fn differing_ranges(&self, peer: &Peer) -> Vec<(u64, u64)> {
         let Some(tracked) = &peer.tracked else {
             return Vec::new();
@@ -933,11 +933,14 @@ impl ReplicatedVolume {
     ) -> Result<Kind, WireError> {
         let h = wire::read_header(r)?;
         let payload = wire::read_payload(r, h.payload)?;
+        let state = wire::check(&h, &payload)?;
         let from = peer.id;
         match h.kind {
             Kind::Ping => {}
             Kind::State => {
-                let state = State::decode(&payload)?;
+                let Some(state) = state else {
+                    return Ok(h.kind);
+                };
                 self.adopt(peer, state);
                 if self.local.is_none() && state.role == Role::Primary {
                     // A diskless participant carries the Primary's newest generation
@@ -957,11 +960,6 @@ impl ReplicatedVolume {
                 ack.status = self.promotion_asked(peer, from);
                 peer.send(&ack, &[])?;
             }
-            Kind::OutOfSync => {
-                return Err(WireError::Malformed(
-                    "range list outside the handshake".into(),
-                ));
-            }
             Kind::Ack | Kind::ReadReply | Kind::VerifyReply => {
                 if let Some(c) = peer.answered(h.id) {
                     let data = (h.kind != Kind::Ack && h.status == 0).then_some(payload);
@@ -969,18 +967,6 @@ impl ReplicatedVolume {
                 }
             }
             Kind::Verify | Kind::Read | Kind::Write | Kind::Zero | Kind::Trim | Kind::Flush => {
-                let reads = matches!(h.kind, Kind::Read | Kind::Verify);
-                if reads && h.length > wire::MAX_PAYLOAD as u64 {
-                    return Err(WireError::Malformed(format!(
-                        "read of {} bytes is over the limit",
-                        h.length
-                    )));
-                }
-                if h.kind == Kind::Write && h.length != payload.len() as u64 {
-                    return Err(WireError::Malformed(
-                        "write length differs from its payload".into(),
-                    ));
-                }
                 if more_waiting(r) {
                     // Served by the connection's workers: the Primary never has two
                     // overlapping writes in flight, so they may complete in any order.
@@ -990,11 +976,8 @@ impl ReplicatedVolume {
                     self.serve_request(peer, h, payload)?;
                 }
             }
-            Kind::Hello => {
-                return Err(WireError::Malformed(
-                    "Hello on an established connection".into(),
-                ));
-            }
+            // Refused by `wire::check` above.
+            Kind::Hello | Kind::OutOfSync => {}
         }
         Ok(h.kind)
     }
@@ -1816,11 +1799,8 @@ fn more_waiting(r: &BufReader<Heard>) -> bool {
     !r.buffer().is_empty() || tandem_io::readable_now(r.get_ref())
 }
 
-/// At most this many ranges travel in a handshake (64 KiB).
-const MAX_RANGES: usize = 4096;
-
 /// Merges sorted, possibly overlapping ranges, then joins neighbours across the
-/// smallest gaps until at most `MAX_RANGES` remain.
+/// smallest gaps until at most `wire::MAX_RANGES` remain.
 fn coarsen(ranges: &mut Vec<(u64, u64)>) {
     let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
     for &(offset, len) in ranges.iter() {
@@ -1829,7 +1809,7 @@ fn coarsen(ranges: &mut Vec<(u64, u64)>) {
             _ => merged.push((offset, len)),
         }
     }
-    while merged.len() > MAX_RANGES {
+    while merged.len() > wire::MAX_RANGES {
         let mut gaps: Vec<u64> = merged
             .windows(2)
             .map(|w| w[1].0 - (w[0].0 + w[0].1))
@@ -1861,25 +1841,14 @@ fn exchange_ranges(stream: &PeerStream, mine: &[(u64, u64)]) -> Result<Vec<(u64,
     wire::send(&mut writer, &h, &payload)?;
     let mut reader = stream;
     let theirs = wire::read_header(&mut reader)?;
-    if theirs.kind != Kind::OutOfSync
-        || theirs.payload as usize > MAX_RANGES * 16
-        || theirs.payload % 16 != 0
-    {
+    if theirs.kind != Kind::OutOfSync {
         return Err(WireError::Malformed(format!(
             "expected the peer's range list, got {:?}",
             theirs.kind
         )));
     }
     let body = wire::read_payload(&mut reader, theirs.payload)?;
-    Ok(body
-        .chunks_exact(16)
-        .map(|c| {
-            (
-                u64::from_be_bytes(c[..8].try_into().unwrap()),
-                u64::from_be_bytes(c[8..].try_into().unwrap()),
-            )
-        })
-        .collect())
+    wire::decode_ranges(&theirs, &body)
 }
 
 #[cfg(test)]
@@ -1894,7 +1863,7 @@ mod tests {
         let mut many: Vec<(u64, u64)> = (0..10_000u64).map(|i| (i * 16384, 4096)).collect();
         let original = many.clone();
         coarsen(&mut many);
-        assert!(many.len() <= MAX_RANGES);
+        assert!(many.len() <= wire::MAX_RANGES);
         for (o, l) in original {
             assert!(
                 many.iter().any(|(mo, ml)| *mo <= o && o + l <= mo + ml),

@@ -20,6 +20,8 @@ pub const VERSION_MIN: u16 = 1;
 pub const VERSION_MAX: u16 = 1;
 /// Largest payload accepted: one NBD request's worth.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// At most this many ranges travel in a handshake (64 KiB).
+pub const MAX_RANGES: usize = 4096;
 
 /// Message kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +171,77 @@ pub fn send(w: &mut impl Write, header: &Header, payload: &[u8]) -> io::Result<(
     debug_assert_eq!(header.payload as usize, payload.len());
     let head = header.encode();
     tandem_io::write_all_vectored(w, &mut [IoSlice::new(&head), IoSlice::new(payload)])
+}
+
+/// Checks a message received on an established connection against what its kind
+/// allows; the state it carries, decoded, when it is a `State`.
+pub fn check(h: &Header, payload: &[u8]) -> Result<Option<State>, WireError> {
+    let malformed = |why: String| Err(WireError::Malformed(why));
+    match h.kind {
+        Kind::Hello => malformed("Hello on an established connection".into()),
+        Kind::OutOfSync => malformed("range list outside the handshake".into()),
+        Kind::State => State::decode(payload).map(Some),
+        Kind::Read | Kind::Verify if h.length > MAX_PAYLOAD as u64 => {
+            malformed(format!("read of {} bytes is over the limit", h.length))
+        }
+        Kind::Write if h.length != payload.len() as u64 => {
+            malformed("write length differs from its payload".into())
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The ranges of the `OutOfSync` message each side sends right after `Hello`.
+pub fn decode_ranges(h: &Header, payload: &[u8]) -> Result<Vec<(u64, u64)>, WireError> {
+    if h.kind != Kind::OutOfSync || payload.len() > MAX_RANGES * 16 || payload.len() % 16 != 0 {
+        return Err(WireError::Malformed(format!(
+            "expected a range list, got {:?} with {} bytes",
+            h.kind,
+            payload.len()
+        )));
+    }
+    Ok(payload
+        .chunks_exact(16)
+        .map(|c| {
+            let at = |i: usize| u64::from_be_bytes(c[i..i + 8].try_into().expect("8 bytes"));
+            (at(0), at(8))
+        })
+        .collect())
+}
+
+/// What [`parse`] found.
+#[derive(Debug)]
+pub enum Parsed {
+    Hello(Hello),
+    Ranges(Vec<(u64, u64)>),
+    /// A message of an established connection, with its state if it carries one.
+    Message(Option<State>),
+}
+
+/// One message from bytes, as a receiver takes it: the header, then exactly the payload
+/// it announces, checked and decoded by kind. The engine reads the same pieces from its
+/// stream with [`read_header`] and [`read_payload`]; this is the whole of it as one
+/// pure function, for fuzzing.
+pub fn parse(data: &[u8]) -> Result<(Header, Parsed), WireError> {
+    let head: &[u8; HEADER_LEN] = data
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| WireError::Malformed(format!("{} bytes, no header", data.len())))?;
+    let h = Header::decode(head)?;
+    let payload = &data[HEADER_LEN..];
+    if payload.len() != h.payload as usize {
+        return Err(WireError::Malformed(format!(
+            "header announces {} payload bytes, {} follow",
+            h.payload,
+            payload.len()
+        )));
+    }
+    let parsed = match h.kind {
+        Kind::Hello => Parsed::Hello(Hello::decode(payload)?),
+        Kind::OutOfSync => Parsed::Ranges(decode_ranges(&h, payload)?),
+        _ => Parsed::Message(check(&h, payload)?),
+    };
+    Ok((h, parsed))
 }
 
 pub fn read_header(r: &mut impl Read) -> Result<Header, WireError> {
