@@ -91,10 +91,16 @@ impl Layout {
         }
     }
 
-    /// Length of a metadata file whose bitmaps cover `size` bytes of volume.
+    /// Length of a metadata file whose bitmaps cover `size` bytes of volume (at most
+    /// `MAX_VOLUME_SIZE`). A layout read from a file is checked to allow every size.
     pub fn file_len(&self, size: u64) -> u64 {
+        self.checked_file_len(size)
+            .expect("layouts are checked when decoded")
+    }
+
+    fn checked_file_len(&self, size: u64) -> Option<u64> {
         let pages = size.div_ceil(BYTES_PER_BITMAP_PAGE);
-        self.bitmap_offset + pages * self.bitmap_slots as u64 * BLOCK_SIZE
+        (pages * self.bitmap_slots as u64 * BLOCK_SIZE).checked_add(self.bitmap_offset)
     }
 }
 
@@ -310,6 +316,32 @@ fn decode(b: &[u8]) -> Slot {
     }
 }
 
+/// The fuzz target `meta_slot` (and the replay of its corpus): `data` sealed into a
+/// slot with the magic, the format version and a correct checksum, so that the field
+/// checks behind them are what is exercised, as with a hand-edited file; decoded as
+/// opening the file does, with the file length computed from what decodes. Returns the
+/// superblock, `None` for a blank slot, or why the slot is refused; never panics.
+#[doc(hidden)]
+pub fn fuzz_slot(data: &[u8]) -> Result<Option<Superblock>, String> {
+    let mut slot = vec![0u8; SLOT_SIZE];
+    slot[O_MAGIC..O_MAGIC + 8].copy_from_slice(&MAGIC);
+    put_u32(&mut slot, O_VERSION, FORMAT_VERSION);
+    let n = data.len().min(CRC_AT - O_SEQ);
+    slot[O_SEQ..O_SEQ + n].copy_from_slice(&data[..n]);
+    let crc = crc32c::crc32c(&slot[..CRC_AT]);
+    put_u32(&mut slot, CRC_AT, crc);
+    match decode(&slot) {
+        Slot::Valid(_, sb) => {
+            sb.layout.file_len(sb.size);
+            Ok(Some(*sb))
+        }
+        Slot::Blank => Ok(None),
+        Slot::Foreign => Err("unknown magic".into()),
+        Slot::Unsupported(v) => Err(format!("format version {v}")),
+        Slot::Invalid(why) => Err(why),
+    }
+}
+
 /// Decodes a slot whose checksum matched: fields are still checked, because a valid
 /// checksum over nonsense (a bug, or a hand-edited file) must not be trusted either.
 fn decode_fields(b: &[u8]) -> Result<Superblock, String> {
@@ -340,11 +372,14 @@ fn decode_fields(b: &[u8]) -> Result<Superblock, String> {
         bitmap_offset: get_u64(b, O_BITMAP_OFFSET),
         bitmap_slots: get_u32(b, O_BITMAP_SLOTS),
     };
-    let al_end = layout.al_offset + layout.al_blocks as u64 * BLOCK_SIZE;
+    // Checked arithmetic: these come from the file, and a hand-edited one may hold
+    // anything (a wrapped sum would make a nonsense layout look consistent).
+    let al_end = (layout.al_blocks as u64 * BLOCK_SIZE).checked_add(layout.al_offset);
     if layout.al_offset < 2 * SLOT_SIZE as u64
-        || al_end > layout.bitmap_offset
+        || al_end.is_none_or(|end| end > layout.bitmap_offset)
         || layout.bitmap_slots as usize > MAX_PEERS
         || layout.bitmap_offset % BLOCK_SIZE != 0
+        || layout.checked_file_len(crate::MAX_VOLUME_SIZE).is_none()
     {
         return Err("layout of activity log and bitmaps is inconsistent".into());
     }
