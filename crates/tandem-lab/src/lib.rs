@@ -76,9 +76,16 @@ pub(crate) fn unique() -> u64 {
 
 /// A free TCP port on loopback.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
+    let [addr] = free_addrs();
+    addr
+}
+
+/// `N` distinct free TCP ports on loopback: each is held until all are picked, or the
+/// kernel could hand out one it had just given (a node's API and NBD ports alike).
+pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
+    let held: [TcpListener; N] =
+        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("free port"));
+    held.map(|l| l.local_addr().expect("bound address"))
 }
 
 /// Runs a command, panicking with its output unless it succeeds; returns stdout.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::{
-    QemuIo, Response, first_difference, free_addr, http, http_as, netns, poll, qemu_io_command,
+    QemuIo, Response, first_difference, free_addrs, http, http_as, netns, poll, qemu_io_command,
     qemu_io_result, scratch, tandem_bin, tandemd_bin, wait_for,
 };
 
@@ -39,7 +39,7 @@ impl Node {
 
     /// Starts a node on loopback with extra `tandemd` flags and waits until its API answers.
     pub fn start_with(name: &str, args: &[&str]) -> Node {
-        Node::launch_new(name, [free_addr(), free_addr(), free_addr()], None, args)
+        Node::launch_new(name, free_addrs(), None, args)
     }
 
     /// Starts a node listening on `[api, nbd, peer]`, in namespace `ns` if any, and waits

@@ -845,14 +845,15 @@ fn node_and_pool_info() {
 
 /// Starts `tandemd` on `dir` with fresh ports; returns the child.
 fn second_daemon(dir: &Path, extra: &[&str]) -> std::process::Child {
+    let [api, nbd] = tandem_lab::free_addrs();
     Command::new(tandem_lab::tandemd_bin())
         .args(["--name", "intruder", "--data-dir"])
         .arg(dir)
         .args([
             "--api-listen",
-            &tandem_lab::free_addr().to_string(),
+            &api.to_string(),
             "--nbd-listen",
-            &tandem_lab::free_addr().to_string(),
+            &nbd.to_string(),
         ])
         .args(extra)
         .env("RUST_BACKTRACE", "0")
@@ -1229,16 +1230,17 @@ fn invalid_cluster_file_stops_the_start_with_a_reason() {
     let mut node = Node::start("join2");
     assert!(node.stop().success());
     std::fs::write(node.dir.join("cluster.json"), "{\"cluster-id\": 12").unwrap();
+    let [api, nbd, peer] = tandem_lab::free_addrs();
     let mut child = Command::new(tandem_lab::tandemd_bin())
         .args(["--name", "join2", "--data-dir"])
         .arg(&node.dir)
         .args([
             "--api-listen",
-            &tandem_lab::free_addr().to_string(),
+            &api.to_string(),
             "--nbd-listen",
-            &tandem_lab::free_addr().to_string(),
+            &nbd.to_string(),
             "--peer-listen",
-            &tandem_lab::free_addr().to_string(),
+            &peer.to_string(),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
