@@ -140,8 +140,23 @@ pub fn http_as(
     url: &str,
     body: Option<&str>,
 ) -> Result<Response, String> {
+    request(secret, method, url, body, HTTP_TIMEOUT)
+}
+
+/// How long a lab HTTP request may take: more than any API call needs, and a test
+/// never hangs on one.
+const HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+pub(crate) fn request(
+    secret: Option<&str>,
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<Response, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .timeout_global(Some(timeout))
         .build()
         .into();
     let mut req = ureq::http::Request::builder()

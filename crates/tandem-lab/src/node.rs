@@ -60,11 +60,34 @@ impl Node {
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
-        node.launch();
-        node
+        // Ports picked free may be taken before tandemd binds them (by another test's
+        // node, or an outgoing connection): a loopback node then starts again on
+        // others. A node in a namespace has its host's address to itself.
+        for _ in 0..5 {
+            match node.try_launch() {
+                Ok(()) => return node,
+                Err(log) if node.ns.is_none() && log.contains("Address already in use") => {
+                    // The log starts afresh (tests read it); the clash stays beside it.
+                    let _ = std::fs::rename(
+                        node.dir.join("tandemd.log"),
+                        node.dir.join("tandemd-port-clash.log"),
+                    );
+                    [node.api, node.nbd, node.peer] = free_addrs();
+                }
+                Err(log) => panic!("tandemd {} exited at start:\n{log}", node.name),
+            }
+        }
+        panic!("tandemd {} found no free ports:\n{}", node.name, node.log())
     }
 
     fn launch(&mut self) {
+        if let Err(log) = self.try_launch() {
+            panic!("tandemd {} exited at start:\n{log}", self.name);
+        }
+    }
+
+    /// Starts tandemd and waits until its API answers; its log if it exits first.
+    fn try_launch(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -101,19 +124,12 @@ impl Node {
         self.child = Some(child);
         let up = poll(Duration::from_secs(20), || {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "tandemd {} exited at start ({status}):\n{}",
-                    self.name,
-                    self.log()
-                );
+                self.child = None;
+                return Some(Err(format!("({status})\n{}", self.log())));
             }
-            self.try_api("GET", "/v1/node", None)
-                .is_ok_and(|r| r.status == 200)
-                .then_some(())
+            self.answers().then_some(Ok(()))
         });
-        if up.is_none() {
-            panic!("tandemd {} did not come up:\n{}", self.name, self.log());
-        }
+        up.unwrap_or_else(|| panic!("tandemd {} did not come up:\n{}", self.name, self.log()))
     }
 
     /// `cmd` (its program and arguments), to run where this node runs: as it is on
@@ -145,6 +161,20 @@ impl Node {
         match &self.ns {
             None => http(method, &url, body),
             Some(ns) => netns::in_ns(ns, || http(method, &url, body)),
+        }
+    }
+
+    /// Whether the node's API answers `GET /v1/node` within a second: at start, its
+    /// address may belong to something else that accepts and says nothing.
+    fn answers(&self) -> bool {
+        let url = self.url("/v1/node");
+        let get = || {
+            crate::request(None, "GET", &url, None, Duration::from_secs(1))
+                .is_ok_and(|r| r.status == 200)
+        };
+        match &self.ns {
+            None => get(),
+            Some(ns) => netns::in_ns(ns, get),
         }
     }
 
@@ -461,5 +491,25 @@ pub fn assert_same_replicas(a: &Node, b: &Node, volume: &str) {
             b.name,
             logs(&[a, b])
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_whose_port_is_taken_starts_on_others() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let [nbd, peer] = free_addrs();
+        let node = Node::launch_new("clash", [taken.local_addr().unwrap(), nbd, peer], None, &[]);
+        assert_ne!(node.api, taken.local_addr().unwrap());
+        assert!(
+            node.log().contains("serving the node API"),
+            "{}",
+            node.log()
+        );
+        let clash = std::fs::read_to_string(node.dir.join("tandemd-port-clash.log")).unwrap();
+        assert!(clash.contains("Address already in use"), "{clash}");
     }
 }
