@@ -233,3 +233,98 @@ fn the_tiebreakers_cable_pulled_under_large_writes_never_stalls_the_primary() {
 fn a_frozen_secondary_under_large_writes_stalls_the_primary_at_most_the_dead_peer_timeout() {
     writes_go_on_through("fz", Fault::Freeze(1));
 }
+
+#[test]
+fn the_primarys_cable_pulled_under_large_writes_loses_no_acknowledged_write() {
+    use tandem_lab::workload;
+    let Some(lab) = Lab::new(3) else { return };
+    let nodes = lab.start_all(["pca", "pcb", "pcc"]);
+    // Two volumes on the same links: one streams 4 MiB writes at depth 4, filling the
+    // buffers; the other carries the verifying workload, whose every acknowledged
+    // write is checked on the majority after the Primary is cut off.
+    put_replicated(&nodes, "pbulk", SIZE, &WITH_TIEBREAKER, "");
+    put_replicated(&nodes, "pcheck", 64 * MIB, &WITH_TIEBREAKER, "");
+    let all: Vec<&Node> = nodes.iter().collect();
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for v in ["pbulk", "pcheck"] {
+        a.wait_connected(v, Duration::from_secs(20));
+        b.wait_connected(v, Duration::from_secs(20));
+    }
+    for i in 0..3 {
+        lab.limit(i, "1gbit");
+    }
+    let mut fio = std::process::Command::new("fio");
+    fio.args([
+        "--name=bulk",
+        "--ioengine=nbd",
+        &format!("--uri={}", a.uri("pbulk")),
+        "--rw=write",
+        "--bs=4m",
+        "--iodepth=4",
+        &format!("--size={SIZE}"),
+        "--time_based",
+        "--runtime=30",
+        "--output=/dev/null",
+    ]);
+    let mut fio = a.here(fio).spawn().expect("start fio");
+    let log = tandem_lab::scratch("pc-workload").join("acked.log");
+    let mut writer = workload::start(&a.unix_uri("pcheck"), &log, 7, 0);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(a.status("pbulk")["role"], "Primary", "{}", logs(&all));
+
+    // The Primary's cable is pulled with both streams in flight.
+    lab.cut(0);
+    wait_for(
+        "the majority sees the Primary gone",
+        Duration::from_secs(15),
+        &all,
+        || {
+            ["pbulk", "pcheck"]
+                .iter()
+                .all(|v| b.peer_status(v, "pca")["connection"] != "Connected")
+        },
+    );
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let _ = fio.kill();
+    let _ = fio.wait();
+    let acked = workload::acknowledged(&log);
+    assert!(
+        acked.len() > 20,
+        "too few writes to mean anything: {}",
+        acked.len()
+    );
+    // Every write the cut-off Primary acknowledged is on the majority's replica.
+    let problems = workload::check(&b.unix_uri("pcheck"), &log);
+    assert!(
+        problems.is_empty(),
+        "acknowledged writes lost: {problems:?}\n{}",
+        logs(&all)
+    );
+
+    // Healed: the old Primary comes back, resyncs, and both replicas match.
+    lab.heal(0);
+    for v in ["pbulk", "pcheck"] {
+        wait_for(
+            "the replicas are in sync again",
+            Duration::from_secs(60),
+            &all,
+            || {
+                let s = b.status(v);
+                let peer = s["peers"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["node"] == "pca")?
+                    .clone();
+                (peer["connection"] == "Connected"
+                    && peer["replication"] == "Established"
+                    && peer["disk"] == "UpToDate"
+                    && peer["out-of-sync"] == 0
+                    && a.status(v)["disk"] == "UpToDate")
+                    .then_some(())
+            },
+        );
+        assert_same_replicas(a, b, v);
+    }
+    assert!(workload::check(&a.unix_uri("pcheck"), &log).is_empty());
+}
