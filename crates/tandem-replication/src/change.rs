@@ -4,11 +4,11 @@
 //! they started with.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tandem_api::{Participant, VolumeSpec};
 use tandem_pool::Volume;
 
+use crate::control::{Event, Sync};
 use crate::locks::Locked;
 use crate::peer::{Peer, kind_name};
 use crate::volume::{Config, ReplicatedVolume, tracking};
@@ -128,10 +128,7 @@ impl ReplicatedVolume {
         let mut joined = Vec::new();
         for p in spec.participants.iter().filter(|p| p.node_id != me.node_id) {
             match old.peer(p.node_id) {
-                Some(q) if q.same_as(p) => {
-                    q.set_kind(p.kind);
-                    peers.push(q.clone());
-                }
+                Some(q) if q.same_as(p) => peers.push(q.clone()),
                 existing => {
                     // Only the address (or name) changed: keep what is marked for it.
                     let kept = existing
@@ -145,7 +142,7 @@ impl ReplicatedVolume {
                         ),
                         _ => None,
                     };
-                    let peer = Arc::new(Peer::new(p, tracked, self.notify.clone()));
+                    let peer = Arc::new(Peer::new(p, tracked));
                     if peer.diskful && !existing.is_some_and(|q| q.diskful) {
                         joined.push(peer.clone());
                     }
@@ -172,47 +169,58 @@ impl ReplicatedVolume {
             }
         );
         let new_size = spec.size;
+        let changed = Event::SpecChanged {
+            peers: spec
+                .participants
+                .iter()
+                .filter(|p| p.node_id != me.node_id)
+                .map(|p| {
+                    let kept = old.peer(p.node_id).is_some_and(|q| q.same_as(p));
+                    (p.node_id, p.kind, !kept)
+                })
+                .collect(),
+        };
+        for q in &gone {
+            if q.diskful && !peers.iter().any(|p| p.id == q.id && p.diskful) {
+                self.mark(q, 0, new_size);
+            }
+        }
         self.set_config(Config { spec, me, peers });
         if grew {
             self.set_size(new_size);
         }
+        // Announces this node's state: quorum and the peers' view of it may have changed.
+        self.apply(changed)
+            .map_err(|refused| format!("volume {}: {refused}", self.name()))?;
         for q in &gone {
-            if q.diskful && !self.config().peer(q.id).is_some_and(|p| p.diskful) {
-                self.mark(q, 0, new_size);
-            }
-            q.refuse("the participant left the volume's spec, or changed".into());
+            // Its connection, if any, ends: a replacement connects afresh.
+            q.disconnect();
         }
         for p in &joined {
             self.mark(p, 0, new_size);
         }
-        if let Some(local) = self.local() {
-            if let Err(e) = local.sync_meta() {
-                tracing::error!(volume = %self.name(), error = %e, "cannot store the bitmaps");
-            }
-        }
+        self.store_bitmaps();
         tracing::info!(volume = %self.name(), "volume spec changed in place: {summary}");
-        // Quorum and the peers' view of this node may have changed.
-        self.announce();
         Ok(())
     }
 
     /// Peers whose resync was refused while they stayed connected (a replica that had
     /// not grown yet, say) and are due for another try, with their connection epoch.
     pub(crate) fn resync_retries(&self) -> Vec<(Arc<Peer>, u64)> {
-        if self.local_up_to_date().is_none() {
+        let view = self.view();
+        if !view.up_to_date() {
             return Vec::new();
         }
-        self.config()
-            .peers
+        let config = self.config();
+        view.peers
             .iter()
-            .filter(|p| p.resync_due.load(Ordering::Relaxed))
-            .filter_map(|p| Some((p.clone(), p.epoch()?)))
-            .filter(|(p, _)| {
-                p.sync() == crate::peer::Sync::Idle
-                    && p.remote()
-                        .is_some_and(|s| s.disk == tandem_api::DiskState::UpToDate)
-                    && p.retry_now()
+            .filter(|c| {
+                c.resync_due
+                    && c.sync == Sync::Idle
+                    && c.remote_disk() == Some(tandem_api::DiskState::UpToDate)
             })
+            .filter_map(|c| Some((config.peer(c.id)?.clone(), c.epoch()?)))
+            .filter(|(p, _)| p.retry_now())
             .collect()
     }
 }

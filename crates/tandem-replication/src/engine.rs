@@ -11,6 +11,7 @@ use tandem_api::{NodeName, VolumeName, VolumeSpec};
 use tandem_pool::Volume;
 
 use crate::change::NotInPlace;
+use crate::control::{Event, Link};
 use crate::locks::Shared;
 use crate::notify::OnChange;
 use crate::peer::{DEAD_AFTER, Peer};
@@ -123,10 +124,8 @@ impl Replicator {
                 Err(_) => {}
             }
         }
-        let volume = Arc::new(
-            ReplicatedVolume::new(spec, me, local, self.on_change.clone())
-                .map_err(|e| ApplyError::Invalid(e.to_string()))?,
-        );
+        let volume = ReplicatedVolume::new(spec, me, local, self.on_change.clone())
+            .map_err(|e| ApplyError::Invalid(e.to_string()))?;
         let old = self
             .volumes
             .writing()
@@ -196,9 +195,13 @@ impl Replicator {
     fn tick(&self) {
         for volume in self.volumes() {
             volume.watch_quorum();
+            let view = volume.view();
             for peer in &volume.config().peers {
+                let Some(link) = view.peer(peer.id).map(|c| &c.link) else {
+                    continue;
+                };
                 let silent = peer.silent_for();
-                if peer.connection() == tandem_api::ConnectionState::Connected {
+                if matches!(link, Link::Up { .. }) {
                     // Nothing here waits on the peer's socket (see `Outbox`): one
                     // stuck peer never keeps the others from being pinged.
                     if silent > DEAD_AFTER {
@@ -214,7 +217,8 @@ impl Replicator {
                         // Each side speaks at least every second, so each hears the other.
                         let _ = peer.send(&Header::new(Kind::Ping, 0), &[]);
                     }
-                } else if volume.my_id() < peer.id && peer.dial_due() {
+                } else if matches!(link, Link::Down) && volume.my_id() < peer.id && peer.dial_due()
+                {
                     // The lower node id dials, so each pair has one connection.
                     let (volume, peer) = (volume.clone(), peer.clone());
                     let tls = self.tls.clone();
@@ -231,11 +235,10 @@ impl Replicator {
                 }
             }
             for (peer, epoch) in volume.resync_retries() {
-                peer.resync_due
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = volume.start_resync(&peer, epoch) {
-                    tracing::error!(volume = %volume.name(), peer = %peer.node, error = %e, "cannot start a resync");
-                }
+                let _ = volume.apply(Event::ResyncRetry {
+                    peer: peer.id,
+                    epoch,
+                });
             }
         }
     }

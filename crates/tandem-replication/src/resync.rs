@@ -7,8 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::completion::Completion;
+use crate::control::Event;
 use crate::locks::Locked;
-use crate::peer::{Peer, Sync};
+use crate::peer::Peer;
 use crate::volume::ReplicatedVolume;
 use crate::wire::{Buffer, FLAG_MAY_PUNCH, FLAG_RESYNC, Header, Kind};
 
@@ -23,8 +24,9 @@ impl ReplicatedVolume {
         let mut sent = 0u64;
         let mut at = 0u64;
         tracing::info!(volume = %name, target = %peer.node, "resync starts: this replica is SyncSource");
+        let live = || self.view().peer(peer.id).and_then(|p| p.epoch()) == Some(epoch);
         let finished = loop {
-            if peer.epoch() != Some(epoch) {
+            if !live() {
                 break false;
             }
             // The rate may change with the spec while the resync runs.
@@ -44,20 +46,23 @@ impl ReplicatedVolume {
             let len = run.end - run.start;
             match self.send_chunk(&peer, run.start, len) {
                 Ok(()) => {}
-                Err(Some(status)) if peer.epoch() == Some(epoch) => {
-                    let _ = peer.set_sync(Sync::Idle);
-                    if status == libc::EBUSY as u32 {
-                        // The target takes its data from the Primary instead.
-                        peer.deferred.store(true, Ordering::Relaxed);
+                Err(Some(status)) if live() => {
+                    // Busy: the target takes its data from the Primary instead. Else
+                    // try again shortly while connected (a replica that has not grown
+                    // yet refuses what lies past its end, say).
+                    let declined = status == libc::EBUSY as u32;
+                    if declined {
                         tracing::info!(volume = %name, target = %peer.node, sent,
                             "resync declined by the target: a Primary resyncs it");
                     } else {
-                        // Still connected: try again shortly (a replica that has
-                        // not grown yet refuses what lies past its end, say).
-                        peer.resync_due.store(true, Ordering::Relaxed);
                         tracing::warn!(volume = %name, target = %peer.node, sent, status,
                             "resync refused by the target; retrying");
                     }
+                    let _ = self.apply(Event::ResyncRefused {
+                        peer: peer.id,
+                        epoch,
+                        declined,
+                    });
                     return;
                 }
                 Err(_) => break false,
@@ -89,9 +94,11 @@ impl ReplicatedVolume {
         if peer.send(&done, &[]).is_err() {
             return;
         }
-        let _ = peer.set_sync(Sync::Idle);
-        self.forget_tracking(&peer);
-        self.settle_suspect();
+        // The peer has everything: it no longer shares a generation with a bitmap here.
+        let _ = self.apply(Event::ResyncSent {
+            peer: peer.id,
+            epoch,
+        });
         let secs = started.elapsed().as_secs_f64();
         tracing::info!(volume = %name, target = %peer.node, bytes = sent,
             mib_per_s = sent as f64 / (1 << 20) as f64 / secs.max(1e-6), "resync finished");

@@ -4,7 +4,7 @@
 
 use std::io::{self, BufRead, BufReader};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use tandem_api::{
@@ -17,12 +17,12 @@ use tandem_pool::{GenerationId, PoolError, Volume};
 use crate::al::{ActivityLog, Covered, EXTENT};
 use crate::bitmap::Bitmap;
 use crate::completion::{Completion, Outcome};
-use crate::handshake::{self, Direction, Side};
+use crate::control::{Action, Control, Event, Link, PeerControl, Refused, Sync};
 use crate::interval::{Held, IntervalLock};
 use crate::locks::{Locked, Shared};
 use crate::notify::{Notify, OnChange, Progress};
-use crate::peer::{Heard, LinkStats, Peer, Sync, Tracked, VOTE_FRESH};
-use crate::promotion;
+use crate::owner::Owner;
+use crate::peer::{Heard, LinkStats, Peer, Tracked, VOTE_FRESH};
 use crate::quorum::{self, Admit, Votes};
 use crate::stream::PeerStream;
 use crate::wire::{
@@ -50,7 +50,7 @@ impl Config {
     /// Voting participants reachable from here, and how many vote in all. A peer
     /// counts only while it is heard from (see [`VOTE_FRESH`]): one that fell silent
     /// may be on the other side of a cut already, long before it is declared dead.
-    fn votes(&self) -> Votes {
+    fn votes(&self, view: &Control) -> Votes {
         let total = self
             .spec
             .participants
@@ -62,8 +62,8 @@ impl Config {
             .peers
             .iter()
             .filter(|p| {
-                p.kind().votes()
-                    && p.connection() == ConnectionState::Connected
+                view.peer(p.id)
+                    .is_some_and(|c| c.kind.votes() && c.connected())
                     && p.silent_for() < VOTE_FRESH
             })
             .count();
@@ -73,32 +73,40 @@ impl Config {
         }
     }
 
-    fn has_quorum(&self) -> bool {
-        quorum::holds(self.spec.options.quorum, self.votes())
+    fn has_quorum(&self, view: &Control) -> bool {
+        quorum::holds(self.spec.options.quorum, self.votes(view))
     }
 
     /// Peers that hold data and are connected: they receive every write.
-    pub fn data_peers(&self) -> Vec<&Arc<Peer>> {
+    pub fn data_peers(&self, view: &Control) -> Vec<&Arc<Peer>> {
         self.peers
             .iter()
             .filter(|p| {
                 p.diskful
-                    && p.connection() == ConnectionState::Connected
-                    && p.remote().is_some_and(|s| {
-                        matches!(s.disk, DiskState::UpToDate | DiskState::Inconsistent)
+                    && view.peer(p.id).is_some_and(|c| {
+                        c.connected()
+                            && matches!(
+                                c.remote_disk(),
+                                Some(DiskState::UpToDate | DiskState::Inconsistent)
+                            )
                     })
             })
             .collect()
     }
 
-    /// A connected peer other than `except` that is Primary.
-    fn primary_besides(&self, except: NodeId) -> Option<&Arc<Peer>> {
-        self.peers.iter().find(|p| {
-            p.id != except
-                && p.connection() == ConnectionState::Connected
-                && p.remote().is_some_and(|s| s.role == Role::Primary)
-        })
+    /// Connected peers that hold whole data.
+    fn up_to_date_peers<'a>(&'a self, view: &Control) -> Vec<&'a Arc<Peer>> {
+        self.data_peers(view)
+            .into_iter()
+            .filter(|p| is_up_to_date(view, p.id))
+            .collect()
     }
+}
+
+/// Whether peer `id` said it holds whole data.
+fn is_up_to_date(view: &Control, id: NodeId) -> bool {
+    view.peer(id)
+        .is_some_and(|c| c.remote_disk() == Some(DiskState::UpToDate))
 }
 
 pub struct ReplicatedVolume {
@@ -108,7 +116,12 @@ pub struct ReplicatedVolume {
     volume_id: VolumeId,
     my_id: NodeId,
     my_node: NodeName,
+    /// This object, for the actions that start threads.
+    me: Weak<ReplicatedVolume>,
     config: RwLock<Arc<Config>>,
+    /// The volume's control state: role, disk, generations, each peer's connection
+    /// and resync. Changed only through [`ReplicatedVolume::apply`].
+    owner: Owner,
     /// The volume's size (the spec's), read on every request.
     size: AtomicU64,
     /// The size before the last time the volume grew here: a peer refusing a change
@@ -121,21 +134,12 @@ pub struct ReplicatedVolume {
     next_id: AtomicU64,
     /// Requests of this node's clients being replicated or read from a peer now.
     in_flight: Arc<AtomicUsize>,
-    writers: Mutex<u32>,
     /// Held by the one local open that is asking the peers to agree to a promotion.
     promotion: Mutex<()>,
-    /// A promotion is being agreed on; peers asking meanwhile may be refused.
-    promoting: AtomicBool,
-    /// Held while deciding whether to start a new data generation.
-    rotation: Mutex<()>,
-    /// The local replica failed an I/O and is no longer used.
-    detached: AtomicBool,
     al: Option<Arc<ActivityLog>>,
     /// Extents the previous run left in the activity log: after a crash as Primary,
     /// this replica may differ from the others there until a peer resyncs them.
     suspect: Mutex<Vec<u64>>,
-    /// On a diskless participant: the newest data generation a Primary announced.
-    known: Mutex<u64>,
     /// Resync data from a peer that is not Primary is applied under a read guard.
     /// Once another peer is Primary such data is declined (only the Primary's own
     /// resync is ordered with its writes); taking the write guard when a Primary
@@ -187,6 +191,34 @@ pub(crate) fn tracking(
     })))
 }
 
+/// The control state a volume starts with: Secondary, its disk and generations as
+/// its replica's superblock has them, every peer down.
+fn initial_control(spec: &VolumeSpec, me: &Participant, local: Option<&Volume>) -> Control {
+    let sb = local.map(Volume::superblock);
+    let peers = spec
+        .participants
+        .iter()
+        .filter(|p| p.node_id != me.node_id)
+        .map(|p| {
+            let mark = sb
+                .iter()
+                .flat_map(|sb| &sb.peers)
+                .find(|slot| slot.node == p.node_id)
+                .map_or(0, |slot| slot.bitmap_generation.0);
+            PeerControl::new(p.node_id, p.kind, mark)
+        })
+        .collect();
+    Control {
+        me: me.node_id,
+        replica: local.is_some(),
+        writers: 0,
+        promoting: false,
+        disk: sb.as_ref().map_or(DiskState::Diskless, |sb| sb.disk_state),
+        gens: sb.as_ref().map(|sb| sb.generations).unwrap_or_default(),
+        peers,
+    }
+}
+
 impl ReplicatedVolume {
     /// `local` is this node's replica when the spec makes it diskful.
     /// A diskful node loads, for every other diskful participant, the bitmap of what
@@ -196,7 +228,7 @@ impl ReplicatedVolume {
         me: Participant,
         local: Option<Arc<Volume>>,
         on_change: OnChange,
-    ) -> Result<ReplicatedVolume, PoolError> {
+    ) -> Result<Arc<ReplicatedVolume>, PoolError> {
         let notify = Notify::new(spec.name.clone(), on_change);
         let mut peers = Vec::new();
         for p in spec.participants.iter().filter(|p| p.node_id != me.node_id) {
@@ -204,7 +236,7 @@ impl ReplicatedVolume {
                 Some(v) if p.kind.diskful() => Some(tracking(v, p, spec.size)?),
                 _ => None,
             };
-            peers.push(Arc::new(Peer::new(p, tracked, notify.clone())));
+            peers.push(Arc::new(Peer::new(p, tracked)));
         }
         let (al, suspect) = match &local {
             Some(v) => {
@@ -217,15 +249,17 @@ impl ReplicatedVolume {
             }
             None => (None, Vec::new()),
         };
-        Ok(ReplicatedVolume {
+        let control = initial_control(&spec, &me, local.as_deref());
+        Ok(Arc::new_cyclic(|weak| ReplicatedVolume {
             al,
             suspect: Mutex::new(suspect),
-            known: Mutex::new(0),
             name: spec.name.clone(),
             cluster_id: spec.cluster_id,
             volume_id: spec.volume_id,
             my_id: me.node_id,
             my_node: me.node.clone(),
+            me: weak.clone(),
+            owner: Owner::new(spec.name.clone(), local.clone(), control),
             size: AtomicU64::new(spec.size),
             old_end: AtomicU64::new(spec.size),
             config: RwLock::new(Arc::new(Config { spec, me, peers })),
@@ -234,16 +268,12 @@ impl ReplicatedVolume {
             intervals: Arc::default(),
             next_id: AtomicU64::new(1),
             in_flight: Arc::default(),
-            writers: Mutex::new(0),
             promotion: Mutex::new(()),
-            promoting: AtomicBool::new(false),
-            rotation: Mutex::new(()),
-            detached: AtomicBool::new(false),
             resync_gate: RwLock::new(()),
             had_quorum: AtomicBool::new(false),
             progress: Progress::new(),
             notify,
-        })
+        }))
     }
 
     /// The spec in force.
@@ -286,61 +316,137 @@ impl ReplicatedVolume {
         *self.config.writing() = Arc::new(config);
     }
 
+    /// The control state as last published.
+    pub(crate) fn view(&self) -> Arc<Control> {
+        self.owner.view()
+    }
+
+    /// Applies `event` to the control state and carries out what it calls for; why
+    /// not, if the transition is refused (logged already).
+    pub(crate) fn apply(&self, event: Event) -> Result<(), Refused> {
+        let actions = self.owner.apply(event)?;
+        self.execute(actions);
+        Ok(())
+    }
+
+    /// Runs what a step of the control state calls for.
+    fn execute(&self, actions: Vec<Action>) {
+        let config = self.config();
+        for action in actions {
+            let peer = |id: NodeId| config.peer(id);
+            match action {
+                Action::Announce => self.announce(),
+                Action::Notify => self.notify.fire(),
+                Action::Disconnect(id) => {
+                    if let Some(p) = peer(id) {
+                        p.disconnect();
+                    }
+                }
+                Action::PrimaryAppeared(_) => drop(self.resync_gate.writing()),
+                Action::ClearAll(id) => {
+                    if let Some(p) = peer(id) {
+                        self.clear(p, 0, self.size());
+                        self.store_bitmaps();
+                    }
+                }
+                Action::MarkAll(id) => {
+                    if let Some(p) = peer(id) {
+                        self.mark(p, 0, self.size());
+                    }
+                }
+                Action::Mark { peer: id, ranges } => {
+                    if let Some(p) = peer(id) {
+                        for (offset, len) in ranges {
+                            self.mark(p, offset, len);
+                        }
+                    }
+                }
+                Action::StartResync { peer: id, epoch } => {
+                    if let (Some(p), Some(me)) = (peer(id), self.me.upgrade())
+                        && let Err(e) = me.start_resync(p, epoch)
+                    {
+                        // The connection stays (its receiver must run to end it
+                        // cleanly); the next one decides again.
+                        tracing::error!(volume = %self.name, peer = %p.node, error = %e,
+                            "cannot start the resync");
+                    }
+                }
+                Action::ResyncFrom(id) => {
+                    if let Some(p) = peer(id) {
+                        p.transferred.store(0, Ordering::Relaxed);
+                        tracing::info!(volume = %self.name, source = %p.node,
+                            "resync starts: this replica is SyncTarget");
+                    }
+                }
+                Action::ResyncFinished(id) => {
+                    if let Some(p) = peer(id) {
+                        tracing::info!(volume = %self.name, source = %p.node,
+                            bytes = p.transferred.load(Ordering::Relaxed),
+                            "resync finished: this replica is UpToDate");
+                    }
+                }
+                Action::SettleSuspect => self.settle_suspect(),
+                Action::ClearActivityLog => {
+                    if let Some(al) = &self.al
+                        && let Err(e) = al.clear()
+                    {
+                        tracing::error!(volume = %self.name, error = %e, "cannot clear the activity log");
+                    }
+                }
+                Action::Detached => {
+                    tracing::error!(volume = %self.name,
+                        "local replica failed; detached, serving through peers");
+                }
+                Action::NewGeneration(g) => {
+                    tracing::info!(volume = %self.name, generation = format!("{g:016x}"),
+                        "new data generation: a replica stopped receiving writes");
+                }
+                Action::LeftBehind {
+                    peer: id,
+                    generation,
+                } => {
+                    tracing::warn!(volume = %self.name, peer = ?peer(id).map(|p| &p.node),
+                        generation = format!("{generation:016x}"),
+                        "a peer has seen a newer data generation: this replica was left behind and is Outdated");
+                }
+                Action::Diverged { peer: id, why } => {
+                    tracing::error!(volume = %self.name, peer = ?peer(id).map(|p| &p.node), %why,
+                        "replicas diverged; not connecting until an operator discards one");
+                }
+            }
+        }
+    }
+
     pub(crate) fn my_id(&self) -> NodeId {
         self.my_id
     }
 
-    fn role(&self) -> Role {
-        if *self.writers.locked() > 0 {
-            Role::Primary
-        } else {
-            Role::Secondary
-        }
-    }
-
     pub(crate) fn disk(&self) -> DiskState {
-        match &self.local {
-            None => DiskState::Diskless,
-            Some(_) if self.detached.load(Ordering::Acquire) => DiskState::Failed,
-            Some(v) => v.disk_state(),
-        }
+        self.view().disk
     }
 
     /// The local replica, unless it failed and was detached.
     fn attached(&self) -> Option<&Arc<Volume>> {
         self.local
             .as_ref()
-            .filter(|_| !self.detached.load(Ordering::Acquire))
+            .filter(|_| self.view().disk != DiskState::Failed)
     }
 
     /// Stops using a local replica whose I/O failed: the volume goes on with its peers,
     /// and the replica will need a full resync once repaired.
     fn detach(&self, error: &io::Error) {
-        if self.detached.swap(true, Ordering::AcqRel) {
-            return;
+        if self.view().disk != DiskState::Failed {
+            tracing::error!(volume = %self.name, %error, "local replica I/O failed");
+            let _ = self.apply(Event::LocalIoError);
         }
-        tracing::error!(volume = %self.name, %error, "local replica failed; detached, serving through peers");
-        if let Some(local) = &self.local {
-            // The superblock slots are allocated, so this works even on a full disk.
-            if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Failed) {
-                tracing::error!(volume = %self.name, error = %e, "cannot record the Failed state");
-            }
-        }
-        self.announce();
     }
 
     pub(crate) fn state(&self) -> State {
-        State {
-            role: self.role(),
-            disk: self.disk(),
-            generation: match &self.local {
-                Some(v) => v.generation().0,
-                None => *self.known.locked(),
-            },
-        }
+        self.view().state()
     }
 
     pub(crate) fn hello(&self, to: NodeId) -> Hello {
+        let view = self.view();
         Hello {
             version_min: wire::VERSION_MIN,
             version_max: wire::VERSION_MAX,
@@ -348,38 +454,8 @@ impl ReplicatedVolume {
             volume: self.volume_id,
             from: self.my_id,
             to,
-            state: self.state(),
-            bitmap_generation: self.bitmap_generation(to),
-        }
-    }
-
-    /// The generation this replica had when it started tracking changes for `peer`.
-    fn bitmap_generation(&self, peer: NodeId) -> u64 {
-        self.local
-            .as_ref()
-            .map_or(0, |v| v.bitmap_generation(peer).0)
-    }
-
-    fn set_bitmap_generation(&self, peer: NodeId, generation: u64) {
-        let Some(local) = &self.local else { return };
-        let result = local.update_superblock(|sb| {
-            if let Some(slot) = sb.peers.iter_mut().find(|p| p.node == peer) {
-                slot.bitmap_generation = GenerationId(generation);
-            }
-        });
-        if let Err(e) = result {
-            tracing::error!(volume = %self.name, error = %e, "cannot record a peer's bitmap generation");
-        }
-    }
-
-    /// Starts tracking changes for a diskful peer that is not receiving them: records
-    /// the generation both still share.
-    fn begin_tracking(&self, peer: &Peer) {
-        if peer.tracked.is_none() || self.disk() != DiskState::UpToDate {
-            return;
-        }
-        if self.bitmap_generation(peer.id) == 0 {
-            self.set_bitmap_generation(peer.id, self.state().generation);
+            state: view.state(),
+            bitmap_generation: view.peer(to).map_or(0, |p| p.mark),
         }
     }
 
@@ -388,7 +464,10 @@ impl ReplicatedVolume {
         let (Some(tracked), Some(local)) = (&peer.tracked, &self.local) else {
             return;
         };
-        self.begin_tracking(peer);
+        let view = self.view();
+        if view.up_to_date() && view.peer(peer.id).is_some_and(|p| p.mark == 0) {
+            let _ = self.apply(Event::Track { peer: peer.id });
+        }
         let mut t = tracked.locked();
         for page in t.bits.mark(offset, len) {
             if let Err(e) = local.write_bitmap_page(t.slot, page as u64, t.bits.page(page)) {
@@ -396,11 +475,6 @@ impl ReplicatedVolume {
                     "cannot store the out-of-sync bitmap");
             }
         }
-    }
-
-    /// The peer has everything: stop recording a shared generation for it.
-    pub(crate) fn forget_tracking(&self, peer: &Peer) {
-        self.set_bitmap_generation(peer.id, 0);
     }
 
     /// Clears a range that `peer` now has, storing the touched pages.
@@ -416,75 +490,29 @@ impl ReplicatedVolume {
         }
     }
 
-    /// A Primary starts a new data generation when a replica holding data stops
-    /// receiving writes, so that replica's data is recognisably older afterwards.
-    fn rotate_if_needed(&self, config: &Config, targets: &[Arc<Peer>]) {
-        let Some(local) = &self.local else { return };
-        if self.disk() != DiskState::UpToDate {
-            // Only data that is whole gets a generation others can descend from.
-            return;
-        }
-        let _guard = self.rotation.locked();
-        let current = local.generation().0;
-        let mut stale = false;
-        let receiving = |p: &Peer| targets.iter().any(|t| t.id == p.id);
-        for p in config
-            .peers
-            .iter()
-            .filter(|p| p.tracked.is_some() && !receiving(p))
+    /// Makes the bitmaps written so far durable.
+    pub(crate) fn store_bitmaps(&self) {
+        if let Some(local) = &self.local
+            && let Err(e) = local.sync_meta()
         {
-            self.begin_tracking(p);
-            stale |= self.bitmap_generation(p.id) == current;
-        }
-        if !stale {
-            return;
-        }
-        let next = GenerationId::random();
-        let result = local.update_superblock(|sb| {
-            let g = &mut sb.generations;
-            g.history = [g.bitmap, g.history[0]];
-            g.bitmap = g.current;
-            g.current = next;
-        });
-        match result {
-            Ok(()) => {
-                tracing::info!(volume = %self.name, generation = format!("{:016x}", next.0),
-                    "new data generation: a replica stopped receiving writes");
-                self.announce();
-            }
-            Err(e) => {
-                tracing::error!(volume = %self.name, error = %e, "cannot start a new data generation")
-            }
+            tracing::error!(volume = %self.name, error = %e, "cannot store the bitmaps");
         }
     }
 
-    /// Decides what a new connection to a replica holding data must do first.
-    fn direction(
-        &self,
-        peer: &Peer,
-        hello: &Hello,
-        my_dirty: bool,
-        their_dirty: bool,
-    ) -> Direction {
-        if peer.tracked.is_none() || hello.state.disk == DiskState::Diskless {
-            // A peer without a replica (yet: its spec may still say diskless) gets no
-            // data until it reconnects with one.
-            return Direction::InSync;
+    /// A Primary starts a new data generation when a replica holding data stops
+    /// receiving writes, so that replica's data is recognisably older afterwards.
+    fn rotate_if_needed(&self, view: &Control, targets: &[Arc<Peer>]) {
+        let receiving: Vec<NodeId> = targets.iter().map(|t| t.id).collect();
+        let missing = |p: &PeerControl| view.tracks(p) && !receiving.contains(&p.id);
+        let due = view.up_to_date()
+            && view
+                .peers
+                .iter()
+                .any(|p| missing(p) && (p.mark == 0 || p.mark == view.gens.current.0));
+        if due {
+            let next = GenerationId::random().0;
+            let _ = self.apply(Event::Rotate { receiving, next });
         }
-        let mine = self.state();
-        let me = Side {
-            up_to_date: mine.disk == DiskState::UpToDate,
-            generation: mine.generation,
-            mark: self.bitmap_generation(peer.id),
-            dirty: my_dirty,
-        };
-        let theirs = Side {
-            up_to_date: hello.state.disk == DiskState::UpToDate,
-            generation: hello.state.generation,
-            mark: hello.bitmap_generation,
-            dirty: their_dirty,
-        };
-        handshake::decide(me, theirs, self.my_id < hello.from)
     }
 
     pub(crate) fn next_id(&self) -> u64 {
@@ -522,10 +550,15 @@ impl ReplicatedVolume {
         if !peer.diskful && hello.state.disk != DiskState::Diskless {
             // It would take itself for a replica that receives every write, and get
             // none from here: wait until both sides have the same spec.
+            let kind = config
+                .spec
+                .participants
+                .iter()
+                .find(|p| p.node_id == peer.id)
+                .map_or("diskless", |p| crate::peer::kind_name(p.kind));
             return Err(format!(
-                "node {} holds a replica, but the spec here makes it {}; waiting for it to get the same spec",
+                "node {} holds a replica, but the spec here makes it {kind}; waiting for it to get the same spec",
                 peer.node,
-                crate::peer::kind_name(peer.kind())
             ));
         }
         Ok(peer.clone())
@@ -546,68 +579,40 @@ impl ReplicatedVolume {
         let theirs =
             exchange_ranges(&stream, &mine).map_err(|e| io::Error::other(e.to_string()))?;
         stream.set_read_timeout(None)?;
-        self.learn_generation(&peer, hello);
-        let direction = self.direction(&peer, hello, !mine.is_empty(), !theirs.is_empty());
-        if let Direction::Diverged(why) = &direction {
-            tracing::error!(volume = %self.name, peer = %peer.node, %why,
-                "replicas diverged; not connecting until an operator discards one");
-            peer.refuse(why.clone());
-            return Ok(());
-        }
-        // The connection comes up already in the resync the handshake decided, so its
-        // status never shows it Established in between.
-        let sync = match direction {
-            Direction::Source { .. } => Sync::Source { total: 0 },
-            Direction::Target => Sync::Target,
-            _ => Sync::Idle,
+        let epoch = peer.attach(&stream)?;
+        let connected = Event::Connected {
+            peer: peer.id,
+            epoch,
+            state: hello.state,
+            their_mark: hello.bitmap_generation,
+            my_dirty: !mine.is_empty(),
+            theirs,
         };
-        let epoch = peer.attach(&stream, hello.state, sync)?;
-        if !self
+        let current = self
             .config()
             .peer(peer.id)
-            .is_some_and(|p| Arc::ptr_eq(p, &peer))
-        {
+            .is_some_and(|p| Arc::ptr_eq(p, &peer));
+        if !current {
             // The spec changed during the handshake and this peer is gone.
             peer.detach(epoch);
             return Err(io::Error::other("the participant left the volume's spec"));
         }
-        if hello.state.role == Role::Primary {
-            self.primary_appeared();
+        if let Err(refused) = self.apply(connected) {
+            peer.detach(epoch);
+            return Err(io::Error::new(io::ErrorKind::ConnectionRefused, refused.0));
         }
-        tracing::info!(volume = %self.name, peer = %peer.node, epoch, ?direction, "peer connected");
-        match direction {
-            Direction::Target => {
-                // The source now resyncs what this side knew to differ as well.
-                self.clear(&peer, 0, self.size());
-                self.become_target(&peer);
-            }
-            Direction::Source { full } => {
-                for (offset, len) in &theirs {
-                    self.mark(&peer, *offset, *len);
-                }
-                if full {
-                    self.mark(&peer, 0, self.size());
-                }
-                if let Err(e) = self.start_resync(&peer, epoch) {
-                    // The connection stays (its receiver must run to end it cleanly);
-                    // the next one decides again.
-                    tracing::error!(volume = %self.name, peer = %peer.node, error = %e,
-                        "cannot start the resync");
-                }
-            }
-            _ => {}
-        }
+        let view = self.view();
+        let Some(state) = view.peer(peer.id).filter(|p| p.epoch() == Some(epoch)) else {
+            // Refused by the handshake (diverged replicas).
+            peer.detach(epoch);
+            return Ok(());
+        };
+        tracing::info!(volume = %self.name, peer = %peer.node, epoch, sync = ?state.sync, "peer connected");
         let volume = self.clone();
         std::thread::Builder::new()
             .name(format!("peer-{}", peer.node))
             .spawn(move || volume.receive(peer, stream, epoch))?;
         Ok(())
-    }
-
-    /// A peer became (or was found) Primary: resync data from other peers is declined
-    /// from now on; wait for any being applied, before the Primary's first write.
-    fn primary_appeared(&self) {
-        drop(self.resync_gate.writing());
     }
 
     fn receive(self: Arc<Self>, peer: Arc<Peer>, stream: PeerStream, epoch: u64) {
@@ -659,7 +664,10 @@ impl ReplicatedVolume {
         };
         tracing::warn!(volume = %self.name, peer = %peer.node, %why, "peer disconnected");
         peer.detach(epoch);
-        self.begin_tracking(&peer);
+        let _ = self.apply(Event::Disconnected {
+            peer: peer.id,
+            epoch,
+        });
     }
 
     /// Ranges this replica knows to differ from the peer's: its bitmap for the peer,
@@ -690,43 +698,15 @@ impl ReplicatedVolume {
         ranges
     }
 
-    /// A diskless participant remembers the newest data generation a Primary
-    /// announced; a diskful replica that hears of a generation it never had has been
-    /// left behind while partitioned, and is Outdated.
-    fn learn_generation(&self, peer: &Peer, hello: &Hello) {
-        let theirs = hello.state.generation;
-        if self.local.is_none() {
-            if hello.state.role == Role::Primary || *self.known.locked() == 0 {
-                *self.known.locked() = theirs;
-            }
-            return;
-        }
-        if peer.diskful || theirs == 0 || self.disk() != DiskState::UpToDate {
-            return;
-        }
-        let Some(local) = &self.local else { return };
-        let sb = local.superblock();
-        let g = &sb.generations;
-        let ours = [g.current, g.bitmap, g.history[0], g.history[1]]
-            .into_iter()
-            .chain(sb.peers.iter().map(|p| p.bitmap_generation))
-            .any(|x| x.0 == theirs);
-        if ours {
-            return;
-        }
-        tracing::warn!(volume = %self.name, peer = %peer.node, generation = format!("{theirs:016x}"),
-            "a peer has seen a newer data generation: this replica was left behind and is Outdated");
-        if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Outdated) {
-            tracing::error!(volume = %self.name, error = %e, "cannot record the Outdated state");
-        }
-        self.announce();
-    }
-
     /// Sends the peer what its bitmap marks, in the background.
     pub(crate) fn start_resync(self: &Arc<Self>, peer: &Arc<Peer>, epoch: u64) -> io::Result<()> {
         let total = peer.tracked.as_ref().map_or(0, |t| t.locked().bits.bytes());
-        peer.set_sync(Sync::Source { total })
-            .map_err(|bad| io::Error::other(bad.to_string()))?;
+        self.apply(Event::ResyncStarted {
+            peer: peer.id,
+            epoch,
+            total,
+        })
+        .map_err(|refused| io::Error::other(refused.0))?;
         let (volume, p) = (self.clone(), peer.clone());
         std::thread::Builder::new()
             .name(format!("resync-{}", peer.node))
@@ -748,18 +728,30 @@ impl ReplicatedVolume {
         let config = self.config();
         let size = self.size();
         let mut report = Vec::new();
-        for peer in config.data_peers() {
-            let Some(epoch) = peer.epoch() else { continue };
-            if peer.remote().is_none_or(|s| s.disk != DiskState::UpToDate)
-                || peer.sync() != Sync::Idle
-            {
+        for peer in config.up_to_date_peers(&self.view()) {
+            let Some(epoch) = self
+                .view()
+                .peer(peer.id)
+                .filter(|p| p.sync == Sync::Idle)
+                .and_then(PeerControl::epoch)
+            else {
                 continue;
-            }
+            };
             let mut differing = 0u64;
             let mut at = 0u64;
+            let interrupted = |why: &dyn std::fmt::Display| {
+                let _ = self.apply(Event::Verify {
+                    peer: peer.id,
+                    done: None,
+                });
+                format!("verify against {} interrupted: {why}", peer.node)
+            };
             while at < size {
-                peer.set_sync(Sync::Verifying { done: at })
-                    .map_err(|bad| format!("verify against {} interrupted: {bad}", peer.node))?;
+                self.apply(Event::Verify {
+                    peer: peer.id,
+                    done: Some(at),
+                })
+                .map_err(|refused| interrupted(&refused))?;
                 self.progress.tick(&self.notify);
                 let len = CHUNK.min(size - at);
                 let _held = self.intervals.lock(at, len);
@@ -767,7 +759,7 @@ impl ReplicatedVolume {
                 local
                     .data()
                     .read_at(&mut data, at)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| interrupted(&e))?;
                 let mut h = Header::new(Kind::Verify, self.next_id());
                 h.offset = at;
                 h.length = len;
@@ -775,11 +767,7 @@ impl ReplicatedVolume {
                 peer.request(&h, &[], &completion);
                 let outcome = completion.wait();
                 let Some(theirs) = outcome.data else {
-                    let _ = peer.end_sync(Sync::Verifying { done: at });
-                    return Err(format!(
-                        "peer {} stopped answering during verify",
-                        peer.node
-                    ));
+                    return Err(interrupted(&"the peer stopped answering"));
                 };
                 for (i, block) in data.chunks(4096).enumerate() {
                     let mine = crc32c::crc32c(block).to_be_bytes();
@@ -790,7 +778,10 @@ impl ReplicatedVolume {
                 }
                 at += len;
             }
-            let _ = peer.set_sync(Sync::Idle);
+            let _ = self.apply(Event::Verify {
+                peer: peer.id,
+                done: None,
+            });
             tracing::info!(volume = %self.name, peer = %peer.node, differing, "online verify finished");
             if differing > 0 {
                 self.start_resync(peer, epoch).map_err(|e| e.to_string())?;
@@ -800,69 +791,26 @@ impl ReplicatedVolume {
         Ok(report)
     }
 
-    /// This replica lacks what the peer has: it is Inconsistent until the resync ends.
-    fn become_target(&self, peer: &Peer) {
-        if peer.set_sync(Sync::Target).is_err() {
-            return;
-        }
-        peer.transferred.store(0, Ordering::Relaxed);
-        if let Some(local) = &self.local {
-            if let Err(e) = local.update_superblock(|sb| sb.disk_state = DiskState::Inconsistent) {
-                tracing::error!(volume = %self.name, error = %e, "cannot record the Inconsistent state");
-            }
-        }
-        tracing::info!(volume = %self.name, source = %peer.node, "resync starts: this replica is SyncTarget");
-        self.announce();
-    }
-
-    /// The source finished: adopt its data generation and become UpToDate.
+    /// The source says the resync is done: once the received data is durable, this
+    /// replica adopts the source's generation and is UpToDate.
     fn finish_target(&self, peer: &Peer, generation: u64) {
-        if !peer.end_sync(Sync::Target) {
-            // A source this replica is not resyncing from (any more): its data is not
-            // all here, so it is not taken for current.
-            tracing::warn!(volume = %self.name, peer = %peer.node,
-                "resync end from a peer this replica is not SyncTarget of; ignored");
+        let receiving = self
+            .view()
+            .peer(peer.id)
+            .is_some_and(|p| p.sync == Sync::Target);
+        if receiving
+            && let Some(local) = self.attached()
+            && let Err(e) = local.data().flush()
+        {
+            self.detach(&e);
             return;
         }
-        let was = self.disk();
-        if let Some(local) = &self.local {
-            let result = local
-                .data()
-                .flush()
-                .map_err(PoolError::io("flushing resynced data"))
-                .and_then(|()| {
-                    local.update_superblock(|sb| {
-                        let g = &mut sb.generations;
-                        if g.current.0 != generation {
-                            g.history = [g.current, g.history[0]];
-                            g.current = GenerationId(generation);
-                        }
-                        sb.disk_state = DiskState::UpToDate;
-                    })
-                });
-            if let Err(e) = result {
-                tracing::error!(volume = %self.name, error = %e, "cannot record the end of resync");
-                return;
-            }
-        }
-        self.settle_suspect();
-        tracing::info!(volume = %self.name, source = %peer.node,
-            bytes = peer.transferred.load(Ordering::Relaxed), "resync finished: this replica is UpToDate");
-        self.announce();
-        if was != DiskState::UpToDate {
-            // Replicas that waited alongside this one for an UpToDate peer can now be
-            // resynced from here: a new handshake decides it.
-            for p in self.config().peers.iter().filter(|p| {
-                p.tracked.is_some()
-                    && p.id != peer.id
-                    && p.sync() == Sync::Idle
-                    && p.remote().is_some_and(|s| {
-                        matches!(s.disk, DiskState::Inconsistent | DiskState::Outdated)
-                    })
-            }) {
-                p.disconnect();
-            }
-        }
+        // Refused (and logged) unless this replica is the peer's SyncTarget: data
+        // from a source it is not resyncing from is not all here.
+        let _ = self.apply(Event::ResyncDone {
+            peer: peer.id,
+            generation,
+        });
     }
 
     /// A resync (either way) covered the extents a crash left in the activity log.
@@ -870,58 +818,12 @@ impl ReplicatedVolume {
         if std::mem::take(&mut *self.suspect.locked()).is_empty() {
             return;
         }
-        if *self.writers.locked() == 0 {
-            if let Some(al) = &self.al {
-                if let Err(e) = al.clear() {
-                    tracing::error!(volume = %self.name, error = %e, "cannot clear the activity log");
-                }
-            }
-        }
-    }
-
-    /// A Primary's new data generation, adopted by a replica that received all its writes.
-    fn adopt(&self, peer: &Peer, state: State) {
-        let Some(local) = &self.local else { return };
-        let mine = self.state();
-        if state.role != Role::Primary
-            || state.generation == mine.generation
-            || mine.disk != DiskState::UpToDate
-            || peer.sync() != Sync::Idle
+        if self.view().writers == 0
+            && let Some(al) = &self.al
+            && let Err(e) = al.clear()
         {
-            return;
+            tracing::error!(volume = %self.name, error = %e, "cannot clear the activity log");
         }
-        let result = local.update_superblock(|sb| {
-            let g = &mut sb.generations;
-            g.history = [g.current, g.history[0]];
-            g.current = GenerationId(state.generation);
-        });
-        if let Err(e) = result {
-            tracing::error!(volume = %self.name, error = %e, "cannot adopt the Primary's generation");
-        }
-    }
-
-    /// A peer whose resync from here was declined (a Primary resynced it) reports
-    /// UpToDate at this replica's generation: what was marked for it is settled.
-    fn settle_deferred(&self, peer: &Peer, state: State) {
-        if !peer.deferred.load(Ordering::Relaxed)
-            || state.disk != DiskState::UpToDate
-            || peer.sync() != Sync::Idle
-        {
-            return;
-        }
-        let mine = self.state();
-        if mine.disk != DiskState::UpToDate || mine.generation != state.generation {
-            return;
-        }
-        peer.deferred.store(false, Ordering::Relaxed);
-        self.clear(peer, 0, self.size());
-        if let Some(local) = &self.local {
-            if let Err(e) = local.sync_meta() {
-                tracing::error!(volume = %self.name, error = %e, "cannot store the bitmap");
-            }
-        }
-        self.forget_tracking(peer);
-        tracing::info!(volume = %self.name, peer = %peer.node, "peer resynced from the Primary; nothing left to send it");
     }
 
     /// Reads and handles one message from a peer.
@@ -938,26 +840,20 @@ impl ReplicatedVolume {
         match h.kind {
             Kind::Ping => {}
             Kind::State => {
-                let Some(state) = state else {
-                    return Ok(h.kind);
-                };
-                self.adopt(peer, state);
-                if self.local.is_none() && state.role == Role::Primary {
-                    // A diskless participant carries the Primary's newest generation
-                    // to replicas that were cut off (see `learn_generation`).
-                    *self.known.locked() = state.generation;
+                if let Some(state) = state {
+                    let _ = self.apply(Event::PeerState { peer: from, state });
                 }
-                let was_primary = peer.remote().is_some_and(|s| s.role == Role::Primary);
-                peer.set_remote(state);
-                if state.role == Role::Primary && !was_primary {
-                    self.primary_appeared();
-                }
-                self.settle_deferred(peer, state);
             }
             Kind::ResyncDone => self.finish_target(peer, h.offset),
             Kind::Promote => {
+                let asked = Event::PromotionAsked {
+                    peer: from,
+                    two_primaries: self.config().spec.options.allow_two_primaries,
+                };
                 let mut ack = Header::new(Kind::Ack, h.id);
-                ack.status = self.promotion_asked(peer, from);
+                if self.apply(asked).is_err() {
+                    ack.status = libc::EBUSY as u32;
+                }
                 peer.send(&ack, &[])?;
             }
             Kind::Ack | Kind::ReadReply | Kind::VerifyReply => {
@@ -987,16 +883,18 @@ impl ReplicatedVolume {
     /// so data read elsewhere could land after a newer write of the Primary. Declined
     /// with EBUSY; the Primary resyncs this replica itself.
     fn resync_declined(&self, peer: &Peer) -> bool {
-        if peer.remote().is_some_and(|s| s.role == Role::Primary) {
+        let view = self.view();
+        if view.peer(peer.id).is_some_and(PeerControl::is_primary) {
             return false;
         }
-        let config = self.config();
-        let Some(primary) = config.primary_besides(peer.id) else {
+        let Some(primary) = view.primary_besides(peer.id) else {
             return false;
         };
-        if peer.end_sync(Sync::Target) {
-            tracing::info!(volume = %self.name, source = %peer.node, primary = %primary.node,
+        if view.peer(peer.id).is_some_and(|p| p.sync == Sync::Target) {
+            let primary = self.config().peer(primary.id).map(|p| p.node.clone());
+            tracing::info!(volume = %self.name, source = %peer.node, ?primary,
                 "resync from a Secondary declined: the Primary resyncs this replica");
+            let _ = self.apply(Event::TargetDeclined { peer: peer.id });
         }
         true
     }
@@ -1053,8 +951,9 @@ impl ReplicatedVolume {
                         peer.transferred.fetch_add(h.length, Ordering::Relaxed);
                     }
                     // Replicas this node cannot reach may also have missed this change.
+                    let view = self.view();
                     for other in self.config().peers.iter().filter(|p| p.id != from) {
-                        if other.connection() != ConnectionState::Connected {
+                        if !view.peer(other.id).is_some_and(PeerControl::connected) {
                             self.mark(other, h.offset, h.length);
                         }
                     }
@@ -1093,7 +992,7 @@ impl ReplicatedVolume {
     }
 
     pub fn has_quorum(&self) -> bool {
-        self.config().has_quorum()
+        self.config().has_quorum(&self.view())
     }
 
     /// How long a client's request polls for its peers' answers before it sleeps:
@@ -1123,11 +1022,12 @@ impl ReplicatedVolume {
     /// waited), or `None` when it would wait for quorum to come back (suspend-io).
     fn quorum_now(&self, config: &Config, waited: bool) -> Option<io::Result<()>> {
         let options = &config.spec.options;
-        let behind = self.local.is_some() && self.disk() != DiskState::UpToDate;
+        let view = self.view();
+        let behind = view.replica && view.disk != DiskState::UpToDate;
         match quorum::admit(
             options.quorum,
             options.on_no_quorum,
-            config.votes(),
+            config.votes(&view),
             waited,
             behind,
         ) {
@@ -1181,14 +1081,12 @@ impl ReplicatedVolume {
             }
             _ => None,
         };
-        let targets: Vec<Arc<Peer>> = config.data_peers().into_iter().cloned().collect();
+        let view = self.view();
+        let targets: Vec<Arc<Peer>> = config.data_peers(&view).into_iter().cloned().collect();
         if is_data_change(h.kind) {
-            self.rotate_if_needed(&config, &targets);
+            self.rotate_if_needed(&view, &targets);
         }
-        let whole = targets
-            .iter()
-            .map(|p| p.remote().is_some_and(|s| s.disk == DiskState::UpToDate))
-            .collect();
+        let whole = targets.iter().map(|p| is_up_to_date(&view, p.id)).collect();
         let completion = Arc::new(Completion::new(targets.len()));
         for p in &targets {
             p.request(&h, payload, &completion);
@@ -1229,7 +1127,7 @@ impl ReplicatedVolume {
             .filter(|t| outcome.failed.iter().any(|(f, _)| *f == t.id))
         {
             // Still connected: resync what it failed without waiting for a reconnect.
-            p.resync_due.store(true, Ordering::Relaxed);
+            let _ = self.apply(Event::ChangeFailed { peer: p.id });
         }
     }
 
@@ -1398,8 +1296,7 @@ impl ReplicatedVolume {
 
     /// The local replica when reads may be served from it: attached and UpToDate.
     pub fn local_up_to_date(&self) -> Option<&Arc<Volume>> {
-        self.attached()
-            .filter(|v| v.disk_state() == DiskState::UpToDate)
+        self.local.as_ref().filter(|_| self.view().up_to_date())
     }
 
     /// Reads from the local replica when it is UpToDate, else from an UpToDate peer.
@@ -1413,10 +1310,7 @@ impl ReplicatedVolume {
             }
             let mut last = None;
             let config = self.config();
-            for peer in config.data_peers() {
-                if peer.remote().is_none_or(|s| s.disk != DiskState::UpToDate) {
-                    continue;
-                }
+            for peer in config.up_to_date_peers(&self.view()) {
                 match self.read_from(peer, offset, buf) {
                     Ok(()) => return Ok(()),
                     Err(e) => last = Some(e),
@@ -1454,12 +1348,9 @@ impl ReplicatedVolume {
 
     /// Whether this node can reach whole data: its own replica UpToDate, or a connected
     /// UpToDate peer.
-    fn reaches_up_to_date(&self, config: &Config) -> bool {
-        self.local_up_to_date().is_some()
-            || config
-                .data_peers()
-                .iter()
-                .any(|p| p.remote().is_some_and(|s| s.disk == DiskState::UpToDate))
+    fn reaches_up_to_date(&self) -> bool {
+        let view = self.view();
+        view.up_to_date() || !self.config().up_to_date_peers(&view).is_empty()
     }
 
     /// Opens the volume on this node. Writing makes this node Primary, which is refused
@@ -1471,61 +1362,65 @@ impl ReplicatedVolume {
             return Ok(());
         }
         let _one = self.promotion.locked();
-        {
-            let mut writers = self.writers.locked();
-            if *writers > 0 {
-                *writers += 1;
-                return Ok(());
+        if self.view().writers > 0 {
+            return self
+                .apply(Event::Opened)
+                .map_err(|refused| OpenRefused(refused.0));
+        }
+        // A peer may be reconnecting: give it as long as a dead one takes to be noticed.
+        let deadline = Instant::now() + crate::peer::DEAD_AFTER;
+        while !self.reaches_up_to_date() {
+            if Instant::now() >= deadline {
+                return Err(OpenRefused(format!(
+                    "volume {}: node {} reaches no UpToDate replica (its own is {}); wait for a resync or for a replica to return",
+                    self.name,
+                    self.my_node,
+                    self.disk()
+                )));
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
         let config = self.config();
-        if !self.reaches_up_to_date(&config) {
-            // A peer may be reconnecting: give it as long as a dead one takes to be noticed.
-            let deadline = Instant::now() + crate::peer::DEAD_AFTER;
-            while !self.reaches_up_to_date(&self.config()) {
-                if Instant::now() >= deadline {
-                    return Err(OpenRefused(format!(
-                        "volume {}: node {} reaches no UpToDate replica (its own is {}); wait for a resync or for a replica to return",
-                        self.name,
-                        self.my_node,
-                        self.disk()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        let two_primaries = config.spec.options.allow_two_primaries;
+        let view = self.view();
+        if !two_primaries && let Some(holder) = view.peers.iter().find(|p| p.is_primary()) {
+            return Err(self.held_by(holder.id, &config));
         }
-        let config = self.config();
-        if !config.spec.options.allow_two_primaries {
-            if let Some(holder) = config
-                .peers
-                .iter()
-                .find(|p| p.remote().is_some_and(|s| s.role == Role::Primary))
-            {
-                return Err(self.held_by(&holder.node));
-            }
-            self.agree_promotion(&config)?;
+        self.apply(Event::PromotionStarted { two_primaries })
+            .map_err(|refused| OpenRefused(format!("volume {}: {refused}", self.name)))?;
+        let refused_by = if two_primaries {
+            None
+        } else {
+            self.ask_promotion(&config)
+        };
+        let _ = self.apply(Event::PromotionEnded {
+            agreed: refused_by.is_none(),
+        });
+        if let Some(id) = refused_by {
+            return Err(self.held_by(id, &config));
         }
-        *self.writers.locked() = 1;
         tracing::info!(volume = %self.name, "promoted to Primary");
-        self.announce();
         Ok(())
     }
 
-    fn held_by(&self, node: &NodeName) -> OpenRefused {
+    fn held_by(&self, id: NodeId, config: &Config) -> OpenRefused {
+        let node = config
+            .peer(id)
+            .map_or_else(|| id.to_string(), |p| p.node.to_string());
         OpenRefused(format!(
             "volume {} is open for writing on node {node}; close it there first",
             self.name
         ))
     }
 
-    /// Asks every connected peer to agree that this node becomes Primary. Two nodes
-    /// asking at once: the lower node id wins.
-    fn agree_promotion(&self, config: &Config) -> Result<(), OpenRefused> {
-        self.promoting.store(true, Ordering::Release);
+    /// Asks every connected peer to agree that this node becomes Primary (two nodes
+    /// asking at once: the lower node id wins); the first that refused, if any.
+    fn ask_promotion(&self, config: &Config) -> Option<NodeId> {
+        let view = self.view();
         let asked: Vec<&Arc<Peer>> = config
             .peers
             .iter()
-            .filter(|p| p.connection() == ConnectionState::Connected)
+            .filter(|p| view.peer(p.id).is_some_and(PeerControl::connected))
             .collect();
         let completion = Arc::new(Completion::new(asked.len()));
         for p in &asked {
@@ -1535,57 +1430,15 @@ impl ReplicatedVolume {
                 &completion,
             );
         }
-        let outcome = completion.wait();
-        self.promoting.store(false, Ordering::Release);
-        match outcome.failed.first() {
-            Some((id, _)) => {
-                // Peers that agreed think this node is Primary now: correct them.
-                self.announce();
-                let node = config
-                    .peer(*id)
-                    .map_or_else(|| id.to_string(), |p| p.node.to_string());
-                Err(self.held_by(&node.parse().expect("participant names are valid")))
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// A peer asks to become Primary: refused while this node is Primary, or is itself
-    /// asking with a lower node id.
-    fn promotion_asked(&self, peer: &Peer, from: NodeId) -> u32 {
-        let own = promotion::Own {
-            id: self.my_id,
-            primary: self.role() == Role::Primary,
-            promoting: self.promoting.load(Ordering::Acquire),
-        };
-        if !promotion::grant(own, from, self.config().spec.options.allow_two_primaries) {
-            return libc::EBUSY as u32;
-        }
-        if let Some(state) = peer.remote() {
-            peer.set_remote(State {
-                role: Role::Primary,
-                ..state
-            });
-        }
-        self.primary_appeared();
-        0
+        completion.wait().failed.first().map(|(id, _)| *id)
     }
 
     pub fn close(&self, writable: bool) {
         if !writable {
             return;
         }
-        let mut writers = self.writers.locked();
-        *writers -= 1;
-        if *writers == 0 {
-            drop(writers);
-            if let Some(al) = &self.al {
-                if let Err(e) = al.clear() {
-                    tracing::error!(volume = %self.name, error = %e, "cannot clear the activity log");
-                }
-            }
+        if self.apply(Event::Closed).is_ok() && self.view().writers == 0 {
             tracing::info!(volume = %self.name, "demoted to Secondary");
-            self.announce();
         }
     }
 
@@ -1612,24 +1465,25 @@ impl ReplicatedVolume {
 
     /// Whether an NBD client has the volume open for writing on this node.
     pub fn is_open(&self) -> bool {
-        *self.writers.locked() > 0
+        self.view().writers > 0
     }
 
     pub fn status(&self) -> VolumeStatus {
         let config = self.config();
+        let view = self.view();
         let size = self.size();
         let peers = config
             .peers
             .iter()
-            .map(|p| {
-                let remote = p.remote();
-                let connection = match p.refusal() {
-                    Some(_) => ConnectionState::StandAlone,
-                    None => p.connection(),
+            .filter_map(|p| Some((p, view.peer(p.id)?)))
+            .map(|(p, c)| {
+                let connection = match c.link {
+                    Link::Up { .. } => ConnectionState::Connected,
+                    Link::Down => ConnectionState::Connecting,
+                    Link::Refused(_) => ConnectionState::StandAlone,
                 };
-                let sync = p.sync();
                 let out_of_sync = p.tracked.as_ref().map_or(0, |t| t.locked().bits.bytes());
-                let (replication, done) = match sync {
+                let (replication, done) = match c.sync {
                     _ if connection != ConnectionState::Connected || !p.diskful => {
                         (ReplicationState::Off, None)
                     }
@@ -1659,18 +1513,15 @@ impl ReplicatedVolume {
                 PeerStatus {
                     node: p.node.clone(),
                     node_id: p.id,
-                    kind: p.kind(),
+                    kind: c.kind,
                     connection,
                     replication,
-                    disk: remote.map_or(
-                        if p.diskful {
-                            DiskState::DUnknown
-                        } else {
-                            DiskState::Diskless
-                        },
-                        |s| s.disk,
-                    ),
-                    role: remote.map_or(Role::Secondary, |s| s.role),
+                    disk: c.remote_disk().unwrap_or(if p.diskful {
+                        DiskState::DUnknown
+                    } else {
+                        DiskState::Diskless
+                    }),
+                    role: c.remote.map_or(Role::Secondary, |s| s.role),
                     done,
                     out_of_sync,
                     resync_transferred: p.transferred.load(Ordering::Relaxed),
@@ -1681,10 +1532,10 @@ impl ReplicatedVolume {
             name: self.name.clone(),
             node: self.my_node.clone(),
             kind: config.me.kind,
-            role: self.role(),
-            disk: self.disk(),
-            open: self.is_open(),
-            quorum: config.has_quorum(),
+            role: view.role(),
+            disk: view.disk,
+            open: view.writers > 0,
+            quorum: config.has_quorum(&view),
             peers,
         }
     }
@@ -1697,33 +1548,21 @@ impl ReplicatedVolume {
     /// Makes every peer connect afresh, so the handshake decides again (after an
     /// invalidate, or after split brain was resolved).
     pub fn reconnect(&self) {
-        for p in &self.config().peers {
-            p.unrefuse();
-            p.disconnect();
-        }
+        let _ = self.apply(Event::Reconnect);
     }
 
     /// Discards the local replica's data: it is Inconsistent until a full resync from
     /// a peer completes. Refused while the volume is open here.
     pub fn invalidate(&self) -> Result<(), String> {
-        let Some(local) = &self.local else {
+        if self.local.is_none() {
             return Err(format!(
                 "node {} holds no replica of volume {}",
                 self.my_node, self.name
             ));
-        };
-        if *self.writers.locked() > 0 {
-            return Err(format!(
-                "volume {} is open on this node; close it first",
-                self.name
-            ));
         }
-        local
-            .update_superblock(|sb| sb.disk_state = DiskState::Inconsistent)
-            .map_err(|e| e.to_string())?;
+        self.apply(Event::Invalidate)
+            .map_err(|refused| format!("volume {}: {refused}", self.name))?;
         tracing::warn!(volume = %self.name, "local replica invalidated: a full resync follows");
-        self.announce();
-        self.reconnect();
         Ok(())
     }
 
@@ -1746,7 +1585,10 @@ impl ReplicatedVolume {
     /// Closes every peer connection (the volume is being removed or replaced).
     pub fn shut_down(&self) {
         for p in &self.config().peers {
-            p.refuse("volume removed from this node".into());
+            let _ = self.apply(Event::Refuse {
+                peer: p.id,
+                why: "volume removed from this node".into(),
+            });
         }
     }
 }

@@ -1,0 +1,769 @@
+use super::*;
+
+#[test]
+fn resync_state_changes_follow_the_table() {
+    let (src, vfy) = (Sync::Source { total: 8 }, Sync::Verifying { done: 4 });
+    let (idle, target) = (Sync::Idle, Sync::Target);
+    let allowed = [
+        (idle, idle),
+        (idle, src),
+        (idle, target),
+        (idle, vfy),
+        (src, idle),
+        (src, Sync::Source { total: 2 }),
+        (target, idle),
+        (vfy, Sync::Verifying { done: 8 }),
+        (vfy, idle),
+    ];
+    let refused = [
+        (src, target),
+        (src, vfy),
+        (target, src),
+        (target, target),
+        (target, vfy),
+        (vfy, src),
+        (vfy, target),
+    ];
+    for (from, to) in allowed {
+        assert!(from.allows(to), "{from:?} -> {to:?} must be allowed");
+    }
+    for (from, to) in refused {
+        assert!(!from.allows(to), "{from:?} -> {to:?} must be refused");
+    }
+}
+
+const G1: u64 = 0x11;
+const G2: u64 = 0x22;
+const G3: u64 = 0x33;
+
+fn id(n: u8) -> NodeId {
+    NodeId::new(n).unwrap()
+}
+
+fn gens(current: u64) -> Generations {
+    Generations {
+        current: GenerationId(current),
+        ..Generations::default()
+    }
+}
+
+/// Node 1 with a replica at `disk`/`generation`; node 2 diskful, node 3 tiebreaker,
+/// both down.
+fn node(disk: DiskState, generation: u64) -> Control {
+    Control {
+        me: id(1),
+        replica: true,
+        writers: 0,
+        promoting: false,
+        disk,
+        gens: gens(generation),
+        peers: vec![
+            PeerControl::new(id(2), ParticipantKind::Diskful, 0),
+            PeerControl::new(id(3), ParticipantKind::Tiebreaker, 0),
+        ],
+    }
+}
+
+fn state(role: Role, disk: DiskState, generation: u64) -> State {
+    State {
+        role,
+        disk,
+        generation,
+    }
+}
+
+fn connect(c: &Control, peer: u8, s: State, their_mark: u64, dirty: (bool, bool)) -> Stepped {
+    let theirs = if dirty.1 { vec![(0, 4096)] } else { vec![] };
+    step(
+        c,
+        &Event::Connected {
+            peer: id(peer),
+            epoch: 7,
+            state: s,
+            their_mark,
+            my_dirty: dirty.0,
+            theirs,
+        },
+    )
+    .expect("connects")
+}
+
+fn with_peer(mut c: Control, peer: u8, f: impl FnOnce(&mut PeerControl)) -> Control {
+    f(c.peers.iter_mut().find(|p| p.id == id(peer)).unwrap());
+    c
+}
+
+fn up(c: Control, peer: u8, s: State) -> Control {
+    with_peer(c, peer, |p| {
+        p.link = Link::Up { epoch: 7 };
+        p.remote = Some(s);
+    })
+}
+
+#[test]
+fn the_handshake_decides_the_resync_from_generations() {
+    use DiskState::*;
+    let secondary = |disk, g| state(Role::Secondary, disk, g);
+    // (this replica, its mark for the peer, the peer's state, its mark, dirty (mine,
+    // theirs)) -> (sync with the peer, disk here afterwards, whether all is marked)
+    let cases = [
+        // Same generation, nobody knows of a difference: in sync.
+        (
+            (UpToDate, G1, 0),
+            secondary(UpToDate, G1),
+            0,
+            (false, false),
+            (Sync::Idle, UpToDate, false),
+        ),
+        // Same generation, this side knows of ranges the peer lacks.
+        (
+            (UpToDate, G1, 0),
+            secondary(UpToDate, G1),
+            0,
+            (true, false),
+            (Sync::Source { total: 0 }, UpToDate, false),
+        ),
+        // The peer knows of ranges this side lacks.
+        (
+            (UpToDate, G1, 0),
+            secondary(UpToDate, G1),
+            0,
+            (false, true),
+            (Sync::Target, Inconsistent, false),
+        ),
+        // The peer is at the generation this side recorded when it left: behind by the bitmap.
+        (
+            (UpToDate, G2, G1),
+            secondary(UpToDate, G1),
+            0,
+            (true, false),
+            (Sync::Source { total: 0 }, UpToDate, false),
+        ),
+        // This side is at the generation the peer recorded: this side is behind.
+        (
+            (UpToDate, G1, 0),
+            secondary(UpToDate, G2),
+            G1,
+            (false, true),
+            (Sync::Target, Inconsistent, false),
+        ),
+        // An Inconsistent peer of a generation this side never recorded: full resync.
+        (
+            (UpToDate, G2, 0),
+            secondary(Inconsistent, G3),
+            0,
+            (false, false),
+            (Sync::Source { total: 0 }, UpToDate, true),
+        ),
+        // An Inconsistent peer this side tracked: only the bitmap.
+        (
+            (UpToDate, G2, G1),
+            secondary(Inconsistent, G1),
+            0,
+            (false, false),
+            (Sync::Source { total: 0 }, UpToDate, false),
+        ),
+        // This side is not whole, the peer is.
+        (
+            (Inconsistent, G1, 0),
+            secondary(UpToDate, G2),
+            0,
+            (false, false),
+            (Sync::Target, Inconsistent, false),
+        ),
+        // Neither is whole: connected, waiting.
+        (
+            (Outdated, G1, 0),
+            secondary(Inconsistent, G2),
+            0,
+            (false, false),
+            (Sync::Idle, Outdated, false),
+        ),
+        // A peer without a replica yet gets nothing.
+        (
+            (UpToDate, G1, 0),
+            secondary(Diskless, 0),
+            0,
+            (false, false),
+            (Sync::Idle, UpToDate, false),
+        ),
+    ];
+    for ((disk, g, mark), theirs, their_mark, dirty, (sync, disk_after, full)) in cases {
+        let c = with_peer(node(disk, g), 2, |p| p.mark = mark);
+        let (n, actions) = connect(&c, 2, theirs, their_mark, dirty);
+        let p = n.peer(id(2)).unwrap();
+        let case =
+            format!("{disk:?} {g:x} mark {mark:x} vs {theirs:?} mark {their_mark:x} {dirty:?}");
+        assert_eq!(p.link, Link::Up { epoch: 7 }, "{case}");
+        assert_eq!(p.remote, Some(theirs), "{case}");
+        assert_eq!(p.sync, sync, "{case}");
+        assert_eq!(n.disk, disk_after, "{case}");
+        assert_eq!(actions.contains(&Action::MarkAll(id(2))), full, "{case}");
+        let resyncs = actions.contains(&Action::StartResync {
+            peer: id(2),
+            epoch: 7,
+        });
+        assert_eq!(resyncs, matches!(sync, Sync::Source { .. }), "{case}");
+        let receives = actions.contains(&Action::ResyncFrom(id(2)));
+        assert_eq!(receives, sync == Sync::Target, "{case}");
+        assert_eq!(
+            receives,
+            actions.contains(&Action::ClearAll(id(2))),
+            "{case}"
+        );
+        if dirty.1 && resyncs && !full {
+            assert!(
+                actions.contains(&Action::Mark {
+                    peer: id(2),
+                    ranges: vec![(0, 4096)]
+                }),
+                "{case}"
+            );
+        }
+    }
+}
+
+#[test]
+fn diverged_replicas_are_refused_and_keep_their_data() {
+    let c = node(DiskState::UpToDate, G1);
+    let (n, actions) = connect(
+        &c,
+        2,
+        state(Role::Primary, DiskState::UpToDate, G2),
+        0,
+        (false, false),
+    );
+    let p = n.peer(id(2)).unwrap();
+    assert!(matches!(&p.link, Link::Refused(why) if why.contains("split brain")));
+    assert_eq!(p.remote, None);
+    assert_eq!((n.disk, n.gens), (DiskState::UpToDate, gens(G1)));
+    assert!(actions.contains(&Action::Disconnect(id(2))));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::PrimaryAppeared(_)))
+    );
+    // A refused peer stays refused until an operator reconnects it.
+    let again = step(
+        &n,
+        &Event::Connected {
+            peer: id(2),
+            epoch: 8,
+            state: state(Role::Secondary, DiskState::UpToDate, G2),
+            their_mark: 0,
+            my_dirty: false,
+            theirs: vec![],
+        },
+    );
+    assert!(again.is_err());
+    let (n, actions) = step(&n, &Event::Reconnect).unwrap();
+    assert_eq!(n.peer(id(2)).unwrap().link, Link::Down);
+    assert!(actions.contains(&Action::Disconnect(id(2))));
+}
+
+#[test]
+fn a_tiebreaker_that_saw_a_newer_generation_outdates_this_replica() {
+    let c = node(DiskState::UpToDate, G1);
+    let (n, actions) = connect(
+        &c,
+        3,
+        state(Role::Secondary, DiskState::Diskless, G2),
+        0,
+        (false, false),
+    );
+    assert_eq!(n.disk, DiskState::Outdated);
+    assert!(actions.contains(&Action::LeftBehind {
+        peer: id(3),
+        generation: G2
+    }));
+    // One it knows (its own history) changes nothing.
+    let mut known = node(DiskState::UpToDate, G2);
+    known.gens.history[0] = GenerationId(G1);
+    let (n, _) = connect(
+        &known,
+        3,
+        state(Role::Secondary, DiskState::Diskless, G1),
+        0,
+        (false, false),
+    );
+    assert_eq!(n.disk, DiskState::UpToDate);
+}
+
+#[test]
+fn a_diskless_node_learns_the_primarys_generation() {
+    let mut c = node(DiskState::Diskless, 0);
+    c.replica = false;
+    let (n, _) = connect(
+        &c,
+        2,
+        state(Role::Primary, DiskState::UpToDate, G2),
+        0,
+        (false, false),
+    );
+    assert_eq!(n.gens.current.0, G2);
+    let (n, _) = step(
+        &n,
+        &Event::PeerState {
+            peer: id(2),
+            state: state(Role::Primary, DiskState::UpToDate, G3),
+        },
+    )
+    .unwrap();
+    assert_eq!(n.state().generation, G3);
+}
+
+#[test]
+fn promotion_is_granted_refused_and_ended_by_the_table() {
+    let s = state(Role::Secondary, DiskState::UpToDate, G1);
+    let c = up(node(DiskState::UpToDate, G1), 2, s);
+    // A peer asks: granted, and it counts as Primary from now on.
+    let asked = |c: &Control, two| {
+        step(
+            c,
+            &Event::PromotionAsked {
+                peer: id(2),
+                two_primaries: two,
+            },
+        )
+    };
+    let (n, actions) = asked(&c, false).unwrap();
+    assert!(n.peer(id(2)).unwrap().is_primary());
+    assert!(actions.contains(&Action::PrimaryAppeared(id(2))));
+    // Refused while Primary here, or while this lower node id is asking too.
+    let primary = Control {
+        writers: 1,
+        ..c.clone()
+    };
+    assert!(asked(&primary, false).is_err());
+    assert!(asked(&primary, true).is_ok());
+    let promoting = Control {
+        promoting: true,
+        ..c.clone()
+    };
+    assert!(asked(&promoting, false).is_err());
+    // Asking: refused while a peer is Primary, or a promotion runs already.
+    let (seen, _) = asked(&c, false).unwrap();
+    assert!(
+        step(
+            &seen,
+            &Event::PromotionStarted {
+                two_primaries: false
+            }
+        )
+        .is_err()
+    );
+    assert!(
+        step(
+            &seen,
+            &Event::PromotionStarted {
+                two_primaries: true
+            }
+        )
+        .is_ok()
+    );
+    let (asking, _) = step(
+        &c,
+        &Event::PromotionStarted {
+            two_primaries: false,
+        },
+    )
+    .unwrap();
+    assert!(asking.promoting && asking.role() == Role::Secondary);
+    assert!(
+        step(
+            &asking,
+            &Event::PromotionStarted {
+                two_primaries: false
+            }
+        )
+        .is_err()
+    );
+    // Agreed: Primary, announced. Not agreed: Secondary, announced to correct peers.
+    let (n, actions) = step(&asking, &Event::PromotionEnded { agreed: true }).unwrap();
+    assert_eq!(
+        (n.role(), n.promoting, n.writers),
+        (Role::Primary, false, 1)
+    );
+    assert!(actions.contains(&Action::Announce));
+    let (n2, actions) = step(&asking, &Event::PromotionEnded { agreed: false }).unwrap();
+    assert_eq!((n2.role(), n2.promoting), (Role::Secondary, false));
+    assert!(actions.contains(&Action::Announce));
+    assert!(
+        step(&n2, &Event::PromotionEnded { agreed: true }).is_err(),
+        "none under way"
+    );
+    // More writers, then closing: Secondary after the last, its activity log emptied.
+    let (n, _) = step(&n, &Event::Opened).unwrap();
+    let (n, actions) = step(&n, &Event::Closed).unwrap();
+    assert_eq!((n.writers, actions.len()), (1, 0));
+    let (n, actions) = step(&n, &Event::Closed).unwrap();
+    assert_eq!(n.role(), Role::Secondary);
+    assert!(actions.contains(&Action::ClearActivityLog));
+    assert!(step(&n, &Event::Closed).is_err());
+    assert!(
+        step(&n, &Event::Opened).is_err(),
+        "a Secondary is opened by promotion"
+    );
+}
+
+#[test]
+fn a_resync_ends_only_where_it_runs() {
+    let source = state(Role::Secondary, DiskState::UpToDate, G2);
+    let c = node(DiskState::Inconsistent, G1);
+    let (target, _) = connect(&c, 2, source, 0, (false, false));
+    assert_eq!(target.peer(id(2)).unwrap().sync, Sync::Target);
+    // From a peer this replica does not receive from: refused, nothing changes.
+    let other = up(node(DiskState::Inconsistent, G1), 2, source);
+    assert!(
+        step(
+            &other,
+            &Event::ResyncDone {
+                peer: id(2),
+                generation: G2
+            }
+        )
+        .is_err()
+    );
+    // From its source: UpToDate at the source's generation, the old one in history.
+    let (n, actions) = step(
+        &target,
+        &Event::ResyncDone {
+            peer: id(2),
+            generation: G2,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (n.disk, n.gens.current.0, n.gens.history[0].0),
+        (DiskState::UpToDate, G2, G1)
+    );
+    assert_eq!(n.peer(id(2)).unwrap().sync, Sync::Idle);
+    assert!(
+        actions.contains(&Action::ResyncFinished(id(2))) && actions.contains(&Action::Announce)
+    );
+    assert!(
+        step(
+            &n,
+            &Event::ResyncDone {
+                peer: id(2),
+                generation: G2
+            }
+        )
+        .is_err(),
+        "twice"
+    );
+}
+
+#[test]
+fn a_source_resync_starts_finishes_and_is_refused_by_the_table() {
+    let c = up(
+        node(DiskState::UpToDate, G1),
+        2,
+        state(Role::Secondary, DiskState::Inconsistent, G1),
+    );
+    let c = with_peer(c, 2, |p| p.mark = G1);
+    let started = |c: &Control, epoch| {
+        step(
+            c,
+            &Event::ResyncStarted {
+                peer: id(2),
+                epoch,
+                total: 4096,
+            },
+        )
+    };
+    assert!(started(&c, 6).is_err(), "an old connection");
+    let (n, _) = started(&c, 7).unwrap();
+    assert_eq!(n.peer(id(2)).unwrap().sync, Sync::Source { total: 4096 });
+    assert!(
+        step(
+            &n,
+            &Event::Verify {
+                peer: id(2),
+                done: Some(0)
+            }
+        )
+        .is_err(),
+        "verify during a resync"
+    );
+    let (done, actions) = step(
+        &n,
+        &Event::ResyncSent {
+            peer: id(2),
+            epoch: 7,
+        },
+    )
+    .unwrap();
+    let p = done.peer(id(2)).unwrap();
+    assert_eq!((p.sync, p.mark), (Sync::Idle, 0));
+    assert!(actions.contains(&Action::SettleSuspect));
+    assert!(
+        step(
+            &done,
+            &Event::ResyncSent {
+                peer: id(2),
+                epoch: 7
+            }
+        )
+        .is_err(),
+        "none under way"
+    );
+    // Declined (a Primary resyncs the peer): deferred. Refused: retried, once due.
+    let (d, _) = step(
+        &n,
+        &Event::ResyncRefused {
+            peer: id(2),
+            epoch: 7,
+            declined: true,
+        },
+    )
+    .unwrap();
+    assert!(d.peer(id(2)).unwrap().deferred);
+    let (r, _) = step(
+        &n,
+        &Event::ResyncRefused {
+            peer: id(2),
+            epoch: 7,
+            declined: false,
+        },
+    )
+    .unwrap();
+    assert!(r.peer(id(2)).unwrap().resync_due);
+    assert!(
+        step(
+            &d,
+            &Event::ResyncRetry {
+                peer: id(2),
+                epoch: 7
+            }
+        )
+        .is_err()
+    );
+    let (r, actions) = step(
+        &r,
+        &Event::ResyncRetry {
+            peer: id(2),
+            epoch: 7,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        actions,
+        [Action::StartResync {
+            peer: id(2),
+            epoch: 7
+        }]
+    );
+    assert!(!r.peer(id(2)).unwrap().resync_due);
+}
+
+#[test]
+fn a_disconnect_ends_the_connections_state_and_starts_tracking() {
+    let c = up(
+        node(DiskState::UpToDate, G1),
+        2,
+        state(Role::Primary, DiskState::UpToDate, G1),
+    );
+    let c = with_peer(c, 2, |p| p.sync = Sync::Source { total: 1 });
+    // An older connection's end changes nothing.
+    let (n, actions) = step(
+        &c,
+        &Event::Disconnected {
+            peer: id(2),
+            epoch: 6,
+        },
+    )
+    .unwrap();
+    assert_eq!((n, actions), (c.clone(), vec![]));
+    let (n, _) = step(
+        &c,
+        &Event::Disconnected {
+            peer: id(2),
+            epoch: 7,
+        },
+    )
+    .unwrap();
+    let p = n.peer(id(2)).unwrap();
+    assert_eq!(
+        (&p.link, p.remote, p.sync, p.mark),
+        (&Link::Down, None, Sync::Idle, G1)
+    );
+    assert!(n.persisted_differs(&c));
+    // State from a peer that is not connected is refused.
+    assert!(
+        step(
+            &n,
+            &Event::PeerState {
+                peer: id(2),
+                state: state(Role::Primary, DiskState::UpToDate, G1)
+            }
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn a_write_that_leaves_a_replica_behind_starts_a_generation() {
+    let c = node(DiskState::UpToDate, G1);
+    let rotate = |c: &Control, receiving: Vec<NodeId>| {
+        step(
+            c,
+            &Event::Rotate {
+                receiving,
+                next: G2,
+            },
+        )
+        .unwrap()
+    };
+    // Node 2 receives: nothing changes.
+    let (n, actions) = rotate(&c, vec![id(2)]);
+    assert_eq!((n.gens, actions.len()), (c.gens, 0));
+    // Node 2 misses it and still shares G1: G2 starts, G1 is what its bitmap marks from.
+    let (n, actions) = rotate(&c, vec![]);
+    assert_eq!((n.gens.current.0, n.gens.bitmap.0), (G2, G1));
+    assert_eq!(n.peer(id(2)).unwrap().mark, G1);
+    assert!(actions.contains(&Action::NewGeneration(G2)));
+    // Already behind: no new generation per write.
+    let (again, actions) = step(
+        &n,
+        &Event::Rotate {
+            receiving: vec![],
+            next: G3,
+        },
+    )
+    .unwrap();
+    assert_eq!((again.gens.current.0, actions.len()), (G2, 0));
+    // A replica that is not whole starts none.
+    let (n, _) = rotate(&node(DiskState::Inconsistent, G1), vec![]);
+    assert_eq!(n.gens.current.0, G1);
+}
+
+#[test]
+fn the_primarys_state_moves_a_whole_replica_to_its_generation() {
+    let c = up(
+        node(DiskState::UpToDate, G1),
+        2,
+        state(Role::Secondary, DiskState::UpToDate, G1),
+    );
+    let (n, actions) = step(
+        &c,
+        &Event::PeerState {
+            peer: id(2),
+            state: state(Role::Primary, DiskState::UpToDate, G2),
+        },
+    )
+    .unwrap();
+    assert_eq!((n.gens.current.0, n.gens.history[0].0), (G2, G1));
+    assert!(actions.contains(&Action::PrimaryAppeared(id(2))));
+    // Not from a Secondary, and not into a replica being resynced.
+    let (n, _) = step(
+        &c,
+        &Event::PeerState {
+            peer: id(2),
+            state: state(Role::Secondary, DiskState::UpToDate, G2),
+        },
+    )
+    .unwrap();
+    assert_eq!(n.gens.current.0, G1);
+    let syncing = with_peer(c.clone(), 2, |p| p.sync = Sync::Target);
+    let (n, _) = step(
+        &syncing,
+        &Event::PeerState {
+            peer: id(2),
+            state: state(Role::Primary, DiskState::UpToDate, G2),
+        },
+    )
+    .unwrap();
+    assert_eq!(n.gens.current.0, G1);
+    // A deferred peer reporting UpToDate at this generation is settled.
+    let deferred = with_peer(c, 2, |p| {
+        p.deferred = true;
+        p.mark = G1
+    });
+    let (n, actions) = step(
+        &deferred,
+        &Event::PeerState {
+            peer: id(2),
+            state: state(Role::Secondary, DiskState::UpToDate, G1),
+        },
+    )
+    .unwrap();
+    let p = n.peer(id(2)).unwrap();
+    assert_eq!((p.deferred, p.mark), (false, 0));
+    assert!(actions.contains(&Action::ClearAll(id(2))));
+}
+
+#[test]
+fn local_failures_and_operator_requests() {
+    let c = node(DiskState::UpToDate, G1);
+    let (failed, actions) = step(&c, &Event::LocalIoError).unwrap();
+    assert_eq!(failed.disk, DiskState::Failed);
+    assert!(actions.contains(&Action::Detached));
+    let (again, actions) = step(&failed, &Event::LocalIoError).unwrap();
+    assert_eq!((again, actions), (failed, vec![]));
+    let mut diskless = c.clone();
+    diskless.replica = false;
+    assert!(step(&diskless, &Event::LocalIoError).is_err());
+    assert!(step(&diskless, &Event::Invalidate).is_err());
+    let open = Control {
+        writers: 1,
+        ..c.clone()
+    };
+    assert!(step(&open, &Event::Invalidate).is_err());
+    let (n, actions) = step(&c, &Event::Invalidate).unwrap();
+    assert_eq!(n.disk, DiskState::Inconsistent);
+    assert!(
+        actions.contains(&Action::Disconnect(id(2)))
+            && actions.contains(&Action::Disconnect(id(3)))
+    );
+}
+
+#[test]
+fn a_spec_change_keeps_or_restarts_each_peer() {
+    let c = up(
+        node(DiskState::UpToDate, G1),
+        2,
+        state(Role::Secondary, DiskState::UpToDate, G1),
+    );
+    let c = up(
+        with_peer(c, 3, |p| p.mark = 0),
+        3,
+        state(Role::Secondary, DiskState::Diskless, G1),
+    );
+    let c = with_peer(c, 2, |p| p.mark = G1);
+    let (n, _) = step(
+        &c,
+        &Event::SpecChanged {
+            peers: vec![
+                (id(2), ParticipantKind::Diskful, true),
+                (id(3), ParticipantKind::Diskless, false),
+                (id(4), ParticipantKind::Diskful, true),
+            ],
+        },
+    )
+    .unwrap();
+    let p2 = n.peer(id(2)).unwrap();
+    assert_eq!(
+        (&p2.link, p2.mark),
+        (&Link::Down, G1),
+        "moved: starts over, keeps its bitmap generation"
+    );
+    let p3 = n.peer(id(3)).unwrap();
+    assert_eq!(
+        (&p3.link, p3.kind),
+        (&Link::Up { epoch: 7 }, ParticipantKind::Diskless)
+    );
+    assert_eq!(n.peer(id(4)).unwrap().link, Link::Down);
+    // The end of a connection to a peer that left changes nothing.
+    let (gone, _) = step(&n, &Event::SpecChanged { peers: vec![] }).unwrap();
+    assert!(
+        step(
+            &gone,
+            &Event::Disconnected {
+                peer: id(2),
+                epoch: 7
+            }
+        )
+        .is_ok()
+    );
+}

@@ -1,0 +1,114 @@
+//! The owner of a volume's control state: applies events one at a time through
+//! [`step`], stores what must survive a restart (disk state, generations, bitmap
+//! generations) before anyone sees it, and publishes each new state as an immutable
+//! view. The data path reads the view without waiting for the owner; only events wait
+//! for each other.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use tandem_api::{DiskState, VolumeName};
+use tandem_pool::{GenerationId, PoolError, Volume};
+
+use crate::control::{Action, Control, Event, Refused, step};
+use crate::locks::{Locked, Shared};
+
+pub(crate) struct Owner {
+    volume: VolumeName,
+    /// The replica whose superblock stores the persisted part of the state.
+    local: Option<Arc<Volume>>,
+    /// The state; held while an event is applied, so events never interleave.
+    control: Mutex<Control>,
+    view: RwLock<Arc<Control>>,
+}
+
+impl Owner {
+    pub fn new(volume: VolumeName, local: Option<Arc<Volume>>, control: Control) -> Owner {
+        Owner {
+            volume,
+            local,
+            view: RwLock::new(Arc::new(control.clone())),
+            control: Mutex::new(control),
+        }
+    }
+
+    /// The state as last published.
+    pub fn view(&self) -> Arc<Control> {
+        self.view.reading().clone()
+    }
+
+    /// Applies `event`: the actions that carry it out (for the caller to run), or why
+    /// it was refused, which leaves the state as it was. If the new state cannot be
+    /// stored, the replica's metadata is failing: the replica is given up instead.
+    pub fn apply(&self, event: Event) -> Result<Vec<Action>, Refused> {
+        let mut control = self.control.locked();
+        let (next, actions) = match step(&control, &event) {
+            Ok(stepped) => stepped,
+            Err(refused) => {
+                if event.refusal_is_an_answer() {
+                    tracing::debug!(volume = %self.volume, ?event, %refused, "event refused");
+                } else {
+                    tracing::warn!(volume = %self.volume, ?event, %refused, "state change refused");
+                }
+                return Err(refused);
+            }
+        };
+        let (next, actions) = match self.store(&control, &next) {
+            Ok(()) => (next, actions),
+            Err(e) => {
+                tracing::error!(volume = %self.volume, error = %e, ?event,
+                    "cannot store the volume's state; giving up the local replica");
+                let (failed, actions) = step(&control, &Event::LocalIoError)?;
+                // Failed is kept even if it cannot be stored either: the replica is not
+                // used again in this run, and a restart finds it behind its peers.
+                let _ = self.store(&control, &failed);
+                (failed, actions)
+            }
+        };
+        *control = next.clone();
+        *self.view.writing() = Arc::new(next);
+        Ok(actions)
+    }
+
+    /// Writes the persisted part of `next` if it differs from `now`'s. Failing to
+    /// record the Failed state is only logged: there is nothing further to give up.
+    fn store(&self, now: &Control, next: &Control) -> Result<(), PoolError> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        if !next.persisted_differs(now) {
+            return Ok(());
+        }
+        let result = local.update_superblock(|sb| {
+            sb.disk_state = next.disk;
+            sb.generations = next.gens;
+            for slot in &mut sb.peers {
+                if let Some(p) = next.peer(slot.node) {
+                    slot.bitmap_generation = GenerationId(p.mark);
+                }
+            }
+        });
+        match result {
+            Err(e) if next.disk == DiskState::Failed => {
+                tracing::error!(volume = %self.volume, error = %e, "cannot record the Failed state");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+impl Event {
+    /// Whether a refusal is an ordinary answer (a promotion not granted, an
+    /// operator's request turned down) rather than a sign of a bug.
+    fn refusal_is_an_answer(&self) -> bool {
+        matches!(
+            self,
+            Event::PromotionAsked { .. }
+                | Event::PromotionStarted { .. }
+                | Event::Invalidate
+                | Event::Opened
+                | Event::PeerState { .. }
+                | Event::ResyncRetry { .. }
+        )
+    }
+}
