@@ -179,6 +179,7 @@ impl ReplicatedVolume {
                     (p.node_id, p.kind, !kept)
                 })
                 .collect(),
+            two_primaries: spec.options.allow_two_primaries,
         };
         for q in &gone {
             if q.diskful && !peers.iter().any(|p| p.id == q.id && p.diskful) {

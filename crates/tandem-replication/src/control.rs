@@ -73,6 +73,9 @@ pub(crate) struct PeerControl {
     pub link: Link,
     /// What the peer last said about itself, while connected.
     pub remote: Option<State>,
+    /// The peer's earlier generations, newest first, as its Hello gave them and as
+    /// its generation changed since.
+    pub history: [u64; 3],
     pub sync: Sync,
     /// This replica's generation when it started tracking changes for the peer (0: it
     /// tracks none). Stored in the superblock.
@@ -83,6 +86,13 @@ pub(crate) struct PeerControl {
     /// The peer failed a change (or refused a resync) while connected: what is marked
     /// for it is to be resynced without waiting for a reconnect.
     pub resync_due: bool,
+    /// The peer failed, or lost, a change that others took, while connected: until
+    /// resynced it lacks what it says it holds (see [`Control::voters_agreeing`]).
+    pub lacking: bool,
+    /// The generation this node started because the peer missed writes, since the
+    /// peer last connected (0: none): while it is current, further writes the peer
+    /// misses need no new one.
+    pub fenced: u64,
 }
 
 impl PeerControl {
@@ -92,10 +102,13 @@ impl PeerControl {
             kind,
             link: Link::Down,
             remote: None,
+            history: [0; 3],
             sync: Sync::Idle,
             mark,
             deferred: false,
             resync_due: false,
+            lacking: false,
+            fenced: 0,
         }
     }
 
@@ -124,6 +137,8 @@ impl PeerControl {
         self.sync = Sync::Idle;
         self.deferred = false;
         self.resync_due = false;
+        self.lacking = false;
+        self.fenced = 0;
     }
 }
 
@@ -137,10 +152,17 @@ pub(crate) struct Control {
     pub writers: u32,
     /// This node is asking its peers to agree to its promotion.
     pub promoting: bool,
+    /// The spec allows two Primaries at once (for live migration).
+    pub two_primaries: bool,
     pub disk: DiskState,
     /// The replica's data generations; on a diskless node only `current` is used: the
     /// newest generation a Primary announced.
     pub gens: Generations,
+    /// The newest of this node's generations known to hold every acknowledged write
+    /// of its line: the current one, unless this node, as Primary, started one that
+    /// no majority confirmed yet (no write was acknowledged in it). A whole replica
+    /// taking a Primary's generation holds its writes, so it takes it as confirmed.
+    pub confirmed: u64,
     pub peers: Vec<PeerControl>,
 }
 
@@ -155,6 +177,8 @@ pub(crate) enum Event {
         epoch: u64,
         state: State,
         their_mark: u64,
+        their_history: [u64; 3],
+        their_confirmed: u64,
         my_dirty: bool,
         theirs: Vec<(u64, u64)>,
     },
@@ -163,11 +187,13 @@ pub(crate) enum Event {
     /// The peer said what it is now.
     PeerState { peer: NodeId, state: State },
     /// A peer asks to become Primary.
-    PromotionAsked { peer: NodeId, two_primaries: bool },
-    /// This node starts asking its peers to agree to its promotion.
-    PromotionStarted { two_primaries: bool },
+    PromotionAsked { peer: NodeId },
+    /// This node starts asking its peers to agree to its promotion; whether it holds
+    /// quorum now.
+    PromotionStarted { quorum: bool },
     /// The peers answered: all agreed, or not.
-    PromotionEnded { agreed: bool },
+    /// The peers answered: all agreed, or not; and whether this node holds quorum now.
+    PromotionEnded { agreed: bool, quorum: bool },
     /// Another writer opens the volume on this node, which is Primary already.
     Opened,
     /// A writer closed the volume on this node.
@@ -191,13 +217,25 @@ pub(crate) enum Event {
     /// A peer still connected is due for a resync retry.
     ResyncRetry { peer: NodeId, epoch: u64 },
     /// The resync source says all is sent: its data generation.
-    ResyncDone { peer: NodeId, generation: u64 },
+    /// The resync source says all is sent: its data generation, and whether it
+    /// follows a Primary this node does not reach.
+    ResyncDone {
+        peer: NodeId,
+        generation: u64,
+        primary_elsewhere: bool,
+    },
     /// This node declines a resync from `peer` (another peer is Primary).
     TargetDeclined { peer: NodeId },
+    /// A majority of the voters reported this Primary's generation `generation`.
+    Confirmed { generation: u64 },
     /// Online verify against `peer`: `done` bytes compared, or ended (`None`).
     Verify { peer: NodeId, done: Option<u64> },
     /// `peer` failed a replicated change while connected.
     ChangeFailed { peer: NodeId },
+    /// `peer` refused a change past its end (it has not grown yet): it gets it, by
+    /// a resync retried until it has grown. The change failed, so nothing
+    /// acknowledged is missing there.
+    GrowthPending { peer: NodeId },
     /// Changes stop reaching `peer`: start tracking them for it.
     Track { peer: NodeId },
     /// A write is about to leave for `receiving` only: if a replica that stops
@@ -215,6 +253,7 @@ pub(crate) enum Event {
     /// reachable elsewhere), the others keep their connection and change kind only.
     SpecChanged {
         peers: Vec<(NodeId, ParticipantKind, bool)>,
+        two_primaries: bool,
     },
 }
 
@@ -254,6 +293,13 @@ pub(crate) enum Action {
     NewGeneration(u64),
     /// A peer reported a generation this replica never had: it was left behind.
     LeftBehind { peer: NodeId, generation: u64 },
+    /// Mark for the peer the changes this replica took lately from a Primary.
+    MarkRecent(NodeId),
+    /// Primary `0` was lost: the writes this replica took from it lately may have
+    /// missed the other replicas (they were in flight). They are marked for each, and
+    /// resynced from here to the connected ones with a higher node id (the lower id
+    /// sends, so two survivors never swap their differences).
+    RecentUncertain(NodeId),
     /// Log refusing a connection whose replicas diverged.
     Diverged { peer: NodeId, why: String },
 }
@@ -302,11 +348,98 @@ impl Control {
         self.replica && self.disk == DiskState::UpToDate
     }
 
+    /// Whether the peer receives every write: it holds data (whole or being resynced)
+    /// and is connected.
+    pub fn receives_writes(&self, p: &PeerControl) -> bool {
+        p.kind.diskful()
+            && p.connected()
+            && matches!(
+                p.remote_disk(),
+                Some(DiskState::UpToDate | DiskState::Inconsistent)
+            )
+    }
+
+    /// Voting peers that are connected and, by `heard`, heard from recently.
+    pub fn reachable_voters(&self, heard: impl Fn(NodeId) -> bool) -> usize {
+        self.peers
+            .iter()
+            .filter(|p| p.kind.votes() && p.connected() && heard(p.id))
+            .count()
+    }
+
+    /// Whether a write of this Primary sent to `receiving` only calls for a new
+    /// generation (see [`Event::Rotate`]): a replica that misses it may still share
+    /// the current one (none was started for it since it was last connected). Also
+    /// on a Primary without a whole replica of its own: the generation names the
+    /// data of the whole replicas that take its writes; without any, there is none to
+    /// name (and the write is not acknowledged).
+    pub fn rotation_due(&self, receiving: &[NodeId]) -> bool {
+        let whole_peer = receiving.iter().any(|id| {
+            self.peer(*id)
+                .is_some_and(|p| p.remote_disk() == Some(DiskState::UpToDate))
+        });
+        self.writers > 0
+            && (self.up_to_date() || whole_peer)
+            && self.peers.iter().any(|p| {
+                p.kind.diskful() && !receiving.contains(&p.id) && p.fenced != self.gens.current.0
+            })
+    }
+
+    /// Voting peers that are connected, heard from (by `heard`), and report this
+    /// node's current generation: they have confirmed it, and would refuse to promote
+    /// a replica of an older one. Not one that says it is whole while this node knows
+    /// it lacks changes (a resync to it is due or under way): it could be promoted
+    /// with the generation and without the data.
+    pub fn voters_agreeing(&self, heard: impl Fn(NodeId) -> bool) -> usize {
+        let current = self.gens.current.0;
+        self.reachable_voters(|id| {
+            heard(id)
+                && self.peer(id).is_some_and(|p| {
+                    let lacking = p.lacking || matches!(p.sync, Sync::Source { .. });
+                    p.remote.is_some_and(|s| {
+                        s.generation == current && !(lacking && s.disk == DiskState::UpToDate)
+                    })
+                })
+        })
+    }
+
+    /// Why resync data from `source` is declined, if it is. Only a Primary's own
+    /// resync is ordered with its writes (it holds the range while a piece travels):
+    /// data a Secondary read could land after a newer write of the Primary, be it
+    /// another peer or this node. The Primary resyncs this replica instead, or, if
+    /// this node is the Primary, the resync runs once it is closed.
+    pub fn declines_resync_from(&self, source: NodeId) -> Option<String> {
+        if self.peer(source).is_some_and(PeerControl::is_primary) {
+            return None;
+        }
+        if self.writers > 0 {
+            return Some("this node is Primary; its replica is resynced once it is closed".into());
+        }
+        let source_gen = self
+            .peer(source)
+            .and_then(|p| p.remote)
+            .map(|s| s.generation);
+        if self.up_to_date() && source_gen != Some(self.gens.current.0) {
+            // A resync within a connection runs between replicas in step; one of
+            // them moved on meanwhile.
+            return Some(format!(
+                "node id {source} is not at this replica's generation"
+            ));
+        }
+        (self.primary_besides(source))
+            .map(|p| format!("node id {} is Primary and resyncs this replica", p.id))
+    }
+
     /// A connected peer other than `except` that is Primary.
     pub fn primary_besides(&self, except: NodeId) -> Option<&PeerControl> {
         self.peers
             .iter()
             .find(|p| p.id != except && p.connected() && p.is_primary())
+    }
+
+    /// The generations this node had before its current one, newest first.
+    pub fn history(&self) -> [u64; 3] {
+        [self.gens.bitmap, self.gens.history[0], self.gens.history[1]].map(|g| g.0)
     }
 
     /// Whether the persisted part (disk state, generations, bitmap generations) differs.
@@ -364,12 +497,16 @@ impl Control {
             || self.peers.iter().any(|p| p.mark == g)
     }
 
-    /// `g` becomes the current generation, the old one moving into history.
+    /// `g` becomes the current generation, the old one moving into history; and the
+    /// confirmed one, on a node whose replica is whole (or that holds none).
     fn adopt_generation(&mut self, g: u64) {
         let gens = &mut self.gens;
         if gens.current.0 != g {
             gens.history = [gens.current, gens.history[0]];
             gens.current = GenerationId(g);
+        }
+        if !self.replica || self.disk == DiskState::UpToDate {
+            self.confirmed = g;
         }
     }
 }
@@ -393,17 +530,29 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             epoch,
             state,
             their_mark,
+            their_history,
+            their_confirmed,
             my_dirty,
             theirs,
-        } => connected(
-            &mut n,
-            &mut actions,
-            *peer,
-            *epoch,
-            *state,
-            *their_mark,
-            (*my_dirty, theirs),
-        )?,
+        } => {
+            let them = Side {
+                up_to_date: state.disk == DiskState::UpToDate,
+                generation: state.generation,
+                mark: *their_mark,
+                dirty: !theirs.is_empty(),
+                history: *their_history,
+                partial: state.disk == DiskState::Inconsistent,
+                confirmed: *their_confirmed,
+            };
+            connected(
+                &mut n,
+                &mut actions,
+                (*peer, *epoch),
+                *state,
+                them,
+                (*my_dirty, theirs),
+            )?
+        }
         Event::Disconnected { peer, epoch } => {
             let Ok(p) = n.peer_mut(*peer) else {
                 // It left the spec, and its state with it.
@@ -416,48 +565,99 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 // An older connection, replaced already: nothing of it is left.
                 _ => return Ok((n, actions)),
             }
+            let was_primary = p.is_primary();
             p.forget_connection();
             n.begin_tracking(*peer);
+            if was_primary && n.replica {
+                // Its last writes may have reached some replicas and not others.
+                actions.push(Action::RecentUncertain(*peer));
+            } else if n.replica {
+                // The changes taken lately from a Primary may have missed it, its own
+                // link to the Primary being dead already, unnoticed.
+                actions.push(Action::MarkRecent(*peer));
+            }
             actions.push(Action::Notify);
         }
         Event::PeerState { peer, state } => peer_state(&mut n, &mut actions, *peer, *state)?,
-        Event::PromotionAsked {
-            peer,
-            two_primaries,
-        } => {
+        Event::PromotionAsked { peer } => {
             let own = promotion::Own {
                 id: n.me,
                 primary: n.writers > 0,
                 promoting: n.promoting,
+                other_primary: n.primary_besides(*peer).is_some(),
             };
-            if !promotion::grant(own, *peer, *two_primaries) {
+            if !promotion::grant(own, *peer, n.two_primaries) {
                 return Err(Refused(format!(
-                    "node id {peer} may not become Primary: this node is Primary or being promoted"
+                    "node id {peer} may not become Primary: this node is Primary, sees another, or is being promoted"
+                )));
+            }
+            let mine = n.gens.current.0;
+            // (An asker holding no data of its own, diskless or generation 0 as far as
+            // this node knows, writes to the whole replicas, which the handshake keeps
+            // on the newest line.)
+            let asker = n
+                .peer(*peer)
+                .filter(|p| p.remote.is_some() && p.kind.diskful());
+            if let Some(p) = asker
+                && let Some(g) = p.remote.map(|s| s.generation)
+                && mine != 0
+                && g != 0
+                && g != mine
+                && !p.history.contains(&mine)
+            {
+                // Its data does not descend from the generation this node holds or
+                // confirmed: it is older (writes were acknowledged since that it does
+                // not hold), or of another line.
+                return Err(Refused(format!(
+                    "node id {peer} may not become Primary: its data generation {g:016x} does not descend from {mine:016x}"
                 )));
             }
             let p = n.peer_mut(*peer)?;
             if let Some(s) = &mut p.remote {
                 s.role = Role::Primary;
             }
+            // Granted to a lower node id asking at the same time: this node's own
+            // promotion is over, whatever its peers answer.
+            n.promoting = n.promoting && n.two_primaries;
             actions.extend([Action::PrimaryAppeared(*peer), Action::Notify]);
         }
-        Event::PromotionStarted { two_primaries } => {
+        Event::PromotionStarted { quorum } => {
             if n.writers > 0 || n.promoting {
                 return Err(Refused(
                     "this node is Primary or being promoted already".into(),
                 ));
             }
-            if !two_primaries && let Some(p) = n.peers.iter().find(|p| p.is_primary()) {
+            if !n.two_primaries
+                && let Some(p) = n.peers.iter().find(|p| p.is_primary())
+            {
                 return Err(Refused(format!("node id {} is Primary", p.id)));
+            }
+            if !quorum {
+                // A node cut off from the majority may not take over: the majority
+                // may have a Primary already, which it cannot see.
+                return Err(Refused("this node has no quorum".into()));
+            }
+            if n.replica && n.disk != DiskState::UpToDate {
+                // Its writes would land on a replica that is not whole, on a line of
+                // generations the handshake cannot vouch for.
+                return Err(Refused(format!(
+                    "this node's replica is {}; it can be promoted once UpToDate",
+                    n.disk
+                )));
             }
             n.promoting = true;
         }
-        Event::PromotionEnded { agreed } => {
+        Event::PromotionEnded { agreed, quorum } => {
             if !n.promoting {
                 return Err(Refused("no promotion is under way".into()));
             }
             n.promoting = false;
-            if *agreed {
+            // Meanwhile a peer may have been granted a promotion by this node (a lower
+            // node id asking at the same time), or the votes lost with peers that
+            // went away unasked.
+            let other = n.peers.iter().any(|p| p.connected() && p.is_primary());
+            let whole = !n.replica || n.disk == DiskState::UpToDate;
+            if *agreed && *quorum && whole && (n.two_primaries || !other) {
                 n.writers = 1;
             }
             // Either way: peers that agreed take this node for Primary; correct them
@@ -477,6 +677,14 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             n.writers -= 1;
             if n.writers == 0 {
                 actions.extend([Action::ClearActivityLog, Action::Announce]);
+                if n.replica && n.disk != DiskState::UpToDate {
+                    // Its resync was declined while Primary: a new handshake with each
+                    // whole peer starts it.
+                    let whole = (n.peers.iter()).filter(|p| {
+                        n.tracks(p) && p.connected() && p.remote_disk() == Some(DiskState::UpToDate)
+                    });
+                    actions.extend(whole.map(|p| Action::Disconnect(p.id)));
+                }
             }
         }
         Event::ResyncStarted { peer, epoch, total } => {
@@ -492,6 +700,7 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             }
             p.sync = Sync::Idle;
             p.mark = 0;
+            p.lacking = false;
             actions.extend([Action::SettleSuspect, Action::Notify]);
         }
         Event::ResyncRefused {
@@ -511,9 +720,12 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
         }
         Event::ResyncRetry { peer, epoch } => {
             require_up(&n, *peer, *epoch)?;
-            let up = n.up_to_date();
+            let (up, current) = (n.up_to_date(), n.gens.current.0);
             let p = n.peer_mut(*peer)?;
-            if !p.resync_due || p.sync != Sync::Idle || !up {
+            // Only between replicas in step (same generation): anything else is the
+            // handshake's to decide, on a new connection.
+            let in_step = p.remote.is_some_and(|s| s.generation == current);
+            if !p.resync_due || p.sync != Sync::Idle || !up || !in_step || p.is_primary() {
                 return Err(Refused(format!(
                     "no resync retry is due for node id {peer}"
                 )));
@@ -524,7 +736,11 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 epoch: *epoch,
             });
         }
-        Event::ResyncDone { peer, generation } => {
+        Event::ResyncDone {
+            peer,
+            generation,
+            primary_elsewhere,
+        } => {
             let p = n.peer_mut(*peer)?;
             if p.sync != Sync::Target {
                 return Err(Refused(format!(
@@ -532,10 +748,39 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 )));
             }
             p.sync = Sync::Idle;
+            let h = p.history;
+            if let Some(primary) = n.primary_besides(*peer).map(|q| q.id)
+                && n.declines_resync_from(*peer).is_some()
+            {
+                // A Primary appeared while a Secondary resynced this replica: its
+                // writes may have landed among the pieces. The Primary resyncs it,
+                // after a new handshake.
+                actions.extend([Action::Disconnect(primary), Action::Notify]);
+                return Ok((n, actions));
+            }
             let was = n.disk;
             if n.replica {
-                n.adopt_generation(*generation);
-                n.disk = DiskState::UpToDate;
+                // Its data is the source's now, and so is its line of generations:
+                // what it was before (or only knew of) is gone. Whole, but behind a
+                // Primary whose writes do not reach it: Outdated, until a handshake
+                // with that Primary resyncs it.
+                n.disk = if *primary_elsewhere {
+                    DiskState::Outdated
+                } else {
+                    DiskState::UpToDate
+                };
+                // Its data changed by what the source sent, which its bitmaps for
+                // the other peers do not hold: they no longer tell alone what those
+                // lack (a handshake resyncs them in full, or by generation).
+                for q in n.peers.iter_mut().filter(|q| q.id != *peer) {
+                    q.mark = 0;
+                }
+                n.gens = Generations {
+                    current: GenerationId(*generation),
+                    bitmap: GenerationId(h[0]),
+                    history: [GenerationId(h[1]), GenerationId(h[2])],
+                };
+                n.confirmed = *generation;
             }
             actions.extend([
                 Action::ResyncFinished(*peer),
@@ -565,6 +810,15 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             if p.sync == Sync::Target {
                 p.sync = Sync::Idle;
                 actions.push(Action::Notify);
+                // Not whole, and resynced by nobody now: a new handshake with the
+                // Primary starts its resync.
+                let resynced = n.peers.iter().any(|q| q.sync == Sync::Target);
+                if n.disk == DiskState::Inconsistent
+                    && !resynced
+                    && let Some(primary) = n.primary_besides(*peer)
+                {
+                    actions.push(Action::Disconnect(primary.id));
+                }
             }
         }
         Event::Verify { peer, done } => {
@@ -581,7 +835,22 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 actions.push(Action::Notify);
             }
         }
+        Event::Confirmed { generation } => {
+            if *generation != n.gens.current.0 {
+                return Err(Refused(format!(
+                    "generation {generation:016x} is not the current one"
+                )));
+            }
+            n.confirmed = *generation;
+        }
         Event::ChangeFailed { peer } => {
+            let p = n.peer_mut(*peer)?;
+            if p.connected() {
+                p.resync_due = true;
+                p.lacking = true;
+            }
+        }
+        Event::GrowthPending { peer } => {
             let p = n.peer_mut(*peer)?;
             if p.connected() {
                 p.resync_due = true;
@@ -589,28 +858,24 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
         }
         Event::Track { peer } => n.begin_tracking(*peer),
         Event::Rotate { receiving, next } => {
-            if !n.up_to_date() {
-                // Only data that is whole gets a generation others can descend from.
+            if !n.rotation_due(receiving) {
                 return Ok((n, actions));
             }
-            let mut stale = false;
-            let missing: Vec<NodeId> = n
-                .peers
-                .iter()
-                .filter(|p| n.tracks(p) && !receiving.contains(&p.id))
+            let missing: Vec<NodeId> = (n.peers.iter())
+                .filter(|p| p.kind.diskful() && !receiving.contains(&p.id))
                 .map(|p| p.id)
                 .collect();
-            for id in missing {
-                n.begin_tracking(id);
-                stale |= n.peer(id).is_some_and(|p| p.mark == n.gens.current.0);
+            for id in &missing {
+                n.begin_tracking(*id);
             }
-            if stale {
-                let g = &mut n.gens;
-                g.history = [g.bitmap, g.history[0]];
-                g.bitmap = g.current;
-                g.current = GenerationId(*next);
-                actions.extend([Action::NewGeneration(*next), Action::Announce]);
+            let g = &mut n.gens;
+            g.history = [g.bitmap, g.history[0]];
+            g.bitmap = g.current;
+            g.current = GenerationId(*next);
+            for id in &missing {
+                n.peer_mut(*id)?.fenced = *next;
             }
+            actions.extend([Action::NewGeneration(*next), Action::Announce]);
         }
         Event::LocalIoError => {
             if !n.replica {
@@ -630,7 +895,10 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                     "the volume is open on this node; close it first".into(),
                 ));
             }
+            // It holds no data of its own now: any whole peer's is taken in full.
             n.disk = DiskState::Inconsistent;
+            n.adopt_generation(0);
+            n.confirmed = 0;
             actions.push(Action::Announce);
             reconnect(&mut n, &mut actions);
         }
@@ -640,7 +908,11 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             p.link = Link::Refused(why.clone());
             actions.extend([Action::Disconnect(*peer), Action::Notify]);
         }
-        Event::SpecChanged { peers } => {
+        Event::SpecChanged {
+            peers,
+            two_primaries,
+        } => {
+            n.two_primaries = *two_primaries;
             let old = std::mem::take(&mut n.peers);
             for (id, kind, fresh) in peers {
                 let kept = old.iter().find(|p| p.id == *id);
@@ -672,18 +944,46 @@ fn reconnect(n: &mut Control, actions: &mut Vec<Action>) {
 fn connected(
     n: &mut Control,
     actions: &mut Vec<Action>,
-    id: NodeId,
-    epoch: u64,
+    (id, epoch): (NodeId, u64),
     state: State,
-    their_mark: u64,
+    them: Side,
     (my_dirty, theirs): (bool, &[(u64, u64)]),
 ) -> Result<(), Refused> {
-    let (me_first, replica) = (n.me < id, n.replica);
+    let me_first = n.me < id;
     let p = n
         .peer(id)
         .ok_or_else(|| Refused(format!("node id {id} is not a peer")))?;
     if let Link::Refused(why) = &p.link {
         return Err(Refused(format!("node id {id} is refused: {why}")));
+    }
+    if !n.replica
+        && state.role == Role::Primary
+        && n.gens.current.0 != 0
+        && state.generation != n.gens.current.0
+        && !them.moved_on_from(n.gens.current.0)
+    {
+        // This node confirmed a generation this Primary does not descend from: it
+        // was promoted elsewhere and lost quorum meanwhile, or its data diverged.
+        return Err(Refused(format!(
+            "node id {id} is Primary of generation {:016x}, which does not descend from {:016x}, the one this node confirmed",
+            state.generation, n.gens.current.0
+        )));
+    }
+    if state.role == Role::Primary && !n.two_primaries {
+        // One of them was promoted while they were apart (the other without quorum):
+        // they connect once one of them is closed. A third node connects to only one
+        // of them, or each would count its vote.
+        if n.writers > 0 {
+            return Err(Refused(format!(
+                "node id {id} and this node are both Primary; close the volume on one of them"
+            )));
+        }
+        if let Some(other) = n.primary_besides(id) {
+            return Err(Refused(format!(
+                "node id {id} and node id {} are both Primary; close the volume on one of them",
+                other.id
+            )));
+        }
     }
     let direction = if !n.tracks(p) || state.disk == DiskState::Diskless {
         // A peer without a replica (yet: its spec may still say diskless) gets no data
@@ -695,15 +995,37 @@ fn connected(
             generation: n.gens.current.0,
             mark: p.mark,
             dirty: my_dirty,
+            history: n.history(),
+            partial: n.disk == DiskState::Inconsistent,
+            confirmed: n.confirmed,
         };
-        let theirs = Side {
-            up_to_date: state.disk == DiskState::UpToDate,
-            generation: state.generation,
-            mark: their_mark,
-            dirty: !theirs.is_empty(),
-        };
-        handshake::decide(me, theirs, me_first)
+        handshake::decide(me, them, me_first)
     };
+    // A Primary whose peer holds newer data is not resynced under its clients: it
+    // is Outdated (its writes fail, its reads go to whole peers) until it is closed,
+    // and then connects afresh to be resynced (see `Event::Closed`).
+    let direction = match direction {
+        Direction::Target | Direction::Behind if n.writers > 0 => Direction::Behind,
+        // The other side of that: a Primary takes no resync (it declines it, and
+        // its writes share the connection with the pieces' answers).
+        Direction::Source { .. } if state.role == Role::Primary && !n.two_primaries => {
+            Direction::Neither
+        }
+        other => other,
+    };
+    if direction == Direction::Target
+        && let Some(source) = n
+            .peers
+            .iter()
+            .find(|q| q.id != id && q.sync == Sync::Target)
+    {
+        // One source at a time: two could interleave pieces of different data. The
+        // peer dials again, and the handshake decides anew once this resync is over.
+        return Err(Refused(format!(
+            "this replica is being resynced from node id {}; node id {id} waits",
+            source.id
+        )));
+    }
     if let Direction::Diverged(why) = direction {
         let p = n.peer_mut(id)?;
         p.forget_connection();
@@ -715,45 +1037,46 @@ fn connected(
         ]);
         return Ok(());
     }
-    // A diskless participant remembers the newest generation a Primary announced; a
-    // whole replica that hears from one of a generation it never had was left behind
-    // while partitioned, and is Outdated.
-    let generation = state.generation;
-    if !replica {
-        if state.role == Role::Primary || n.gens.current.0 == 0 {
-            n.gens.current = GenerationId(generation);
-        }
-    } else if !p.kind.diskful()
-        && generation != 0
-        && n.disk == DiskState::UpToDate
-        && !n.knows_generation(generation)
-    {
-        n.disk = DiskState::Outdated;
-        actions.extend([
-            Action::LeftBehind {
-                peer: id,
-                generation,
-            },
-            Action::Announce,
-        ]);
-    }
-    let p = n.peer_mut(id)?;
-    p.forget_connection();
-    p.link = Link::Up { epoch };
-    p.remote = Some(state);
-    // The connection comes up already in the resync the handshake decided, so its
-    // status never shows it Established in between.
-    p.sync = match direction {
+    let sync = match direction {
         Direction::Source { .. } => Sync::Source { total: 0 },
         Direction::Target => Sync::Target,
         _ => Sync::Idle,
     };
+    hear_generation(n, actions, id, state, sync, None);
+    let p = n.peer_mut(id)?;
+    p.forget_connection();
+    p.link = Link::Up { epoch };
+    p.remote = Some(state);
+    p.history = them.history;
+    // The connection comes up already in the resync the handshake decided, so its
+    // status never shows it Established in between.
+    p.sync = sync;
     if state.role == Role::Primary {
         actions.push(Action::PrimaryAppeared(id));
     }
     match direction {
+        // Nothing differs: the bitmap for the peer starts afresh when it next misses
+        // a write.
+        Direction::InSync if !my_dirty => n.peer_mut(id)?.mark = 0,
+        Direction::Behind => {
+            n.disk = DiskState::Outdated;
+            actions.extend([
+                Action::LeftBehind {
+                    peer: id,
+                    generation: state.generation,
+                },
+                Action::Announce,
+            ]);
+        }
         Direction::Target => {
+            // Resyncs this side was sending others would go on with data about to
+            // change under them: they end, and those peers connect afresh.
+            let sending = (n.peers.iter())
+                .filter(|q| q.id != id && matches!(q.sync, Sync::Source { .. }))
+                .map(|q| Action::Disconnect(q.id));
+            actions.extend(sending);
             // The source resyncs what this side knew to differ as well.
+            n.peer_mut(id)?.mark = 0;
             n.disk = DiskState::Inconsistent;
             actions.extend([
                 Action::ClearAll(id),
@@ -792,24 +1115,28 @@ fn peer_state(
             "state from node id {id}, which is not connected"
         )));
     }
-    let sync = p.sync;
-    if state.role == Role::Primary && state.generation != n.gens.current.0 {
-        if !n.replica {
-            // Carried to replicas that were cut off (see `connected`).
-            n.gens.current = GenerationId(state.generation);
-        } else if n.disk == DiskState::UpToDate && sync == Sync::Idle {
-            // This replica received all the Primary's writes: its new generation is
-            // this replica's too.
-            n.adopt_generation(state.generation);
-        }
-    }
+    let previous = p.remote.map(|s| s.generation);
+    hear_generation(n, actions, id, state, p.sync, previous);
     let (up, current) = (n.up_to_date(), n.gens.current.0);
+    // Two peers became Primary, each granted by a part of the cluster that could not
+    // see the other: this node stays with the one it knew first, or its vote would
+    // count for both.
+    let second_primary = state.role == Role::Primary
+        && !n.two_primaries
+        && n.peer(id).is_some_and(|p| !p.is_primary())
+        && n.primary_besides(id).is_some();
     let p = n.peer_mut(id)?;
     let was_primary = p.is_primary();
     let changed = p.remote != Some(state);
+    if let Some(old) = p.remote.filter(|old| old.generation != state.generation) {
+        p.history = [old.generation, p.history[0], p.history[1]];
+    }
     p.remote = Some(state);
     if state.role == Role::Primary && !was_primary {
         actions.push(Action::PrimaryAppeared(id));
+    }
+    if second_primary {
+        actions.push(Action::Disconnect(id));
     }
     // A peer whose resync from here was declined (a Primary resynced it) reports
     // UpToDate at this replica's generation: what was marked for it is settled.
@@ -829,5 +1156,80 @@ fn peer_state(
     Ok(())
 }
 
+/// What a peer's state says about data generations (`previous`: the generation it
+/// reported before, on a live connection). A Primary's current generation becomes
+/// this node's when this node follows it: a participant without data remembers it
+/// (and the ones before it); a whole replica takes it when it was at the Primary's
+/// previous generation and in step with it (no resync from it due): it received
+/// every write since. Either tells its peers: the Primary counts who has confirmed
+/// its generation before acknowledging writes (see [`Control::voters_agreeing`]), and
+/// a later promotion of a replica left behind is refused by whoever knows a newer
+/// one. A replica being resynced by the Primary takes its generation too, to know it.
+///
+/// A whole replica connected to no Primary that hears of a generation it never had
+/// was left behind while apart: from a participant without data (which only repeats
+/// a Primary), it is Outdated; from a whole replica, it is Outdated too, and
+/// reconnects so that the handshake resyncs it. Connected to a Primary, it waits for
+/// the Primary's own word, which may merely be slower to arrive.
+fn hear_generation(
+    n: &mut Control,
+    actions: &mut Vec<Action>,
+    id: NodeId,
+    state: State,
+    sync: Sync,
+    previous: Option<u64>,
+) {
+    let g = state.generation;
+    if g == 0 || g == n.gens.current.0 {
+        return;
+    }
+    let in_step = previous == Some(n.gens.current.0)
+        && matches!(sync, Sync::Idle | Sync::Source { .. })
+        && n.disk == DiskState::UpToDate;
+    // A replica the Primary resyncs takes the generation too: it confirms it to the
+    // Primary, so it must never fall back to an older line (a handshake finds a
+    // whole replica of one behind it).
+    // (At the handshake that makes it the Primary's target, it is not marked
+    // Inconsistent yet.)
+    let resynced =
+        sync == Sync::Target && (n.disk == DiskState::Inconsistent || previous.is_none());
+    if state.role == Role::Primary && (!n.replica || in_step || resynced)
+        || !n.replica && n.gens.current.0 == 0
+    {
+        n.adopt_generation(g);
+        if resynced {
+            n.confirmed = g;
+        }
+        actions.push(Action::Announce);
+        return;
+    }
+    let Some(peer) = n.peer(id) else { return };
+    let told_by = match (peer.kind.diskful(), state.disk) {
+        (false, _) => Some(false),
+        (true, DiskState::UpToDate) if sync == Sync::Idle => Some(true),
+        _ => None,
+    };
+    let primary_here = n.peers.iter().any(|p| p.connected() && p.is_primary());
+    if let Some(whole_peer) = told_by
+        && n.up_to_date()
+        && !primary_here
+        && !n.knows_generation(g)
+    {
+        n.disk = DiskState::Outdated;
+        actions.extend([
+            Action::LeftBehind {
+                peer: id,
+                generation: g,
+            },
+            Action::Announce,
+        ]);
+        if whole_peer {
+            actions.push(Action::Disconnect(id));
+        }
+    }
+}
+
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;

@@ -3,8 +3,9 @@
 //! identifiers, never by guesswork: equal generations are in sync unless either side
 //! knows of writes the other missed (its bitmap or activity log); a side whose
 //! generation is the one the other recorded when it started tracking changes for it is
-//! behind by exactly what that bitmap marks; anything else between two UpToDate
-//! replicas is split brain.
+//! behind by exactly what that bitmap marks; a side whose generation is among the
+//! other's earlier ones is behind by more than a bitmap can tell, and resynced in
+//! full; anything else between two UpToDate replicas is split brain.
 
 /// What one side of a connection says about its replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +19,41 @@ pub(crate) struct Side {
     /// It knows of ranges that differ on the other side (its bitmap for it, or extents
     /// a crash left in its activity log).
     pub dirty: bool,
+    /// Its earlier generations (0: none).
+    pub history: [u64; 3],
+    /// Its data is a resync in progress (Inconsistent): what it lacks is known only to
+    /// its source, so another one sends everything.
+    pub partial: bool,
+    /// The newest of its generations that holds every acknowledged write of its line:
+    /// its current one, or an earlier one if it started one no majority confirmed
+    /// (no write was acknowledged in that one).
+    pub confirmed: u64,
+}
+
+impl Side {
+    /// Whether `generation` is one this side moved on from.
+    pub fn moved_on_from(&self, generation: u64) -> bool {
+        generation != 0 && self.history.contains(&generation)
+    }
+
+    /// Whether all it changed since its line and `other`'s parted is unconfirmed: its
+    /// confirmed generation is `other`'s, or one `other` moved on from.
+    fn unconfirmed_after(&self, other: Side) -> bool {
+        self.confirmed != self.generation
+            && (self.confirmed == other.generation || other.moved_on_from(self.confirmed))
+    }
+
+    /// Its generations, newest first.
+    fn line(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.generation).chain(self.history)
+    }
+
+    /// Whether its confirmed generation descends from `ancestor`: this side holds
+    /// acknowledged writes made after `ancestor`.
+    fn confirmed_after(&self, ancestor: u64) -> bool {
+        let at = |g: u64| self.line().position(|x| x == g && g != 0);
+        matches!((at(self.confirmed), at(ancestor)), (Some(c), Some(a)) if a > c)
+    }
 }
 
 /// What this side must do first.
@@ -31,8 +67,25 @@ pub(crate) enum Direction {
     Target,
     /// Neither side is UpToDate: connected, nothing to send until one is.
     Neither,
+    /// This side is UpToDate, but the other, not whole, moved on from this side's
+    /// generation: this side was left behind and is Outdated; nothing to send.
+    Behind,
     /// Neither replica descends from the other: split brain, or unrelated data.
     Diverged(String),
+}
+
+/// Whether `other`, not whole, may take `whole`'s data: it holds no acknowledged
+/// write of its own (generation 0), or its confirmed generation is one `whole` had
+/// (it fell behind on the same line, perhaps starting a generation no majority
+/// confirmed). A replica holding acknowledged writes of a newer line (it followed a
+/// Primary `whole` never saw) must not be overwritten by older data.
+fn on_line(whole: Side, other: Side) -> bool {
+    let line = other.confirmed;
+    other.generation == 0
+        || line == 0
+        || line == whole.generation
+        || (whole.mark != 0 && line == whole.mark)
+        || whole.moved_on_from(line)
 }
 
 /// The decision for `me`, facing `peer`; `me_first` breaks the one tie (both missed
@@ -50,14 +103,30 @@ pub(crate) fn decide(me: Side, peer: Side, me_first: bool) -> Direction {
             Direction::Source { full: false }
         }
         (true, true) if peer.mark != 0 && me.generation == peer.mark => Direction::Target,
-        (true, true) => Direction::Diverged(format!(
-            "split brain: both replicas changed since they last agreed (generation {:016x} here, {:016x} on the peer)",
+        (true, true) if me.moved_on_from(peer.generation) => Direction::Source { full: true },
+        (true, true) if peer.moved_on_from(me.generation) => Direction::Target,
+        // Changes no majority confirmed hold no acknowledged write: the side that
+        // has only those yields (both: the lower node id keeps its own).
+        (true, true) => match (me.unconfirmed_after(peer), peer.unconfirmed_after(me)) {
+            (true, false) => Direction::Target,
+            (false, true) => Direction::Source { full: true },
+            (true, true) if me_first => Direction::Source { full: true },
+            (true, true) => Direction::Target,
+            (false, false) => Direction::Diverged(format!(
+                "split brain: both replicas changed since they last agreed (generation {:016x} here, {:016x} on the peer)",
+                me.generation, peer.generation
+            )),
+        },
+        (true, false) if on_line(me, peer) => Direction::Source {
+            full: peer.partial || !(me.mark != 0 && peer.generation == me.mark),
+        },
+        (true, false) if peer.confirmed_after(me.generation) => Direction::Behind,
+        (false, true) if on_line(peer, me) => Direction::Target,
+        (false, true) if me.confirmed_after(peer.generation) => Direction::Neither,
+        (true, false) | (false, true) => Direction::Diverged(format!(
+            "unrelated data: generation {:016x} here, {:016x} on the peer, neither descends from the other",
             me.generation, peer.generation
         )),
-        (true, false) => Direction::Source {
-            full: !(me.mark != 0 && peer.generation == me.mark),
-        },
-        (false, true) => Direction::Target,
         // Each waits for an UpToDate replica; whichever becomes one first reconnects
         // to resync the other.
         (false, false) => Direction::Neither,
@@ -79,6 +148,17 @@ mod tests {
             generation,
             mark,
             dirty,
+            history: [0; 3],
+            partial: false,
+            confirmed: generation,
+        }
+    }
+
+    /// An UpToDate side that moved on from `earlier`.
+    fn after(generation: u64, earlier: u64) -> Side {
+        Side {
+            history: [earlier, 0, 0],
+            ..side(true, generation, 0, false)
         }
     }
 
@@ -153,6 +233,48 @@ mod tests {
                 true,
                 Diverged(String::new()),
             ),
+            // One moved on from the other's generation without a bitmap for it.
+            (
+                "I moved on from theirs, untracked",
+                after(G2, G1),
+                up(G1, 0, false),
+                true,
+                Source { full: true },
+            ),
+            (
+                "they moved on from mine, untracked",
+                up(G1, 0, false),
+                after(G2, G1),
+                true,
+                Target,
+            ),
+            (
+                "both moved on from the same",
+                after(G2, G1),
+                after(G3, G1),
+                true,
+                Diverged(String::new()),
+            ),
+            (
+                "both moved on, they without a confirmed change",
+                after(G2, G1),
+                Side {
+                    confirmed: G1,
+                    ..after(G3, G1)
+                },
+                true,
+                Source { full: true },
+            ),
+            (
+                "both moved on, I without a confirmed change",
+                Side {
+                    confirmed: G1,
+                    ..after(G2, G1)
+                },
+                after(G3, G1),
+                true,
+                Target,
+            ),
             // One side is not UpToDate.
             (
                 "they are behind, tracked",
@@ -163,8 +285,45 @@ mod tests {
             ),
             (
                 "they are behind, untracked",
-                up(G2, 0, false),
+                after(G2, G1),
                 behind(G1, 0, false),
+                true,
+                Source { full: true },
+            ),
+            (
+                "they followed a line I never saw",
+                up(G1, 0, false),
+                Side {
+                    history: [G1, 0, 0],
+                    ..behind(G2, 0, false)
+                },
+                true,
+                Behind,
+            ),
+            (
+                "I followed a line they never saw",
+                Side {
+                    history: [G1, 0, 0],
+                    ..behind(G2, 0, false)
+                },
+                up(G1, 0, false),
+                true,
+                Neither,
+            ),
+            (
+                "not whole, on an unrelated line",
+                up(G2, 0, false),
+                behind(G3, 0, false),
+                true,
+                Diverged(String::new()),
+            ),
+            (
+                "they are being resynced, even by the bitmap's generation",
+                up(G2, G1, true),
+                Side {
+                    partial: true,
+                    ..behind(G1, 0, false)
+                },
                 true,
                 Source { full: true },
             ),
@@ -178,6 +337,13 @@ mod tests {
             (
                 "I am behind",
                 behind(G1, 0, false),
+                after(G2, G1),
+                true,
+                Target,
+            ),
+            (
+                "I hold nothing",
+                behind(0, 0, false),
                 up(G2, 0, false),
                 true,
                 Target,
@@ -209,7 +375,16 @@ mod tests {
             for g in gens {
                 for mark in gens {
                     for dirty in [false, true] {
-                        sides.push(side(up, g, mark, dirty));
+                        for earlier in gens.into_iter().filter(|e| *e != g) {
+                            for confirmed in [g, earlier] {
+                                sides.push(Side {
+                                    history: [earlier, 0, 0],
+                                    partial: !up && dirty,
+                                    confirmed,
+                                    ..side(up, g, mark, dirty)
+                                });
+                            }
+                        }
                     }
                 }
             }
@@ -217,18 +392,26 @@ mod tests {
         for a in &sides {
             for b in &sides {
                 let (x, y) = (decide(*a, *b, true), decide(*b, *a, false));
-                let agree = match (&x, &y) {
-                    (InSync, InSync) | (Neither, Neither) => true,
-                    (Source { .. }, Target) | (Target, Source { .. }) => true,
-                    (Diverged(_), Diverged(_)) => true,
-                    _ => false,
-                };
+                let agree = matches!(
+                    (&x, &y),
+                    (InSync, InSync)
+                        | (Neither, Neither)
+                        | (Behind, Neither)
+                        | (Neither, Behind)
+                        | (Source { .. }, Target)
+                        | (Target, Source { .. })
+                        | (Diverged(_), Diverged(_))
+                );
                 // Histories that cannot happen are left out: a side marking its own
                 // current generation, or each side behind the other (generations
                 // only move forward).
-                let crossed = a.mark == b.generation
-                    && b.mark == a.generation
-                    && a.generation != b.generation;
+                let behind = |x: &Side, y: &Side| {
+                    x.generation != y.generation
+                        && (x.mark == y.generation
+                            || x.moved_on_from(y.generation)
+                            || x.moved_on_from(y.confirmed))
+                };
+                let crossed = behind(a, b) && behind(b, a);
                 let coherent = a.mark != a.generation && b.mark != b.generation && !crossed;
                 assert!(!coherent || agree, "{a:?} vs {b:?}: {x:?} / {y:?}");
             }

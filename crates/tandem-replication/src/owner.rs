@@ -103,7 +103,8 @@ impl Event {
     fn refusal_is_an_answer(&self) -> bool {
         matches!(
             self,
-            Event::PromotionAsked { .. }
+            Event::Connected { .. }
+                | Event::PromotionAsked { .. }
                 | Event::PromotionStarted { .. }
                 | Event::Invalidate
                 | Event::Opened

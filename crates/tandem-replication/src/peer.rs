@@ -213,6 +213,17 @@ impl Peer {
         Ok(epoch)
     }
 
+    /// Ends the live connection, if any, before a new one with the peer takes its
+    /// place (the peer dialed again: it gave this one up): what waited on it is
+    /// settled as lost now, so the changes it missed are marked before the new
+    /// connection's handshake reads the bitmap.
+    pub fn retire(&self) {
+        let epoch = self.link.locked().as_ref().map(|l| l.epoch);
+        if let Some(epoch) = epoch {
+            self.detach(epoch);
+        }
+    }
+
     /// Ends connection `epoch` (its receiver calls this when it stops, and a
     /// connection the volume refused ends here): every request still waiting on the
     /// peer is settled as lost. Nothing if a newer connection replaced it.

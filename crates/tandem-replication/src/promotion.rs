@@ -1,7 +1,8 @@
 //! A peer asks to become Primary: this node's answer. Without allow-two-primaries, it
-//! refuses while it is Primary itself, and while it is asking too with the lower node
-//! id (of two nodes asking at once, the lower id wins: each grants the other's request
-//! only if the other's id is lower).
+//! refuses while it is Primary itself, while it is connected to another Primary (the
+//! asker cannot see that one, or it would not ask: granting would make two), and while
+//! it is asking too with the lower node id (of two nodes asking at once, the lower id
+//! wins: each grants the other's request only if the other's id is lower).
 
 use tandem_api::NodeId;
 
@@ -12,11 +13,13 @@ pub(crate) struct Own {
     pub primary: bool,
     /// It is asking its peers to agree to its own promotion.
     pub promoting: bool,
+    /// It is connected to a Primary other than the asker.
+    pub other_primary: bool,
 }
 
 /// Whether a promotion asked by node `from` is granted.
 pub(crate) fn grant(own: Own, from: NodeId, two_primaries: bool) -> bool {
-    two_primaries || !(own.primary || (own.promoting && own.id < from))
+    two_primaries || !(own.primary || own.other_primary || (own.promoting && own.id < from))
 }
 
 #[cfg(test)]
@@ -33,11 +36,18 @@ mod tests {
             id: id(1),
             primary,
             promoting,
+            other_primary: false,
+        };
+        let seeing_one = Own {
+            other_primary: true,
+            ..own(false, false)
         };
         // (own, asker, two primaries allowed, granted)
         for (o, from, two, want) in [
             (own(false, false), 2, false, true),
             (own(true, false), 2, false, false),
+            (seeing_one, 2, false, false),
+            (seeing_one, 2, true, true),
             (own(true, false), 0, false, false),
             (own(true, false), 2, true, true),
             // Both asking: the lower id wins.
@@ -60,6 +70,7 @@ mod tests {
                     id: id(n),
                     primary: false,
                     promoting: true,
+                    other_primary: false,
                 };
                 let a_granted_by_b = grant(asking(b), id(a), false);
                 let b_granted_by_a = grant(asking(a), id(b), false);

@@ -34,19 +34,28 @@ pub(crate) enum Admit {
     /// Quorum returned, but this replica was left behind while the write waited: the
     /// others may have moved on, so it must not take the write.
     Outdated,
+    /// Quorum holds, but not yet among the voters that confirmed this node's current
+    /// data generation (it just started one): hold the write for their answer, under
+    /// either policy. Acknowledging it first would let a replica that missed it be
+    /// promoted by voters that never heard of the newer generation.
+    Confirming,
 }
 
-/// The decision for a write: `waited` when it has been held already, `behind` when
-/// this node's replica is not UpToDate (a diskless node never is behind).
+/// The decision for a write: `votes` reachable, of which `agreeing` confirmed this
+/// node's generation; `waited` when it has been held already, `behind` when this
+/// node's replica is not UpToDate (a diskless node never is behind).
 pub(crate) fn admit(
     policy: QuorumPolicy,
     on_no_quorum: OnNoQuorum,
     votes: Votes,
+    agreeing: Votes,
     waited: bool,
     behind: bool,
 ) -> Admit {
     if holds(policy, votes) {
-        return if waited && behind {
+        return if !holds(policy, agreeing) {
+            Admit::Confirming
+        } else if waited && behind {
             Admit::Outdated
         } else {
             Admit::Go
@@ -88,31 +97,31 @@ mod tests {
         use Admit::*;
         use OnNoQuorum::{IoError, SuspendIo};
         use QuorumPolicy::{Majority, Off};
+        let v = |have| votes(have, 3);
+        // (policy, on no quorum, votes, agreeing, waited, behind, decision)
         let cases = [
             // Quorum kept, lost and regained.
-            (Majority, IoError, votes(2, 3), false, false, Go),
-            (
-                Majority,
-                IoError,
-                votes(1, 3),
-                false,
-                false,
-                Fail(votes(1, 3)),
-            ),
-            (Majority, SuspendIo, votes(1, 3), false, false, Wait),
-            (Majority, SuspendIo, votes(2, 3), true, false, Go),
+            (Majority, IoError, v(2), v(2), false, false, Go),
+            (Majority, IoError, v(1), v(1), false, false, Fail(v(1))),
+            (Majority, SuspendIo, v(1), v(1), false, false, Wait),
+            (Majority, SuspendIo, v(2), v(2), true, false, Go),
             // Back, but left behind meanwhile.
-            (Majority, SuspendIo, votes(2, 3), true, true, Outdated),
+            (Majority, SuspendIo, v(2), v(2), true, true, Outdated),
             // Behind without having waited: the write goes (resync handles it).
-            (Majority, IoError, votes(2, 3), false, true, Go),
+            (Majority, IoError, v(2), v(2), false, true, Go),
+            // A new generation not yet confirmed by a majority: held, whatever the
+            // policy; without quorum at all the policy decides.
+            (Majority, IoError, v(2), v(1), false, false, Confirming),
+            (Majority, SuspendIo, v(3), v(1), true, false, Confirming),
+            (Majority, IoError, v(1), v(1), true, false, Fail(v(1))),
             // Quorum off: always.
-            (Off, IoError, votes(1, 3), false, false, Go),
+            (Off, IoError, v(1), v(1), false, false, Go),
         ];
-        for (policy, on_no, v, waited, behind, want) in cases {
+        for (policy, on_no, have, agreeing, waited, behind, want) in cases {
             assert_eq!(
-                admit(policy, on_no, v, waited, behind),
+                admit(policy, on_no, have, agreeing, waited, behind),
                 want,
-                "{policy:?} {on_no:?} {v:?} waited={waited} behind={behind}"
+                "{policy:?} {on_no:?} {have:?} agreeing {agreeing:?} waited={waited} behind={behind}"
             );
         }
     }

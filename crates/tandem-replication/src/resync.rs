@@ -90,7 +90,11 @@ impl ReplicatedVolume {
             }
         }
         let mut done = Header::new(Kind::ResyncDone, self.next_id());
-        done.offset = self.state().generation;
+        let view = self.view();
+        done.offset = view.gens.current.0;
+        if view.writers == 0 && view.primary_besides(peer.id).is_some() {
+            done.flags = crate::wire::FLAG_PRIMARY_ELSEWHERE;
+        }
         if peer.send(&done, &[]).is_err() {
             return;
         }

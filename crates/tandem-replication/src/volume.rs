@@ -51,6 +51,12 @@ impl Config {
     /// counts only while it is heard from (see [`VOTE_FRESH`]): one that fell silent
     /// may be on the other side of a cut already, long before it is declared dead.
     fn votes(&self, view: &Control) -> Votes {
+        self.tally(view).0
+    }
+
+    /// The votes reachable, and among them those of the voters that confirmed this
+    /// node's current generation (see [`Control::voters_agreeing`]).
+    fn tally(&self, view: &Control) -> (Votes, Votes) {
         let total = self
             .spec
             .participants
@@ -58,19 +64,12 @@ impl Config {
             .filter(|p| p.kind.votes())
             .count();
         let mine = self.me.kind.votes() as usize;
-        let reachable = self
-            .peers
-            .iter()
-            .filter(|p| {
-                view.peer(p.id)
-                    .is_some_and(|c| c.kind.votes() && c.connected())
-                    && p.silent_for() < VOTE_FRESH
-            })
-            .count();
-        Votes {
-            have: mine + reachable,
-            total,
-        }
+        let heard = |id| self.peer(id).is_some_and(|p| p.silent_for() < VOTE_FRESH);
+        let votes = |have| Votes { have, total };
+        (
+            votes(mine + view.reachable_voters(heard)),
+            votes(mine + view.voters_agreeing(heard)),
+        )
     }
 
     fn has_quorum(&self, view: &Control) -> bool {
@@ -81,16 +80,7 @@ impl Config {
     pub fn data_peers(&self, view: &Control) -> Vec<&Arc<Peer>> {
         self.peers
             .iter()
-            .filter(|p| {
-                p.diskful
-                    && view.peer(p.id).is_some_and(|c| {
-                        c.connected()
-                            && matches!(
-                                c.remote_disk(),
-                                Some(DiskState::UpToDate | DiskState::Inconsistent)
-                            )
-                    })
-            })
+            .filter(|p| p.diskful && view.peer(p.id).is_some_and(|c| view.receives_writes(c)))
             .collect()
     }
 
@@ -147,10 +137,20 @@ pub struct ReplicatedVolume {
     resync_gate: RwLock<()>,
     /// Quorum as last reported (see [`ReplicatedVolume::watch_quorum`]).
     had_quorum: AtomicBool,
+    /// Changes taken lately from a Primary (when, offset, length): if it is lost, or a
+    /// peer connects again, these may be what the others missed, in flight then.
+    recent: Mutex<std::collections::VecDeque<(Instant, u64, u64)>>,
     /// Resync and verify progress is reported through this, at most once a second.
     pub(crate) progress: Progress,
     pub(crate) notify: Notify,
 }
+
+/// How long, and how many, changes taken from a Primary are remembered as possibly
+/// missed by the other replicas (see `ReplicatedVolume::recent`): longer than a
+/// dead peer takes to be noticed, so whatever was in flight when it went away is
+/// covered.
+const RECENT: Duration = Duration::from_secs(10);
+const RECENT_MAX: usize = 4096;
 
 /// Threads per connection serving a Primary's requests on the local replica, at most;
 /// they start as requests queue up (see [`Workers`]).
@@ -213,8 +213,12 @@ fn initial_control(spec: &VolumeSpec, me: &Participant, local: Option<&Volume>) 
         replica: local.is_some(),
         writers: 0,
         promoting: false,
+        two_primaries: spec.options.allow_two_primaries,
         disk: sb.as_ref().map_or(DiskState::Diskless, |sb| sb.disk_state),
         gens: sb.as_ref().map(|sb| sb.generations).unwrap_or_default(),
+        // Not recorded: taken as confirmed, so a restart never makes this replica
+        // look newer than it is.
+        confirmed: sb.as_ref().map_or(0, |sb| sb.generations.current.0),
         peers,
     }
 }
@@ -270,6 +274,7 @@ impl ReplicatedVolume {
             in_flight: Arc::default(),
             promotion: Mutex::new(()),
             resync_gate: RwLock::new(()),
+            recent: Mutex::default(),
             had_quorum: AtomicBool::new(false),
             progress: Progress::new(),
             notify,
@@ -409,6 +414,21 @@ impl ReplicatedVolume {
                         generation = format!("{generation:016x}"),
                         "a peer has seen a newer data generation: this replica was left behind and is Outdated");
                 }
+                Action::MarkRecent(id) => {
+                    if let Some(p) = peer(id) {
+                        self.mark_recent(p);
+                    }
+                }
+                Action::RecentUncertain(lost) => {
+                    let view = self.view();
+                    for p in config.peers.iter().filter(|p| p.id != lost) {
+                        self.mark_recent(p);
+                        let connected = view.peer(p.id).is_some_and(PeerControl::connected);
+                        if connected && p.id > self.my_id {
+                            let _ = self.apply(Event::ChangeFailed { peer: p.id });
+                        }
+                    }
+                }
                 Action::Diverged { peer: id, why } => {
                     tracing::error!(volume = %self.name, peer = ?peer(id).map(|p| &p.node), %why,
                         "replicas diverged; not connecting until an operator discards one");
@@ -456,6 +476,8 @@ impl ReplicatedVolume {
             to,
             state: view.state(),
             bitmap_generation: view.peer(to).map_or(0, |p| p.mark),
+            history: view.history(),
+            confirmed: view.confirmed,
         }
     }
 
@@ -474,6 +496,35 @@ impl ReplicatedVolume {
                 tracing::error!(volume = %self.name, peer = %peer.node, error = %e,
                     "cannot store the out-of-sync bitmap");
             }
+        }
+    }
+
+    /// Notes a change taken from a Primary (see `recent`), forgetting old ones.
+    fn note_recent(&self, offset: u64, len: u64) {
+        let mut recent = self.recent.locked();
+        let now = Instant::now();
+        while recent
+            .front()
+            .is_some_and(|(at, ..)| now.duration_since(*at) > RECENT || recent.len() > RECENT_MAX)
+        {
+            recent.pop_front();
+        }
+        recent.push_back((now, offset, len));
+    }
+
+    /// Marks the changes taken lately from a Primary for `peer`: it may lack them.
+    fn mark_recent(&self, peer: &Peer) {
+        if peer.tracked.is_none() {
+            return;
+        }
+        let ranges: Vec<(u64, u64)> = self
+            .recent
+            .locked()
+            .iter()
+            .map(|(_, o, l)| (*o, *l))
+            .collect();
+        for (offset, len) in ranges {
+            self.mark(peer, offset, len);
         }
     }
 
@@ -501,15 +552,8 @@ impl ReplicatedVolume {
 
     /// A Primary starts a new data generation when a replica holding data stops
     /// receiving writes, so that replica's data is recognisably older afterwards.
-    fn rotate_if_needed(&self, view: &Control, targets: &[Arc<Peer>]) {
-        let receiving: Vec<NodeId> = targets.iter().map(|t| t.id).collect();
-        let missing = |p: &PeerControl| view.tracks(p) && !receiving.contains(&p.id);
-        let due = view.up_to_date()
-            && view
-                .peers
-                .iter()
-                .any(|p| missing(p) && (p.mark == 0 || p.mark == view.gens.current.0));
-        if due {
+    fn rotate_if_needed(&self, view: &Control, receiving: Vec<NodeId>) {
+        if view.rotation_due(&receiving) {
             let next = GenerationId::random().0;
             let _ = self.apply(Event::Rotate { receiving, next });
         }
@@ -572,6 +616,7 @@ impl ReplicatedVolume {
         hello: &Hello,
     ) -> io::Result<()> {
         stream.set_nodelay()?;
+        peer.retire();
         // Each side tells the other which ranges it knows to differ (its bitmap for
         // the peer, plus extents left in its activity log by a crash); the resync
         // covers both sets.
@@ -585,6 +630,8 @@ impl ReplicatedVolume {
             epoch,
             state: hello.state,
             their_mark: hello.bitmap_generation,
+            their_history: hello.history,
+            their_confirmed: hello.confirmed,
             my_dirty: !mine.is_empty(),
             theirs,
         };
@@ -793,7 +840,7 @@ impl ReplicatedVolume {
 
     /// The source says the resync is done: once the received data is durable, this
     /// replica adopts the source's generation and is UpToDate.
-    fn finish_target(&self, peer: &Peer, generation: u64) {
+    fn finish_target(&self, peer: &Peer, generation: u64, primary_elsewhere: bool) {
         let receiving = self
             .view()
             .peer(peer.id)
@@ -810,6 +857,7 @@ impl ReplicatedVolume {
         let _ = self.apply(Event::ResyncDone {
             peer: peer.id,
             generation,
+            primary_elsewhere,
         });
     }
 
@@ -844,12 +892,12 @@ impl ReplicatedVolume {
                     let _ = self.apply(Event::PeerState { peer: from, state });
                 }
             }
-            Kind::ResyncDone => self.finish_target(peer, h.offset),
+            Kind::ResyncDone => {
+                let elsewhere = h.flags & wire::FLAG_PRIMARY_ELSEWHERE != 0;
+                self.finish_target(peer, h.offset, elsewhere)
+            }
             Kind::Promote => {
-                let asked = Event::PromotionAsked {
-                    peer: from,
-                    two_primaries: self.config().spec.options.allow_two_primaries,
-                };
+                let asked = Event::PromotionAsked { peer: from };
                 let mut ack = Header::new(Kind::Ack, h.id);
                 if self.apply(asked).is_err() {
                     ack.status = libc::EBUSY as u32;
@@ -878,22 +926,16 @@ impl ReplicatedVolume {
         Ok(h.kind)
     }
 
-    /// Resync data from `peer`, unless another peer is Primary: only a Primary's own
-    /// resync is ordered with its writes (it holds the range while a piece travels),
-    /// so data read elsewhere could land after a newer write of the Primary. Declined
-    /// with EBUSY; the Primary resyncs this replica itself.
+    /// Whether resync data from `peer` is declined (with EBUSY), and says so the first
+    /// time (see [`Control::declines_resync_from`]).
     fn resync_declined(&self, peer: &Peer) -> bool {
         let view = self.view();
-        if view.peer(peer.id).is_some_and(PeerControl::is_primary) {
-            return false;
-        }
-        let Some(primary) = view.primary_besides(peer.id) else {
+        let Some(why) = view.declines_resync_from(peer.id) else {
             return false;
         };
         if view.peer(peer.id).is_some_and(|p| p.sync == Sync::Target) {
-            let primary = self.config().peer(primary.id).map(|p| p.node.clone());
-            tracing::info!(volume = %self.name, source = %peer.node, ?primary,
-                "resync from a Secondary declined: the Primary resyncs this replica");
+            tracing::info!(volume = %self.name, source = %peer.node, %why,
+                "resync from a Secondary declined");
             let _ = self.apply(Event::TargetDeclined { peer: peer.id });
         }
         true
@@ -933,6 +975,14 @@ impl ReplicatedVolume {
                     ack.status = libc::EBUSY as u32;
                     return peer.send(&ack, &[]);
                 }
+                // On a Secondary, a change is ordered with the resync pieces this node
+                // reads for its own resync targets (each holds its range until the
+                // target has it): one read before the change is sent again, as the
+                // change marks the range, and the piece's end does not clear that
+                // mark. Not with two Primaries: each holds its ranges while waiting
+                // for the other.
+                let _held = (is_data_change(h.kind) && !resync && self.view().writers == 0)
+                    .then(|| self.intervals.lock(h.offset, h.length));
                 let fua = h.flags & FLAG_FUA != 0;
                 let status = self.serve_peer(&h, |v| match h.kind {
                     Kind::Write => v.data().write_at(&payload, h.offset, fua),
@@ -947,13 +997,21 @@ impl ReplicatedVolume {
                     _ => v.data().flush(),
                 });
                 if status == 0 && is_data_change(h.kind) {
+                    if !resync {
+                        self.note_recent(h.offset, h.length);
+                    }
                     if resync {
                         peer.transferred.fetch_add(h.length, Ordering::Relaxed);
                     }
-                    // Replicas this node cannot reach may also have missed this change.
+                    // Replicas this node cannot reach may also have missed this change, and
+                    // one it resyncs may not be among the Primary's: its resync takes
+                    // the change along either way.
                     let view = self.view();
                     for other in self.config().peers.iter().filter(|p| p.id != from) {
-                        if !view.peer(other.id).is_some_and(PeerControl::connected) {
+                        let c = view.peer(other.id);
+                        let reached = c.is_some_and(PeerControl::connected);
+                        let resynced = c.is_some_and(|c| matches!(c.sync, Sync::Source { .. }));
+                        if !reached || resynced {
                             self.mark(other, h.offset, h.length);
                         }
                     }
@@ -971,6 +1029,11 @@ impl ReplicatedVolume {
         let Some(local) = self.attached() else {
             return libc::EIO as u32;
         };
+        if matches!(h.kind, Kind::Read | Kind::Verify) && self.local_up_to_date().is_none() {
+            // Outdated or being resynced since the peer last heard: its data is not
+            // to be read (the peer tries another replica).
+            return libc::ESTALE as u32;
+        }
         if h.kind != Kind::Flush
             && h.offset
                 .checked_add(h.length)
@@ -1008,29 +1071,47 @@ impl ReplicatedVolume {
 
     /// Writes may proceed only with quorum: without it, fail or wait, per policy.
     fn require_quorum(&self, config: &Config) -> io::Result<()> {
-        let mut waited = false;
+        let mut since = None;
         loop {
-            if let Some(result) = self.quorum_now(config, waited) {
+            if let Some(result) = self.quorum_now(config, since) {
                 return result;
             }
-            waited = true;
-            std::thread::sleep(Duration::from_millis(50));
+            since.get_or_insert_with(Instant::now);
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
-    /// What [`ReplicatedVolume::require_quorum`] decides now (`waited`: after having
-    /// waited), or `None` when it would wait for quorum to come back (suspend-io).
-    fn quorum_now(&self, config: &Config, waited: bool) -> Option<io::Result<()>> {
+    /// What [`ReplicatedVolume::require_quorum`] decides now (`since`: when the write
+    /// started waiting, if it has), or `None` when it would wait for quorum to come
+    /// back (suspend-io) or for the voters to confirm a new generation.
+    fn quorum_now(&self, config: &Config, since: Option<Instant>) -> Option<io::Result<()>> {
         let options = &config.spec.options;
         let view = self.view();
         let behind = view.replica && view.disk != DiskState::UpToDate;
+        let (votes, agreeing) = config.tally(&view);
         match quorum::admit(
             options.quorum,
             options.on_no_quorum,
-            config.votes(&view),
-            waited,
+            votes,
+            agreeing,
+            since.is_some(),
             behind,
         ) {
+            // A voter that stays connected without ever confirming is stuck: as
+            // long as a dead peer takes to be noticed, then the write fails.
+            Admit::Confirming if since.is_some_and(|t| t.elapsed() > crate::peer::DEAD_AFTER) => {
+                Some(Err(io::Error::other(format!(
+                    "volume {}: no majority of the voters confirmed the new data generation",
+                    self.name
+                ))))
+            }
+            Admit::Confirming => None,
+            Admit::Go if view.writers > 0 && view.confirmed != view.gens.current.0 => {
+                // Writes of this generation can be acknowledged from now on.
+                let generation = view.gens.current.0;
+                let _ = self.apply(Event::Confirmed { generation });
+                Some(Ok(()))
+            }
             Admit::Go => Some(Ok(())),
             Admit::Fail(Votes { have, total }) => Some(Err(io::Error::other(format!(
                 "volume {} has no quorum ({have} of {total} votes reachable)",
@@ -1056,6 +1137,9 @@ impl ReplicatedVolume {
         let started = self.start(config, h, None, payload, local)?;
         let outcome = started.completion.wait_polling(self.answer_poll());
         self.settle_outcome(&started, &outcome);
+        if let Some(e) = self.past_a_replicas_end(&started, &outcome) {
+            return Err(e);
+        }
         if is_data_change(started.h.kind) {
             // Quorum may have gone while the request was in flight: then it must not
             // be acknowledged (io-error), or only once quorum is back (suspend-io).
@@ -1084,7 +1168,7 @@ impl ReplicatedVolume {
         let view = self.view();
         let targets: Vec<Arc<Peer>> = config.data_peers(&view).into_iter().cloned().collect();
         if is_data_change(h.kind) {
-            self.rotate_if_needed(&view, &targets);
+            self.rotate_if_needed(&view, targets.iter().map(|t| t.id).collect());
         }
         let whole = targets.iter().map(|p| is_up_to_date(&view, p.id)).collect();
         let completion = Arc::new(Completion::new(targets.len()));
@@ -1118,43 +1202,67 @@ impl ReplicatedVolume {
         if !is_data_change(h.kind) {
             return;
         }
+        let view = self.view();
+        let failed = |id: NodeId| outcome.failed.iter().any(|(f, _)| *f == id);
         for p in s.config.peers.iter().filter(|p| !s.reached(p.id, outcome)) {
             self.mark(p, h.offset, h.length);
         }
-        for p in s
-            .targets
-            .iter()
-            .filter(|t| outcome.failed.iter().any(|(f, _)| *f == t.id))
-        {
-            // Still connected: resync what it failed without waiting for a reconnect.
-            let _ = self.apply(Event::ChangeFailed { peer: p.id });
+        if self.past_a_replicas_end(s, outcome).is_some() {
+            // The change fails: the replicas that took it get it again from here once
+            // the others have grown; nobody is behind on anything acknowledged.
+            for t in s.targets.iter().filter(|t| failed(t.id)) {
+                let _ = self.apply(Event::GrowthPending { peer: t.id });
+            }
+            return;
         }
+        for t in s.targets.iter().filter(|t| !s.reached(t.id, outcome)) {
+            // Failed it while connected, or lost it with a connection that a new one
+            // replaced already (whose handshake may have found nothing to resync):
+            // resync what it lacks without waiting for a reconnect.
+            if failed(t.id) || view.peer(t.id).is_some_and(PeerControl::connected) {
+                let _ = self.apply(Event::ChangeFailed { peer: t.id });
+            }
+        }
+        // A replica that was sent the change and did not take it is behind from now
+        // on: before the write is acknowledged, the generation moves on, as when a
+        // write starts without it.
+        let reached: Vec<NodeId> = (s.targets.iter())
+            .filter(|t| s.reached(t.id, outcome))
+            .map(|t| t.id)
+            .collect();
+        self.rotate_if_needed(&view, reached);
+    }
+
+    /// A request past the end of a replica that has not grown yet fails: the space is
+    /// not usable until every replica has it. It is no write a replica missed, so it
+    /// neither waits for quorum nor for a new generation to be confirmed.
+    fn past_a_replicas_end(&self, s: &Started, outcome: &Outcome) -> Option<io::Error> {
+        let h = &s.h;
+        let (id, _) = outcome
+            .failed
+            .iter()
+            .find(|(_, status)| *status == libc::EINVAL as u32)
+            .filter(|_| h.kind != Kind::Flush)
+            .filter(|_| h.offset + h.length > self.old_end.load(Ordering::Acquire))?;
+        let node = s
+            .config
+            .peer(*id)
+            .map_or_else(|| id.to_string(), |p| p.node.to_string());
+        Some(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "volume {}: the replica on node {node} does not reach offset {} yet (growing?)",
+                self.name,
+                h.offset + h.length
+            ),
+        ))
     }
 
     /// The result of a replicated request once its answers are in and settled, and
     /// quorum checked.
     fn verdict(&self, s: Started, outcome: Outcome) -> io::Result<()> {
-        let (h, config) = (&s.h, &s.config);
-        if let Some((id, _)) = outcome
-            .failed
-            .iter()
-            .find(|(_, status)| *status == libc::EINVAL as u32)
-            .filter(|_| h.kind != Kind::Flush)
-            .filter(|_| h.offset + h.length > self.old_end.load(Ordering::Acquire))
-        {
-            // Past the end of a replica that has not grown yet: the space is not
-            // usable until every replica has it.
-            let node = config
-                .peer(*id)
-                .map_or_else(|| id.to_string(), |p| p.node.to_string());
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "volume {}: the replica on node {node} does not reach offset {} yet (growing?)",
-                    self.name,
-                    h.offset + h.length
-                ),
-            ));
+        if let Some(e) = self.past_a_replicas_end(&s, &outcome) {
+            return Err(e);
         }
         let acked = s
             .targets
@@ -1195,8 +1303,11 @@ impl ReplicatedVolume {
         done: impl FnOnce(io::Result<()>) + Send + 'static,
     ) {
         self.settle_outcome(&started, &outcome);
+        if let Some(e) = self.past_a_replicas_end(&started, &outcome) {
+            return done(Err(e));
+        }
         let config = started.config.clone();
-        if let Some(quorum) = self.quorum_now(&config, false) {
+        if let Some(quorum) = self.quorum_now(&config, None) {
             return done(quorum.and_then(|()| self.verdict(started, outcome)));
         }
         let volume = self.clone();
@@ -1386,18 +1497,42 @@ impl ReplicatedVolume {
         if !two_primaries && let Some(holder) = view.peers.iter().find(|p| p.is_primary()) {
             return Err(self.held_by(holder.id, &config));
         }
-        self.apply(Event::PromotionStarted { two_primaries })
+        let quorum = config.has_quorum(&view);
+        self.apply(Event::PromotionStarted { quorum })
             .map_err(|refused| OpenRefused(format!("volume {}: {refused}", self.name)))?;
-        let refused_by = if two_primaries {
-            None
+        // Promoted only with a majority of the voters granting it explicitly: a
+        // peer lost meanwhile may have been asked by, or granted, another node.
+        let (refused_by, quorum) = if two_primaries {
+            (None, config.has_quorum(&self.view()))
         } else {
-            self.ask_promotion(&config)
+            let (refused_by, granted) = self.ask_promotion(&config);
+            (
+                refused_by,
+                quorum::holds(config.spec.options.quorum, granted),
+            )
         };
+        let view = self.view();
         let _ = self.apply(Event::PromotionEnded {
             agreed: refused_by.is_none(),
+            quorum,
         });
         if let Some(id) = refused_by {
-            return Err(self.held_by(id, &config));
+            let node = config
+                .peer(id)
+                .map_or_else(|| id.to_string(), |p| p.node.to_string());
+            return Err(OpenRefused(format!(
+                "volume {}: node {node} refused to let node {} become Primary (it is Primary or knows one, or holds data newer than this node's)",
+                self.name, self.my_node
+            )));
+        }
+        if self.view().writers == 0 {
+            return Err(match view.peers.iter().find(|p| p.is_primary()) {
+                Some(holder) => self.held_by(holder.id, &config),
+                None => OpenRefused(format!(
+                    "volume {}: no majority of the voters granted node {} its promotion (a peer was lost meanwhile?)",
+                    self.name, self.my_node
+                )),
+            });
         }
         tracing::info!(volume = %self.name, "promoted to Primary");
         Ok(())
@@ -1414,8 +1549,9 @@ impl ReplicatedVolume {
     }
 
     /// Asks every connected peer to agree that this node becomes Primary (two nodes
-    /// asking at once: the lower node id wins); the first that refused, if any.
-    fn ask_promotion(&self, config: &Config) -> Option<NodeId> {
+    /// asking at once: the lower node id wins); the first that refused, if any, and
+    /// the votes of this node and of the voters that granted it.
+    fn ask_promotion(&self, config: &Config) -> (Option<NodeId>, Votes) {
         let view = self.view();
         let asked: Vec<&Arc<Peer>> = config
             .peers
@@ -1430,7 +1566,26 @@ impl ReplicatedVolume {
                 &completion,
             );
         }
-        completion.wait().failed.first().map(|(id, _)| *id)
+        let outcome = completion.wait();
+        // A grant holds while the connection it came on does: a peer that lost it
+        // forgot it, and may grant another node meanwhile.
+        let now = self.view();
+        let epoch = |v: &Control, id| v.peer(id).and_then(PeerControl::epoch);
+        let granted = (asked.iter())
+            .filter(|p| view.peer(p.id).is_some_and(|c| c.kind.votes()))
+            .filter(|p| {
+                !outcome.lost.contains(&p.id) && !outcome.failed.iter().any(|f| f.0 == p.id)
+            })
+            .filter(|p| epoch(&now, p.id).is_some() && epoch(&now, p.id) == epoch(&view, p.id))
+            .count();
+        let total = (config.spec.participants.iter())
+            .filter(|p| p.kind.votes())
+            .count();
+        let votes = Votes {
+            have: config.me.kind.votes() as usize + granted,
+            total,
+        };
+        (outcome.failed.first().map(|(id, _)| *id), votes)
     }
 
     pub fn close(&self, writable: bool) {

@@ -16,8 +16,9 @@ pub use tandem_pool::Buffer;
 pub const MAGIC: u32 = 0x544e_4450;
 pub const HEADER_LEN: usize = 40;
 /// Protocol versions this build speaks.
-pub const VERSION_MIN: u16 = 1;
-pub const VERSION_MAX: u16 = 1;
+/// Version 2: the Hello carries the sender's earlier data generations.
+pub const VERSION_MIN: u16 = 2;
+pub const VERSION_MAX: u16 = 2;
 /// Largest payload accepted: one NBD request's worth.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// At most this many ranges travel in a handshake (64 KiB).
@@ -88,6 +89,9 @@ pub const FLAG_FUA: u16 = 1 << 0;
 pub const FLAG_MAY_PUNCH: u16 = 1 << 1;
 /// A Write carrying resync data rather than an application write.
 pub const FLAG_RESYNC: u16 = 1 << 2;
+/// On ResyncDone: the source follows a Primary the target does not reach (it takes
+/// a resync from a Secondary only then), so the Primary's later writes pass it by.
+pub const FLAG_PRIMARY_ELSEWHERE: u16 = 1 << 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -263,6 +267,13 @@ pub struct Hello {
     /// The sender's data generation when it started tracking changes for the receiver
     /// (0: it tracks none).
     pub bitmap_generation: u64,
+    /// The sender's earlier data generations, newest first (0: none), so that a
+    /// replica the other moved on from is recognised as its ancestor.
+    pub history: [u64; 3],
+    /// The newest of the sender's generations known to hold every acknowledged write
+    /// of its line: its current one, unless it started one that no majority
+    /// confirmed (see `Control::confirmed`).
+    pub confirmed: u64,
 }
 
 /// A participant's role, disk state and data generation.
@@ -273,7 +284,7 @@ pub struct State {
     pub generation: u64,
 }
 
-const HELLO_LEN: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN + 8;
+const HELLO_LEN: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN + 8 + 3 * 8 + 8;
 const STATE_LEN: usize = 1 + 1 + 8;
 
 impl State {
@@ -316,6 +327,10 @@ impl Hello {
         b.push(self.to.get());
         b.extend_from_slice(&self.state.encode());
         b.extend_from_slice(&self.bitmap_generation.to_be_bytes());
+        for g in self.history {
+            b.extend_from_slice(&g.to_be_bytes());
+        }
+        b.extend_from_slice(&self.confirmed.to_be_bytes());
         b
     }
 
@@ -325,6 +340,7 @@ impl Hello {
         }
         let node =
             |v: u8| NodeId::new(v).ok_or_else(|| WireError::Malformed(format!("node id {v}")));
+        let word = |at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
         Ok(Hello {
             version_min: u16::from_be_bytes([b[0], b[1]]),
             version_max: u16::from_be_bytes([b[2], b[3]]),
@@ -333,7 +349,9 @@ impl Hello {
             from: node(b[36])?,
             to: node(b[37])?,
             state: State::decode(&b[38..38 + STATE_LEN])?,
-            bitmap_generation: u64::from_be_bytes(b[38 + STATE_LEN..].try_into().unwrap()),
+            bitmap_generation: word(38 + STATE_LEN),
+            history: [0, 1, 2].map(|i| word(46 + STATE_LEN + 8 * i)),
+            confirmed: word(70 + STATE_LEN),
         })
     }
 
@@ -401,6 +419,8 @@ mod tests {
                 generation: 42,
             },
             bitmap_generation: 41,
+            history: [40, 39, 0],
+            confirmed: 40,
         };
         assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
         let old = Hello {

@@ -571,7 +571,8 @@ fn hello(
     h.extend_from_slice(&cluster);
     h.extend_from_slice(&hex(spec["volume-id"].as_str().unwrap()));
     h.extend_from_slice(&[from, to, 0, 5]); // Secondary, DUnknown
-    h.extend_from_slice(&[0u8; 16]); // generation, bitmap generation
+    // Generation, bitmap generation, three earlier generations, confirmed generation.
+    h.extend_from_slice(&[0u8; 48]);
     peer_message(1, &h)
 }
 
@@ -617,7 +618,7 @@ fn malformed_and_foreign_peer_messages_end_only_their_connection() {
         ),
         (
             "foreign cluster",
-            hello(&spec, (1, 1), [0x77; 16], 1, 0),
+            hello(&spec, (2, 2), [0x77; 16], 1, 0),
             "belongs to cluster",
         ),
         (
@@ -627,7 +628,7 @@ fn malformed_and_foreign_peer_messages_end_only_their_connection() {
         ),
         (
             "unknown node",
-            hello(&spec, (1, 1), cluster, 7, 0),
+            hello(&spec, (2, 2), cluster, 7, 0),
             "not a participant",
         ),
     ];

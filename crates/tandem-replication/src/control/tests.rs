@@ -55,8 +55,10 @@ fn node(disk: DiskState, generation: u64) -> Control {
         replica: true,
         writers: 0,
         promoting: false,
+        two_primaries: false,
         disk,
         gens: gens(generation),
+        confirmed: generation,
         peers: vec![
             PeerControl::new(id(2), ParticipantKind::Diskful, 0),
             PeerControl::new(id(3), ParticipantKind::Tiebreaker, 0),
@@ -81,6 +83,8 @@ fn connect(c: &Control, peer: u8, s: State, their_mark: u64, dirty: (bool, bool)
             epoch: 7,
             state: s,
             their_mark,
+            their_history: [0; 3],
+            their_confirmed: s.generation,
             my_dirty: dirty.0,
             theirs,
         },
@@ -147,25 +151,33 @@ fn the_handshake_decides_the_resync_from_generations() {
             (false, true),
             (Sync::Target, Inconsistent, false),
         ),
-        // An Inconsistent peer of a generation this side never recorded: full resync.
+        // A fresh peer, holding nothing: full resync.
         (
             (UpToDate, G2, 0),
-            secondary(Inconsistent, G3),
+            secondary(Inconsistent, 0),
             0,
             (false, false),
             (Sync::Source { total: 0 }, UpToDate, true),
         ),
-        // An Inconsistent peer this side tracked: only the bitmap.
+        // An Outdated peer this side tracked: only the bitmap.
+        (
+            (UpToDate, G2, G1),
+            secondary(Outdated, G1),
+            0,
+            (false, false),
+            (Sync::Source { total: 0 }, UpToDate, false),
+        ),
+        // An Inconsistent one: everything (only its source knew what it lacks).
         (
             (UpToDate, G2, G1),
             secondary(Inconsistent, G1),
             0,
             (false, false),
-            (Sync::Source { total: 0 }, UpToDate, false),
+            (Sync::Source { total: 0 }, UpToDate, true),
         ),
-        // This side is not whole, the peer is.
+        // This side holds nothing, the peer is whole.
         (
-            (Inconsistent, G1, 0),
+            (Inconsistent, 0, 0),
             secondary(UpToDate, G2),
             0,
             (false, false),
@@ -251,6 +263,8 @@ fn diverged_replicas_are_refused_and_keep_their_data() {
             epoch: 8,
             state: state(Role::Secondary, DiskState::UpToDate, G2),
             their_mark: 0,
+            their_history: [0; 3],
+            their_confirmed: 0,
             my_dirty: false,
             theirs: vec![],
         },
@@ -317,14 +331,12 @@ fn promotion_is_granted_refused_and_ended_by_the_table() {
     let s = state(Role::Secondary, DiskState::UpToDate, G1);
     let c = up(node(DiskState::UpToDate, G1), 2, s);
     // A peer asks: granted, and it counts as Primary from now on.
-    let asked = |c: &Control, two| {
-        step(
-            c,
-            &Event::PromotionAsked {
-                peer: id(2),
-                two_primaries: two,
-            },
-        )
+    let asked = |c: &Control, two_primaries| {
+        let c = Control {
+            two_primaries,
+            ..c.clone()
+        };
+        step(&c, &Event::PromotionAsked { peer: id(2) })
     };
     let (n, actions) = asked(&c, false).unwrap();
     assert!(n.peer(id(2)).unwrap().is_primary());
@@ -341,55 +353,84 @@ fn promotion_is_granted_refused_and_ended_by_the_table() {
         ..c.clone()
     };
     assert!(asked(&promoting, false).is_err());
-    // Asking: refused while a peer is Primary, or a promotion runs already.
+    // Refused while connected to another Primary, which the asker cannot see.
+    let other = up(c.clone(), 3, state(Role::Primary, DiskState::Diskless, G1));
+    assert!(asked(&other, false).is_err());
+    assert!(asked(&other, true).is_ok());
+    // Asking: refused while a peer is Primary, without quorum, or when a promotion
+    // runs already.
+    let start = |c: &Control, two_primaries, quorum| {
+        let c = Control {
+            two_primaries,
+            ..c.clone()
+        };
+        step(&c, &Event::PromotionStarted { quorum })
+    };
     let (seen, _) = asked(&c, false).unwrap();
-    assert!(
-        step(
-            &seen,
-            &Event::PromotionStarted {
-                two_primaries: false
-            }
-        )
-        .is_err()
-    );
-    assert!(
-        step(
-            &seen,
-            &Event::PromotionStarted {
-                two_primaries: true
-            }
-        )
-        .is_ok()
-    );
-    let (asking, _) = step(
-        &c,
-        &Event::PromotionStarted {
-            two_primaries: false,
+    assert!(start(&seen, false, true).is_err());
+    assert!(start(&seen, true, true).is_ok());
+    assert!(start(&c, false, false).is_err());
+    let (asking, _) = start(&c, false, true).unwrap();
+    assert!(asking.promoting && asking.role() == Role::Secondary);
+    assert!(start(&asking, false, true).is_err());
+    // Agreed: Primary, announced. Not agreed: Secondary, announced to correct peers.
+    let (n, actions) = step(
+        &asking,
+        &Event::PromotionEnded {
+            agreed: true,
+            quorum: true,
         },
     )
     .unwrap();
-    assert!(asking.promoting && asking.role() == Role::Secondary);
-    assert!(
-        step(
-            &asking,
-            &Event::PromotionStarted {
-                two_primaries: false
-            }
-        )
-        .is_err()
-    );
-    // Agreed: Primary, announced. Not agreed: Secondary, announced to correct peers.
-    let (n, actions) = step(&asking, &Event::PromotionEnded { agreed: true }).unwrap();
     assert_eq!(
         (n.role(), n.promoting, n.writers),
         (Role::Primary, false, 1)
     );
     assert!(actions.contains(&Action::Announce));
-    let (n2, actions) = step(&asking, &Event::PromotionEnded { agreed: false }).unwrap();
+    let (n2, actions) = step(
+        &asking,
+        &Event::PromotionEnded {
+            agreed: false,
+            quorum: true,
+        },
+    )
+    .unwrap();
     assert_eq!((n2.role(), n2.promoting), (Role::Secondary, false));
+    // Agreed, but quorum went with peers that left unasked, or this node granted a
+    // peer's promotion meanwhile: Secondary.
+    let (n3, _) = step(
+        &asking,
+        &Event::PromotionEnded {
+            agreed: true,
+            quorum: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(n3.role(), Role::Secondary);
+    let granted = up(
+        asking.clone(),
+        2,
+        state(Role::Primary, DiskState::UpToDate, G1),
+    );
+    let (n3, _) = step(
+        &granted,
+        &Event::PromotionEnded {
+            agreed: true,
+            quorum: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(n3.role(), Role::Secondary);
     assert!(actions.contains(&Action::Announce));
     assert!(
-        step(&n2, &Event::PromotionEnded { agreed: true }).is_err(),
+        step(
+            &n2,
+            &Event::PromotionEnded {
+                agreed: true,
+                quorum: true
+            }
+        )
+        .is_err(),
         "none under way"
     );
     // More writers, then closing: Secondary after the last, its activity log emptied.
@@ -409,49 +450,32 @@ fn promotion_is_granted_refused_and_ended_by_the_table() {
 #[test]
 fn a_resync_ends_only_where_it_runs() {
     let source = state(Role::Secondary, DiskState::UpToDate, G2);
-    let c = node(DiskState::Inconsistent, G1);
+    let c = node(DiskState::Inconsistent, 0);
     let (target, _) = connect(&c, 2, source, 0, (false, false));
     assert_eq!(target.peer(id(2)).unwrap().sync, Sync::Target);
+    let done = |primary_elsewhere| Event::ResyncDone {
+        peer: id(2),
+        generation: G2,
+        primary_elsewhere,
+    };
     // From a peer this replica does not receive from: refused, nothing changes.
     let other = up(node(DiskState::Inconsistent, G1), 2, source);
-    assert!(
-        step(
-            &other,
-            &Event::ResyncDone {
-                peer: id(2),
-                generation: G2
-            }
-        )
-        .is_err()
-    );
-    // From its source: UpToDate at the source's generation, the old one in history.
-    let (n, actions) = step(
-        &target,
-        &Event::ResyncDone {
-            peer: id(2),
-            generation: G2,
-        },
-    )
-    .unwrap();
+    assert!(step(&other, &done(false)).is_err());
+    // From its source: UpToDate at the source's generation, on the source's line.
+    let (n, actions) = step(&target, &done(false)).unwrap();
     assert_eq!(
         (n.disk, n.gens.current.0, n.gens.history[0].0),
-        (DiskState::UpToDate, G2, G1)
+        (DiskState::UpToDate, G2, 0)
     );
     assert_eq!(n.peer(id(2)).unwrap().sync, Sync::Idle);
     assert!(
         actions.contains(&Action::ResyncFinished(id(2))) && actions.contains(&Action::Announce)
     );
-    assert!(
-        step(
-            &n,
-            &Event::ResyncDone {
-                peer: id(2),
-                generation: G2
-            }
-        )
-        .is_err(),
-        "twice"
-    );
+    assert!(step(&n, &done(false)).is_err(), "twice");
+    // From a Secondary that follows a Primary this replica does not reach: whole, but
+    // the Primary's later writes pass it by.
+    let (n, _) = step(&target, &done(true)).unwrap();
+    assert_eq!((n.disk, n.gens.current.0), (DiskState::Outdated, G2));
 }
 
 #[test]
@@ -604,7 +628,11 @@ fn a_disconnect_ends_the_connections_state_and_starts_tracking() {
 
 #[test]
 fn a_write_that_leaves_a_replica_behind_starts_a_generation() {
-    let c = node(DiskState::UpToDate, G1);
+    let primary = |disk| Control {
+        writers: 1,
+        ..node(disk, G1)
+    };
+    let c = primary(DiskState::UpToDate);
     let rotate = |c: &Control, receiving: Vec<NodeId>| {
         step(
             c,
@@ -633,9 +661,32 @@ fn a_write_that_leaves_a_replica_behind_starts_a_generation() {
     )
     .unwrap();
     assert_eq!((again.gens.current.0, actions.len()), (G2, 0));
-    // A replica that is not whole starts none.
-    let (n, _) = rotate(&node(DiskState::Inconsistent, G1), vec![]);
+    // Nor does a Secondary, or a Primary whose replica failed and which reaches no
+    // whole one. One whose replica is being resynced does while a whole peer takes
+    // its writes: the generation names that peer's data.
+    let (n, _) = rotate(&node(DiskState::UpToDate, G1), vec![]);
     assert_eq!(n.gens.current.0, G1);
+    let (n, _) = rotate(&primary(DiskState::Failed), vec![]);
+    assert_eq!(n.gens.current.0, G1);
+    let mut partial = primary(DiskState::Inconsistent);
+    let (n, _) = rotate(&partial, vec![]);
+    assert_eq!(n.gens.current.0, G1);
+    let mut whole = PeerControl::new(id(4), ParticipantKind::Diskful, 0);
+    whole.link = Link::Up { epoch: 9 };
+    whole.remote = Some(state(Role::Secondary, DiskState::UpToDate, G1));
+    partial.peers.push(whole);
+    let (n, _) = rotate(&partial, vec![id(4)]);
+    assert_eq!(n.gens.current.0, G2);
+    // Once the replica it was started for reconnects, the next miss starts another.
+    let back = connect(
+        &n,
+        2,
+        state(Role::Secondary, DiskState::Inconsistent, G1),
+        0,
+        (false, false),
+    )
+    .0;
+    assert!(back.rotation_due(&[id(4)]));
 }
 
 #[test]
@@ -655,7 +706,7 @@ fn the_primarys_state_moves_a_whole_replica_to_its_generation() {
     .unwrap();
     assert_eq!((n.gens.current.0, n.gens.history[0].0), (G2, G1));
     assert!(actions.contains(&Action::PrimaryAppeared(id(2))));
-    // Not from a Secondary, and not into a replica being resynced.
+    // Not from a Secondary, and not into a replica that takes no writes (Outdated).
     let (n, _) = step(
         &c,
         &Event::PeerState {
@@ -665,9 +716,12 @@ fn the_primarys_state_moves_a_whole_replica_to_its_generation() {
     )
     .unwrap();
     assert_eq!(n.gens.current.0, G1);
-    let syncing = with_peer(c.clone(), 2, |p| p.sync = Sync::Target);
+    let outdated = Control {
+        disk: DiskState::Outdated,
+        ..c.clone()
+    };
     let (n, _) = step(
-        &syncing,
+        &outdated,
         &Event::PeerState {
             peer: id(2),
             state: state(Role::Primary, DiskState::UpToDate, G2),
@@ -739,6 +793,7 @@ fn a_spec_change_keeps_or_restarts_each_peer() {
                 (id(3), ParticipantKind::Diskless, false),
                 (id(4), ParticipantKind::Diskful, true),
             ],
+            two_primaries: true,
         },
     )
     .unwrap();
@@ -754,8 +809,13 @@ fn a_spec_change_keeps_or_restarts_each_peer() {
         (&Link::Up { epoch: 7 }, ParticipantKind::Diskless)
     );
     assert_eq!(n.peer(id(4)).unwrap().link, Link::Down);
+    assert!(n.two_primaries);
     // The end of a connection to a peer that left changes nothing.
-    let (gone, _) = step(&n, &Event::SpecChanged { peers: vec![] }).unwrap();
+    let none = Event::SpecChanged {
+        peers: vec![],
+        two_primaries: false,
+    };
+    let (gone, _) = step(&n, &none).unwrap();
     assert!(
         step(
             &gone,
