@@ -232,10 +232,11 @@ pub(crate) enum Event {
     Verify { peer: NodeId, done: Option<u64> },
     /// `peer` failed a replicated change while connected.
     ChangeFailed { peer: NodeId },
-    /// `peer` refused a change past its end (it has not grown yet): it gets it, by
-    /// a resync retried until it has grown. The change failed, so nothing
-    /// acknowledged is missing there.
-    GrowthPending { peer: NodeId },
+    /// `peer` is to be resynced again shortly, while connected: it refused a change
+    /// past its end (it has not grown yet; the change failed, so nothing
+    /// acknowledged is missing there), or changes were marked for it as its resync
+    /// ended.
+    ResyncAgain { peer: NodeId },
     /// Changes stop reaching `peer`: start tracking them for it.
     Track { peer: NodeId },
     /// A write is about to leave for `receiving` only: if a replica that stops
@@ -709,10 +710,13 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             declined,
         } => {
             require_up(&n, *peer, *epoch)?;
+            let (up, current) = (n.up_to_date(), n.gens.current.0);
             let p = n.peer_mut(*peer)?;
             p.sync = Sync::Idle;
             if *declined {
                 p.deferred = true;
+                // It may report UpToDate at this generation already.
+                settle_deferred(p, up, current, &mut actions);
             } else {
                 p.resync_due = true;
             }
@@ -850,7 +854,7 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 p.lacking = true;
             }
         }
-        Event::GrowthPending { peer } => {
+        Event::ResyncAgain { peer } => {
             let p = n.peer_mut(*peer)?;
             if p.connected() {
                 p.resync_due = true;
@@ -1138,22 +1142,29 @@ fn peer_state(
     if second_primary {
         actions.push(Action::Disconnect(id));
     }
-    // A peer whose resync from here was declined (a Primary resynced it) reports
-    // UpToDate at this replica's generation: what was marked for it is settled.
-    if p.deferred
-        && state.disk == DiskState::UpToDate
-        && p.sync == Sync::Idle
-        && up
-        && current == state.generation
-    {
-        p.deferred = false;
-        p.mark = 0;
-        actions.push(Action::ClearAll(id));
+    // (Every deferred peer: this state may have moved this replica's generation to
+    // theirs.)
+    for q in &mut n.peers {
+        settle_deferred(q, up, current, actions);
     }
     if changed {
         actions.push(Action::Notify);
     }
     Ok(())
+}
+
+/// A peer whose resync from here was declined (a Primary resynced it) reports
+/// UpToDate at this replica's generation (`current`, this replica being whole: `up`):
+/// what was marked for it is settled.
+fn settle_deferred(p: &mut PeerControl, up: bool, current: u64, actions: &mut Vec<Action>) {
+    let whole_here = p
+        .remote
+        .is_some_and(|s| s.disk == DiskState::UpToDate && s.generation == current);
+    if p.deferred && whole_here && p.sync == Sync::Idle && up {
+        p.deferred = false;
+        p.mark = 0;
+        actions.push(Action::ClearAll(p.id));
+    }
 }
 
 /// What a peer's state says about data generations (`previous`: the generation it

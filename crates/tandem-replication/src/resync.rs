@@ -103,6 +103,12 @@ impl ReplicatedVolume {
             peer: peer.id,
             epoch,
         });
+        // A change taken from a Primary between the last piece and now was marked for
+        // the peer (see `serve_request`): it goes in a resync of its own.
+        let left = peer.tracked.as_ref().map_or(0, |t| t.locked().bits.bytes());
+        if left > 0 {
+            let _ = self.apply(Event::ResyncAgain { peer: peer.id });
+        }
         let secs = started.elapsed().as_secs_f64();
         tracing::info!(volume = %name, target = %peer.node, bytes = sent,
             mib_per_s = sent as f64 / (1 << 20) as f64 / secs.max(1e-6), "resync finished");

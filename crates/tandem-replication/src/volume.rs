@@ -1211,7 +1211,7 @@ impl ReplicatedVolume {
             // The change fails: the replicas that took it get it again from here once
             // the others have grown; nobody is behind on anything acknowledged.
             for t in s.targets.iter().filter(|t| failed(t.id)) {
-                let _ = self.apply(Event::GrowthPending { peer: t.id });
+                let _ = self.apply(Event::ResyncAgain { peer: t.id });
             }
             return;
         }
