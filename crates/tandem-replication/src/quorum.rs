@@ -31,8 +31,9 @@ pub(crate) enum Admit {
     Fail(Votes),
     /// Hold it until quorum returns (on-no-quorum suspend-io).
     Wait,
-    /// Quorum returned, but this replica was left behind while the write waited: the
-    /// others may have moved on, so it must not take the write.
+    /// This node's replica is not whole (it was found behind while the volume was
+    /// open here, or while a write waited for quorum): the others moved on, so it
+    /// takes no write.
     Outdated,
     /// Quorum holds, but not yet among the voters that confirmed this node's current
     /// data generation (it just started one): hold the write for their answer, under
@@ -42,21 +43,22 @@ pub(crate) enum Admit {
 }
 
 /// The decision for a write: `votes` reachable, of which `agreeing` confirmed this
-/// node's generation; `waited` when it has been held already, `behind` when this
-/// node's replica is not UpToDate (a diskless node never is behind).
+/// node's generation; `behind` when this node's replica is not UpToDate (a diskless
+/// node never is behind).
 pub(crate) fn admit(
     policy: QuorumPolicy,
     on_no_quorum: OnNoQuorum,
     votes: Votes,
     agreeing: Votes,
-    waited: bool,
     behind: bool,
 ) -> Admit {
     if holds(policy, votes) {
-        return if !holds(policy, agreeing) {
-            Admit::Confirming
-        } else if waited && behind {
+        // A Primary whose own replica is not whole (it was found behind while open)
+        // writes nothing: its changes would land on its peers outside any generation.
+        return if behind {
             Admit::Outdated
+        } else if !holds(policy, agreeing) {
+            Admit::Confirming
         } else {
             Admit::Go
         };
@@ -98,30 +100,30 @@ mod tests {
         use OnNoQuorum::{IoError, SuspendIo};
         use QuorumPolicy::{Majority, Off};
         let v = |have| votes(have, 3);
-        // (policy, on no quorum, votes, agreeing, waited, behind, decision)
+        // (policy, on no quorum, votes, agreeing, behind, decision)
         let cases = [
             // Quorum kept, lost and regained.
-            (Majority, IoError, v(2), v(2), false, false, Go),
-            (Majority, IoError, v(1), v(1), false, false, Fail(v(1))),
-            (Majority, SuspendIo, v(1), v(1), false, false, Wait),
-            (Majority, SuspendIo, v(2), v(2), true, false, Go),
+            (Majority, IoError, v(2), v(2), false, Go),
+            (Majority, IoError, v(1), v(1), false, Fail(v(1))),
+            (Majority, SuspendIo, v(1), v(1), false, Wait),
+            (Majority, SuspendIo, v(2), v(2), false, Go),
             // Back, but left behind meanwhile.
-            (Majority, SuspendIo, v(2), v(2), true, true, Outdated),
-            // Behind without having waited: the write goes (resync handles it).
-            (Majority, IoError, v(2), v(2), false, true, Go),
+            (Majority, SuspendIo, v(2), v(2), true, Outdated),
+            // Behind without having waited: refused all the same.
+            (Majority, IoError, v(2), v(2), true, Outdated),
             // A new generation not yet confirmed by a majority: held, whatever the
             // policy; without quorum at all the policy decides.
-            (Majority, IoError, v(2), v(1), false, false, Confirming),
-            (Majority, SuspendIo, v(3), v(1), true, false, Confirming),
-            (Majority, IoError, v(1), v(1), true, false, Fail(v(1))),
+            (Majority, IoError, v(2), v(1), false, Confirming),
+            (Majority, SuspendIo, v(3), v(1), false, Confirming),
+            (Majority, IoError, v(1), v(1), false, Fail(v(1))),
             // Quorum off: always.
-            (Off, IoError, v(1), v(1), false, false, Go),
+            (Off, IoError, v(1), v(1), false, Go),
         ];
-        for (policy, on_no, have, agreeing, waited, behind, want) in cases {
+        for (policy, on_no, have, agreeing, behind, want) in cases {
             assert_eq!(
-                admit(policy, on_no, have, agreeing, waited, behind),
+                admit(policy, on_no, have, agreeing, behind),
                 want,
-                "{policy:?} {on_no:?} {have:?} agreeing {agreeing:?} waited={waited} behind={behind}"
+                "{policy:?} {on_no:?} {have:?} agreeing {agreeing:?} behind={behind}"
             );
         }
     }

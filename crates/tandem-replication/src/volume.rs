@@ -1087,14 +1087,15 @@ impl ReplicatedVolume {
     fn quorum_now(&self, config: &Config, since: Option<Instant>) -> Option<io::Result<()>> {
         let options = &config.spec.options;
         let view = self.view();
-        let behind = view.replica && view.disk != DiskState::UpToDate;
+        // (A failed replica is detached: the volume goes on with its peers.)
+        let behind =
+            view.replica && matches!(view.disk, DiskState::Outdated | DiskState::Inconsistent);
         let (votes, agreeing) = config.tally(&view);
         match quorum::admit(
             options.quorum,
             options.on_no_quorum,
             votes,
             agreeing,
-            since.is_some(),
             behind,
         ) {
             // A voter that stays connected without ever confirming is stuck: as
@@ -1118,8 +1119,8 @@ impl ReplicatedVolume {
                 self.name
             )))),
             Admit::Outdated => Some(Err(io::Error::other(format!(
-                "volume {}: this replica was outdated while I/O was suspended",
-                self.name
+                "volume {}: the replica on node {} is {}, behind its peers; close the volume here and open it again once it is resynced",
+                self.name, self.my_node, view.disk
             )))),
             Admit::Wait => None,
         }

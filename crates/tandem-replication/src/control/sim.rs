@@ -263,8 +263,7 @@ impl Sim {
             OnNoQuorum::IoError,
             votes,
             agreeing,
-            false,
-            false,
+            self.nodes[i].c.replica && !self.nodes[i].c.up_to_date(),
         )
     }
 
@@ -767,11 +766,13 @@ impl Sim {
             .values()
             .any(|r| r.sent.is_some_and(|s| s.1 == block));
         if !self.has_quorum(i)
+            || self.admit(i) == Admit::Outdated
             || self.nodes[i].writes.values().any(|w| w.block == block)
             || resyncing
         {
-            // Fails without quorum; in the product, waits for an overlapping write or
-            // resync piece (the range is held until they are answered).
+            // Fails without quorum or on a replica left behind; in the product, waits
+            // for an overlapping write or resync piece (the range is held until they
+            // are answered).
             return;
         }
         let c = &self.nodes[i].c;
