@@ -544,6 +544,7 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 history: *their_history,
                 partial: state.disk == DiskState::Inconsistent,
                 confirmed: *their_confirmed,
+                serving: state.role == Role::Primary && !n.two_primaries,
             };
             connected(
                 &mut n,
@@ -1002,20 +1003,9 @@ fn connected(
             history: n.history(),
             partial: n.disk == DiskState::Inconsistent,
             confirmed: n.confirmed,
+            serving: n.writers > 0,
         };
         handshake::decide(me, them, me_first)
-    };
-    // A Primary whose peer holds newer data is not resynced under its clients: it
-    // is Outdated (its writes fail, its reads go to whole peers) until it is closed,
-    // and then connects afresh to be resynced (see `Event::Closed`).
-    let direction = match direction {
-        Direction::Target | Direction::Behind if n.writers > 0 => Direction::Behind,
-        // The other side of that: a Primary takes no resync (it declines it, and
-        // its writes share the connection with the pieces' answers).
-        Direction::Source { .. } if state.role == Role::Primary && !n.two_primaries => {
-            Direction::Neither
-        }
-        other => other,
     };
     if direction == Direction::Target
         && let Some(source) = n

@@ -28,6 +28,9 @@ pub(crate) struct Side {
     /// its current one, or an earlier one if it started one no majority confirmed
     /// (no write was acknowledged in that one).
     pub confirmed: u64,
+    /// It is Primary, and its replica is never resynced under its clients (nor does
+    /// it take resync pieces, which would share the connection with its writes).
+    pub serving: bool,
 }
 
 impl Side {
@@ -89,8 +92,19 @@ fn on_line(whole: Side, other: Side) -> bool {
 }
 
 /// The decision for `me`, facing `peer`; `me_first` breaks the one tie (both missed
-/// writes of the other): the lower node id.
+/// writes of the other): the lower node id. A serving Primary that would be resynced
+/// is Outdated instead (its writes fail, its reads go to whole peers) until it is
+/// closed and connects afresh; its peer then sends nothing.
 pub(crate) fn decide(me: Side, peer: Side, me_first: bool) -> Direction {
+    match by_data(me, peer, me_first) {
+        Direction::Target | Direction::Behind if me.serving => Direction::Behind,
+        Direction::Source { .. } if peer.serving => Direction::Neither,
+        direction => direction,
+    }
+}
+
+/// The decision by the data alone (see [`decide`]).
+fn by_data(me: Side, peer: Side, me_first: bool) -> Direction {
     match (me.up_to_date, peer.up_to_date) {
         (true, true) if me.generation == peer.generation => match (me.dirty, peer.dirty) {
             (false, false) => Direction::InSync,
@@ -151,6 +165,7 @@ mod tests {
             history: [0; 3],
             partial: false,
             confirmed: generation,
+            serving: false,
         }
     }
 
@@ -342,6 +357,26 @@ mod tests {
                 Target,
             ),
             (
+                "I serve clients, they hold newer data",
+                Side {
+                    serving: true,
+                    ..up(G1, 0, false)
+                },
+                after(G2, G1),
+                true,
+                Behind,
+            ),
+            (
+                "they serve clients, I hold newer data",
+                after(G2, G1),
+                Side {
+                    serving: true,
+                    ..up(G1, 0, false)
+                },
+                true,
+                Neither,
+            ),
+            (
                 "I hold nothing",
                 behind(0, 0, false),
                 up(G2, 0, false),
@@ -377,12 +412,15 @@ mod tests {
                     for dirty in [false, true] {
                         for earlier in gens.into_iter().filter(|e| *e != g) {
                             for confirmed in [g, earlier] {
-                                sides.push(Side {
-                                    history: [earlier, 0, 0],
-                                    partial: !up && dirty,
-                                    confirmed,
-                                    ..side(up, g, mark, dirty)
-                                });
+                                for serving in [false, up] {
+                                    sides.push(Side {
+                                        history: [earlier, 0, 0],
+                                        partial: !up && dirty,
+                                        confirmed,
+                                        serving,
+                                        ..side(up, g, mark, dirty)
+                                    });
+                                }
                             }
                         }
                     }

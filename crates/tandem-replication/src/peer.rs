@@ -199,14 +199,12 @@ impl Peer {
         let stale = match link.replace(Live { outbox, epoch }) {
             Some(old) => {
                 old.outbox.close();
-                self.pending.locked().drain().map(|(_, c)| c).collect()
+                self.take_pending()
             }
             None => Vec::new(),
         };
         drop(link);
-        for c in stale {
-            c.lost(self.id);
-        }
+        self.lose(stale);
         self.connects.fetch_add(1, Ordering::Relaxed);
         self.seen();
         *self.dial.locked() = (Instant::now(), BACKOFF_MIN);
@@ -237,8 +235,19 @@ impl Peer {
             _ => return,
         }
         drop(link);
-        let lost: Vec<_> = self.pending.locked().drain().map(|(_, c)| c).collect();
-        for c in lost {
+        let lost = self.take_pending();
+        self.lose(lost);
+    }
+
+    /// Every request waiting on the peer, taken out (to settle once no lock is held:
+    /// settling runs what waited on them).
+    fn take_pending(&self) -> Vec<Arc<Completion>> {
+        self.pending.locked().drain().map(|(_, c)| c).collect()
+    }
+
+    /// Settles requests as lost with this peer.
+    fn lose(&self, requests: Vec<Arc<Completion>>) {
+        for c in requests {
             c.lost(self.id);
         }
     }

@@ -447,9 +447,14 @@ impl ReplicatedVolume {
 
     /// The local replica, unless it failed and was detached.
     fn attached(&self) -> Option<&Arc<Volume>> {
+        self.attached_in(&self.view())
+    }
+
+    /// The local replica, unless `view` has it failed and detached.
+    fn attached_in(&self, view: &Control) -> Option<&Arc<Volume>> {
         self.local
             .as_ref()
-            .filter(|_| self.view().disk != DiskState::Failed)
+            .filter(|_| view.disk != DiskState::Failed)
     }
 
     /// Stops using a local replica whose I/O failed: the volume goes on with its peers,
@@ -1160,13 +1165,15 @@ impl ReplicatedVolume {
         local: impl FnOnce(&Volume) -> io::Result<()>,
     ) -> io::Result<Started> {
         let in_flight = InFlight::enter(&self.in_flight);
+        // One view of the state for the whole request.
+        let view = self.view();
+        let attached = self.attached_in(&view);
         let covered = match &self.al {
-            Some(al) if is_data_change(h.kind) && self.attached().is_some() => {
+            Some(al) if is_data_change(h.kind) && attached.is_some() => {
                 Some(al.cover(h.offset, h.length).map_err(io::Error::other)?)
             }
             _ => None,
         };
-        let view = self.view();
         let targets: Vec<Arc<Peer>> = config.data_peers(&view).into_iter().cloned().collect();
         if is_data_change(h.kind) {
             self.rotate_if_needed(&view, targets.iter().map(|t| t.id).collect());
@@ -1176,8 +1183,8 @@ impl ReplicatedVolume {
         for p in &targets {
             p.request(&h, payload, &completion);
         }
-        let local_whole = self.local_up_to_date().is_some();
-        let local_result = self.attached().map(|v| local(v));
+        let local_whole = attached.is_some() && view.up_to_date();
+        let local_result = attached.map(|v| local(v));
         Ok(Started {
             h,
             config,
