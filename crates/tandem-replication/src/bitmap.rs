@@ -56,18 +56,28 @@ impl Bitmap {
     }
 
     fn apply(&mut self, offset: u64, len: u64, on: bool) -> Range<usize> {
-        let blocks = self.blocks_of(offset, len);
-        for b in blocks.clone() {
+        // The first and last block that changed: a range marked already (a peer out
+        // for a while, written over and over) stores no page again.
+        let mut changed: Option<(u64, u64)> = None;
+        for b in self.blocks_of(offset, len) {
             let (w, bit) = ((b / 64) as usize, 1u64 << (b % 64));
             let was = self.words[w] & bit != 0;
             if was != on {
                 self.words[w] ^= bit;
-                if on { self.set += 1 } else { self.set -= 1 }
+                if on {
+                    self.set += 1
+                } else {
+                    self.set -= 1
+                }
+                changed = Some(changed.map_or((b, b), |(first, _)| (first, b)));
             }
         }
-        let first = (blocks.start / BLOCKS_PER_PAGE) as usize;
-        let last = blocks.end.div_ceil(BLOCKS_PER_PAGE) as usize;
-        first..last.max(first)
+        match changed {
+            Some((first, last)) => {
+                (first / BLOCKS_PER_PAGE) as usize..(last / BLOCKS_PER_PAGE) as usize + 1
+            }
+            None => 0..0,
+        }
     }
 
     /// Marks the blocks touching `[offset, offset + len)`; the pages that changed.
@@ -120,11 +130,13 @@ mod tests {
         assert_eq!(b.mark(4096 + 10, 8192), 0..1);
         assert_eq!(b.bytes(), 3 * 4096, "partial blocks count whole");
         assert_eq!(b.next_run(0, 1 << 20), Some(4096..4 * 4096));
-        b.mark(200 << 20, 4096);
-        assert_eq!(
-            b.mark(200 << 20, 4096).start,
-            (200 << 20) / (BLOCKS_PER_PAGE * 4096) as usize
+        let page = (200 << 20) / (BLOCKS_PER_PAGE * 4096) as usize;
+        assert_eq!(b.mark(200 << 20, 4096), page..page + 1);
+        assert!(
+            b.mark(200 << 20, 4096).is_empty(),
+            "marked already: no page to store"
         );
+        assert!(b.mark(4096, 4096).is_empty());
         assert_eq!(
             b.next_run(4 * 4096, 1 << 20),
             Some((200 << 20)..(200 << 20) + 4096)

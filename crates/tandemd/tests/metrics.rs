@@ -131,9 +131,17 @@ fn node_metrics_parse_and_move_with_traffic_and_peer_state() {
 #[test]
 fn controller_metrics_count_nodes_and_volumes_and_need_no_cluster_secret() {
     let node = Node::start_with("mc", &["--controller"]);
-    // The node belongs to the controller's cluster: its node API wants the secret...
-    let r = tandem_lab::http("GET", &node.url("/v1/node/volumes"), None).unwrap();
-    assert_eq!(r.status, 401, "{}", r.body);
+    // The node joins the controller's cluster (just after its API answers): from then
+    // on its node API wants the secret...
+    wait_for(
+        "the node joined its controller's cluster",
+        Duration::from_secs(10),
+        &[&node],
+        || {
+            let r = tandem_lab::http("GET", &node.url("/v1/node/volumes"), None).unwrap();
+            (r.status == 401).then_some(())
+        },
+    );
     // ...its metrics do not (they carry no secrets).
     let s = wait_for(
         "the controller visited its node",
