@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ClusterId, DiskState, NodeName, PoolName, VolumeName};
+use crate::{ClusterId, DiskState, NodeName, PoolName, SnapshotName, VolumeName};
 
 /// Every error the API returns: what failed, why, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +79,49 @@ pub struct PoolInfo {
     pub capacity: u64,
     pub free: u64,
     pub volumes: u32,
+    /// Whether the pool's file system shares blocks between files (reflink: xfs,
+    /// btrfs): only then does the pool take snapshots, instantly.
+    #[serde(default)]
+    pub reflink: bool,
+}
+
+/// A snapshot as one replica holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    pub volume: VolumeName,
+    pub name: SnapshotName,
+    /// The volume's size when the snapshot was taken.
+    pub size: u64,
+    /// When it was taken, in seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// `POST .../snapshots`: take a snapshot named `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    pub name: SnapshotName,
+}
+
+/// What taking a snapshot did: the replicas that hold it, and why the others do not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotTaken {
+    pub snapshot: SnapshotInfo,
+    /// The nodes whose replica took the snapshot.
+    pub replicas: Vec<NodeName>,
+    /// The nodes holding data that did not, with the reason.
+    #[serde(default)]
+    pub missing: Vec<SnapshotMissing>,
+    /// How long new writes waited for the snapshot, in microseconds.
+    pub paused_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMissing {
+    pub node: NodeName,
+    pub reason: String,
 }
 
 /// What a node says about itself on `GET /v1/node`.

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     ClusterId, DiskState, GroupName, NodeId, NodeName, OnNoQuorum, ParticipantKind, PoolName,
-    QuorumPolicy, ReplicationState, Role, StoreName, VolumeId, VolumeName,
+    QuorumPolicy, ReplicationState, Role, SnapshotName, StoreName, VolumeId, VolumeName,
 };
 
 crate::states::words!(
@@ -71,6 +71,10 @@ pub struct ClusterPool {
     pub replicas: u32,
     /// Sum of the sizes of those replicas.
     pub provisioned: u64,
+    /// Whether the pool takes snapshots (its file system shares blocks: reflink), as
+    /// last reported; absent until the node has answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<bool>,
 }
 
 /// Placement rules for the volumes created in a group.
@@ -178,6 +182,20 @@ pub struct ClusterVolume {
     pub replicas: u8,
     pub state: VolumeState,
     pub participants: Vec<ClusterParticipant>,
+}
+
+/// A snapshot as the controller records it: where it exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ClusterSnapshot {
+    pub volume: VolumeName,
+    pub name: SnapshotName,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// The volume's size when it was taken.
+    pub size: u64,
+    /// The nodes whose replica holds it.
+    pub replicas: Vec<NodeName>,
 }
 
 /// `PUT /v1/kv/STORE/KEY`.

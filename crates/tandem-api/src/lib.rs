@@ -10,16 +10,16 @@ mod spec;
 mod states;
 
 pub use body::{
-    ApiError, CreatePool, CreateVolume, JoinCluster, NODE_API_VERSION, NodeInfo, PoolInfo,
-    UpdateVolume, VolumeInfo,
+    ApiError, CreatePool, CreateSnapshot, CreateVolume, JoinCluster, NODE_API_VERSION, NodeInfo,
+    PoolInfo, SnapshotInfo, SnapshotMissing, SnapshotTaken, UpdateVolume, VolumeInfo,
 };
 pub use cluster::{
-    ChangeReplicas, ClusterInfo, ClusterNode, ClusterParticipant, ClusterPool, ClusterVolume,
-    CreateClusterVolume, CreateNode, Finding, Group, Health, KV_KEY_MAX, KvEntry, KvValue,
-    NodeState, OnNode, ResizeVolume, Severity, VolumeState, check_kv_key,
+    ChangeReplicas, ClusterInfo, ClusterNode, ClusterParticipant, ClusterPool, ClusterSnapshot,
+    ClusterVolume, CreateClusterVolume, CreateNode, Finding, Group, Health, KV_KEY_MAX, KvEntry,
+    KvValue, NodeState, OnNode, ResizeVolume, Severity, VolumeState, check_kv_key,
 };
 pub use ids::{ClusterId, NodeId, VolumeId};
-pub use names::{GroupName, NameError, NodeName, PoolName, StoreName, VolumeName};
+pub use names::{GroupName, NameError, NodeName, PoolName, SnapshotName, StoreName, VolumeName};
 pub use size::{ByteSize, SizeError};
 pub use spec::{
     OnNoQuorum, Participant, ParticipantKind, PeerStatus, QuorumPolicy, ReplicaReport, Resolve,

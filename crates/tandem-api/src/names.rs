@@ -91,6 +91,12 @@ name_type!(
     "volume"
 );
 name_type!(
+    /// A snapshot's name, unique among its volume's snapshots. Its NBD export is
+    /// `VOLUME@SNAPSHOT`: `@` is in neither name, so the split is unambiguous.
+    SnapshotName,
+    "snapshot"
+);
+name_type!(
     /// A storage pool's name, unique on its node.
     PoolName,
     "pool"

@@ -15,14 +15,15 @@ use crate::commands::group::GroupCommand;
 use crate::commands::kv::KvCommand;
 use crate::commands::node::NodeCommand;
 use crate::commands::pool::PoolCommand;
+use crate::commands::snapshot::SnapshotCommand;
 use crate::commands::volume::VolumeCommand;
-use crate::commands::{Output, cluster, group, health, kv, node, pool, volume};
+use crate::commands::{Output, cluster, group, health, kv, node, pool, snapshot, volume};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "tandem",
     version,
-    about = "Manage a Tandem cluster: nodes, pools, groups, volumes and key-value stores"
+    about = "Manage a Tandem cluster: nodes, pools, groups, volumes, snapshots and key-value stores"
 )]
 struct Cli {
     /// API of the node running the controller (`tandemd --controller`).
@@ -56,6 +57,9 @@ enum Command {
     /// Volumes: create, list, attach, resize, delete.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Snapshots of volumes: create, list, delete; read one over NBD as VOLUME@SNAPSHOT.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Key-value stores.
     #[command(subcommand)]
     Kv(KvCommand),
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         Command::Pool(cmd) => pool::run(&api, out, cmd),
         Command::Group(cmd) => group::run(&api, out, cmd),
         Command::Volume(cmd) => volume::run(&api, out, cmd),
+        Command::Snapshot(cmd) => snapshot::run(&api, out, cmd),
         Command::Kv(cmd) => kv::run(&api, out, cmd),
     };
     match done {

@@ -12,8 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tandem_api::{
-    ChangeReplicas, CreateClusterVolume, CreateNode, CreatePool, Group, GroupName, KvValue,
-    NodeName, OnNode, PoolName, ResizeVolume, StoreName, VolumeName,
+    ChangeReplicas, CreateClusterVolume, CreateNode, CreatePool, CreateSnapshot, Group, GroupName,
+    KvValue, NodeName, OnNode, PoolName, ResizeVolume, SnapshotName, StoreName, VolumeName,
 };
 
 use crate::controller::{Controller, Refusal, RefusalKind};
@@ -83,6 +83,15 @@ fn routes(controller: Arc<Controller>) -> Router {
         .route("/v1/volumes/{volume}/detach", post(detach))
         .route("/v1/volumes/{volume}/replicas", post(replicas))
         .route("/v1/volumes/{volume}/verify", post(verify))
+        .route("/v1/snapshots", get(all_snapshots))
+        .route(
+            "/v1/volumes/{volume}/snapshots",
+            get(snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/volumes/{volume}/snapshots/{snapshot}",
+            axum::routing::delete(delete_snapshot),
+        )
         .route("/v1/kv/{store}", get(kv_list))
         .route(
             "/v1/kv/{store}/{*key}",
@@ -322,6 +331,38 @@ async fn verify(
 ) -> Result<impl IntoResponse, Failure> {
     let Path(name) = path?;
     Ok(Json(blocking(move || c.verify(&name)).await?))
+}
+
+async fn all_snapshots(State(c): Shared) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.snapshots(None)?))
+}
+
+async fn snapshots(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    Ok(Json(c.snapshots(Some(&name))?))
+}
+
+async fn create_snapshot(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+    body: Result<Json<CreateSnapshot>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    let Json(req) = body?;
+    let taken = blocking(move || c.create_snapshot(&name, &req.name)).await?;
+    Ok((StatusCode::CREATED, Json(taken)))
+}
+
+async fn delete_snapshot(
+    State(c): Shared,
+    path: Result<Path<(VolumeName, SnapshotName)>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path((name, snap)) = path?;
+    blocking(move || c.delete_snapshot(&name, &snap)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn kv_list(

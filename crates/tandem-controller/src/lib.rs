@@ -13,6 +13,7 @@ mod openapi;
 mod ops;
 mod placement;
 mod reconcile;
+mod snapshots;
 mod store;
 mod view;
 

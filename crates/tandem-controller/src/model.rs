@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use tandem_api::{
     ClusterId, Group, GroupName, NodeId, NodeName, Participant, ParticipantKind, PoolName,
-    StoreName, VolumeId, VolumeName, VolumeOptions, VolumeSpec,
+    SnapshotName, StoreName, VolumeId, VolumeName, VolumeOptions, VolumeSpec,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +78,16 @@ pub struct Model {
     pub groups: BTreeMap<GroupName, Group>,
     pub volumes: BTreeMap<VolumeName, VolumeRow>,
     pub kv: BTreeMap<(StoreName, String), String>,
+    pub snapshots: BTreeMap<(VolumeName, SnapshotName), SnapshotRow>,
+}
+
+/// A snapshot of a volume, and the nodes whose replica holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRow {
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    pub size: u64,
+    pub replicas: Vec<NodeName>,
 }
 
 impl Model {

@@ -159,6 +159,30 @@ impl NodeClient {
         )
     }
 
+    pub fn create_snapshot(
+        &self,
+        name: &VolumeName,
+        snapshot: &tandem_api::SnapshotName,
+    ) -> Result<tandem_api::SnapshotTaken, CallError> {
+        let body = tandem_api::CreateSnapshot {
+            name: snapshot.clone(),
+        };
+        self.send("POST", &format!("/v1/node/volumes/{name}/snapshots"), &body)
+    }
+
+    /// Deletes the node's copy of a snapshot; one it does not have counts as deleted.
+    pub fn delete_snapshot(
+        &self,
+        name: &VolumeName,
+        snapshot: &tandem_api::SnapshotName,
+    ) -> Result<(), CallError> {
+        let path = format!("/v1/node/volumes/{name}/snapshots/{snapshot}");
+        match self.call("DELETE", &path, None) {
+            Err(CallError::Refused(404, _)) | Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn verify(&self, name: &VolumeName) -> Result<serde_json::Value, CallError> {
         self.send("POST", &format!("/v1/node/volumes/{name}/verify"), &())
     }

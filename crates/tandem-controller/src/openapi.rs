@@ -209,6 +209,38 @@ fn operations() -> Vec<Operation> {
         ),
         (
             "get",
+            "/v1/snapshots",
+            "List every volume's snapshots",
+            None,
+            200,
+            Some(list("Snapshot")),
+        ),
+        (
+            "get",
+            "/v1/volumes/{volume}/snapshots",
+            "List a volume's snapshots and the nodes holding each",
+            None,
+            200,
+            Some(list("Snapshot")),
+        ),
+        (
+            "post",
+            "/v1/volumes/{volume}/snapshots",
+            "Take a snapshot at one point of the write order on every replica reached; read it over NBD as VOLUME@SNAPSHOT",
+            Some("CreateSnapshot"),
+            201,
+            Some(schema("SnapshotTaken")),
+        ),
+        (
+            "delete",
+            "/v1/volumes/{volume}/snapshots/{snapshot}",
+            "Delete a snapshot from every node holding it",
+            None,
+            204,
+            None,
+        ),
+        (
+            "get",
             "/v1/kv/{store}",
             "List the keys of a key-value store",
             None,
@@ -273,7 +305,8 @@ fn schemas() -> Value {
         "Pool": object(&["node", "name", "kind", "path", "replicas", "provisioned"], json!({
             "node": name, "name": name, "kind": {"type": "string", "enum": ["file"]}, "path": {"type": "string"},
             "capacity": {"type": "integer"}, "free": {"type": "integer"},
-            "replicas": {"type": "integer"}, "provisioned": {"type": "integer"}})),
+            "replicas": {"type": "integer"}, "provisioned": {"type": "integer"},
+            "snapshots": {"type": "boolean", "description": "the pool's file system shares blocks (reflink)"}})),
         "Group": object(&["name"], json!({
             "name": name, "replicas": {"type": "integer", "minimum": 1, "maximum": 31, "default": 2},
             "pool": {"type": "string", "default": "default"},
@@ -299,6 +332,16 @@ fn schemas() -> Value {
             "replicas": {"type": "integer"},
             "state": {"type": "string", "enum": ["Failed", "SplitBrain", "NoQuorum", "Degraded", "Syncing", "Creating", "UpToDate"]},
             "participants": list("Participant")})),
+        "CreateSnapshot": object(&["name"], json!({ "name": name })),
+        "Snapshot": object(&["volume", "name", "created", "size", "replicas"], json!({
+            "volume": name, "name": name, "created": {"type": "integer", "description": "seconds since the Unix epoch"},
+            "size": size, "replicas": {"type": "array", "items": name}})),
+        "SnapshotTaken": object(&["snapshot", "replicas", "missing", "paused-us"], json!({
+            "snapshot": object(&["volume", "name", "size", "created"], json!({
+                "volume": name, "name": name, "size": size, "created": {"type": "integer"}})),
+            "replicas": {"type": "array", "items": name},
+            "missing": {"type": "array", "items": object(&["node", "reason"], json!({"node": name, "reason": {"type": "string"}}))},
+            "paused-us": {"type": "integer", "description": "how long new writes waited, in microseconds"}})),
         "KvValue": object(&["value"], json!({ "value": {"type": "string"} })),
         "KvEntry": object(&["store", "key", "value"], json!({
             "store": name, "key": {"type": "string"}, "value": {"type": "string"}})),
@@ -339,7 +382,7 @@ pub fn document() -> Value {
         "info": {
             "title": "Tandem cluster API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Nodes, pools, resource groups, volumes and key-value stores of a Tandem cluster. Errors are {message, cause, correction}.",
+            "description": "Nodes, pools, resource groups, volumes, snapshots and key-value stores of a Tandem cluster. Errors are {message, cause, correction}.",
         },
         "paths": paths,
         "components": { "schemas": schemas() },

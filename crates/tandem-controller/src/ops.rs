@@ -24,7 +24,7 @@ const MAX_REPLICAS: u8 = 31;
 /// How long an attach waits for the node to serve the volume.
 const ATTACH_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
-fn no_volume(name: &VolumeName) -> Refusal {
+pub(crate) fn no_volume(name: &VolumeName) -> Refusal {
     Refusal::new(
         NotFound,
         format!("volume {name} does not exist"),
@@ -32,7 +32,7 @@ fn no_volume(name: &VolumeName) -> Refusal {
     )
 }
 
-fn no_node(name: &NodeName) -> Refusal {
+pub(crate) fn no_node(name: &NodeName) -> Refusal {
     Refusal::new(
         NotFound,
         format!("node {name} does not exist"),
@@ -40,7 +40,7 @@ fn no_node(name: &NodeName) -> Refusal {
     )
 }
 
-fn node_call(node: &NodeName, what: &str, e: CallError) -> Refusal {
+pub(crate) fn node_call(node: &NodeName, what: &str, e: CallError) -> Refusal {
     let kind = match &e {
         CallError::Unreachable(_) => Unreachable,
         CallError::Refused(404, _) => NotFound,
@@ -69,7 +69,7 @@ fn check_size(size: u64) -> Result<(), Refusal> {
 }
 
 impl Controller {
-    fn snapshot<T>(&self, d: &Desired, f: impl FnOnce(&Snapshot<'_>) -> T) -> T {
+    pub(crate) fn snapshot<T>(&self, d: &Desired, f: impl FnOnce(&Snapshot<'_>) -> T) -> T {
         let observed = self.observed.read().unwrap();
         f(&Snapshot {
             model: &d.model,
@@ -541,6 +541,16 @@ impl Controller {
         if !d.model.volumes.contains_key(name) {
             return Err(no_volume(name));
         }
+        let snapshots = (d.model.snapshots.keys())
+            .filter(|(v, _)| v == name)
+            .count();
+        if snapshots > 0 && !force {
+            return Err(Refusal::new(
+                Conflict,
+                format!("volume {name} has {snapshots} snapshot(s)"),
+                "delete them first (`tandem snapshot list`), or delete with --force, which deletes them too",
+            ));
+        }
         let open = self.snapshot(&d, |s| s.open_on(name));
         if !open.is_empty() && !force {
             return Err(Refusal::new(
@@ -561,6 +571,7 @@ impl Controller {
             |w| w.delete_volume(name),
             |m| {
                 m.volumes.remove(name);
+                m.snapshots.retain(|(v, _), _| v != name);
             },
         )?;
         tracing::info!(volume = %name, force, "volume deleted");
@@ -802,7 +813,7 @@ impl Controller {
         })
     }
 
-    fn speaker(&self, name: &VolumeName) -> Result<(NodeName, NodeClient), Refusal> {
+    pub(crate) fn speaker(&self, name: &VolumeName) -> Result<(NodeName, NodeClient), Refusal> {
         let node = self
             .view(|s| {
                 if s.model.volumes.contains_key(name) {

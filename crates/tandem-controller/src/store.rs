@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tandem_api::{ClusterId, Group, NodeId, NodeName, ParticipantKind, VolumeName};
+use tandem_api::{ClusterId, Group, NodeId, NodeName, ParticipantKind, SnapshotName, VolumeName};
 
-use crate::model::{Cluster, Model, NodeRow, ParticipantRow, PoolRow, VolumeRow};
+use crate::model::{Cluster, Model, NodeRow, ParticipantRow, PoolRow, SnapshotRow, VolumeRow};
 
 /// Schema steps; `MIGRATIONS[i]` upgrades version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -59,6 +59,14 @@ const MIGRATIONS: &[&str] = &[
          key TEXT NOT NULL,
          value TEXT NOT NULL,
          PRIMARY KEY (store, key));",
+    // 3: snapshots; `replicas` is a JSON list of the nodes holding one.
+    "CREATE TABLE snapshots (
+         volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+         name TEXT NOT NULL,
+         created INTEGER NOT NULL,
+         size INTEGER NOT NULL,
+         replicas TEXT NOT NULL,
+         PRIMARY KEY (volume, name));",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +271,32 @@ impl Store {
             let (store, key, value) = row?;
             kv.insert((store.parse().map_err(invalid)?, key), value);
         }
+        let mut snapshots = BTreeMap::new();
+        let mut q = self
+            .db
+            .prepare("SELECT volume, name, created, size, replicas FROM snapshots")?;
+        for row in q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        })? {
+            let (volume, name, created, size, replicas) = row?;
+            snapshots.insert(
+                (
+                    volume.parse().map_err(invalid)?,
+                    name.parse().map_err(invalid)?,
+                ),
+                SnapshotRow {
+                    created: created as u64,
+                    size: size as u64,
+                    replicas: serde_json::from_str(&replicas).map_err(invalid)?,
+                },
+            );
+        }
         Ok(Model {
             cluster,
             nodes,
@@ -270,6 +304,7 @@ impl Store {
             groups,
             volumes,
             kv,
+            snapshots,
         })
     }
 
@@ -381,6 +416,39 @@ impl Writer<'_> {
     pub fn delete_volume(&self, name: &VolumeName) -> Result<(), StoreError> {
         self.tx
             .execute("DELETE FROM volumes WHERE name = ?1", [name.as_str()])?;
+        Ok(())
+    }
+
+    pub fn snapshot(
+        &self,
+        volume: &VolumeName,
+        name: &SnapshotName,
+        row: &SnapshotRow,
+    ) -> Result<(), StoreError> {
+        let replicas = serde_json::to_string(&row.replicas).expect("names serialise");
+        self.tx.execute(
+            "INSERT INTO snapshots (volume, name, created, size, replicas) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (volume, name) DO UPDATE SET replicas = ?5",
+            params![
+                volume.as_str(),
+                name.as_str(),
+                row.created as i64,
+                row.size as i64,
+                replicas
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_snapshot(
+        &self,
+        volume: &VolumeName,
+        name: &SnapshotName,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "DELETE FROM snapshots WHERE volume = ?1 AND name = ?2",
+            [volume.as_str(), name.as_str()],
+        )?;
         Ok(())
     }
 

@@ -91,6 +91,7 @@ impl Snapshot<'_> {
                     free: reported.map(|p| p.free),
                     replicas: placed.len() as u32,
                     provisioned: placed.iter().sum(),
+                    snapshots: reported.map(|p| p.reflink),
                 }
             })
             .collect()
@@ -424,6 +425,7 @@ mod tests {
             groups: BTreeMap::new(),
             volumes,
             kv: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
         }
     }
 

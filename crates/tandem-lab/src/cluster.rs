@@ -16,9 +16,20 @@ impl Cluster {
     /// Starts `n` nodes named `{prefix}1..`, the first with `--controller`, and joins the
     /// others to it.
     pub fn start(prefix: &str, n: usize) -> Cluster {
-        let mut nodes = vec![Node::start_with(&format!("{prefix}1"), &["--controller"])];
-        for i in 2..=n {
-            nodes.push(Node::start(&format!("{prefix}{i}")));
+        Cluster::start_with(prefix, n, |_| Vec::new())
+    }
+
+    /// [`Cluster::start`], each node given the extra `tandemd` flags `args(name)`.
+    pub fn start_with(prefix: &str, n: usize, args: impl Fn(&str) -> Vec<String>) -> Cluster {
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let name = format!("{prefix}{i}");
+            let mut flags = args(&name);
+            if i == 1 {
+                flags.push("--controller".into());
+            }
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            nodes.push(Node::start_with(&name, &flags));
         }
         let cluster = Cluster { nodes };
         for node in &cluster.nodes[1..] {

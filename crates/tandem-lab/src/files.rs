@@ -99,8 +99,9 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// A small ext4 file system on a loop device, for a pool that can be filled without
-/// filling the machine's disk; unmounted and removed on drop.
+/// A small file system on a loop device: ext4, for a pool that can be filled without
+/// filling the machine's disk, or xfs with reflink, for snapshots. Unmounted and
+/// removed on drop.
 pub struct SmallFs {
     dir: PathBuf,
     /// Where it is mounted.
@@ -108,9 +109,19 @@ pub struct SmallFs {
 }
 
 impl SmallFs {
-    /// `None` where this machine cannot make one (not root, no loop devices, no
-    /// mkfs.ext4).
-    pub fn new(mib: u64) -> Option<SmallFs> {
+    /// An ext4 file system of `mib` MiB; `None` where this machine cannot make one (not
+    /// root, no loop devices, no mkfs.ext4).
+    pub fn ext4(mib: u64) -> Option<SmallFs> {
+        SmallFs::make(mib, &["mkfs.ext4", "-q", "-F"])
+    }
+
+    /// An xfs file system with reflink, of at least 300 MiB (xfs's least); `None`
+    /// where this machine cannot make one (not root, no loop devices, no mkfs.xfs).
+    pub fn xfs(mib: u64) -> Option<SmallFs> {
+        SmallFs::make(mib.max(300), &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"])
+    }
+
+    fn make(mib: u64, mkfs: &[&str]) -> Option<SmallFs> {
         let dir = scratch("smallfs");
         let img = dir.join("fs.img");
         let mnt = dir.join("mnt");
@@ -124,7 +135,7 @@ impl SmallFs {
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
-        if ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))
+        if ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&img))
             && ok(Command::new("mount")
                 .args(["-o", "loop"])
                 .arg(&img)

@@ -110,13 +110,22 @@ impl DataFile {
     }
 
     pub fn open(path: &Path, cache: CacheMode) -> io::Result<DataFile> {
-        let buffered = OpenOptions::new().read(true).write(true).open(path)?;
+        DataFile::open_as(path, cache, true)
+    }
+
+    /// Opens a data file that is only read (a snapshot's).
+    pub fn open_read_only(path: &Path, cache: CacheMode) -> io::Result<DataFile> {
+        DataFile::open_as(path, cache, false)
+    }
+
+    fn open_as(path: &Path, cache: CacheMode, writable: bool) -> io::Result<DataFile> {
+        let buffered = OpenOptions::new().read(true).write(writable).open(path)?;
         let direct = match cache {
             CacheMode::Writeback => None,
             CacheMode::None => Some(
                 OpenOptions::new()
                     .read(true)
-                    .write(true)
+                    .write(writable)
                     .custom_flags(libc::O_DIRECT)
                     .open(path)
                     .map_err(|e| {
@@ -330,6 +339,73 @@ impl DataFile {
         }
         Ok(())
     }
+
+    /// Makes `dest` (a new file) a copy of this file that shares its blocks (reflink):
+    /// instant, holes kept, and later writes to either file leave the other alone.
+    /// Fails with `EOPNOTSUPP`, `EXDEV` or `EINVAL` where the file system cannot share.
+    pub fn share_into(&self, dest: &Path) -> io::Result<()> {
+        let file = OpenOptions::new().write(true).create_new(true).open(dest)?;
+        // SAFETY: plain ioctl on two descriptors we own.
+        let result =
+            if unsafe { libc::ioctl(file.as_raw_fd(), libc::FICLONE, self.buffered.as_raw_fd()) }
+                == 0
+            {
+                file.sync_all()
+            } else {
+                Err(errno())
+            };
+        if result.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        result
+    }
+
+    /// Replaces the first `len` bytes of this file by those of `source`, sharing its
+    /// blocks (reflink), and makes the change durable.
+    pub fn share_from(&self, source: &DataFile, len: u64) -> io::Result<()> {
+        let range = libc::file_clone_range {
+            src_fd: source.buffered.as_raw_fd() as i64,
+            src_offset: 0,
+            src_length: len,
+            dest_offset: 0,
+        };
+        // SAFETY: plain ioctl with a struct we own, on descriptors we own.
+        if unsafe { libc::ioctl(self.buffered.as_raw_fd(), libc::FICLONERANGE, &range) } != 0 {
+            return Err(errno());
+        }
+        self.buffered.sync_all()
+    }
+}
+
+/// Whether files in `dir` can share blocks (reflink), tried on two scratch files there.
+pub fn shares_blocks(dir: &Path) -> io::Result<bool> {
+    let (probe, copy) = (
+        dir.join(".tandem-reflink-probe"),
+        dir.join(".tandem-reflink-probe.copy"),
+    );
+    for p in [&probe, &copy] {
+        let _ = std::fs::remove_file(p);
+    }
+    let result = (|| {
+        std::fs::write(&probe, [0x5a; 4096])?;
+        let source = DataFile::open(&probe, CacheMode::Writeback)?;
+        match source.share_into(&copy) {
+            Ok(()) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    })();
+    for p in [&probe, &copy] {
+        let _ = std::fs::remove_file(p);
+    }
+    result
 }
 
 fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {

@@ -1,7 +1,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use tandem_api::{PoolName, VolumeName};
+use tandem_api::{PoolName, SnapshotName, VolumeName};
 
 use crate::meta::MetaError;
 
@@ -31,6 +31,20 @@ pub enum PoolError {
     },
     #[error("volume {name} cannot be used: {error}")]
     Failed { name: VolumeName, error: String },
+    #[error("snapshot {volume}@{snapshot} does not exist")]
+    SnapshotNotFound {
+        volume: VolumeName,
+        snapshot: SnapshotName,
+    },
+    #[error("snapshot {volume}@{snapshot} already exists")]
+    SnapshotExists {
+        volume: VolumeName,
+        snapshot: SnapshotName,
+    },
+    #[error(
+        "pool {pool} cannot take snapshots: its file system does not share blocks between files (reflink); use xfs or btrfs"
+    )]
+    NoReflink { pool: PoolName },
     #[error("pool directory {dir} is in use by another tandemd")]
     Locked { dir: PathBuf },
     #[error(transparent)]

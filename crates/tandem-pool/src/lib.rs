@@ -4,6 +4,7 @@
 //! ```text
 //! <pool dir>/<volume>.raw    the data, a plain raw image
 //! <pool dir>/<volume>.meta   superblock (two checksummed slots), activity log, bitmaps
+//! <pool dir>/<volume>@<snapshot>.raw, .snap    a snapshot: its data and its record
 //! ```
 
 mod buffer;
@@ -11,10 +12,11 @@ mod data;
 mod error;
 pub mod meta;
 mod pool;
+mod snapshot;
 mod volume;
 
 pub use buffer::Buffer;
-pub use data::{CacheMode, DataFile, Extent};
+pub use data::{CacheMode, DataFile, Extent, shares_blocks};
 pub use error::PoolError;
 pub use meta::{GenerationId, Generations, MetaError, NewVolume, Superblock};
 pub use pool::{Entry, Pool, PoolStats};

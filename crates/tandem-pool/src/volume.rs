@@ -5,11 +5,12 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tandem_api::{DiskState, NodeId, PoolName, VolumeInfo, VolumeName};
+use tandem_api::{DiskState, NodeId, PoolName, SnapshotInfo, SnapshotName, VolumeInfo, VolumeName};
 
 use crate::data::DataFile;
 use crate::error::PoolError;
 use crate::meta::{GenerationId, MetaFile, PeerSlot, Superblock};
+use crate::snapshot::Snapshots;
 use crate::{BLOCK_SIZE, MAX_VOLUME_SIZE};
 
 #[derive(Default)]
@@ -28,6 +29,7 @@ pub struct Volume {
     read_only: AtomicBool,
     thick: bool,
     openers: Mutex<Openers>,
+    snapshots: Snapshots,
 }
 
 fn unsupported(e: &io::Error) -> bool {
@@ -52,7 +54,12 @@ pub(crate) fn check_size(size: u64) -> Result<(), PoolError> {
 }
 
 impl Volume {
-    pub(crate) fn new(pool: PoolName, meta: MetaFile, data: DataFile) -> Volume {
+    pub(crate) fn new(
+        pool: PoolName,
+        meta: MetaFile,
+        data: DataFile,
+        snapshots: Snapshots,
+    ) -> Volume {
         let sb = meta.superblock();
         Volume {
             name: sb.name.clone(),
@@ -63,6 +70,7 @@ impl Volume {
             data,
             meta: Mutex::new(meta),
             openers: Mutex::default(),
+            snapshots,
         }
     }
 
@@ -210,6 +218,59 @@ impl Volume {
     /// Changes the superblock durably (generation identifiers, disk state, peers).
     pub fn update_superblock(&self, change: impl FnOnce(&mut Superblock)) -> Result<(), PoolError> {
         Ok(self.meta.lock().unwrap().update(change)?)
+    }
+
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.snapshots.list()
+    }
+
+    pub fn has_snapshots(&self) -> bool {
+        !self.snapshots.is_empty()
+    }
+
+    /// Takes snapshot `snap` of the data file as it is now: the caller has drained the
+    /// writes that must be in it and holds back those that must not.
+    pub fn take_snapshot(&self, snap: &SnapshotName) -> Result<SnapshotInfo, PoolError> {
+        let generation = self.generation().0;
+        self.snapshots
+            .take(&self.data, snap, self.size(), generation)
+    }
+
+    pub fn delete_snapshot(&self, snap: &SnapshotName) -> Result<(), PoolError> {
+        self.snapshots.delete(snap)
+    }
+
+    /// The data file of snapshot `snap`, for reading.
+    pub fn open_snapshot(&self, snap: &SnapshotName) -> Result<DataFile, PoolError> {
+        self.snapshots.open(snap)
+    }
+
+    /// Puts the data back as it was at snapshot `snap`; refused while the volume is open.
+    /// Blocks past the snapshot's size (the volume grew since) read as zeros.
+    pub fn roll_back(&self, snap: &SnapshotName) -> Result<(), PoolError> {
+        let openers = self.openers.lock().unwrap();
+        if openers.readers + openers.writers > 0 {
+            return Err(PoolError::InUse {
+                name: self.name.clone(),
+                openers: openers.readers + openers.writers,
+            });
+        }
+        let source = self.snapshots.open(snap)?;
+        let size = self.snapshots.get(snap).map_or(0, |r| r.info.size);
+        let path = self.data.path().to_owned();
+        self.data
+            .share_from(&source, size)
+            .and_then(|()| match self.size() {
+                end if end > size => self.data.punch_hole(size, end - size),
+                _ => Ok(()),
+            })
+            .and_then(|()| self.data.flush())
+            .map_err(PoolError::io(format!(
+                "rolling {} back to snapshot {snap}",
+                path.display()
+            )))?;
+        tracing::info!(volume = %self.name, snapshot = %snap, "volume rolled back");
+        Ok(())
     }
 
     pub fn openers(&self) -> u32 {

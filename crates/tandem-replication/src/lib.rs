@@ -33,4 +33,4 @@ pub use engine::{ApplyError, Replicator};
 pub use notify::OnChange;
 pub use peer::LinkStats;
 pub use stream::PeerTls;
-pub use volume::{OpenRefused, ReplicatedVolume};
+pub use volume::{OpenRefused, ReplicatedVolume, SnapshotRefused};

@@ -50,6 +50,19 @@ pub(crate) fn wait_while<'a, T>(
         .unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Waits on `condvar` while `condition` holds, at most `timeout`, as
+/// [`Condvar::wait_timeout_while`].
+pub(crate) fn wait_timeout_while<'a, T>(
+    condvar: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: std::time::Duration,
+    condition: impl FnMut(&mut T) -> bool,
+) -> (MutexGuard<'a, T>, std::sync::WaitTimeoutResult) {
+    condvar
+        .wait_timeout_while(guard, timeout, condition)
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,9 @@ use crate::wire::{
 };
 use crate::workers::Workers;
 
+mod snapshot;
+pub use snapshot::SnapshotRefused;
+
 /// Why a volume cannot be opened on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenRefused(pub String);
@@ -915,7 +918,13 @@ impl ReplicatedVolume {
                     c.answered(from, h.status, data);
                 }
             }
-            Kind::Verify | Kind::Read | Kind::Write | Kind::Zero | Kind::Trim | Kind::Flush => {
+            Kind::Verify
+            | Kind::Read
+            | Kind::Write
+            | Kind::Zero
+            | Kind::Trim
+            | Kind::Flush
+            | Kind::Snapshot => {
                 if more_waiting(r) {
                     // Served by the connection's workers: the Primary never has two
                     // overlapping writes in flight, so they may complete in any order.
@@ -1023,6 +1032,11 @@ impl ReplicatedVolume {
                 }
                 let mut ack = Header::new(Kind::Ack, h.id);
                 ack.status = status;
+                peer.send(&ack, &[])
+            }
+            Kind::Snapshot => {
+                let mut ack = Header::new(Kind::Ack, h.id);
+                ack.status = self.take_peer_snapshot(&payload);
                 peer.send(&ack, &[])
             }
             _ => unreachable!("only requests are queued"),

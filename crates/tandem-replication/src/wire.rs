@@ -55,6 +55,10 @@ pub enum Kind {
     OutOfSync = 32,
     /// The sender wants to become Primary; answered by an Ack (0, or EBUSY to refuse).
     Promote = 33,
+    /// Take a snapshot named by the payload; sent by the Primary once every earlier
+    /// write is acknowledged and before any later one. Answered by an Ack: 0, or why
+    /// not (ESTALE: not UpToDate, EEXIST, EOPNOTSUPP: no reflink, ENOSPC).
+    Snapshot = 34,
     /// Asks for checksums of a range, one CRC32C per 4 KiB block.
     Verify = 40,
     /// The checksums for a Verify, as payload (big-endian u32s).
@@ -62,7 +66,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 16] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Write,
@@ -76,6 +80,7 @@ impl Kind {
         Kind::ResyncDone,
         Kind::OutOfSync,
         Kind::Promote,
+        Kind::Snapshot,
         Kind::Verify,
         Kind::VerifyReply,
     ];
@@ -190,6 +195,9 @@ pub fn check(h: &Header, payload: &[u8]) -> Result<Option<State>, WireError> {
         }
         Kind::Write if h.length != payload.len() as u64 => {
             malformed("write length differs from its payload".into())
+        }
+        Kind::Snapshot if payload.is_empty() || payload.len() > 64 => {
+            malformed(format!("snapshot name of {} bytes", payload.len()))
         }
         _ => Ok(None),
     }

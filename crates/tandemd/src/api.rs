@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use tandem_api::{
-    ApiError, CreatePool, CreateVolume, JoinCluster, PoolName, Resolve, UpdateVolume, VolumeName,
-    VolumeSpec,
+    ApiError, CreatePool, CreateSnapshot, CreateVolume, JoinCluster, PoolName, Resolve,
+    SnapshotName, UpdateVolume, VolumeName, VolumeSpec,
 };
 use tandem_pool::PoolError;
 
@@ -45,6 +45,14 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/node/volumes/{name}/resolve", post(resolve))
         .route("/v1/node/volumes/{name}/invalidate", post(invalidate))
         .route("/v1/node/volumes/{name}/verify", post(verify))
+        .route(
+            "/v1/node/volumes/{name}/snapshots",
+            get(snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/node/volumes/{name}/snapshots/{snapshot}",
+            delete(delete_snapshot),
+        )
         .fallback(|| async {
             Failure(
                 StatusCode::NOT_FOUND,
@@ -183,6 +191,14 @@ impl From<NodeError> for Failure {
                     StatusCode::CONFLICT,
                     "inspect the volume's files in the pool directory; the daemon log says why they were refused".into(),
                 ),
+                PoolError::SnapshotNotFound { .. } => {
+                    (StatusCode::NOT_FOUND, "list snapshots with `tandem snapshot list`".into())
+                }
+                PoolError::SnapshotExists { .. } => (StatusCode::CONFLICT, "choose another name".into()),
+                PoolError::NoReflink { .. } => (
+                    StatusCode::CONFLICT,
+                    "put the pool on xfs (mkfs.xfs -m reflink=1) or btrfs".into(),
+                ),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "see the tandemd log on this node".into()),
             },
         };
@@ -198,6 +214,11 @@ impl From<NodeError> for Failure {
 }
 
 fn volume_name(raw: &str) -> Result<VolumeName, Failure> {
+    path_name(raw)
+}
+
+/// A name taken from the request's path, checked as names are.
+fn path_name<T: std::str::FromStr<Err = tandem_api::NameError>>(raw: &str) -> Result<T, Failure> {
     raw.parse().map_err(|e: tandem_api::NameError| {
         Failure(
             StatusCode::BAD_REQUEST,
@@ -379,6 +400,35 @@ async fn verify(
         .map(|(node, blocks)| serde_json::json!({ "node": node, "differing-blocks": blocks }))
         .collect();
     Ok(Json(serde_json::json!({ "peers": peers })))
+}
+
+async fn snapshots(
+    State(node): Shared,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    Ok(Json(node.snapshots(&name)?))
+}
+
+/// Takes a snapshot on every replica this node reaches (see [`Node::snapshot`]).
+async fn create_snapshot(
+    State(node): Shared,
+    Path(name): Path<String>,
+    body: Result<Json<CreateSnapshot>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    let Json(req) = body?;
+    let taken = blocking(move || node.snapshot(&name, &req.name)).await?;
+    Ok((StatusCode::CREATED, Json(taken)))
+}
+
+async fn delete_snapshot(
+    State(node): Shared,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<impl IntoResponse, Failure> {
+    let (name, snapshot) = (volume_name(&name)?, path_name::<SnapshotName>(&snapshot)?);
+    blocking(move || node.delete_snapshot(&name, &snapshot)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Server-sent events: the volume's status each time it changes, starting with the

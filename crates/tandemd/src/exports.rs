@@ -1,11 +1,12 @@
-//! The node's volumes as NBD exports.
+//! The node's volumes as NBD exports, and their snapshots as read-only exports named
+//! `VOLUME@SNAPSHOT`.
 
 use std::io;
 use std::sync::Arc;
 
-use tandem_api::VolumeName;
+use tandem_api::{SnapshotName, VolumeName};
 use tandem_nbd::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, WriteDone, ZeroMode};
-use tandem_pool::{PoolError, Volume, VolumeHandle};
+use tandem_pool::{DataFile, PoolError, Volume, VolumeHandle};
 use tandem_replication::ReplicatedVolume;
 
 use crate::metrics::{IoBook, Op, VolumeIo};
@@ -37,7 +38,20 @@ impl NodeExports {
     }
 }
 
-fn info(name: &VolumeName, size: u64, alignment: usize, read_only: bool) -> ExportInfo {
+/// An export name `VOLUME@SNAPSHOT`, split; `None` for any other name.
+fn snapshot_of(name: &str) -> Option<(VolumeName, SnapshotName)> {
+    let (volume, snap) = name.split_once('@')?;
+    Some((volume.parse().ok()?, snap.parse().ok()?))
+}
+
+fn description(name: &str) -> String {
+    match snapshot_of(name) {
+        Some((volume, snap)) => format!("Tandem volume {volume}, snapshot {snap}"),
+        None => format!("Tandem volume {name}"),
+    }
+}
+
+fn info(name: &str, size: u64, alignment: usize, read_only: bool) -> ExportInfo {
     ExportInfo {
         size,
         read_only,
@@ -47,13 +61,13 @@ fn info(name: &VolumeName, size: u64, alignment: usize, read_only: bool) -> Expo
             preferred: 4096,
             maximum: tandem_nbd::proto::MAX_PAYLOAD,
         },
-        description: format!("Tandem volume {name}"),
+        description: description(name),
     }
 }
 
 fn local_info(volume: &Volume, read_only: bool) -> ExportInfo {
     info(
-        volume.name(),
+        volume.name().as_str(),
         volume.size(),
         volume.data().alignment(),
         read_only,
@@ -62,12 +76,45 @@ fn local_info(volume: &Volume, read_only: bool) -> ExportInfo {
 
 fn replicated_info(volume: &ReplicatedVolume) -> ExportInfo {
     let alignment = volume.local().map_or(512, |v| v.data().alignment());
-    info(&volume.spec().name, volume.size(), alignment, false)
+    info(volume.name().as_str(), volume.size(), alignment, false)
 }
 
 impl NodeExports {
     fn replicated(&self, name: &str) -> Option<Arc<ReplicatedVolume>> {
         self.node.replicated(&name.parse().ok()?)
+    }
+
+    /// Snapshot `snap` of this node's replica of `volume`, opened for reading.
+    fn snapshot(
+        &self,
+        volume: &VolumeName,
+        snap: &SnapshotName,
+    ) -> Result<SnapshotExport, OpenError> {
+        let missing = || {
+            OpenError::Unknown(format!(
+                "node {} holds no snapshot {snap} of volume {volume}; `tandem snapshot list` shows where it is",
+                self.node.name()
+            ))
+        };
+        let local = self.volume(volume.as_str()).map_err(|e| match e {
+            OpenError::Unknown(_) => missing(),
+            e => e,
+        })?;
+        let size = local
+            .snapshots()
+            .into_iter()
+            .find(|s| &s.name == snap)
+            .ok_or_else(missing)?
+            .size;
+        let data = local.open_snapshot(snap).map_err(|e| match e {
+            PoolError::SnapshotNotFound { .. } => missing(),
+            e => OpenError::Unavailable(e.to_string()),
+        })?;
+        let name = format!("{volume}@{snap}");
+        Ok(SnapshotExport {
+            info: info(&name, size, data.alignment(), true),
+            data,
+        })
     }
 }
 
@@ -86,15 +133,27 @@ impl Catalog for NodeExports {
                 .into_iter()
                 .map(|n| n.to_string()),
         );
+        let snapshots: Vec<String> = (names.iter())
+            .filter_map(|n| self.node.snapshots(&n.parse().ok()?).ok())
+            .flatten()
+            .map(|s| format!("{}@{}", s.volume, s.name))
+            .collect();
+        names.extend(snapshots);
         names.sort();
         names.dedup();
         names
             .into_iter()
-            .map(|n| (n.clone(), format!("Tandem volume {n}")))
+            .map(|n| {
+                let description = description(&n);
+                (n, description)
+            })
             .collect()
     }
 
     fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        if let Some((volume, snap)) = snapshot_of(name) {
+            return Ok(self.snapshot(&volume, &snap)?.info);
+        }
         if let Some(rv) = self.replicated(name) {
             return Ok(replicated_info(&rv));
         }
@@ -113,6 +172,9 @@ impl Catalog for NodeExports {
 
 impl NodeExports {
     fn open_unmetered(&self, name: &str) -> Result<Box<dyn Export>, OpenError> {
+        if let Some((volume, snap)) = snapshot_of(name) {
+            return Ok(Box::new(self.snapshot(&volume, &snap)?));
+        }
         if let Some(volume) = self.replicated(name) {
             let local = match volume.local() {
                 Some(v) => Some(
@@ -188,16 +250,15 @@ impl Export for ReplicatedExport {
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         match self.volume.local_up_to_date() {
-            Some(v) => extents_of(v, offset, len),
+            Some(v) => extents_of(v.data(), offset, len),
             // Without an UpToDate local replica, claim data everywhere: always safe.
             None => Ok(vec![Extent { len, hole: false }]),
         }
     }
 }
 
-fn extents_of(volume: &Volume, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-    Ok(volume
-        .data()
+fn extents_of(data: &DataFile, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    Ok(data
         .extents(offset, len)?
         .into_iter()
         .map(|e| Extent {
@@ -247,7 +308,56 @@ impl Export for VolumeExport {
     }
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        extents_of(&self.handle, offset, len)
+        extents_of(self.handle.data(), offset, len)
+    }
+}
+
+/// One client's open snapshot: read-only (the NBD layer refuses changes to a read-only
+/// export with EPERM before they get here).
+struct SnapshotExport {
+    info: ExportInfo,
+    data: DataFile,
+}
+
+fn read_only() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+impl Export for SnapshotExport {
+    fn info(&self) -> ExportInfo {
+        self.info.clone()
+    }
+
+    fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.data.read_at(buf, offset)
+    }
+
+    fn write(&self, _offset: u64, _data: &[u8], _fua: bool, done: WriteDone) {
+        done(Err(read_only()))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u64, _mode: ZeroMode, _fua: bool) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.data.prefetch(offset, len)
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        extents_of(&self.data, offset, len)
     }
 }
 

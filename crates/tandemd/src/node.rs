@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use tandem_api::{
     ClusterId, CreatePool, CreateVolume, JoinCluster, NodeId, NodeInfo, NodeName, PoolInfo,
-    PoolName, ReplicaReport, UpdateVolume, VolumeId, VolumeInfo, VolumeName, VolumeSpec,
-    VolumeStatus,
+    PoolName, ReplicaReport, SnapshotInfo, SnapshotName, SnapshotTaken, UpdateVolume, VolumeId,
+    VolumeInfo, VolumeName, VolumeSpec, VolumeStatus,
 };
 use tandem_pool::{CacheMode, Entry, GenerationId, NewVolume, Pool, PoolError, Volume};
 use tandem_replication::{ReplicatedVolume, Replicator};
@@ -551,6 +551,41 @@ impl Node {
         let volume = self.replica(name)?;
         volume.invalidate().map_err(NodeError::Refused)?;
         Ok(volume.status())
+    }
+
+    /// Takes a snapshot of a replicated volume on every replica it reaches, at one
+    /// point of the write order. This node must be able to be Primary: it is already
+    /// (the volume is open here), or becomes so for the snapshot when the volume is
+    /// closed everywhere.
+    pub fn snapshot(
+        &self,
+        name: &VolumeName,
+        snap: &SnapshotName,
+    ) -> Result<SnapshotTaken, NodeError> {
+        let volume = self.replica(name)?;
+        volume.open(true).map_err(|e| NodeError::Refused(e.0))?;
+        let taken = volume.snapshot(snap);
+        volume.close(true);
+        taken.map_err(|e| NodeError::Refused(e.0))
+    }
+
+    /// The snapshots this node's replica of `name` holds (none on a diskless node).
+    pub fn snapshots(&self, name: &VolumeName) -> Result<Vec<SnapshotInfo>, NodeError> {
+        match self.find(name) {
+            Some((_, Entry::Ready(v))) => Ok(v.snapshots()),
+            Some((_, Entry::Failed { error, .. })) => Err(PoolError::Failed {
+                name: name.clone(),
+                error,
+            }
+            .into()),
+            None if self.replicator.get(name).is_some() => Ok(Vec::new()),
+            None => Err(PoolError::NotFound { name: name.clone() }.into()),
+        }
+    }
+
+    /// Deletes this node's copy of a snapshot.
+    pub fn delete_snapshot(&self, name: &VolumeName, snap: &SnapshotName) -> Result<(), NodeError> {
+        Ok(self.volume(name)?.delete_snapshot(snap)?)
     }
 
     pub fn status(&self, name: &VolumeName) -> Result<VolumeStatus, NodeError> {

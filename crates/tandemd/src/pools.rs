@@ -119,6 +119,7 @@ fn pool_info(p: &Pool) -> PoolInfo {
         capacity: stats.capacity,
         free: stats.free,
         volumes: p.entries().len() as u32,
+        reflink: p.reflink(),
     }
 }
 

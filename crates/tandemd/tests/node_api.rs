@@ -580,7 +580,7 @@ fn volume_too_large_for_the_pool_file_system_is_a_client_error() {
 /// they were.
 #[test]
 fn failed_grow_of_a_thick_volume_changes_nothing() {
-    let Some(fs) = SmallFs::new(64) else {
+    let Some(fs) = SmallFs::ext4(64) else {
         eprintln!("skipped: cannot mount a small ext4 file system on this machine");
         return;
     };

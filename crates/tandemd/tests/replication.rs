@@ -269,7 +269,7 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_resyncs_on_return() {
 #[test]
 fn a_replica_whose_disk_fills_up_fails_and_the_volume_keeps_serving() {
     use tandem_lab::workload;
-    let Some(fs) = SmallFs::new(48) else {
+    let Some(fs) = SmallFs::ext4(48) else {
         println!("skipped: cannot mount a loop file system here");
         return;
     };

@@ -7,6 +7,7 @@ pub mod health;
 pub mod kv;
 pub mod node;
 pub mod pool;
+pub mod snapshot;
 pub mod volume;
 
 use std::fmt::Display;

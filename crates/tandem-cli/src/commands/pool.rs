@@ -59,6 +59,7 @@ fn pool_table(pools: &[ClusterPool]) -> Table {
         "FREE",
         "PROVISIONED",
         "REPLICAS",
+        "SNAPSHOTS",
     ]);
     for p in pools {
         t.row([
@@ -70,6 +71,7 @@ fn pool_table(pools: &[ClusterPool]) -> Table {
             or_dash(p.free.map(ByteSize)),
             ByteSize(p.provisioned).to_string(),
             p.replicas.to_string(),
+            or_dash(p.snapshots.map(|s| if s { "reflink" } else { "no" })),
         ]);
     }
     t

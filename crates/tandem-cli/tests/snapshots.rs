@@ -1,0 +1,348 @@
+//! Snapshots through the `tandem` binary: three loopback nodes whose pools sit on xfs
+//! (reflink) on loop devices, a 2-replica volume with a tiebreaker, verifying writers
+//! on it while snapshots are taken, and real NBD clients reading `VOLUME@SNAPSHOT`.
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::Duration;
+
+use tandem_lab::{
+    CONVERGE, Cluster, SmallFs, first_difference, nbdsh, output, qemu_io, qemu_io_with, run,
+    wait_for, workload,
+};
+
+const SIZE_BLOCKS: u64 = 64 << 8; // 64 MiB in 4 KiB blocks
+const WRITERS: u64 = 4;
+
+/// A cluster of three nodes whose `default` pools are directories of `fs`.
+fn cluster_on(prefix: &str, fs: &SmallFs) -> Cluster {
+    let mnt = fs.mnt.clone();
+    Cluster::start_with(prefix, 3, move |name| {
+        vec![
+            "--pool".into(),
+            format!("default={}", mnt.join(name).display()),
+        ]
+    })
+}
+
+/// A volume of 64 MiB with two replicas (and a tiebreaker), attached on its first
+/// replica's node: (that node, the other replica's node).
+fn volume(c: &Cluster, name: &str) -> (String, String) {
+    run(c.tandem().args(["volume", "create", name, "--size", "64M"]));
+    let volumes = c.wait_up_to_date(Duration::from_secs(60));
+    let v = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap();
+    let mut diskful = Cluster::participants(v, "diskful");
+    assert_eq!(diskful.len(), 2, "{v:#}");
+    let other = diskful.pop().unwrap();
+    let primary = diskful.pop().unwrap();
+    run(c
+        .tandem()
+        .args(["volume", "attach", name, "--node", &primary]));
+    let node = c.node(&primary);
+    wait_for("the volume is served", CONVERGE, &[node], || {
+        c.held_by(&primary).contains(&name.to_owned())
+    });
+    (primary, other)
+}
+
+fn snapshot_file(fs: &SmallFs, node: &str, volume: &str, snap: &str) -> PathBuf {
+    fs.mnt.join(node).join(format!("{volume}@{snap}.raw"))
+}
+
+struct Writers {
+    logs: Vec<PathBuf>,
+    children: Vec<Child>,
+}
+
+impl Writers {
+    /// One verifying writer per quarter of the volume: together they keep several
+    /// writes in flight, each its own in sequence.
+    fn start(uri: &str, dir: &std::path::Path) -> Writers {
+        let quarter = SIZE_BLOCKS / WRITERS;
+        let logs: Vec<PathBuf> = (0..WRITERS)
+            .map(|k| dir.join(format!("writer{k}.log")))
+            .collect();
+        let children = (0..WRITERS)
+            .map(|k| {
+                workload::start_in(
+                    uri,
+                    &logs[k as usize],
+                    k + 1,
+                    k << 40,
+                    k * quarter..(k + 1) * quarter,
+                )
+            })
+            .collect();
+        Writers { logs, children }
+    }
+
+    fn acknowledged(&self) -> Vec<u64> {
+        self.logs
+            .iter()
+            .map(|l| workload::last_acknowledged(l))
+            .collect()
+    }
+
+    fn wait_writes(&self, at_least: u64) {
+        let first = self.acknowledged();
+        wait_for(
+            "the writers make progress",
+            Duration::from_secs(30),
+            &[],
+            || {
+                let now = self.acknowledged();
+                let behind: Vec<String> = (first.iter().zip(&now))
+                    .filter(|(a, b)| **b < **a + at_least)
+                    .map(|(a, b)| format!("{a}->{b}"))
+                    .collect();
+                if behind.is_empty() {
+                    Ok(())
+                } else {
+                    Err(behind.join(" "))
+                }
+            },
+        );
+    }
+
+    fn stop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Writers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn a_snapshot_under_writes_is_one_point_of_the_write_order_on_every_replica() {
+    let Some(fs) = SmallFs::xfs(1024) else {
+        eprintln!("skipped: needs root, loop devices and mkfs.xfs (Debian: xfsprogs)");
+        return;
+    };
+    let c = cluster_on("sn", &fs);
+    let pools = c.json(&["pool", "list"]);
+    assert!(
+        pools
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["snapshots"] == true),
+        "pools on xfs take snapshots: {pools:#}"
+    );
+    let (primary, other) = volume(&c, "vm");
+    let node = c.node(&primary);
+    let mut writers = Writers::start(&node.unix_uri("vm"), &node.dir);
+    writers.wait_writes(50);
+
+    let before = writers.acknowledged();
+    let taken = c.json(&["snapshot", "create", "vm", "s1"]);
+    let after = writers.acknowledged();
+    let mut replicas: Vec<&str> = taken["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    replicas.sort();
+    let mut want = vec![primary.as_str(), other.as_str()];
+    want.sort();
+    assert_eq!(replicas, want, "{taken:#}");
+    assert!(taken["missing"].as_array().unwrap().is_empty(), "{taken:#}");
+    // The writers go on: the live volume moves past the snapshot.
+    writers.wait_writes(50);
+
+    // Read while the writes go on: every write acknowledged before the snapshot was
+    // asked is in it, none that started after it was taken.
+    let uri = node.unix_uri("vm@s1");
+    for (k, log) in writers.logs.iter().enumerate() {
+        let problems = workload::check_snapshot(&uri, log, before[k], after[k]);
+        assert!(problems.is_empty(), "writer {k}: {problems:#?}");
+    }
+    writers.stop();
+    for (k, log) in writers.logs.iter().enumerate() {
+        assert!(
+            workload::last_acknowledged(log) > after[k] + 50,
+            "writer {k} went on after the snapshot"
+        );
+    }
+
+    // Both replicas took it at the same point: their snapshot files are identical,
+    // as a real client compares them (the export against the other node's file).
+    let (mine, theirs) = (
+        snapshot_file(&fs, &primary, "vm", "s1"),
+        snapshot_file(&fs, &other, "vm", "s1"),
+    );
+    assert_eq!(
+        first_difference(&mine, &theirs),
+        None,
+        "{} and {} differ",
+        mine.display(),
+        theirs.display()
+    );
+    let compare = output(
+        std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", &uri])
+            .arg(&theirs),
+    );
+    assert!(
+        compare.status.success(),
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&compare.stdout)
+    );
+
+    // The export is read-only: a write is refused as the NBD spec says (EPERM).
+    let refused = output(nbdsh().args([
+        "-u",
+        &uri,
+        "-c",
+        r#"
+import errno
+print("read-only" if h.is_read_only() else "writable")
+try:
+    h.pwrite(b"x" * 4096, 0)
+    print("written")
+except nbd.Error as e:
+    print(errno.errorcode.get(e.errno, e.errno))
+"#,
+    ]));
+    let said = String::from_utf8_lossy(&refused.stdout);
+    assert_eq!(
+        said.split_whitespace().collect::<Vec<_>>(),
+        ["read-only", "EPERM"],
+        "{said} {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Listed where it is, and gone from every replica when deleted.
+    let listed = c.json(&["snapshot", "list", "vm"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed:#}");
+    assert_eq!(listed[0]["name"], "s1");
+    assert_eq!(listed[0]["size"], 64 << 20);
+    run(c.tandem().args(["snapshot", "delete", "vm", "s1"]));
+    assert!(c.json(&["snapshot", "list"]).as_array().unwrap().is_empty());
+    assert!(!mine.exists() && !theirs.exists());
+}
+
+#[test]
+fn a_replica_offline_misses_the_snapshot_and_bad_requests_change_nothing() {
+    let Some(fs) = SmallFs::xfs(1024) else {
+        eprintln!("skipped: needs root, loop devices and mkfs.xfs (Debian: xfsprogs)");
+        return;
+    };
+    let mut c = cluster_on("so", &fs);
+    let (primary, other) = volume(&c, "vm");
+    qemu_io(
+        &c.node(&primary).uri("vm"),
+        &["write -P 0x11 0 1M", "flush"],
+    );
+    c.node_mut(&other).stop();
+
+    // The volume is closed: the node holding the UpToDate replica takes it.
+    let taken = c.json(&["snapshot", "create", "vm", "s2"]);
+    assert_eq!(taken["replicas"], serde_json::json!([primary]), "{taken:#}");
+    assert_eq!(taken["missing"][0]["node"], other.as_str(), "{taken:#}");
+    let listed = c.json(&["snapshot", "list", "vm"]);
+    assert_eq!(
+        listed[0]["replicas"],
+        serde_json::json!([primary]),
+        "{listed:#}"
+    );
+    qemu_io(
+        &c.node(&primary).uri("vm"),
+        &["write -P 0x22 0 1M", "flush"],
+    );
+    let read = qemu_io_with(
+        &["-r", "-f", "raw"],
+        &c.node(&primary).uri("vm@s2"),
+        &["read -P 0x11 0 1M", "read -P 0 1M 1M"],
+    );
+    assert!(!read.contains("verification failed"), "{read}");
+    assert!(!snapshot_file(&fs, &other, "vm", "s2").exists());
+    c.node_mut(&other).restart();
+
+    // Bad requests: a clear error each, and nothing changes.
+    for (args, says) in [
+        (vec!["snapshot", "create", "vm", "s2"], "already exists"),
+        (vec!["snapshot", "create", "nosuch", "s3"], "does not exist"),
+        (
+            vec!["snapshot", "create", "vm", "bad@name"],
+            "may only contain",
+        ),
+        (
+            vec!["volume", "create", "a@b", "--size", "1M"],
+            "may only contain",
+        ),
+        (vec!["snapshot", "delete", "vm", "nosuch"], "does not exist"),
+        (vec!["volume", "delete", "vm"], "has 1 snapshot"),
+    ] {
+        let err = c.fails(&args);
+        assert!(err.contains(says), "tandem {args:?}: {err}");
+    }
+    assert_eq!(c.json(&["snapshot", "list"]).as_array().unwrap().len(), 1);
+    assert!(snapshot_file(&fs, &primary, "vm", "s2").exists());
+
+    // Deleting the volume with --force takes its snapshots along.
+    run(c
+        .tandem()
+        .args(["volume", "detach", "vm", "--node", &primary]));
+    run(c.tandem().args(["volume", "delete", "vm", "--force"]));
+    assert!(c.json(&["snapshot", "list"]).as_array().unwrap().is_empty());
+    wait_for(
+        "the replicas and their snapshots are gone",
+        CONVERGE,
+        &[],
+        || {
+            let left: Vec<String> = [&primary, &other]
+                .iter()
+                .flat_map(|n| std::fs::read_dir(fs.mnt.join(n)).unwrap())
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|f| f.starts_with("vm"))
+                .collect();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left.join(" "))
+            }
+        },
+    );
+}
+
+#[test]
+fn a_pool_without_reflink_refuses_snapshots_clearly() {
+    let Some(fs) = SmallFs::ext4(64) else {
+        eprintln!("skipped: needs root, loop devices and mkfs.ext4");
+        return;
+    };
+    let mnt = fs.mnt.clone();
+    let c = Cluster::start_with("sx", 1, move |_| {
+        vec![
+            "--pool".into(),
+            format!("default={}", mnt.join("p").display()),
+        ]
+    });
+    let pools = c.json(&["pool", "list"]);
+    assert_eq!(pools[0]["snapshots"], false, "{pools:#}");
+    run(c
+        .tandem()
+        .args(["volume", "create", "vm", "--size", "16M", "--replicas", "1"]));
+    c.wait_up_to_date(Duration::from_secs(30));
+    let err = c.fails(&["snapshot", "create", "vm", "s1"]);
+    assert!(err.contains("reflink"), "{err}");
+    assert!(c.json(&["snapshot", "list"]).as_array().unwrap().is_empty());
+    let files: Vec<String> = std::fs::read_dir(fs.mnt.join("p"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.contains('@'))
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+}

@@ -1,0 +1,163 @@
+//! Snapshots as cluster objects. One is taken by the volume's Primary (or, when the
+//! volume is closed, by a node holding an UpToDate replica, which becomes Primary for
+//! the moment), at one point of the write order on every replica it reaches; the
+//! controller records which replicas hold it.
+
+use tandem_api::{ClusterSnapshot, NodeName, SnapshotName, SnapshotTaken, VolumeName};
+
+use crate::controller::{Controller, Refusal, RefusalKind};
+use crate::model::SnapshotRow;
+use crate::ops::{no_volume, node_call};
+
+use RefusalKind::{Conflict, NotFound, Unreachable};
+
+fn no_snapshot(volume: &VolumeName, snap: &SnapshotName) -> Refusal {
+    Refusal::new(
+        NotFound,
+        format!("snapshot {volume}@{snap} does not exist"),
+        format!("list the volume's snapshots with `tandem snapshot list {volume}`"),
+    )
+}
+
+impl Controller {
+    /// Every snapshot, or those of one volume.
+    pub fn snapshots(&self, volume: Option<&VolumeName>) -> Result<Vec<ClusterSnapshot>, Refusal> {
+        let d = self.desired();
+        if let Some(v) = volume
+            && !d.model.volumes.contains_key(v)
+        {
+            return Err(no_volume(v));
+        }
+        Ok((d.model.snapshots.iter())
+            .filter(|((v, _), _)| volume.is_none_or(|want| want == v))
+            .map(|((volume, name), row)| ClusterSnapshot {
+                volume: volume.clone(),
+                name: name.clone(),
+                created: row.created,
+                size: row.size,
+                replicas: row.replicas.clone(),
+            })
+            .collect())
+    }
+
+    pub fn create_snapshot(
+        &self,
+        volume: &VolumeName,
+        snap: &SnapshotName,
+    ) -> Result<SnapshotTaken, Refusal> {
+        let d = self.desired();
+        if !d.model.volumes.contains_key(volume) {
+            return Err(no_volume(volume));
+        }
+        if d.model
+            .snapshots
+            .contains_key(&(volume.clone(), snap.clone()))
+        {
+            return Err(Refusal::new(
+                Conflict,
+                format!("snapshot {volume}@{snap} already exists"),
+                "choose another name",
+            ));
+        }
+        let open = self.snapshot(&d, |s| s.open_on(volume));
+        drop(d);
+        let node = match open.as_slice() {
+            [one] => one.clone(),
+            [] => self.speaker(volume)?.0,
+            many => {
+                return Err(Refusal::new(
+                    Conflict,
+                    format!("volume {volume} is open on {} (a migration?)", join(many)),
+                    "take the snapshot once it is open on one node only",
+                ));
+            }
+        };
+        let client = self
+            .client(&node)
+            .ok_or_else(|| crate::ops::no_node(&node))?;
+        let taken = client
+            .create_snapshot(volume, snap)
+            .map_err(|e| node_call(&node, &format!("take snapshot {volume}@{snap}"), e))?;
+        let row = SnapshotRow {
+            created: taken.snapshot.created,
+            size: taken.snapshot.size,
+            replicas: taken.replicas.clone(),
+        };
+        let mut d = self.desired();
+        let key = (volume.clone(), snap.clone());
+        self.commit(
+            &mut d,
+            |w| w.snapshot(volume, snap, &row),
+            |m| {
+                m.snapshots.insert(key, row.clone());
+            },
+        )?;
+        tracing::info!(%volume, snapshot = %snap, %node, replicas = %join(&taken.replicas),
+            paused_us = taken.paused_us, "snapshot taken");
+        Ok(taken)
+    }
+
+    /// Deletes a snapshot from every replica holding it. A node that does not answer
+    /// keeps its copy, and the snapshot stays listed with it until a later delete.
+    pub fn delete_snapshot(&self, volume: &VolumeName, snap: &SnapshotName) -> Result<(), Refusal> {
+        let key = (volume.clone(), snap.clone());
+        let Some(row) = self.desired().model.snapshots.get(&key).cloned() else {
+            return Err(no_snapshot(volume, snap));
+        };
+        let mut kept = Vec::new();
+        let mut failure = None;
+        for node in &row.replicas {
+            let result = match self.client(node) {
+                Some(client) => client.delete_snapshot(volume, snap),
+                // A node deleted from the cluster took its replicas along.
+                None => Ok(()),
+            };
+            if let Err(e) = result {
+                failure.get_or_insert_with(|| {
+                    node_call(node, &format!("delete snapshot {volume}@{snap}"), e)
+                });
+                kept.push(node.clone());
+            }
+        }
+        let mut d = self.desired();
+        let left = SnapshotRow {
+            replicas: kept.clone(),
+            ..row
+        };
+        self.commit(
+            &mut d,
+            |w| match kept.is_empty() {
+                true => w.delete_snapshot(volume, snap),
+                false => w.snapshot(volume, snap, &left),
+            },
+            |m| match kept.is_empty() {
+                true => {
+                    m.snapshots.remove(&key);
+                }
+                false => {
+                    m.snapshots.insert(key.clone(), left.clone());
+                }
+            },
+        )?;
+        match failure {
+            None => {
+                tracing::info!(%volume, snapshot = %snap, "snapshot deleted");
+                Ok(())
+            }
+            Some(f) => Err(Refusal::new(
+                Unreachable,
+                format!("snapshot {volume}@{snap} is still on {}", join(&kept)),
+                "delete it again once the node answers",
+            )
+            .with_cause(f.error)),
+        }
+    }
+}
+
+fn join(nodes: &[NodeName]) -> String {
+    nodes
+        .iter()
+        .map(NodeName::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
