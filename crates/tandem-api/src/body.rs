@@ -118,6 +118,30 @@ pub struct SnapshotTaken {
     pub paused_us: u64,
 }
 
+/// The blocks that changed between two snapshots of a volume (`since`, the older,
+/// and `snapshot`): every changed byte is in an extent, and an extent may hold some
+/// that did not change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotChanges {
+    pub volume: VolumeName,
+    pub snapshot: SnapshotName,
+    pub since: SnapshotName,
+    /// The node whose replica was compared.
+    pub node: NodeName,
+    /// Extents are whole multiples of this many bytes.
+    pub granularity: u64,
+    /// The sum of the extents' lengths.
+    pub changed_bytes: u64,
+    pub extents: Vec<ChangedExtent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedExtent {
+    pub offset: u64,
+    pub length: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotMissing {
     pub node: NodeName,

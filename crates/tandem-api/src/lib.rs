@@ -10,8 +10,9 @@ mod spec;
 mod states;
 
 pub use body::{
-    ApiError, CreatePool, CreateSnapshot, CreateVolume, JoinCluster, NODE_API_VERSION, NodeInfo,
-    PoolInfo, SnapshotInfo, SnapshotMissing, SnapshotTaken, UpdateVolume, VolumeInfo,
+    ApiError, ChangedExtent, CreatePool, CreateSnapshot, CreateVolume, JoinCluster,
+    NODE_API_VERSION, NodeInfo, PoolInfo, SnapshotChanges, SnapshotInfo, SnapshotMissing,
+    SnapshotTaken, UpdateVolume, VolumeInfo,
 };
 pub use cluster::{
     ChangeReplicas, ClusterInfo, ClusterNode, ClusterParticipant, ClusterPool, ClusterSnapshot,

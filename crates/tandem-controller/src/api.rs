@@ -92,6 +92,10 @@ fn routes(controller: Arc<Controller>) -> Router {
             "/v1/volumes/{volume}/snapshots/{snapshot}",
             axum::routing::delete(delete_snapshot),
         )
+        .route(
+            "/v1/volumes/{volume}/snapshots/{snapshot}/changes",
+            get(snapshot_changes),
+        )
         .route("/v1/kv/{store}", get(kv_list))
         .route(
             "/v1/kv/{store}/{*key}",
@@ -354,6 +358,29 @@ async fn create_snapshot(
     let Json(req) = body?;
     let taken = blocking(move || c.create_snapshot(&name, &req.name)).await?;
     Ok((StatusCode::CREATED, Json(taken)))
+}
+
+#[derive(Deserialize)]
+struct Since {
+    since: SnapshotName,
+}
+
+async fn snapshot_changes(
+    State(c): Shared,
+    path: Result<Path<(VolumeName, SnapshotName)>, PathRejection>,
+    query: Result<Query<Since>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path((name, snap)) = path?;
+    let Query(q) = query.map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            e.body_text(),
+            "give the older snapshot: ?since=NAME",
+        )
+    })?;
+    Ok(Json(
+        blocking(move || c.snapshot_changes(&name, &snap, &q.since)).await?,
+    ))
 }
 
 async fn delete_snapshot(

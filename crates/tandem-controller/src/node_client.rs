@@ -170,6 +170,17 @@ impl NodeClient {
         self.send("POST", &format!("/v1/node/volumes/{name}/snapshots"), &body)
     }
 
+    pub fn changes(
+        &self,
+        name: &VolumeName,
+        snapshot: &tandem_api::SnapshotName,
+        since: &tandem_api::SnapshotName,
+    ) -> Result<tandem_api::SnapshotChanges, CallError> {
+        let path = format!("/v1/node/volumes/{name}/snapshots/{snapshot}/changes?since={since}");
+        let text = self.call("GET", &path, None)?;
+        self.json(&text)
+    }
+
     /// Deletes the node's copy of a snapshot; one it does not have counts as deleted.
     pub fn delete_snapshot(
         &self,

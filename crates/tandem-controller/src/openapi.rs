@@ -232,6 +232,14 @@ fn operations() -> Vec<Operation> {
             Some(schema("SnapshotTaken")),
         ),
         (
+            "get",
+            "/v1/volumes/{volume}/snapshots/{snapshot}/changes",
+            "The extents changed between snapshot ?since=OLDER and this one (what an incremental backup copies)",
+            None,
+            200,
+            Some(schema("SnapshotChanges")),
+        ),
+        (
             "delete",
             "/v1/volumes/{volume}/snapshots/{snapshot}",
             "Delete a snapshot from every node holding it",
@@ -342,6 +350,11 @@ fn schemas() -> Value {
             "replicas": {"type": "array", "items": name},
             "missing": {"type": "array", "items": object(&["node", "reason"], json!({"node": name, "reason": {"type": "string"}}))},
             "paused-us": {"type": "integer", "description": "how long new writes waited, in microseconds"}})),
+        "SnapshotChanges": object(&["volume", "snapshot", "since", "node", "granularity", "changed-bytes", "extents"], json!({
+            "volume": name, "snapshot": name, "since": name, "node": name,
+            "granularity": {"type": "integer"}, "changed-bytes": {"type": "integer"},
+            "extents": {"type": "array", "items": object(&["offset", "length"], json!({
+                "offset": {"type": "integer"}, "length": {"type": "integer"}}))}})),
         "KvValue": object(&["value"], json!({ "value": {"type": "string"} })),
         "KvEntry": object(&["store", "key", "value"], json!({
             "store": name, "key": {"type": "string"}, "value": {"type": "string"}})),

@@ -3,7 +3,9 @@
 //! the moment), at one point of the write order on every replica it reaches; the
 //! controller records which replicas hold it.
 
-use tandem_api::{ClusterSnapshot, NodeName, SnapshotName, SnapshotTaken, VolumeName};
+use tandem_api::{
+    ClusterSnapshot, NodeName, SnapshotChanges, SnapshotName, SnapshotTaken, VolumeName,
+};
 
 use crate::controller::{Controller, Refusal, RefusalKind};
 use crate::model::SnapshotRow;
@@ -95,6 +97,45 @@ impl Controller {
         tracing::info!(%volume, snapshot = %snap, %node, replicas = %join(&taken.replicas),
             paused_us = taken.paused_us, "snapshot taken");
         Ok(taken)
+    }
+
+    /// The blocks that changed between snapshot `since` and snapshot `snap`, from a node
+    /// that holds both (one that is online, if any).
+    pub fn snapshot_changes(
+        &self,
+        volume: &VolumeName,
+        snap: &SnapshotName,
+        since: &SnapshotName,
+    ) -> Result<SnapshotChanges, Refusal> {
+        let d = self.desired();
+        let row = |s: &SnapshotName| {
+            (d.model.snapshots.get(&(volume.clone(), s.clone())))
+                .map(|r| r.replicas.clone())
+                .ok_or_else(|| no_snapshot(volume, s))
+        };
+        let (newer, older) = (row(snap)?, row(since)?);
+        drop(d);
+        let both: Vec<NodeName> = newer.into_iter().filter(|n| older.contains(n)).collect();
+        let node = (both.iter().find(|n| self.observed(n).online()))
+            .or(both.first())
+            .cloned()
+            .ok_or_else(|| {
+                Refusal::new(
+                    Conflict,
+                    format!("no node holds both snapshots {since} and {snap} of volume {volume}"),
+                    "compare snapshots taken while the same replica was reached",
+                )
+            })?;
+        let client = self
+            .client(&node)
+            .ok_or_else(|| crate::ops::no_node(&node))?;
+        client.changes(volume, snap, since).map_err(|e| {
+            node_call(
+                &node,
+                &format!("compare snapshots {since} and {snap} of {volume}"),
+                e,
+            )
+        })
     }
 
     /// Deletes a snapshot from every replica holding it. A node that does not answer

@@ -60,6 +60,14 @@ pub trait Export: Send + Sync {
     /// Allocation of `[offset, offset + len)`: at least one extent, starting at `offset`,
     /// none reaching past `offset + len`; it may stop early.
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>>;
+    /// The state of `[offset, offset + len)` in `context`, one of the meta contexts the
+    /// catalog offers for this export besides `base:allocation` (see
+    /// [`Catalog::contexts`]): `(length, flags)` runs, laid out as for
+    /// [`Export::extents`].
+    fn context_extents(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        let _ = (context, offset, len);
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
 }
 
 /// Why an export cannot be described or opened.
@@ -89,4 +97,10 @@ pub trait Catalog: Send + Sync {
     fn describe(&self, name: &str) -> Result<ExportInfo, OpenError>;
     /// Opens an export for a connection; dropping the result closes it.
     fn open(&self, name: &str) -> Result<Box<dyn Export>, OpenError>;
+    /// The meta contexts an export offers besides `base:allocation` (such as
+    /// `qemu:dirty-bitmap:NAME`), served by [`Export::context_extents`].
+    fn contexts(&self, name: &str) -> Vec<String> {
+        let _ = name;
+        Vec::new()
+    }
 }

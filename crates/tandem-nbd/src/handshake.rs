@@ -32,8 +32,8 @@ pub(crate) struct Negotiated {
     pub export: Box<dyn Export>,
     pub mode: ReplyMode,
     pub flags: u16,
-    /// Context id of `base:allocation`, when the client selected it for this export.
-    pub base_allocation: Option<u32>,
+    /// The meta contexts the client selected for this export, with their ids.
+    pub contexts: Vec<(u32, String)>,
 }
 
 /// How negotiation ended without a session.
@@ -56,8 +56,6 @@ impl From<io::Error> for Ending {
     }
 }
 
-const BASE_ALLOCATION_ID: u32 = 1;
-
 /// A client that stays silent this long during negotiation is dropped, so idle
 /// half-open connections cannot pile up.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -70,8 +68,8 @@ struct Negotiation<'a> {
     no_zeroes: bool,
     structured: bool,
     extended: bool,
-    /// Export the last SET_META_CONTEXT applied to, and whether it selected base:allocation.
-    meta: Option<(String, bool)>,
+    /// Export the last SET_META_CONTEXT applied to, and the contexts it selected.
+    meta: Option<(String, Vec<(u32, String)>)>,
 }
 
 /// A reply to an option that carries an error: its type and a message for people.
@@ -274,10 +272,10 @@ impl Negotiation<'_> {
         flags
     }
 
-    fn base_allocation_for(&self, name: &str) -> Option<u32> {
+    fn contexts_for(&self, name: &str) -> Vec<(u32, String)> {
         match &self.meta {
-            Some((export, true)) if export == name => Some(BASE_ALLOCATION_ID),
-            _ => None,
+            Some((export, contexts)) if export == name => contexts.clone(),
+            _ => Vec::new(),
         }
     }
 
@@ -290,7 +288,7 @@ impl Negotiation<'_> {
                 export,
                 mode: self.mode(),
                 flags,
-                base_allocation: self.base_allocation_for(name),
+                contexts: self.contexts_for(name),
             },
         }
     }
@@ -478,16 +476,25 @@ impl Negotiation<'_> {
         if let Err(e) = self.catalog.describe(&export) {
             return Ok(Err(OptError::from_open(e)));
         }
-        // Unknown namespaces and leaves are ignored, as the protocol demands.
-        let selected = if set {
-            queries.iter().any(|q| q == BASE_ALLOCATION)
-        } else {
-            queries.is_empty() || queries.iter().any(|q| q == BASE_ALLOCATION || q == "base:")
+        // A query names a context, or ends in ':' for every context under it (as
+        // `base:` or `qemu:dirty-bitmap:`); a LIST without queries lists all. Unknown
+        // namespaces and leaves are ignored, as the protocol demands. Ids number the
+        // export's contexts from 1, `base:allocation` first.
+        let mut offered = vec![BASE_ALLOCATION.to_owned()];
+        offered.extend(self.catalog.contexts(&export));
+        let wanted = |c: &str| {
+            queries
+                .iter()
+                .any(|q| q == c || (q.ends_with(':') && c.starts_with(q.as_str())))
         };
-        if selected {
-            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+        let selected: Vec<(u32, String)> = (offered.into_iter().zip(1u32..))
+            .filter(|(c, _)| (queries.is_empty() && !set) || wanted(c))
+            .map(|(c, id)| (id, c))
+            .collect();
+        for (id, context) in &selected {
+            let id = if set { *id } else { 0 };
             let mut r = id.to_be_bytes().to_vec();
-            r.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            r.extend_from_slice(truncate(context).as_bytes());
             self.reply(option, REP_META_CONTEXT, &r)?;
         }
         if set {

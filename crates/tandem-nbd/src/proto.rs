@@ -89,6 +89,10 @@ pub const REPLY_ERROR: u16 = 0x8001;
 
 // base:allocation.
 pub const STATE_HOLE: u32 = 1 << 0;
+/// In a `qemu:dirty-bitmap:NAME` context: the run changed since NAME.
+pub const STATE_DIRTY: u32 = 1 << 0;
+/// The namespace and leaf prefix of the dirty-bitmap contexts QEMU's backups read.
+pub const DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
 pub const STATE_ZERO: u32 = 1 << 1;
 pub const BASE_ALLOCATION: &str = "base:allocation";
 

@@ -125,8 +125,9 @@ impl<'a> Reply<'a> {
         self.chunk(done, REPLY_OFFSET_HOLE, &fixed, 0);
     }
 
-    /// One block-status chunk for `context` with `(length, flags)` descriptors.
-    pub fn block_status(mut self, context: u32, extents: &[(u64, u32)]) -> Self {
+    /// One block-status chunk for `context` with `(length, flags)` descriptors; `done`
+    /// on the last context's.
+    pub fn block_status(mut self, context: u32, extents: &[(u64, u32)], done: bool) -> Self {
         let mut fixed = context.to_be_bytes().to_vec();
         if self.mode == ReplyMode::Extended {
             fixed.extend_from_slice(&(extents.len() as u32).to_be_bytes());
@@ -134,13 +135,13 @@ impl<'a> Reply<'a> {
                 fixed.extend_from_slice(&len.to_be_bytes());
                 fixed.extend_from_slice(&(flags as u64).to_be_bytes());
             }
-            self.chunk(true, REPLY_BLOCK_STATUS_EXT, &fixed, 0);
+            self.chunk(done, REPLY_BLOCK_STATUS_EXT, &fixed, 0);
         } else {
             for &(len, flags) in extents {
                 fixed.extend_from_slice(&(len as u32).to_be_bytes());
                 fixed.extend_from_slice(&flags.to_be_bytes());
             }
-            self.chunk(true, REPLY_BLOCK_STATUS, &fixed, 0);
+            self.chunk(done, REPLY_BLOCK_STATUS, &fixed, 0);
         }
         self
     }

@@ -371,8 +371,11 @@ impl<'s> Connection<'s> {
             ));
         }
         if req.kind == CMD_BLOCK_STATUS {
-            if s.base_allocation.is_none() {
-                return inval("BLOCK_STATUS needs the base:allocation meta context".into());
+            if s.contexts.is_empty() {
+                return inval(
+                    "BLOCK_STATUS needs a meta context (base:allocation, qemu:dirty-bitmap:...)"
+                        .into(),
+                );
             }
             if req.len == 0 {
                 return inval("BLOCK_STATUS of zero bytes".into());
@@ -443,30 +446,41 @@ impl<'s> Connection<'s> {
         }
     }
 
+    /// One chunk per meta context the client selected, each with the context's runs.
     fn block_status(&self, req: &Request) -> io::Result<()> {
         let s = self.session;
-        let reply = Reply::new(s.mode, req.cookie, req.offset);
-        let context = s.base_allocation.expect("checked");
-        let reply = match s.export.extents(req.offset, req.len) {
-            Ok(map) => {
-                let mut descriptors: Vec<(u64, u32)> = Vec::with_capacity(map.len());
-                for e in merge(map) {
-                    let flags = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
-                    descriptors.push((e.len, flags));
-                }
-                if req.flags & CF_REQ_ONE != 0 {
-                    descriptors.truncate(1);
-                }
-                if s.mode != ReplyMode::Extended {
-                    // 32-bit descriptor lengths; the request length is 32-bit too.
-                    for d in &mut descriptors {
-                        d.0 = d.0.min(u32::MAX as u64 & !4095);
-                    }
-                }
-                reply.block_status(context, &descriptors)
+        let descriptors = |context: &str| -> io::Result<Vec<(u64, u32)>> {
+            let mut runs: Vec<(u64, u32)> = if context == BASE_ALLOCATION {
+                (merge(s.export.extents(req.offset, req.len)?).into_iter())
+                    .map(|e| (e.len, if e.hole { STATE_HOLE | STATE_ZERO } else { 0 }))
+                    .collect()
+            } else {
+                s.export.context_extents(context, req.offset, req.len)?
+            };
+            if req.flags & CF_REQ_ONE != 0 {
+                runs.truncate(1);
             }
-            Err(e) => reply.error(Errno::from_io(&e), &e.to_string()),
+            if s.mode != ReplyMode::Extended {
+                // 32-bit descriptor lengths; the request length is 32-bit too.
+                for d in &mut runs {
+                    d.0 = d.0.min(u32::MAX as u64 & !4095);
+                }
+            }
+            Ok(runs)
         };
+        let answers: io::Result<Vec<(u32, Vec<(u64, u32)>)>> = (s.contexts.iter())
+            .map(|(id, context)| Ok((*id, descriptors(context)?)))
+            .collect();
+        let mut reply = Reply::new(s.mode, req.cookie, req.offset);
+        match answers {
+            Ok(answers) => {
+                let last = answers.len() - 1;
+                for (i, (id, runs)) in answers.iter().enumerate() {
+                    reply = reply.block_status(*id, runs, i == last);
+                }
+            }
+            Err(e) => reply = reply.error(Errno::from_io(&e), &e.to_string()),
+        }
         self.send(&reply)
     }
 }

@@ -149,6 +149,11 @@ impl DataFile {
         &self.path
     }
 
+    /// The buffered descriptor, for calls that are not I/O (block maps, ioctls).
+    pub(crate) fn file(&self) -> &File {
+        &self.buffered
+    }
+
     /// Smallest I/O unit that takes the fast (direct) path.
     pub fn alignment(&self) -> usize {
         self.align

@@ -8,6 +8,7 @@
 //! ```
 
 mod buffer;
+mod changes;
 mod data;
 mod error;
 pub mod meta;
@@ -16,6 +17,7 @@ mod snapshot;
 mod volume;
 
 pub use buffer::Buffer;
+pub use changes::Span;
 pub use data::{CacheMode, DataFile, Extent, shares_blocks};
 pub use error::PoolError;
 pub use meta::{GenerationId, Generations, MetaError, NewVolume, Superblock};

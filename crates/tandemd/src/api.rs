@@ -53,6 +53,10 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/node/volumes/{name}/snapshots/{snapshot}",
             delete(delete_snapshot),
         )
+        .route(
+            "/v1/node/volumes/{name}/snapshots/{snapshot}/changes",
+            get(changes),
+        )
         .fallback(|| async {
             Failure(
                 StatusCode::NOT_FOUND,
@@ -420,6 +424,31 @@ async fn create_snapshot(
     let Json(req) = body?;
     let taken = blocking(move || node.snapshot(&name, &req.name)).await?;
     Ok((StatusCode::CREATED, Json(taken)))
+}
+
+#[derive(serde::Deserialize)]
+struct Since {
+    since: String,
+}
+
+/// The blocks changed between snapshot `since` and this one (`?since=OLDER`).
+async fn changes(
+    State(node): Shared,
+    Path((name, snapshot)): Path<(String, String)>,
+    query: Result<Query<Since>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let (name, snapshot) = (volume_name(&name)?, path_name::<SnapshotName>(&snapshot)?);
+    let Query(q) = query.map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            e.body_text(),
+            "give the older snapshot: ?since=NAME",
+        )
+    })?;
+    let since = path_name::<SnapshotName>(&q.since)?;
+    Ok(Json(
+        blocking(move || node.changes(&name, &snapshot, &since)).await?,
+    ))
 }
 
 async fn delete_snapshot(

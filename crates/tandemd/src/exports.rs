@@ -5,6 +5,7 @@ use std::io;
 use std::sync::Arc;
 
 use tandem_api::{SnapshotName, VolumeName};
+use tandem_nbd::proto::{DIRTY_BITMAP, STATE_DIRTY};
 use tandem_nbd::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, WriteDone, ZeroMode};
 use tandem_pool::{DataFile, PoolError, Volume, VolumeHandle};
 use tandem_replication::ReplicatedVolume;
@@ -114,6 +115,7 @@ impl NodeExports {
         Ok(SnapshotExport {
             info: info(&name, size, data.alignment(), true),
             data,
+            volume: local,
         })
     }
 }
@@ -159,6 +161,25 @@ impl Catalog for NodeExports {
         }
         let volume = self.volume(name)?;
         Ok(local_info(&volume, volume.read_only()))
+    }
+
+    /// The volume's snapshots on this node, but the one exported, each as the dirty
+    /// bitmap of the blocks changed since it.
+    fn contexts(&self, name: &str) -> Vec<String> {
+        let (volume, exported) = match snapshot_of(name) {
+            Some((volume, snap)) => (volume, Some(snap)),
+            None => match name.parse::<VolumeName>() {
+                Ok(volume) => (volume, None),
+                Err(_) => return Vec::new(),
+            },
+        };
+        let Ok(local) = self.volume(volume.as_str()) else {
+            return Vec::new();
+        };
+        (local.snapshots().into_iter())
+            .filter(|s| Some(&s.name) != exported.as_ref())
+            .map(|s| format!("{DIRTY_BITMAP}{}", s.name))
+            .collect()
     }
 
     fn open(&self, name: &str) -> Result<Box<dyn Export>, OpenError> {
@@ -255,6 +276,39 @@ impl Export for ReplicatedExport {
             None => Ok(vec![Extent { len, hole: false }]),
         }
     }
+
+    fn context_extents(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        match self.volume.local() {
+            Some(v) => changes_since(v, v.data(), context, offset, len),
+            None => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        }
+    }
+}
+
+/// Context `qemu:dirty-bitmap:SNAP` of `current`, data of `volume` (its live data or
+/// one of its snapshots): the runs changed since snapshot SNAP.
+fn changes_since(
+    volume: &Volume,
+    current: &DataFile,
+    context: &str,
+    offset: u64,
+    len: u64,
+) -> io::Result<Vec<(u64, u32)>> {
+    let unknown = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("no meta context {context}"),
+        )
+    };
+    let snap: SnapshotName = (context.strip_prefix(DIRTY_BITMAP))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(unknown)?;
+    let older = volume
+        .open_snapshot(&snap)
+        .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.to_string()))?;
+    Ok((current.changes_against(&older, offset, len)?.into_iter())
+        .map(|s| (s.len, if s.changed { STATE_DIRTY } else { 0 }))
+        .collect())
 }
 
 fn extents_of(data: &DataFile, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
@@ -310,6 +364,10 @@ impl Export for VolumeExport {
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         extents_of(self.handle.data(), offset, len)
     }
+
+    fn context_extents(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        changes_since(&self.handle, self.handle.data(), context, offset, len)
+    }
 }
 
 /// One client's open snapshot: read-only (the NBD layer refuses changes to a read-only
@@ -317,6 +375,8 @@ impl Export for VolumeExport {
 struct SnapshotExport {
     info: ExportInfo,
     data: DataFile,
+    /// The volume it belongs to, whose other snapshots it is compared with.
+    volume: Arc<Volume>,
 }
 
 fn read_only() -> io::Error {
@@ -358,6 +418,10 @@ impl Export for SnapshotExport {
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         extents_of(&self.data, offset, len)
+    }
+
+    fn context_extents(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        changes_since(&self.volume, &self.data, context, offset, len)
     }
 }
 
@@ -423,5 +487,9 @@ impl Export for Metered {
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         self.inner.extents(offset, len)
+    }
+
+    fn context_extents(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        self.inner.context_extents(context, offset, len)
     }
 }

@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tandem_api::{
-    ClusterId, CreatePool, CreateVolume, JoinCluster, NodeId, NodeInfo, NodeName, PoolInfo,
-    PoolName, ReplicaReport, SnapshotInfo, SnapshotName, SnapshotTaken, UpdateVolume, VolumeId,
-    VolumeInfo, VolumeName, VolumeSpec, VolumeStatus,
+    ChangedExtent, ClusterId, CreatePool, CreateVolume, JoinCluster, NodeId, NodeInfo, NodeName,
+    PoolInfo, PoolName, ReplicaReport, SnapshotChanges, SnapshotInfo, SnapshotName, SnapshotTaken,
+    UpdateVolume, VolumeId, VolumeInfo, VolumeName, VolumeSpec, VolumeStatus,
 };
 use tandem_pool::{CacheMode, Entry, GenerationId, NewVolume, Pool, PoolError, Volume};
 use tandem_replication::{ReplicatedVolume, Replicator};
@@ -581,6 +581,49 @@ impl Node {
             None if self.replicator.get(name).is_some() => Ok(Vec::new()),
             None => Err(PoolError::NotFound { name: name.clone() }.into()),
         }
+    }
+
+    /// The blocks that changed between two snapshots this node's replica holds.
+    pub fn changes(
+        &self,
+        name: &VolumeName,
+        snap: &SnapshotName,
+        since: &SnapshotName,
+    ) -> Result<SnapshotChanges, NodeError> {
+        let volume = self.volume(name)?;
+        let size = (volume.snapshots().into_iter())
+            .find(|s| &s.name == snap)
+            .ok_or_else(|| PoolError::SnapshotNotFound {
+                volume: name.clone(),
+                snapshot: snap.clone(),
+            })?
+            .size;
+        let (newer, older) = (volume.open_snapshot(snap)?, volume.open_snapshot(since)?);
+        let spans = newer
+            .changes_against(&older, 0, size)
+            .map_err(PoolError::io(format!(
+                "comparing snapshots {since} and {snap} of {name}"
+            )))?;
+        let mut extents = Vec::new();
+        let mut at = 0;
+        for s in spans {
+            if s.changed {
+                extents.push(ChangedExtent {
+                    offset: at,
+                    length: s.len,
+                });
+            }
+            at += s.len;
+        }
+        Ok(SnapshotChanges {
+            volume: name.clone(),
+            snapshot: snap.clone(),
+            since: since.clone(),
+            node: self.name.clone(),
+            granularity: tandem_pool::BLOCK_SIZE,
+            changed_bytes: extents.iter().map(|e| e.length).sum(),
+            extents,
+        })
     }
 
     /// Deletes this node's copy of a snapshot.

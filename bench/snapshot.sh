@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Snapshot benchmark: three tandemd on loopback (the controller on the first), their
+# pools on one xfs file system with reflink on a loop device, 2-replica volumes attached
+# on n1 and driven with fio's nbd engine. It measures:
+#   - copy on write: 4 KiB random writes at QD32 for RUNTIME s right before and right
+#     after a snapshot (every first write to a block after it is a copy on write);
+#   - the pause: the same writes for 3 × RUNTIME s with `tandem snapshot create` in the
+#     middle: the longest write in the second around the command against the longest
+#     in the rest of the run, the time new writes were held back (the answer's
+#     paused-us) and the command's own wall time;
+#   - incremental backup: a BACKUP_SIZE volume written in full, snapshot s1, 1 % of its
+#     4 KiB blocks rewritten at random, snapshot s2; a full `nbdcopy` of VOL@s2 against
+#     `tools/tandem-backup incremental` since s1 (into a reflinked copy of the full
+#     backup): bytes copied and time.
+# Targets (DESIGN): pause < 50 ms; incremental bytes ≤ 1.1 × changed, time ≤ 5 % of
+# the full copy. Figures in docs/benchmarks.md.
+#
+# It stops only the processes it started, by PID, runs a private copy of the binary
+# ($BENCH_DIR/tnode-snap), and unmounts and removes what it made, on failure too.
+#
+# Environment:
+#   RUNTIME      seconds of each random-write job [6]
+#   SIZE         size of the volume of the write jobs [1G]
+#   BACKUP_SIZE  size of the volume of the backup measurement [4G]
+#   BENCH_DIR    work directory, disk-backed (not tmpfs) [/var/tmp/tandem-snap]
+#   BASE_PORT    first of the 9 loopback ports used [4890]
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RUNTIME=${RUNTIME:-6}
+SIZE=${SIZE:-1G}
+BACKUP_SIZE=${BACKUP_SIZE:-4G}
+BENCH_DIR=${BENCH_DIR:-/var/tmp/tandem-snap}
+BASE_PORT=${BASE_PORT:-4890}
+
+die() { echo "snapshot: $*" >&2; exit 1; }
+note() { echo "== $(date +%T) $*" >&2; }
+((EUID == 0)) || die "needs root (a loop device and a mount)"
+for tool in fio nbdcopy mkfs.xfs python3 curl; do
+    command -v "$tool" >/dev/null || die "$tool is not installed (Debian: fio libnbd-bin xfsprogs python3 curl)"
+done
+[[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "RUNTIME must be a positive number of seconds"
+[[ $BENCH_DIR != *tandemd* ]] || die "BENCH_DIR must not contain \"tandemd\""
+
+cargo build --release --quiet --manifest-path "$REPO/Cargo.toml" -p tandemd -p tandem-cli
+TANDEM="$REPO/target/release/tandem"
+BACKUP="$REPO/tools/tandem-backup"
+
+PIDS=()
+MNT=$BENCH_DIR/xfs
+cleanup() {
+    local rc=$?
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    mountpoint -q "$MNT" && { umount "$MNT" || umount -l "$MNT"; }
+    rm -rf "$BENCH_DIR/xfs.img" "$MNT" "$BENCH_DIR"/n?
+    ((rc == 0)) || echo "snapshot: failed (exit $rc); logs are in $BENCH_DIR" >&2
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mountpoint -q "$MNT" 2>/dev/null && umount "$MNT"
+rm -rf "$BENCH_DIR"
+mkdir -p "$BENCH_DIR/json" "$MNT"
+RUN=$BENCH_DIR
+cp "$REPO/target/release/tandemd" "$BENCH_DIR/tnode-snap"
+truncate -s 40G "$BENCH_DIR/xfs.img"
+mkfs.xfs -q -f -m reflink=1 "$BENCH_DIR/xfs.img"
+mount -o loop "$BENCH_DIR/xfs.img" "$MNT"
+
+api() { echo "127.0.0.1:$((BASE_PORT + $1))"; }
+for i in 0 1 2; do
+    n=n$((i + 1))
+    extra=()
+    [[ $i == 0 ]] && extra=(--controller)
+    "$BENCH_DIR/tnode-snap" --name "$n" --data-dir "$BENCH_DIR/$n" --pool "default=$MNT/$n" \
+        --api-listen "$(api $i)" --peer-listen "127.0.0.1:$((BASE_PORT + 3 + i))" \
+        --nbd-listen "127.0.0.1:$((BASE_PORT + 6 + i))" --nbd-socket "$BENCH_DIR/$n.sock" \
+        --log-level warn "${extra[@]}" 2>"$BENCH_DIR/$n.log" &
+    PIDS+=($!)
+done
+export TANDEM_CONTROLLER="http://$(api 0)"
+for _ in $(seq 100); do "$TANDEM" node list >/dev/null 2>&1 && break; sleep 0.1; done
+for i in 1 2; do
+    for _ in $(seq 100); do curl -sf "http://$(api $i)/v1/node" >/dev/null && break; sleep 0.1; done
+done
+"$TANDEM" node create n2 "$(api 1)" >/dev/null
+"$TANDEM" node create n3 "$(api 2)" >/dev/null
+
+# volume NAME SIZE: a 2-replica volume with replicas on n1 and n2, attached on n1.
+"$TANDEM" group create pair --nodes n1,n2 >/dev/null
+volume() {
+    "$TANDEM" volume create "$1" --size "$2" --group pair >/dev/null
+    for _ in $(seq 600); do
+        [[ $("$TANDEM" -o json volume show "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])') == UpToDate ]] && break
+        sleep 0.1
+    done
+    "$TANDEM" volume attach "$1" --node n1 >/dev/null
+}
+uri() { echo "nbd+unix:///$1?socket=$BENCH_DIR/n1.sock"; }
+fio_job() { # TAG VOLUME fio-options...
+    local tag=$1 vol=$2; shift 2
+    fio --name="$tag" --ioengine=nbd --uri="$(uri "$vol")" "$@" \
+        --output-format=json --output="$RUN/json/$tag.json" >/dev/null
+}
+now() { date +%s.%N; }
+
+# ---- copy on write and the pause -----------------------------------------------------
+note "volume w ($SIZE): prefill"
+volume w "$SIZE"
+fio_job prefill w --rw=write --bs=4M --iodepth=4
+RANDW=(--rw=randwrite --bs=4k --iodepth=32 --norandommap=1 --randrepeat=1 --time_based=1)
+note "random writes before a snapshot"
+fio_job before w "${RANDW[@]}" --runtime="$RUNTIME"
+"$TANDEM" snapshot create w cow >/dev/null
+note "random writes right after a snapshot"
+fio_job after w "${RANDW[@]}" --runtime="$RUNTIME"
+note "random writes for $((3 * RUNTIME)) s, a snapshot after $RUNTIME s"
+fio_start=$(now)
+fio_job pause w "${RANDW[@]}" --runtime=$((3 * RUNTIME)) --write_lat_log="$RUN/pause" --log_avg_msec=0 &
+FIO=$!
+sleep "$RUNTIME"
+cmd_start=$(now)
+"$TANDEM" -o json snapshot create w during >"$RUN/json/during.json"
+cmd_end=$(now)
+wait "$FIO" || die "fio failed while the snapshot was taken"
+python3 -c "import sys; s = float(sys.argv[1]); print(float(sys.argv[2]) - s, float(sys.argv[3]) - s)" \
+    "$fio_start" "$cmd_start" "$cmd_end" >"$RUN/pause-times.txt"
+
+# ---- incremental backup --------------------------------------------------------------
+note "volume b ($BACKUP_SIZE): prefill, s1, 1 % of its blocks rewritten, s2"
+volume b "$BACKUP_SIZE"
+fio_job bprefill b --rw=write --bs=4M --iodepth=4
+"$TANDEM" snapshot create b s1 >/dev/null
+BYTES=$(numfmt --from=iec "$BACKUP_SIZE")
+CHANGED=$((BYTES / 100 / 4096 * 4096))
+fio_job change b --rw=randwrite --bs=4k --iodepth=32 --io_size="$CHANGED" --randrepeat=0
+"$TANDEM" snapshot create b s2 >/dev/null
+sync
+echo 3 >/proc/sys/vm/drop_caches
+note "full backup of b@s2 (nbdcopy)"
+t0=$(now)
+nbdcopy "$(uri b@s2)" "$MNT/full.raw"
+t1=$(now)
+cp --reflink=always "$MNT/full.raw" "$MNT/inc.raw"
+note "incremental backup of b@s2 since s1 (tools/tandem-backup)"
+t2=$(now)
+"$BACKUP" incremental "$(uri b@s2)" --since s1 "$MNT/inc.raw" >"$RUN/incremental.txt"
+t3=$(now)
+cmp "$MNT/full.raw" "$MNT/inc.raw" || die "the incremental backup differs from the full one"
+echo "$t0 $t1 $t2 $t3 $CHANGED" >"$RUN/backup-times.txt"
+
+# ---- the tables ----------------------------------------------------------------------
+{
+    echo "date:        $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "kernel:      $(uname -srm)"
+    echo "cpus:        $(nproc) x $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+    echo "pools:       xfs (reflink) on a loop device over $(df --output=fstype "$BENCH_DIR" | tail -1 | tr -d ' ') ($BENCH_DIR)"
+    echo "tandemd:     $("$BENCH_DIR/tnode-snap" --version), --cache none; repo HEAD $(git -C "$REPO" rev-parse --short HEAD)"
+    echo "volumes:     w $SIZE, b $BACKUP_SIZE, 2 replicas (n1, n2) + tiebreaker (n3), on loopback; fio $(fio --version | sed 's/^fio-//')"
+} >"$RUN/machine.txt"
+cat "$RUN/machine.txt"
+echo
+python3 - "$RUN" <<'EOF' | tee "$RUN/results.md"
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+job = lambda tag: json.loads((run / "json" / f"{tag}.json").read_text())["jobs"][0]["write"]
+before, after = job("before")["iops"], job("after")["iops"]
+cmd_start, cmd_end = (float(x) for x in (run / "pause-times.txt").read_text().split())
+around, elsewhere = 0, 0
+for path in run.glob("pause_clat.*.log"):
+    for line in path.read_text().splitlines():
+        ms, ns = (int(x) for x in line.split(",")[:2])
+        t = ms / 1000
+        if cmd_start - 0.5 <= t <= cmd_end + 0.5:
+            around = max(around, ns)
+        else:
+            elsewhere = max(elsewhere, ns)
+taken = json.loads((run / "json" / "during.json").read_text())
+paused_ms = taken["paused-us"] / 1000
+t0, t1, t2, t3, changed = (float(x) for x in (run / "backup-times.txt").read_text().split())
+copied = int((run / "incremental.txt").read_text().split("copied ")[1].split()[0])
+full_s, inc_s = t1 - t0, t3 - t2
+print(f"4 KiB random writes at QD32: {before:,.0f} IOPS before a snapshot, {after:,.0f} right after it "
+      f"(copy on write: {after / before:.2f} of the rate)")
+print(f"Snapshot under that load: writes held back {paused_ms:.1f} ms (replicas: {', '.join(taken['replicas'])}); "
+      f"`tandem snapshot create` took {(cmd_end - cmd_start) * 1000:.0f} ms; longest write within 0.5 s of it "
+      f"{around / 1e6:.1f} ms, elsewhere in the run {elsewhere / 1e6:.1f} ms")
+print(f"Backup of a {changed * 100 / (1 << 30):.0f} GiB volume with 1 % of its blocks changed "
+      f"({changed / (1 << 20):.1f} MiB): full nbdcopy {full_s:.2f} s; incremental {inc_s:.2f} s copying "
+      f"{copied / (1 << 20):.1f} MiB")
+print()
+print("| target | measured | reference | ratio | target | met |")
+print("|---|---:|---:|---:|:---:|:---:|")
+for name, a, b, unit, op, limit in [
+    ("longest write around a snapshot / 50 ms", around / 1e6, 50.0, "ms", "<=", 1.0),
+    ("incremental bytes / changed bytes", copied / (1 << 20), changed / (1 << 20), "MiB", "<=", 1.1),
+    ("incremental time / full copy time", inc_s, full_s, "s", "<=", 0.05),
+]:
+    r = a / b
+    met = r >= limit if op == ">=" else r <= limit
+    print(f"| {name} | {a:,.2f} {unit} | {b:,.2f} {unit} | {r:.3f} | {'≥' if op == '>=' else '≤'} {limit:.2f} | {'yes' if met else '**no**'} |")
+EOF
