@@ -11,108 +11,16 @@
 //! reporting more: a range whose place the file system does not tell (data not yet
 //! written back, inline or encoded data) counts as changed.
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 
+use crate::blockmap::{Mapped, map};
 use crate::data::DataFile;
-
-/// `FS_IOC_FIEMAP`: `_IOWR('f', 11, struct fiemap)`.
-const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
-const FIEMAP_FLAG_SYNC: u32 = 0x1;
-const FIEMAP_EXTENT_LAST: u32 = 0x1;
-/// Flags under which an extent's physical address means nothing to compare.
-const FIEMAP_EXTENT_NO_PLACE: u32 = 0x2 /* UNKNOWN */ | 0x4 /* DELALLOC */ | 0x8 /* ENCODED */
-    | 0x80 /* DATA_ENCRYPTED */ | 0x100 /* NOT_ALIGNED */ | 0x200 /* DATA_INLINE */ | 0x400 /* DATA_TAIL */;
-/// Extents asked for per call.
-const BATCH: usize = 512;
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct FiemapExtent {
-    logical: u64,
-    physical: u64,
-    length: u64,
-    reserved64: [u64; 2],
-    flags: u32,
-    reserved: [u32; 3],
-}
-
-#[repr(C)]
-struct Fiemap {
-    start: u64,
-    length: u64,
-    flags: u32,
-    mapped_extents: u32,
-    extent_count: u32,
-    reserved: u32,
-    extents: [FiemapExtent; BATCH],
-}
-
-/// Where a run of a file's bytes lives: `place` is the disk address of its first byte,
-/// `None` when the file system does not give one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Mapped {
-    logical: u64,
-    len: u64,
-    place: Option<u64>,
-}
 
 /// A run of bytes of a compared range, and whether it may have changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
     pub len: u64,
     pub changed: bool,
-}
-
-/// The mapped runs of `file` overlapping `[offset, end)`, in order; holes are absent.
-fn map(file: &File, offset: u64, end: u64, sync: bool) -> io::Result<Vec<Mapped>> {
-    let mut out = Vec::new();
-    let mut at = offset;
-    let mut fm = Box::new(Fiemap {
-        start: 0,
-        length: 0,
-        flags: 0,
-        mapped_extents: 0,
-        extent_count: BATCH as u32,
-        reserved: 0,
-        extents: [FiemapExtent::default(); BATCH],
-    });
-    while at < end {
-        fm.start = at;
-        fm.length = end - at;
-        fm.flags = if sync && out.is_empty() {
-            FIEMAP_FLAG_SYNC
-        } else {
-            0
-        };
-        fm.mapped_extents = 0;
-        // SAFETY: FIEMAP fills at most `extent_count` extents of the struct we own.
-        if unsafe {
-            libc::ioctl(
-                file.as_raw_fd(),
-                FS_IOC_FIEMAP as _,
-                &mut *fm as *mut Fiemap,
-            )
-        } != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        let got = &fm.extents[..(fm.mapped_extents as usize).min(BATCH)];
-        let Some(last) = got.last() else { break };
-        for e in got {
-            out.push(Mapped {
-                logical: e.logical,
-                len: e.length,
-                place: (e.flags & FIEMAP_EXTENT_NO_PLACE == 0).then_some(e.physical),
-            });
-        }
-        if last.flags & FIEMAP_EXTENT_LAST != 0 {
-            break;
-        }
-        at = last.logical + last.length;
-    }
-    Ok(out)
 }
 
 /// What holds byte `at`: a hole (`None`), or its disk address if known.

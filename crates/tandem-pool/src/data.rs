@@ -109,6 +109,17 @@ impl DataFile {
         DataFile::open(path, cache)
     }
 
+    /// Creates a new, empty (sparse) data file of `size` bytes, without waiting for it
+    /// to be durable, and opens it without direct I/O (it is filled by sharing blocks).
+    pub(crate) fn create_unsynced(path: &Path, size: u64) -> io::Result<DataFile> {
+        let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+        if let Err(e) = file.set_len(size) {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        DataFile::open(path, CacheMode::Writeback)
+    }
+
     pub fn open(path: &Path, cache: CacheMode) -> io::Result<DataFile> {
         DataFile::open_as(path, cache, true)
     }
@@ -293,9 +304,37 @@ impl DataFile {
         }
     }
 
-    /// Allocation map of `[offset, offset + len)` from `SEEK_DATA`/`SEEK_HOLE`.
-    /// May end early (at least one extent is returned for a non-empty range).
+    /// Allocation map of `[offset, offset + len)`: from the file system's block map
+    /// for that range, or where it has none, from `SEEK_DATA`/`SEEK_HOLE`. Blocks
+    /// written but not yet allocated (delayed allocation) are data in both. May end
+    /// early (at least one extent is returned for a non-empty range).
     pub fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let end = offset + len;
+        let runs = match crate::blockmap::map(&self.buffered, offset, end, false) {
+            Ok(runs) => runs,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOTTY)) => {
+                return self.extents_by_seeking(offset, len);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |len: u64, hole: bool| match out.last_mut() {
+            Some(last) if last.hole == hole => last.len += len,
+            _ if len > 0 => out.push(Extent { len, hole }),
+            _ => {}
+        };
+        let mut at = offset;
+        for m in runs {
+            let (start, stop) = (m.logical.clamp(at, end), (m.logical + m.len).clamp(at, end));
+            push(start - at, true);
+            push(stop - start, false);
+            at = stop;
+        }
+        push(end - at, true);
+        Ok(out)
+    }
+
+    fn extents_by_seeking(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let end = offset + len;
         let mut out = Vec::new();
         let mut at = offset;
@@ -348,7 +387,7 @@ impl DataFile {
     /// Makes `dest` (a new file) a copy of this file that shares its blocks (reflink):
     /// instant, holes kept, and later writes to either file leave the other alone.
     /// Fails with `EOPNOTSUPP`, `EXDEV` or `EINVAL` where the file system cannot share.
-    pub fn share_into(&self, dest: &Path) -> io::Result<()> {
+    fn share_into(&self, dest: &Path) -> io::Result<()> {
         let file = OpenOptions::new().write(true).create_new(true).open(dest)?;
         // SAFETY: plain ioctl on two descriptors we own.
         let result =
@@ -365,20 +404,20 @@ impl DataFile {
         result
     }
 
-    /// Replaces the first `len` bytes of this file by those of `source`, sharing its
-    /// blocks (reflink), and makes the change durable.
-    pub fn share_from(&self, source: &DataFile, len: u64) -> io::Result<()> {
+    /// Replaces `[offset, offset + len)` of this file by the same range of `source`,
+    /// sharing its blocks (reflink). Not durable until [`DataFile::flush`].
+    pub fn share_range(&self, source: &DataFile, offset: u64, len: u64) -> io::Result<()> {
         let range = libc::file_clone_range {
             src_fd: source.buffered.as_raw_fd() as i64,
-            src_offset: 0,
+            src_offset: offset,
             src_length: len,
-            dest_offset: 0,
+            dest_offset: offset,
         };
         // SAFETY: plain ioctl with a struct we own, on descriptors we own.
         if unsafe { libc::ioctl(self.buffered.as_raw_fd(), libc::FICLONERANGE, &range) } != 0 {
             return Err(errno());
         }
-        self.buffered.sync_all()
+        Ok(())
     }
 }
 

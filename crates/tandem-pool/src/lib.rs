@@ -7,6 +7,7 @@
 //! <pool dir>/<volume>@<snapshot>.raw, .snap    a snapshot: its data and its record
 //! ```
 
+mod blockmap;
 mod buffer;
 mod changes;
 mod data;

@@ -579,6 +579,61 @@ mod tests {
         assert!(!dir.path().join("vm@s1.raw").exists());
     }
 
+    /// A snapshot begun is what the data was then, though writes come before it is
+    /// filled: each first shares the chunk it changes. On xfs, made for the test.
+    #[test]
+    fn writes_while_a_snapshot_fills_leave_it_as_it_was_begun() {
+        let Some(fs) = tandem_lab::SmallFs::xfs(300) else {
+            eprintln!("skipped: needs root, loop devices and mkfs.xfs (Debian: xfsprogs)");
+            return;
+        };
+        let p = pool(&fs.mnt.join("pool"));
+        assert!(p.reflink());
+        let size = 16 << 20;
+        let v = p
+            .create(&NewVolume::single(name("vm"), size, false))
+            .unwrap();
+        let old = vec![0x11u8; size as usize];
+        v.write_at(&old, 0, false).unwrap();
+        let snap: tandem_api::SnapshotName = "s".parse().unwrap();
+        v.begin_snapshot(&snap).unwrap();
+        assert!(
+            matches!(
+                v.begin_snapshot(&"t".parse().unwrap()),
+                Err(PoolError::Failed { .. })
+            ),
+            "one at a time"
+        );
+        // Writes across chunk boundaries, a zeroing and a trim, before the fill.
+        v.write_at(&[0x22; 8192], (2 << 20) - 4096, false).unwrap();
+        v.write_zeroes(5 << 20, 1 << 20, true, false, false)
+            .unwrap();
+        v.trim(9 << 20, 4096, false).unwrap();
+        let info = v.fill_snapshot().unwrap();
+        assert_eq!(info.size, size);
+        v.write_at(&[0x33; 4096], 12 << 20, false).unwrap();
+        let mut got = vec![0u8; size as usize];
+        v.open_snapshot(&snap)
+            .unwrap()
+            .read_at(&mut got, 0)
+            .unwrap();
+        assert!(got == old, "the snapshot holds the data as it was begun");
+        v.data().read_at(&mut got, 0).unwrap();
+        assert_eq!(got[(2 << 20) - 4096..(2 << 20) + 4096], [0x22; 8192]);
+        assert!(got[5 << 20..6 << 20].iter().all(|&b| b == 0));
+        assert_eq!(got[12 << 20], 0x33);
+        // Only what was written differs.
+        let changed: u64 = (v
+            .data()
+            .changes_against(&v.open_snapshot(&snap).unwrap(), 0, size)
+            .unwrap())
+        .iter()
+        .filter(|s| s.changed)
+        .map(|s| s.len)
+        .sum();
+        assert_eq!(changed, 8192 + (1 << 20) + 4096 + 4096);
+    }
+
     #[test]
     fn interrupted_snapshot_steps_are_finished_when_the_pool_opens() {
         let dir = tempfile::tempdir().unwrap();
@@ -592,6 +647,7 @@ mod tests {
             "vm@half.snap.creating",
             "vm@gone.raw",
             "vm@gone.snap.deleting",
+            "vm@orphan.raw",
             "vmx@other.raw",
         ] {
             std::fs::write(dir.path().join(f), b"x").unwrap();
@@ -606,6 +662,7 @@ mod tests {
             "vm@half.snap.creating",
             "vm@gone.raw",
             "vm@gone.snap.deleting",
+            "vm@orphan.raw",
         ] {
             assert!(!dir.path().join(f).exists(), "{f} is left");
         }

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Taking one writes `<volume>@<snapshot>.snap.creating` first, then shares the data
-//! file into the `.raw`, then renames the record into place; deleting renames the
+//! file into the `.raw` chunk by chunk (each chunk before the first write that changes
+//! it, the rest in one pass), then renames the record into place; deleting renames the
 //! record to `.snap.deleting` first. Either marker found when the pool opens is an
 //! interrupted step: a creation is undone, a deletion finished. `@` is in no volume or
 //! snapshot name, so these files never collide with a volume's.
@@ -18,7 +19,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -55,6 +57,58 @@ pub(crate) struct Snapshots {
     cache: CacheMode,
     reflink: bool,
     records: Mutex<BTreeMap<SnapshotName, Record>>,
+    /// The snapshot being taken, if one is.
+    filling: RwLock<Option<Arc<Filling>>>,
+    /// Whether one is: the one thing every write reads.
+    active: AtomicBool,
+}
+
+/// Bytes of a volume shared into a snapshot at a time: writes wait while a chunk is
+/// shared (the file system holds them), as long as the chunk's block map takes (a
+/// chunk written in 4 KiB pieces: 64 extents, about a millisecond).
+const CHUNK: u64 = 256 << 10;
+
+/// A snapshot begun and not yet complete.
+struct Filling {
+    record: Record,
+    /// Its data file, being filled.
+    file: DataFile,
+    size: u64,
+    /// One bit per chunk: shared already.
+    shared: Vec<AtomicU64>,
+    /// A chunk is shared under the lock of its stripe, so it is shared once.
+    stripes: [Mutex<()>; 64],
+    /// The first failure to share a chunk: the snapshot is then given up, the writes
+    /// go on.
+    failed: Mutex<Option<std::io::Error>>,
+}
+
+impl Filling {
+    fn is_shared(&self, chunk: u64) -> bool {
+        self.shared[(chunk / 64) as usize].load(Ordering::Acquire) & (1 << (chunk % 64)) != 0
+    }
+
+    /// Shares chunk `chunk` of `data` into the snapshot, unless it was already.
+    fn share(&self, data: &DataFile, chunk: u64) {
+        if self.is_shared(chunk) {
+            return;
+        }
+        let _stripe = self.stripes[(chunk % 64) as usize].lock().unwrap();
+        if self.is_shared(chunk) {
+            return;
+        }
+        let offset = chunk * CHUNK;
+        let len = CHUNK.min(self.size - offset);
+        if let Err(e) = self.file.share_range(data, offset, len) {
+            let mut failed = self.failed.lock().unwrap();
+            if failed.is_none() {
+                tracing::error!(snapshot = %self.record.info.name, offset, error = %e,
+                    "cannot share data into the snapshot; it is given up");
+                *failed = Some(e);
+            }
+        }
+        self.shared[(chunk / 64) as usize].fetch_or(1 << (chunk % 64), Ordering::AcqRel);
+    }
 }
 
 fn file_of(dir: &Path, volume: &VolumeName, snap: &SnapshotName, ext: &str) -> PathBuf {
@@ -96,14 +150,21 @@ pub(crate) fn remove_all(dir: &Path, volume: &VolumeName) -> Result<(), PoolErro
     Ok(())
 }
 
+/// Writes a record; it is made durable before it is renamed into place.
 fn write_record(path: &Path, record: &Record) -> Result<(), PoolError> {
     let text = serde_json::to_vec_pretty(record).expect("a record serialises");
     let write = || -> std::io::Result<()> {
         let mut f = File::options().write(true).create_new(true).open(path)?;
-        f.write_all(&text)?;
-        f.sync_all()
+        f.write_all(&text)
     };
     write().map_err(PoolError::io(format!("writing {}", path.display())))
+}
+
+/// Makes a file's content durable.
+fn sync_file(path: &Path) -> Result<(), PoolError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(PoolError::io(format!("syncing {}", path.display())))
 }
 
 impl Snapshots {
@@ -119,6 +180,14 @@ impl Snapshots {
         let files = files_of(dir, volume)?;
         let mut records = BTreeMap::new();
         for (snap, ext) in &files {
+            // A data file with no record nor marker: a creation cut short before its
+            // marker reached the disk (it is written without waiting).
+            if *ext == DATA_EXT && files.iter().filter(|(s, _)| s == snap).count() == 1 {
+                tracing::info!(pool = %pool, volume = %volume, snapshot = %snap,
+                    "removing the data of a snapshot whose creation was interrupted");
+                remove_if_present(&file_of(dir, volume, snap, DATA_EXT))?;
+                continue;
+            }
             let path = |ext| file_of(dir, volume, snap, ext);
             match *ext {
                 CREATING_EXT | DELETING_EXT => {
@@ -159,6 +228,8 @@ impl Snapshots {
             cache,
             reflink,
             records: Mutex::new(records),
+            filling: RwLock::new(None),
+            active: AtomicBool::new(false),
         })
     }
 
@@ -182,21 +253,26 @@ impl Snapshots {
         }
     }
 
-    /// Takes snapshot `snap` of `data` (whose writes the caller has drained) at data
-    /// generation `generation`. On failure nothing of it is left.
-    pub fn take(
-        &self,
-        data: &DataFile,
-        snap: &SnapshotName,
-        size: u64,
-        generation: u64,
-    ) -> Result<SnapshotInfo, PoolError> {
+    /// Begins snapshot `snap` of the data file (whose writes the caller has drained)
+    /// at data generation `generation`: records it as being created and makes its data
+    /// file, empty. Its blocks are shared from the data file by [`Snapshots::fill`], or
+    /// earlier, range by range, by [`Snapshots::before_write`]: sharing a whole data file
+    /// takes time in proportion to its block map (seconds for a file written at random),
+    /// during which the file system holds its writes, so a snapshot never does it at once.
+    pub fn begin(&self, snap: &SnapshotName, size: u64, generation: u64) -> Result<(), PoolError> {
         if !self.reflink {
             return Err(PoolError::NoReflink {
                 pool: self.pool.clone(),
             });
         }
-        let mut records = self.records.lock().unwrap();
+        let records = self.records.lock().unwrap();
+        let mut filling = self.filling.write().unwrap();
+        if let Some(f) = filling.as_ref() {
+            return Err(PoolError::Failed {
+                name: self.volume.clone(),
+                error: format!("snapshot {} is still being taken", f.record.info.name),
+            });
+        }
         if records.contains_key(snap) {
             return Err(PoolError::SnapshotExists {
                 volume: self.volume.clone(),
@@ -222,27 +298,108 @@ impl Snapshots {
             volume_id: self.volume_id,
             generation,
         };
-        let result = write_record(&path(CREATING_EXT), &record)
-            .and_then(|()| {
-                data.share_into(&path(DATA_EXT))
-                    .map_err(|e| PoolError::from_file_error(e, &self.pool, &path(DATA_EXT), size))
-            })
-            .and_then(|()| {
-                std::fs::rename(path(CREATING_EXT), path(RECORD_EXT)).map_err(PoolError::io(
-                    format!("renaming {}", path(CREATING_EXT).display()),
-                ))
-            })
-            .and_then(|()| sync_dir(&self.dir));
-        if let Err(e) = result {
-            for ext in [DATA_EXT, CREATING_EXT, RECORD_EXT] {
-                let _ = std::fs::remove_file(path(ext));
+        // Nothing waits for the disk here (writes are held back meanwhile): a crash
+        // leaves a marker or a data file alone, both undone when the pool opens.
+        let file = write_record(&path(CREATING_EXT), &record).and_then(|()| {
+            DataFile::create_unsynced(&path(DATA_EXT), size)
+                .map_err(|e| PoolError::from_file_error(e, &self.pool, &path(DATA_EXT), size))
+        });
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                self.remove_files(snap);
+                return Err(e);
             }
+        };
+        let chunks = size.div_ceil(CHUNK);
+        *filling = Some(Arc::new(Filling {
+            record,
+            file,
+            size,
+            shared: (0..chunks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            stripes: std::array::from_fn(|_| Mutex::new(())),
+            failed: Mutex::new(None),
+        }));
+        self.active.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Before a change of `[offset, offset + len)` of `data`: the snapshot being filled,
+    /// if any, first takes the old content of the chunks the change touches.
+    pub fn before_write(&self, data: &DataFile, offset: u64, len: u64) {
+        if !self.active.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(f) = self.filling.read().unwrap().clone() else {
+            return;
+        };
+        let end = (offset + len.max(1)).min(f.size);
+        for chunk in offset / CHUNK..end.div_ceil(CHUNK) {
+            f.share(data, chunk);
+        }
+    }
+
+    /// Completes the snapshot begun: every chunk not shared yet is, the snapshot's data
+    /// is made durable and its record put in place. On failure nothing of it is left.
+    pub fn fill(&self, data: &DataFile) -> Result<SnapshotInfo, PoolError> {
+        let Some(f) = self.filling.read().unwrap().clone() else {
+            return Err(PoolError::Failed {
+                name: self.volume.clone(),
+                error: "no snapshot is being taken".into(),
+            });
+        };
+        let snap = f.record.info.name.clone();
+        for chunk in 0..f.size.div_ceil(CHUNK) {
+            // Sharing holds the file's writes (xfs drains and locks them out); resting
+            // as long as each share took lets them through between chunks, so the fill
+            // slows writes rather than stops them.
+            let started = std::time::Instant::now();
+            f.share(data, chunk);
+            std::thread::sleep(started.elapsed());
+        }
+        let path = |ext| file_of(&self.dir, &self.volume, &snap, ext);
+        let failed = f.failed.lock().unwrap().take();
+        let result = match failed {
+            Some(e) => Err(PoolError::from_file_error(
+                e,
+                &self.pool,
+                &path(DATA_EXT),
+                f.size,
+            )),
+            None => f
+                .file
+                .flush()
+                .map_err(PoolError::io(format!(
+                    "syncing {}",
+                    path(DATA_EXT).display()
+                )))
+                .and_then(|()| sync_file(&path(CREATING_EXT)))
+                .and_then(|()| {
+                    std::fs::rename(path(CREATING_EXT), path(RECORD_EXT)).map_err(PoolError::io(
+                        format!("renaming {}", path(CREATING_EXT).display()),
+                    ))
+                })
+                .and_then(|()| sync_dir(&self.dir)),
+        };
+        let mut records = self.records.lock().unwrap();
+        self.active.store(false, Ordering::Release);
+        *self.filling.write().unwrap() = None;
+        if let Err(e) = result {
+            self.remove_files(&snap);
             return Err(e);
         }
-        tracing::info!(pool = %self.pool, volume = %self.volume, snapshot = %snap, size, "snapshot taken");
-        let info = record.info.clone();
-        records.insert(snap.clone(), record);
+        tracing::info!(pool = %self.pool, volume = %self.volume, snapshot = %snap, size = f.size, "snapshot taken");
+        let info = f.record.info.clone();
+        records.insert(snap, f.record.clone());
         Ok(info)
+    }
+
+    fn remove_files(&self, snap: &SnapshotName) {
+        for ext in [DATA_EXT, CREATING_EXT, RECORD_EXT] {
+            let _ = std::fs::remove_file(file_of(&self.dir, &self.volume, snap, ext));
+        }
     }
 
     pub fn delete(&self, snap: &SnapshotName) -> Result<(), PoolError> {

@@ -97,6 +97,7 @@ impl Volume {
     /// Deallocates a range (a hint: file systems that cannot leave the data). A thick
     /// volume keeps its blocks reserved: the range is zeroed in place instead.
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.snapshots.before_write(&self.data, offset, len);
         let result = if self.thick {
             self.data.zero_range(offset, len)
         } else {
@@ -120,6 +121,7 @@ impl Volume {
         fast_only: bool,
         fua: bool,
     ) -> io::Result<()> {
+        self.snapshots.before_write(&self.data, offset, len);
         let fast = if may_punch && !self.thick {
             self.data.punch_hole(offset, len)
         } else {
@@ -228,12 +230,33 @@ impl Volume {
         !self.snapshots.is_empty()
     }
 
-    /// Takes snapshot `snap` of the data file as it is now: the caller has drained the
-    /// writes that must be in it and holds back those that must not.
-    pub fn take_snapshot(&self, snap: &SnapshotName) -> Result<SnapshotInfo, PoolError> {
+    /// Starts snapshot `snap` of the data as it is now: the caller has drained the writes
+    /// that must be in it and holds back those that must not until this returns, which
+    /// is at once. Until [`Volume::fill_snapshot`] completes it, a write first shares
+    /// the old content of the blocks it changes into the snapshot.
+    pub fn begin_snapshot(&self, snap: &SnapshotName) -> Result<(), PoolError> {
         let generation = self.generation().0;
+        self.snapshots.begin(snap, self.size(), generation)
+    }
+
+    /// Completes the snapshot begun: shares the blocks no write has shared yet, makes it
+    /// durable and records it. Takes as long as the data file's block map is large.
+    pub fn fill_snapshot(&self) -> Result<SnapshotInfo, PoolError> {
+        self.snapshots.fill(&self.data)
+    }
+
+    /// Takes snapshot `snap` at once (begin and fill; writes wait meanwhile).
+    pub fn take_snapshot(&self, snap: &SnapshotName) -> Result<SnapshotInfo, PoolError> {
+        self.begin_snapshot(snap)?;
+        self.fill_snapshot()
+    }
+
+    /// Writes `data` at `offset` (see [`DataFile::write_at`]), first keeping what it
+    /// overwrites for a snapshot being filled.
+    pub fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.snapshots
-            .take(&self.data, snap, self.size(), generation)
+            .before_write(&self.data, offset, data.len() as u64);
+        self.data.write_at(data, offset, fua)
     }
 
     pub fn delete_snapshot(&self, snap: &SnapshotName) -> Result<(), PoolError> {
@@ -259,7 +282,7 @@ impl Volume {
         let size = self.snapshots.get(snap).map_or(0, |r| r.info.size);
         let path = self.data.path().to_owned();
         self.data
-            .share_from(&source, size)
+            .share_range(&source, 0, size)
             .and_then(|()| match self.size() {
                 end if end > size => self.data.punch_hole(size, end - size),
                 _ => Ok(()),

@@ -143,6 +143,8 @@ pub struct ReplicatedVolume {
     /// Changes taken lately from a Primary (when, offset, length): if it is lost, or a
     /// peer connects again, these may be what the others missed, in flight then.
     recent: Mutex<std::collections::VecDeque<(Instant, u64, u64)>>,
+    /// Snapshots a Primary began on this replica, completing in the background.
+    fills: Mutex<std::collections::HashMap<tandem_api::SnapshotName, Arc<snapshot::Fill>>>,
     /// Resync and verify progress is reported through this, at most once a second.
     pub(crate) progress: Progress,
     pub(crate) notify: Notify,
@@ -279,6 +281,7 @@ impl ReplicatedVolume {
             resync_gate: RwLock::new(()),
             recent: Mutex::default(),
             had_quorum: AtomicBool::new(false),
+            fills: Mutex::default(),
             progress: Progress::new(),
             notify,
         }))
@@ -904,6 +907,7 @@ impl ReplicatedVolume {
                 let elsewhere = h.flags & wire::FLAG_PRIMARY_ELSEWHERE != 0;
                 self.finish_target(peer, h.offset, elsewhere)
             }
+            Kind::SnapshotFill => self.answer_snapshot_fill(from, h.id, &payload),
             Kind::Promote => {
                 let asked = Event::PromotionAsked { peer: from };
                 let mut ack = Header::new(Kind::Ack, h.id);
@@ -999,7 +1003,7 @@ impl ReplicatedVolume {
                     .then(|| self.intervals.lock(h.offset, h.length));
                 let fua = h.flags & FLAG_FUA != 0;
                 let status = self.serve_peer(&h, |v| match h.kind {
-                    Kind::Write => v.data().write_at(&payload, h.offset, fua),
+                    Kind::Write => v.write_at(&payload, h.offset, fua),
                     Kind::Zero => v.write_zeroes(
                         h.offset,
                         h.length,
@@ -1036,7 +1040,7 @@ impl ReplicatedVolume {
             }
             Kind::Snapshot => {
                 let mut ack = Header::new(Kind::Ack, h.id);
-                ack.status = self.take_peer_snapshot(&payload);
+                ack.status = self.begin_peer_snapshot(&payload);
                 peer.send(&ack, &[])
             }
             _ => unreachable!("only requests are queued"),
@@ -1379,7 +1383,7 @@ impl ReplicatedVolume {
         h.length = data.len() as u64;
         h.payload = data.len() as u32;
         h.flags = if fua { FLAG_FUA } else { 0 };
-        let local = |v: &Volume| v.data().write_at(data, offset, fua);
+        let local = |v: &Volume| v.write_at(data, offset, fua);
         match self.start(config, h, Some(held), data, local) {
             Ok(started) => {
                 let (volume, completion) = (self.clone(), started.completion.clone());

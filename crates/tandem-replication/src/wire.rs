@@ -55,10 +55,14 @@ pub enum Kind {
     OutOfSync = 32,
     /// The sender wants to become Primary; answered by an Ack (0, or EBUSY to refuse).
     Promote = 33,
-    /// Take a snapshot named by the payload; sent by the Primary once every earlier
-    /// write is acknowledged and before any later one. Answered by an Ack: 0, or why
-    /// not (ESTALE: not UpToDate, EEXIST, EOPNOTSUPP: no reflink, ENOSPC).
+    /// Begin a snapshot named by the payload; sent by the Primary once every earlier
+    /// write is acknowledged and before any later one. Answered by an Ack: 0 once begun
+    /// (the replica completes it in the background), or why not (ESTALE: not UpToDate,
+    /// EEXIST, EOPNOTSUPP: no reflink, ENOSPC, EBUSY: another one is being taken).
     Snapshot = 34,
+    /// Answered by an Ack once the snapshot begun under the payload's name is complete
+    /// and durable (0), or given up (an errno; ENOENT: none was begun).
+    SnapshotFill = 35,
     /// Asks for checksums of a range, one CRC32C per 4 KiB block.
     Verify = 40,
     /// The checksums for a Verify, as payload (big-endian u32s).
@@ -66,7 +70,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 16] = [
+    const ALL: [Kind; 17] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Write,
@@ -81,6 +85,7 @@ impl Kind {
         Kind::OutOfSync,
         Kind::Promote,
         Kind::Snapshot,
+        Kind::SnapshotFill,
         Kind::Verify,
         Kind::VerifyReply,
     ];
@@ -196,7 +201,7 @@ pub fn check(h: &Header, payload: &[u8]) -> Result<Option<State>, WireError> {
         Kind::Write if h.length != payload.len() as u64 => {
             malformed("write length differs from its payload".into())
         }
-        Kind::Snapshot if payload.is_empty() || payload.len() > 64 => {
+        Kind::Snapshot | Kind::SnapshotFill if payload.is_empty() || payload.len() > 64 => {
             malformed(format!("snapshot name of {} bytes", payload.len()))
         }
         _ => Ok(None),

@@ -341,7 +341,7 @@ impl Export for VolumeExport {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool, done: WriteDone) {
-        done(self.handle.data().write_at(data, offset, fua))
+        done(self.handle.write_at(data, offset, fua))
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -3,19 +3,24 @@
 //!
 //! The Primary holds new writes back and waits for those in flight to be acknowledged
 //! by every replica ([`IntervalLock::drain`](crate::interval::IntervalLock::drain));
-//! then every replica that is UpToDate and reached takes the snapshot (the Primary's
-//! own, and each peer's on a `Snapshot` message), and writes go on. A replica shares
-//! its data file into the snapshot (reflink), so the pause is the drain, one round
-//! trip and the slowest replica's reflink. A replica that is not reached or not
-//! UpToDate at that point does not get the snapshot.
+//! then every replica that is UpToDate and reached begins the snapshot (the Primary's
+//! own, and each peer's on a `Snapshot` message), and writes go on. Beginning is
+//! instant; each replica then completes its snapshot in the background, sharing its
+//! data file into it chunk by chunk, and any write first shares the chunk it changes
+//! (see `tandem_pool::Volume::begin_snapshot`). The Primary waits for every replica to
+//! complete (`SnapshotFill`) before it answers. So writes wait only for the drain, one
+//! round trip and, each, for the chunk it touches to be shared. A replica that is not
+//! reached or not UpToDate at that point does not get the snapshot.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use tandem_api::{NodeName, SnapshotInfo, SnapshotMissing, SnapshotName, SnapshotTaken};
-use tandem_pool::PoolError;
+use tandem_api::{NodeId, NodeName, SnapshotMissing, SnapshotName, SnapshotTaken};
+use tandem_pool::{PoolError, Volume};
 
 use super::{ReplicatedVolume, is_up_to_date};
-use crate::completion::Completion;
+use crate::completion::{Completion, Outcome};
+use crate::locks::Locked;
 use crate::peer::Peer;
 use crate::wire::{Header, Kind};
 
@@ -27,12 +32,37 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotRefused(pub String);
 
-/// What a replica answers a `Snapshot` with, when it does not take it.
+/// A snapshot begun on this replica for a Primary, completing in the background: its
+/// outcome (an Ack status) once there.
+#[derive(Default)]
+pub(crate) struct Fill {
+    status: Mutex<Option<u32>>,
+    done: Condvar,
+}
+
+impl Fill {
+    fn finish(&self, status: u32) {
+        *self.status.locked() = Some(status);
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> u32 {
+        let status = crate::locks::wait_while(&self.done, self.status.locked(), |s| s.is_none());
+        status.expect("set before notified")
+    }
+
+    fn finished(&self) -> bool {
+        self.status.locked().is_some()
+    }
+}
+
+/// What a replica answers when it does not take a snapshot.
 fn errno_of(e: &PoolError) -> u32 {
     (match e {
         PoolError::SnapshotExists { .. } | PoolError::FileInTheWay { .. } => libc::EEXIST,
         PoolError::NoReflink { .. } => libc::EOPNOTSUPP,
         PoolError::NoSpace { .. } => libc::ENOSPC,
+        PoolError::Failed { .. } => libc::EBUSY,
         _ => libc::EIO,
     }) as u32
 }
@@ -43,11 +73,44 @@ fn reason(status: u32) -> String {
         libc::EOPNOTSUPP => "its pool's file system cannot share blocks (reflink)".into(),
         libc::ENOSPC => "its pool is full".into(),
         libc::ESTALE => "its replica was not UpToDate".into(),
+        libc::EBUSY => "another snapshot was being taken there".into(),
         other => format!(
             "it failed to take it ({})",
             std::io::Error::from_raw_os_error(other)
         ),
     }
+}
+
+fn snapshot_name(payload: &[u8]) -> Option<SnapshotName> {
+    std::str::from_utf8(payload).ok()?.parse().ok()
+}
+
+/// Sends `kind` for `snap` to `peers`; their answers.
+fn ask(
+    volume: &ReplicatedVolume,
+    peers: &[&Arc<Peer>],
+    kind: Kind,
+    snap: &SnapshotName,
+) -> Arc<Completion> {
+    let mut h = Header::new(kind, volume.next_id());
+    let name = snap.as_str().as_bytes();
+    h.payload = name.len() as u32;
+    let completion = Arc::new(Completion::new(peers.len()));
+    for p in peers {
+        p.request(&h, name, &completion);
+    }
+    completion
+}
+
+/// Whether `id` answered 0; else why not.
+fn answered(outcome: &Outcome, id: NodeId) -> Result<(), String> {
+    if let Some((_, status)) = outcome.failed.iter().find(|(f, _)| *f == id) {
+        return Err(reason(*status));
+    }
+    if outcome.lost.contains(&id) {
+        return Err("its connection was lost before it answered".into());
+    }
+    Ok(())
 }
 
 impl ReplicatedVolume {
@@ -64,9 +127,7 @@ impl ReplicatedVolume {
             ));
         }
         if let Some(other) = view.primary_besides(self.my_id) {
-            let node = self
-                .config()
-                .peer(other.id)
+            let node = (self.config().peer(other.id))
                 .map_or_else(|| other.id.to_string(), |p| p.node.to_string());
             return refused(format!(
                 "node {node} writes to it too (two Primaries); its writes are not ordered with this node's"
@@ -81,24 +142,30 @@ impl ReplicatedVolume {
         };
         // Every write before this point is acknowledged by every replica that took it.
         let (view, config) = (self.view(), self.config());
-        let targets: Vec<&std::sync::Arc<Peer>> = (config.data_peers(&view).into_iter())
+        let targets: Vec<&Arc<Peer>> = (config.data_peers(&view).into_iter())
             .filter(|p| is_up_to_date(&view, p.id))
             .collect();
-        let mut h = Header::new(Kind::Snapshot, self.next_id());
-        let name = snap.as_str().as_bytes();
-        h.payload = name.len() as u32;
-        let completion = std::sync::Arc::new(Completion::new(targets.len()));
-        for p in &targets {
-            p.request(&h, name, &completion);
-        }
+        let begin = ask(self, &targets, Kind::Snapshot, snap);
         let local = match self.attached_in(&view) {
-            Some(v) if view.up_to_date() => Some(v.take_snapshot(snap).map_err(|e| e.to_string())),
+            Some(v) if view.up_to_date() => Some(
+                v.begin_snapshot(snap)
+                    .map(|()| v)
+                    .map_err(|e| e.to_string()),
+            ),
             Some(_) => Some(Err(format!("its replica is {}", view.disk))),
             None => None,
         };
-        let outcome = completion.wait();
+        let began = begin.wait();
         drop(drained);
         let paused = started.elapsed();
+
+        // Every replica that began completes its snapshot; writes go on meanwhile.
+        let filling: Vec<&Arc<Peer>> = (targets.iter().copied())
+            .filter(|p| answered(&began, p.id).is_ok())
+            .collect();
+        let fill = ask(self, &filling, Kind::SnapshotFill, snap);
+        let local = local.map(|r| r.and_then(|v| v.fill_snapshot().map_err(|e| e.to_string())));
+        let filled = fill.wait();
 
         let (mut replicas, mut missing) = (Vec::new(), Vec::new());
         let mut miss = |node: &NodeName, reason: String| {
@@ -117,14 +184,12 @@ impl ReplicatedVolume {
             None => {}
         }
         for p in config.peers.iter().filter(|p| p.diskful) {
-            if let Some((_, status)) = outcome.failed.iter().find(|(id, _)| *id == p.id) {
-                miss(&p.node, reason(*status));
-            } else if outcome.lost.contains(&p.id) {
-                miss(&p.node, "its connection was lost before it answered".into());
-            } else if targets.iter().any(|t| t.id == p.id) {
-                replicas.push(p.node.clone());
-            } else {
+            if !targets.iter().any(|t| t.id == p.id) {
                 miss(&p.node, "it was not connected and UpToDate".into());
+            } else if let Err(why) = answered(&began, p.id).and_then(|()| answered(&filled, p.id)) {
+                miss(&p.node, why);
+            } else {
+                replicas.push(p.node.clone());
             }
         }
         if replicas.is_empty() {
@@ -137,16 +202,16 @@ impl ReplicatedVolume {
                 why.join("; ")
             ));
         }
-        let snapshot = info.unwrap_or_else(|| SnapshotInfo {
+        let snapshot = info.unwrap_or_else(|| tandem_api::SnapshotInfo {
             volume: self.name.clone(),
             name: snap.clone(),
             size: self.size(),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         });
         tracing::info!(volume = %self.name, snapshot = %snap, replicas = replicas.len(), missing = missing.len(),
-            paused_us = paused.as_micros() as u64, "snapshot taken");
+            paused_us = paused.as_micros() as u64, took_ms = started.elapsed().as_millis() as u64, "snapshot taken");
         Ok(SnapshotTaken {
             snapshot,
             replicas,
@@ -156,23 +221,67 @@ impl ReplicatedVolume {
     }
 
     /// A Primary's `Snapshot` on this replica: every write it sent before is applied
-    /// (it waited for their acknowledgements), none after. The status to answer with.
-    pub(super) fn take_peer_snapshot(&self, payload: &[u8]) -> u32 {
-        let Some(snap) = std::str::from_utf8(payload)
-            .ok()
-            .and_then(|s| s.parse::<SnapshotName>().ok())
-        else {
+    /// (it waited for their acknowledgements), none after. Begins the snapshot and
+    /// completes it in the background; the status to answer with.
+    pub(super) fn begin_peer_snapshot(&self, payload: &[u8]) -> u32 {
+        let Some(snap) = snapshot_name(payload) else {
             return libc::EINVAL as u32;
         };
-        let Some(local) = self.local_up_to_date() else {
+        let Some(local) = self.local_up_to_date().cloned() else {
             return libc::ESTALE as u32;
         };
-        match local.take_snapshot(&snap) {
-            Ok(_) => 0,
-            Err(e) => {
-                tracing::warn!(volume = %self.name, snapshot = %snap, error = %e, "snapshot not taken");
-                errno_of(&e)
-            }
+        if let Err(e) = local.begin_snapshot(&snap) {
+            tracing::warn!(volume = %self.name, snapshot = %snap, error = %e, "snapshot not taken");
+            return errno_of(&e);
+        }
+        let fill = Arc::new(Fill::default());
+        {
+            let mut fills = self.fills.locked();
+            // Those a Primary never asked about (it went away) are forgotten here.
+            fills.retain(|_, f| !f.finished());
+            fills.insert(snap.clone(), fill.clone());
+        }
+        let (name, volume) = (self.name.clone(), local.clone());
+        let work = move || complete(&name, &volume, &fill);
+        if let Err(e) = std::thread::Builder::new()
+            .name("snapshot-fill".into())
+            .spawn(work)
+        {
+            tracing::error!(volume = %self.name, error = %e, "cannot start a thread to complete a snapshot");
+            return libc::EAGAIN as u32;
+        }
+        0
+    }
+
+    /// A Primary's `SnapshotFill`: answered, from a thread of its own, once the
+    /// snapshot begun under that name is complete.
+    pub(super) fn answer_snapshot_fill(&self, from: NodeId, id: u64, payload: &[u8]) {
+        let fill = snapshot_name(payload).and_then(|snap| self.fills.locked().remove(&snap));
+        let Some(peer) = self.config().peer(from).cloned() else {
+            return;
+        };
+        let answer = move || {
+            let mut ack = Header::new(Kind::Ack, id);
+            ack.status = fill.map_or(libc::ENOENT as u32, |f| f.wait());
+            let _ = peer.send(&ack, &[]);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("snapshot-answer".into())
+            .spawn(answer)
+        {
+            tracing::error!(volume = %self.name, error = %e, "cannot start a thread to answer a snapshot");
         }
     }
+}
+
+/// Completes the snapshot begun on `volume` and records the outcome in `fill`.
+fn complete(name: &tandem_api::VolumeName, volume: &Volume, fill: &Fill) {
+    let status = match volume.fill_snapshot() {
+        Ok(_) => 0,
+        Err(e) => {
+            tracing::error!(volume = %name, error = %e, "snapshot not completed");
+            errno_of(&e)
+        }
+    };
+    fill.finish(status);
 }
