@@ -104,6 +104,13 @@ pub struct CreateSnapshot {
     pub name: SnapshotName,
 }
 
+/// `POST .../snapshots/SNAP/clone`: a new volume named `name`, a copy of the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneSnapshot {
+    pub name: VolumeName,
+}
+
 /// What taking a snapshot did: the replicas that hold it, and why the others do not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

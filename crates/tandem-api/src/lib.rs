@@ -10,7 +10,7 @@ mod spec;
 mod states;
 
 pub use body::{
-    ApiError, ChangedExtent, CreatePool, CreateSnapshot, CreateVolume, JoinCluster,
+    ApiError, ChangedExtent, CloneSnapshot, CreatePool, CreateSnapshot, CreateVolume, JoinCluster,
     NODE_API_VERSION, NodeInfo, PoolInfo, SnapshotChanges, SnapshotInfo, SnapshotMissing,
     SnapshotTaken, UpdateVolume, VolumeInfo,
 };
@@ -23,7 +23,7 @@ pub use ids::{ClusterId, NodeId, VolumeId};
 pub use names::{GroupName, NameError, NodeName, PoolName, SnapshotName, StoreName, VolumeName};
 pub use size::{ByteSize, SizeError};
 pub use spec::{
-    OnNoQuorum, Participant, ParticipantKind, PeerStatus, QuorumPolicy, ReplicaReport, Resolve,
-    VolumeEvent, VolumeOptions, VolumeSpec, VolumeStatus,
+    OnNoQuorum, Origin, Participant, ParticipantKind, PeerStatus, QuorumPolicy, ReplicaReport,
+    Resolve, VolumeEvent, VolumeOptions, VolumeSpec, VolumeStatus,
 };
 pub use states::{ConnectionState, DiskState, ReplicationState, Role};

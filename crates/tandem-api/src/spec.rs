@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     ClusterId, ConnectionState, DiskState, NodeId, NodeName, PoolName, ReplicationState, Role,
-    VolumeId, VolumeName,
+    SnapshotName, VolumeId, VolumeName,
 };
 
 /// What a participant contributes to a volume.
@@ -98,6 +98,25 @@ pub struct VolumeSpec {
     pub participants: Vec<Participant>,
     #[serde(default)]
     pub options: VolumeOptions,
+    /// The snapshot the volume was cloned from: a replica created on a node holding it
+    /// starts as a copy of it sharing its blocks (reflink); one created elsewhere starts
+    /// Inconsistent and takes a full resync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// A snapshot of another volume, as the origin of a clone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    pub volume: VolumeName,
+    pub snapshot: SnapshotName,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.volume, self.snapshot)
+    }
 }
 
 impl VolumeSpec {

@@ -552,3 +552,90 @@ fn changed_blocks_reach_real_clients_survive_a_killed_primary_and_back_up_increm
         String::from_utf8_lossy(&compare.stdout)
     );
 }
+
+#[test]
+fn a_clone_is_independent_of_its_origin_both_ways() {
+    let Some(fs) = SmallFs::xfs(1024) else {
+        eprintln!("skipped: needs root, loop devices and mkfs.xfs (Debian: xfsprogs)");
+        return;
+    };
+    let c = cluster_on("sk", &fs);
+    let (primary, other) = volume(&c, "vm");
+    let vm = c.node(&primary).uri("vm");
+    qemu_io(&vm, &["write -P 0x11 0 1M", "flush"]);
+    run(c.tandem().args(["snapshot", "create", "vm", "s1"]));
+    qemu_io(&vm, &["write -P 0x22 0 1M", "flush"]);
+
+    let clone = c.json(&["snapshot", "clone", "vm", "s1", "copy"]);
+    let mut placed = Cluster::participants(&clone, "diskful");
+    placed.sort();
+    let mut holders = vec![primary.clone(), other.clone()];
+    holders.sort();
+    assert_eq!(
+        placed, holders,
+        "the clone's replicas go where the snapshot is: {clone:#}"
+    );
+    assert_eq!(clone["size"], 64 << 20);
+    c.wait_up_to_date(Duration::from_secs(60));
+    run(c
+        .tandem()
+        .args(["volume", "attach", "copy", "--node", &other]));
+    let node = c.node(&other);
+    wait_for("the clone is served", CONVERGE, &[node], || {
+        c.held_by(&other).contains(&"copy".to_owned())
+    });
+    let copy = node.uri("copy");
+    let read = qemu_io(&copy, &["read -P 0x11 0 1M", "read -P 0 1M 1M"]);
+    assert!(
+        !read.contains("verification failed"),
+        "the clone holds the snapshot: {read}"
+    );
+    // Its replicas started as the same copy: nothing to resync, identical files.
+    let files = |n: &str| fs.mnt.join(n).join("copy.raw");
+    assert_eq!(first_difference(&files(&primary), &files(&other)), None);
+
+    // Writes to either leave the other (and the snapshot) alone.
+    qemu_io(&copy, &["write -P 0x33 0 1M", "flush"]);
+    qemu_io(&vm, &["write -P 0x44 1M 1M", "flush"]);
+    let read = qemu_io(&vm, &["read -P 0x22 0 1M", "read -P 0x44 1M 1M"]);
+    assert!(!read.contains("verification failed"), "{read}");
+    let read = qemu_io(&copy, &["read -P 0x33 0 1M", "read -P 0 1M 1M"]);
+    assert!(!read.contains("verification failed"), "{read}");
+    let snap = qemu_io_with(
+        &["-r", "-f", "raw"],
+        &c.node(&primary).uri("vm@s1"),
+        &["read -P 0x11 0 1M"],
+    );
+    assert!(!snap.contains("verification failed"), "{snap}");
+
+    // Bad requests.
+    assert!(
+        c.fails(&["snapshot", "clone", "vm", "s1", "copy"])
+            .contains("already exists")
+    );
+    assert!(
+        c.fails(&["snapshot", "clone", "vm", "nosuch", "x"])
+            .contains("does not exist")
+    );
+
+    // The origin deleted, snapshot and all: the clone keeps its bytes.
+    run(c
+        .tandem()
+        .args(["volume", "detach", "vm", "--node", &primary]));
+    run(c.tandem().args(["volume", "delete", "vm", "--force"]));
+    wait_for("the origin's files are gone", CONVERGE, &[], || {
+        let left: Vec<String> = [&primary, &other]
+            .iter()
+            .flat_map(|n| std::fs::read_dir(fs.mnt.join(n)).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| f.starts_with("vm"))
+            .collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(left.join(" "))
+        }
+    });
+    let read = qemu_io(&copy, &["read -P 0x33 0 1M", "read -P 0 1M 63M"]);
+    assert!(!read.contains("verification failed"), "{read}");
+}

@@ -12,8 +12,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tandem_api::{
-    ChangeReplicas, CreateClusterVolume, CreateNode, CreatePool, CreateSnapshot, Group, GroupName,
-    KvValue, NodeName, OnNode, PoolName, ResizeVolume, SnapshotName, StoreName, VolumeName,
+    ChangeReplicas, CloneSnapshot, CreateClusterVolume, CreateNode, CreatePool, CreateSnapshot,
+    Group, GroupName, KvValue, NodeName, OnNode, PoolName, ResizeVolume, SnapshotName, StoreName,
+    VolumeName,
 };
 
 use crate::controller::{Controller, Refusal, RefusalKind};
@@ -95,6 +96,10 @@ fn routes(controller: Arc<Controller>) -> Router {
         .route(
             "/v1/volumes/{volume}/snapshots/{snapshot}/changes",
             get(snapshot_changes),
+        )
+        .route(
+            "/v1/volumes/{volume}/snapshots/{snapshot}/clone",
+            post(clone_snapshot),
         )
         .route("/v1/kv/{store}", get(kv_list))
         .route(
@@ -381,6 +386,17 @@ async fn snapshot_changes(
     Ok(Json(
         blocking(move || c.snapshot_changes(&name, &snap, &q.since)).await?,
     ))
+}
+
+async fn clone_snapshot(
+    State(c): Shared,
+    path: Result<Path<(VolumeName, SnapshotName)>, PathRejection>,
+    body: Result<Json<CloneSnapshot>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path((name, snap)) = path?;
+    let Json(req) = body?;
+    let volume = blocking(move || c.clone_snapshot(&name, &snap, &req.name)).await?;
+    Ok((StatusCode::CREATED, Json(volume)))
 }
 
 async fn delete_snapshot(

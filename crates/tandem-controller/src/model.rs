@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use tandem_api::{
-    ClusterId, Group, GroupName, NodeId, NodeName, Participant, ParticipantKind, PoolName,
+    ClusterId, Group, GroupName, NodeId, NodeName, Origin, Participant, ParticipantKind, PoolName,
     SnapshotName, StoreName, VolumeId, VolumeName, VolumeOptions, VolumeSpec,
 };
 
@@ -50,6 +50,8 @@ pub struct VolumeRow {
     /// Diskful replicas wanted.
     pub replicas: u8,
     pub participants: Vec<ParticipantRow>,
+    /// The snapshot it was cloned from, if it is a clone.
+    pub origin: Option<Origin>,
 }
 
 impl VolumeRow {
@@ -129,6 +131,7 @@ impl Model {
                 on_no_quorum: group.map(|g| g.on_no_quorum).unwrap_or_default(),
                 ..VolumeOptions::default()
             },
+            origin: v.origin.clone(),
         })
     }
 

@@ -240,6 +240,14 @@ fn operations() -> Vec<Operation> {
             Some(schema("SnapshotChanges")),
         ),
         (
+            "post",
+            "/v1/volumes/{volume}/snapshots/{snapshot}/clone",
+            "A new volume, a copy of the snapshot (its replicas share the snapshot's blocks where it is held)",
+            Some("CloneSnapshot"),
+            201,
+            Some(schema("Volume")),
+        ),
+        (
             "delete",
             "/v1/volumes/{volume}/snapshots/{snapshot}",
             "Delete a snapshot from every node holding it",
@@ -341,6 +349,7 @@ fn schemas() -> Value {
             "state": {"type": "string", "enum": ["Failed", "SplitBrain", "NoQuorum", "Degraded", "Syncing", "Creating", "UpToDate"]},
             "participants": list("Participant")})),
         "CreateSnapshot": object(&["name"], json!({ "name": name })),
+        "CloneSnapshot": object(&["name"], json!({ "name": name })),
         "Snapshot": object(&["volume", "name", "created", "size", "replicas"], json!({
             "volume": name, "name": name, "created": {"type": "integer", "description": "seconds since the Unix epoch"},
             "size": size, "replicas": {"type": "array", "items": name}})),

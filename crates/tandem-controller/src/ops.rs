@@ -466,6 +466,7 @@ impl Controller {
             group: group_name,
             replicas,
             participants: Vec::new(),
+            origin: None,
         };
         for node in chosen {
             let node_id = v.free_node_id().expect("at most 31 replicas");
@@ -970,7 +971,7 @@ fn kind_word(kind: ParticipantKind) -> &'static str {
 
 /// Every node as a placement candidate for the group's pool (`pool` absent: for
 /// tiebreakers, which need none).
-fn candidates_for(
+pub(crate) fn candidates_for(
     s: &Snapshot<'_>,
     group: Option<&Group>,
     pool: Option<&PoolName>,
@@ -1009,7 +1010,7 @@ fn candidates_for(
 }
 
 /// The candidates with `taken` set for the volume's current participants.
-fn retaken(candidates: &[Candidate], v: &VolumeRow) -> Vec<Candidate> {
+pub(crate) fn retaken(candidates: &[Candidate], v: &VolumeRow) -> Vec<Candidate> {
     candidates
         .iter()
         .cloned()
@@ -1022,7 +1023,7 @@ fn retaken(candidates: &[Candidate], v: &VolumeRow) -> Vec<Candidate> {
 
 /// Two replicas cannot form a majority alone: a third, diskless vote (tiebreaker) is
 /// added when a node is free for it, and dropped when the replica count changes.
-fn settle_tiebreaker(v: &mut VolumeRow, candidates: &[Candidate]) {
+pub(crate) fn settle_tiebreaker(v: &mut VolumeRow, candidates: &[Candidate]) {
     let diskful = v.diskful().count();
     let has_tiebreaker = v
         .participants

@@ -4,12 +4,14 @@
 //! controller records which replicas hold it.
 
 use tandem_api::{
-    ClusterSnapshot, NodeName, SnapshotChanges, SnapshotName, SnapshotTaken, VolumeName,
+    ClusterSnapshot, ClusterVolume, NodeName, Origin, ParticipantKind, SnapshotChanges,
+    SnapshotName, SnapshotTaken, VolumeId, VolumeName,
 };
 
 use crate::controller::{Controller, Refusal, RefusalKind};
-use crate::model::SnapshotRow;
-use crate::ops::{no_volume, node_call};
+use crate::model::{ParticipantRow, SnapshotRow, VolumeRow};
+use crate::ops::{candidates_for, no_volume, node_call, retaken, settle_tiebreaker};
+use crate::placement;
 
 use RefusalKind::{Conflict, NotFound, Unreachable};
 
@@ -136,6 +138,108 @@ impl Controller {
                 e,
             )
         })
+    }
+
+    /// Makes volume `new` a copy of snapshot `snap` of `volume`, independent of it from
+    /// then on: a replica on each online node holding the snapshot (as many as the
+    /// origin has replicas), in the origin's pool there, sharing the snapshot's blocks;
+    /// any more replicas are placed as for any volume, and resynced in full from those.
+    pub fn clone_snapshot(
+        &self,
+        volume: &VolumeName,
+        snap: &SnapshotName,
+        new: &VolumeName,
+    ) -> Result<ClusterVolume, Refusal> {
+        let mut d = self.desired();
+        if d.model.volumes.contains_key(new) {
+            return Err(Refusal::new(
+                Conflict,
+                format!("volume {new} already exists"),
+                "choose another name",
+            ));
+        }
+        let row = (d.model.snapshots.get(&(volume.clone(), snap.clone())))
+            .cloned()
+            .ok_or_else(|| no_snapshot(volume, snap))?;
+        let origin = d
+            .model
+            .volumes
+            .get(volume)
+            .cloned()
+            .ok_or_else(|| no_volume(volume))?;
+        let group = d.model.groups.get(&origin.group).cloned();
+        let holders: Vec<&ParticipantRow> = (row.replicas.iter())
+            .filter(|n| self.observed(n).online())
+            .filter_map(|n| origin.participant(n).filter(|p| p.kind.diskful()))
+            .collect();
+        if holders.is_empty() {
+            return Err(Refusal::new(
+                Conflict,
+                format!(
+                    "no online node holds snapshot {volume}@{snap} (held by {})",
+                    join(&row.replicas)
+                ),
+                "bring a node holding it back online",
+            ));
+        }
+        let wanted = origin.replicas as usize;
+        let mut v = VolumeRow {
+            id: VolumeId::random(),
+            size: row.size,
+            group: origin.group.clone(),
+            replicas: origin.replicas,
+            participants: Vec::new(),
+            origin: Some(Origin {
+                volume: volume.clone(),
+                snapshot: snap.clone(),
+            }),
+        };
+        let replica = |v: &VolumeRow, node: &NodeName, pool, fresh| ParticipantRow {
+            node: node.clone(),
+            node_id: v.free_node_id().expect("at most 31 replicas"),
+            kind: ParticipantKind::Diskful,
+            pool,
+            attached: false,
+            fresh,
+        };
+        for p in holders.iter().take(wanted) {
+            let r = replica(&v, &p.node, p.pool.clone(), false);
+            v.participants.push(r);
+        }
+        let pool = group
+            .as_ref()
+            .map_or_else(|| "default".parse().expect("valid"), |g| g.pool.clone());
+        let candidates = self.snapshot(&d, |s| candidates_for(s, group.as_ref(), Some(&pool)));
+        if v.participants.len() < wanted {
+            let more = placement::place(
+                wanted - v.participants.len(),
+                row.size,
+                &pool,
+                &retaken(&candidates, &v),
+            )
+            .map_err(|e| {
+                Refusal::new(
+                    Conflict,
+                    format!("cannot place clone {new}: {e}"),
+                    "add nodes or pools, or free space",
+                )
+            })?;
+            for node in more {
+                let r = replica(&v, &node, Some(pool.clone()), true);
+                v.participants.push(r);
+            }
+        }
+        let others = retaken(&candidates, &v);
+        settle_tiebreaker(&mut v, &others);
+        self.commit(
+            &mut d,
+            |w| w.volume(new, &v),
+            |m| {
+                m.volumes.insert(new.clone(), v.clone());
+            },
+        )?;
+        tracing::info!(volume = %new, origin = %format!("{volume}@{snap}"), "volume cloned from a snapshot");
+        Ok(self.snapshot(&d, |s| s.volume(new)).expect("just created"))
     }
 
     /// Deletes a snapshot from every replica holding it. A node that does not answer

@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tandem_api::{ClusterId, Group, NodeId, NodeName, ParticipantKind, SnapshotName, VolumeName};
+use tandem_api::{
+    ClusterId, Group, NodeId, NodeName, Origin, ParticipantKind, SnapshotName, VolumeName,
+};
 
 use crate::model::{Cluster, Model, NodeRow, ParticipantRow, PoolRow, SnapshotRow, VolumeRow};
 
@@ -67,6 +69,8 @@ const MIGRATIONS: &[&str] = &[
          size INTEGER NOT NULL,
          replicas TEXT NOT NULL,
          PRIMARY KEY (volume, name));",
+    // 4: a clone's origin, VOLUME@SNAPSHOT.
+    "ALTER TABLE volumes ADD COLUMN origin TEXT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -209,7 +213,7 @@ impl Store {
         let mut volumes = BTreeMap::new();
         let mut q = self
             .db
-            .prepare("SELECT name, id, size, grp, replicas FROM volumes")?;
+            .prepare("SELECT name, id, size, grp, replicas, origin FROM volumes")?;
         for row in q.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -217,9 +221,21 @@ impl Store {
                 r.get::<_, i64>(2)?,
                 r.get::<_, String>(3)?,
                 r.get::<_, u8>(4)?,
+                r.get::<_, Option<String>>(5)?,
             ))
         })? {
-            let (name, id, size, group, replicas) = row?;
+            let (name, id, size, group, replicas, origin) = row?;
+            let origin = origin
+                .map(|o| {
+                    let (volume, snapshot) = o
+                        .split_once('@')
+                        .ok_or_else(|| invalid(format!("origin {o}")))?;
+                    Ok::<_, StoreError>(Origin {
+                        volume: volume.parse().map_err(invalid)?,
+                        snapshot: snapshot.parse().map_err(invalid)?,
+                    })
+                })
+                .transpose()?;
             volumes.insert(
                 name.parse::<VolumeName>().map_err(invalid)?,
                 VolumeRow {
@@ -228,6 +244,7 @@ impl Store {
                     group: group.parse().map_err(invalid)?,
                     replicas,
                     participants: Vec::new(),
+                    origin,
                 },
             );
         }
@@ -381,14 +398,15 @@ impl Writer<'_> {
     /// Writes a volume and replaces its participants.
     pub fn volume(&self, name: &VolumeName, v: &VolumeRow) -> Result<(), StoreError> {
         self.tx.execute(
-            "INSERT INTO volumes (name, id, size, grp, replicas) VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO volumes (name, id, size, grp, replicas, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (name) DO UPDATE SET size = ?3, grp = ?4, replicas = ?5",
             params![
                 name.as_str(),
                 v.id.to_string(),
                 v.size as i64,
                 v.group.as_str(),
-                v.replicas
+                v.replicas,
+                v.origin.as_ref().map(|o| o.to_string())
             ],
         )?;
         self.tx.execute(
@@ -500,6 +518,7 @@ mod tests {
                 attached: false,
                 fresh: false,
             }],
+            origin: None,
         }
     }
 

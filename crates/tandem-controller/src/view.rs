@@ -413,6 +413,7 @@ mod tests {
                     part("n2", 1, ParticipantKind::Diskful),
                     part("n3", 2, ParticipantKind::Tiebreaker),
                 ],
+                origin: None,
             },
         );
         Model {

@@ -27,6 +27,8 @@ use crate::replies::{self, Replies};
 use crate::reply::{Reply, ReplyMode};
 
 const MAX_WORKERS: usize = 16;
+/// Reads at least this long send holes as holes (see [`Connection::read`]).
+const HOLE_MIN: u64 = 64 << 10;
 /// How long a worker serving a connection at queue depth 1 polls for the client's
 /// next request before it sleeps (see [`tandem_io::poll`]): a client issuing one
 /// request at a time sends the next within microseconds of its reply; a connection
@@ -393,8 +395,9 @@ impl<'s> Connection<'s> {
             return self.send(&reply.ok(true));
         }
         // Holes go out as OFFSET_HOLE chunks, unless the client wants one chunk (DF) or
-        // cannot take chunks at all.
-        let map = if mode == ReplyMode::Simple || req.flags & CF_DF != 0 {
+        // cannot take chunks at all, or the read is small: asking where the holes are
+        // costs a system call, which only large reads of sparse data repay.
+        let map = if mode == ReplyMode::Simple || req.flags & CF_DF != 0 || req.len < HOLE_MIN {
             None
         } else {
             covering_extents(export, req.offset, req.len).ok()

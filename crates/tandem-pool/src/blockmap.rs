@@ -30,15 +30,33 @@ struct FiemapExtent {
 }
 
 #[repr(C)]
-struct Fiemap {
+struct Fiemap<const N: usize> {
     start: u64,
     length: u64,
     flags: u32,
     mapped_extents: u32,
     extent_count: u32,
     reserved: u32,
-    extents: [FiemapExtent; BATCH],
+    extents: [FiemapExtent; N],
 }
+
+impl<const N: usize> Fiemap<N> {
+    fn new() -> Self {
+        Fiemap {
+            start: 0,
+            length: 0,
+            flags: 0,
+            mapped_extents: 0,
+            extent_count: N as u32,
+            reserved: 0,
+            extents: [FiemapExtent::default(); N],
+        }
+    }
+}
+
+/// Extents asked for per call when the range is small (a read's): the request fits on
+/// the stack.
+const SMALL: usize = 8;
 
 /// Where a run of a file's bytes lives: `place` is the disk address of its first byte,
 /// `None` when the file system does not give one.
@@ -51,17 +69,28 @@ pub(crate) struct Mapped {
 
 /// The mapped runs of `file` overlapping `[offset, end)`, in order; holes are absent.
 pub(crate) fn map(file: &File, offset: u64, end: u64, sync: bool) -> io::Result<Vec<Mapped>> {
+    if end - offset <= SMALL as u64 * 4096 {
+        map_with(file, offset, end, sync, &mut Fiemap::<SMALL>::new())
+    } else {
+        map_with(
+            file,
+            offset,
+            end,
+            sync,
+            &mut Box::new(Fiemap::<BATCH>::new()),
+        )
+    }
+}
+
+fn map_with<const N: usize>(
+    file: &File,
+    offset: u64,
+    end: u64,
+    sync: bool,
+    fm: &mut Fiemap<N>,
+) -> io::Result<Vec<Mapped>> {
     let mut out = Vec::new();
     let mut at = offset;
-    let mut fm = Box::new(Fiemap {
-        start: 0,
-        length: 0,
-        flags: 0,
-        mapped_extents: 0,
-        extent_count: BATCH as u32,
-        reserved: 0,
-        extents: [FiemapExtent::default(); BATCH],
-    });
     while at < end {
         fm.start = at;
         fm.length = end - at;
@@ -71,18 +100,11 @@ pub(crate) fn map(file: &File, offset: u64, end: u64, sync: bool) -> io::Result<
             0
         };
         fm.mapped_extents = 0;
-        // SAFETY: FIEMAP fills at most `extent_count` extents of the struct we own.
-        if unsafe {
-            libc::ioctl(
-                file.as_raw_fd(),
-                FS_IOC_FIEMAP as _,
-                &mut *fm as *mut Fiemap,
-            )
-        } != 0
-        {
+        // SAFETY: FIEMAP fills at most `extent_count` (N) extents of the struct we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP as _, fm as *mut Fiemap<N>) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        let got = &fm.extents[..(fm.mapped_extents as usize).min(BATCH)];
+        let got = &fm.extents[..(fm.mapped_extents as usize).min(N)];
         let Some(last) = got.last() else { break };
         for e in got {
             out.push(Mapped {

@@ -276,6 +276,35 @@ impl Pool {
 
     /// Creates a volume; on any failure nothing of it is left behind.
     pub fn create(&self, new: &NewVolume) -> Result<Arc<Volume>, PoolError> {
+        self.create_with(new, |path| {
+            DataFile::create(path, new.size, new.thick, self.cache).map(drop)
+        })
+    }
+
+    /// Creates a volume whose data starts as a copy of `source` (a snapshot's data
+    /// file, in this pool's file system), sharing its blocks (reflink).
+    pub fn create_from(
+        &self,
+        new: &NewVolume,
+        source: &DataFile,
+    ) -> Result<Arc<Volume>, PoolError> {
+        if !self.reflink {
+            return Err(PoolError::NoReflink {
+                pool: self.name.clone(),
+            });
+        }
+        self.create_with(new, |path| {
+            let data = DataFile::create(path, new.size, false, CacheMode::Writeback)?;
+            data.share_range(source, 0, new.size)?;
+            data.flush()
+        })
+    }
+
+    fn create_with(
+        &self,
+        new: &NewVolume,
+        make_data: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<Arc<Volume>, PoolError> {
         let (name, size, thick) = (&new.name, new.size, new.thick);
         check_size(size)?;
         let mut entries = self.entries.write().unwrap();
@@ -304,7 +333,7 @@ impl Pool {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         MetaFile::create(&creating, Superblock::new(new, created))?;
-        let result = DataFile::create(&data_path, size, thick, self.cache)
+        let result = make_data(&data_path)
             .map_err(|e| PoolError::from_file_error(e, &self.name, &data_path, size))
             .and_then(|_| {
                 std::fs::rename(&creating, &meta_path)

@@ -474,6 +474,22 @@ impl Node {
                     tracing::warn!(volume = %spec.name, "this node's replica is missing: recreated empty, to be resynced in full");
                 }
                 let fresh = lost || spec.participant(node_id).is_some_and(|p| p.fresh);
+                // A clone's replica starts as a copy of its snapshot where this node
+                // holds it; elsewhere it is resynced in full from one that does.
+                let origin = match &spec.origin {
+                    Some(o) if !fresh => {
+                        let data = self
+                            .volume(&o.volume)
+                            .and_then(|v| v.open_snapshot(&o.snapshot));
+                        if let Err(e) = &data {
+                            tracing::warn!(volume = %spec.name, origin = %o, error = %e,
+                                "the clone's snapshot is not on this node: its replica is resynced in full");
+                        }
+                        Some(data.ok())
+                    }
+                    _ => None,
+                };
+                let fresh = fresh || matches!(origin, Some(None));
                 let generation = if fresh {
                     GenerationId(0)
                 } else {
@@ -487,7 +503,11 @@ impl Node {
                     node_id,
                     generation,
                 };
-                let created = self.replica_pool(spec)?.create(&new)?;
+                let pool = self.replica_pool(spec)?;
+                let created = match origin.flatten() {
+                    Some(data) => pool.create_from(&new, &data)?,
+                    None => pool.create(&new)?,
+                };
                 if fresh {
                     created.update_superblock(|sb| {
                         sb.disk_state = tandem_api::DiskState::Inconsistent

@@ -3,7 +3,8 @@
 
 use clap::Subcommand;
 use tandem_api::{
-    ByteSize, ClusterSnapshot, CreateSnapshot, SnapshotName, SnapshotTaken, VolumeName,
+    ByteSize, CloneSnapshot, ClusterSnapshot, ClusterVolume, CreateSnapshot, SnapshotName,
+    SnapshotTaken, VolumeName,
 };
 
 use super::{Output, deleted, emit};
@@ -25,6 +26,12 @@ pub enum SnapshotCommand {
         volume: VolumeName,
         name: SnapshotName,
     },
+    /// Create volume NEW as a copy of a snapshot, independent of its origin from then on.
+    Clone {
+        volume: VolumeName,
+        name: SnapshotName,
+        new: VolumeName,
+    },
 }
 
 pub fn run(api: &Client, out: Output, cmd: &SnapshotCommand) -> Result<(), CliError> {
@@ -42,6 +49,18 @@ pub fn run(api: &Client, out: Output, cmd: &SnapshotCommand) -> Result<(), CliEr
             };
             let snapshots: Vec<ClusterSnapshot> = api.get(&path)?;
             emit(out, &snapshots, |s| snapshot_table(s));
+        }
+        SnapshotCommand::Clone { volume, name, new } => {
+            let req = CloneSnapshot { name: new.clone() };
+            let path = format!("/v1/volumes/{volume}/snapshots/{name}/clone");
+            let created: ClusterVolume = api.send("POST", &path, &req)?;
+            emit(out, &created, |v| {
+                format!(
+                    "volume {} cloned from {volume}@{name} ({})\n",
+                    v.name,
+                    ByteSize(v.size)
+                )
+            });
         }
         SnapshotCommand::Delete { volume, name } => {
             api.delete(&format!("/v1/volumes/{volume}/snapshots/{name}"))?;
