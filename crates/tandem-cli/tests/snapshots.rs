@@ -269,6 +269,20 @@ fn a_replica_offline_misses_the_snapshot_and_bad_requests_change_nothing() {
     assert!(!read.contains("verification failed"), "{read}");
     assert!(!snapshot_file(&fs, &other, "vm", "s2").exists());
     c.node_mut(&other).restart();
+    c.wait_up_to_date(Duration::from_secs(60));
+    // The nodes without it (the replica that missed it, the tiebreaker) serve it
+    // through the one that has it.
+    let third = (c.nodes.iter().map(|n| n.name.clone()))
+        .find(|n| n != &primary && n != &other)
+        .unwrap();
+    for n in [&other, &third] {
+        let read = qemu_io_with(
+            &["-r", "-f", "raw"],
+            &c.node(n).uri("vm@s2"),
+            &["read -P 0x11 0 1M", "read -P 0 1M 1M"],
+        );
+        assert!(!read.contains("verification failed"), "{n}: {read}");
+    }
 
     // Bad requests: a clear error each, and nothing changes.
     for (args, says) in [

@@ -226,6 +226,11 @@ impl Volume {
         self.snapshots.list()
     }
 
+    /// Snapshot `snap`, if this replica holds it.
+    pub fn snapshot(&self, snap: &SnapshotName) -> Option<SnapshotInfo> {
+        self.snapshots.get(snap).map(|r| r.info)
+    }
+
     pub fn has_snapshots(&self) -> bool {
         !self.snapshots.is_empty()
     }

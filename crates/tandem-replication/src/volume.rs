@@ -145,6 +145,9 @@ pub struct ReplicatedVolume {
     recent: Mutex<std::collections::VecDeque<(Instant, u64, u64)>>,
     /// Snapshots a Primary began on this replica, completing in the background.
     fills: Mutex<std::collections::HashMap<tandem_api::SnapshotName, Arc<snapshot::Fill>>>,
+    /// Snapshots of this replica that peers read, open.
+    snapshot_files:
+        Mutex<std::collections::HashMap<tandem_api::SnapshotName, Arc<tandem_pool::DataFile>>>,
     /// Resync and verify progress is reported through this, at most once a second.
     pub(crate) progress: Progress,
     pub(crate) notify: Notify,
@@ -282,6 +285,7 @@ impl ReplicatedVolume {
             recent: Mutex::default(),
             had_quorum: AtomicBool::new(false),
             fills: Mutex::default(),
+            snapshot_files: Mutex::default(),
             progress: Progress::new(),
             notify,
         }))
@@ -928,7 +932,8 @@ impl ReplicatedVolume {
             | Kind::Zero
             | Kind::Trim
             | Kind::Flush
-            | Kind::Snapshot => {
+            | Kind::Snapshot
+            | Kind::SnapshotStat => {
                 if more_waiting(r) {
                     // Served by the connection's workers: the Primary never has two
                     // overlapping writes in flight, so they may complete in any order.
@@ -976,6 +981,10 @@ impl ReplicatedVolume {
                 reply.payload = sums.len() as u32;
                 peer.send(&reply, sums)
             }
+            Kind::Read if h.flags & wire::FLAG_SNAPSHOT != 0 => {
+                self.serve_snapshot_read(peer, &h, &payload)
+            }
+            Kind::SnapshotStat => self.serve_snapshot_stat(peer, &h, &payload),
             Kind::Read => {
                 let mut data = Buffer::zeroed(h.length as usize);
                 let status = self.serve_peer(&h, |v| v.data().read_at(&mut data, h.offset));
@@ -1448,7 +1457,7 @@ impl ReplicatedVolume {
             let mut last = None;
             let config = self.config();
             for peer in config.up_to_date_peers(&self.view()) {
-                match self.read_from(peer, offset, buf) {
+                match self.read_from(peer, offset, buf, None) {
                     Ok(()) => return Ok(()),
                     Err(e) => last = Some(e),
                 }
@@ -1465,13 +1474,25 @@ impl ReplicatedVolume {
         }
     }
 
-    fn read_from(&self, peer: &Peer, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    /// Reads from `peer`'s replica, or from its snapshot `snapshot`.
+    fn read_from(
+        &self,
+        peer: &Peer,
+        offset: u64,
+        buf: &mut [u8],
+        snapshot: Option<&tandem_api::SnapshotName>,
+    ) -> io::Result<()> {
         let mut h = Header::new(Kind::Read, self.next_id());
         h.offset = offset;
         h.length = buf.len() as u64;
+        let name = snapshot.map_or(&[][..], |s| s.as_str().as_bytes());
+        if snapshot.is_some() {
+            h.flags = wire::FLAG_SNAPSHOT;
+            h.payload = name.len() as u32;
+        }
         let _in_flight = InFlight::enter(&self.in_flight);
         let completion = Arc::new(Completion::new(1));
-        peer.request(&h, &[], &completion);
+        peer.request(&h, name, &completion);
         let outcome = completion.wait_polling(self.answer_poll());
         match (outcome.data, outcome.failed.first()) {
             (Some(data), _) if data.len() == buf.len() => {
@@ -1500,9 +1521,13 @@ impl ReplicatedVolume {
         }
         let _one = self.promotion.locked();
         if self.view().writers > 0 {
-            return self
-                .apply(Event::Opened)
-                .map_err(|refused| OpenRefused(refused.0));
+            match self.apply(Event::Opened) {
+                Ok(()) => return Ok(()),
+                // The last writer closed meanwhile (closes do not wait for opens): this
+                // node is no longer Primary, and is promoted again below.
+                Err(_) if self.view().writers == 0 => {}
+                Err(refused) => return Err(OpenRefused(refused.0)),
+            }
         }
         // A peer may be reconnecting: give it as long as a dead one takes to be noticed.
         let deadline = Instant::now() + crate::peer::DEAD_AFTER;

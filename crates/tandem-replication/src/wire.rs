@@ -63,6 +63,9 @@ pub enum Kind {
     /// Answered by an Ack once the snapshot begun under the payload's name is complete
     /// and durable (0), or given up (an errno; ENOENT: none was begun).
     SnapshotFill = 35,
+    /// The size of the snapshot the payload names, for a node that lacks it: answered
+    /// by a ReadReply whose payload is the size (u64), or ENOENT.
+    SnapshotStat = 36,
     /// Asks for checksums of a range, one CRC32C per 4 KiB block.
     Verify = 40,
     /// The checksums for a Verify, as payload (big-endian u32s).
@@ -70,7 +73,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 17] = [
+    const ALL: [Kind; 18] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Write,
@@ -86,6 +89,7 @@ impl Kind {
         Kind::Promote,
         Kind::Snapshot,
         Kind::SnapshotFill,
+        Kind::SnapshotStat,
         Kind::Verify,
         Kind::VerifyReply,
     ];
@@ -102,6 +106,8 @@ pub const FLAG_RESYNC: u16 = 1 << 2;
 /// On ResyncDone: the source follows a Primary the target does not reach (it takes
 /// a resync from a Secondary only then), so the Primary's later writes pass it by.
 pub const FLAG_PRIMARY_ELSEWHERE: u16 = 1 << 3;
+/// On Read: from the snapshot the payload names, not from the volume.
+pub const FLAG_SNAPSHOT: u16 = 1 << 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -195,13 +201,20 @@ pub fn check(h: &Header, payload: &[u8]) -> Result<Option<State>, WireError> {
         Kind::Hello => malformed("Hello on an established connection".into()),
         Kind::OutOfSync => malformed("range list outside the handshake".into()),
         Kind::State => State::decode(payload).map(Some),
+        Kind::Read
+            if h.flags & FLAG_SNAPSHOT != 0 && (payload.is_empty() || payload.len() > 64) =>
+        {
+            malformed(format!("snapshot name of {} bytes", payload.len()))
+        }
         Kind::Read | Kind::Verify if h.length > MAX_PAYLOAD as u64 => {
             malformed(format!("read of {} bytes is over the limit", h.length))
         }
         Kind::Write if h.length != payload.len() as u64 => {
             malformed("write length differs from its payload".into())
         }
-        Kind::Snapshot | Kind::SnapshotFill if payload.is_empty() || payload.len() > 64 => {
+        Kind::Snapshot | Kind::SnapshotFill | Kind::SnapshotStat
+            if payload.is_empty() || payload.len() > 64 =>
+        {
             malformed(format!("snapshot name of {} bytes", payload.len()))
         }
         _ => Ok(None),

@@ -86,36 +86,51 @@ impl NodeExports {
     }
 
     /// Snapshot `snap` of this node's replica of `volume`, opened for reading.
+    /// Snapshot `snap` of `volume`, opened for reading: from this node's replica if it
+    /// holds it, else through a connected peer that does.
     fn snapshot(
         &self,
         volume: &VolumeName,
         snap: &SnapshotName,
     ) -> Result<SnapshotExport, OpenError> {
-        let missing = || {
+        let name = format!("{volume}@{snap}");
+        let local = self
+            .node
+            .volume(volume)
+            .ok()
+            .filter(|v| v.snapshot(snap).is_some());
+        if let Some(local) = local {
+            let size = local.snapshot(snap).map_or(0, |s| s.size);
+            let data = local
+                .open_snapshot(snap)
+                .map_err(|e| OpenError::Unavailable(e.to_string()))?;
+            return Ok(SnapshotExport {
+                info: info(&name, size, data.alignment(), true),
+                source: Source::Here {
+                    data,
+                    volume: local,
+                },
+            });
+        }
+        let missing = |why: String| {
             OpenError::Unknown(format!(
-                "node {} holds no snapshot {snap} of volume {volume}; `tandem snapshot list` shows where it is",
+                "node {} cannot serve snapshot {snap} of volume {volume}: {why}; `tandem snapshot list` shows where it is",
                 self.node.name()
             ))
         };
-        let local = self.volume(volume.as_str()).map_err(|e| match e {
-            OpenError::Unknown(_) => missing(),
-            e => e,
-        })?;
-        let size = local
-            .snapshots()
-            .into_iter()
-            .find(|s| &s.name == snap)
-            .ok_or_else(missing)?
-            .size;
-        let data = local.open_snapshot(snap).map_err(|e| match e {
-            PoolError::SnapshotNotFound { .. } => missing(),
-            e => OpenError::Unavailable(e.to_string()),
-        })?;
-        let name = format!("{volume}@{snap}");
+        let replicated = self
+            .node
+            .replicated(volume)
+            .ok_or_else(|| missing("it does not take part in that volume".into()))?;
+        let size = replicated
+            .snapshot_size(snap)
+            .map_err(|e| missing(e.to_string()))?;
         Ok(SnapshotExport {
-            info: info(&name, size, data.alignment(), true),
-            data,
-            volume: local,
+            info: info(&name, size, 512, true),
+            source: Source::Peer {
+                volume: replicated,
+                snap: snap.clone(),
+            },
         })
     }
 }
@@ -374,9 +389,19 @@ impl Export for VolumeExport {
 /// export with EPERM before they get here).
 struct SnapshotExport {
     info: ExportInfo,
-    data: DataFile,
-    /// The volume it belongs to, whose other snapshots it is compared with.
-    volume: Arc<Volume>,
+    source: Source,
+}
+
+/// Where a snapshot export's data comes from.
+enum Source {
+    /// This node's replica holds the snapshot; `volume` is the replica, whose other
+    /// snapshots it is compared with.
+    Here { data: DataFile, volume: Arc<Volume> },
+    /// A peer holding it, through the replicated volume.
+    Peer {
+        volume: Arc<ReplicatedVolume>,
+        snap: SnapshotName,
+    },
 }
 
 fn read_only() -> io::Error {
@@ -393,7 +418,10 @@ impl Export for SnapshotExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.data.read_at(buf, offset)
+        match &self.source {
+            Source::Here { data, .. } => data.read_at(buf, offset),
+            Source::Peer { volume, snap } => volume.read_snapshot(snap, offset, buf),
+        }
     }
 
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool, done: WriteDone) {
@@ -413,15 +441,25 @@ impl Export for SnapshotExport {
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.data.prefetch(offset, len)
+        match &self.source {
+            Source::Here { data, .. } => data.prefetch(offset, len),
+            Source::Peer { .. } => Ok(()),
+        }
     }
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        extents_of(&self.data, offset, len)
+        match &self.source {
+            Source::Here { data, .. } => extents_of(data, offset, len),
+            // Data everywhere: always true of what a read returns.
+            Source::Peer { .. } => Ok(vec![Extent { len, hole: false }]),
+        }
     }
 
     fn context_extents(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
-        changes_since(&self.volume, &self.data, context, offset, len)
+        match &self.source {
+            Source::Here { data, volume } => changes_since(volume, data, context, offset, len),
+            Source::Peer { .. } => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        }
     }
 }
 

@@ -12,17 +12,18 @@
 //! round trip and, each, for the chunk it touches to be shared. A replica that is not
 //! reached or not UpToDate at that point does not get the snapshot.
 
+use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_api::{NodeId, NodeName, SnapshotMissing, SnapshotName, SnapshotTaken};
-use tandem_pool::{PoolError, Volume};
+use tandem_pool::{DataFile, PoolError, Volume};
 
-use super::{ReplicatedVolume, is_up_to_date};
+use super::{ReplicatedVolume, errno, error_from, is_up_to_date};
 use crate::completion::{Completion, Outcome};
 use crate::locks::Locked;
 use crate::peer::Peer;
-use crate::wire::{Header, Kind};
+use crate::wire::{Buffer, Header, Kind};
 
 /// How long a snapshot waits for the writes in flight before it gives up (a write
 /// waiting for quorum to come back may hold its range indefinitely).
@@ -271,6 +272,120 @@ impl ReplicatedVolume {
         {
             tracing::error!(volume = %self.name, error = %e, "cannot start a thread to answer a snapshot");
         }
+    }
+}
+
+impl ReplicatedVolume {
+    /// The size of snapshot `snap`, which this node does not hold, as a connected peer
+    /// holding it says.
+    pub fn snapshot_size(&self, snap: &SnapshotName) -> io::Result<u64> {
+        let (view, config) = (self.view(), self.config());
+        let mut last = None;
+        for peer in config.data_peers(&view) {
+            let outcome = ask(self, &[peer], Kind::SnapshotStat, snap).wait();
+            match (outcome.data, outcome.failed.first()) {
+                (Some(data), _) if data.len() == 8 => {
+                    return Ok(u64::from_be_bytes(data[..].try_into().expect("8 bytes")));
+                }
+                (_, Some(&(_, status))) => {
+                    last = Some(error_from(status, "peer has no such snapshot"))
+                }
+                _ => last = Some(io::Error::other("peer connection lost")),
+            }
+        }
+        Err(last.unwrap_or_else(|| self.no_snapshot_peer(snap)))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of snapshot `snap`, which this node does not
+    /// hold, from a connected peer holding it.
+    pub fn read_snapshot(
+        &self,
+        snap: &SnapshotName,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        let (view, config) = (self.view(), self.config());
+        let mut last = None;
+        for peer in config.data_peers(&view) {
+            match self.read_from(peer, offset, buf, Some(snap)) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| self.no_snapshot_peer(snap)))
+    }
+
+    fn no_snapshot_peer(&self, snap: &SnapshotName) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "volume {}: no connected peer holds snapshot {snap}",
+                self.name
+            ),
+        )
+    }
+
+    /// The data file and size of the snapshot a peer names, from this replica; the
+    /// status to answer with when there is none.
+    fn snapshot_file(&self, payload: &[u8]) -> Result<(Arc<DataFile>, u64), u32> {
+        let snap = snapshot_name(payload).ok_or(libc::EINVAL as u32)?;
+        let local = self.local.as_ref().ok_or(libc::ENOENT as u32)?;
+        let size = local.snapshot(&snap).ok_or(libc::ENOENT as u32)?.size;
+        let mut files = self.snapshot_files.locked();
+        if let Some(f) = files.get(&snap) {
+            return Ok((f.clone(), size));
+        }
+        let file = Arc::new(local.open_snapshot(&snap).map_err(|e| errno_of(&e))?);
+        // Snapshots deleted since they were read are forgotten here.
+        files.retain(|name, _| local.snapshot(name).is_some());
+        files.insert(snap, file.clone());
+        Ok((file, size))
+    }
+
+    /// A peer's read of a snapshot this replica holds.
+    pub(super) fn serve_snapshot_read(
+        &self,
+        peer: &Peer,
+        h: &Header,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let mut data = Buffer::zeroed(h.length as usize);
+        let status = match self.snapshot_file(payload) {
+            Ok((file, size))
+                if h.offset
+                    .checked_add(h.length)
+                    .is_some_and(|end| end <= size) =>
+            {
+                file.read_at(&mut data, h.offset)
+                    .map_or_else(|e| errno(&e), |()| 0)
+            }
+            Ok(_) => libc::EINVAL as u32,
+            Err(status) => status,
+        };
+        let mut reply = Header::new(Kind::ReadReply, h.id);
+        reply.status = status;
+        let data = if status == 0 { &data[..] } else { &[][..] };
+        reply.payload = data.len() as u32;
+        peer.send(&reply, data)
+    }
+
+    /// A peer asks the size of a snapshot this replica holds.
+    pub(super) fn serve_snapshot_stat(
+        &self,
+        peer: &Peer,
+        h: &Header,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let mut reply = Header::new(Kind::ReadReply, h.id);
+        let size = match self.snapshot_file(payload) {
+            Ok((_, size)) => size.to_be_bytes(),
+            Err(status) => {
+                reply.status = status;
+                return peer.send(&reply, &[]);
+            }
+        };
+        reply.payload = 8;
+        peer.send(&reply, &size)
     }
 }
 
