@@ -11,7 +11,9 @@
 #   - incremental backup: a BACKUP_SIZE volume written in full, snapshot s1, 1 % of its
 #     4 KiB blocks rewritten at random, snapshot s2; a full `nbdcopy` of VOL@s2 against
 #     `tools/tandem-backup incremental` since s1 (into a reflinked copy of the full
-#     backup): bytes copied and time.
+#     backup): bytes copied and time;
+#   - many snapshots: MANY snapshots of a 64 MiB volume written once, one command after
+#     the other, then `tandem snapshot list` of them (the design asks for 1000 a volume).
 # Targets (DESIGN): pause < 50 ms; incremental bytes ≤ 1.1 × changed, time ≤ 5 % of
 # the full copy. Figures in docs/benchmarks.md.
 #
@@ -22,6 +24,7 @@
 #   RUNTIME      seconds of each random-write job [6]
 #   SIZE         size of the volume of the write jobs [1G]
 #   BACKUP_SIZE  size of the volume of the backup measurement [4G]
+#   MANY         snapshots taken one after the other of a 64 MiB volume [1000]
 #   BENCH_DIR    work directory, disk-backed (not tmpfs) [/var/tmp/tandem-snap]
 #   BASE_PORT    first of the 9 loopback ports used [4890]
 set -euo pipefail
@@ -30,6 +33,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUNTIME=${RUNTIME:-6}
 SIZE=${SIZE:-1G}
 BACKUP_SIZE=${BACKUP_SIZE:-4G}
+MANY=${MANY:-1000}
 BENCH_DIR=${BENCH_DIR:-/var/tmp/tandem-snap}
 BASE_PORT=${BASE_PORT:-4890}
 
@@ -134,6 +138,17 @@ wait "$FIO" || die "fio failed while the snapshot was taken"
 python3 -c "import sys; s = float(sys.argv[1]); print(float(sys.argv[2]) - s, float(sys.argv[3]) - s)" \
     "$fio_start" "$cmd_start" "$cmd_end" >"$RUN/pause-times.txt"
 
+# ---- many snapshots ------------------------------------------------------------------
+note "volume m (64M): $MANY snapshots, one after the other"
+volume m 64M
+fio_job mprefill m --rw=write --bs=4M --iodepth=4
+k0=$(now)
+for i in $(seq "$MANY"); do "$TANDEM" snapshot create m "s$i" >/dev/null; done
+k1=$(now)
+LISTED=$("$TANDEM" -o json snapshot list m | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))')
+k2=$(now)
+echo "$k0 $k1 $k2 $LISTED" >"$RUN/many-times.txt"
+
 # ---- incremental backup --------------------------------------------------------------
 note "volume b ($BACKUP_SIZE): prefill, s1, 1 % of its blocks rewritten, s2"
 volume b "$BACKUP_SIZE"
@@ -207,6 +222,9 @@ print(f"Backup of a {changed * 100 / (1 << 30):.0f} GiB volume with 1 % of its b
       f"({changed / (1 << 20):.1f} MiB): full nbdcopy {full_s:.2f} s; incremental {inc_s:.2f} s copying "
       f"{copied / (1 << 20):.1f} MiB ({copied / 4096 / inc_s:,.0f} pieces of 4 KiB a second; fio reads "
       f"{randread:,.0f} at random from the same export at QD32); the map of the changes alone (nbdinfo) {m1 - m0:.2f} s")
+k0, k1, k2, listed = (float(x) for x in (run / "many-times.txt").read_text().split())
+print(f"{listed:,.0f} snapshots of a 64 MiB volume, one command after the other: {k1 - k0:.1f} s "
+      f"({(k1 - k0) / listed * 1000:.0f} ms each); `tandem snapshot list` of them in {k2 - k1:.2f} s")
 print()
 print("| target | measured | reference | ratio | target | met |")
 print("|---|---:|---:|---:|:---:|:---:|")
