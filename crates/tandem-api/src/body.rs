@@ -104,6 +104,14 @@ pub struct CreateSnapshot {
     pub name: SnapshotName,
 }
 
+/// `POST /v1/node/volumes/VOL/snapshots/SNAP/rollback`: the controller rolls a node's
+/// part of a volume back, every participant to the same new data generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollBack {
+    pub generation: u64,
+}
+
 /// `POST .../snapshots/SNAP/clone`: a new volume named `name`, a copy of the snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

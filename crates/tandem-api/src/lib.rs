@@ -11,7 +11,7 @@ mod states;
 
 pub use body::{
     ApiError, ChangedExtent, CloneSnapshot, CreatePool, CreateSnapshot, CreateVolume, JoinCluster,
-    NODE_API_VERSION, NodeInfo, PoolInfo, SnapshotChanges, SnapshotInfo, SnapshotMissing,
+    NODE_API_VERSION, NodeInfo, PoolInfo, RollBack, SnapshotChanges, SnapshotInfo, SnapshotMissing,
     SnapshotTaken, UpdateVolume, VolumeInfo,
 };
 pub use cluster::{

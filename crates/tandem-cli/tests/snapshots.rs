@@ -7,8 +7,8 @@ use std::process::Child;
 use std::time::Duration;
 
 use tandem_lab::{
-    CONVERGE, Cluster, SmallFs, first_difference, nbdsh, output, qemu_io, qemu_io_with, run,
-    wait_for, workload,
+    CONVERGE, Cluster, HeldClient, SmallFs, first_difference, nbdsh, output, qemu_io, qemu_io_with,
+    run, wait_for, workload,
 };
 
 const SIZE_BLOCKS: u64 = 64 << 8; // 64 MiB in 4 KiB blocks
@@ -652,4 +652,62 @@ fn a_clone_is_independent_of_its_origin_both_ways() {
     });
     let read = qemu_io(&copy, &["read -P 0x33 0 1M", "read -P 0 1M 63M"]);
     assert!(!read.contains("verification failed"), "{read}");
+}
+
+#[test]
+fn a_rollback_restores_the_snapshot_on_every_replica_and_waits_for_the_volume_to_close() {
+    let Some(fs) = SmallFs::xfs(1024) else {
+        eprintln!("skipped: needs root, loop devices and mkfs.xfs (Debian: xfsprogs)");
+        return;
+    };
+    let c = cluster_on("sb", &fs);
+    let (primary, other) = volume(&c, "vm");
+    let vm = c.node(&primary).uri("vm");
+    qemu_io(&vm, &["write -P 0x11 0 1M", "flush"]);
+    run(c.tandem().args(["snapshot", "create", "vm", "s1"]));
+    qemu_io(&vm, &["write -P 0x22 0 1M", "write -P 0x33 2M 1M", "flush"]);
+
+    // Open by a client: refused, naming where.
+    let held = HeldClient::start(&vm, "h.pread(512, 0)");
+    wait_for("the controller sees the volume open", CONVERGE, &[], || {
+        let err = c.fails(&["snapshot", "rollback", "vm", "s1"]);
+        if err.contains(&format!("open on {primary}")) {
+            Ok(())
+        } else {
+            Err(err)
+        }
+    });
+    drop(held);
+    wait_for("the rollback is taken", CONVERGE, &[], || {
+        let out = output(c.tandem().args(["snapshot", "rollback", "vm", "s1"]));
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    c.wait_up_to_date(Duration::from_secs(60));
+    for node in [&primary, &other] {
+        let read = qemu_io(
+            &c.node(node).uri("vm"),
+            &["read -P 0x11 0 1M", "read -P 0 2M 1M"],
+        );
+        assert!(!read.contains("verification failed"), "{node}: {read}");
+    }
+    // In step afterwards: a write reaches both, and the replicas are the same.
+    qemu_io(&vm, &["write -P 0x44 4M 1M", "flush"]);
+    let files = |n: &str| fs.mnt.join(n).join("vm.raw");
+    wait_for(
+        "the replicas are identical",
+        CONVERGE,
+        &[],
+        || match first_difference(&files(&primary), &files(&other)) {
+            None => Ok(()),
+            Some(at) => Err(format!("differ at {at}")),
+        },
+    );
+    assert!(
+        c.fails(&["snapshot", "rollback", "vm", "nosuch"])
+            .contains("does not exist")
+    );
 }

@@ -101,6 +101,10 @@ fn routes(controller: Arc<Controller>) -> Router {
             "/v1/volumes/{volume}/snapshots/{snapshot}/clone",
             post(clone_snapshot),
         )
+        .route(
+            "/v1/volumes/{volume}/snapshots/{snapshot}/rollback",
+            post(rollback_snapshot),
+        )
         .route("/v1/kv/{store}", get(kv_list))
         .route(
             "/v1/kv/{store}/{*key}",
@@ -397,6 +401,16 @@ async fn clone_snapshot(
     let Json(req) = body?;
     let volume = blocking(move || c.clone_snapshot(&name, &snap, &req.name)).await?;
     Ok((StatusCode::CREATED, Json(volume)))
+}
+
+async fn rollback_snapshot(
+    State(c): Shared,
+    path: Result<Path<(VolumeName, SnapshotName)>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path((name, snap)) = path?;
+    Ok(Json(
+        blocking(move || c.rollback_snapshot(&name, &snap)).await?,
+    ))
 }
 
 async fn delete_snapshot(

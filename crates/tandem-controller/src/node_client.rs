@@ -181,6 +181,20 @@ impl NodeClient {
         self.json(&text)
     }
 
+    pub fn roll_back(
+        &self,
+        name: &VolumeName,
+        snapshot: &tandem_api::SnapshotName,
+        generation: u64,
+    ) -> Result<VolumeStatus, CallError> {
+        let path = format!("/v1/node/volumes/{name}/snapshots/{snapshot}/rollback");
+        self.send("POST", &path, &tandem_api::RollBack { generation })
+    }
+
+    pub fn reconnect(&self, name: &VolumeName) -> Result<VolumeStatus, CallError> {
+        self.send("POST", &format!("/v1/node/volumes/{name}/reconnect"), &())
+    }
+
     /// Deletes the node's copy of a snapshot; one it does not have counts as deleted.
     pub fn delete_snapshot(
         &self,

@@ -248,6 +248,14 @@ fn operations() -> Vec<Operation> {
             Some(schema("Volume")),
         ),
         (
+            "post",
+            "/v1/volumes/{volume}/snapshots/{snapshot}/rollback",
+            "Put the volume back as it was at the snapshot, on every replica (closed everywhere, every participant online)",
+            None,
+            200,
+            Some(schema("Volume")),
+        ),
+        (
             "delete",
             "/v1/volumes/{volume}/snapshots/{snapshot}",
             "Delete a snapshot from every node holding it",

@@ -242,6 +242,83 @@ impl Controller {
         Ok(self.snapshot(&d, |s| s.volume(new)).expect("just created"))
     }
 
+    /// Puts volume `volume` back as it was at snapshot `snap`, on every replica: those
+    /// holding the snapshot take its data, the others are resynced in full from them,
+    /// all at one new data generation. The volume must be closed everywhere, and every
+    /// participant online (one left out would come back with the old data as current).
+    pub fn rollback_snapshot(
+        &self,
+        volume: &VolumeName,
+        snap: &SnapshotName,
+    ) -> Result<ClusterVolume, Refusal> {
+        let d = self.desired();
+        let v = d
+            .model
+            .volumes
+            .get(volume)
+            .cloned()
+            .ok_or_else(|| no_volume(volume))?;
+        let row = (d.model.snapshots.get(&(volume.clone(), snap.clone())))
+            .cloned()
+            .ok_or_else(|| no_snapshot(volume, snap))?;
+        let open = self.snapshot(&d, |s| s.open_on(volume));
+        drop(d);
+        if !open.is_empty() {
+            return Err(Refusal::new(
+                Conflict,
+                format!("volume {volume} is open on {}", join(&open)),
+                "disconnect its NBD clients there first; a rollback needs the volume closed everywhere",
+            ));
+        }
+        let offline: Vec<NodeName> = (v.participants.iter())
+            .map(|p| p.node.clone())
+            .filter(|n| !self.observed(n).online())
+            .collect();
+        if !offline.is_empty() {
+            return Err(Refusal::new(
+                Conflict,
+                format!(
+                    "volume {volume} has participants offline: {}",
+                    join(&offline)
+                ),
+                "bring them back, or remove them from the volume, then roll back",
+            ));
+        }
+        let holds = |n: &NodeName| row.replicas.contains(n);
+        if !v.diskful().any(|p| holds(&p.node)) {
+            return Err(Refusal::new(
+                Conflict,
+                format!("no replica of volume {volume} holds snapshot {snap}"),
+                "list the snapshot's replicas with `tandem snapshot list`",
+            ));
+        }
+        let generation =
+            u64::from_le_bytes(VolumeId::random().0[..8].try_into().expect("8 bytes")) | 1;
+        // Participants without data learn the generation first, then the replicas
+        // holding the snapshot take it, then the others give up theirs.
+        let mut order: Vec<&ParticipantRow> = v.participants.iter().collect();
+        order.sort_by_key(|p| (p.kind.diskful(), !holds(&p.node)));
+        for p in &order {
+            let client = self
+                .client(&p.node)
+                .ok_or_else(|| crate::ops::no_node(&p.node))?;
+            client.roll_back(volume, snap, generation).map_err(|e| {
+                node_call(&p.node, &format!("roll volume {volume} back to {snap}"), e)
+            })?;
+        }
+        // Replicas that met while some were rolled back and others not refused each
+        // other: every one connects afresh now that all share the generation.
+        for p in &order {
+            if let Some(client) = self.client(&p.node)
+                && let Err(e) = client.reconnect(volume)
+            {
+                tracing::warn!(%volume, node = %p.node, error = %e, "reconnect after the rollback failed");
+            }
+        }
+        tracing::info!(%volume, snapshot = %snap, "volume rolled back");
+        self.volume(volume)
+    }
+
     /// Deletes a snapshot from every replica holding it. A node that does not answer
     /// keeps its copy, and the snapshot stays listed with it until a later delete.
     pub fn delete_snapshot(&self, volume: &VolumeName, snap: &SnapshotName) -> Result<(), Refusal> {

@@ -246,6 +246,10 @@ pub(crate) enum Event {
     LocalIoError,
     /// An operator discards the local replica's data.
     Invalidate,
+    /// The volume was rolled back to a snapshot, closed everywhere: every participant
+    /// starts data generation `generation` together; this replica `holds` the
+    /// snapshot's data now, or (a replica without the snapshot) nothing of its own.
+    RolledBack { generation: u64, holds: bool },
     /// Every peer connects afresh (refused ones too), so the handshake decides again.
     Reconnect,
     /// `peer` is refused until the spec changes or an operator reconnects it.
@@ -904,6 +908,42 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             n.disk = DiskState::Inconsistent;
             n.adopt_generation(0);
             n.confirmed = 0;
+            actions.push(Action::Announce);
+            reconnect(&mut n, &mut actions);
+        }
+        Event::RolledBack { generation, holds } => {
+            if n.writers > 0 {
+                return Err(Refused(
+                    "the volume is open on this node; close it first".into(),
+                ));
+            }
+            if let Some(p) = n.primary_besides(n.me) {
+                return Err(Refused(format!("node id {} is Primary", p.id)));
+            }
+            // Every participant starts one new line together, with nothing before it:
+            // no earlier generation or bitmap describes the data any more. A replica
+            // without the snapshot holds nothing of its own: it is resynced in full.
+            let fresh = n.replica && !holds;
+            let current = if fresh { 0 } else { *generation };
+            n.gens = Generations {
+                current: GenerationId(current),
+                ..Generations::default()
+            };
+            n.confirmed = current;
+            if n.replica {
+                n.disk = if fresh {
+                    DiskState::Inconsistent
+                } else {
+                    DiskState::UpToDate
+                };
+            }
+            for p in &mut n.peers {
+                p.mark = 0;
+                p.deferred = false;
+                p.resync_due = false;
+                p.lacking = false;
+                actions.push(Action::ClearAll(p.id));
+            }
             actions.push(Action::Announce);
             reconnect(&mut n, &mut actions);
         }

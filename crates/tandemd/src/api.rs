@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use tandem_api::{
-    ApiError, CreatePool, CreateSnapshot, CreateVolume, JoinCluster, PoolName, Resolve,
+    ApiError, CreatePool, CreateSnapshot, CreateVolume, JoinCluster, PoolName, Resolve, RollBack,
     SnapshotName, UpdateVolume, VolumeName, VolumeSpec,
 };
 use tandem_pool::PoolError;
@@ -57,6 +57,11 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/node/volumes/{name}/snapshots/{snapshot}/changes",
             get(changes),
         )
+        .route(
+            "/v1/node/volumes/{name}/snapshots/{snapshot}/rollback",
+            post(roll_back),
+        )
+        .route("/v1/node/volumes/{name}/reconnect", post(reconnect))
         .fallback(|| async {
             Failure(
                 StatusCode::NOT_FOUND,
@@ -449,6 +454,28 @@ async fn changes(
     Ok(Json(
         blocking(move || node.changes(&name, &snapshot, &since)).await?,
     ))
+}
+
+/// Rolls this node's part of the volume back to a snapshot (the controller does it on
+/// every participant, with one generation).
+async fn roll_back(
+    State(node): Shared,
+    Path((name, snapshot)): Path<(String, String)>,
+    body: Result<Json<RollBack>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let (name, snapshot) = (volume_name(&name)?, path_name::<SnapshotName>(&snapshot)?);
+    let Json(req) = body?;
+    Ok(Json(
+        blocking(move || node.roll_back(&name, &snapshot, req.generation)).await?,
+    ))
+}
+
+async fn reconnect(
+    State(node): Shared,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    Ok(Json(blocking(move || node.reconnect(&name)).await?))
 }
 
 async fn delete_snapshot(

@@ -646,6 +646,28 @@ impl Node {
         })
     }
 
+    /// Rolls this node's part of a volume back to a snapshot (see
+    /// [`ReplicatedVolume::roll_back`]).
+    pub fn roll_back(
+        &self,
+        name: &VolumeName,
+        snap: &SnapshotName,
+        generation: u64,
+    ) -> Result<VolumeStatus, NodeError> {
+        let volume = self.replica(name)?;
+        volume
+            .roll_back(snap, generation)
+            .map_err(NodeError::Refused)?;
+        Ok(volume.status())
+    }
+
+    /// Every peer of the volume connects afresh, refused ones too.
+    pub fn reconnect(&self, name: &VolumeName) -> Result<VolumeStatus, NodeError> {
+        let volume = self.replica(name)?;
+        volume.reconnect();
+        Ok(volume.status())
+    }
+
     /// Deletes this node's copy of a snapshot.
     pub fn delete_snapshot(&self, name: &VolumeName, snap: &SnapshotName) -> Result<(), NodeError> {
         Ok(self.volume(name)?.delete_snapshot(snap)?)

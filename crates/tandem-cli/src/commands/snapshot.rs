@@ -26,6 +26,12 @@ pub enum SnapshotCommand {
         volume: VolumeName,
         name: SnapshotName,
     },
+    /// Put a volume back as it was at a snapshot, on every replica; the volume must be
+    /// closed everywhere.
+    Rollback {
+        volume: VolumeName,
+        name: SnapshotName,
+    },
     /// Create volume NEW as a copy of a snapshot, independent of its origin from then on.
     Clone {
         volume: VolumeName,
@@ -49,6 +55,13 @@ pub fn run(api: &Client, out: Output, cmd: &SnapshotCommand) -> Result<(), CliEr
             };
             let snapshots: Vec<ClusterSnapshot> = api.get(&path)?;
             emit(out, &snapshots, |s| snapshot_table(s));
+        }
+        SnapshotCommand::Rollback { volume, name } => {
+            let path = format!("/v1/volumes/{volume}/snapshots/{name}/rollback");
+            let rolled: ClusterVolume = api.post(&path)?;
+            emit(out, &rolled, |v| {
+                format!("volume {} rolled back to {name}\n", v.name)
+            });
         }
         SnapshotCommand::Clone { volume, name, new } => {
             let req = CloneSnapshot { name: new.clone() };

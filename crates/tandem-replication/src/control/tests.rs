@@ -773,6 +773,69 @@ fn local_failures_and_operator_requests() {
 }
 
 #[test]
+fn a_rollback_starts_one_new_line_on_every_participant() {
+    const G9: u64 = 0x99;
+    let c = Control {
+        gens: Generations {
+            current: GenerationId(G1),
+            bitmap: GenerationId(G1),
+            history: [GenerationId(7), GenerationId(5)],
+        },
+        ..with_peer(node(DiskState::UpToDate, G1), 2, |p| {
+            p.mark = G1;
+            p.resync_due = true;
+            p.link = Link::Refused("diverged".into());
+        })
+    };
+    let rolled = |holds| Event::RolledBack {
+        generation: G9,
+        holds,
+    };
+    // Refused while open here, or while a peer is Primary.
+    assert!(
+        step(
+            &Control {
+                writers: 1,
+                ..c.clone()
+            },
+            &rolled(true)
+        )
+        .is_err()
+    );
+    let elsewhere = up(c.clone(), 2, state(Role::Primary, DiskState::UpToDate, G1));
+    assert!(step(&elsewhere, &rolled(true)).is_err());
+    // A replica holding the snapshot: UpToDate at the new generation, nothing before it,
+    // no bitmap left, every peer reconnected (the refused one too).
+    let (n, actions) = step(&c, &rolled(true)).unwrap();
+    assert_eq!(
+        (n.disk, n.gens, n.confirmed),
+        (DiskState::UpToDate, gens(G9), G9)
+    );
+    let p2 = n.peer(id(2)).unwrap();
+    assert_eq!((p2.mark, p2.resync_due, &p2.link), (0, false, &Link::Down));
+    for peer in [2, 3] {
+        assert!(
+            actions.contains(&Action::ClearAll(id(peer)))
+                && actions.contains(&Action::Disconnect(id(peer)))
+        );
+    }
+    // A replica without it holds nothing of its own: a full resync follows.
+    let (n, _) = step(&c, &rolled(false)).unwrap();
+    assert_eq!(
+        (n.disk, n.gens.current.0, n.confirmed),
+        (DiskState::Inconsistent, 0, 0)
+    );
+    // A participant without a replica learns the generation.
+    let tiebreaker = Control {
+        replica: false,
+        disk: DiskState::Diskless,
+        ..c.clone()
+    };
+    let (n, _) = step(&tiebreaker, &rolled(false)).unwrap();
+    assert_eq!((n.disk, n.gens.current.0), (DiskState::Diskless, G9));
+}
+
+#[test]
 fn a_spec_change_keeps_or_restarts_each_peer() {
     let c = up(
         node(DiskState::UpToDate, G1),

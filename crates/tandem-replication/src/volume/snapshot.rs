@@ -21,6 +21,7 @@ use tandem_pool::{DataFile, PoolError, Volume};
 
 use super::{ReplicatedVolume, errno, error_from, is_up_to_date};
 use crate::completion::{Completion, Outcome};
+use crate::control::Event;
 use crate::locks::Locked;
 use crate::peer::Peer;
 use crate::wire::{Buffer, Header, Kind};
@@ -219,6 +220,40 @@ impl ReplicatedVolume {
             missing,
             paused_us: paused.as_micros() as u64,
         })
+    }
+
+    /// Puts this node's part of the volume back to snapshot `snap`, at data generation
+    /// `generation`, which the controller gives every participant it rolls back: the
+    /// replica's data if it holds the snapshot; a replica without it holds nothing of
+    /// its own afterwards (a full resync follows); a participant without a replica only
+    /// learns the generation. Refused while the volume is open here or elsewhere.
+    pub fn roll_back(&self, snap: &SnapshotName, generation: u64) -> Result<(), String> {
+        let view = self.view();
+        let refused = |why: String| Err(format!("volume {}: {why}", self.name));
+        if view.writers > 0 {
+            return refused(format!(
+                "it is open on node {}; close it there first",
+                self.my_node
+            ));
+        }
+        if let Some(p) = view.primary_besides(self.my_id) {
+            let node =
+                (self.config().peer(p.id)).map_or_else(|| p.id.to_string(), |p| p.node.to_string());
+            return refused(format!("it is open on node {node}; close it there first"));
+        }
+        let holds = match self.local.as_ref() {
+            Some(v) if v.snapshot(snap).is_some() => {
+                v.roll_back(snap)
+                    .map_err(|e| format!("volume {}: {e}", self.name))?;
+                true
+            }
+            _ => false,
+        };
+        self.apply(Event::RolledBack { generation, holds })
+            .map_err(|refused| format!("volume {}: {refused}", self.name))?;
+        tracing::warn!(volume = %self.name, snapshot = %snap, holds, generation = %format!("{generation:016x}"),
+            "volume rolled back to a snapshot");
+        Ok(())
     }
 
     /// A Primary's `Snapshot` on this replica: every write it sent before is applied
