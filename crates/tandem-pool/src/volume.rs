@@ -286,6 +286,8 @@ impl Volume {
         let source = self.snapshots.open(snap)?;
         let size = self.snapshots.get(snap).map_or(0, |r| r.info.size);
         let path = self.data.path().to_owned();
+        // A snapshot still being filled keeps the data it was begun with.
+        self.snapshots.before_write(&self.data, 0, self.size());
         self.data
             .share_range(&source, 0, size)
             .and_then(|()| match self.size() {
