@@ -394,9 +394,11 @@ fn health_reports_a_killed_node_and_is_ok_once_healed() {
         .find(|n| n != "hl1")
         .unwrap();
     c.node_mut(&victim).kill();
+    // The volume's state comes with the survivors' events, the node's with the
+    // controller's next visit: both are awaited.
     let (code, out) = wait_for("health reports the loss", CONVERGE, &[], || {
         let (code, out) = c.health();
-        if code == 2 && out.contains("Degraded") {
+        if code == 2 && out.contains("Degraded") && out.contains(&format!("node {victim}")) {
             Ok((code, out))
         } else {
             Err(out)
@@ -627,20 +629,30 @@ fn the_cluster_api_can_require_a_token() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("TANDEM_TOKEN"));
     let out = tandem_lab::output(node.tandem().arg("health"));
     assert_eq!(out.status.code(), Some(2));
-    let listed = run(node
-        .tandem()
-        .env("TANDEM_TOKEN", "correct-horse-battery-staple")
-        .args([
-            "-o",
-            "json",
-            "volume",
-            "create",
-            "vm1",
-            "--size",
-            "64M",
-            "--replicas",
-            "1",
-        ]));
+    // With the token, once the controller has seen its own node online.
+    let listed = wait_for("the volume is created", CONVERGE, &[&node], || {
+        let out = tandem_lab::output(
+            node.tandem()
+                .env("TANDEM_TOKEN", "correct-horse-battery-staple")
+                .args([
+                    "-o",
+                    "json",
+                    "volume",
+                    "create",
+                    "vm1",
+                    "--size",
+                    "64M",
+                    "--replicas",
+                    "1",
+                ]),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
     assert!(listed.contains("\"vm1\""), "{listed}");
 
     // A token file that is too short stops tandemd at start, saying why.

@@ -27,6 +27,8 @@ const META_EXT: &str = "meta";
 const CREATING_EXT: &str = "meta.creating";
 const DELETING_EXT: &str = "meta.deleting";
 const LOCK_FILE: &str = ".tandem-pool.lock";
+/// How long opening a pool waits for another holder of its lock to let go.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A volume as the pool knows it: usable, or refused with the reason.
 #[derive(Clone)]
@@ -105,11 +107,17 @@ impl Pool {
             "opening the lock file in {}",
             dir.display()
         )))?;
+        // A lock just released may linger a moment: a process forked meanwhile holds a
+        // copy of the descriptor until it execs (descriptors close on exec).
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
         // SAFETY: plain syscall on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(PoolError::Locked {
-                dir: dir.to_owned(),
-            });
+        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if std::time::Instant::now() >= deadline {
+                return Err(PoolError::Locked {
+                    dir: dir.to_owned(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let reflink = crate::data::shares_blocks(dir).map_err(PoolError::io(format!(
             "trying whether {} shares blocks between files",
