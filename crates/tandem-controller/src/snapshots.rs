@@ -348,15 +348,17 @@ impl Controller {
         };
         self.commit(
             &mut d,
-            |w| match kept.is_empty() {
-                true => w.delete_snapshot(volume, snap),
-                false => w.snapshot(volume, snap, &left),
-            },
-            |m| match kept.is_empty() {
-                true => {
-                    m.snapshots.remove(&key);
+            |w| {
+                if kept.is_empty() {
+                    w.delete_snapshot(volume, snap)
+                } else {
+                    w.snapshot(volume, snap, &left)
                 }
-                false => {
+            },
+            |m| {
+                if kept.is_empty() {
+                    m.snapshots.remove(&key);
+                } else {
                     m.snapshots.insert(key.clone(), left.clone());
                 }
             },

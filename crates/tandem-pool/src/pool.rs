@@ -571,7 +571,7 @@ mod tests {
         v.data().write_at(b"before", 4096, false).unwrap();
         if !p.reflink() {
             assert!(matches!(
-                v.take_snapshot(&snap),
+                v.begin_snapshot(&snap).and_then(|()| v.fill_snapshot()),
                 Err(PoolError::NoReflink { .. })
             ));
             assert!(v.snapshots().is_empty());
@@ -582,10 +582,13 @@ mod tests {
             );
             return;
         }
-        let info = v.take_snapshot(&snap).unwrap();
+        let info = v
+            .begin_snapshot(&snap)
+            .and_then(|()| v.fill_snapshot())
+            .unwrap();
         assert_eq!((info.size, info.volume.as_str()), (1 << 20, "vm"));
         assert!(matches!(
-            v.take_snapshot(&snap),
+            v.begin_snapshot(&snap).and_then(|()| v.fill_snapshot()),
             Err(PoolError::SnapshotExists { .. })
         ));
         v.data().write_at(b"after!", 4096, false).unwrap();

@@ -242,10 +242,6 @@ impl Snapshots {
         self.records.lock().unwrap().get(snap).cloned()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.records.lock().unwrap().is_empty()
-    }
-
     fn not_found(&self, snap: &SnapshotName) -> PoolError {
         PoolError::SnapshotNotFound {
             volume: self.volume.clone(),

@@ -231,10 +231,6 @@ impl Volume {
         self.snapshots.get(snap).map(|r| r.info)
     }
 
-    pub fn has_snapshots(&self) -> bool {
-        !self.snapshots.is_empty()
-    }
-
     /// Starts snapshot `snap` of the data as it is now: the caller has drained the writes
     /// that must be in it and holds back those that must not until this returns, which
     /// is at once. Until [`Volume::fill_snapshot`] completes it, a write first shares
@@ -248,12 +244,6 @@ impl Volume {
     /// durable and records it. Takes as long as the data file's block map is large.
     pub fn fill_snapshot(&self) -> Result<SnapshotInfo, PoolError> {
         self.snapshots.fill(&self.data)
-    }
-
-    /// Takes snapshot `snap` at once (begin and fill; writes wait meanwhile).
-    pub fn take_snapshot(&self, snap: &SnapshotName) -> Result<SnapshotInfo, PoolError> {
-        self.begin_snapshot(snap)?;
-        self.fill_snapshot()
     }
 
     /// Writes `data` at `offset` (see [`DataFile::write_at`]), first keeping what it

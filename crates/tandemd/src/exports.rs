@@ -122,7 +122,7 @@ impl NodeExports {
             .node
             .replicated(volume)
             .ok_or_else(|| missing("it does not take part in that volume".into()))?;
-        let size = replicated
+        let (size, holder) = replicated
             .snapshot_size(snap)
             .map_err(|e| missing(e.to_string()))?;
         Ok(SnapshotExport {
@@ -130,6 +130,7 @@ impl NodeExports {
             source: Source::Peer {
                 volume: replicated,
                 snap: snap.clone(),
+                holder,
             },
         })
     }
@@ -401,6 +402,8 @@ enum Source {
     Peer {
         volume: Arc<ReplicatedVolume>,
         snap: SnapshotName,
+        /// The peer that answered its size: read from first.
+        holder: tandem_api::NodeId,
     },
 }
 
@@ -420,7 +423,11 @@ impl Export for SnapshotExport {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         match &self.source {
             Source::Here { data, .. } => data.read_at(buf, offset),
-            Source::Peer { volume, snap } => volume.read_snapshot(snap, offset, buf),
+            Source::Peer {
+                volume,
+                snap,
+                holder,
+            } => volume.read_snapshot(snap, *holder, offset, buf),
         }
     }
 

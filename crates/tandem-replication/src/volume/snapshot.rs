@@ -312,15 +312,16 @@ impl ReplicatedVolume {
 
 impl ReplicatedVolume {
     /// The size of snapshot `snap`, which this node does not hold, as a connected peer
-    /// holding it says.
-    pub fn snapshot_size(&self, snap: &SnapshotName) -> io::Result<u64> {
+    /// holding it says, and that peer (to read from first).
+    pub fn snapshot_size(&self, snap: &SnapshotName) -> io::Result<(u64, NodeId)> {
         let (view, config) = (self.view(), self.config());
         let mut last = None;
         for peer in config.data_peers(&view) {
             let outcome = ask(self, &[peer], Kind::SnapshotStat, snap).wait();
             match (outcome.data, outcome.failed.first()) {
                 (Some(data), _) if data.len() == 8 => {
-                    return Ok(u64::from_be_bytes(data[..].try_into().expect("8 bytes")));
+                    let size = u64::from_be_bytes(data[..].try_into().expect("8 bytes"));
+                    return Ok((size, peer.id));
                 }
                 (_, Some(&(_, status))) => {
                     last = Some(error_from(status, "peer has no such snapshot"))
@@ -332,16 +333,20 @@ impl ReplicatedVolume {
     }
 
     /// Reads `buf.len()` bytes at `offset` of snapshot `snap`, which this node does not
-    /// hold, from a connected peer holding it.
+    /// hold, from a connected peer holding it: `holder` first (see
+    /// [`ReplicatedVolume::snapshot_size`]), so a read costs one round trip.
     pub fn read_snapshot(
         &self,
         snap: &SnapshotName,
+        holder: NodeId,
         offset: u64,
         buf: &mut [u8],
     ) -> io::Result<()> {
         let (view, config) = (self.view(), self.config());
+        let mut peers = config.data_peers(&view);
+        peers.sort_by_key(|p| p.id != holder);
         let mut last = None;
-        for peer in config.data_peers(&view) {
+        for peer in peers {
             match self.read_from(peer, offset, buf, Some(snap)) {
                 Ok(()) => return Ok(()),
                 Err(e) => last = Some(e),
