@@ -219,7 +219,12 @@ impl Lab {
 
     /// Starts `tandemd` on host `i` as node `name`.
     pub fn start(&self, i: usize, name: &str) -> Node {
-        Node::start_on(&self.hosts[i], name, &[])
+        self.start_with(i, name, &[])
+    }
+
+    /// Starts `tandemd` on host `i` as node `name`, with extra flags.
+    pub fn start_with(&self, i: usize, name: &str, args: &[&str]) -> Node {
+        Node::start_on(&self.hosts[i], name, args)
     }
 
     /// Starts node `names[i]` on host `i`, for each name (then see

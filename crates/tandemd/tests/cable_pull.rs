@@ -328,3 +328,99 @@ fn the_primarys_cable_pulled_under_large_writes_loses_no_acknowledged_write() {
     }
     assert!(workload::check(&a.unix_uri("pcheck"), &log).is_empty());
 }
+
+/// A snapshot asked while the secondary's cable is out and 4 MiB writes stream at QD4:
+/// the Primary takes it alone (the secondary is reported missing once declared dead),
+/// writes wait at most the dead-peer timeout, and after the heal the replicas converge.
+#[test]
+fn a_snapshot_asked_while_the_secondarys_cable_is_out_stalls_writes_at_most_the_dead_peer_timeout()
+{
+    let Some(lab) = Lab::new(3) else { return };
+    let Some(fs) = tandem_lab::SmallFs::xfs(1024) else {
+        return;
+    };
+    let volume = "snv";
+    let names = ["sna", "snb", "snc"];
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let pool = format!("default={}", fs.mnt.join(names[i]).display());
+            lab.start_with(i, names[i], &["--pool", &pool])
+        })
+        .collect();
+    put_replicated(&nodes, volume, SIZE, &WITH_TIEBREAKER, "");
+    let all: Vec<&Node> = nodes.iter().collect();
+    let (a, b) = (&nodes[0], &nodes[1]);
+    a.wait_connected(volume, Duration::from_secs(20));
+    b.wait_connected(volume, Duration::from_secs(20));
+    for i in 0..3 {
+        lab.limit(i, "1gbit");
+    }
+    let report = tandem_lab::scratch("snap-cut-fio").join("fio.json");
+    let mut fio = std::process::Command::new("fio");
+    fio.args([
+        "--name=stream",
+        "--ioengine=nbd",
+        &format!("--uri={}", a.uri(volume)),
+        "--rw=write",
+        "--bs=4m",
+        "--iodepth=4",
+        &format!("--size={SIZE}"),
+        "--time_based",
+        "--runtime=20",
+        "--rate=200m",
+        "--output-format=json",
+        &format!("--output={}", report.display()),
+    ]);
+    let mut fio = a.here(fio).spawn().expect("start fio");
+    std::thread::sleep(Duration::from_secs(4));
+    lab.cut(1);
+    let r = a.api(
+        "POST",
+        &format!("/v1/node/volumes/{volume}/snapshots"),
+        Some(r#"{"name":"s1"}"#),
+    );
+    assert_eq!(r.status, 201, "{}\n{}", r.body, logs(&all));
+    let taken = r.json();
+    assert_eq!(taken["replicas"], serde_json::json!([a.name]), "{taken:#}");
+    assert_eq!(taken["missing"][0]["node"], b.name.as_str(), "{taken:#}");
+    assert!(
+        taken["paused-us"].as_u64().unwrap() <= MAX_STALL.as_micros() as u64,
+        "{taken:#}"
+    );
+    eprintln!(
+        "snapshot with the secondary cut: writes held {} µs; {} missing: {}",
+        taken["paused-us"], b.name, taken["missing"][0]["reason"]
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    lab.heal(1);
+    let status = fio.wait().expect("wait for fio");
+    let r = fio_report(&report);
+    assert!(
+        status.success() && r.error == 0,
+        "fio failed (error {})\n{}",
+        r.error,
+        logs(&all)
+    );
+    assert!(
+        r.max_latency <= MAX_STALL,
+        "a write took {:?}\n{}",
+        r.max_latency,
+        logs(&all)
+    );
+    let file = |n: &str, f: &str| fs.mnt.join(n).join(f);
+    assert!(file(&a.name, "snv@s1.raw").exists() && !file(&b.name, "snv@s1.raw").exists());
+    wait_for(
+        "the replicas converge",
+        Duration::from_secs(60),
+        &all,
+        || {
+            tandem_lab::first_difference(&file(&a.name, "snv.raw"), &file(&b.name, "snv.raw"))
+                .is_none()
+                && a.status(volume)["peers"].as_array().is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        p["node"] == b.name && p["out-of-sync"] == 0 && p["disk"] == "UpToDate"
+                    })
+                })
+        },
+    );
+}
