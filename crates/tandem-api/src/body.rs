@@ -174,6 +174,9 @@ pub struct NodeInfo {
     pub api_version: u32,
     /// `host:port` the node's peers connect to (its `--peer-listen`).
     pub peer_address: String,
+    /// The Unix socket its NBD server listens on, for clients on the same host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_socket: Option<String>,
     /// The cluster the node has joined, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<ClusterId>,

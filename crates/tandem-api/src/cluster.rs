@@ -203,6 +203,20 @@ pub struct ClusterSnapshot {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct KvValue {
     pub value: String,
+    /// Set the key only if it is in this state now (409 Conflict otherwise): what tools
+    /// sharing a store build locks and journals on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_if: Option<KvCondition>,
+}
+
+/// What a conditional change of a key expects to find.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub enum KvCondition {
+    /// The key does not exist.
+    Absent,
+    /// The key holds exactly this value.
+    Value(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,8 +16,9 @@ pub use body::{
 };
 pub use cluster::{
     ChangeReplicas, ClusterInfo, ClusterNode, ClusterParticipant, ClusterPool, ClusterSnapshot,
-    ClusterVolume, CreateClusterVolume, CreateNode, Finding, Group, Health, KV_KEY_MAX, KvEntry,
-    KvValue, NodeState, OnNode, ResizeVolume, Severity, VolumeState, check_kv_key,
+    ClusterVolume, CreateClusterVolume, CreateNode, Finding, Group, Health, KV_KEY_MAX,
+    KvCondition, KvEntry, KvValue, NodeState, OnNode, ResizeVolume, Severity, VolumeState,
+    check_kv_key,
 };
 pub use ids::{ClusterId, NodeId, VolumeId};
 pub use names::{GroupName, NameError, NodeName, PoolName, SnapshotName, StoreName, VolumeName};

@@ -455,6 +455,26 @@ fn kv_stores_keep_namespaced_keys() {
         c.json(&["kv", "get", "other", "vdi/a"])["value"],
         "elsewhere"
     );
+    // Conditional changes: what locks and journals of tools sharing a store rest on.
+    let key = c.nodes[0].url("/v1/kv/sr/lock");
+    let put = |body: &str| http("PUT", &key, Some(body)).unwrap().status;
+    assert_eq!(put(r#"{"value": "a", "only-if": "absent"}"#), 200);
+    assert_eq!(put(r#"{"value": "b", "only-if": "absent"}"#), 409);
+    assert_eq!(put(r#"{"value": "b", "only-if": {"value": "x"}}"#), 409);
+    assert_eq!(c.json(&["kv", "get", "sr", "lock"])["value"], "a");
+    assert_eq!(put(r#"{"value": "b", "only-if": {"value": "a"}}"#), 200);
+    assert_eq!(put(r#"{"value": "c", "only-if": "maybe"}"#), 400);
+    let delete = |query: &str| {
+        http("DELETE", &format!("{key}{query}"), None)
+            .unwrap()
+            .status
+    };
+    assert_eq!(delete("?if-value=a"), 409);
+    assert_eq!(c.json(&["kv", "get", "sr", "lock"])["value"], "b");
+    assert_eq!(delete("?if-value=b"), 204);
+    assert_eq!(delete("?if-value=b"), 404);
+    let stores = tandem_lab::json(&http("GET", &c.nodes[0].url("/v1/kv"), None).unwrap().body);
+    assert_eq!(stores, serde_json::json!(["other", "sr"]));
     let doc = tandem_lab::json(
         &http("GET", &c.nodes[0].url("/openapi.json"), None)
             .unwrap()

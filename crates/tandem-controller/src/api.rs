@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::Request;
-use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -105,6 +105,7 @@ fn routes(controller: Arc<Controller>) -> Router {
             "/v1/volumes/{volume}/snapshots/{snapshot}/rollback",
             post(rollback_snapshot),
         )
+        .route("/v1/kv", get(kv_stores))
         .route("/v1/kv/{store}", get(kv_list))
         .route(
             "/v1/kv/{store}/{*key}",
@@ -377,7 +378,7 @@ struct Since {
 async fn snapshot_changes(
     State(c): Shared,
     path: Result<Path<(VolumeName, SnapshotName)>, PathRejection>,
-    query: Result<Query<Since>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<Since>, QueryRejection>,
 ) -> Result<impl IntoResponse, Failure> {
     let Path((name, snap)) = path?;
     let Query(q) = query.map_err(|e| {
@@ -422,6 +423,10 @@ async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn kv_stores(State(c): Shared) -> impl IntoResponse {
+    Json(c.kv_stores())
+}
+
 async fn kv_list(
     State(c): Shared,
     path: Result<Path<StoreName>, PathRejection>,
@@ -446,15 +451,30 @@ async fn kv_set(
     let Path((store, key)) = path?;
     let Json(req) = body?;
     Ok(Json(
-        blocking(move || c.kv_set(&store, &key, &req.value)).await?,
+        blocking(move || c.kv_set(&store, &key, &req.value, req.only_if.as_ref())).await?,
     ))
+}
+
+/// `?if-value=V`: delete the key only if it holds V.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct KvDeleteQuery {
+    if_value: Option<String>,
 }
 
 async fn kv_delete(
     State(c): Shared,
     path: Result<Path<(StoreName, String)>, PathRejection>,
+    query: Result<Query<KvDeleteQuery>, QueryRejection>,
 ) -> Result<impl IntoResponse, Failure> {
     let Path((store, key)) = path?;
-    blocking(move || c.kv_delete(&store, &key)).await?;
+    let Query(query) = query.map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            e.body_text(),
+            "the only parameter is ?if-value=VALUE",
+        )
+    })?;
+    blocking(move || c.kv_delete(&store, &key, query.if_value.as_deref())).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -265,6 +265,14 @@ fn operations() -> Vec<Operation> {
         ),
         (
             "get",
+            "/v1/kv",
+            "List the key-value stores holding at least one key",
+            None,
+            200,
+            Some(json!({"type": "array", "items": {"type": "string"}})),
+        ),
+        (
+            "get",
             "/v1/kv/{store}",
             "List the keys of a key-value store",
             None,
@@ -282,7 +290,7 @@ fn operations() -> Vec<Operation> {
         (
             "put",
             "/v1/kv/{store}/{key}",
-            "Set a key",
+            "Set a key (with only-if: only if it is absent or holds a value; 409 otherwise)",
             Some("KvValue"),
             200,
             Some(schema("KvEntry")),
@@ -290,7 +298,7 @@ fn operations() -> Vec<Operation> {
         (
             "delete",
             "/v1/kv/{store}/{key}",
-            "Delete a key",
+            "Delete a key (with ?if-value=V: only if it holds V; 409 otherwise)",
             None,
             204,
             None,
@@ -372,7 +380,13 @@ fn schemas() -> Value {
             "granularity": {"type": "integer"}, "changed-bytes": {"type": "integer"},
             "extents": {"type": "array", "items": object(&["offset", "length"], json!({
                 "offset": {"type": "integer"}, "length": {"type": "integer"}}))}})),
-        "KvValue": object(&["value"], json!({ "value": {"type": "string"} })),
+        "KvValue": object(&["value"], json!({
+            "value": {"type": "string"},
+            "only-if": {"oneOf": [
+                {"type": "string", "enum": ["absent"]},
+                object(&["value"], json!({ "value": {"type": "string"} })),
+            ]},
+        })),
         "KvEntry": object(&["store", "key", "value"], json!({
             "store": name, "key": {"type": "string"}, "value": {"type": "string"}})),
     })

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tandem_api::{
     ChangeReplicas, ClusterInfo, ClusterNode, ClusterPool, ClusterVolume, CreateClusterVolume,
-    CreateNode, CreatePool, Group, GroupName, Health, KvEntry, NodeName, ParticipantKind, PoolName,
-    StoreName, VolumeId, VolumeName,
+    CreateNode, CreatePool, Group, GroupName, Health, KvCondition, KvEntry, NodeName,
+    ParticipantKind, PoolName, StoreName, VolumeId, VolumeName,
 };
 
 use crate::controller::{Controller, Desired, Refusal, RefusalKind};
@@ -887,6 +887,14 @@ impl Controller {
 
     // ---- key-value stores ----
 
+    /// The stores holding at least one key.
+    pub fn kv_stores(&self) -> Vec<StoreName> {
+        let d = self.desired();
+        let mut stores: Vec<StoreName> = d.model.kv.keys().map(|(s, _)| s.clone()).collect();
+        stores.dedup();
+        stores
+    }
+
     pub fn kv_list(&self, store: &StoreName) -> Vec<KvEntry> {
         self.desired()
             .model
@@ -903,27 +911,27 @@ impl Controller {
 
     pub fn kv_get(&self, store: &StoreName, key: &str) -> Result<KvEntry, Refusal> {
         check_key(key)?;
-        self.desired()
-            .model
-            .kv
-            .get(&(store.clone(), key.to_owned()))
-            .map(|v| KvEntry {
-                store: store.clone(),
-                key: key.to_owned(),
-                value: v.clone(),
-            })
-            .ok_or_else(|| {
-                Refusal::new(
-                    NotFound,
-                    format!("store {store} has no key {key}"),
-                    format!("list its keys with `tandem kv list {store}`"),
-                )
-            })
+        let d = self.desired();
+        let value = kv_value(&d, store, key).ok_or_else(|| no_key(store, key))?;
+        Ok(KvEntry {
+            store: store.clone(),
+            key: key.to_owned(),
+            value: value.to_owned(),
+        })
     }
 
-    pub fn kv_set(&self, store: &StoreName, key: &str, value: &str) -> Result<KvEntry, Refusal> {
+    /// Sets a key; with `only_if`, only if the key is in that state (checked and changed
+    /// under the one lock of the model, so two callers never both succeed).
+    pub fn kv_set(
+        &self,
+        store: &StoreName,
+        key: &str,
+        value: &str,
+        only_if: Option<&KvCondition>,
+    ) -> Result<KvEntry, Refusal> {
         check_key(key)?;
         let mut d = self.desired();
+        check_condition(&d, store, key, only_if)?;
         self.commit(
             &mut d,
             |w| w.kv_set(store, key, value),
@@ -938,9 +946,20 @@ impl Controller {
         })
     }
 
-    pub fn kv_delete(&self, store: &StoreName, key: &str) -> Result<(), Refusal> {
-        self.kv_get(store, key)?;
+    /// Deletes a key; with `only_if_value`, only if it holds that value.
+    pub fn kv_delete(
+        &self,
+        store: &StoreName,
+        key: &str,
+        only_if_value: Option<&str>,
+    ) -> Result<(), Refusal> {
+        check_key(key)?;
         let mut d = self.desired();
+        if kv_value(&d, store, key).is_none() {
+            return Err(no_key(store, key));
+        }
+        let only_if = only_if_value.map(|v| KvCondition::Value(v.to_owned()));
+        check_condition(&d, store, key, only_if.as_ref())?;
         self.commit(
             &mut d,
             |w| w.kv_delete(store, key),
@@ -949,6 +968,49 @@ impl Controller {
             },
         )
     }
+}
+
+fn kv_value<'a>(d: &'a Desired, store: &StoreName, key: &str) -> Option<&'a str> {
+    d.model
+        .kv
+        .get(&(store.clone(), key.to_owned()))
+        .map(String::as_str)
+}
+
+fn no_key(store: &StoreName, key: &str) -> Refusal {
+    Refusal::new(
+        NotFound,
+        format!("store {store} has no key {key}"),
+        format!("list its keys with `tandem kv list {store}`"),
+    )
+}
+
+fn check_condition(
+    d: &Desired,
+    store: &StoreName,
+    key: &str,
+    only_if: Option<&KvCondition>,
+) -> Result<(), Refusal> {
+    let now = kv_value(d, store, key);
+    let holds = match only_if {
+        None => true,
+        Some(KvCondition::Absent) => now.is_none(),
+        Some(KvCondition::Value(v)) => now == Some(v.as_str()),
+    };
+    if holds {
+        return Ok(());
+    }
+    let found = match now {
+        None => "does not exist".to_owned(),
+        Some(v) => format!("holds {v:?}"),
+    };
+    Err(Refusal::new(
+        Conflict,
+        format!(
+            "key {key} of store {store} {found}: the condition of the change does not hold, nothing was changed"
+        ),
+        "read the key again and decide on what it holds now",
+    ))
 }
 
 fn check_key(key: &str) -> Result<(), Refusal> {

@@ -275,6 +275,7 @@ mod tests {
             version: "0".into(),
             api_version: NODE_API_VERSION,
             peer_address: peer.into(),
+            nbd_socket: None,
             cluster_id: None,
             pools: Vec::new(),
         }

@@ -116,7 +116,10 @@ fn run(settings: Settings) -> anyhow::Result<()> {
         settings.cache,
         replicator,
         events,
-        settings.peer_listen.to_string(),
+        node::Addresses {
+            peer: settings.peer_listen.to_string(),
+            nbd_socket: settings.nbd_socket.clone(),
+        },
         &settings.data_dir,
     )?);
 

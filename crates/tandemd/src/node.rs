@@ -49,12 +49,20 @@ pub struct Node {
     replicator: Arc<Replicator>,
     /// Where the replication engine reports volume state changes.
     events: Arc<Events>,
-    /// `host:port` peers reach this node at.
-    peer_address: String,
+    /// Where peers and local NBD clients reach this node.
+    addresses: Addresses,
     /// Where the specs of replicated volumes are kept, so a restart knows them.
     specs: PathBuf,
     /// Serialises creations so a name stays unique across pools.
     creating: Mutex<()>,
+}
+
+/// What a node tells about where it is reached, on `GET /v1/node`.
+pub struct Addresses {
+    /// `host:port` peers connect to.
+    pub peer: String,
+    /// The Unix socket local NBD clients connect to.
+    pub nbd_socket: PathBuf,
 }
 
 impl Node {
@@ -64,7 +72,7 @@ impl Node {
         cache: CacheMode,
         replicator: Arc<Replicator>,
         events: Arc<Events>,
-        peer_address: String,
+        addresses: Addresses,
         data_dir: &Path,
     ) -> anyhow::Result<Node> {
         let pools = Pools::open(pools, cache, data_dir)?;
@@ -77,7 +85,7 @@ impl Node {
             membership,
             replicator,
             events,
-            peer_address,
+            addresses,
             specs,
             creating: Mutex::new(()),
         };
@@ -132,7 +140,8 @@ impl Node {
             name: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             api_version: tandem_api::NODE_API_VERSION,
-            peer_address: self.peer_address.clone(),
+            peer_address: self.addresses.peer.clone(),
+            nbd_socket: Some(self.addresses.nbd_socket.display().to_string()),
             cluster_id: self.membership.cluster_id(),
             pools: self.pools(),
         }

@@ -65,6 +65,7 @@ pub fn run(api: &Client, out: Output, cmd: &KvCommand) -> Result<(), CliError> {
         KvCommand::Set { store, key, value } => {
             let req = KvValue {
                 value: value.clone(),
+                only_if: None,
             };
             let entry: KvEntry = api.send("PUT", &key_path(store, key), &req)?;
             emit(out, &entry, |e| entry_table(std::slice::from_ref(e)));
