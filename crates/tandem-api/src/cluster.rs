@@ -246,6 +246,19 @@ pub fn check_kv_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Percent-encodes a path of segments (a key-value key) for a URL; `/` stays a separator.
+pub fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// One thing `tandem health` found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -268,6 +281,13 @@ pub struct Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_percent_encoded_but_keep_their_segments() {
+        assert_eq!(encode_path("sr/vdi/vm-1.x_y~"), "sr/vdi/vm-1.x_y~");
+        assert_eq!(encode_path("a?b#c%d"), "a%3Fb%23c%25d");
+        assert_eq!(encode_path("sr/é"), "sr/%C3%A9");
+    }
 
     #[test]
     fn kv_keys_are_namespaced_paths() {

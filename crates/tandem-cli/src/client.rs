@@ -19,8 +19,8 @@ pub struct Client {
 pub const TOKEN_VAR: &str = "TANDEM_TOKEN";
 
 pub enum CliError {
-    /// The API answered with an error.
-    Api(ApiError),
+    /// The API answered with an error (HTTP status, body).
+    Api { status: u16, error: ApiError },
     /// The API could not be reached.
     Transport { url: String, why: String },
     /// The API answered something this CLI does not understand.
@@ -30,7 +30,7 @@ pub enum CliError {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CliError::Api(error) => write!(f, "{error}"),
+            CliError::Api { error, .. } => write!(f, "{error}"),
             CliError::Transport { url, why } => write!(
                 f,
                 "cannot talk to tandemd at {url}: {why}\n  hint: is `tandemd --controller` \
@@ -58,6 +58,12 @@ impl Client {
             agent,
             token: std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty()),
         }
+    }
+
+    /// The same API with another access token (`None`: none).
+    pub fn with_token(mut self, token: Option<String>) -> Client {
+        self.token = token;
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -92,7 +98,7 @@ impl Client {
                 cause: (!text.trim().is_empty()).then(|| text.trim().to_owned()),
                 correction: None,
             });
-            return Err(CliError::Api(error));
+            return Err(CliError::Api { status, error });
         }
         Ok(text)
     }
@@ -136,27 +142,27 @@ impl Client {
     }
 }
 
-/// Percent-encodes a path of segments (a key-value key) for a URL; `/` stays a separator.
-pub fn encode_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for b in path.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_percent_encoded_but_keep_their_segments() {
-        assert_eq!(encode_path("sr/vdi/vm-1.x_y~"), "sr/vdi/vm-1.x_y~");
-        assert_eq!(encode_path("a?b#c%d"), "a%3Fb%23c%25d");
-        assert_eq!(encode_path("sr/é"), "sr/%C3%A9");
+/// The storage plugins reach Tandem through the CLI's client.
+impl tandem_xapi::tandem::Transport for Client {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<String, tandem_xapi::tandem::ApiFailure> {
+        Client::call(self, method, path, body).map_err(|e| match e {
+            CliError::Api { status, error } => tandem_xapi::tandem::ApiFailure {
+                status: Some(status),
+                error,
+            },
+            other => tandem_xapi::tandem::ApiFailure {
+                status: None,
+                error: ApiError {
+                    message: other.to_string(),
+                    cause: None,
+                    correction: None,
+                },
+            },
+        })
     }
 }

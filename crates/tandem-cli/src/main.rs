@@ -16,8 +16,10 @@ use crate::commands::kv::KvCommand;
 use crate::commands::node::NodeCommand;
 use crate::commands::pool::PoolCommand;
 use crate::commands::snapshot::SnapshotCommand;
+use crate::commands::sr::SrCommand;
 use crate::commands::volume::VolumeCommand;
-use crate::commands::{Output, cluster, group, health, kv, node, pool, snapshot, volume};
+use crate::commands::xapi::XapiCommand;
+use crate::commands::{Output, cluster, group, health, kv, node, pool, snapshot, sr, volume, xapi};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -63,6 +65,12 @@ enum Command {
     /// Key-value stores.
     #[command(subcommand)]
     Kv(KvCommand),
+    /// XCP-ng storage repositories (SRs) made by the Tandem storage plugins.
+    #[command(subcommand)]
+    Sr(SrCommand),
+    /// The XCP-ng storage plugins (SMAPIv3): install them, or run one call.
+    #[command(subcommand)]
+    Xapi(XapiCommand),
     /// What needs attention; exits 0 when all is well, 1 on warnings, 2 on errors.
     Health,
     /// Start a local three-node cluster with a replicated volume, until Ctrl-C.
@@ -91,6 +99,7 @@ fn main() -> ExitCode {
             };
         }
         Command::Health => return ExitCode::from(health::run(&api, out)),
+        Command::Xapi(cmd) => return xapi::run(&cli.controller, cmd),
         Command::Cluster => cluster::run(&api, out),
         Command::Node(cmd) => node::run(&api, out, cmd),
         Command::Pool(cmd) => pool::run(&api, out, cmd),
@@ -98,6 +107,7 @@ fn main() -> ExitCode {
         Command::Volume(cmd) => volume::run(&api, out, cmd),
         Command::Snapshot(cmd) => snapshot::run(&api, out, cmd),
         Command::Kv(cmd) => kv::run(&api, out, cmd),
+        Command::Sr(cmd) => sr::run(&api, out, cmd),
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,7 +21,7 @@ pub fn run(api: &Client, out: Output) -> u8 {
 fn unreachable_controller(url: &str, error: &CliError) -> Health {
     let (message, correction) = match error {
         // The answer says what is wrong there (e.g. the node runs no controller).
-        CliError::Api(e) => (
+        CliError::Api { error: e, .. } => (
             format!(
                 "controller unreachable: {}{}",
                 e.message,

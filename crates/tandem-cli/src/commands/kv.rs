@@ -5,10 +5,10 @@ use std::fmt;
 use std::str::FromStr;
 
 use clap::Subcommand;
-use tandem_api::{KvEntry, KvValue, StoreName, check_kv_key};
+use tandem_api::{KvEntry, KvValue, StoreName, check_kv_key, encode_path};
 
 use super::{Output, deleted, emit};
-use crate::client::{CliError, Client, encode_path};
+use crate::client::{CliError, Client};
 use crate::table::Table;
 
 #[derive(Debug, Subcommand)]

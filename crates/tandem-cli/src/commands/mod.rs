@@ -8,7 +8,9 @@ pub mod kv;
 pub mod node;
 pub mod pool;
 pub mod snapshot;
+pub mod sr;
 pub mod volume;
+pub mod xapi;
 
 use std::fmt::Display;
 
