@@ -587,3 +587,366 @@ fn a_vm_disk_lives_through_the_plugins_on_three_nodes() {
     assert_eq!(c.json(&["sr", "list"]), json!([]));
     assert!(!c.json(&["group", "list"]).to_string().contains(SR));
 }
+
+#[test]
+fn bad_calls_get_error_objects_xapi_can_show() {
+    let c = Cluster::start("xb", 1);
+    let p = Plugins::install(&c);
+    let expect = |method: &str, params: Value, code: &str, words: &str| {
+        let (got, why) = p.err(0, method, params.clone());
+        assert_eq!(got, code, "{method} {params}: {why}");
+        assert!(
+            why.contains(words),
+            "{method} {params}: {why:?} lacks {words:?}"
+        );
+    };
+    let create = |config: Value| json!({"uuid": SR, "configuration": config, "name": "n", "description": "d"});
+    expect(
+        "SR.create",
+        create(json!({"replicas": "2", "colour": "blue"})),
+        "Invalid_argument",
+        "colour",
+    );
+    expect(
+        "SR.create",
+        create(json!({"replicas": "7"})),
+        "Invalid_argument",
+        "replicas",
+    );
+    expect(
+        "SR.create",
+        create(json!({"group": "nope"})),
+        "Invalid_argument",
+        "no resource group nope",
+    );
+    expect(
+        "SR.create",
+        create(json!({"group": "default", "replicas": "1"})),
+        "Invalid_argument",
+        "either group",
+    );
+    expect("SR.stat", json!({"sr": SR}), "SR_does_not_exist", SR);
+    p.ok(0, "SR.create", create(json!({"replicas": "1"})));
+    expect(
+        "SR.create",
+        create(json!({})),
+        "Invalid_argument",
+        "already has an SR",
+    );
+
+    let vol = |extra: Value| {
+        let mut v =
+            json!({"sr": SR, "name": "a", "description": "", "size": 1 << 20, "sharable": false});
+        for (k, x) in extra.as_object().unwrap() {
+            if x.is_null() {
+                v.as_object_mut().unwrap().remove(k);
+            } else {
+                v[k] = x.clone();
+            }
+        }
+        v
+    };
+    expect(
+        "Volume.create",
+        vol(json!({"colour": "blue"})),
+        "Invalid_argument",
+        "unknown field `colour`",
+    );
+    expect(
+        "Volume.create",
+        vol(json!({"size": null})),
+        "Invalid_argument",
+        "missing field `size`",
+    );
+    expect(
+        "Volume.create",
+        vol(json!({"size": "abc"})),
+        "Invalid_argument",
+        "invalid type",
+    );
+    expect(
+        "Volume.create",
+        vol(json!({"size": 0})),
+        "Invalid_argument",
+        "positive size",
+    );
+    expect(
+        "Volume.create",
+        vol(json!({"size": -5})),
+        "Invalid_argument",
+        "positive size",
+    );
+    expect(
+        "Volume.create",
+        vol(json!({"sharable": true})),
+        "Invalid_argument",
+        "one writer",
+    );
+    expect(
+        "Volume.create",
+        vol(json!({"sr": "../../etc"})),
+        "Invalid_argument",
+        "not an SR uuid",
+    );
+    // No Tandem volume was made by any of them.
+    assert_eq!(tandem_keys(&c), Vec::<String>::new());
+
+    let v = p.ok(0, "Volume.create", vol(json!({})));
+    let key = key_of(&v);
+    expect(
+        "Volume.stat",
+        json!({"sr": SR, "key": "vdi-000000000000"}),
+        "Volume_does_not_exist",
+        "vdi-000000000000",
+    );
+    expect(
+        "Volume.stat",
+        json!({"sr": SR, "key": "a b"}),
+        "Invalid_argument",
+        "not a volume key",
+    );
+    // A key of another SR.
+    let other = "6f0c6a47-2b1e-4d4f-9a58-0a1b2c3d4e5f";
+    p.ok(
+        0,
+        "SR.create",
+        json!({"uuid": other, "configuration": {"replicas": "1"}, "name": "o", "description": ""}),
+    );
+    expect(
+        "Volume.stat",
+        json!({"sr": other, "key": key}),
+        "Volume_does_not_exist",
+        &key,
+    );
+    expect(
+        "Volume.snapshot",
+        json!({"sr": SR, "key": key, "extra": 1}),
+        "Invalid_argument",
+        "unknown field",
+    );
+    expect(
+        "Volume.list_changed_blocks",
+        json!({"sr": SR, "key": key, "key2": key, "offset": 0, "length": -1}),
+        "Invalid_argument",
+        "two snapshots",
+    );
+    expect(
+        "Datapath.attach",
+        json!({"uri": "nbd://x/y", "domain": "0"}),
+        "Invalid_argument",
+        "not a Tandem volume URI",
+    );
+    expect("SR.destroy", json!({"sr": SR}), "Volume_in_use", &key);
+
+    // Input that is not an object, or lacks dbg; a method the plugin lacks.
+    let raw = |method: &str, input: &str| {
+        let mut child = Command::new(tandem_lab::tandem_bin())
+            .args([
+                "--controller",
+                &c.nodes[0].api_url(),
+                "xapi",
+                "call",
+                "--plugin",
+                "volume",
+                "--api",
+                &c.nodes[0].api_url(),
+                method,
+                "--json",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{method} {input:?}");
+        let e: Value = serde_json::from_slice(&out.stdout).unwrap();
+        check_error(method, &e);
+        (
+            e["code"].as_str().unwrap().to_owned(),
+            e["params"].to_string(),
+        )
+    };
+    assert_eq!(raw("SR.ls", "not json").0, "Invalid_argument");
+    assert_eq!(raw("SR.ls", "[1]").0, "Invalid_argument");
+    assert!(raw("SR.ls", r#"{"sr": "x"}"#).1.contains("dbg"));
+    assert_eq!(
+        raw("Volume.compose", r#"{"dbg": "t"}"#),
+        ("Unimplemented".into(), r#"["Volume.compose"]"#.into())
+    );
+
+    // Everything still there, nothing half made.
+    assert_eq!(ls_keys(&p), vec![key.clone()]);
+    assert_eq!(tandem_keys(&c), vec![key]);
+}
+
+/// One node on xfs (snapshots need reflink) with the plugins and an SR of 1 replica.
+fn one_node_sr(prefix: &str) -> Option<(SmallFs, Cluster, Plugins)> {
+    let Some(fs) = SmallFs::xfs(300) else {
+        eprintln!("skipped: this machine cannot make an xfs file system on a loop device");
+        return None;
+    };
+    let mnt = fs.mnt.clone();
+    let c = Cluster::start_with(prefix, 1, move |name| {
+        vec![
+            "--pool".into(),
+            format!("default={}", mnt.join(name).display()),
+        ]
+    });
+    let p = Plugins::install(&c);
+    p.ok(
+        0,
+        "SR.create",
+        json!({"uuid": SR, "configuration": {"replicas": "1"}, "name": "n", "description": ""}),
+    );
+    Some((fs, c, p))
+}
+
+/// What a call cut short at a fault point leaves: after the next scan (`SR.ls`), the
+/// SR's volumes are exactly Tandem's volumes and snapshots, no intent is pending, and
+/// the operation is whole or absent.
+#[test]
+fn operations_killed_at_any_step_are_completed_or_undone() {
+    let Some((_fs, c, p)) = one_node_sr("xc") else {
+        return;
+    };
+    let create =
+        json!({"sr": SR, "name": "v", "description": "", "size": 4 << 20, "sharable": false});
+    let base = key_of(&p.ok(0, "Volume.create", create.clone()));
+    let snap = key_of(&p.ok(0, "Volume.snapshot", json!({"sr": SR, "key": base})));
+
+    let consistent = |label: &str| -> Vec<String> {
+        let keys = ls_keys(&p);
+        assert_eq!(tandem_keys(&c), keys, "{label}: the SR and Tandem disagree");
+        let dump = c.json(&["sr", "dump", SR]);
+        assert!(
+            dump.as_object()
+                .unwrap()
+                .keys()
+                .all(|k| !k.starts_with("journal/") && k != "lock"),
+            "{label}: {dump:#}"
+        );
+        keys
+    };
+    let cut = |label: &str, method: &str, params: Value| {
+        let (code, stdout) = p.call_env(0, method, params, &[("TANDEM_XAPI_FAULT", label)]);
+        assert_eq!(code, Some(137), "{label}: the call was not cut ({stdout})");
+        assert!(stdout.is_empty(), "{label}: {stdout}");
+    };
+
+    let before = consistent("start");
+    for (step, done) in [(1, false), (2, false), (3, true)] {
+        let label = format!("create.{step}");
+        cut(&label, "Volume.create", create.clone());
+        let after = consistent(&label);
+        assert_eq!(
+            after.len(),
+            before.len() + usize::from(done),
+            "{label}: {after:?}"
+        );
+        for k in after.iter().filter(|k| !before.contains(k)) {
+            p.ok(0, "Volume.destroy", json!({"sr": SR, "key": k}));
+        }
+    }
+    for (step, done) in [(1, false), (2, false), (3, true)] {
+        let label = format!("snapshot.{step}");
+        cut(&label, "Volume.snapshot", json!({"sr": SR, "key": base}));
+        let after = consistent(&label);
+        assert_eq!(
+            after.len(),
+            before.len() + usize::from(done),
+            "{label}: {after:?}"
+        );
+        for k in after.iter().filter(|k| !before.contains(k)) {
+            assert!(k.starts_with(&format!("{base}@")), "{label}: {k}");
+            p.ok(0, "Volume.destroy", json!({"sr": SR, "key": k}));
+        }
+    }
+    // Clones of the volume itself, through a snapshot taken for them: never left behind.
+    for (step, done) in [(1, false), (2, false), (3, false), (4, true)] {
+        let label = format!("clone.{step}");
+        cut(&label, "Volume.clone", json!({"sr": SR, "key": base}));
+        let after = consistent(&label);
+        assert_eq!(
+            after.len(),
+            before.len() + usize::from(done),
+            "{label}: {after:?}"
+        );
+        for k in after.iter().filter(|k| !before.contains(k)) {
+            assert!(
+                !k.contains('@'),
+                "{label}: the clone's snapshot stayed: {k}"
+            );
+            p.ok(0, "Volume.destroy", json!({"sr": SR, "key": k}));
+        }
+    }
+    // Destruction always completes, of a volume and of a snapshot.
+    for step in [1, 2] {
+        let label = format!("destroy.{step}");
+        let v = key_of(&p.ok(0, "Volume.create", create.clone()));
+        cut(&label, "Volume.destroy", json!({"sr": SR, "key": v}));
+        assert_eq!(consistent(&label), before, "{label}");
+        let s = key_of(&p.ok(0, "Volume.snapshot", json!({"sr": SR, "key": base})));
+        cut(&label, "Volume.destroy", json!({"sr": SR, "key": s}));
+        assert_eq!(consistent(&label), before, "{label}");
+    }
+    assert_eq!(before, {
+        let mut k = vec![base, snap];
+        k.sort();
+        k
+    });
+}
+
+#[test]
+fn concurrent_calls_on_one_sr_leave_it_consistent() {
+    let Some((_fs, c, p)) = one_node_sr("xd") else {
+        return;
+    };
+    let create =
+        json!({"sr": SR, "name": "v", "description": "", "size": 4 << 20, "sharable": false});
+    let made: Vec<String> = (0..11)
+        .map(|_| key_of(&p.ok(0, "Volume.create", create.clone())))
+        .collect();
+    let (kept, doomed) = made.split_at(5);
+    // 20 calls at once, as xapi makes them: 8 creations, 6 snapshots, 6 destructions.
+    let mut calls: Vec<(&str, Value)> = Vec::new();
+    calls.extend((0..8).map(|_| ("Volume.create", create.clone())));
+    calls.extend((0..6).map(|i| ("Volume.snapshot", json!({"sr": SR, "key": kept[i % 5]}))));
+    calls.extend(
+        doomed
+            .iter()
+            .map(|k| ("Volume.destroy", json!({"sr": SR, "key": k}))),
+    );
+    let answers: Vec<(&str, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = calls
+            .iter()
+            .map(|(m, params)| {
+                let p = &p;
+                s.spawn(move || (*m, p.ok(0, m, params.clone())))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut expected: Vec<String> = kept.to_vec();
+    for (method, answer) in &answers {
+        match *method {
+            "Volume.create" => expected.push(key_of(answer)),
+            "Volume.snapshot" => {
+                let k = key_of(answer);
+                assert!(kept.iter().any(|v| k.starts_with(&format!("{v}@"))), "{k}");
+                expected.push(k);
+            }
+            _ => assert!(answer.is_null()),
+        }
+    }
+    expected.sort();
+    expected.dedup();
+    assert_eq!(expected.len(), 5 + 8 + 6, "two calls answered the same key");
+    assert_eq!(ls_keys(&p), expected);
+    assert_eq!(tandem_keys(&c), expected);
+}
