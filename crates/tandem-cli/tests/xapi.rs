@@ -843,6 +843,12 @@ fn operations_killed_at_any_step_are_completed_or_undone() {
     for (step, done) in [(1, false), (2, false), (3, true)] {
         let label = format!("create.{step}");
         cut(&label, "Volume.create", create.clone());
+        // Until the next call settles it, `tandem health` tells.
+        let (code, report) = c.health();
+        assert!(
+            code >= 1 && report.contains("an operation was cut short"),
+            "{label}: {report}"
+        );
         let after = consistent(&label);
         assert_eq!(
             after.len(),

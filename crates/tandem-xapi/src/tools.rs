@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 use serde_json::Value;
-use tandem_api::{NodeName, ParticipantKind};
+use tandem_api::{Finding, NodeName, ParticipantKind, Severity};
 
 use crate::Context;
 use crate::error::XapiError;
@@ -147,21 +147,29 @@ pub fn forget(ctx: &Context, uuid: &str, key: &str) -> Result<(), XapiError> {
 
 /// Inconsistencies between SRs and Tandem: metadata without a volume, volumes of an
 /// SR's own group without metadata, operations left half done.
-pub fn findings(ctx: &Context) -> Result<Vec<(String, String, String)>, XapiError> {
+pub fn findings(ctx: &Context) -> Result<Vec<Finding>, XapiError> {
     let mut out = Vec::new();
+    let mut push = |object: &str, message: String, correction: String| {
+        out.push(Finding {
+            severity: Severity::Warning,
+            object: object.to_owned(),
+            message,
+            correction,
+        })
+    };
     let all = ctx.tandem.volumes()?;
     for record in sr::all(ctx)? {
         let object = format!("SR {}", record.uuid);
         for v in volumes(ctx, &record.uuid)? {
             if let Some(problem) = v.problem {
-                out.push((
-                    object.clone(),
+                push(
+                    &object,
                     format!("volume {} has metadata but {problem}", v.key),
                     format!(
                         "drop it with `tandem sr forget {} volume/{}`",
                         record.uuid, v.key
                     ),
-                ));
+                );
             }
         }
         let sr = Sr::open(ctx, &record.uuid)?;
@@ -169,21 +177,27 @@ pub fn findings(ctx: &Context) -> Result<Vec<(String, String, String)>, XapiErro
         if record.own_group {
             for v in all.iter().filter(|v| v.group == record.group) {
                 if !metas.iter().any(|(k, _)| k.volume() == &v.name) {
-                    out.push((
-                        object.clone(),
-                        format!("Tandem volume {} is in the SR's group but the SR has no metadata for it", v.name),
-                        format!("delete it with `tandem volume delete {} --force` if nothing uses it", v.name),
-                    ));
+                    push(
+                        &object,
+                        format!(
+                            "Tandem volume {} is in the SR's group but the SR has no metadata for it",
+                            v.name
+                        ),
+                        format!(
+                            "delete it with `tandem volume delete {} --force` if nothing uses it",
+                            v.name
+                        ),
+                    );
                 }
             }
         }
         for e in ctx.tandem.kv_list(&sr.store)? {
             if e.key.starts_with(meta::JOURNAL_PREFIX) {
-                out.push((
-                    object.clone(),
+                push(
+                    &object,
                     format!("an operation was cut short ({}: {})", e.key, e.value),
                     "the SR's next operation completes or undoes it (e.g. `xe sr-scan`)".into(),
-                ));
+                );
             }
         }
     }

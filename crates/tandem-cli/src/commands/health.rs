@@ -9,9 +9,20 @@ use crate::client::{CliError, Client};
 
 /// Asks the controller and prints its findings; returns the exit code.
 pub fn run(api: &Client, out: Output) -> u8 {
-    let health = api
+    let mut health = api
         .get::<Health>("/v1/health")
         .unwrap_or_else(|e| unreachable_controller(api.base(), &e));
+    if health
+        .findings
+        .iter()
+        .all(|f| !f.object.starts_with("controller "))
+    {
+        let srs = super::sr::findings(api);
+        if !srs.is_empty() && health.severity == Severity::Ok {
+            health.severity = Severity::Warning;
+        }
+        health.findings.extend(srs);
+    }
     emit(out, &health, report);
     exit_code(&health)
 }

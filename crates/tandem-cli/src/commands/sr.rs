@@ -70,6 +70,19 @@ pub fn run(api: &Client, out: Output, cmd: &SrCommand) -> Result<(), CliError> {
     Ok(())
 }
 
+/// What `tandem health` reports about SRs: inconsistencies between their metadata and
+/// Tandem, operations cut short; the failure to look, if looking failed.
+pub fn findings(api: &Client) -> Vec<tandem_api::Finding> {
+    tools::findings(&context(api)).unwrap_or_else(|e| {
+        vec![tandem_api::Finding {
+            severity: tandem_api::Severity::Warning,
+            object: "SRs".into(),
+            message: format!("cannot check the XCP-ng SRs' metadata: {e}"),
+            correction: "see `tandem sr list`".into(),
+        }]
+    })
+}
+
 fn list_table(srs: &[SrSummary]) -> Table {
     let mut t = Table::new(["UUID", "NAME", "GROUP", "VOLUMES", "HOSTS"]);
     for s in srs {
