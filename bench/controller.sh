@@ -21,6 +21,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib/cluster.sh
+source "$REPO/bench/lib/cluster.sh"
 COUNT=${COUNT:-100}
 LIST_COUNT=${LIST_COUNT:-1000}
 SIZE=${SIZE:-64M}
@@ -42,24 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-api() { echo "127.0.0.1:$((BASE_PORT + $1))"; }
-for i in 0 1 2; do
-    extra=()
-    [[ $i == 0 ]] && extra=(--controller)
-    "$BENCH_DIR/tnode-ctl" --name "n$((i + 1))" --data-dir "$BENCH_DIR/n$((i + 1))" \
-        --api-listen "$(api $i)" --peer-listen "127.0.0.1:$((BASE_PORT + 3 + i))" \
-        --nbd-listen "127.0.0.1:$((BASE_PORT + 6 + i))" --log-level warn "${extra[@]}" \
-        2>"$BENCH_DIR/n$((i + 1)).log" &
-    PIDS+=($!)
-done
-export TANDEM_CONTROLLER="http://$(api 0)"
-for _ in $(seq 100); do "$TANDEM" node list >/dev/null 2>&1 && break; sleep 0.1; done
-for _ in $(seq 100); do
-    curl -sf "http://$(api 1)/v1/node" >/dev/null && curl -sf "http://$(api 2)/v1/node" >/dev/null && break
-    sleep 0.1
-done
-"$TANDEM" node create n2 "$(api 1)" >/dev/null
-"$TANDEM" node create n3 "$(api 2)" >/dev/null
+start_three "$BENCH_DIR/tnode-ctl" "$BENCH_DIR" "$BASE_PORT"
 
 now() { date +%s.%N; }
 # Waits until every listed volume is UpToDate; prints how many are not, while waiting.

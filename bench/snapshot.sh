@@ -32,6 +32,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib/cluster.sh
+source "$REPO/bench/lib/cluster.sh"
 RUNTIME=${RUNTIME:-6}
 SIZE=${SIZE:-1G}
 BACKUP_SIZE=${BACKUP_SIZE:-4G}
@@ -73,32 +75,8 @@ rm -rf "$BENCH_DIR"
 mkdir -p "$BENCH_DIR/json" "$MNT"
 RUN=$BENCH_DIR
 cp "$REPO/target/release/tandemd" "$BENCH_DIR/tnode-snap"
-# The loop device does direct I/O on its file, so the pools' writes are not cached a
-# second time on the way (the host's page cache would otherwise absorb and flush them
-# in bursts, which shows as latency unrelated to Tandem).
-truncate -s 40G "$BENCH_DIR/xfs.img"
-LOOP=$(losetup --find --show --direct-io=on --sector-size 4096 "$BENCH_DIR/xfs.img")
-mkfs.xfs -q -f -m reflink=1 "$LOOP"
-mount "$LOOP" "$MNT"
-
-api() { echo "127.0.0.1:$((BASE_PORT + $1))"; }
-for i in 0 1 2; do
-    n=n$((i + 1))
-    extra=()
-    [[ $i == 0 ]] && extra=(--controller)
-    "$BENCH_DIR/tnode-snap" --name "$n" --data-dir "$BENCH_DIR/$n" --pool "default=$MNT/$n" \
-        --api-listen "$(api $i)" --peer-listen "127.0.0.1:$((BASE_PORT + 3 + i))" \
-        --nbd-listen "127.0.0.1:$((BASE_PORT + 6 + i))" --nbd-socket "$BENCH_DIR/$n.sock" \
-        --log-level warn "${extra[@]}" 2>"$BENCH_DIR/$n.log" &
-    PIDS+=($!)
-done
-export TANDEM_CONTROLLER="http://$(api 0)"
-for _ in $(seq 100); do "$TANDEM" node list >/dev/null 2>&1 && break; sleep 0.1; done
-for i in 1 2; do
-    for _ in $(seq 100); do curl -sf "http://$(api $i)/v1/node" >/dev/null && break; sleep 0.1; done
-done
-"$TANDEM" node create n2 "$(api 1)" >/dev/null
-"$TANDEM" node create n3 "$(api 2)" >/dev/null
+xfs_on_loop "$BENCH_DIR/xfs.img" "$MNT" 40G
+start_three "$BENCH_DIR/tnode-snap" "$BENCH_DIR" "$BASE_PORT" "$MNT"
 
 # volume NAME SIZE: a 2-replica volume with replicas on n1 and n2, attached on n1.
 "$TANDEM" group create pair --nodes n1,n2 >/dev/null

@@ -688,6 +688,12 @@ fn bad_calls_get_error_objects_xapi_can_show() {
         "Invalid_argument",
         "not an SR uuid",
     );
+    expect(
+        "Volume.create",
+        vol(json!({"size": 1u64 << 50})),
+        "No_space",
+        "free, needs 1024T",
+    );
     // No Tandem volume was made by any of them.
     assert_eq!(tandem_keys(&c), Vec::<String>::new());
 

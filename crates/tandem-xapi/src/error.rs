@@ -84,17 +84,22 @@ impl XapiError {
 
     /// A failed call to Tandem's API, classified by what the administrator can do.
     pub fn from_api(f: ApiFailure) -> XapiError {
-        let mut text = f.error.to_string();
-        if let Some(hint) = &f.error.correction {
-            text.push_str(&format!(" (hint: {hint})"));
+        let mut text = f.error.message.clone();
+        if let Some(cause) = &f.error.cause {
+            text.push_str(&format!(": {cause}"));
         }
+        // Placement names each pool's free space against the size asked ("pool default
+        // has 512M free, needs 1G"); a node's file system says ENOSPC in its words.
         let kind = match f.status {
             None => Kind::NoController,
-            Some(507) => Kind::NoSpace,
-            _ if text.contains("no room") || text.contains("No space") => Kind::NoSpace,
+            _ if text.contains(" free, needs ") || text.contains("No space left on device") => {
+                Kind::NoSpace
+            }
             _ => Kind::BackendFailure,
         };
-        XapiError::new(kind, [text])
+        let mut params = vec![text];
+        params.extend(f.error.correction.map(|hint| format!("hint: {hint}")));
+        XapiError::new(kind, params)
     }
 
     /// The JSON xapi-storage-script parses on a non-zero exit.

@@ -3,9 +3,12 @@
 //! its journal; changes of metadata alone are conditional writes.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tandem_api::{ClusterSnapshot, ClusterVolume, CreateClusterVolume, SnapshotName, VolumeName};
+use tandem_api::{
+    ClusterSnapshot, ClusterVolume, CreateClusterVolume, SnapshotName, VolumeName, VolumeState,
+};
 
 use crate::Context;
 use crate::cbt;
@@ -150,6 +153,7 @@ pub fn create(ctx: &Context, p: idl::VolumeCreate) -> Result<Value, XapiError> {
         group: Some(group),
     })?;
     fault::point("create.2");
+    wait_ready(ctx, &volume);
     let key = Key::Volume(volume);
     sr.put_meta(
         &key,
@@ -162,6 +166,23 @@ pub fn create(ctx: &Context, p: idl::VolumeCreate) -> Result<Value, XapiError> {
     fault::point("create.3");
     entry.finish()?;
     record(&sr, &key)
+}
+
+/// How long `Volume.create` waits for a new volume's replicas to connect.
+const READY_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits (bounded) until a new volume is UpToDate on its replicas: xapi may snapshot
+/// or attach it right after creating it, which needs its replicas connected. Past the
+/// bound the volume is returned as it is; what needs it then says why it cannot.
+fn wait_ready(ctx: &Context, volume: &VolumeName) {
+    let deadline = Instant::now() + READY_WAIT;
+    while Instant::now() < deadline {
+        match ctx.tandem.volume(volume) {
+            Ok(Some(v)) if v.state == VolumeState::UpToDate => return,
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => return,
+        }
+    }
 }
 
 /// `Volume.snapshot`: a Tandem snapshot, crash-consistent across the replicas, as a
@@ -225,6 +246,7 @@ pub fn clone(ctx: &Context, p: idl::VolumeKey) -> Result<Value, XapiError> {
     }
     fault::point("clone.2");
     ctx.tandem.clone_snapshot(&volume, &snap, &new)?;
+    wait_ready(ctx, &new);
     fault::point("clone.3");
     let new_key = Key::Volume(new);
     sr.put_meta(
