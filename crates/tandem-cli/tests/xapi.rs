@@ -559,10 +559,36 @@ fn a_vm_disk_lives_through_the_plugins_on_three_nodes() {
             "read -P 0xb2 8M 64K",
         ],
     );
+    // y's host dies and its attachment is cleaned up (here Tandem detaches it): its
+    // activation is stale, and x takes the volume over.
+    let (xn, yn) = (c.nodes[x].name.as_str(), c.nodes[y].name.as_str());
+    run(c.tandem().args(["volume", "detach", &key, "--node", yn]));
+    p.ok(x, "Datapath.attach", dp.clone());
+    p.ok(x, "Datapath.activate", dp.clone());
+    let holder = c.json(&["sr", "dump", SR])[format!("active/{key}")].clone();
+    assert_eq!(holder, format!("host-{xn} {xn} 7"));
+    p.ok(x, "Datapath.deactivate", dp.clone());
+    p.ok(x, "Datapath.detach", dp.clone());
+    // Done again (xapi retries), a detach does nothing.
+    p.ok(x, "Datapath.detach", dp.clone());
     for d in [&dp, &cdp] {
         p.ok(y, "Datapath.deactivate", d.clone());
         p.ok(y, "Datapath.detach", d.clone());
     }
+    let dump = c.json(&["sr", "dump", SR]);
+    assert!(
+        dump.as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with("attached/") && !k.starts_with("active/")),
+        "marks left: {dump:#}"
+    );
+    // Attached by an operator rather than by xapi: in use all the same.
+    run(c.tandem().args(["volume", "attach", &key, "--node", xn]));
+    let (code, why) = p.err(0, "Volume.destroy", json!({"sr": SR, "key": key}));
+    assert_eq!(code, "Volume_in_use", "{why}");
+    assert!(why.contains(&format!("{xn} (attached in Tandem)")), "{why}");
+    run(c.tandem().args(["volume", "detach", &key, "--node", xn]));
 
     // Destroying the volume while its snapshots live hides it; they stay readable
     // and it goes with the last of them.
@@ -626,6 +652,16 @@ fn bad_calls_get_error_objects_xapi_can_show() {
         "either group",
     );
     expect("SR.stat", json!({"sr": SR}), "SR_does_not_exist", SR);
+    expect(
+        "SR.probe",
+        json!({"configuration": {"colour": "blue"}}),
+        "Invalid_argument",
+        "colour",
+    );
+    assert_eq!(
+        p.ok(0, "SR.probe", json!({"configuration": {"sr_uuid": SR}})),
+        json!([])
+    );
     p.ok(0, "SR.create", create(json!({"replicas": "1"})));
     expect(
         "SR.create",

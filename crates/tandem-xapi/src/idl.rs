@@ -155,21 +155,6 @@ pub struct DatapathCall {
     pub domain: String,
 }
 
-/// `sr_stat.health`.
-pub enum Health {
-    Healthy,
-    Recovering(String),
-}
-
-impl Health {
-    pub fn to_json(&self) -> Value {
-        match self {
-            Health::Healthy => json!(["Healthy", ""]),
-            Health::Recovering(why) => json!(["Recovering", why]),
-        }
-    }
-}
-
 /// The `volume` record.
 pub struct VolumeRecord {
     pub key: String,

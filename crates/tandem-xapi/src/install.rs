@@ -34,11 +34,19 @@ fn entry_point(command: &Command, plugin: Plugin) -> String {
         r#"#!/usr/bin/python3
 """Tandem storage plugin entry point, written by `tandem xapi install`: runs the
 method this file is named after with the tandem command."""
+import json
 import os
 import sys
 
 ARGV = {argv}
-os.execv(ARGV[0], ARGV + [os.path.basename(sys.argv[0])] + sys.argv[1:])
+try:
+    os.execv(ARGV[0], ARGV + [os.path.basename(sys.argv[0])] + sys.argv[1:])
+except OSError as e:
+    # xapi shows only what is on stdout: an error object, as the command would print.
+    error = "cannot run %s: %s (run `tandem xapi install` again)" % (ARGV[0], e)
+    print(json.dumps({{"code": "SR_BACKEND_FAILURE", "params": [error],
+                      "backtrace": {{"error": error, "files": [], "lines": []}}}}))
+    sys.exit(1)
 "#
     )
 }

@@ -43,6 +43,8 @@ pub const SCHEME: &str = "tandem";
 pub const VOLUME_PLUGIN: &str = "org.xen.xapi.storage.tandem";
 /// The xapi-storage API version the plugins speak.
 pub const API_VERSION: &str = "5.0";
+/// How long a call may run: xapi waits for ever, so the plugin bounds itself.
+pub const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plugin {
@@ -50,7 +52,8 @@ pub enum Plugin {
     Datapath,
 }
 
-/// Methods of each plugin: the files [`install`] lays out.
+/// Methods of each plugin: the files [`install`] lays out. xapi-storage-script looks a
+/// method's file up ignoring case, so `Plugin.Query` answers its `Plugin.query`.
 pub const VOLUME_METHODS: &[&str] = &[
     "Plugin.Query",
     "Plugin.diagnostics",
@@ -78,6 +81,7 @@ pub const VOLUME_METHODS: &[&str] = &[
     "Volume.enable_cbt",
     "Volume.disable_cbt",
     "Volume.list_changed_blocks",
+    "Volume.data_destroy",
 ];
 pub const DATAPATH_METHODS: &[&str] = &[
     "Plugin.Query",
@@ -170,6 +174,16 @@ pub fn call(ctx: &Context, plugin: Plugin, method: &str, input: &str) -> Result<
         "Volume.enable_cbt" => volume::enable_cbt(ctx, params(m, &input)?),
         "Volume.disable_cbt" => volume::disable_cbt(ctx, params(m, &input)?),
         "Volume.list_changed_blocks" => volume::list_changed_blocks(ctx, params(m, &input)?),
+        "Volume.data_destroy" => {
+            params::<idl::VolumeKey>(m, &input)?;
+            Err(XapiError::new(
+                Kind::Unimplemented,
+                [
+                    "Volume.data_destroy".to_owned(),
+                    "Tandem finds changed blocks by comparing snapshots' data, so a snapshot's data cannot go while it serves changed-block tracking: keep the snapshot, or destroy it".to_owned(),
+                ],
+            ))
+        }
         "Datapath.attach" => datapath::attach(ctx, params(m, &input)?),
         "Datapath.activate" => datapath::activate(ctx, params(m, &input)?),
         "Datapath.deactivate" => datapath::deactivate(ctx, params(m, &input)?),

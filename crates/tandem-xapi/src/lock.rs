@@ -14,11 +14,12 @@ use crate::error::{Kind, XapiError};
 use crate::meta::LOCK_KEY;
 use crate::tandem::Tandem;
 
-/// How long a holder may keep the lock before others may take it over: longer than any
-/// operation under it (a clone made by a full sync of a large volume included).
-const LEASE: Duration = Duration::from_secs(600);
+/// How long a holder may keep the lock before others may take it over: longer than a
+/// call may run at all, so a holder alive is never taken over.
+const LEASE: Duration = Duration::from_secs(crate::CALL_DEADLINE.as_secs() + 5 * 60);
 /// How long a call waits for the lock before it gives up.
 const WAIT: Duration = Duration::from_secs(300);
+/// Between looks at a held lock: short, as most operations take tens of milliseconds.
 const POLL: Duration = Duration::from_millis(20);
 
 pub struct SrLock<'a> {
@@ -76,7 +77,9 @@ impl<'a> SrLock<'a> {
         here: &NodeName,
     ) -> Result<SrLock<'a>, XapiError> {
         let pid = std::process::id();
-        let start = start_time(pid).unwrap_or(0);
+        // Without it, the holder would look dead to the other calls of this node.
+        let start = start_time(pid)
+            .ok_or_else(|| XapiError::backend("cannot read this process's start time in /proc"))?;
         let deadline = Instant::now() + WAIT;
         loop {
             let value = format!(

@@ -28,21 +28,59 @@ pub fn volume_key(key: &Key) -> String {
     format!("{VOLUME_PREFIX}{key}")
 }
 
+const HOST_PREFIX: &str = "host/";
+const ATTACHED_PREFIX: &str = "attached/";
+/// Stores of SRs are named `sr-UUID`.
+pub const STORE_PREFIX: &str = "sr-";
+
 pub fn host_key(node: &NodeName) -> String {
-    format!("host/{node}")
+    format!("{HOST_PREFIX}{node}")
+}
+
+/// The node of a `host/NODE` key.
+pub fn host_of(store_key: &str) -> Option<&str> {
+    store_key.strip_prefix(HOST_PREFIX)
 }
 
 pub fn attached_key(node: &NodeName, key: &Key) -> String {
-    format!("attached/{node}/{key}")
+    format!("{ATTACHED_PREFIX}{node}/{key}")
 }
 
-/// Prefix of the attachment marks of every key of `volume` on `node`.
-pub fn attached_prefix(node: &NodeName, volume: &VolumeName) -> String {
-    format!("attached/{node}/{volume}")
+/// The node and the volume key of an `attached/NODE/KEY` key.
+pub fn attachment_of(store_key: &str) -> Option<(&str, &str)> {
+    store_key.strip_prefix(ATTACHED_PREFIX)?.split_once('/')
 }
 
 pub fn active_key(key: &Key) -> String {
     format!("active/{key}")
+}
+
+/// Who has a volume activated for writing: the value of `active/KEY`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activation {
+    /// xapi's uuid of the host (what `Activated_on_another_host` names).
+    pub host: String,
+    /// The Tandem node on that host.
+    pub node: String,
+    /// The domain xapi activated it for.
+    pub domain: String,
+}
+
+impl Activation {
+    pub fn parse(value: &str) -> Option<Activation> {
+        let mut words = value.splitn(3, ' ');
+        Some(Activation {
+            host: words.next()?.to_owned(),
+            node: words.next()?.to_owned(),
+            domain: words.next()?.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for Activation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.host, self.node, self.domain)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +109,10 @@ pub struct VolumeMeta {
     /// kept until the last of them goes.
     #[serde(default)]
     pub hidden: bool,
+    /// A destruction has begun: no new attachment, and the journal completes it (or
+    /// gives it up if the volume turns out to be in use).
+    #[serde(default)]
+    pub destroying: bool,
 }
 
 /// A volume's key: a Tandem volume, or one of its snapshots (`VOLUME@SNAPSHOT`, which
@@ -114,15 +156,21 @@ impl fmt::Display for Key {
     }
 }
 
+/// 12 random hex digits.
+pub fn random_hex() -> String {
+    let mut bytes = [0u8; 6];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A fresh name with a random suffix: `PREFIX-` and 12 hex digits.
 pub fn fresh<T: FromStr>(prefix: &str) -> T
 where
     T::Err: fmt::Debug,
 {
-    let mut bytes = [0u8; 6];
-    getrandom::fill(&mut bytes).expect("the OS random source is available");
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}-{hex}").parse().expect("a valid name")
+    format!("{prefix}-{}", random_hex())
+        .parse()
+        .expect("a valid name")
 }
 
 /// The URI a volume's datapath is reached by: `tandem://SR/KEY`.
@@ -169,6 +217,22 @@ mod tests {
         for bad in ["nbd://x/y", "tandem://", "tandem:///k", "tandem://sr"] {
             assert!(parse_uri(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn marks_parse_back() {
+        let a = Activation {
+            host: "h-1".into(),
+            node: "n2".into(),
+            domain: "u0_x y".into(),
+        };
+        assert_eq!(Activation::parse(&a.to_string()), Some(a));
+        assert_eq!(Activation::parse("h-1 n2"), None);
+        assert_eq!(
+            attachment_of("attached/n1/vdi-1@s-2"),
+            Some(("n1", "vdi-1@s-2"))
+        );
+        assert_eq!(host_of(&host_key(&"n3".parse().unwrap())), Some("n3"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use tandem_api::{ClusterVolume, Group, GroupName, KvCondition, PoolName, StoreNa
 
 use crate::Context;
 use crate::error::{Kind, XapiError};
-use crate::idl::{self, Dict, Health};
+use crate::idl::{self, Dict};
 use crate::journal;
 use crate::lock::SrLock;
 use crate::meta::{self, Key, SR_KEY, SrRecord, VOLUME_PREFIX, VolumeMeta};
@@ -35,9 +35,11 @@ pub struct Sr<'c> {
 }
 
 fn store_of(uuid: &str) -> Result<StoreName, XapiError> {
-    format!("sr-{uuid}").parse().map_err(|e| {
-        XapiError::invalid(format!("{uuid:?} is not an SR uuid this plugin knows: {e}"))
-    })
+    format!("{}{uuid}", meta::STORE_PREFIX)
+        .parse()
+        .map_err(|e| {
+            XapiError::invalid(format!("{uuid:?} is not an SR uuid this plugin knows: {e}"))
+        })
 }
 
 impl<'c> Sr<'c> {
@@ -94,10 +96,10 @@ impl<'c> Sr<'c> {
         }
     }
 
-    /// The metadata of a volume the SR has and shows.
+    /// The metadata of a volume the SR has and shows (not hidden, not being destroyed).
     pub fn visible(&self, key: &Key) -> Result<VolumeMeta, XapiError> {
         match self.meta(key)? {
-            Some(m) if !m.hidden => Ok(m),
+            Some(m) if !m.hidden && !m.destroying => Ok(m),
             _ => Err(XapiError::no_volume(&key.to_string())),
         }
     }
@@ -110,12 +112,27 @@ impl<'c> Sr<'c> {
         Ok(())
     }
 
-    /// Changes a volume's metadata with a conditional write, again if another call
-    /// changed it meanwhile: no SR lock needed.
+    /// Changes the metadata of a volume the SR shows (see [`Sr::change_meta`]).
     pub fn update_meta(
         &self,
         key: &Key,
         change: impl Fn(&mut VolumeMeta),
+    ) -> Result<VolumeMeta, XapiError> {
+        self.change_meta(key, |m| {
+            if m.hidden || m.destroying {
+                return Err(XapiError::no_volume(&key.to_string()));
+            }
+            change(m);
+            Ok(())
+        })
+    }
+
+    /// Changes a volume's metadata with a conditional write, again if another call
+    /// changed it meanwhile: no SR lock needed.
+    pub fn change_meta(
+        &self,
+        key: &Key,
+        change: impl Fn(&mut VolumeMeta) -> Result<(), XapiError>,
     ) -> Result<VolumeMeta, XapiError> {
         let k = meta::volume_key(key);
         loop {
@@ -125,10 +142,7 @@ impl<'c> Sr<'c> {
                 .kv_get(&self.store, &k)?
                 .ok_or_else(|| XapiError::no_volume(&key.to_string()))?;
             let mut meta: VolumeMeta = decode(&self.uuid, &k, &text)?;
-            if meta.hidden {
-                return Err(XapiError::no_volume(&key.to_string()));
-            }
-            change(&mut meta);
+            change(&mut meta)?;
             let value = serde_json::to_string(&meta).expect("serialisable");
             if self
                 .ctx
@@ -178,9 +192,10 @@ fn parse_replicas(text: &str) -> Result<u8, XapiError> {
 
 /// `SR.create`: checks the configuration, makes the resource group (unless one is
 /// named) and the SR's record; returns the configuration `SR.attach` gets.
-pub fn create(ctx: &Context, p: idl::SrCreate) -> Result<Value, XapiError> {
-    for key in p.configuration.keys() {
-        if !CONFIGURATION.iter().any(|(k, _)| k == key) {
+/// Refuses keys a Tandem SR does not take (`also`: others the caller accepts).
+fn check_configuration(config: &Dict, also: &[&str]) -> Result<(), XapiError> {
+    for key in config.keys() {
+        if !CONFIGURATION.iter().any(|(k, _)| k == key) && !also.contains(&key.as_str()) {
             let known: Vec<&str> = CONFIGURATION.iter().map(|(k, _)| *k).collect();
             return Err(XapiError::invalid(format!(
                 "device-config key {key:?} is unknown: a Tandem SR takes {}",
@@ -188,16 +203,18 @@ pub fn create(ctx: &Context, p: idl::SrCreate) -> Result<Value, XapiError> {
             )));
         }
     }
+    if let Some(r) = config.get("replicas") {
+        parse_replicas(r)?;
+    }
+    Ok(())
+}
+
+pub fn create(ctx: &Context, p: idl::SrCreate) -> Result<Value, XapiError> {
+    check_configuration(&p.configuration, &[])?;
     let store = store_of(&p.uuid)?;
     let tandem = &ctx.tandem;
-    if tandem.kv_get(&store, SR_KEY)?.is_some() {
-        return Err(XapiError::invalid(format!(
-            "the cluster already has an SR {}",
-            p.uuid
-        )));
-    }
     let config = &p.configuration;
-    let (group, own_group) = match config.get("group") {
+    let (group, new_group) = match config.get("group") {
         Some(name) => {
             if config.contains_key("replicas") || config.contains_key("pool") {
                 return Err(XapiError::invalid(
@@ -212,7 +229,7 @@ pub fn create(ctx: &Context, p: idl::SrCreate) -> Result<Value, XapiError> {
                     "the cluster has no resource group {name}: `tandem group list` shows those it has"
                 )));
             }
-            (name, false)
+            (name, None)
         }
         None => {
             let replicas = config
@@ -224,29 +241,44 @@ pub fn create(ctx: &Context, p: idl::SrCreate) -> Result<Value, XapiError> {
                     .map_err(|e| XapiError::invalid(format!("pool: {e}")))?,
                 None => "default".parse().expect("a valid name"),
             };
-            let name: GroupName = format!("sr-{}", p.uuid)
+            let name: GroupName = format!("{}{}", meta::STORE_PREFIX, p.uuid)
                 .parse()
                 .map_err(|e| XapiError::invalid(format!("uuid: {e}")))?;
-            let group: Group = serde_json::from_value(json!({
-                "name": name, "replicas": replicas, "pool": pool,
-            }))
-            .expect("a valid group");
-            tandem.create_group(&group)?;
-            (name, true)
+            (
+                name.clone(),
+                Some(Group {
+                    name,
+                    replicas,
+                    pool,
+                    nodes: Vec::new(),
+                    quorum: Default::default(),
+                    on_no_quorum: Default::default(),
+                }),
+            )
         }
     };
-    let sr = Sr {
-        ctx,
-        uuid: p.uuid.clone(),
-        store,
-    };
-    sr.put_record(&SrRecord {
+    // The record first, written only if absent: of two creations of one SR, one wins;
+    // the group after, so no group is made for an SR that is not recorded.
+    let record = SrRecord {
         uuid: p.uuid.clone(),
         name: p.name,
         description: p.description,
-        group,
-        own_group,
-    })?;
+        group: group.clone(),
+        own_group: new_group.is_some(),
+    };
+    let value = serde_json::to_string(&record).expect("serialisable");
+    if !tandem.kv_set(&store, SR_KEY, &value, Some(KvCondition::Absent))? {
+        return Err(XapiError::invalid(format!(
+            "the cluster already has an SR {}",
+            p.uuid
+        )));
+    }
+    if let Some(g) = new_group
+        && let Err(e) = tandem.create_group(&g)
+    {
+        tandem.kv_delete(&store, SR_KEY, Some(&value))?;
+        return Err(e);
+    }
     let mut out = p.configuration.clone();
     out.insert(SR_UUID.into(), p.uuid);
     Ok(json!(out))
@@ -295,30 +327,37 @@ pub fn destroy(ctx: &Context, p: idl::SrOnly) -> Result<Value, XapiError> {
     if record.own_group {
         ctx.tandem.delete_group(&record.group)?;
     }
+    // The record last: cut short, the SR is still listed and destroyed again. The lock
+    // goes with the guard.
     for e in ctx.tandem.kv_list(&sr.store)? {
-        if e.key != meta::LOCK_KEY {
+        if e.key != meta::LOCK_KEY && e.key != SR_KEY {
             ctx.tandem.kv_delete(&sr.store, &e.key, None)?;
         }
     }
+    ctx.tandem.kv_delete(&sr.store, SR_KEY, None)?;
+    Ok(Value::Null)
+}
+
+/// Changes the SR's record (its name, its description).
+fn change_record(
+    ctx: &Context,
+    uuid: &str,
+    change: impl FnOnce(&mut SrRecord),
+) -> Result<Value, XapiError> {
+    let sr = Sr::open(ctx, uuid)?;
+    let _lock = sr.lock()?;
+    let mut record = sr.record()?;
+    change(&mut record);
+    sr.put_record(&record)?;
     Ok(Value::Null)
 }
 
 pub fn set_name(ctx: &Context, p: idl::SrSetName) -> Result<Value, XapiError> {
-    let sr = Sr::open(ctx, &p.sr)?;
-    let _lock = sr.lock()?;
-    let mut record = sr.record()?;
-    record.name = p.new_name;
-    sr.put_record(&record)?;
-    Ok(Value::Null)
+    change_record(ctx, &p.sr, |r| r.name = p.new_name)
 }
 
 pub fn set_description(ctx: &Context, p: idl::SrSetDescription) -> Result<Value, XapiError> {
-    let sr = Sr::open(ctx, &p.sr)?;
-    let _lock = sr.lock()?;
-    let mut record = sr.record()?;
-    record.description = p.new_description;
-    sr.put_record(&record)?;
-    Ok(Value::Null)
+    change_record(ctx, &p.sr, |r| r.description = p.new_description)
 }
 
 /// `SR.stat`: capacity as volumes can use it (the pools of the SR's group divided by
@@ -357,25 +396,29 @@ pub fn stat_of(sr: &Sr<'_>) -> Result<Value, XapiError> {
         "free_space": free / replicas,
         "datasources": [],
         "clustered": false,
-        "health": health.to_json(),
+        "health": health,
     }))
 }
 
-fn health(keys: &[Key], volumes: &[ClusterVolume]) -> Health {
+/// Healthy while the SR answers: xapi fails a scan on any other health (and takes the
+/// SR's state from it), while a volume resyncing after a reboot is routine. What is
+/// not UpToDate is said in the message, and in `tandem health`.
+fn health(keys: &[Key], volumes: &[ClusterVolume]) -> Value {
     let troubled: Vec<String> = volumes
         .iter()
         .filter(|v| keys.iter().any(|k| k.volume() == &v.name))
         .filter(|v| !matches!(v.state, VolumeState::UpToDate | VolumeState::Creating))
         .map(|v| format!("{} {}", v.name, v.state))
         .collect();
-    if troubled.is_empty() {
-        Health::Healthy
+    let message = if troubled.is_empty() {
+        String::new()
     } else {
-        Health::Recovering(format!(
+        format!(
             "volumes not UpToDate: {} (`tandem volume status NAME` tells more)",
             troubled.join(", ")
-        ))
-    }
+        )
+    };
+    json!(["Healthy", message])
 }
 
 /// `SR.ls` (xapi's scan): every volume and snapshot xapi sees (volumes it destroyed
@@ -387,9 +430,10 @@ pub fn ls(ctx: &Context, p: idl::SrOnly) -> Result<Value, XapiError> {
     Ok(Value::Array(records.iter().map(|r| r.to_json()).collect()))
 }
 
-/// `SR.probe`: with an `sr_uuid`, the SR if the cluster has it; without, the
-/// configuration as `SR.create` would take it.
+/// `SR.probe`: with an `sr_uuid`, the SR if the cluster has it (how an SR is introduced
+/// again to a pool); without, the configuration as `SR.create` would take it.
 pub fn probe(ctx: &Context, p: idl::SrConfiguration) -> Result<Value, XapiError> {
+    check_configuration(&p.configuration, &[SR_UUID])?;
     match p.configuration.get(SR_UUID) {
         Some(uuid) => match Sr::open(ctx, uuid) {
             Ok(sr) => Ok(json!([{
@@ -401,16 +445,11 @@ pub fn probe(ctx: &Context, p: idl::SrConfiguration) -> Result<Value, XapiError>
             Err(e) if e.kind == Kind::SrDoesNotExist => Ok(json!([])),
             Err(e) => Err(e),
         },
-        None => {
-            if let Some(r) = p.configuration.get("replicas") {
-                parse_replicas(r)?;
-            }
-            Ok(json!([{
+        None => Ok(json!([{
                 "configuration": p.configuration,
                 "complete": true,
                 "extra_info": Dict::new(),
-            }]))
-        }
+        }])),
     }
 }
 
@@ -418,10 +457,18 @@ pub fn probe(ctx: &Context, p: idl::SrConfiguration) -> Result<Value, XapiError>
 pub fn all(ctx: &Context) -> Result<Vec<SrRecord>, XapiError> {
     let mut out = Vec::new();
     for store in ctx.tandem.kv_stores()? {
-        if let Some(uuid) = store.as_str().strip_prefix("sr-")
-            && let Ok(sr) = Sr::open(ctx, uuid)
-        {
-            out.push(sr.record()?);
+        if let Some(uuid) = store.as_str().strip_prefix(meta::STORE_PREFIX) {
+            let sr = Sr {
+                ctx,
+                uuid: uuid.to_owned(),
+                store: store.clone(),
+            };
+            match sr.record() {
+                Ok(r) => out.push(r),
+                // Another tool's store of the same shape.
+                Err(e) if e.kind == Kind::SrDoesNotExist => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(out)

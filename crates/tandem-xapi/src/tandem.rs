@@ -4,9 +4,9 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tandem_api::{
-    ApiError, ClusterPool, ClusterSnapshot, ClusterVolume, CreateClusterVolume, Group, GroupName,
-    KvCondition, KvEntry, KvValue, NodeInfo, NodeName, OnNode, ResizeVolume, SnapshotChanges,
-    SnapshotName, StoreName, VolumeName, encode_path,
+    ApiError, ClusterNode, ClusterPool, ClusterSnapshot, ClusterVolume, CreateClusterVolume, Group,
+    GroupName, KvCondition, KvEntry, KvValue, NodeInfo, NodeName, OnNode, ResizeVolume,
+    SnapshotChanges, SnapshotName, StoreName, VolumeName, encode_path,
 };
 
 use crate::error::XapiError;
@@ -84,6 +84,10 @@ impl Tandem {
         decode("/v1/node", &text)
     }
 
+    pub fn nodes(&self) -> Result<Vec<ClusterNode>, XapiError> {
+        self.get("/v1/nodes")
+    }
+
     pub fn volume(&self, name: &VolumeName) -> Result<Option<ClusterVolume>, XapiError> {
         self.find(&format!("/v1/volumes/{name}"))
     }
@@ -96,9 +100,10 @@ impl Tandem {
         self.send("POST", "/v1/volumes", req)
     }
 
-    /// Deletes a volume and its snapshots; `false` if there was none.
+    /// Deletes a volume; `false` if there was none. Without force: refused while it has
+    /// snapshots (one made outside xapi, say) or is open.
     pub fn delete_volume(&self, name: &VolumeName) -> Result<bool, XapiError> {
-        gone(self.call("DELETE", &format!("/v1/volumes/{name}?force=true"), None))
+        gone(self.call("DELETE", &format!("/v1/volumes/{name}"), None))
     }
 
     pub fn resize_volume(&self, name: &VolumeName, size: u64) -> Result<ClusterVolume, XapiError> {

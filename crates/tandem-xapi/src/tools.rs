@@ -33,7 +33,7 @@ pub fn list(ctx: &Context) -> Result<Vec<SrSummary>, XapiError> {
                 .count(),
             hosts: entries
                 .iter()
-                .filter_map(|e| e.key.strip_prefix("host/").map(str::to_owned))
+                .filter_map(|e| meta::host_of(&e.key).map(str::to_owned))
                 .collect(),
             uuid: record.uuid,
             name: record.name,

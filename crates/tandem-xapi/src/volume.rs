@@ -75,17 +75,13 @@ impl Facts {
                 sr.uuid
             ))
         };
-        let (size, replicas) = match key {
-            Key::Volume(v) => {
-                let v = self.volumes.get(v).ok_or_else(gone)?;
-                (v.size, u64::from(v.replicas))
-            }
+        let size = match key {
+            Key::Volume(v) => self.volumes.get(v).ok_or_else(gone)?.size,
             Key::Snapshot(v, s) => {
-                let snap = self
-                    .snapshots
+                self.snapshots
                     .get(&(v.clone(), s.clone()))
-                    .ok_or_else(gone)?;
-                (snap.size, snap.replicas.len() as u64)
+                    .ok_or_else(gone)?
+                    .size
             }
         };
         Ok(VolumeRecord {
@@ -94,8 +90,9 @@ impl Facts {
             description: meta.description.clone(),
             read_write: matches!(key, Key::Volume(_)),
             virtual_size: size,
-            // Thin: at most this much, less until written.
-            physical_utilisation: size * replicas,
+            // Logical bytes, as the SR's total and free space are (replicas divided
+            // out); thin, so at most this much.
+            physical_utilisation: size,
             uri: meta::uri(&sr.uuid, key),
             keys: meta.keys.clone(),
             cbt_enabled: meta.cbt_enabled,
@@ -103,14 +100,17 @@ impl Facts {
     }
 }
 
-/// Records of every volume xapi sees.
+/// Records of every volume xapi sees. Metadata whose Tandem volume or snapshot is gone
+/// (deleted outside xapi) is left out rather than failing the scan; `tandem health`
+/// reports it.
 pub fn records(sr: &Sr<'_>) -> Result<Vec<VolumeRecord>, XapiError> {
     let facts = Facts::all(sr)?;
-    sr.metas()?
+    Ok(sr
+        .metas()?
         .into_iter()
-        .filter(|(_, m)| !m.hidden)
-        .map(|(k, m)| facts.record(sr, &k, &m))
-        .collect()
+        .filter(|(_, m)| !m.hidden && !m.destroying)
+        .filter_map(|(k, m)| facts.record(sr, &k, &m).ok())
+        .collect())
 }
 
 fn record(sr: &Sr<'_>, key: &Key) -> Result<Value, XapiError> {
@@ -141,7 +141,7 @@ pub fn create(ctx: &Context, p: idl::VolumeCreate) -> Result<Value, XapiError> {
     let volume: VolumeName = fresh("vdi");
     let entry = journal::begin(
         &sr,
-        &Intent::Create {
+        Intent::Create {
             volume: volume.clone(),
         },
     )?;
@@ -164,25 +164,31 @@ pub fn create(ctx: &Context, p: idl::VolumeCreate) -> Result<Value, XapiError> {
         },
     )?;
     fault::point("create.3");
-    entry.finish()?;
+    entry.finish();
     record(&sr, &key)
 }
 
-/// How long `Volume.create` waits for a new volume's replicas to connect.
+/// How long a new volume's replicas may take to connect.
 const READY_WAIT: Duration = Duration::from_secs(30);
 
-/// Waits (bounded) until a new volume is UpToDate on its replicas: xapi may snapshot
-/// or attach it right after creating it, which needs its replicas connected. Past the
-/// bound the volume is returned as it is; what needs it then says why it cannot.
-fn wait_ready(ctx: &Context, volume: &VolumeName) {
+/// Waits (bounded) until a new volume (created or cloned) is UpToDate on its replicas:
+/// xapi may snapshot or attach it right after, which needs its replicas connected, and
+/// a clone's snapshot may go only then. Whether it got there; past the bound the volume
+/// is returned as it is, and what needs it says why it cannot.
+fn wait_ready(ctx: &Context, volume: &VolumeName) -> bool {
     let deadline = Instant::now() + READY_WAIT;
+    let mut pause = Duration::from_millis(10);
     while Instant::now() < deadline {
         match ctx.tandem.volume(volume) {
-            Ok(Some(v)) if v.state == VolumeState::UpToDate => return,
-            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
-            Err(_) => return,
+            Ok(Some(v)) if v.state == VolumeState::UpToDate => return true,
+            Ok(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            Err(_) => return false,
         }
     }
+    false
 }
 
 /// `Volume.snapshot`: a Tandem snapshot, crash-consistent across the replicas, as a
@@ -196,7 +202,7 @@ pub fn snapshot(ctx: &Context, p: idl::VolumeKey) -> Result<Value, XapiError> {
     let snap: SnapshotName = fresh("snap");
     let entry = journal::begin(
         &sr,
-        &Intent::Snapshot {
+        Intent::Snapshot {
             volume: volume.clone(),
             snapshot: snap.clone(),
         },
@@ -215,7 +221,7 @@ pub fn snapshot(ctx: &Context, p: idl::VolumeKey) -> Result<Value, XapiError> {
         },
     )?;
     fault::point("snapshot.3");
-    entry.finish()?;
+    entry.finish();
     record(&sr, &new)
 }
 
@@ -233,7 +239,7 @@ pub fn clone(ctx: &Context, p: idl::VolumeKey) -> Result<Value, XapiError> {
     };
     let entry = journal::begin(
         &sr,
-        &Intent::Clone {
+        Intent::Clone {
             new: new.clone(),
             source: volume.clone(),
             snapshot: snap.clone(),
@@ -246,7 +252,7 @@ pub fn clone(ctx: &Context, p: idl::VolumeKey) -> Result<Value, XapiError> {
     }
     fault::point("clone.2");
     ctx.tandem.clone_snapshot(&volume, &snap, &new)?;
-    wait_ready(ctx, &new);
+    let ready = wait_ready(ctx, &new);
     fault::point("clone.3");
     let new_key = Key::Volume(new);
     sr.put_meta(
@@ -258,36 +264,48 @@ pub fn clone(ctx: &Context, p: idl::VolumeKey) -> Result<Value, XapiError> {
         },
     )?;
     fault::point("clone.4");
-    if temporary {
-        ctx.tandem.delete_snapshot(&volume, &snap)?;
+    // The clone's replicas are built from the snapshot: a temporary one goes once
+    // they are, now or (the intent kept) at a later call.
+    if temporary && !(ready && ctx.tandem.delete_snapshot(&volume, &snap).is_ok()) {
+        entry.keep();
+    } else {
+        entry.finish();
     }
-    entry.finish()?;
     record(&sr, &new_key)
 }
 
 /// `Volume.destroy`. A volume whose snapshots xapi still has is hidden, not deleted
-/// (its snapshots live on its blocks); it goes with the last of them.
+/// (its snapshots live on its blocks); it goes with the last of them. The volume is
+/// marked first (no attach starts after), then checked unused, then deleted.
 pub fn destroy(ctx: &Context, p: idl::VolumeKey) -> Result<Value, XapiError> {
     let key: Key = p.key.parse()?;
     let sr = Sr::open(ctx, &p.sr)?;
     let _lock = sr.lock()?;
     sr.visible(&key)?;
-    in_use(&sr, &key)?;
     if let Key::Volume(v) = &key
         && has_snapshots(&sr, v)?
     {
+        in_use(&sr, &key)?;
         sr.update_meta(&key, |m| m.hidden = true)?;
         return Ok(Value::Null);
     }
+    sr.update_meta(&key, |m| m.destroying = true)?;
+    if let Err(e) = in_use(&sr, &key) {
+        sr.change_meta(&key, |m| {
+            m.destroying = false;
+            Ok(())
+        })?;
+        return Err(e);
+    }
     let entry = journal::begin(
         &sr,
-        &Intent::Destroy {
+        Intent::Destroy {
             key: key.to_string(),
         },
     )?;
     fault::point("destroy.1");
     destroy_steps(&sr, &key)?;
-    entry.finish()?;
+    entry.finish();
     Ok(Value::Null)
 }
 
@@ -298,26 +316,36 @@ fn has_snapshots(sr: &Sr<'_>, volume: &VolumeName) -> Result<bool, XapiError> {
         .any(|(k, _)| matches!(k, Key::Snapshot(v, _) if v == volume)))
 }
 
-/// Refuses to destroy what a host has attached.
-fn in_use(sr: &Sr<'_>, key: &Key) -> Result<(), XapiError> {
-    let suffix = format!("/{key}");
-    let users: Vec<String> = sr
+/// Refuses what a host has attached (a datapath mark), or, for a volume, what Tandem
+/// has attached or open anywhere (an operator's attachment, say).
+pub fn in_use(sr: &Sr<'_>, key: &Key) -> Result<(), XapiError> {
+    let me = key.to_string();
+    let mut users: Vec<String> = sr
         .ctx
         .tandem
         .kv_list(&sr.store)?
-        .into_iter()
-        .filter(|e| e.key.starts_with("attached/") && e.key.ends_with(&suffix))
-        .filter_map(|e| e.key.split('/').nth(1).map(str::to_owned))
+        .iter()
+        .filter_map(|e| meta::attachment_of(&e.key))
+        .filter(|(_, k)| *k == me)
+        .map(|(node, _)| format!("{node} (attached by xapi)"))
         .collect();
+    if let Key::Volume(v) = key
+        && let Some(v) = sr.ctx.tandem.volume(v)?
+    {
+        for p in v.participants.iter().filter(|p| p.attached || p.open) {
+            let how = if p.open { "open" } else { "attached" };
+            users.push(format!("{} ({how} in Tandem)", p.node));
+        }
+    }
     if users.is_empty() {
         return Ok(());
     }
     Err(XapiError::new(
         Kind::VolumeInUse,
         [
-            key.to_string(),
+            me,
             format!(
-                "attached on {}: detach it (shut down the VM using it) first",
+                "in use on node {}: detach it (shut down the VM using it) first",
                 users.join(", ")
             ),
         ],
@@ -329,20 +357,16 @@ fn in_use(sr: &Sr<'_>, key: &Key) -> Result<(), XapiError> {
 pub fn destroy_steps(sr: &Sr<'_>, key: &Key) -> Result<(), XapiError> {
     let tandem = &sr.ctx.tandem;
     match key {
-        Key::Volume(v) => {
+        Key::Volume(v) => tandem.delete_volume(v)?,
+        Key::Snapshot(v, s) => tandem.delete_snapshot(v, s)?,
+    };
+    fault::point("destroy.2");
+    sr.delete_meta(key)?;
+    if let Key::Snapshot(v, _) = key {
+        let origin = Key::Volume(v.clone());
+        if sr.meta(&origin)?.is_some_and(|m| m.hidden) && !has_snapshots(sr, v)? {
             tandem.delete_volume(v)?;
-            fault::point("destroy.2");
-            sr.delete_meta(key)?;
-        }
-        Key::Snapshot(v, s) => {
-            tandem.delete_snapshot(v, s)?;
-            fault::point("destroy.2");
-            sr.delete_meta(key)?;
-            let origin = Key::Volume(v.clone());
-            if sr.meta(&origin)?.is_some_and(|m| m.hidden) && !has_snapshots(sr, v)? {
-                tandem.delete_volume(v)?;
-                sr.delete_meta(&origin)?;
-            }
+            sr.delete_meta(&origin)?;
         }
     }
     Ok(())

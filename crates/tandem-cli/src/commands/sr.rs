@@ -21,6 +21,8 @@ pub enum SrCommand {
     Forget { sr: String, key: String },
 }
 
+/// The plugins' view of the cluster, through a client of the same controller (and the
+/// same `TANDEM_TOKEN`); no node API: these tools need none.
 fn context(api: &Client) -> Context {
     let client = Client::new(api.base());
     Context::new(
@@ -29,11 +31,12 @@ fn context(api: &Client) -> Context {
     )
 }
 
+/// A plugin error as the CLI prints errors, its code first.
 fn failed(e: tandem_xapi::error::XapiError) -> CliError {
     CliError::Api {
         status: 400,
         error: tandem_api::ApiError {
-            message: e.params.join(": "),
+            message: e.to_string(),
             cause: None,
             correction: None,
         },

@@ -5,7 +5,6 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use tandem_xapi::error::{Kind, XapiError};
@@ -15,8 +14,6 @@ use crate::client::Client;
 
 /// The node API a host's `tandemd` serves by default.
 const DEFAULT_API: &str = "http://127.0.0.1:3370";
-/// How long a call may run: xapi waits for ever, so the plugin bounds itself.
-const CALL_DEADLINE: Duration = Duration::from_secs(15 * 60);
 /// Where XCP-ng keeps the host's identity (`INSTALLATION_UUID=...`).
 const INVENTORY: &str = "/etc/xensource-inventory";
 
@@ -131,14 +128,15 @@ fn install(controller_url: &str, root: &std::path::Path, host: &HostArgs) -> any
     Ok(())
 }
 
-/// Prints the answer once: the call's, or the deadline's if it comes first.
-fn answer(printed: &Mutex<bool>, result: Result<serde_json::Value, XapiError>) -> ExitCode {
+/// Prints the answer once, the call's or the deadline's, whichever comes first; the
+/// exit code when this one was printed.
+fn answer(printed: &Mutex<bool>, result: Result<serde_json::Value, XapiError>) -> Option<ExitCode> {
     let mut done = printed.lock().unwrap_or_else(|e| e.into_inner());
     if *done {
-        return ExitCode::FAILURE;
+        return None;
     }
     *done = true;
-    match result {
+    Some(match result {
         Ok(value) => {
             println!("{value}");
             ExitCode::SUCCESS
@@ -148,7 +146,7 @@ fn answer(printed: &Mutex<bool>, result: Result<serde_json::Value, XapiError>) -
             println!("{}", e.to_json());
             ExitCode::FAILURE
         }
-    }
+    })
 }
 
 fn call(controller_url: &str, plugin: PluginArg, host: &HostArgs, method: &str) -> ExitCode {
@@ -156,35 +154,46 @@ fn call(controller_url: &str, plugin: PluginArg, host: &HostArgs, method: &str) 
     let watchdog = printed.clone();
     let name = method.to_owned();
     std::thread::spawn(move || {
-        std::thread::sleep(CALL_DEADLINE);
+        std::thread::sleep(tandem_xapi::CALL_DEADLINE);
         let late = XapiError::new(
             Kind::BackendFailure,
             [format!(
                 "{name} did not finish within {} s: see `tandem health` and the tandemd logs",
-                CALL_DEADLINE.as_secs()
+                tandem_xapi::CALL_DEADLINE.as_secs()
             )],
         );
-        if answer(&watchdog, Err(late)) == ExitCode::FAILURE {
+        if answer(&watchdog, Err(late)).is_some() {
             std::process::exit(1);
         }
     });
-    let result = (|| {
+    // The node API needs no token for what the plugins ask it (who it is).
+    let node = Client::new(&host.api).with_token(None);
+    // Nothing the call touched is used after a panic but to report it.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut input = String::new();
         std::io::stdin()
             .read_to_string(&mut input)
             .map_err(|e| XapiError::invalid(format!("reading the call's input: {e}")))?;
         let controller = controller(controller_url, host.token_file.as_ref())
             .map_err(|e| XapiError::backend(format!("{e:#}")))?;
-        let tandem = tandem_xapi::tandem::Tandem::new(
-            Box::new(controller),
-            Some(Box::new(Client::new(&host.api).with_token(None))),
-        );
+        let tandem = tandem_xapi::tandem::Tandem::new(Box::new(controller), Some(Box::new(node)));
         let ctx = Context::new(tandem, host.host_uuid.clone());
         let plugin = match plugin {
             PluginArg::Volume => Plugin::Volume,
             PluginArg::Datapath => Plugin::Datapath,
         };
         tandem_xapi::call(&ctx, plugin, method, &input)
-    })();
-    answer(&printed, result)
+    }))
+    // xapi shows what is on stdout: a panic is an error object like any other.
+    .unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown");
+        Err(XapiError::backend(format!(
+            "internal error in tandem xapi call: {why}"
+        )))
+    });
+    answer(&printed, result).unwrap_or(ExitCode::FAILURE)
 }
