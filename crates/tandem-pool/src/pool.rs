@@ -674,6 +674,41 @@ mod tests {
         assert_eq!(changed, 8192 + (1 << 20) + 4096 + 4096);
     }
 
+    /// The fill passes over the volume's holes (the snapshot's file starts as holes),
+    /// even where a write lands in one before the fill comes to it.
+    #[test]
+    fn a_snapshot_of_a_sparse_volume_keeps_its_holes() {
+        let Some(fs) = tandem_lab::SmallFs::xfs(300) else {
+            eprintln!("skipped: needs root, loop devices and mkfs.xfs (Debian: xfsprogs)");
+            return;
+        };
+        let p = pool(&fs.mnt.join("pool"));
+        // 40 MiB and a bit: more than one window of the fill, a last chunk cut short.
+        let size = (40 << 20) + 8192;
+        let v = p
+            .create(&NewVolume::single(name("vm"), size, false))
+            .unwrap();
+        let mut old = vec![0u8; size as usize];
+        for at in [1 << 20, (17 << 20) + 4096, size - 4096] {
+            v.write_at(&[0x11; 4096], at, false).unwrap();
+            old[at as usize..at as usize + 4096].fill(0x11);
+        }
+        let snap: tandem_api::SnapshotName = "s".parse().unwrap();
+        v.begin_snapshot(&snap).unwrap();
+        // Into a hole, before the fill: the snapshot keeps the hole.
+        v.write_at(&[0x22; 4096], 30 << 20, false).unwrap();
+        v.fill_snapshot().unwrap();
+        let copy = v.open_snapshot(&snap).unwrap();
+        let mut got = vec![0u8; size as usize];
+        copy.read_at(&mut got, 0).unwrap();
+        assert!(got == old, "the snapshot holds the data as it was begun");
+        assert!(
+            copy.allocated().unwrap() <= 3 * (256 << 10),
+            "holes stay holes: {} bytes allocated",
+            copy.allocated().unwrap()
+        );
+    }
+
     #[test]
     fn interrupted_snapshot_steps_are_finished_when_the_pool_opens() {
         let dir = tempfile::tempdir().unwrap();

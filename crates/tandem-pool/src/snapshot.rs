@@ -68,6 +68,35 @@ pub(crate) struct Snapshots {
 /// chunk written in 4 KiB pieces: 64 extents, about a millisecond).
 const CHUNK: u64 = 256 << 10;
 
+/// Chunks whose block map the fill reads at once, to pass over holes (16 MiB).
+const WINDOW: u64 = 64;
+
+/// The chunks of `[first, last)` that are holes in `data` (none where its map cannot be
+/// read: then every chunk is shared).
+///
+/// Read once for the window, the map stays true of every chunk the fill has not shared
+/// when it comes to it: a change shares its chunk before it is made.
+fn hole_chunks(data: &DataFile, first: u64, last: u64, size: u64) -> Vec<u64> {
+    let start = first * CHUNK;
+    let end = (last * CHUNK).min(size);
+    let Ok(extents) = data.extents(start, end - start) else {
+        return Vec::new();
+    };
+    let mut holes = Vec::new();
+    let mut at = start;
+    for e in extents {
+        if e.hole {
+            // Chunks lying wholly inside this hole.
+            let from = at.div_ceil(CHUNK);
+            let to = (at + e.len).min(end);
+            let to = if to == end { last } else { to / CHUNK };
+            holes.extend(from..to.max(from));
+        }
+        at += e.len;
+    }
+    holes
+}
+
 /// A snapshot begun and not yet complete.
 struct Filling {
     record: Record,
@@ -86,6 +115,13 @@ struct Filling {
 impl Filling {
     fn is_shared(&self, chunk: u64) -> bool {
         self.shared[(chunk / 64) as usize].load(Ordering::Acquire) & (1 << (chunk % 64)) != 0
+    }
+
+    /// Marks a chunk that is a hole in the volume as shared: the snapshot's file is all
+    /// holes from its start.
+    fn skip_hole(&self, chunk: u64) {
+        let _stripe = self.stripes[(chunk % 64) as usize].lock().unwrap();
+        self.shared[(chunk / 64) as usize].fetch_or(1 << (chunk % 64), Ordering::AcqRel);
     }
 
     /// Shares chunk `chunk` of `data` into the snapshot, unless it was already.
@@ -347,13 +383,22 @@ impl Snapshots {
             });
         };
         let snap = f.record.info.name.clone();
-        for chunk in 0..f.size.div_ceil(CHUNK) {
-            // Sharing holds the file's writes (xfs drains and locks them out); resting
-            // as long as each share took lets them through between chunks, so the fill
-            // slows writes rather than stops them.
-            let started = std::time::Instant::now();
-            f.share(data, chunk);
-            std::thread::sleep(started.elapsed());
+        let chunks = f.size.div_ceil(CHUNK);
+        for first in (0..chunks).step_by(WINDOW as usize) {
+            let last = (first + WINDOW).min(chunks);
+            let holes = hole_chunks(data, first, last, f.size);
+            for chunk in first..last {
+                if holes.contains(&chunk) {
+                    f.skip_hole(chunk);
+                    continue;
+                }
+                // Sharing holds the file's writes (xfs drains and locks them out);
+                // resting as long as each share took lets them through between chunks,
+                // so the fill slows writes rather than stops them.
+                let started = std::time::Instant::now();
+                f.share(data, chunk);
+                std::thread::sleep(started.elapsed());
+            }
         }
         let path = |ext| file_of(&self.dir, &self.volume, &snap, ext);
         let failed = f.failed.lock().unwrap().take();
