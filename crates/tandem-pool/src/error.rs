@@ -78,6 +78,23 @@ impl PoolError {
         }
     }
 
+    /// A write that failed for want of space as [`PoolError::NoSpace`], naming the pool
+    /// (`needed`: what the write asked for).
+    pub(crate) fn or_no_space(self, pool: &PoolName, needed: u64) -> PoolError {
+        match &self {
+            PoolError::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
+                PoolError::NoSpace {
+                    pool: pool.clone(),
+                    needed,
+                    free: 0,
+                }
+            }
+            _ => self,
+        }
+    }
+
     pub fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> PoolError {
         let context = context.into();
         move |source| PoolError::Io { context, source }

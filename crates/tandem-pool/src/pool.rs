@@ -709,6 +709,71 @@ mod tests {
         );
     }
 
+    /// On a file system with no room left, a snapshot is taken (sharing needs no data
+    /// blocks) or refused naming the pool, nothing of it left; the volume's bytes stay.
+    #[test]
+    fn a_snapshot_on_a_full_pool_is_taken_or_cleanly_refused() {
+        use std::io::Write;
+        let Some(fs) = tandem_lab::SmallFs::xfs(300) else {
+            eprintln!("skipped: needs root, loop devices and mkfs.xfs (Debian: xfsprogs)");
+            return;
+        };
+        let dir = fs.mnt.join("pool");
+        let p = pool(&dir);
+        let size = 16 << 20;
+        let v = p
+            .create(&NewVolume::single(name("vm"), size, false))
+            .unwrap();
+        let old = vec![0x11u8; size as usize];
+        v.write_at(&old, 0, false).unwrap();
+        let filler = fs.mnt.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let mib = vec![0xeeu8; 1 << 20];
+        let full = loop {
+            if let Err(e) = f.write_all(&mib) {
+                break e;
+            }
+        };
+        assert_eq!(full.raw_os_error(), Some(libc::ENOSPC), "{full}");
+        let _ = f.sync_all();
+        let snap: tandem_api::SnapshotName = "s".parse().unwrap();
+        let taken = v
+            .begin_snapshot(&snap)
+            .and_then(|()| v.fill_snapshot().map(drop));
+        let mut got = vec![0u8; size as usize];
+        match &taken {
+            Ok(()) => {
+                v.open_snapshot(&snap)
+                    .unwrap()
+                    .read_at(&mut got, 0)
+                    .unwrap();
+                assert!(got == old, "the snapshot holds the volume's bytes");
+            }
+            Err(e) => {
+                assert!(matches!(e, PoolError::NoSpace { .. }), "{e}");
+                assert!(e.to_string().contains("pool"), "{e}");
+                assert!(v.snapshots().is_empty());
+                let left: Vec<_> = std::fs::read_dir(&dir)
+                    .unwrap()
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("vm@"))
+                    .collect();
+                assert!(left.is_empty(), "left behind: {left:?}");
+            }
+        }
+        v.data().read_at(&mut got, 0).unwrap();
+        assert!(got == old, "the volume's bytes are unchanged");
+        // With room again, it is taken.
+        drop(f);
+        std::fs::remove_file(&filler).unwrap();
+        if taken.is_err() {
+            v.begin_snapshot(&snap).unwrap();
+            v.fill_snapshot().unwrap();
+        }
+        assert_eq!(v.snapshots().len(), 1);
+    }
+
     #[test]
     fn interrupted_snapshot_steps_are_finished_when_the_pool_opens() {
         let dir = tempfile::tempdir().unwrap();

@@ -332,10 +332,12 @@ impl Snapshots {
         };
         // Nothing waits for the disk here (writes are held back meanwhile): a crash
         // leaves a marker or a data file alone, both undone when the pool opens.
-        let file = write_record(&path(CREATING_EXT), &record).and_then(|()| {
-            DataFile::create_unsynced(&path(DATA_EXT), size)
-                .map_err(|e| PoolError::from_file_error(e, &self.pool, &path(DATA_EXT), size))
-        });
+        let file = write_record(&path(CREATING_EXT), &record)
+            .map_err(|e| e.or_no_space(&self.pool, 4096))
+            .and_then(|()| {
+                DataFile::create_unsynced(&path(DATA_EXT), size)
+                    .map_err(|e| PoolError::from_file_error(e, &self.pool, &path(DATA_EXT), size))
+            });
         let file = match file {
             Ok(f) => f,
             Err(e) => {

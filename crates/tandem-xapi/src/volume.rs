@@ -183,7 +183,7 @@ fn wait_ready(ctx: &Context, volume: &VolumeName) -> bool {
             Ok(Some(v)) if v.state == VolumeState::UpToDate => return true,
             Ok(_) => {
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(200));
+                pause = (pause * 2).min(Duration::from_millis(50));
             }
             Err(_) => return false,
         }
