@@ -171,6 +171,14 @@ fn check_volume(v: &Value) {
             ("uri", is_strings, true),
             ("keys", is_dict, true),
             ("cbt_enabled", Value::is_boolean, false),
+            (
+                "volume_type",
+                |t| {
+                    ["Data", "CBT_Metadata", "Data_and_CBT_Metadata"]
+                        .contains(&t.as_str().unwrap_or(""))
+                },
+                false,
+            ),
         ],
     );
 }
@@ -583,6 +591,23 @@ fn a_vm_disk_lives_through_the_plugins_on_three_nodes() {
             .all(|k| !k.starts_with("attached/") && !k.starts_with("active/")),
         "marks left: {dump:#}"
     );
+    // s1 kept for changed-block tracking only: its bytes out of reach, its changes known.
+    p.ok(0, "Volume.data_destroy", json!({"sr": SR, "key": s1}));
+    let stat = p.ok(0, "Volume.stat", json!({"sr": SR, "key": s1}));
+    assert_eq!(stat["volume_type"], "CBT_Metadata");
+    let (code, why) = p.err(x, "Datapath.attach", sdp.clone());
+    assert_eq!(code, "Invalid_argument");
+    assert!(why.contains("data_destroy"), "{why}");
+    let again = p.ok(
+        0,
+        "Volume.list_changed_blocks",
+        json!({
+            "sr": SR, "key": s1, "key2": s2, "offset": 0, "length": -1,
+        }),
+    );
+    assert_eq!(again["bitmap"], cbt["bitmap"]);
+    let (code, _) = p.err(0, "Volume.data_destroy", json!({"sr": SR, "key": key}));
+    assert_eq!(code, "Invalid_argument");
     // Attached by an operator rather than by xapi: in use all the same.
     run(c.tandem().args(["volume", "attach", &key, "--node", xn]));
     let (code, why) = p.err(0, "Volume.destroy", json!({"sr": SR, "key": key}));

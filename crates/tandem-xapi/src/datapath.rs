@@ -45,7 +45,7 @@ fn host_lock(volume: &VolumeName) -> Result<File, XapiError> {
 
 pub fn attach(ctx: &Context, p: idl::DatapathCall) -> Result<Value, XapiError> {
     let (sr, key) = target(ctx, &p.uri)?;
-    sr.visible(&key)?;
+    sr.visible(&key)?.has_data(&key)?;
     let node = ctx.node()?;
     let socket = node.nbd_socket.clone().ok_or_else(|| {
         XapiError::backend(format!(

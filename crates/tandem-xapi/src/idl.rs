@@ -166,6 +166,8 @@ pub struct VolumeRecord {
     pub uri: String,
     pub keys: Dict,
     pub cbt_enabled: bool,
+    /// `Data`, or `CBT_Metadata` once its data is destroyed.
+    pub volume_type: &'static str,
 }
 
 impl VolumeRecord {
@@ -175,12 +177,14 @@ impl VolumeRecord {
             "name": self.name,
             "description": self.description,
             "read_write": self.read_write,
+            // A Tandem volume has one writer at a time.
             "sharable": false,
             "virtual_size": self.virtual_size,
             "physical_utilisation": self.physical_utilisation,
             "uri": [self.uri],
             "keys": self.keys,
             "cbt_enabled": self.cbt_enabled,
+            "volume_type": self.volume_type,
         })
     }
 }

@@ -174,16 +174,7 @@ pub fn call(ctx: &Context, plugin: Plugin, method: &str, input: &str) -> Result<
         "Volume.enable_cbt" => volume::enable_cbt(ctx, params(m, &input)?),
         "Volume.disable_cbt" => volume::disable_cbt(ctx, params(m, &input)?),
         "Volume.list_changed_blocks" => volume::list_changed_blocks(ctx, params(m, &input)?),
-        "Volume.data_destroy" => {
-            params::<idl::VolumeKey>(m, &input)?;
-            Err(XapiError::new(
-                Kind::Unimplemented,
-                [
-                    "Volume.data_destroy".to_owned(),
-                    "Tandem finds changed blocks by comparing snapshots' data, so a snapshot's data cannot go while it serves changed-block tracking: keep the snapshot, or destroy it".to_owned(),
-                ],
-            ))
-        }
+        "Volume.data_destroy" => volume::data_destroy(ctx, params(m, &input)?),
         "Datapath.attach" => datapath::attach(ctx, params(m, &input)?),
         "Datapath.activate" => datapath::activate(ctx, params(m, &input)?),
         "Datapath.deactivate" => datapath::deactivate(ctx, params(m, &input)?),

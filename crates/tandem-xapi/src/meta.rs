@@ -113,6 +113,23 @@ pub struct VolumeMeta {
     /// gives it up if the volume turns out to be in use).
     #[serde(default)]
     pub destroying: bool,
+    /// `Volume.data_destroy`d: a snapshot kept only for changed-block tracking. Its
+    /// bytes can no longer be read, cloned or reverted to; they are what Tandem finds
+    /// the changes from, so they stay until the volume is destroyed.
+    #[serde(default)]
+    pub data_destroyed: bool,
+}
+
+impl VolumeMeta {
+    /// Refuses what needs the volume's bytes once they are destroyed.
+    pub fn has_data(&self, key: &Key) -> Result<(), XapiError> {
+        if self.data_destroyed {
+            return Err(XapiError::invalid(format!(
+                "the data of {key} was destroyed (Volume.data_destroy): only its changed blocks remain"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A volume's key: a Tandem volume, or one of its snapshots (`VOLUME@SNAPSHOT`, which

@@ -96,6 +96,11 @@ impl Facts {
             uri: meta::uri(&sr.uuid, key),
             keys: meta.keys.clone(),
             cbt_enabled: meta.cbt_enabled,
+            volume_type: if meta.data_destroyed {
+                "CBT_Metadata"
+            } else {
+                "Data"
+            },
         })
     }
 }
@@ -232,6 +237,7 @@ pub fn clone(ctx: &Context, p: idl::VolumeKey) -> Result<Value, XapiError> {
     let sr = Sr::open(ctx, &p.sr)?;
     let _lock = sr.lock()?;
     let source = sr.visible(&key)?;
+    source.has_data(&key)?;
     let new: VolumeName = fresh("vdi");
     let (volume, snap, temporary) = match &key {
         Key::Volume(v) => (v.clone(), fresh("clone"), true),
@@ -413,6 +419,23 @@ pub fn unset(ctx: &Context, p: idl::VolumeUnset) -> Result<Value, XapiError> {
     })
 }
 
+/// `Volume.data_destroy`: a snapshot becomes changed-block metadata only (see
+/// [`VolumeMeta::data_destroyed`]); a backup tool destroys it once a later snapshot
+/// has been backed up, which frees its blocks.
+pub fn data_destroy(ctx: &Context, p: idl::VolumeKey) -> Result<Value, XapiError> {
+    let key: Key = p.key.parse()?;
+    let sr = Sr::open(ctx, &p.sr)?;
+    sr.visible(&key)?;
+    if matches!(key, Key::Volume(_)) {
+        return Err(XapiError::invalid(format!(
+            "{key} is a volume: only a snapshot's data is destroyed (xapi's VDI.data_destroy)"
+        )));
+    }
+    in_use(&sr, &key)?;
+    sr.update_meta(&key, |m| m.data_destroyed = true)?;
+    Ok(Value::Null)
+}
+
 pub fn enable_cbt(ctx: &Context, p: idl::VolumeKey) -> Result<Value, XapiError> {
     change(ctx, &p.sr, &p.key, |m| m.cbt_enabled = true)
 }
@@ -453,7 +476,7 @@ pub fn revert(ctx: &Context, p: idl::VolumeRevert) -> Result<Value, XapiError> {
     let sr = Sr::open(ctx, &p.sr)?;
     let _lock = sr.lock()?;
     sr.visible(&key)?;
-    sr.visible(&snapshot)?;
+    sr.visible(&snapshot)?.has_data(&snapshot)?;
     let volume = live(&key, "Volume.revert")?;
     let snap = match &snapshot {
         Key::Snapshot(v, s) if *v == volume => s.clone(),
