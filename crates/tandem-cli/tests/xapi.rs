@@ -357,13 +357,7 @@ fn set_bits(b64: &str) -> Vec<u64> {
 
 /// Tandem's volumes and snapshots, as `volume` and `volume@snapshot`.
 fn tandem_keys(c: &Cluster) -> Vec<String> {
-    let mut keys: Vec<String> = c
-        .json(&["volume", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_owned())
-        .collect();
+    let mut keys = c.volume_names();
     for s in c.json(&["snapshot", "list"]).as_array().unwrap() {
         keys.push(format!(
             "{}@{}",

@@ -82,6 +82,7 @@ fn routes(controller: Arc<Controller>) -> Router {
         .route("/v1/volumes/{volume}/status", get(status))
         .route("/v1/volumes/{volume}/attach", post(attach))
         .route("/v1/volumes/{volume}/detach", post(detach))
+        .route("/v1/volumes/{volume}/adopt", post(adopt))
         .route("/v1/volumes/{volume}/replicas", post(replicas))
         .route("/v1/volumes/{volume}/verify", post(verify))
         .route("/v1/snapshots", get(all_snapshots))
@@ -278,14 +279,36 @@ async fn resize_volume(
     ))
 }
 
+/// `?force=true`: even while open or with snapshots; `?orphan=true`: the volumes of
+/// that name nodes hold and the controller has no record of.
+#[derive(Deserialize)]
+struct DeleteVolume {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    orphan: bool,
+}
+
 async fn delete_volume(
     State(c): Shared,
     path: Result<Path<VolumeName>, PathRejection>,
-    Query(q): Query<Force>,
+    Query(q): Query<DeleteVolume>,
 ) -> Result<impl IntoResponse, Failure> {
     let Path(name) = path?;
+    if q.orphan {
+        blocking(move || c.delete_orphan(&name)).await?;
+        return Ok(StatusCode::ACCEPTED);
+    }
     blocking(move || c.delete_volume(&name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn adopt(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    Ok(Json(blocking(move || c.adopt_volume(&name)).await?))
 }
 
 async fn status(

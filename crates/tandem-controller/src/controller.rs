@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use tandem_api::{ApiError, NodeName, NodeState, PoolInfo, ReplicaReport, VolumeName};
+use tandem_api::{ApiError, NodeName, NodeState, PoolInfo, ReplicaReport, VolumeName, VolumeSpec};
 
-use crate::model::Model;
+use crate::model::{Model, Part};
 use crate::node_client::NodeClient;
 use crate::store::{Store, StoreError, Writer};
 
@@ -28,6 +28,9 @@ pub struct Observed {
     pub replicas: BTreeMap<VolumeName, ReplicaReport>,
     /// Volumes whose desired state the node refused, and why.
     pub failures: BTreeMap<VolumeName, String>,
+    /// Volumes it holds that the controller has no record of (neither wanted nor
+    /// deleted): left alone until adopted or deleted by an operator.
+    pub orphans: BTreeMap<VolumeName, VolumeSpec>,
     /// Events from the node applied so far (see `follow`): a visit whose report may
     /// be older than one of them looks again.
     pub events: u64,
@@ -42,6 +45,7 @@ impl Default for Observed {
             pools: Vec::new(),
             replicas: BTreeMap::new(),
             failures: BTreeMap::new(),
+            orphans: BTreeMap::new(),
             events: 0,
         }
     }
@@ -133,6 +137,17 @@ impl Wake {
     }
 }
 
+/// Records deletions in the database, then in the model.
+fn persist_deletions(d: &mut Desired, parts: &[Part]) -> Result<(), StoreError> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    d.store
+        .write(|w| parts.iter().try_for_each(|p| w.deletion(p)))?;
+    d.model.deletions.extend(parts.iter().cloned());
+    Ok(())
+}
+
 pub struct Controller {
     pub(crate) desired: Mutex<Desired>,
     pub(crate) observed: RwLock<BTreeMap<NodeName, Observed>>,
@@ -188,16 +203,60 @@ impl Controller {
 
     /// Writes a change to the database, then applies it to the model, then wakes the
     /// reconcilers: the model never holds what the database does not.
+    ///
+    /// The parts of volumes on nodes that the change removes (a volume deleted, a
+    /// replica moved off a node) are recorded as deletions, in a second transaction:
+    /// nodes drop a volume only on such a record. Cut between the two, the part is
+    /// left on its node as an orphan, reported, never deleted unasked.
     pub(crate) fn commit(
         &self,
         d: &mut Desired,
         persist: impl FnOnce(&Writer<'_>) -> Result<(), StoreError>,
         apply: impl FnOnce(&mut Model),
     ) -> Result<(), Refusal> {
+        let before = d.model.parts();
         d.store.write(persist)?;
         apply(&mut d.model);
+        let after = d.model.parts();
+        let gone: Vec<Part> = before
+            .difference(&after)
+            .filter(|p| d.model.nodes.contains_key(&p.node))
+            .cloned()
+            .collect();
+        if let Err(e) = persist_deletions(d, &gone) {
+            tracing::error!(error = %e, parts = ?gone,
+                "cannot record deletions: the nodes keep these parts as orphans");
+        }
         self.wake.notify();
         Ok(())
+    }
+
+    /// Has nodes delete parts of volumes the model does not hold (orphans).
+    pub(crate) fn record_deletions(&self, parts: &[Part]) -> Result<(), Refusal> {
+        let mut d = self.desired();
+        persist_deletions(&mut d, parts)?;
+        drop(d);
+        self.wake.notify();
+        Ok(())
+    }
+
+    /// Drops deletion records a node has carried out.
+    pub(crate) fn forget_deletions(&self, done: &[Part]) {
+        if done.is_empty() {
+            return;
+        }
+        let mut d = self.desired();
+        match d
+            .store
+            .write(|w| done.iter().try_for_each(|p| w.drop_deletion(p)))
+        {
+            Ok(()) => {
+                for p in done {
+                    d.model.deletions.remove(p);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot drop deletions carried out; kept for now"),
+        }
     }
 
     pub(crate) fn client(&self, node: &NodeName) -> Option<NodeClient> {

@@ -11,6 +11,7 @@ mod model;
 mod node_client;
 mod openapi;
 mod ops;
+mod orphans;
 mod placement;
 mod reconcile;
 mod snapshots;

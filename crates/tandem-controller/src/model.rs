@@ -1,7 +1,7 @@
 //! The cluster's desired state: what the controller keeps in its database, and the
 //! volume specs it derives from it for each node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tandem_api::{
     ClusterId, Group, GroupName, NodeId, NodeName, Origin, Participant, ParticipantKind, PoolName,
@@ -81,6 +81,17 @@ pub struct Model {
     pub volumes: BTreeMap<VolumeName, VolumeRow>,
     pub kv: BTreeMap<(StoreName, String), String>,
     pub snapshots: BTreeMap<(VolumeName, SnapshotName), SnapshotRow>,
+    /// Replicas to drop from nodes (recorded when they leave the model).
+    pub deletions: BTreeSet<Part>,
+}
+
+/// A volume's part on a node (a replica, a diskless or tiebreaker participant):
+/// what the controller deletes from nodes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Part {
+    pub node: NodeName,
+    pub volume: VolumeName,
+    pub id: VolumeId,
 }
 
 /// A snapshot of a volume, and the nodes whose replica holds it.
@@ -141,6 +152,20 @@ impl Model {
             .iter()
             .filter(|(_, v)| v.participant(node).is_some())
             .filter_map(|(name, _)| Some((name.clone(), self.spec(name)?)))
+            .collect()
+    }
+
+    /// Every volume's part on every node.
+    pub fn parts(&self) -> BTreeSet<Part> {
+        self.volumes
+            .iter()
+            .flat_map(|(name, v)| {
+                v.participants.iter().map(move |p| Part {
+                    node: p.node.clone(),
+                    volume: name.clone(),
+                    id: v.id,
+                })
+            })
             .collect()
     }
 

@@ -162,10 +162,20 @@ fn operations() -> Vec<Operation> {
         (
             "delete",
             "/v1/volumes/{volume}",
-            "Delete a volume (?force=true even while open)",
+            "Delete a volume (?force=true even while open or with snapshots; ?orphan=true: \
+             have the nodes delete the volumes of that name the controller has no record of, \
+             202)",
             None,
             204,
             None,
+        ),
+        (
+            "post",
+            "/v1/volumes/{volume}/adopt",
+            "Take into the model a volume nodes hold that the controller has no record of",
+            None,
+            200,
+            Some(schema("Volume")),
         ),
         (
             "get",

@@ -6,7 +6,7 @@
 //! meanwhile appear, deleted ones go, changed ones are updated. Nothing waits for a
 //! node to come back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use tandem_api::{
@@ -14,7 +14,7 @@ use tandem_api::{
 };
 
 use crate::controller::{Controller, Observed};
-use crate::model::{Cluster, NodeRow, PoolRow};
+use crate::model::{Cluster, NodeRow, Part, PoolRow};
 use crate::node_client::{CallError, NodeClient};
 
 /// A visit that could not get the node in hand.
@@ -139,17 +139,42 @@ fn converge(
     let events_before = c.observed(node).events;
 
     let mut reports = client.replicated()?;
-    let desired = c.desired().model.specs_for(node);
+    let (desired, deletions) = {
+        let d = c.desired();
+        let deletions: BTreeSet<Part> = (d.model.deletions.iter())
+            .filter(|p| &p.node == node)
+            .cloned()
+            .collect();
+        (d.model.specs_for(node), deletions)
+    };
+    let part = |r: &ReplicaReport| Part {
+        node: node.clone(),
+        volume: r.spec.name.clone(),
+        id: r.spec.volume_id,
+    };
     let mut failures = BTreeMap::new();
     let mut changed = false;
     for (name, spec) in &desired {
         let current = reports.iter().find(|r| &r.spec.name == name);
         let result = match current {
             Some(r) if r.spec == *spec => continue,
-            // Another volume of that name (deleted and created again meanwhile).
-            Some(r) if r.spec.volume_id != spec.volume_id => client
-                .delete_volume(name)
-                .and_then(|()| client.put_spec(spec)),
+            // Another volume of that name: one deleted (and the name used again) goes;
+            // one the controller has no record of stays, in the way.
+            Some(r) if r.spec.volume_id != spec.volume_id => {
+                if !deletions.contains(&part(r)) {
+                    failures.insert(
+                        name.clone(),
+                        format!(
+                            "the node holds another volume of this name (id {}) the controller has no record of: adopt or delete it first",
+                            r.spec.volume_id
+                        ),
+                    );
+                    continue;
+                }
+                client
+                    .delete_volume(name)
+                    .and_then(|()| client.put_spec(spec))
+            }
             _ => client.put_spec(spec),
         };
         changed = true;
@@ -161,9 +186,25 @@ fn converge(
             }
         }
     }
+    // A volume the model does not want is deleted only on a deletion record: one the
+    // controller has no record of at all (from before a restored database, say) is an
+    // orphan, left as it is and reported.
+    let mut orphans = BTreeMap::new();
     for r in &reports {
         let name = &r.spec.name;
-        if r.spec.cluster_id != cluster.id || desired.contains_key(name) {
+        if r.spec.cluster_id != cluster.id
+            || desired
+                .get(name)
+                .is_some_and(|s| s.volume_id == r.spec.volume_id)
+        {
+            continue;
+        }
+        if !deletions.contains(&part(r)) {
+            orphans.insert(name.clone(), r.spec.clone());
+            continue;
+        }
+        if desired.contains_key(name) {
+            // Replaced above.
             continue;
         }
         changed = true;
@@ -178,13 +219,22 @@ fn converge(
     if changed {
         reports = client.replicated()?;
     }
+    let done: Vec<Part> = deletions
+        .into_iter()
+        .filter(|p| {
+            !reports
+                .iter()
+                .any(|r| r.spec.name == p.volume && r.spec.volume_id == p.id)
+        })
+        .collect();
+    c.forget_deletions(&done);
     let was = c.observed(node).state;
     if was != NodeState::Online {
         tracing::info!(%node, "node is online");
     }
     let replicas: BTreeMap<VolumeName, ReplicaReport> = reports
         .into_iter()
-        .filter(|r| r.spec.cluster_id == cluster.id)
+        .filter(|r| r.spec.cluster_id == cluster.id && !orphans.contains_key(&r.spec.name))
         .map(|r| (r.spec.name.clone(), r))
         .collect();
     let mut overtaken = false;
@@ -197,6 +247,7 @@ fn converge(
             pools: info.pools.clone(),
             replicas,
             failures,
+            orphans,
             events: o.events,
         }
     });

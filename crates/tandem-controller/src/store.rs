@@ -8,7 +8,7 @@
 //! moves a database one version up, in a transaction, so a newer `tandemd` opens an
 //! older database; a database from a newer `tandemd` is refused, never altered.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -16,7 +16,9 @@ use tandem_api::{
     ClusterId, Group, NodeId, NodeName, Origin, ParticipantKind, SnapshotName, VolumeName,
 };
 
-use crate::model::{Cluster, Model, NodeRow, ParticipantRow, PoolRow, SnapshotRow, VolumeRow};
+use crate::model::{
+    Cluster, Model, NodeRow, Part, ParticipantRow, PoolRow, SnapshotRow, VolumeRow,
+};
 
 /// Schema steps; `MIGRATIONS[i]` upgrades version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -71,6 +73,13 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (volume, name));",
     // 4: a clone's origin, VOLUME@SNAPSHOT.
     "ALTER TABLE volumes ADD COLUMN origin TEXT;",
+    // 5: replicas the controller removed from the model and a node still has to drop:
+    // a node's volume is deleted only on such a record, never for being unknown.
+    "CREATE TABLE deletions (
+         node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+         volume TEXT NOT NULL,
+         id TEXT NOT NULL,
+         PRIMARY KEY (node, volume, id));",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -314,6 +323,22 @@ impl Store {
                 },
             );
         }
+        let mut deletions = BTreeSet::new();
+        let mut q = self.db.prepare("SELECT node, volume, id FROM deletions")?;
+        for row in q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })? {
+            let (node, volume, id) = row?;
+            deletions.insert(Part {
+                node: node.parse().map_err(invalid)?,
+                volume: volume.parse().map_err(invalid)?,
+                id: id.parse().map_err(invalid)?,
+            });
+        }
         Ok(Model {
             cluster,
             nodes,
@@ -322,6 +347,7 @@ impl Store {
             volumes,
             kv,
             snapshots,
+            deletions,
         })
     }
 
@@ -348,6 +374,22 @@ impl Writer<'_> {
             "INSERT INTO nodes (name, address, peer_address) VALUES (?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE SET address = ?2, peer_address = ?3",
             params![name.as_str(), row.address, row.peer_address],
+        )?;
+        Ok(())
+    }
+
+    pub fn deletion(&self, d: &Part) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO deletions (node, volume, id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            params![d.node.as_str(), d.volume.as_str(), d.id.to_string()],
+        )?;
+        Ok(())
+    }
+
+    pub fn drop_deletion(&self, d: &Part) -> Result<(), StoreError> {
+        self.tx.execute(
+            "DELETE FROM deletions WHERE node = ?1 AND volume = ?2 AND id = ?3",
+            params![d.node.as_str(), d.volume.as_str(), d.id.to_string()],
         )?;
         Ok(())
     }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use tandem_api::{
     ClusterNode, ClusterParticipant, ClusterPool, ClusterVolume, ConnectionState, DiskState,
-    Finding, Health, NodeName, NodeState, ReplicationState, Role, Severity, VolumeName,
-    VolumeState, VolumeStatus,
+    Finding, Health, NodeName, NodeState, ReplicationState, Role, Severity, VolumeId, VolumeName,
+    VolumeSpec, VolumeState, VolumeStatus,
 };
 
 use crate::controller::Observed;
@@ -259,6 +259,20 @@ impl Snapshot<'_> {
         })
     }
 
+    /// Volumes nodes reported holding that the controller has no record of (or not
+    /// on those nodes), by name and id, with each holder's spec.
+    pub fn orphans(&self) -> BTreeMap<(VolumeName, VolumeId), BTreeMap<NodeName, VolumeSpec>> {
+        let mut out: BTreeMap<_, BTreeMap<NodeName, VolumeSpec>> = BTreeMap::new();
+        for (node, o) in self.observed {
+            for (name, spec) in &o.orphans {
+                out.entry((name.clone(), spec.volume_id))
+                    .or_default()
+                    .insert(node.clone(), spec.clone());
+            }
+        }
+        out
+    }
+
     pub fn health(&self) -> Health {
         let mut findings = Vec::new();
         for n in self.nodes() {
@@ -302,6 +316,36 @@ impl Snapshot<'_> {
                         .into(),
                 });
             }
+        }
+        for ((name, id), specs) in self.orphans() {
+            let holders: Vec<&str> = specs.keys().map(|n| n.as_str()).collect();
+            let known = self.model.volumes.get(&name).is_some_and(|v| v.id == id);
+            findings.push(Finding {
+                severity: Severity::Warning,
+                object: format!("volume {name}"),
+                message: {
+                    let (nodes, verb) = if holders.len() == 1 {
+                        ("node", "holds")
+                    } else {
+                        ("nodes", "hold")
+                    };
+                    let who = holders.join(", ");
+                    if known {
+                        format!("{nodes} {who} {verb} a replica of volume {name} where the controller places none")
+                    } else {
+                        format!("{nodes} {who} {verb} volume {name} (id {id}), which the controller has no record of")
+                    }
+                },
+                correction: if known {
+                    "add it back with `tandem volume replicas NAME --add NODE` once checked, \
+                     or have it deleted with `tandem volume delete NAME --orphan`"
+                        .into()
+                } else {
+                    "adopt it with `tandem volume adopt NAME`, or have it deleted with \
+                     `tandem volume delete NAME --orphan`"
+                        .into()
+                },
+            });
         }
         for v in self.volumes() {
             let (severity, correction) = match v.state {
@@ -427,6 +471,7 @@ mod tests {
             volumes,
             kv: BTreeMap::new(),
             snapshots: BTreeMap::new(),
+            deletions: Default::default(),
         }
     }
 

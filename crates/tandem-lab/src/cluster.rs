@@ -51,6 +51,19 @@ impl Cluster {
         json(&run(self.tandem().args(["-o", "json"]).args(args)))
     }
 
+    /// The names of the cluster's volumes (`tandem volume list`), sorted.
+    pub fn volume_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .json(&["volume", "list"])
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|v| v["name"].as_str().expect("a name").to_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// `tandem ARGS`, expected to fail: its stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = output(self.tandem().args(args));

@@ -70,7 +70,14 @@ pub enum VolumeCommand {
         /// Delete it even while it is attached or a node holding it is unreachable.
         #[arg(long)]
         force: bool,
+        /// Have the nodes delete the volume of this name they hold and the controller
+        /// has no record of (an orphan, as `tandem health` reports it).
+        #[arg(long, conflicts_with = "force")]
+        orphan: bool,
     },
+    /// Take a volume nodes hold that the controller has no record of (an orphan, as
+    /// `tandem health` reports it) into the cluster, as it stands on its nodes.
+    Adopt { name: VolumeName },
 }
 
 pub fn run(api: &Client, out: Output, cmd: &VolumeCommand) -> Result<(), CliError> {
@@ -140,7 +147,27 @@ pub fn run(api: &Client, out: Output, cmd: &VolumeCommand) -> Result<(), CliErro
             let report: serde_json::Value = api.post(&format!("/v1/volumes/{name}/verify"))?;
             emit(out, &report, verify_table);
         }
-        VolumeCommand::Delete { name, force } => {
+        VolumeCommand::Adopt { name } => {
+            let v: ClusterVolume = api.post(&format!("/v1/volumes/{name}/adopt"))?;
+            emit(out, &v, one);
+        }
+        VolumeCommand::Delete {
+            name,
+            force: _,
+            orphan: true,
+        } => {
+            api.delete(&format!("/v1/volumes/{name}?orphan=true"))?;
+            deleted(
+                out,
+                format!("orphan volume {name} (its nodes drop it on their next visit)"),
+                serde_json::json!({ "volume": name, "orphan": true }),
+            );
+        }
+        VolumeCommand::Delete {
+            name,
+            force,
+            orphan: false,
+        } => {
             api.delete(&format!("/v1/volumes/{name}{}", force_query(*force)))?;
             deleted(
                 out,

@@ -1,0 +1,128 @@
+//! A controller brought back with an older database: volumes created since are on the
+//! nodes but not in its records. They are reported as orphans and left alone (never
+//! deleted for being unknown), then adopted with their data, or deleted on request.
+
+use std::path::PathBuf;
+
+use tandem_lab::{CONVERGE, Cluster, run, wait_for};
+
+/// The controller's database files (with its write-ahead log, if any) in `dir`.
+fn database_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    ["controller.db", "controller.db-wal", "controller.db-shm"]
+        .iter()
+        .map(|f| dir.join(f))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+#[test]
+fn volumes_unknown_to_a_restored_database_are_orphans_adopted_with_their_data() {
+    let mut c = Cluster::start("rs", 2);
+    let (n1, n2) = (c.nodes[0].name.clone(), c.nodes[1].name.clone());
+    run(c.tandem().args([
+        "volume",
+        "create",
+        "before",
+        "--size",
+        "16M",
+        "--replicas",
+        "2",
+    ]));
+    c.wait_up_to_date(CONVERGE);
+
+    // The database as it is now, copied while the controller is stopped.
+    let saved = c.nodes[0].dir.join("saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    c.node_mut(&n1).stop();
+    for f in database_files(&c.nodes[0].dir) {
+        std::fs::copy(&f, saved.join(f.file_name().unwrap())).unwrap();
+    }
+    c.node_mut(&n1).restart();
+    c.wait_nodes_online();
+
+    // Volumes made after it: one with data to keep, one to drop.
+    for v in ["later", "stray"] {
+        run(c
+            .tandem()
+            .args(["volume", "create", v, "--size", "16M", "--replicas", "2"]));
+    }
+    c.wait_up_to_date(CONVERGE);
+    run(c
+        .tandem()
+        .args(["volume", "attach", "later", "--node", &n2]));
+    c.node(&n2).qemu_io("later", &["write -P 0xcd 0 1M"]);
+    run(c
+        .tandem()
+        .args(["volume", "detach", "later", "--node", &n2]));
+
+    // The controller comes back with the older database.
+    c.node_mut(&n1).stop();
+    for f in database_files(&c.nodes[0].dir) {
+        std::fs::remove_file(f).unwrap();
+    }
+    for f in database_files(&saved) {
+        std::fs::copy(&f, c.nodes[0].dir.join(f.file_name().unwrap())).unwrap();
+    }
+    c.node_mut(&n1).restart();
+    c.wait_nodes_online();
+    assert_eq!(c.volume_names(), ["before"]);
+    wait_for("the orphans are reported", CONVERGE, &[], || {
+        let (_, report) = c.health();
+        ["later", "stray"]
+            .iter()
+            .all(|v| report.contains(&format!("nodes {n1}, {n2} hold volume {v} (id ")))
+            && report.contains("which the controller has no record of")
+    });
+    // Left on their nodes, after several visits.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    for n in [&n1, &n2] {
+        let held = c.held_by(n);
+        for v in ["before", "later", "stray"] {
+            assert!(held.contains(&v.to_owned()), "{n} lost {v}: {held:?}");
+        }
+    }
+    let (_, report) = c.health();
+    assert!(report.contains("tandem volume adopt NAME"), "{report}");
+
+    // Adopted: in the model again, its bytes as written.
+    let v = c.json(&["volume", "adopt", "later"]);
+    assert_eq!(v["name"], "later");
+    assert_eq!(v["size"], 16 << 20);
+    assert_eq!(Cluster::participants(&v, "diskful").len(), 2, "{v:#}");
+    c.wait_up_to_date(CONVERGE);
+    run(c
+        .tandem()
+        .args(["volume", "attach", "later", "--node", &n1]));
+    c.node(&n1)
+        .qemu_io("later", &["read -P 0xcd 0 1M", "read -P 0 1M 1M"]);
+    // Adopting what is not an orphan is refused.
+    assert!(
+        c.fails(&["volume", "adopt", "before"])
+            .contains("no node reports an orphan volume before")
+    );
+
+    // Deleted on request: gone from its nodes, and from the report.
+    run(c.tandem().args(["volume", "delete", "stray", "--orphan"]));
+    wait_for("the orphan is deleted", CONVERGE, &[], || {
+        [&n1, &n2]
+            .iter()
+            .all(|n| !c.held_by(n).contains(&"stray".to_owned()))
+    });
+    wait_for("nothing is reported", CONVERGE, &[], || {
+        !c.health().1.contains("stray")
+    });
+    assert_eq!(c.volume_names(), ["before", "later"]);
+
+    // An ordinary deletion still deletes (on the record the controller keeps of it).
+    run(c.tandem().args(["volume", "delete", "before"]));
+    wait_for(
+        "the deleted volume is gone from its nodes",
+        CONVERGE,
+        &[],
+        || {
+            [&n1, &n2]
+                .iter()
+                .all(|n| !c.held_by(n).contains(&"before".to_owned()))
+        },
+    );
+}
