@@ -28,6 +28,22 @@ pub struct ClusterInfo {
     /// The node running the controller.
     pub controller: NodeName,
     pub version: String,
+    /// The newest backup of the controller's database in its data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<BackupInfo>,
+}
+
+/// A backup of the controller's database, checked when it was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BackupInfo {
+    /// Its file, on the controller's node.
+    pub file: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    pub bytes: u64,
+    /// Volumes it records.
+    pub volumes: usize,
 }
 
 /// `POST /v1/nodes`: manage the `tandemd` whose API answers at `address`.

@@ -15,10 +15,10 @@ pub use body::{
     SnapshotTaken, UpdateVolume, VolumeInfo,
 };
 pub use cluster::{
-    ChangeReplicas, ClusterInfo, ClusterNode, ClusterParticipant, ClusterPool, ClusterSnapshot,
-    ClusterVolume, CreateClusterVolume, CreateNode, Finding, Group, Health, KV_KEY_MAX,
-    KvCondition, KvEntry, KvValue, NodeState, OnNode, ResizeVolume, Severity, VolumeState,
-    check_kv_key, encode_path,
+    BackupInfo, ChangeReplicas, ClusterInfo, ClusterNode, ClusterParticipant, ClusterPool,
+    ClusterSnapshot, ClusterVolume, CreateClusterVolume, CreateNode, Finding, Group, Health,
+    KV_KEY_MAX, KvCondition, KvEntry, KvValue, NodeState, OnNode, ResizeVolume, Severity,
+    VolumeState, check_kv_key, encode_path,
 };
 pub use ids::{ClusterId, NodeId, VolumeId};
 pub use names::{GroupName, NameError, NodeName, PoolName, SnapshotName, StoreName, VolumeName};

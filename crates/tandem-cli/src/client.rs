@@ -7,6 +7,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tandem_api::ApiError;
 
+/// The largest JSON answer read (a listing of thousands of volumes fits).
+const ANSWER_LIMIT: u64 = 64 << 20;
+
 pub struct Client {
     base: String,
     agent: ureq::Agent,
@@ -71,6 +74,25 @@ impl Client {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, CliError> {
+        let bytes = self.exchange(method, path, body, ANSWER_LIMIT)?;
+        String::from_utf8(bytes).map_err(|e| CliError::Answer {
+            url: self.base.clone(),
+            why: e.to_string(),
+        })
+    }
+
+    /// A binary answer of up to `limit` bytes (a database backup).
+    pub fn get_bytes(&self, path: &str, limit: u64) -> Result<Vec<u8>, CliError> {
+        self.exchange("GET", path, None, limit)
+    }
+
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        limit: u64,
+    ) -> Result<Vec<u8>, CliError> {
         let url = format!("{}{path}", self.base);
         let transport = |why: String| CliError::Transport {
             url: self.base.clone(),
@@ -88,11 +110,14 @@ impl Client {
             .map_err(|e| transport(e.to_string()))?;
         let mut resp = self.agent.run(req).map_err(|e| transport(e.to_string()))?;
         let status = resp.status().as_u16();
-        let text = resp
+        let bytes = resp
             .body_mut()
-            .read_to_string()
+            .with_config()
+            .limit(limit)
+            .read_to_vec()
             .map_err(|e| transport(e.to_string()))?;
         if status >= 400 {
+            let text = String::from_utf8_lossy(&bytes);
             let error = serde_json::from_str::<ApiError>(&text).unwrap_or(ApiError {
                 message: format!("{method} {path} failed with HTTP {status}"),
                 cause: (!text.trim().is_empty()).then(|| text.trim().to_owned()),
@@ -100,7 +125,7 @@ impl Client {
             });
             return Err(CliError::Api { status, error });
         }
-        Ok(text)
+        Ok(bytes)
     }
 
     fn decode<T: DeserializeOwned>(&self, text: &str) -> Result<T, CliError> {

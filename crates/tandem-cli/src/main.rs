@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use tandem_api::ByteSize;
 
 use crate::client::Client;
+use crate::commands::cluster::ClusterCommand;
 use crate::commands::group::GroupCommand;
 use crate::commands::kv::KvCommand;
 use crate::commands::node::NodeCommand;
@@ -45,8 +46,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// The cluster's identity and the node running its controller.
-    Cluster,
+    /// The cluster's identity, the node running its controller, its last database backup;
+    /// `tandem cluster backup FILE` makes one.
+    Cluster {
+        #[command(subcommand)]
+        cmd: Option<ClusterCommand>,
+    },
     /// Nodes: the hosts of the cluster.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -100,7 +105,7 @@ fn main() -> ExitCode {
         }
         Command::Health => return ExitCode::from(health::run(&api, out)),
         Command::Xapi(cmd) => return xapi::run(&cli.controller, cmd),
-        Command::Cluster => cluster::run(&api, out),
+        Command::Cluster { cmd } => cluster::run(&api, out, cmd.as_ref()),
         Command::Node(cmd) => node::run(&api, out, cmd),
         Command::Pool(cmd) => pool::run(&api, out, cmd),
         Command::Group(cmd) => group::run(&api, out, cmd),

@@ -1,19 +1,9 @@
-//! A controller brought back with an older database: volumes created since are on the
-//! nodes but not in its records. They are reported as orphans and left alone (never
-//! deleted for being unknown), then adopted with their data, or deleted on request.
-
-use std::path::PathBuf;
+//! A controller started from an older backup of its database: volumes created since are
+//! on the nodes but not in its records. They are reported as orphans and left alone
+//! (never deleted for being unknown), then adopted with their data, or deleted on
+//! request. Backups are made on demand and after changes, each checked.
 
 use tandem_lab::{CONVERGE, Cluster, run, wait_for};
-
-/// The controller's database files (with its write-ahead log, if any) in `dir`.
-fn database_files(dir: &std::path::Path) -> Vec<PathBuf> {
-    ["controller.db", "controller.db-wal", "controller.db-shm"]
-        .iter()
-        .map(|f| dir.join(f))
-        .filter(|p| p.exists())
-        .collect()
-}
 
 #[test]
 fn volumes_unknown_to_a_restored_database_are_orphans_adopted_with_their_data() {
@@ -30,15 +20,16 @@ fn volumes_unknown_to_a_restored_database_are_orphans_adopted_with_their_data() 
     ]));
     c.wait_up_to_date(CONVERGE);
 
-    // The database as it is now, copied while the controller is stopped.
-    let saved = c.nodes[0].dir.join("saved");
-    std::fs::create_dir_all(&saved).unwrap();
-    c.node_mut(&n1).stop();
-    for f in database_files(&c.nodes[0].dir) {
-        std::fs::copy(&f, saved.join(f.file_name().unwrap())).unwrap();
-    }
-    c.node_mut(&n1).restart();
-    c.wait_nodes_online();
+    // A backup on demand, checked; automatic ones follow changes.
+    let backup = c.nodes[1].dir.join("cluster.backup");
+    run(c
+        .tandem()
+        .args(["cluster", "backup", backup.to_str().unwrap()]));
+    let head = std::fs::read(&backup).unwrap();
+    assert!(head.starts_with(b"SQLite format 3\0"), "not an SQLite file");
+    wait_for("an automatic backup is made", CONVERGE, &[], || {
+        c.json(&["cluster"])["last-backup"]["volumes"] == 1
+    });
 
     // Volumes made after it: one with data to keep, one to drop.
     for v in ["later", "stray"] {
@@ -55,15 +46,11 @@ fn volumes_unknown_to_a_restored_database_are_orphans_adopted_with_their_data() 
         .tandem()
         .args(["volume", "detach", "later", "--node", &n2]));
 
-    // The controller comes back with the older database.
-    c.node_mut(&n1).stop();
-    for f in database_files(&c.nodes[0].dir) {
-        std::fs::remove_file(f).unwrap();
-    }
-    for f in database_files(&saved) {
-        std::fs::copy(&f, c.nodes[0].dir.join(f.file_name().unwrap())).unwrap();
-    }
-    c.node_mut(&n1).restart();
+    // The controller's node is lost with its database; it comes back from the backup.
+    c.node_mut(&n1).kill();
+    std::fs::remove_file(c.nodes[0].dir.join("controller.db")).unwrap();
+    c.node_mut(&n1)
+        .restart_with(&["--restore-db", backup.to_str().unwrap()]);
     c.wait_nodes_online();
     assert_eq!(c.volume_names(), ["before"]);
     wait_for("the orphans are reported", CONVERGE, &[], || {
@@ -112,6 +99,27 @@ fn volumes_unknown_to_a_restored_database_are_orphans_adopted_with_their_data() 
         !c.health().1.contains("stray")
     });
     assert_eq!(c.volume_names(), ["before", "later"]);
+
+    // Started again with the same flag, it does not roll back a second time.
+    c.node_mut(&n1).stop();
+    c.node_mut(&n1).restart();
+    c.wait_nodes_online();
+    assert_eq!(c.volume_names(), ["before", "later"]);
+    // A file that is no database is refused, and the node does not start on it.
+    let junk = c.nodes[1].dir.join("junk.db");
+    std::fs::write(&junk, b"not a database").unwrap();
+    let out = tandem_lab::output(
+        std::process::Command::new(tandem_lab::tandemd_bin())
+            .args([
+                "--name",
+                "x",
+                "--data-dir",
+                c.nodes[1].dir.join("x").to_str().unwrap(),
+            ])
+            .args(["--controller", "--restore-db", junk.to_str().unwrap()]),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("restoring the controller database"));
 
     // An ordinary deletion still deletes (on the record the controller keeps of it).
     run(c.tandem().args(["volume", "delete", "before"]));

@@ -63,6 +63,7 @@ async fn require_token(token: Arc<str>, req: Request, next: Next) -> Response {
 fn routes(controller: Arc<Controller>) -> Router {
     Router::new()
         .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/backup", get(backup))
         .route("/v1/health", get(health))
         .route("/v1/nodes", get(nodes).post(create_node))
         .route("/v1/nodes/{node}", get(node).delete(delete_node))
@@ -146,6 +147,18 @@ async fn openapi() -> impl IntoResponse {
 
 async fn cluster(State(c): Shared) -> impl IntoResponse {
     Json(c.info())
+}
+
+/// A fresh, checked backup of the controller's database: an SQLite file.
+async fn backup(State(c): Shared) -> Result<impl IntoResponse, Failure> {
+    let bytes = blocking(move || c.backup_bytes()).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/vnd.sqlite3"),
+        )],
+        bytes,
+    ))
 }
 
 async fn health(State(c): Shared) -> impl IntoResponse {

@@ -156,6 +156,8 @@ pub struct Controller {
     reconcilers: Mutex<BTreeMap<NodeName, Arc<AtomicBool>>>,
     /// The node this controller runs on.
     pub(crate) host: NodeName,
+    /// Its data directory (the database, its backups).
+    pub(crate) data_dir: std::path::PathBuf,
     /// How long visits of nodes take.
     pub(crate) reconcile_seconds: tandem_metrics::Latency,
 }
@@ -189,12 +191,24 @@ impl Controller {
             wake: Wake::default(),
             reconcilers: Mutex::default(),
             host,
+            data_dir: data_dir.to_path_buf(),
             reconcile_seconds: tandem_metrics::Latency::default(),
         });
         for node in nodes {
             controller.reconcile(node);
         }
+        controller.start_backups();
         Ok(controller)
+    }
+
+    /// Counts changes of the desired state.
+    pub(crate) fn generation(&self) -> u64 {
+        *self.wake.generation.lock().unwrap()
+    }
+
+    /// Waits for a change after `seen` (or the timeout); the newest generation.
+    pub(crate) fn wait_change(&self, seen: u64, timeout: Duration) -> u64 {
+        self.wake.wait(seen, timeout)
     }
 
     pub(crate) fn desired(&self) -> MutexGuard<'_, Desired> {

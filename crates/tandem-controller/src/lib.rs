@@ -3,6 +3,7 @@
 //! volume specs, and the cluster API (`/v1/...`, `/openapi.json`).
 
 mod api;
+mod backups;
 mod controller;
 mod follow;
 pub mod http;
@@ -19,5 +20,6 @@ mod store;
 mod view;
 
 pub use api::router;
+pub use backups::restore;
 pub use controller::Controller;
 pub use store::StoreError;

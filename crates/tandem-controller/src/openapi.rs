@@ -33,6 +33,14 @@ fn operations() -> Vec<Operation> {
         ),
         (
             "get",
+            "/v1/cluster/backup",
+            "A fresh backup of the controller's database (an SQLite file, application/vnd.sqlite3)",
+            None,
+            200,
+            None,
+        ),
+        (
+            "get",
             "/v1/health",
             "Problems that need attention, worst severity first",
             None,
@@ -328,7 +336,10 @@ fn schemas() -> Value {
         "Error": object(&["message"], json!({
             "message": {"type": "string"}, "cause": {"type": "string"}, "correction": {"type": "string"}})),
         "ClusterInfo": object(&["cluster-id", "controller", "version"], json!({
-            "cluster-id": {"type": "string"}, "controller": name, "version": {"type": "string"}})),
+            "cluster-id": {"type": "string"}, "controller": name, "version": {"type": "string"},
+            "last-backup": object(&["file", "created-ms", "bytes", "volumes"], json!({
+                "file": {"type": "string"}, "created-ms": {"type": "integer"},
+                "bytes": {"type": "integer"}, "volumes": {"type": "integer"}}))})),
         "Finding": object(&["severity", "object", "message", "correction"], json!({
             "severity": {"type": "string", "enum": ["Ok", "Warning", "Error"]},
             "object": {"type": "string"}, "message": {"type": "string"}, "correction": {"type": "string"}})),

@@ -88,6 +88,7 @@ impl Controller {
             cluster_id: self.desired().model.cluster.id,
             controller: self.host.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
+            last_backup: self.last_backup(),
         }
     }
 

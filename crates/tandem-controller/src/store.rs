@@ -158,6 +158,40 @@ impl Store {
         Ok(store)
     }
 
+    /// Writes a consistent copy of the database to `path` (a new file) while it is in
+    /// use: SQLite's `VACUUM INTO`, one read transaction, compacted.
+    pub fn backup_to(&self, path: &Path) -> Result<(), StoreError> {
+        let target = path
+            .to_str()
+            .ok_or_else(|| invalid(format!("backup path {} is not UTF-8", path.display())))?;
+        self.db.execute("VACUUM INTO ?1", [target])?;
+        Ok(())
+    }
+
+    /// Checks a database file as a controller would start from it: it opens, passes
+    /// SQLite's `integrity_check`, has a schema this tandemd knows and a cluster row.
+    /// Its schema version, and the volumes it records.
+    pub fn validate(path: &Path) -> Result<(u32, usize), StoreError> {
+        let db = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let check: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Err(invalid(format!("integrity_check: {check}")));
+        }
+        let version: u32 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as u32;
+        if version == 0 || version > known {
+            return Err(invalid(format!(
+                "schema version {version}; this tandemd knows 1 to {known}"
+            )));
+        }
+        let clusters: i64 = db.query_row("SELECT count(*) FROM cluster", [], |r| r.get(0))?;
+        if clusters != 1 {
+            return Err(invalid("no cluster row"));
+        }
+        let volumes: i64 = db.query_row("SELECT count(*) FROM volumes", [], |r| r.get(0))?;
+        Ok((version, volumes as usize))
+    }
+
     fn cluster(&self) -> Result<Option<Cluster>, StoreError> {
         self.db
             .query_row("SELECT id, secret FROM cluster", [], |r| {

@@ -383,6 +383,12 @@ impl Node {
         assert!(self.child.is_none(), "stop or kill the node first");
         self.launch();
     }
+
+    /// Restarts it with `extra` flags from now on (`--restore-db FILE`, say).
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|s| s.to_string()));
+        self.restart();
+    }
 }
 
 impl Drop for Node {

@@ -90,6 +90,14 @@ pub struct Options {
     /// Bearer TOKEN`); metrics carry no secrets and are open when absent.
     #[arg(long, value_name = "FILE")]
     pub metrics_token_file: Option<PathBuf>,
+    /// Start the controller from this backup of its database (`tandem cluster backup`,
+    /// or one in `<data-dir>/backups/`): the database it replaces is set aside, and
+    /// volumes the nodes hold that the backup does not know are reported as orphans.
+    /// Done once per backup, however often the node starts with the flag. Command line
+    /// only.
+    #[arg(long, value_name = "FILE", requires = "controller")]
+    #[serde(skip)]
+    pub restore_db: Option<PathBuf>,
 }
 
 /// Settings after merging and defaults.
@@ -113,6 +121,8 @@ pub struct Settings {
     pub api_token: Option<String>,
     /// The token scrapes of `/metrics` need.
     pub metrics_token: Option<String>,
+    /// A backup to start the controller from.
+    pub restore_db: Option<PathBuf>,
 }
 
 /// Shortest access token accepted: guessing must be hopeless.
@@ -294,6 +304,7 @@ impl Options {
                 .or(file.metrics_token_file)
                 .map(|path| read_token(&path))
                 .transpose()?,
+            restore_db: self.restore_db,
         })
     }
 }

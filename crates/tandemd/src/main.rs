@@ -92,6 +92,22 @@ fn run(settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
     let _lock = lock_data_dir(&settings.data_dir)?;
+    // Before anything binds or opens: a backup that cannot be restored stops it here.
+    if let Some(backup) = &settings.restore_db {
+        let restored =
+            tandem_controller::restore(&settings.data_dir, backup).with_context(|| {
+                format!(
+                    "restoring the controller database from {}",
+                    backup.display()
+                )
+            })?;
+        if restored {
+            tracing::warn!(backup = %backup.display(),
+                "controller database restored from a backup; the one replaced is kept beside it");
+        } else {
+            tracing::info!(backup = %backup.display(), "backup already restored; not again");
+        }
+    }
     let peers = TcpListener::bind(settings.peer_listen)
         .with_context(|| format!("binding peer address {}", settings.peer_listen))?;
     let peer_tls = match &settings.peer_tls {
