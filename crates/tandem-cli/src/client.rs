@@ -11,7 +11,11 @@ use tandem_api::ApiError;
 const ANSWER_LIMIT: u64 = 64 << 20;
 
 pub struct Client {
-    base: String,
+    /// The APIs to try, in order (`--controller URL,URL`); any node of the cluster
+    /// answers the cluster API.
+    bases: Vec<String>,
+    /// The one that answered last, tried first.
+    current: std::cell::Cell<usize>,
     agent: ureq::Agent,
     /// The cluster API's access token (`TANDEM_TOKEN`), when it requires one.
     token: Option<String>,
@@ -36,8 +40,9 @@ impl fmt::Display for CliError {
             CliError::Api { error, .. } => write!(f, "{error}"),
             CliError::Transport { url, why } => write!(
                 f,
-                "cannot talk to tandemd at {url}: {why}\n  hint: is `tandemd --controller` \
-                 running there? Point the CLI at it with --controller URL or TANDEM_CONTROLLER"
+                "cannot talk to tandemd at {url}: {why}\n  hint: is tandemd running there? \
+                 Point the CLI at any node of the cluster with --controller URL[,URL...] or \
+                 TANDEM_CONTROLLER"
             ),
             CliError::Answer { url, why } => write!(
                 f,
@@ -49,6 +54,8 @@ impl fmt::Display for CliError {
 }
 
 impl Client {
+    /// A client of the API at `base`, or of the first of a comma-separated list that
+    /// answers.
     pub fn new(base: &str) -> Client {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -57,7 +64,12 @@ impl Client {
             .build()
             .into();
         Client {
-            base: base.trim_end_matches('/').to_owned(),
+            bases: base
+                .split(',')
+                .map(|b| b.trim().trim_end_matches('/').to_owned())
+                .filter(|b| !b.is_empty())
+                .collect(),
+            current: std::cell::Cell::new(0),
             agent,
             token: std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty()),
         }
@@ -69,14 +81,17 @@ impl Client {
         self
     }
 
+    /// The API that answered last (the first, before any call).
     pub fn base(&self) -> &str {
-        &self.base
+        self.bases
+            .get(self.current.get())
+            .map_or("", String::as_str)
     }
 
     fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, CliError> {
         let bytes = self.exchange(method, path, body, ANSWER_LIMIT)?;
         String::from_utf8(bytes).map_err(|e| CliError::Answer {
-            url: self.base.clone(),
+            url: self.base().to_owned(),
             why: e.to_string(),
         })
     }
@@ -86,6 +101,8 @@ impl Client {
         self.exchange("GET", path, None, limit)
     }
 
+    /// Tries each API in turn, from the one that answered last, while they cannot be
+    /// reached; the first answer counts, error or not.
     fn exchange(
         &self,
         method: &str,
@@ -93,9 +110,37 @@ impl Client {
         body: Option<String>,
         limit: u64,
     ) -> Result<Vec<u8>, CliError> {
-        let url = format!("{}{path}", self.base);
+        let n = self.bases.len().max(1);
+        let first = self.current.get();
+        let mut unreachable = Vec::new();
+        for k in 0..n {
+            let i = (first + k) % n;
+            let Some(base) = self.bases.get(i) else { break };
+            match self.exchange_with(base, method, path, body.clone(), limit) {
+                Err(CliError::Transport { url, why }) => unreachable.push(format!("{url}: {why}")),
+                answer => {
+                    self.current.set(i);
+                    return answer;
+                }
+            }
+        }
+        Err(CliError::Transport {
+            url: self.bases.join(","),
+            why: unreachable.join("; "),
+        })
+    }
+
+    fn exchange_with(
+        &self,
+        base: &str,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        limit: u64,
+    ) -> Result<Vec<u8>, CliError> {
+        let url = format!("{base}{path}");
         let transport = |why: String| CliError::Transport {
-            url: self.base.clone(),
+            url: base.to_owned(),
             why,
         };
         let mut req = ureq::http::Request::builder().method(method).uri(&url);
@@ -130,7 +175,7 @@ impl Client {
 
     fn decode<T: DeserializeOwned>(&self, text: &str) -> Result<T, CliError> {
         serde_json::from_str(text).map_err(|e| CliError::Answer {
-            url: self.base.clone(),
+            url: self.base().to_owned(),
             why: e.to_string(),
         })
     }

@@ -29,7 +29,9 @@ use crate::commands::{Output, cluster, group, health, kv, node, pool, snapshot, 
     about = "Manage a Tandem cluster: nodes, pools, groups, volumes, snapshots and key-value stores"
 )]
 struct Cli {
-    /// API of the node running the controller (`tandemd --controller`).
+    /// API of a node of the cluster: the one running the controller, or any other (it
+    /// forwards the cluster API to the controller). Several, comma-separated, are tried
+    /// in order until one answers.
     #[arg(
         long,
         global = true,

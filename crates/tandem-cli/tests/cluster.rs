@@ -691,3 +691,37 @@ fn the_cluster_api_can_require_a_token() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The cluster API through any node: a node forwards it to the controller it was
+/// joined by; the CLI takes several addresses and uses the first that answers.
+#[test]
+fn any_node_answers_the_cluster_api() {
+    let c = Cluster::start("fw", 2);
+    let other = c.nodes[1].api_url();
+    let via = |api: &str, args: &[&str]| {
+        tandem_lab::json(&run(std::process::Command::new(tandem_lab::tandem_bin())
+            .args(["--controller", api, "-o", "json"])
+            .args(args)))
+    };
+    via(&other, &["volume", "create", "v1", "--size", "16M"]);
+    let listed = via(&other, &["volume", "list"]);
+    assert_eq!(listed[0]["name"], "v1", "{listed:#}");
+    assert_eq!(
+        via(&other, &["cluster"])["controller"],
+        c.nodes[0].name.as_str()
+    );
+    // The first address does not answer: the next one does.
+    let dead = format!("http://{}", tandem_lab::free_addr());
+    let both = format!("{dead},{other}");
+    assert_eq!(via(&both, &["volume", "list"])[0]["name"], "v1");
+    // What the controller does not serve either ends there: the controller's node,
+    // which would forward it to itself, does not forward a forwarded request again.
+    let r = http("GET", &c.nodes[1].url("/v1/nowhere"), None).unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("no such API route"), "{}", r.body);
+    // A node outside any cluster knows no controller.
+    let lone = tandem_lab::Node::start("fwlone");
+    let r = http("GET", &lone.url("/v1/volumes"), None).unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("knows no controller"), "{}", r.body);
+}

@@ -276,7 +276,11 @@ impl Controller {
     pub(crate) fn client(&self, node: &NodeName) -> Option<NodeClient> {
         let d = self.desired();
         let row = d.model.nodes.get(node)?;
-        Some(NodeClient::new(&row.address, &d.model.cluster.secret))
+        Some(NodeClient::new(
+            &row.address,
+            &d.model.cluster.secret,
+            d.model.address_of(&self.host),
+        ))
     }
 
     pub(crate) fn observed(&self, node: &NodeName) -> Observed {

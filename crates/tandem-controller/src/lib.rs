@@ -22,4 +22,5 @@ mod view;
 pub use api::router;
 pub use backups::restore;
 pub use controller::Controller;
+pub use node_client::CONTROLLER_HEADER;
 pub use store::StoreError;

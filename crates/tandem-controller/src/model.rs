@@ -155,6 +155,11 @@ impl Model {
             .collect()
     }
 
+    /// A node's API address (empty if unknown).
+    pub fn address_of(&self, node: &NodeName) -> &str {
+        self.nodes.get(node).map_or("", |r| r.address.as_str())
+    }
+
     /// Every volume's part on every node.
     pub fn parts(&self) -> BTreeSet<Part> {
         self.volumes

@@ -26,11 +26,17 @@ pub enum CallError {
 pub struct NodeClient {
     base: String,
     secret: String,
+    /// The controller's own API address, told to the node with every call so that it
+    /// can forward the cluster API there.
+    controller: String,
     agent: ureq::Agent,
 }
 
+/// The header carrying the controller's API address (`host:port`) on its calls to nodes.
+pub const CONTROLLER_HEADER: &str = "x-tandem-controller";
+
 impl NodeClient {
-    pub fn new(address: &str, secret: &str) -> NodeClient {
+    pub fn new(address: &str, secret: &str, controller: &str) -> NodeClient {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
@@ -40,6 +46,7 @@ impl NodeClient {
         NodeClient {
             base: format!("http://{address}"),
             secret: secret.to_owned(),
+            controller: controller.to_owned(),
             agent,
         }
     }
@@ -59,6 +66,7 @@ impl NodeClient {
             .uri(&url)
             .header("content-type", "application/json")
             .header("authorization", format!("Bearer {}", self.secret))
+            .header(CONTROLLER_HEADER, &self.controller)
             .body(body.unwrap_or_default())
             .map_err(|e| unreachable(e.to_string()))?;
         agent.run(req).map_err(|e| unreachable(e.to_string()))

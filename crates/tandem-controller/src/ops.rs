@@ -131,9 +131,13 @@ impl Controller {
                     "choose another name, or delete the node first",
                 ));
             }
-            d.model.cluster.clone()
+            (
+                d.model.cluster.clone(),
+                d.model.address_of(&self.host).to_owned(),
+            )
         };
-        let client = NodeClient::new(&req.address, &cluster.secret);
+        let (cluster, own) = cluster;
+        let client = NodeClient::new(&req.address, &cluster.secret, &own);
         crate::reconcile::admit(&client, &req.name, &req.address, &cluster).map_err(|t| {
             let kind = if t.unreachable { Unreachable } else { Conflict };
             Refusal::new(
@@ -247,7 +251,7 @@ impl Controller {
                     m.pools.retain(|(n, _), _| n != name);
                 },
             )?;
-            NodeClient::new(&row.address, &secret)
+            NodeClient::new(&row.address, &secret, d.model.address_of(&self.host))
         };
         let was_online = self.observed(name).online();
         self.forget(name);

@@ -42,14 +42,18 @@ impl From<CallError> for Trouble {
 }
 
 pub(crate) fn visit(c: &Controller, node: &NodeName) {
-    let (row, cluster) = {
+    let (row, cluster, own) = {
         let d = c.desired();
         match d.model.nodes.get(node) {
-            Some(row) => (row.clone(), d.model.cluster.clone()),
+            Some(row) => (
+                row.clone(),
+                d.model.cluster.clone(),
+                d.model.address_of(&c.host).to_owned(),
+            ),
             None => return,
         }
     };
-    let client = NodeClient::new(&row.address, &cluster.secret);
+    let client = NodeClient::new(&row.address, &cluster.secret, &own);
     match converge(c, node, &row, &cluster, &client) {
         Ok(()) => {}
         Err(t) => {

@@ -62,22 +62,133 @@ pub fn router(node: Arc<Node>) -> Router {
             post(roll_back),
         )
         .route("/v1/node/volumes/{name}/reconnect", post(reconnect))
-        .fallback(|| async {
-            Failure(
-                StatusCode::NOT_FOUND,
-                ApiError {
-                    message: "no such API route".into(),
-                    cause: None,
-                    correction: Some(
-                        "node routes are under /v1/node/; the cluster API (/v1/volumes, \
-                         /v1/nodes, ...) is served by the node that runs tandemd --controller"
-                            .into(),
-                    ),
-                },
-            )
-        })
+        .fallback(forward)
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
         .with_state(node)
+}
+
+/// Marks a request a node forwarded: it is not forwarded again (no loop between nodes
+/// that each take the other for the controller).
+const FORWARDED: &str = "x-tandem-forwarded-by";
+/// The largest request body forwarded.
+const FORWARD_LIMIT: usize = 64 << 20;
+
+fn no_route(correction: &str) -> Response {
+    Failure(
+        StatusCode::NOT_FOUND,
+        ApiError {
+            message: "no such API route".into(),
+            cause: None,
+            correction: Some(correction.into()),
+        },
+    )
+    .into_response()
+}
+
+/// Routes the node does not serve: the cluster API (`/v1/...` outside `/v1/node`, and
+/// `/openapi.json`) goes to the controller, wherever it runs, so any node answers it.
+async fn forward(State(node): Shared, req: Request) -> Response {
+    let path = req.uri().path();
+    let cluster_api =
+        (path.starts_with("/v1/") && !path.starts_with("/v1/node")) || path == "/openapi.json";
+    if !cluster_api || req.headers().contains_key(FORWARDED) {
+        return no_route(
+            "node routes are under /v1/node/; the cluster API (/v1/volumes, /v1/nodes, ...) \
+             is served by the controller, and forwarded to it by the nodes of its cluster",
+        );
+    }
+    let Some(controller) = node.controller() else {
+        return Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ApiError {
+                message: format!(
+                    "node {} knows no controller: it has not been made part of a cluster yet",
+                    node.name()
+                ),
+                cause: None,
+                correction: Some(
+                    "ask the node running tandemd --controller, or add this node to a cluster \
+                     (tandem node create)"
+                        .into(),
+                ),
+            },
+        )
+        .into_response();
+    };
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, FORWARD_LIMIT).await {
+        Ok(b) => b,
+        Err(e) => {
+            return Failure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ApiError {
+                    message: format!("request body not read: {e}"),
+                    cause: None,
+                    correction: Some(format!("send at most {FORWARD_LIMIT} bytes")),
+                },
+            )
+            .into_response();
+        }
+    };
+    let name = node.name().to_string();
+    let relayed = blocking(move || relay(&controller, &name, &parts, body.to_vec())).await;
+    match relayed {
+        Ok(response) => response,
+        Err(failure) => failure.into_response(),
+    }
+}
+
+/// Sends a request on to the controller and brings its answer back as it is.
+fn relay(
+    controller: &str,
+    name: &str,
+    parts: &axum::http::request::Parts,
+    body: Vec<u8>,
+) -> Result<Response, Failure> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("http://{controller}{path}");
+    let unreachable = |e: String| {
+        Failure(
+            StatusCode::BAD_GATEWAY,
+            ApiError {
+                message: format!("no controller answers at {controller} (tried by node {name})"),
+                cause: Some(e),
+                correction: Some(
+                    "start tandemd --controller there, or ask the node running it".into(),
+                ),
+            },
+        )
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(std::time::Duration::from_secs(5)))
+        .timeout_global(Some(std::time::Duration::from_secs(600)))
+        .build()
+        .into();
+    let mut req = ureq::http::Request::builder()
+        .method(parts.method.clone())
+        .uri(&url)
+        .header(FORWARDED, name);
+    for h in [header::CONTENT_TYPE, header::AUTHORIZATION, header::ACCEPT] {
+        if let Some(v) = parts.headers.get(&h) {
+            req = req.header(h, v.clone());
+        }
+    }
+    let req = req.body(body).map_err(|e| unreachable(e.to_string()))?;
+    let mut answer = agent.run(req).map_err(|e| unreachable(e.to_string()))?;
+    let status = answer.status();
+    let content_type = answer.headers().get(header::CONTENT_TYPE).cloned();
+    let bytes = answer
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut response = (status, bytes).into_response();
+    if let Some(ct) = content_type {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    Ok(response)
 }
 
 /// Once the node has joined a cluster, its routes need the cluster secret
@@ -91,11 +202,10 @@ async fn authenticate(State(node): Shared, req: Request, next: Next) -> Response
         (&Method::GET | &Method::HEAD, "/v1/node") | (&Method::POST, "/v1/node/join")
     );
     if node_route && !open {
-        let authorization = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if let Err(cluster) = node.authorize(authorization) {
+        let value = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let authorization = value(header::AUTHORIZATION.as_str());
+        let controller = value(tandem_controller::CONTROLLER_HEADER);
+        if let Err(cluster) = node.authorize_call(authorization, controller) {
             tracing::debug!(method = %req.method(), path, "API request without the cluster secret refused");
             let mut response = Failure(
                 StatusCode::UNAUTHORIZED,

@@ -60,6 +60,9 @@ pub fn check_secret(secret: &str) -> Result<(), String> {
 pub struct Membership {
     path: PathBuf,
     current: RwLock<Option<JoinCluster>>,
+    /// `<data-dir>/controller-address`: where the controller that last called runs.
+    controller_path: PathBuf,
+    controller: RwLock<Option<String>>,
 }
 
 impl Membership {
@@ -95,10 +98,37 @@ impl Membership {
                 Some(joined)
             }
         };
+        let controller_path = data_dir.join("controller-address");
+        let controller = durable::read(&controller_path)
+            .with_context(|| format!("cannot read {}", controller_path.display()))?
+            .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+            .filter(|a| !a.is_empty());
         Ok(Membership {
             path,
             current: RwLock::new(current),
+            controller_path,
+            controller: RwLock::new(controller),
         })
+    }
+
+    /// The API address (`host:port`) of the controller that last called, if any.
+    pub fn controller(&self) -> Option<String> {
+        self.controller.read().unwrap().clone()
+    }
+
+    /// Remembers the controller's address, as told by a call that carried the cluster
+    /// secret (kept across restarts, so the node forwards the cluster API there).
+    pub fn note_controller(&self, address: &str) {
+        if self.controller.read().unwrap().as_deref() == Some(address) {
+            return;
+        }
+        let mut controller = self.controller.write().unwrap();
+        if let Err(e) = durable::write(&self.controller_path, address.as_bytes(), 0o644) {
+            tracing::warn!(error = %e, path = %self.controller_path.display(),
+                "cannot store the controller's address; kept in memory");
+        }
+        tracing::info!(controller = address, "the cluster's controller is there");
+        *controller = Some(address.to_owned());
     }
 
     pub fn cluster_id(&self) -> Option<ClusterId> {
@@ -148,14 +178,15 @@ impl Membership {
 
     /// Whether a request with this `Authorization` header may use the node API: always
     /// on a node that has not joined a cluster; else `Err` with the cluster's id unless
-    /// the header carries its secret.
-    pub fn authorize(&self, header: Option<&str>) -> Result<(), ClusterId> {
+    /// the header carries its secret. Whether it carried the secret (`false` on a node
+    /// that has not joined a cluster).
+    pub fn authorize_member(&self, header: Option<&str>) -> Result<bool, ClusterId> {
         let current = self.current.read().unwrap();
         let Some(joined) = current.as_ref() else {
-            return Ok(());
+            return Ok(false);
         };
         if tandem_controller::http::authorized(header, &joined.secret) {
-            Ok(())
+            Ok(true)
         } else {
             Err(joined.cluster_id)
         }

@@ -176,9 +176,24 @@ impl Node {
     }
 
     /// Whether a request with this `Authorization` header may use the node API; the
-    /// cluster's id when it may not.
-    pub fn authorize(&self, header: Option<&str>) -> Result<(), ClusterId> {
-        self.membership.authorize(header)
+    /// cluster's id when it may not. A request carrying the secret also tells where
+    /// the controller runs.
+    pub fn authorize_call(
+        &self,
+        header: Option<&str>,
+        controller: Option<&str>,
+    ) -> Result<(), ClusterId> {
+        if self.membership.authorize_member(header)?
+            && let Some(address) = controller.filter(|a| !a.is_empty())
+        {
+            self.membership.note_controller(address);
+        }
+        Ok(())
+    }
+
+    /// The API address of the cluster's controller, as it last told.
+    pub fn controller(&self) -> Option<String> {
+        self.membership.controller()
     }
 
     /// Every replicated volume configured here: its spec and its status, by name.
