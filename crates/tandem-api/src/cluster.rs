@@ -28,6 +28,9 @@ pub struct ClusterInfo {
     /// The node running the controller.
     pub controller: NodeName,
     pub version: String,
+    /// The controller epoch: raised by each controller that starts; nodes refuse calls
+    /// from an older one.
+    pub epoch: u64,
     /// The newest backup of the controller's database in its data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<BackupInfo>,

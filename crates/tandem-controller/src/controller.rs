@@ -172,6 +172,7 @@ impl Controller {
     ) -> Result<Arc<Controller>, StoreError> {
         let path = data_dir.join("controller.db");
         let mut store = Store::open(&path)?;
+        let epoch = store.raise_epoch()?;
         let mut model = store.load()?;
         if model.nodes.is_empty() {
             let row = crate::model::NodeRow {
@@ -182,7 +183,7 @@ impl Controller {
             model.nodes.insert(host.clone(), row);
             tracing::info!(node = %host, "controller's own node registered");
         }
-        tracing::info!(database = %path.display(), cluster = %model.cluster.id,
+        tracing::info!(database = %path.display(), cluster = %model.cluster.id, epoch,
             nodes = model.nodes.len(), volumes = model.volumes.len(), "controller started");
         let nodes: Vec<NodeName> = model.nodes.keys().cloned().collect();
         let controller = Arc::new(Controller {
@@ -276,11 +277,7 @@ impl Controller {
     pub(crate) fn client(&self, node: &NodeName) -> Option<NodeClient> {
         let d = self.desired();
         let row = d.model.nodes.get(node)?;
-        Some(NodeClient::new(
-            &row.address,
-            &d.model.cluster.secret,
-            d.model.address_of(&self.host),
-        ))
+        Some(NodeClient::new(&row.address, d.model.caller(&self.host)))
     }
 
     pub(crate) fn observed(&self, node: &NodeName) -> Observed {

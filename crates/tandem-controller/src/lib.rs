@@ -22,5 +22,5 @@ mod view;
 pub use api::router;
 pub use backups::restore;
 pub use controller::Controller;
-pub use node_client::CONTROLLER_HEADER;
+pub use node_client::{CONTROLLER_HEADER, EPOCH_HEADER};
 pub use store::StoreError;

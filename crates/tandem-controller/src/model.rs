@@ -13,6 +13,9 @@ pub struct Cluster {
     pub id: ClusterId,
     /// Presented by the controller to its nodes (`Authorization: Bearer`).
     pub secret: String,
+    /// The controller epoch: raised by each controller that starts; nodes refuse calls
+    /// from an older one.
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +88,15 @@ pub struct Model {
     pub deletions: BTreeSet<Part>,
 }
 
+/// What every call of the controller to a node carries: the cluster secret, where the
+/// controller's API is, and its epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub secret: String,
+    pub controller: String,
+    pub epoch: u64,
+}
+
 /// A volume's part on a node (a replica, a diskless or tiebreaker participant):
 /// what the controller deletes from nodes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -155,9 +167,17 @@ impl Model {
             .collect()
     }
 
-    /// A node's API address (empty if unknown).
-    pub fn address_of(&self, node: &NodeName) -> &str {
-        self.nodes.get(node).map_or("", |r| r.address.as_str())
+    /// How the controller running on `host` presents itself to nodes.
+    pub fn caller(&self, host: &NodeName) -> Caller {
+        Caller {
+            secret: self.cluster.secret.clone(),
+            controller: self
+                .nodes
+                .get(host)
+                .map_or("", |r| r.address.as_str())
+                .to_owned(),
+            epoch: self.cluster.epoch,
+        }
     }
 
     /// Every volume's part on every node.

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::model::Caller;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tandem_api::{
@@ -25,18 +26,19 @@ pub enum CallError {
 
 pub struct NodeClient {
     base: String,
-    secret: String,
-    /// The controller's own API address, told to the node with every call so that it
-    /// can forward the cluster API there.
-    controller: String,
+    /// Told to the node with every call: the secret, the controller's own API address
+    /// (the node forwards the cluster API there), its epoch (the node refuses older).
+    caller: Caller,
     agent: ureq::Agent,
 }
 
 /// The header carrying the controller's API address (`host:port`) on its calls to nodes.
 pub const CONTROLLER_HEADER: &str = "x-tandem-controller";
+/// The header carrying the controller's epoch on its calls to nodes.
+pub const EPOCH_HEADER: &str = "x-tandem-epoch";
 
 impl NodeClient {
-    pub fn new(address: &str, secret: &str, controller: &str) -> NodeClient {
+    pub fn new(address: &str, caller: Caller) -> NodeClient {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
@@ -45,8 +47,7 @@ impl NodeClient {
             .into();
         NodeClient {
             base: format!("http://{address}"),
-            secret: secret.to_owned(),
-            controller: controller.to_owned(),
+            caller,
             agent,
         }
     }
@@ -65,8 +66,9 @@ impl NodeClient {
             .method(method)
             .uri(&url)
             .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {}", self.secret))
-            .header(CONTROLLER_HEADER, &self.controller)
+            .header("authorization", format!("Bearer {}", self.caller.secret))
+            .header(CONTROLLER_HEADER, &self.caller.controller)
+            .header(EPOCH_HEADER, self.caller.epoch.to_string())
             .body(body.unwrap_or_default())
             .map_err(|e| unreachable(e.to_string()))?;
         agent.run(req).map_err(|e| unreachable(e.to_string()))

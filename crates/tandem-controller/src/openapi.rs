@@ -335,8 +335,9 @@ fn schemas() -> Value {
     json!({
         "Error": object(&["message"], json!({
             "message": {"type": "string"}, "cause": {"type": "string"}, "correction": {"type": "string"}})),
-        "ClusterInfo": object(&["cluster-id", "controller", "version"], json!({
+        "ClusterInfo": object(&["cluster-id", "controller", "version", "epoch"], json!({
             "cluster-id": {"type": "string"}, "controller": name, "version": {"type": "string"},
+            "epoch": {"type": "integer"},
             "last-backup": object(&["file", "created-ms", "bytes", "volumes"], json!({
                 "file": {"type": "string"}, "created-ms": {"type": "integer"},
                 "bytes": {"type": "integer"}, "volumes": {"type": "integer"}}))})),

@@ -84,10 +84,13 @@ impl Controller {
     }
 
     pub fn info(&self) -> ClusterInfo {
+        // One guard, dropped before the backup is looked at.
+        let cluster = self.desired().model.cluster.clone();
         ClusterInfo {
-            cluster_id: self.desired().model.cluster.id,
+            cluster_id: cluster.id,
             controller: self.host.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
+            epoch: cluster.epoch,
             last_backup: self.last_backup(),
         }
     }
@@ -131,13 +134,10 @@ impl Controller {
                     "choose another name, or delete the node first",
                 ));
             }
-            (
-                d.model.cluster.clone(),
-                d.model.address_of(&self.host).to_owned(),
-            )
+            (d.model.cluster.clone(), d.model.caller(&self.host))
         };
-        let (cluster, own) = cluster;
-        let client = NodeClient::new(&req.address, &cluster.secret, &own);
+        let (cluster, caller) = cluster;
+        let client = NodeClient::new(&req.address, caller);
         crate::reconcile::admit(&client, &req.name, &req.address, &cluster).map_err(|t| {
             let kind = if t.unreachable { Unreachable } else { Conflict };
             Refusal::new(
@@ -234,7 +234,6 @@ impl Controller {
                 settle_tiebreaker(&mut v, &others);
                 changed.push((vname.clone(), v));
             }
-            let secret = d.model.cluster.secret.clone();
             self.commit(
                 &mut d,
                 |w| {
@@ -251,7 +250,7 @@ impl Controller {
                     m.pools.retain(|(n, _), _| n != name);
                 },
             )?;
-            NodeClient::new(&row.address, &secret, d.model.address_of(&self.host))
+            NodeClient::new(&row.address, d.model.caller(&self.host))
         };
         let was_online = self.observed(name).online();
         self.forget(name);

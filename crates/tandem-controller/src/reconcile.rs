@@ -42,18 +42,18 @@ impl From<CallError> for Trouble {
 }
 
 pub(crate) fn visit(c: &Controller, node: &NodeName) {
-    let (row, cluster, own) = {
+    let (row, cluster, caller) = {
         let d = c.desired();
         match d.model.nodes.get(node) {
             Some(row) => (
                 row.clone(),
                 d.model.cluster.clone(),
-                d.model.address_of(&c.host).to_owned(),
+                d.model.caller(&c.host),
             ),
             None => return,
         }
     };
-    let client = NodeClient::new(&row.address, &cluster.secret, &own);
+    let client = NodeClient::new(&row.address, caller);
     match converge(c, node, &row, &cluster, &client) {
         Ok(()) => {}
         Err(t) => {

@@ -80,6 +80,8 @@ const MIGRATIONS: &[&str] = &[
          volume TEXT NOT NULL,
          id TEXT NOT NULL,
          PRIMARY KEY (node, volume, id));",
+    // 6: the controller epoch, raised by every controller that starts on the database.
+    "ALTER TABLE cluster ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +150,7 @@ impl Store {
             let cluster = Cluster {
                 id: ClusterId::random(),
                 secret: random_secret(),
+                epoch: 0,
             };
             store.db.execute(
                 "INSERT INTO cluster (one, id, secret) VALUES (1, ?1, ?2)",
@@ -194,17 +197,38 @@ impl Store {
 
     fn cluster(&self) -> Result<Option<Cluster>, StoreError> {
         self.db
-            .query_row("SELECT id, secret FROM cluster", [], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            .query_row("SELECT id, secret, epoch FROM cluster", [], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
             })
             .optional()?
-            .map(|(id, secret)| {
+            .map(|(id, secret, epoch)| {
                 Ok(Cluster {
                     id: id.parse().map_err(invalid)?,
                     secret,
+                    epoch: epoch as u64,
                 })
             })
             .transpose()
+    }
+
+    /// Raises the controller epoch for a controller starting on this database: to the
+    /// current time in milliseconds, or one more than before if that is not more. Time
+    /// puts a controller started from a restored (older) database above the ones before
+    /// it, assuming the hosts' clocks agree to better than the time between takeovers.
+    pub fn raise_epoch(&mut self) -> Result<u64, StoreError> {
+        let old: i64 = self
+            .db
+            .query_row("SELECT epoch FROM cluster", [], |r| r.get(0))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let epoch = now.max(old + 1);
+        self.db.execute("UPDATE cluster SET epoch = ?1", [epoch])?;
+        Ok(epoch as u64)
     }
 
     /// Reads the whole model.

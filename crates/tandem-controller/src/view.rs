@@ -464,6 +464,7 @@ mod tests {
             cluster: Cluster {
                 id: tandem_api::ClusterId([1; 16]),
                 secret: "s".into(),
+                epoch: 1,
             },
             nodes,
             pools: BTreeMap::new(),

@@ -143,6 +143,26 @@ pub fn http_as(
     request(secret, method, url, body, HTTP_TIMEOUT)
 }
 
+/// An HTTP request with these headers; panics if it gets no answer at all.
+pub fn http_headers(method: &str, url: &str, headers: &[(&str, &str)]) -> Response {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(HTTP_TIMEOUT))
+        .build()
+        .into();
+    let mut req = ureq::http::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let mut resp = agent
+        .run(req.body(String::new()).expect("a valid request"))
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    Response {
+        status: resp.status().as_u16(),
+        body: resp.body_mut().read_to_string().unwrap_or_default(),
+    }
+}
+
 /// How long a lab HTTP request may take: more than any API call needs, and a test
 /// never hangs on one.
 const HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);

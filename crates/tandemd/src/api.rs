@@ -17,7 +17,7 @@ use tandem_api::{
 };
 use tandem_pool::PoolError;
 
-use crate::cluster::ClusterError;
+use crate::cluster::{ClusterError, Controller, Refused};
 use tandem_controller::http::{Failure, blocking};
 
 use crate::node::{Node, NodeError};
@@ -204,25 +204,66 @@ async fn authenticate(State(node): Shared, req: Request, next: Next) -> Response
     if node_route && !open {
         let value = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
         let authorization = value(header::AUTHORIZATION.as_str());
-        let controller = value(tandem_controller::CONTROLLER_HEADER);
-        if let Err(cluster) = node.authorize_call(authorization, controller) {
-            tracing::debug!(method = %req.method(), path, "API request without the cluster secret refused");
-            let mut response = Failure(
-                StatusCode::UNAUTHORIZED,
-                ApiError {
-                    message: format!(
-                        "node {} belongs to cluster {cluster}; its API needs the cluster secret",
-                        node.name()
-                    ),
-                    cause: None,
-                    correction: Some("manage it through the cluster's controller".into()),
-                },
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
+        // A controller's calls say which it is; other callers (an operator with the
+        // secret) say nothing and are not fenced.
+        let controller = match (
+            value(tandem_controller::EPOCH_HEADER).map(str::parse::<u64>),
+            value(tandem_controller::CONTROLLER_HEADER),
+        ) {
+            (Some(Ok(epoch)), Some(address)) => Some(Controller {
+                epoch,
+                address: address.to_owned(),
+            }),
+            (Some(Err(_)), _) => {
+                return Failure(
+                    StatusCode::BAD_REQUEST,
+                    ApiError {
+                        message: format!("{} is not a number", tandem_controller::EPOCH_HEADER),
+                        cause: None,
+                        correction: Some("send the controller epoch as a decimal number".into()),
+                    },
+                )
+                .into_response();
+            }
+            _ => None,
+        };
+        match node.authorize_call(authorization, controller) {
+            Ok(()) => {}
+            Err(Refused::Stranger(cluster)) => {
+                tracing::debug!(method = %req.method(), path, "API request without the cluster secret refused");
+                let mut response = Failure(
+                    StatusCode::UNAUTHORIZED,
+                    ApiError {
+                        message: format!(
+                            "node {} belongs to cluster {cluster}; its API needs the cluster secret",
+                            node.name()
+                        ),
+                        cause: None,
+                        correction: Some("manage it through the cluster's controller".into()),
+                    },
+                )
+                .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+            Err(Refused::Stale { epoch, newest }) => {
+                return Failure(
+                    StatusCode::CONFLICT,
+                    ApiError {
+                        message: format!(
+                            "controller epoch {epoch} is older than {} (the controller at {}): this controller was replaced",
+                            newest.epoch, newest.address
+                        ),
+                        cause: None,
+                        correction: Some(
+                            "stop this controller; the cluster is managed by the newer one".into(),
+                        ),
+                    },
+                )
+                .into_response();
+            }
         }
     }
     next.run(req).await

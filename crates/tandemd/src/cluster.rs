@@ -60,9 +60,35 @@ pub fn check_secret(secret: &str) -> Result<(), String> {
 pub struct Membership {
     path: PathBuf,
     current: RwLock<Option<JoinCluster>>,
-    /// `<data-dir>/controller-address`: where the controller that last called runs.
+    /// `<data-dir>/controller`: the newest controller that called (`EPOCH ADDRESS`).
     controller_path: PathBuf,
-    controller: RwLock<Option<String>>,
+    controller: RwLock<Option<Controller>>,
+}
+
+/// The newest controller that called: its epoch and API address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Controller {
+    pub epoch: u64,
+    pub address: String,
+}
+
+impl Controller {
+    fn parse(text: &str) -> Option<Controller> {
+        let (epoch, address) = text.trim().split_once(' ')?;
+        Some(Controller {
+            epoch: epoch.parse().ok()?,
+            address: address.to_owned(),
+        })
+    }
+}
+
+/// Why a call to the node API is refused.
+#[derive(Debug)]
+pub enum Refused {
+    /// The node belongs to this cluster and the call lacks its secret.
+    Stranger(ClusterId),
+    /// From a controller older than one that has called since (deposed, or stale).
+    Stale { epoch: u64, newest: Controller },
 }
 
 impl Membership {
@@ -98,11 +124,10 @@ impl Membership {
                 Some(joined)
             }
         };
-        let controller_path = data_dir.join("controller-address");
+        let controller_path = data_dir.join("controller");
         let controller = durable::read(&controller_path)
             .with_context(|| format!("cannot read {}", controller_path.display()))?
-            .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
-            .filter(|a| !a.is_empty());
+            .and_then(|b| Controller::parse(&String::from_utf8_lossy(&b)));
         Ok(Membership {
             path,
             current: RwLock::new(current),
@@ -111,24 +136,36 @@ impl Membership {
         })
     }
 
-    /// The API address (`host:port`) of the controller that last called, if any.
-    pub fn controller(&self) -> Option<String> {
+    /// The newest controller that called, if any.
+    pub fn controller(&self) -> Option<Controller> {
         self.controller.read().unwrap().clone()
     }
 
-    /// Remembers the controller's address, as told by a call that carried the cluster
-    /// secret (kept across restarts, so the node forwards the cluster API there).
-    pub fn note_controller(&self, address: &str) {
-        if self.controller.read().unwrap().as_deref() == Some(address) {
-            return;
+    /// Checks a call of a controller (one that carried the cluster secret) against the
+    /// newest seen: an older epoch is refused; a newer one is remembered, across
+    /// restarts (where the node forwards the cluster API, which epochs it refuses).
+    pub fn check_controller(&self, called: Controller) -> Result<(), Refused> {
+        let mut newest = self.controller.write().unwrap();
+        match newest.as_ref() {
+            Some(n) if called.epoch < n.epoch => {
+                tracing::warn!(epoch = called.epoch, newest = n.epoch, from = %called.address,
+                    "call from a deposed controller refused");
+                return Err(Refused::Stale {
+                    epoch: called.epoch,
+                    newest: n.clone(),
+                });
+            }
+            Some(n) if *n == called => return Ok(()),
+            _ => {}
         }
-        let mut controller = self.controller.write().unwrap();
-        if let Err(e) = durable::write(&self.controller_path, address.as_bytes(), 0o644) {
+        let text = format!("{} {}\n", called.epoch, called.address);
+        if let Err(e) = durable::write(&self.controller_path, text.as_bytes(), 0o644) {
             tracing::warn!(error = %e, path = %self.controller_path.display(),
-                "cannot store the controller's address; kept in memory");
+                "cannot store the controller's epoch and address; kept in memory");
         }
-        tracing::info!(controller = address, "the cluster's controller is there");
-        *controller = Some(address.to_owned());
+        tracing::info!(epoch = called.epoch, controller = %called.address, "controller of the cluster");
+        *newest = Some(called);
+        Ok(())
     }
 
     pub fn cluster_id(&self) -> Option<ClusterId> {

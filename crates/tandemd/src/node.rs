@@ -5,14 +5,14 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tandem_api::{
-    ChangedExtent, ClusterId, CreatePool, CreateVolume, JoinCluster, NodeId, NodeInfo, NodeName,
-    PoolInfo, PoolName, ReplicaReport, SnapshotChanges, SnapshotInfo, SnapshotName, SnapshotTaken,
+    ChangedExtent, CreatePool, CreateVolume, JoinCluster, NodeId, NodeInfo, NodeName, PoolInfo,
+    PoolName, ReplicaReport, SnapshotChanges, SnapshotInfo, SnapshotName, SnapshotTaken,
     UpdateVolume, VolumeId, VolumeInfo, VolumeName, VolumeSpec, VolumeStatus,
 };
 use tandem_pool::{CacheMode, Entry, GenerationId, NewVolume, Pool, PoolError, Volume};
 use tandem_replication::{ReplicatedVolume, Replicator};
 
-use crate::cluster::{ClusterError, Membership};
+use crate::cluster::{ClusterError, Controller, Membership, Refused};
 use crate::events::Events;
 use crate::pools::{Pools, PoolsError};
 
@@ -181,19 +181,21 @@ impl Node {
     pub fn authorize_call(
         &self,
         header: Option<&str>,
-        controller: Option<&str>,
-    ) -> Result<(), ClusterId> {
-        if self.membership.authorize_member(header)?
-            && let Some(address) = controller.filter(|a| !a.is_empty())
-        {
-            self.membership.note_controller(address);
+        controller: Option<Controller>,
+    ) -> Result<(), Refused> {
+        let member = self
+            .membership
+            .authorize_member(header)
+            .map_err(Refused::Stranger)?;
+        match controller {
+            Some(c) if member => self.membership.check_controller(c),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The API address of the cluster's controller, as it last told.
     pub fn controller(&self) -> Option<String> {
-        self.membership.controller()
+        self.membership.controller().map(|c| c.address)
     }
 
     /// Every replicated volume configured here: its spec and its status, by name.

@@ -452,7 +452,13 @@ fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
         ),
         ("DELETE", "/v1/node/volumes/%2E%2E", None, 400, "DELETE .."),
         ("GET", "/v1/node/nothing-here", None, 404, "unknown route"),
-        ("GET", "/v1/volumes", None, 503, "cluster route on a node outside any cluster"),
+        (
+            "GET",
+            "/v1/volumes",
+            None,
+            503,
+            "cluster route on a node outside any cluster",
+        ),
     ] {
         assert_error(&node.api(method, path, body), status, false, what);
         unchanged(what);

@@ -25,10 +25,12 @@ pub fn run(api: &Client, out: Output, cmd: Option<&ClusterCommand>) -> Result<()
         None => {
             let info: ClusterInfo = api.get("/v1/cluster")?;
             emit(out, &info, |i| {
-                let mut t = Table::new(["CLUSTER", "CONTROLLER", "VERSION", "LAST BACKUP"]);
+                let mut t =
+                    Table::new(["CLUSTER", "CONTROLLER", "EPOCH", "VERSION", "LAST BACKUP"]);
                 t.row([
                     i.cluster_id.to_string(),
                     i.controller.to_string(),
+                    i.epoch.to_string(),
                     i.version.clone(),
                     i.last_backup.as_ref().map_or("-".into(), |b| {
                         format!("{} ({}, {} volumes)", b.file, ByteSize(b.bytes), b.volumes)
