@@ -1,6 +1,8 @@
 //! HTTP calls to the controller (or a node) API, with errors a person can act on.
 
 use std::fmt;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -15,7 +17,7 @@ pub struct Client {
     /// answers the cluster API.
     bases: Vec<String>,
     /// The one that answered last, tried first.
-    current: std::cell::Cell<usize>,
+    current: AtomicUsize,
     agent: ureq::Agent,
     /// The cluster API's access token (`TANDEM_TOKEN`), when it requires one.
     token: Option<String>,
@@ -69,7 +71,7 @@ impl Client {
                 .map(|b| b.trim().trim_end_matches('/').to_owned())
                 .filter(|b| !b.is_empty())
                 .collect(),
-            current: std::cell::Cell::new(0),
+            current: AtomicUsize::new(0),
             agent,
             token: std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty()),
         }
@@ -84,7 +86,7 @@ impl Client {
     /// The API that answered last (the first, before any call).
     pub fn base(&self) -> &str {
         self.bases
-            .get(self.current.get())
+            .get(self.current.load(Relaxed))
             .map_or("", String::as_str)
     }
 
@@ -111,7 +113,7 @@ impl Client {
         limit: u64,
     ) -> Result<Vec<u8>, CliError> {
         let n = self.bases.len().max(1);
-        let first = self.current.get();
+        let first = self.current.load(Relaxed);
         let mut unreachable = Vec::new();
         for k in 0..n {
             let i = (first + k) % n;
@@ -119,7 +121,7 @@ impl Client {
             match self.exchange_with(base, method, path, body.clone(), limit) {
                 Err(CliError::Transport { url, why }) => unreachable.push(format!("{url}: {why}")),
                 answer => {
-                    self.current.set(i);
+                    self.current.store(i, Relaxed);
                     return answer;
                 }
             }

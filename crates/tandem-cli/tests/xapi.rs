@@ -624,6 +624,32 @@ fn a_vm_disk_lives_through_the_plugins_on_three_nodes() {
     assert_eq!(ls_keys(&p), Vec::<String>::new());
     assert_eq!(tandem_keys(&c), Vec::<String>::new());
 
+    // A host dies holding the SR's lock (cut at a fault point, its lease unrenewed):
+    // another host's call waits for the lease to run out, takes the lock over and
+    // settles what was left.
+    let create =
+        json!({"sr": SR, "name": "t", "description": "", "size": 4 << 20, "sharable": false});
+    let (code, _) = p.call_env(
+        x,
+        "Volume.create",
+        create.clone(),
+        &[("TANDEM_XAPI_FAULT", "create.2")],
+    );
+    assert_eq!(code, Some(137));
+    let started = std::time::Instant::now();
+    assert_eq!(p.ok(y, "SR.ls", json!({"sr": SR})), json!([]));
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(20)
+            && waited <= std::time::Duration::from_secs(60),
+        "took the lock over after {waited:?}"
+    );
+    assert_eq!(
+        tandem_keys(&c),
+        Vec::<String>::new(),
+        "the cut creation was undone"
+    );
+
     // And the SR goes.
     for node in 0..3 {
         p.ok(node, "SR.detach", json!({"sr": SR}));

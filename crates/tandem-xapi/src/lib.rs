@@ -92,6 +92,26 @@ pub const DATAPATH_METHODS: &[&str] = &[
     "Datapath.detach",
 ];
 
+/// What stops a call that must not go on (its SR lock lost): set by the command that
+/// runs the call, to answer xapi before it exits.
+static FATAL: std::sync::OnceLock<Box<dyn Fn(XapiError) + Send + Sync>> =
+    std::sync::OnceLock::new();
+
+/// Sets what [`fatal`] does (once per process; later calls are ignored).
+pub fn on_fatal(handler: Box<dyn Fn(XapiError) + Send + Sync>) {
+    let _ = FATAL.set(handler);
+}
+
+/// Stops the call at once with `error`, from any thread: the handler set with
+/// [`on_fatal`], else the error object on stdout and exit status 1.
+pub fn fatal(error: XapiError) -> ! {
+    match FATAL.get() {
+        Some(handler) => handler(error),
+        None => println!("{}", error.to_json()),
+    }
+    std::process::exit(1)
+}
+
 /// What a call works with: the cluster, and this host as xapi names it.
 pub struct Context {
     pub tandem: Tandem,

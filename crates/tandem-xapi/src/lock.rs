@@ -3,9 +3,14 @@
 //! and with no timeout.
 //!
 //! The lock is a key of the SR's store, taken with a conditional write: `NODE PID
-//! START EXPIRES`. A holder that died is noticed at once on its own node (its process
-//! is gone), elsewhere when its lease expires.
+//! START EXPIRES`. Its holder renews the lease while it works; a holder that died is
+//! noticed at once on its own node (its process is gone), elsewhere when its lease
+//! runs out. A holder that finds its lock taken over, or cannot renew it in time, stops
+//! at once ([`crate::fatal`]): what it left half done is the next holder's to settle.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tandem_api::{KvCondition, NodeName, StoreName};
@@ -14,9 +19,10 @@ use crate::error::{Kind, XapiError};
 use crate::meta::LOCK_KEY;
 use crate::tandem::Tandem;
 
-/// How long a holder may keep the lock before others may take it over: longer than a
-/// call may run at all, so a holder alive is never taken over.
-const LEASE: Duration = Duration::from_secs(crate::CALL_DEADLINE.as_secs() + 5 * 60);
+/// How long a lease lasts: a host that dies holding the lock holds it this long.
+const LEASE: Duration = Duration::from_secs(30);
+/// How often a holder renews its lease: several tries before it runs out.
+const RENEW: Duration = Duration::from_secs(5);
 /// How long a call waits for the lock before it gives up.
 const WAIT: Duration = Duration::from_secs(300);
 /// Between looks at a held lock: short, as most operations take tens of milliseconds.
@@ -25,7 +31,61 @@ const POLL: Duration = Duration::from_millis(20);
 pub struct SrLock<'a> {
     tandem: &'a Tandem,
     store: StoreName,
-    value: String,
+    /// What the key holds now (the renewals change it).
+    value: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    renewal: Option<JoinHandle<()>>,
+}
+
+/// The lock's value: who holds it, until when.
+fn lease_value(here: &NodeName, pid: u32, start: u64) -> String {
+    format!(
+        "{here} {pid} {start} {}",
+        now_ms() + LEASE.as_millis() as u64
+    )
+}
+
+/// Renews the lease every [`RENEW`] until stopped; stops the call if the lock is taken
+/// over or the lease would run out unrenewed.
+fn renew(
+    tandem: Tandem,
+    store: StoreName,
+    value: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    here: NodeName,
+    pid: u32,
+    start: u64,
+) {
+    let mut renewed = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        std::thread::park_timeout(RENEW);
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let mut current = value.lock().unwrap();
+        let next = lease_value(&here, pid, start);
+        let outcome = tandem.kv_set(
+            &store,
+            LOCK_KEY,
+            &next,
+            Some(KvCondition::Value(current.clone())),
+        );
+        match outcome {
+            Ok(true) => {
+                *current = next;
+                renewed = Instant::now();
+            }
+            Ok(false) => crate::fatal(XapiError::new(
+                Kind::SrBusy,
+                ["the SR's lock was taken over while this call held it: it stops here; the next operation settles what it left".to_owned()],
+            )),
+            Err(e) if renewed.elapsed() + RENEW >= LEASE => crate::fatal(XapiError::new(
+                e.kind,
+                [format!("cannot renew the SR's lock before its lease ends: {e}")],
+            )),
+            Err(_) => {}
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -82,10 +142,7 @@ impl<'a> SrLock<'a> {
             .ok_or_else(|| XapiError::backend("cannot read this process's start time in /proc"))?;
         let deadline = Instant::now() + WAIT;
         loop {
-            let value = format!(
-                "{here} {pid} {start} {}",
-                now_ms() + LEASE.as_millis() as u64
-            );
+            let value = lease_value(here, pid, start);
             let condition = match tandem.kv_get(store, LOCK_KEY)? {
                 None => Some(KvCondition::Absent),
                 Some(old) => match Holder::parse(&old) {
@@ -97,10 +154,29 @@ impl<'a> SrLock<'a> {
             if let Some(condition) = condition
                 && tandem.kv_set(store, LOCK_KEY, &value, Some(condition))?
             {
+                let value = Arc::new(Mutex::new(value));
+                let stop = Arc::new(AtomicBool::new(false));
+                let renewal = {
+                    let (t, s, v, f, h) = (
+                        tandem.clone(),
+                        store.clone(),
+                        value.clone(),
+                        stop.clone(),
+                        here.clone(),
+                    );
+                    std::thread::Builder::new()
+                        .name("sr-lock".into())
+                        .spawn(move || renew(t, s, v, f, h, pid, start))
+                        .map_err(|e| {
+                            XapiError::backend(format!("cannot start the lease's renewal: {e}"))
+                        })?
+                };
                 return Ok(SrLock {
                     tandem,
                     store: store.clone(),
                     value,
+                    stop,
+                    renewal: Some(renewal),
                 });
             }
             if Instant::now() >= deadline {
@@ -120,10 +196,14 @@ impl<'a> SrLock<'a> {
 
 impl Drop for SrLock<'_> {
     fn drop(&mut self) {
-        // Only if still ours; a failure leaves the lease to expire.
-        let _ = self
-            .tandem
-            .kv_delete(&self.store, LOCK_KEY, Some(&self.value));
+        self.stop.store(true, Ordering::Release);
+        if let Some(r) = self.renewal.take() {
+            r.thread().unpark();
+            let _ = r.join();
+        }
+        // Only if still ours; a failure leaves the lease to run out.
+        let value = self.value.lock().unwrap().clone();
+        let _ = self.tandem.kv_delete(&self.store, LOCK_KEY, Some(&value));
     }
 }
 

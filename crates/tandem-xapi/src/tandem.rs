@@ -1,6 +1,8 @@
 //! The Tandem cluster as the plugins use it: the controller's API for everything
 //! cluster-wide, this host's node for its own name and NBD socket.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tandem_api::{
@@ -12,7 +14,7 @@ use tandem_api::{
 use crate::error::XapiError;
 
 /// One HTTP call to a Tandem API: the answer's body, or why there is none.
-pub trait Transport {
+pub trait Transport: Send + Sync {
     fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, ApiFailure>;
 }
 
@@ -23,10 +25,12 @@ pub struct ApiFailure {
     pub error: ApiError,
 }
 
+/// Cloned into the thread that renews an SR lock's lease.
+#[derive(Clone)]
 pub struct Tandem {
-    controller: Box<dyn Transport>,
+    controller: Arc<dyn Transport>,
     /// This host's node API; absent for tools that need only the controller.
-    node: Option<Box<dyn Transport>>,
+    node: Option<Arc<dyn Transport>>,
 }
 
 fn decode<T: DeserializeOwned>(what: &str, text: &str) -> Result<T, XapiError> {
@@ -38,7 +42,7 @@ fn decode<T: DeserializeOwned>(what: &str, text: &str) -> Result<T, XapiError> {
 }
 
 impl Tandem {
-    pub fn new(controller: Box<dyn Transport>, node: Option<Box<dyn Transport>>) -> Tandem {
+    pub fn new(controller: Arc<dyn Transport>, node: Option<Arc<dyn Transport>>) -> Tandem {
         Tandem { controller, node }
     }
 

@@ -26,7 +26,7 @@ pub enum SrCommand {
 fn context(api: &Client) -> Context {
     let client = Client::new(api.base());
     Context::new(
-        tandem_xapi::tandem::Tandem::new(Box::new(client), None),
+        tandem_xapi::tandem::Tandem::new(std::sync::Arc::new(client), None),
         None,
     )
 }

@@ -151,6 +151,10 @@ fn answer(printed: &Mutex<bool>, result: Result<serde_json::Value, XapiError>) -
 
 fn call(controller_url: &str, plugin: PluginArg, host: &HostArgs, method: &str) -> ExitCode {
     let printed = Arc::new(Mutex::new(false));
+    let fatal = printed.clone();
+    tandem_xapi::on_fatal(Box::new(move |e| {
+        answer(&fatal, Err(e));
+    }));
     let watchdog = printed.clone();
     let name = method.to_owned();
     std::thread::spawn(move || {
@@ -176,7 +180,7 @@ fn call(controller_url: &str, plugin: PluginArg, host: &HostArgs, method: &str) 
             .map_err(|e| XapiError::invalid(format!("reading the call's input: {e}")))?;
         let controller = controller(controller_url, host.token_file.as_ref())
             .map_err(|e| XapiError::backend(format!("{e:#}")))?;
-        let tandem = tandem_xapi::tandem::Tandem::new(Box::new(controller), Some(Box::new(node)));
+        let tandem = tandem_xapi::tandem::Tandem::new(Arc::new(controller), Some(Arc::new(node)));
         let ctx = Context::new(tandem, host.host_uuid.clone());
         let plugin = match plugin {
             PluginArg::Volume => Plugin::Volume,
