@@ -385,8 +385,12 @@ impl Snapshot<'_> {
                 .filter(|p| p.kind.diskful() || p.error.is_some())
                 .filter(|p| p.disk != Some(DiskState::UpToDate) || p.error.is_some())
                 .map(|p| {
+                    let pool = match (&p.pool, p.disk) {
+                        (Some(pool), Some(DiskState::Failed)) => format!(" in pool {pool}"),
+                        _ => String::new(),
+                    };
                     format!(
-                        "{} {}",
+                        "{} {}{pool}",
                         p.node,
                         p.error.clone().unwrap_or_else(|| {
                             p.disk.map_or("not reported".into(), |d| d.to_string())
@@ -394,6 +398,23 @@ impl Snapshot<'_> {
                     )
                 })
                 .collect();
+            // A failed disk says what to do about it first: the volume's state follows.
+            let failed: Vec<String> = (v.participants.iter())
+                .filter(|p| p.disk == Some(DiskState::Failed))
+                .map(|p| match &p.pool {
+                    Some(pool) => format!("pool {pool} on {}", p.node),
+                    None => format!("the pool on {}", p.node),
+                })
+                .collect();
+            let correction = if failed.is_empty() {
+                correction
+            } else {
+                format!(
+                    "the file system of {} returns errors: repair or replace it, then restart \
+                     tandemd there (the replica resyncs from its peers); meanwhile: {correction}",
+                    failed.join(" and ")
+                )
+            };
             findings.push(Finding {
                 severity,
                 object: format!("volume {}", v.name),

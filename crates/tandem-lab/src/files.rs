@@ -149,6 +149,30 @@ impl SmallFs {
     }
 }
 
+impl SmallFs {
+    /// Unmounts and mounts it again (what repairs an xfs shut down by `xfs_io -x -c
+    /// shutdown`: the mount replays its log). Nothing may hold it open meanwhile.
+    pub fn remount(&self) {
+        let img = self.dir.join("fs.img");
+        for cmd in [
+            Command::new("umount").arg(&self.mnt).output(),
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&self.mnt)
+                .output(),
+        ] {
+            let out = cmd.expect("umount and mount run");
+            assert!(
+                out.status.success(),
+                "remounting {}: {}",
+                self.mnt.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 impl Drop for SmallFs {
     fn drop(&mut self) {
         let unmounted = Command::new("umount")

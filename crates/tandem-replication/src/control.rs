@@ -1159,6 +1159,17 @@ fn peer_state(
         && !n.two_primaries
         && n.peer(id).is_some_and(|p| !p.is_primary())
         && n.primary_besides(id).is_some();
+    // A peer whose disk just failed may have lost writes it had acknowledged and not
+    // yet made durable (a file system shut down drops them): when it comes back with
+    // the disk repaired, all of it is resynced, not only what it missed since.
+    let disk_failed = state.disk == DiskState::Failed
+        && n.peer(id).is_some_and(|p| {
+            p.kind.diskful() && p.remote.is_none_or(|s| s.disk != DiskState::Failed)
+        });
+    if disk_failed && n.replica && up {
+        n.begin_tracking(id);
+        actions.push(Action::MarkAll(id));
+    }
     let p = n.peer_mut(id)?;
     let was_primary = p.is_primary();
     let changed = p.remote != Some(state);
@@ -1199,8 +1210,8 @@ fn settle_deferred(p: &mut PeerControl, up: bool, current: u64, actions: &mut Ve
 
 /// What a peer's state says about data generations (`previous`: the generation it
 /// reported before, on a live connection). A Primary's current generation becomes
-/// this node's when this node follows it: a participant without data remembers it
-/// (and the ones before it); a whole replica takes it when it was at the Primary's
+/// this node's when this node follows it: a participant without data (or whose disk
+/// failed) remembers it (and the ones before it); a whole replica takes it when it was at the Primary's
 /// previous generation and in step with it (no resync from it due): it received
 /// every write since. Either tells its peers: the Primary counts who has confirmed
 /// its generation before acknowledging writes (see [`Control::voters_agreeing`]), and
@@ -1234,7 +1245,12 @@ fn hear_generation(
     // Inconsistent yet.)
     let resynced =
         sync == Sync::Target && (n.disk == DiskState::Inconsistent || previous.is_none());
-    if state.role == Role::Primary && (!n.replica || in_step || resynced)
+    // A replica whose disk failed holds no data any more: like a participant without
+    // data, it repeats the Primary's generation, so that it still counts among the
+    // voters agreeing with the Primary (a two-replica volume writes on when one disk
+    // dies).
+    let holds_data = n.replica && n.disk != DiskState::Failed;
+    if state.role == Role::Primary && (!holds_data || in_step || resynced)
         || !n.replica && n.gens.current.0 == 0
     {
         n.adopt_generation(g);

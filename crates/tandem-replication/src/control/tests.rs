@@ -326,6 +326,57 @@ fn a_diskless_node_learns_the_primarys_generation() {
     assert_eq!(n.state().generation, G3);
 }
 
+/// A replica whose disk failed repeats the Primary's new generation, as a node without
+/// data does: it still counts among the voters agreeing with the Primary, which goes on
+/// writing with a two-replica volume.
+#[test]
+fn a_replica_whose_disk_failed_follows_the_primarys_generation() {
+    let c = up(
+        node(DiskState::UpToDate, G1),
+        2,
+        state(Role::Primary, DiskState::UpToDate, G1),
+    );
+    let (failed, _) = step(&c, &Event::LocalIoError).unwrap();
+    let (n, actions) = step(
+        &failed,
+        &Event::PeerState {
+            peer: id(2),
+            state: state(Role::Primary, DiskState::UpToDate, G2),
+        },
+    )
+    .unwrap();
+    assert_eq!(n.state().generation, G2);
+    assert_eq!(n.disk, DiskState::Failed);
+    assert!(actions.contains(&Action::Announce));
+    // The Primary's side: the peer's disk failed; all of the volume is resynced to it
+    // once it is back (writes it had acknowledged may be lost with its disk).
+    let primary = up(
+        node(DiskState::UpToDate, G1),
+        2,
+        state(Role::Secondary, DiskState::UpToDate, G1),
+    );
+    let (after, actions) = step(
+        &primary,
+        &Event::PeerState {
+            peer: id(2),
+            state: state(Role::Secondary, DiskState::Failed, G1),
+        },
+    )
+    .unwrap();
+    assert!(actions.contains(&Action::MarkAll(id(2))), "{actions:?}");
+    assert_eq!(after.peer(id(2)).unwrap().mark, G1);
+    // Reported again, it is not marked again.
+    let (_, actions) = step(
+        &after,
+        &Event::PeerState {
+            peer: id(2),
+            state: state(Role::Secondary, DiskState::Failed, G1),
+        },
+    )
+    .unwrap();
+    assert!(!actions.contains(&Action::MarkAll(id(2))));
+}
+
 #[test]
 fn promotion_is_granted_refused_and_ended_by_the_table() {
     let s = state(Role::Secondary, DiskState::UpToDate, G1);
