@@ -1,23 +1,30 @@
-//! Dying disks: a replica's file system shut down under writes (xfs returns EIO from
-//! then on, as a failing disk does). The replica goes Failed at once, the volume goes
-//! on from its peer with every acknowledged write, and `tandem health` names the node
-//! and the volume.
+//! Dying disks under writes: a replica's file system shut down (xfs returns EIO from
+//! then on, as a failing disk does), or full (ENOSPC). The replica goes Failed at once,
+//! the volume goes on from its peer with every acknowledged write, `tandem health`
+//! names the node, the pool and what to do, and once repaired and restarted the
+//! replica is resynced to be identical.
 
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use tandem_lab::{CONVERGE, Cluster, SmallFs, run, wait_for, workload};
 
-#[test]
-fn a_replica_whose_file_system_fails_goes_failed_and_the_volume_goes_on() {
-    let (Some(fs1), Some(fs2)) = (SmallFs::xfs(300), SmallFs::xfs(300)) else {
-        eprintln!("skipped: this machine cannot make xfs file systems on loop devices");
-        return;
-    };
+/// Two nodes, each with its pool on its own small file system; a 2-replica volume `v`
+/// of `size` attached on the first, a verifying writer running on it.
+struct Setup {
+    c: Cluster,
+    n1: String,
+    n2: String,
+    log: PathBuf,
+    writer: Child,
+}
+
+fn setup(prefix: &str, fs1: &SmallFs, fs2: &SmallFs, size: &str, blocks: u64) -> Setup {
     let mnts = [fs1.mnt.clone(), fs2.mnt.clone()];
-    let names = ["dk1", "dk2"];
-    let mut c = Cluster::start_with("dk", 2, move |name| {
-        let i = names.iter().position(|n| *n == name).unwrap();
+    let names = [format!("{prefix}1"), format!("{prefix}2")];
+    let c = Cluster::start_with(prefix, 2, move |name| {
+        let i = names.iter().position(|n| n == name).unwrap();
         vec![
             "--pool".into(),
             format!("default={}", mnts[i].join(name).display()),
@@ -26,13 +33,78 @@ fn a_replica_whose_file_system_fails_goes_failed_and_the_volume_goes_on() {
     let (n1, n2) = (c.nodes[0].name.clone(), c.nodes[1].name.clone());
     run(c
         .tandem()
-        .args(["volume", "create", "v", "--size", "64M", "--replicas", "2"]));
+        .args(["volume", "create", "v", "--size", size, "--replicas", "2"]));
     c.wait_up_to_date(CONVERGE);
     run(c.tandem().args(["volume", "attach", "v", "--node", &n1]));
     let log = c.nodes[0].dir.join("writer.log");
-    let mut writer = workload::start_in(&c.node(&n1).uri("v"), &log, 7, 0, 0..(64 << 8));
-    std::thread::sleep(Duration::from_secs(1));
+    let writer = workload::start_in(&c.node(&n1).uri("v"), &log, 7, 0, 0..blocks);
+    Setup {
+        c,
+        n1,
+        n2,
+        log,
+        writer,
+    }
+}
 
+impl Setup {
+    /// Waits for n2's replica to fail; checks that writes go on without it, that no
+    /// acknowledged write is lost, and what `tandem health` says.
+    fn check_failed_and_going_on(&mut self) {
+        let (c, n2) = (&self.c, &self.n2);
+        wait_for("n2's replica is Failed", CONVERGE, &[], || {
+            let v = c.json(&["volume", "show", "v"]);
+            v["participants"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["node"] == n2.as_str() && p["disk"] == "Failed")
+        });
+        let count = || std::fs::read_to_string(&self.log).unwrap().lines().count();
+        let before = count();
+        std::thread::sleep(Duration::from_secs(2));
+        let after = count();
+        assert!(after > before + 10, "writes stopped: {before} then {after}");
+        let _ = self.writer.kill();
+        let _ = self.writer.wait();
+        let lost = workload::check(&c.node(&self.n1).uri("v"), &self.log);
+        assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+        let (code, report) = c.health();
+        assert_eq!(code, 2, "{report}");
+        assert!(
+            report.contains(&format!("{n2} Failed in pool default")),
+            "{report}"
+        );
+        assert!(
+            report.contains(&format!(
+                "the file system of pool default on {n2} returns errors"
+            )),
+            "{report}"
+        );
+    }
+
+    /// n2 stopped, its file system repaired by `repair`, started again: its replica is
+    /// resynced to be identical, every acknowledged write in place.
+    fn check_repaired(&mut self, repair: impl FnOnce()) {
+        let n2 = self.n2.clone();
+        self.c.node_mut(&n2).stop();
+        repair();
+        self.c.node_mut(&n2).restart();
+        self.c.wait_up_to_date(CONVERGE);
+        let verify = self.c.json(&["volume", "verify", "v"]);
+        assert_eq!(verify["peers"][0]["differing-blocks"], 0, "{verify:#}");
+        assert!(workload::check(&self.c.node(&self.n1).uri("v"), &self.log).is_empty());
+    }
+}
+
+#[test]
+fn a_replica_whose_file_system_fails_goes_failed_and_the_volume_goes_on() {
+    let (Some(fs1), Some(fs2)) = (SmallFs::xfs(300), SmallFs::xfs(300)) else {
+        eprintln!("skipped: this machine cannot make xfs file systems on loop devices");
+        return;
+    };
+    let mut s = setup("dk", &fs1, &fs2, "64M", 64 << 8);
+    std::thread::sleep(Duration::from_secs(1));
     // n2's disk dies under the writes.
     let out = Command::new("xfs_io")
         .args(["-x", "-c", "shutdown", fs2.mnt.to_str().unwrap()])
@@ -43,42 +115,35 @@ fn a_replica_whose_file_system_fails_goes_failed_and_the_volume_goes_on() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for("n2's replica is Failed", CONVERGE, &[], || {
-        let v = c.json(&["volume", "show", "v"]);
-        v["participants"]
-            .as_array()
+    s.check_failed_and_going_on();
+    s.check_repaired(|| fs2.remount());
+}
+
+#[test]
+fn a_replica_whose_file_system_fills_up_goes_failed_and_the_volume_goes_on() {
+    let (Some(fs1), Some(fs2)) = (SmallFs::ext4(128), SmallFs::ext4(64)) else {
+        eprintln!("skipped: this machine cannot make ext4 file systems on loop devices");
+        return;
+    };
+    // n2's file system all but full: the thin replica runs out of room under writes
+    // that n1's has room for.
+    let filler = fs2.mnt.join("filler");
+    let free = || {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1", fs2.mnt.to_str().unwrap()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
             .unwrap()
-            .iter()
-            .any(|p| p["node"] == n2.as_str() && p["disk"] == "Failed")
-    });
-    // Writes go on, acknowledged by the Primary alone.
-    let before = std::fs::read_to_string(&log).unwrap().lines().count();
-    std::thread::sleep(Duration::from_secs(2));
-    let after = std::fs::read_to_string(&log).unwrap().lines().count();
-    assert!(after > before + 10, "writes stopped: {before} then {after}");
-    let _ = writer.kill();
-    let _ = writer.wait();
-    let lost = workload::check(&c.node(&n1).uri("v"), &log);
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
-    let (code, report) = c.health();
-    assert_eq!(code, 2, "{report}");
-    assert!(
-        report.contains(&format!("{n2} Failed in pool default")),
-        "{report}"
-    );
-    assert!(
-        report.contains(&format!(
-            "the file system of pool default on {n2} returns errors"
-        )),
-        "{report}"
-    );
-    // Repaired (stopped, the file system mounted again) and started again: the replica
-    // catches up with what it missed and is identical to the Primary's.
-    c.node_mut(&n2).stop();
-    fs2.remount();
-    c.node_mut(&n2).restart();
-    c.wait_up_to_date(CONVERGE);
-    let verify = c.json(&["volume", "verify", "v"]);
-    assert_eq!(verify["peers"][0]["differing-blocks"], 0, "{verify:#}");
-    assert!(workload::check(&c.node(&n1).uri("v"), &log).is_empty());
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let mut s = setup("df", &fs1, &fs2, "48M", 48 << 8);
+    let leave = 8 << 20;
+    std::fs::write(&filler, vec![0xeeu8; (free() - leave) as usize]).unwrap();
+    s.check_failed_and_going_on();
+    s.check_repaired(|| std::fs::remove_file(&filler).unwrap());
 }
