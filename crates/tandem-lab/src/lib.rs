@@ -163,6 +163,20 @@ pub fn http_headers(method: &str, url: &str, headers: &[(&str, &str)]) -> Respon
     }
 }
 
+/// Every input of fuzz target `target` kept in the repository: its corpus and the
+/// crash inputs found (`fuzz/corpus/TARGET/`, `fuzz/artifacts/TARGET/`), sorted.
+pub fn fuzz_inputs(target: &str) -> Vec<PathBuf> {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+    let mut files = Vec::new();
+    for kind in ["corpus", "artifacts"] {
+        if let Ok(dir) = std::fs::read_dir(fuzz.join(kind).join(target)) {
+            files.extend(dir.map(|e| e.expect("corpus entry").path()));
+        }
+    }
+    files.sort();
+    files
+}
+
 /// How long a lab HTTP request may take: more than any API call needs, and a test
 /// never hangs on one.
 const HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);

@@ -73,6 +73,7 @@ struct Negotiation<'a> {
 }
 
 /// A reply to an option that carries an error: its type and a message for people.
+#[derive(Debug)]
 struct OptError(u32, String);
 
 impl OptError {
@@ -316,15 +317,7 @@ impl Negotiation<'_> {
     }
 
     fn info_or_go(&mut self, option: u32, data: &[u8]) -> Result<Option<Session>, Ending> {
-        let parsed = (|| {
-            let mut f = Fields(data);
-            let name = f.string()?.to_owned();
-            let count = f.u16()?;
-            let requests = (0..count).map(|_| f.u16()).collect::<Result<Vec<_>, _>>()?;
-            f.end()?;
-            Ok((name, requests))
-        })();
-        let (name, requests) = match parsed {
+        let (name, requests) = match parse_info_request(data) {
             Ok(p) => p,
             Err(OptError(code, msg)) => {
                 self.reply(option, code, msg.as_bytes())?;
@@ -459,17 +452,7 @@ impl Negotiation<'_> {
                 "meta contexts need structured replies first",
             )));
         }
-        let parsed = (|| {
-            let mut f = Fields(data);
-            let export = f.string()?.to_owned();
-            let count = f.u32()?;
-            let queries = (0..count)
-                .map(|_| f.string().map(str::to_owned))
-                .collect::<Result<Vec<_>, _>>()?;
-            f.end()?;
-            Ok((export, queries))
-        })();
-        let (export, queries) = match parsed {
+        let (export, queries) = match parse_meta_context_request(data) {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
@@ -505,6 +488,49 @@ impl Negotiation<'_> {
     }
 }
 
+/// The payload of `NBD_OPT_INFO` and `NBD_OPT_GO`: the export's name and the
+/// information requested.
+fn parse_info_request(data: &[u8]) -> Result<(String, Vec<u16>), OptError> {
+    let mut f = Fields(data);
+    let name = f.string()?.to_owned();
+    let count = f.u16()?;
+    let requests = (0..count).map(|_| f.u16()).collect::<Result<Vec<_>, _>>()?;
+    f.end()?;
+    Ok((name, requests))
+}
+
+/// The payload of `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: the
+/// export's name and the queries.
+fn parse_meta_context_request(data: &[u8]) -> Result<(String, Vec<String>), OptError> {
+    let mut f = Fields(data);
+    let export = f.string()?.to_owned();
+    let count = f.u32()?;
+    // (Collected through `Result`: the count does not size anything before the
+    // strings it announces are there.)
+    let queries = (0..count)
+        .map(|_| f.string().map(str::to_owned))
+        .collect::<Result<Vec<_>, _>>()?;
+    f.end()?;
+    Ok((export, queries))
+}
+
+/// The fuzz target `nbd_option` (and the replay of its corpus): the first byte picks
+/// an option whose payload parser gets the rest, as a client's option would reach it.
+/// Returns what was parsed, or the error reply's message; never panics.
+#[doc(hidden)]
+pub fn fuzz_option(data: &[u8]) -> Result<String, String> {
+    let Some((&pick, payload)) = data.split_first() else {
+        return Err("no option".into());
+    };
+    let parsed = if pick % 2 == 0 {
+        parse_info_request(payload).map(|(name, requests)| format!("info {name:?} {requests:?}"))
+    } else {
+        parse_meta_context_request(payload)
+            .map(|(export, queries)| format!("meta {export:?} {queries:?}"))
+    };
+    parsed.map_err(|OptError(_, message)| message)
+}
+
 /// Strings sent to clients are capped at the protocol's 4096 bytes.
 fn truncate(s: &str) -> &str {
     let mut end = s.len().min(MAX_STRING);
@@ -512,4 +538,53 @@ fn truncate(s: &str) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn string(s: &str) -> Vec<u8> {
+        let mut b = (s.len() as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(s.as_bytes());
+        b
+    }
+
+    #[test]
+    fn option_payloads_parse_or_say_what_is_wrong() {
+        let mut info = string("vm1");
+        info.extend_from_slice(&2u16.to_be_bytes());
+        info.extend_from_slice(&[0, 1, 0, 3]);
+        assert_eq!(
+            parse_info_request(&info).unwrap(),
+            ("vm1".to_owned(), vec![INFO_NAME, INFO_BLOCK_SIZE])
+        );
+        let mut meta = string("vm1@s2");
+        meta.extend_from_slice(&2u32.to_be_bytes());
+        meta.extend(string("base:allocation"));
+        meta.extend(string("qemu:dirty-bitmap:s1"));
+        let (export, queries) = parse_meta_context_request(&meta).unwrap();
+        assert_eq!(export, "vm1@s2");
+        assert_eq!(queries, ["base:allocation", "qemu:dirty-bitmap:s1"]);
+        let message = |r: Result<(String, Vec<String>), OptError>| r.unwrap_err().1;
+        // A count far beyond the strings that follow: refused, nothing sized by it.
+        let mut huge = string("vm1");
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        huge.extend(string("base:"));
+        assert!(message(parse_meta_context_request(&huge)).contains("shorter"));
+        let mut trailing = string("vm1");
+        trailing.extend_from_slice(&0u32.to_be_bytes());
+        trailing.push(b'x');
+        assert!(message(parse_meta_context_request(&trailing)).contains("longer than its fields"));
+        let mut long = ((MAX_STRING + 1) as u32).to_be_bytes().to_vec();
+        long.extend(vec![b'a'; MAX_STRING + 1]);
+        assert!(message(parse_meta_context_request(&long)).contains("4096"));
+        let bad_utf8 = [0, 0, 0, 1, 0xff, 0, 0];
+        assert!(
+            parse_info_request(&bad_utf8)
+                .unwrap_err()
+                .1
+                .contains("UTF-8")
+        );
+    }
 }

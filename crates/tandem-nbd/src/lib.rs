@@ -17,5 +17,5 @@ mod server;
 mod transmission;
 
 pub use export::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, WriteDone, ZeroMode};
-pub use handshake::TlsPolicy;
+pub use handshake::{TlsPolicy, fuzz_option};
 pub use server::Server;

@@ -2,17 +2,9 @@
 //! `fuzz/artifacts/`, see `fuzz/run`) on the stable toolchain, so CI keeps each
 //! finding fixed: every input decodes or is refused, never panics.
 
-use std::path::Path;
-
 #[test]
 fn the_metadata_slot_corpus_decodes_or_is_refused_without_panicking() {
-    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
-    let mut files = Vec::new();
-    for kind in ["corpus", "artifacts"] {
-        if let Ok(dir) = std::fs::read_dir(fuzz.join(kind).join("meta_slot")) {
-            files.extend(dir.map(|e| e.expect("corpus entry").path()));
-        }
-    }
+    let files = tandem_lab::fuzz_inputs("meta_slot");
     assert!(files.len() > 10, "the corpus is missing: {files:?}");
     // The first finding: an activity-log offset near 2^64 made the layout check
     // overflow (a panic) instead of refusing the slot.

@@ -3,27 +3,11 @@
 //! toolchain, so CI keeps each finding fixed: every input gives a message or an error,
 //! never a panic.
 
-use std::path::{Path, PathBuf};
-
 use tandem_replication::wire::{self, Parsed};
-
-/// Every file under `fuzz/<kind>/<target>/` for `kind` corpus and artifacts.
-fn inputs(target: &str) -> Vec<PathBuf> {
-    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
-    let mut files = Vec::new();
-    for kind in ["corpus", "artifacts"] {
-        let Ok(dir) = std::fs::read_dir(fuzz.join(kind).join(target)) else {
-            continue;
-        };
-        files.extend(dir.map(|e| e.expect("corpus entry").path()));
-    }
-    files.sort();
-    files
-}
 
 #[test]
 fn the_peer_protocol_corpus_parses_or_is_refused_without_panicking() {
-    let files = inputs("peer_wire");
+    let files = tandem_lab::fuzz_inputs("peer_wire");
     assert!(files.len() >= 6, "the corpus is missing: {files:?}");
     let (mut parsed, mut refused) = (0, 0);
     for path in &files {
