@@ -19,3 +19,4 @@ mod transmission;
 pub use export::{BlockSizes, Catalog, Export, ExportInfo, Extent, OpenError, WriteDone, ZeroMode};
 pub use handshake::{TlsPolicy, fuzz_option};
 pub use server::Server;
+pub use transmission::fuzz_request;

@@ -92,27 +92,7 @@ impl Reader {
             io::ErrorKind::UnexpectedEof => Stop::Lost("connection closed inside a request header"),
             _ => Stop::Io(e),
         })?;
-        let be16 = |at: usize| u16::from_be_bytes(head[at..at + 2].try_into().unwrap());
-        let be32 = |at: usize| u32::from_be_bytes(head[at..at + 4].try_into().unwrap());
-        let be64 = |at: usize| u64::from_be_bytes(head[at..at + 8].try_into().unwrap());
-        let want = if extended {
-            EXTENDED_REQUEST_MAGIC
-        } else {
-            REQUEST_MAGIC
-        };
-        if be32(0) != want {
-            return Err(Stop::Violation(format!(
-                "bad request magic {:#010x}",
-                be32(0)
-            )));
-        }
-        let req = Request {
-            flags: be16(4),
-            kind: be16(6),
-            cookie: be64(8),
-            offset: be64(16),
-            len: if extended { be64(24) } else { be32(24) as u64 },
-        };
+        let req = decode_request(head, extended).map_err(Stop::Violation)?;
         if req.kind == CMD_DISC {
             return Err(Stop::Done);
         }
@@ -314,76 +294,16 @@ impl<'s> Connection<'s> {
     /// Validates a request against the protocol and the export; the error to reply with.
     fn check(&self, req: &Request) -> Result<(), (Errno, String)> {
         let s = self.session;
-        let inval = |msg: String| Err((Errno::Inval, msg));
-        let allowed = match req.kind {
-            CMD_READ => CF_FUA | CF_DF,
-            CMD_WRITE => CF_FUA | CF_PAYLOAD_LEN,
-            CMD_FLUSH | CMD_TRIM | CMD_CACHE => CF_FUA,
-            CMD_WRITE_ZEROES => CF_FUA | CF_NO_HOLE | CF_FAST_ZERO,
-            CMD_BLOCK_STATUS => CF_FUA | CF_REQ_ONE,
-            other => return inval(format!("unknown command {other}")),
-        };
-        if req.flags & !allowed != 0 {
-            return inval(format!(
-                "flags {:#x} are not valid for command {}",
-                req.flags & !allowed,
-                req.kind
-            ));
-        }
-        if req.flags & CF_PAYLOAD_LEN != 0 && s.mode != ReplyMode::Extended {
-            return inval("PAYLOAD_LEN needs extended headers".into());
-        }
-        if req.flags & CF_DF != 0 && s.flags & TF_SEND_DF == 0 {
-            return inval("DF needs structured replies".into());
-        }
-        if req.flags & CF_FAST_ZERO != 0 && s.flags & TF_SEND_FAST_ZERO == 0 {
-            return inval("FAST_ZERO was not offered".into());
-        }
-        let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-        if writes && s.flags & TF_READ_ONLY != 0 {
-            return Err((Errno::Perm, format!("export {} is read-only", s.name)));
-        }
-        if req.kind == CMD_FLUSH && (req.offset != 0 || req.len != 0) {
-            return inval("FLUSH takes no offset or length".into());
-        }
-        let size = s.export.size();
-        if req.offset.checked_add(req.len).is_none_or(|end| end > size) {
-            let errno = if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
-                Errno::NoSpc
-            } else {
-                Errno::Inval
-            };
-            return Err((
-                errno,
-                format!(
-                    "request [{}, +{}) goes past the end of the export ({size} bytes)",
-                    req.offset, req.len
-                ),
-            ));
-        }
-        if req.kind == CMD_READ && req.len > MAX_PAYLOAD as u64 {
-            let errno = if s.mode == ReplyMode::Simple {
-                Errno::Inval
-            } else {
-                Errno::Overflow
-            };
-            return Err((
-                errno,
-                format!("READ of {} bytes exceeds the 32 MiB maximum", req.len),
-            ));
-        }
-        if req.kind == CMD_BLOCK_STATUS {
-            if s.contexts.is_empty() {
-                return inval(
-                    "BLOCK_STATUS needs a meta context (base:allocation, qemu:dirty-bitmap:...)"
-                        .into(),
-                );
-            }
-            if req.len == 0 {
-                return inval("BLOCK_STATUS of zero bytes".into());
-            }
-        }
-        Ok(())
+        check_request(
+            req,
+            &Terms {
+                name: &s.name,
+                mode: s.mode,
+                flags: s.flags,
+                size: s.export.size(),
+                contexts: !s.contexts.is_empty(),
+            },
+        )
     }
 
     fn read(&self, req: &Request, buf: &mut AlignedBuf) -> io::Result<()> {
@@ -575,4 +495,158 @@ fn push_hole(reply: &mut Reply<'_>, mut offset: u64, mut len: u64, done: bool) {
         reply.hole(offset, n as u32, done && len == 0);
         offset += n;
     }
+}
+
+/// A request header (28 bytes, or 32 with extended headers) as it arrives.
+fn decode_request(head: &[u8], extended: bool) -> Result<Request, String> {
+    let want_len = if extended { 32 } else { 28 };
+    if head.len() != want_len {
+        return Err(format!(
+            "a request header has {want_len} bytes, not {}",
+            head.len()
+        ));
+    }
+    let be16 = |at: usize| u16::from_be_bytes([head[at], head[at + 1]]);
+    let be32 = |at: usize| u32::from_be_bytes(head[at..at + 4].try_into().expect("4 bytes"));
+    let be64 = |at: usize| u64::from_be_bytes(head[at..at + 8].try_into().expect("8 bytes"));
+    let want = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
+    if be32(0) != want {
+        return Err(format!("bad request magic {:#010x}", be32(0)));
+    }
+    Ok(Request {
+        flags: be16(4),
+        kind: be16(6),
+        cookie: be64(8),
+        offset: be64(16),
+        len: if extended { be64(24) } else { be32(24) as u64 },
+    })
+}
+
+/// What a request is checked against: the terms its session was negotiated on.
+struct Terms<'a> {
+    name: &'a str,
+    mode: ReplyMode,
+    /// Transmission flags.
+    flags: u16,
+    size: u64,
+    /// Meta contexts were selected.
+    contexts: bool,
+}
+
+/// Whether a request may be served, else the error it gets and why.
+fn check_request(req: &Request, s: &Terms<'_>) -> Result<(), (Errno, String)> {
+    let inval = |msg: String| Err((Errno::Inval, msg));
+    let allowed = match req.kind {
+        CMD_READ => CF_FUA | CF_DF,
+        CMD_WRITE => CF_FUA | CF_PAYLOAD_LEN,
+        CMD_FLUSH | CMD_TRIM | CMD_CACHE => CF_FUA,
+        CMD_WRITE_ZEROES => CF_FUA | CF_NO_HOLE | CF_FAST_ZERO,
+        CMD_BLOCK_STATUS => CF_FUA | CF_REQ_ONE,
+        other => return inval(format!("unknown command {other}")),
+    };
+    if req.flags & !allowed != 0 {
+        return inval(format!(
+            "flags {:#x} are not valid for command {}",
+            req.flags & !allowed,
+            req.kind
+        ));
+    }
+    if req.flags & CF_PAYLOAD_LEN != 0 && s.mode != ReplyMode::Extended {
+        return inval("PAYLOAD_LEN needs extended headers".into());
+    }
+    if req.flags & CF_DF != 0 && s.flags & TF_SEND_DF == 0 {
+        return inval("DF needs structured replies".into());
+    }
+    if req.flags & CF_FAST_ZERO != 0 && s.flags & TF_SEND_FAST_ZERO == 0 {
+        return inval("FAST_ZERO was not offered".into());
+    }
+    let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && s.flags & TF_READ_ONLY != 0 {
+        return Err((Errno::Perm, format!("export {} is read-only", s.name)));
+    }
+    if req.kind == CMD_FLUSH && (req.offset != 0 || req.len != 0) {
+        return inval("FLUSH takes no offset or length".into());
+    }
+    let size = s.size;
+    if req.offset.checked_add(req.len).is_none_or(|end| end > size) {
+        let errno = if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            Errno::NoSpc
+        } else {
+            Errno::Inval
+        };
+        return Err((
+            errno,
+            format!(
+                "request [{}, +{}) goes past the end of the export ({size} bytes)",
+                req.offset, req.len
+            ),
+        ));
+    }
+    if req.kind == CMD_READ && req.len > MAX_PAYLOAD as u64 {
+        let errno = if s.mode == ReplyMode::Simple {
+            Errno::Inval
+        } else {
+            Errno::Overflow
+        };
+        return Err((
+            errno,
+            format!("READ of {} bytes exceeds the 32 MiB maximum", req.len),
+        ));
+    }
+    if req.kind == CMD_BLOCK_STATUS {
+        if !s.contexts {
+            return inval(
+                "BLOCK_STATUS needs a meta context (base:allocation, qemu:dirty-bitmap:...)".into(),
+            );
+        }
+        if req.len == 0 {
+            return inval("BLOCK_STATUS of zero bytes".into());
+        }
+    }
+    Ok(())
+}
+
+/// The fuzz target `nbd_request` (and the replay of its corpus): the first byte picks
+/// the session's terms (bits 0-1 the reply mode: simple, structured, extended; 0x04
+/// read-only; 0x08 FAST_ZERO offered; 0x10 meta contexts selected), the next 8 the
+/// export's size, the rest is a request header decoded and checked as a connection
+/// does.
+/// Returns the request or why it is refused; never panics.
+#[doc(hidden)]
+pub fn fuzz_request(data: &[u8]) -> Result<String, String> {
+    if data.len() < 9 {
+        return Err("too short".into());
+    }
+    let pick = data[0];
+    let size = u64::from_be_bytes(data[1..9].try_into().expect("8 bytes"));
+    let mode = match pick & 0x03 {
+        0 => ReplyMode::Simple,
+        1 => ReplyMode::Structured,
+        _ => ReplyMode::Extended,
+    };
+    let mut flags = TF_HAS_FLAGS;
+    if pick & 0x04 != 0 {
+        flags |= TF_READ_ONLY;
+    }
+    if mode != ReplyMode::Simple {
+        flags |= TF_SEND_DF;
+    }
+    if pick & 0x08 != 0 {
+        flags |= TF_SEND_FAST_ZERO;
+    }
+    let terms = Terms {
+        name: "fuzz",
+        mode,
+        flags,
+        size,
+        contexts: pick & 0x10 != 0,
+    };
+    let head = &data[9..];
+    let req = decode_request(head, mode == ReplyMode::Extended)?;
+    check_request(&req, &terms).map_err(|(errno, why)| format!("{errno:?}: {why}"))?;
+    Ok(format!("{req:?}"))
 }
