@@ -3,6 +3,7 @@
 
 mod body;
 mod cluster;
+mod fuzz;
 mod ids;
 mod names;
 mod size;
@@ -20,6 +21,7 @@ pub use cluster::{
     KV_KEY_MAX, KvCondition, KvEntry, KvValue, NodeState, OnNode, ResizeVolume, Severity,
     VolumeState, check_kv_key, encode_path,
 };
+pub use fuzz::fuzz_body;
 pub use ids::{ClusterId, NodeId, VolumeId};
 pub use names::{GroupName, NameError, NodeName, PoolName, SnapshotName, StoreName, VolumeName};
 pub use size::{ByteSize, SizeError};
