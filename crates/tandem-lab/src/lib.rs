@@ -177,6 +177,41 @@ pub fn fuzz_inputs(target: &str) -> Vec<PathBuf> {
     files
 }
 
+/// Replays every input of fuzz target `target` (at least `min` of them) through
+/// `parse`: each gives a result or a non-empty reason for refusing it (a panic fails
+/// the test), and the corpus holds both kinds. The counts, accepted and refused.
+pub fn replay_fuzz_corpus(
+    target: &str,
+    min: usize,
+    parse: impl Fn(&[u8]) -> Result<String, String>,
+) -> (usize, usize) {
+    let files = fuzz_inputs(target);
+    assert!(
+        files.len() >= min,
+        "the corpus of {target} is missing: {files:?}"
+    );
+    let (mut accepted, mut refused) = (0, 0);
+    for path in &files {
+        let data = std::fs::read(path).expect("a corpus file");
+        match parse(&data) {
+            Ok(_) => accepted += 1,
+            Err(why) => {
+                assert!(
+                    !why.is_empty(),
+                    "{}: refused without a reason",
+                    path.display()
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        accepted > 0 && refused > 0,
+        "{target}: {accepted} accepted, {refused} refused"
+    );
+    (accepted, refused)
+}
+
 /// How long a lab HTTP request may take: more than any API call needs, and a test
 /// never hangs on one.
 const HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);

@@ -5,50 +5,12 @@
 
 #[test]
 fn the_handshake_option_corpus_parses_or_is_refused_without_panicking() {
-    let files = tandem_lab::fuzz_inputs("nbd_option");
-    assert!(files.len() > 10, "the corpus is missing: {files:?}");
-    let (mut parsed, mut refused) = (0, 0);
-    for path in &files {
-        match tandem_nbd::fuzz_option(&std::fs::read(path).unwrap()) {
-            Ok(_) => parsed += 1,
-            Err(why) => {
-                assert!(
-                    !why.is_empty(),
-                    "{}: an error without a message",
-                    path.display()
-                );
-                refused += 1;
-            }
-        }
-    }
-    assert!(
-        parsed > 0 && refused > 0,
-        "{parsed} parsed, {refused} refused"
-    );
+    tandem_lab::replay_fuzz_corpus("nbd_option", 10, tandem_nbd::fuzz_option);
 }
 
 #[test]
 fn the_request_corpus_is_served_or_refused_without_panicking() {
-    let files = tandem_lab::fuzz_inputs("nbd_request");
-    assert!(files.len() >= 8, "the corpus is missing: {files:?}");
-    let (mut served, mut refused) = (0, 0);
-    for path in &files {
-        match tandem_nbd::fuzz_request(&std::fs::read(path).unwrap()) {
-            Ok(_) => served += 1,
-            Err(why) => {
-                assert!(
-                    !why.is_empty(),
-                    "{}: an error without a message",
-                    path.display()
-                );
-                refused += 1;
-            }
-        }
-    }
-    assert!(
-        served > 0 && refused > 0,
-        "{served} served, {refused} refused"
-    );
+    tandem_lab::replay_fuzz_corpus("nbd_request", 8, tandem_nbd::fuzz_request);
 }
 
 /// What the request checks decide, through the fuzz entry point: session terms byte,
