@@ -103,7 +103,27 @@ fn a_replica_whose_file_system_fails_goes_failed_and_the_volume_goes_on() {
         eprintln!("skipped: this machine cannot make xfs file systems on loop devices");
         return;
     };
-    let mut s = setup("dk", &fs1, &fs2, "64M", 64 << 8);
+    // The verifying writer on the first 64 MiB; 4 MiB writes at depth 8 on the rest,
+    // so the disk dies with large writes in flight (socket buffers full).
+    let mut s = setup("dk", &fs1, &fs2, "128M", 64 << 8);
+    let uri = s.c.node(&s.n1).uri("v");
+    let mut stream = Command::new("fio")
+        .args([
+            "--name=stream",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=write",
+            "--bs=4m",
+            "--iodepth=8",
+            "--offset=64m",
+            "--size=64m",
+            "--time_based",
+            "--runtime=6",
+            "--buffer_pattern=0xab",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start fio");
     std::thread::sleep(Duration::from_secs(1));
     // n2's disk dies under the writes.
     let out = Command::new("xfs_io")
@@ -116,6 +136,10 @@ fn a_replica_whose_file_system_fails_goes_failed_and_the_volume_goes_on() {
         String::from_utf8_lossy(&out.stderr)
     );
     s.check_failed_and_going_on();
+    // Every large write was acknowledged (fio stops at the first error) and holds its
+    // bytes.
+    assert!(stream.wait().unwrap().success(), "a large write failed");
+    tandem_lab::qemu_io(&uri, &["read -P 0xab 64M 64M"]);
     s.check_repaired(|| fs2.remount());
 }
 

@@ -21,6 +21,14 @@ struct Orphan {
     holders: BTreeMap<NodeName, VolumeSpec>,
 }
 
+fn no_orphan(name: &VolumeName) -> Refusal {
+    Refusal::new(
+        NotFound,
+        format!("no node reports an orphan volume {name}"),
+        "nodes report orphans when visited: `tandem health` lists those found",
+    )
+}
+
 impl Controller {
     /// The one orphan named `name`.
     fn orphan(&self, name: &VolumeName) -> Result<Orphan, Refusal> {
@@ -31,11 +39,7 @@ impl Controller {
             .map(|((_, id), holders)| Orphan { id, holders })
             .collect();
         match found.len() {
-            0 => Err(Refusal::new(
-                NotFound,
-                format!("no node reports an orphan volume {name}"),
-                "nodes report orphans when visited: `tandem health` lists those found",
-            )),
+            0 => Err(no_orphan(name)),
             1 => Ok(found.remove(0)),
             _ => Err(Refusal::new(
                 Conflict,
@@ -141,7 +145,7 @@ impl Controller {
             })
             .collect();
         if parts.is_empty() {
-            return Err(self.orphan(name).err().expect("no orphan"));
+            return Err(no_orphan(name));
         }
         self.record_deletions(&parts)?;
         tracing::info!(volume = %name, nodes = parts.len(), "orphan to be deleted");
