@@ -34,25 +34,7 @@ done
 cargo build --release --quiet --manifest-path "$REPO/Cargo.toml" -p tandemd -p tandem-cli
 TANDEM="$REPO/target/release/tandem"
 
-PIDS=()
-LOOP=
-MNT=$BENCH_DIR/xfs
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    mountpoint -q "$MNT" && { umount "$MNT" || umount -l "$MNT"; }
-    [[ -n $LOOP ]] && losetup -d "$LOOP" 2>/dev/null
-    rm -rf "$BENCH_DIR/xfs.img" "$MNT" "$BENCH_DIR"/n?
-    ((rc == 0)) || echo "xapi: failed (exit $rc); logs are in $BENCH_DIR" >&2
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-mountpoint -q "$MNT" 2>/dev/null && umount "$MNT"
-rm -rf "$BENCH_DIR"
-mkdir -p "$MNT"
+bench_on_xfs xapi
 cp "$REPO/target/release/tandemd" "$BENCH_DIR/tnode-xapi"
 xfs_on_loop "$BENCH_DIR/xfs.img" "$MNT" 20G
 start_three "$BENCH_DIR/tnode-xapi" "$BENCH_DIR" "$BASE_PORT" "$MNT"

@@ -44,3 +44,30 @@ xfs_on_loop() {
     mkfs.xfs -q -f -m reflink=1 "$LOOP"
     mount "$LOOP" "$2"
 }
+
+# bench_on_xfs NAME: for a benchmark whose nodes' pools are on `xfs_on_loop` (in
+# $BENCH_DIR/xfs, image $BENCH_DIR/xfs.img): sets MNT, LOOP and PIDS, cleans up at exit
+# (the processes it started, by PID; the mount, the loop device, the image and the
+# nodes' directories, on failure too) and starts from an empty $BENCH_DIR.
+bench_on_xfs() {
+    BENCH_NAME=$1
+    PIDS=()
+    LOOP=
+    MNT=$BENCH_DIR/xfs
+    trap cleanup_xfs_bench EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    mountpoint -q "$MNT" 2>/dev/null && umount "$MNT"
+    rm -rf "$BENCH_DIR"
+    mkdir -p "$MNT"
+}
+
+cleanup_xfs_bench() {
+    local rc=$?
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    mountpoint -q "$MNT" && { umount "$MNT" || umount -l "$MNT"; }
+    [[ -n $LOOP ]] && losetup -d "$LOOP" 2>/dev/null
+    rm -rf "$BENCH_DIR/xfs.img" "$MNT" "$BENCH_DIR"/n?
+    ((rc == 0)) || echo "$BENCH_NAME: failed (exit $rc); logs are in $BENCH_DIR" >&2
+}
