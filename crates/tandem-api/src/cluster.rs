@@ -21,7 +21,7 @@ crate::states::words!(
 );
 
 /// `GET /v1/cluster`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ClusterInfo {
     pub cluster_id: ClusterId,
@@ -34,6 +34,13 @@ pub struct ClusterInfo {
     /// The newest backup of the controller's database in its data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<BackupInfo>,
+    /// The nodes that may run the controller (started with `tandemd --controller`).
+    #[serde(default)]
+    pub candidates: Vec<NodeName>,
+    /// The system volume that holds the controller's database, replicated across the
+    /// candidates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<ClusterVolume>,
 }
 
 /// A backup of the controller's database, checked when it was made.

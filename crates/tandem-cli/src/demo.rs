@@ -1,8 +1,9 @@
 //! `tandem demo`: a working three-node cluster on this machine, for a first look.
 //!
-//! Three `tandemd` processes on loopback, the controller on the first; a volume `demo`
-//! created through it (two replicas and a tiebreaker), its NBD address on every node,
-//! and a few commands to try; Ctrl-C stops everything.
+//! Three `tandemd` processes on loopback, each a controller candidate (the controller
+//! starts on the first, which founds the cluster, and moves to another if it stops); a
+//! volume `demo` created through it (two replicas and a tiebreaker), its NBD address on
+//! every node, and a few commands to try; Ctrl-C stops everything.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -80,7 +81,7 @@ fn start(dir: &Path, i: u16) -> anyhow::Result<DemoNode> {
             &nbd.to_string(),
         ])
         .args(["--peer-listen", &peer.to_string()])
-        .args(if i == 0 { &["--controller"][..] } else { &[] })
+        .arg("--controller")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -154,8 +155,9 @@ pub fn run(dir: &Path, size: u64) -> anyhow::Result<()> {
             )
         })?;
     }
-    // The controller runs on n1; a demo directory used before already has the other
-    // nodes and the volume (same identity, same data).
+    // The first cluster request founds the cluster on n1; a demo directory used before
+    // already has the other nodes and the volume (same identity, same data), and its
+    // controller runs on whichever candidate wins. Any node answers.
     let controller = &clients[0];
     let fail = |what: &str| {
         let what = what.to_owned();
@@ -221,8 +223,11 @@ pub fn run(dir: &Path, size: u64) -> anyhow::Result<()> {
             n.name, n.api, kind, n.nbd
         );
     }
+    let running_on = controller
+        .get::<tandem_api::ClusterInfo>("/v1/cluster")
+        .map_or_else(|_| "?".to_owned(), |i| i.controller.to_string());
     println!(
-        "\nVolume demo ({}), controller on n1:\n",
+        "\nVolume demo ({}), controller on {running_on} (every node is a candidate):\n",
         tandem_api::ByteSize(volume.size)
     );
     print!("{status}");
@@ -237,8 +242,19 @@ pub fn run(dir: &Path, size: u64) -> anyhow::Result<()> {
         "  qemu-io -f raw -c 'read -P 0xab 0 1M' nbd://{}/demo",
         n3.nbd
     );
-    println!("  export TANDEM_CONTROLLER=http://{}", n1.api);
+    let apis: Vec<String> = (cluster.nodes.iter())
+        .map(|n| format!("http://{}", n.api))
+        .collect();
+    println!("  export TANDEM_CONTROLLER={}", apis.join(","));
     println!("  tandem volume status demo; tandem node list; tandem health");
+    println!(
+        "  kill -9 {}; tandem cluster    # another candidate takes the controller over",
+        cluster
+            .nodes
+            .iter()
+            .find(|n| n.name == running_on)
+            .map_or(0, |n| n.child.id())
+    );
     println!("  curl -s http://{}/metrics | grep ^tandem_volume", n1.api);
     println!("\nPress Ctrl-C to stop the demo.");
     wait_for_interrupt();

@@ -46,13 +46,23 @@ fn volumes_unknown_to_a_restored_database_are_orphans_adopted_with_their_data() 
         .tandem()
         .args(["volume", "detach", "later", "--node", &n2]));
 
-    // The controller's node is lost with its database; it comes back from the backup.
+    // The controller's database is lost with the only candidate's system volume; the
+    // candidate founds a new one for the backup's cluster and loads the backup into it.
     c.node_mut(&n1).kill();
-    std::fs::remove_file(c.nodes[0].dir.join("controller.db")).unwrap();
+    c.nodes[0].destroy_system_volume();
     c.node_mut(&n1)
         .restart_with(&["--restore-db", backup.to_str().unwrap()]);
     c.wait_nodes_online();
     assert_eq!(c.volume_names(), ["before"]);
+    let system = c.json(&["volume", "list", "--all"]);
+    assert!(
+        system
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "tandem-controller"),
+        "the new system volume is listed: {system:#}"
+    );
     wait_for("the orphans are reported", CONVERGE, &[], || {
         let (_, report) = c.health();
         ["later", "stray"]

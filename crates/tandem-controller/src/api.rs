@@ -38,6 +38,13 @@ pub fn router(controller: Arc<Controller>, token: Option<String>) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi))
         .merge(api)
+        .fallback(|| async {
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                "no such API route",
+                "the cluster API's routes are listed in /openapi.json; node routes are under /v1/node/",
+            )
+        })
 }
 
 async fn require_token(token: Arc<str>, req: Request, next: Next) -> Response {
@@ -123,6 +130,7 @@ impl From<Refusal> for Failure {
             RefusalKind::NotFound => StatusCode::NOT_FOUND,
             RefusalKind::Conflict => StatusCode::CONFLICT,
             RefusalKind::Unreachable => StatusCode::BAD_GATEWAY,
+            RefusalKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             RefusalKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Failure(status, r.error)
@@ -220,8 +228,14 @@ async fn delete_pool(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The operators' groups (the system volume's own is left out).
 async fn groups(State(c): Shared) -> impl IntoResponse {
-    Json(c.view(|s| s.model.groups.values().cloned().collect::<Vec<_>>()))
+    Json(c.view(|s| {
+        (s.model.groups.values())
+            .filter(|g| g.name.as_str() != crate::system::SYSTEM_POOL)
+            .cloned()
+            .collect::<Vec<_>>()
+    }))
 }
 
 async fn group(
@@ -259,8 +273,30 @@ async fn delete_group(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn volumes(State(c): Shared) -> impl IntoResponse {
-    Json(c.view(|s| s.volumes()))
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListVolumes {
+    /// Include the system volume (the controller's database).
+    #[serde(default)]
+    all: bool,
+}
+
+async fn volumes(
+    State(c): Shared,
+    query: Result<Query<ListVolumes>, QueryRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Query(q) = query.map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            e.body_text(),
+            "the only parameter is all=true (include the system volume)",
+        )
+    })?;
+    let mut volumes = c.view(|s| s.volumes());
+    if !q.all {
+        volumes.retain(|v| !crate::system::is_system(&v.name));
+    }
+    Ok(Json(volumes))
 }
 
 async fn volume(

@@ -151,6 +151,9 @@ impl Controller {
                 loop {
                     let Some(ctl) = c.upgrade() else { return };
                     let now = ctl.wait_change(seen, PERIOD);
+                    if ctl.stopped() {
+                        return;
+                    }
                     // Let a burst of changes end, then back them up together.
                     let mut settled = now;
                     loop {

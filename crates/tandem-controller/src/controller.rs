@@ -71,6 +71,9 @@ pub enum RefusalKind {
     Conflict,
     /// A node the request needs did not answer.
     Unreachable,
+    /// This controller no longer serves changes (it lost its database volume's quorum,
+    /// or was stopped): another candidate takes over.
+    Unavailable,
     Internal,
 }
 
@@ -98,6 +101,13 @@ impl Refusal {
 
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
+        if let StoreError::Fenced(why) = &e {
+            return Refusal::new(
+                RefusalKind::Unavailable,
+                format!("no controller: the one on this node stopped ({why}); nothing was changed"),
+                "retry in a few seconds: another controller candidate takes over",
+            );
+        }
         tracing::error!(error = %e, "controller database write failed");
         Refusal::new(
             RefusalKind::Internal,
@@ -160,18 +170,22 @@ pub struct Controller {
     pub(crate) data_dir: std::path::PathBuf,
     /// How long visits of nodes take.
     pub(crate) reconcile_seconds: tandem_metrics::Latency,
+    /// Set once the controller stops: its threads end, its database takes no writes.
+    stopped: AtomicBool,
 }
 
 impl Controller {
-    /// Opens the database in `data_dir` and starts reconciling every known node. The
-    /// host's own node (`host` at API address `host_api`) is registered on first start.
+    /// Starts on the database `store` (on the system volume `system`, as the node that
+    /// is its Primary sees it) and reconciles every known node. The host's own node
+    /// (`host` at API address `host_api`) is registered on first start; `data_dir`
+    /// keeps the backups.
     pub fn start(
+        mut store: Store,
         data_dir: &Path,
         host: NodeName,
         host_api: String,
+        system: &VolumeSpec,
     ) -> Result<Arc<Controller>, StoreError> {
-        let path = data_dir.join("controller.db");
-        let mut store = Store::open(&path)?;
         let epoch = store.raise_epoch()?;
         let mut model = store.load()?;
         if model.nodes.is_empty() {
@@ -183,7 +197,16 @@ impl Controller {
             model.nodes.insert(host.clone(), row);
             tracing::info!(node = %host, "controller's own node registered");
         }
-        tracing::info!(database = %path.display(), cluster = %model.cluster.id, epoch,
+        if let Some((group, row)) = crate::system::adopt(&model, system) {
+            store.write(|w| {
+                w.group(&group)?;
+                w.volume(&system.name, &row)
+            })?;
+            model.groups.insert(group.name.clone(), group);
+            model.volumes.insert(system.name.clone(), row);
+            tracing::info!(volume = %system.name, "system volume recorded in the model");
+        }
+        tracing::info!(cluster = %model.cluster.id, epoch,
             nodes = model.nodes.len(), volumes = model.volumes.len(), "controller started");
         let nodes: Vec<NodeName> = model.nodes.keys().cloned().collect();
         let controller = Arc::new(Controller {
@@ -194,12 +217,29 @@ impl Controller {
             host,
             data_dir: data_dir.to_path_buf(),
             reconcile_seconds: tandem_metrics::Latency::default(),
+            stopped: AtomicBool::new(false),
         });
         for node in nodes {
             controller.reconcile(node);
         }
         controller.start_backups();
         Ok(controller)
+    }
+
+    /// Stops the controller for good: its database takes no more writes (a request in
+    /// flight gets "no controller"), its reconcilers and backups end.
+    pub fn stop(&self, why: &str) {
+        self.desired().store.fence(why);
+        self.stopped.store(true, Ordering::SeqCst);
+        for (_, stop) in std::mem::take(&mut *self.reconcilers.lock().unwrap()) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        self.wake.notify();
+        tracing::warn!(why, "controller stopped");
+    }
+
+    pub(crate) fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 
     /// Counts changes of the desired state.
@@ -296,6 +336,9 @@ impl Controller {
 
     /// Starts the reconciler thread of a node.
     pub(crate) fn reconcile(self: &Arc<Self>, node: NodeName) {
+        if self.stopped() {
+            return;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         if let Some(old) = self
             .reconcilers

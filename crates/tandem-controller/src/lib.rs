@@ -4,6 +4,7 @@
 
 mod api;
 mod backups;
+pub mod blockfile;
 mod controller;
 mod follow;
 pub mod http;
@@ -17,10 +18,11 @@ mod placement;
 mod reconcile;
 mod snapshots;
 mod store;
+pub mod system;
 mod view;
 
 pub use api::router;
 pub use backups::restore;
 pub use controller::Controller;
 pub use node_client::{CONTROLLER_HEADER, EPOCH_HEADER};
-pub use store::StoreError;
+pub use store::{Store, StoreError};

@@ -138,7 +138,7 @@ fn operations() -> Vec<Operation> {
         (
             "get",
             "/v1/volumes",
-            "List volumes with the state of every participant",
+            "List volumes with the state of every participant (?all=true: with the system volume holding the controller's database)",
             None,
             200,
             Some(list("Volume")),
@@ -338,6 +338,8 @@ fn schemas() -> Value {
         "ClusterInfo": object(&["cluster-id", "controller", "version", "epoch"], json!({
             "cluster-id": {"type": "string"}, "controller": name, "version": {"type": "string"},
             "epoch": {"type": "integer"},
+            "candidates": {"type": "array", "items": name},
+            "database": schema("Volume"),
             "last-backup": object(&["file", "created-ms", "bytes", "volumes"], json!({
                 "file": {"type": "string"}, "created-ms": {"type": "integer"},
                 "bytes": {"type": "integer"}, "volumes": {"type": "integer"}}))})),

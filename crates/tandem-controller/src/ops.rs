@@ -84,14 +84,23 @@ impl Controller {
     }
 
     pub fn info(&self) -> ClusterInfo {
+        let system = crate::system::volume_name();
         // One guard, dropped before the backup is looked at.
-        let cluster = self.desired().model.cluster.clone();
+        let (cluster, candidates, database) = self.view(|s| {
+            let candidates = (s.model.pools.keys())
+                .filter(|(_, pool)| pool.as_str() == crate::system::SYSTEM_POOL)
+                .map(|(node, _)| node.clone())
+                .collect();
+            (s.model.cluster.clone(), candidates, s.volume(&system))
+        });
         ClusterInfo {
             cluster_id: cluster.id,
             controller: self.host.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             epoch: cluster.epoch,
             last_backup: self.last_backup(),
+            candidates,
+            database,
         }
     }
 
@@ -354,6 +363,7 @@ impl Controller {
     // ---- groups ----
 
     pub fn create_group(&self, group: &Group) -> Result<Group, Refusal> {
+        crate::system::refuse_change(group.name.as_str(), "created or changed")?;
         if !(1..=MAX_REPLICAS).contains(&group.replicas) {
             return Err(Refusal::new(
                 BadRequest,
@@ -386,6 +396,7 @@ impl Controller {
     }
 
     pub fn delete_group(&self, name: &GroupName) -> Result<(), Refusal> {
+        crate::system::refuse_change(name.as_str(), "deleted")?;
         let mut d = self.desired();
         if !d.model.groups.contains_key(name) {
             return Err(Refusal::new(
@@ -427,6 +438,7 @@ impl Controller {
     // ---- volumes ----
 
     pub fn create_volume(&self, req: &CreateClusterVolume) -> Result<ClusterVolume, Refusal> {
+        crate::system::refuse_change(req.name.as_str(), "created")?;
         check_size(req.size)?;
         let mut d = self.desired();
         if d.model.volumes.contains_key(&req.name) {
@@ -524,6 +536,7 @@ impl Controller {
     }
 
     pub fn resize_volume(&self, name: &VolumeName, size: u64) -> Result<ClusterVolume, Refusal> {
+        crate::system::refuse_change(name.as_str(), "resized")?;
         check_size(size)?;
         self.change_volume(name, |_, v| {
             if size < v.size {
@@ -542,6 +555,7 @@ impl Controller {
     }
 
     pub fn delete_volume(&self, name: &VolumeName, force: bool) -> Result<(), Refusal> {
+        crate::system::refuse_change(name.as_str(), "deleted")?;
         let mut d = self.desired();
         if !d.model.volumes.contains_key(name) {
             return Err(no_volume(name));
@@ -588,6 +602,7 @@ impl Controller {
     /// [`ATTACH_WAIT`] with the volume as it then stands (an offline node gets it when it
     /// returns).
     pub fn attach(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
+        crate::system::refuse_change(name.as_str(), "attached")?;
         self.change_attachment(name, node)?;
         if self.observed(node).online() {
             self.wait_serving(name, node);
@@ -668,6 +683,7 @@ impl Controller {
     }
 
     pub fn detach(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
+        crate::system::refuse_change(name.as_str(), "detached")?;
         self.change_volume(name, |s, v| {
             let p = v.participant(node).filter(|p| p.attached).ok_or_else(|| {
                 Refusal::new(
@@ -702,6 +718,7 @@ impl Controller {
         name: &VolumeName,
         change: &ChangeReplicas,
     ) -> Result<ClusterVolume, Refusal> {
+        crate::system::refuse_change(name.as_str(), "given or relieved of replicas")?;
         match (&change.add, &change.remove) {
             (Some(node), None) => self.add_replica(name, node),
             (None, Some(node)) => self.remove_replica(name, node),
@@ -713,7 +730,11 @@ impl Controller {
         }
     }
 
-    fn add_replica(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
+    pub(crate) fn add_replica(
+        &self,
+        name: &VolumeName,
+        node: &NodeName,
+    ) -> Result<ClusterVolume, Refusal> {
         self.change_volume(name, |s, v| {
             if !s.model.nodes.contains_key(node) {
                 return Err(no_node(node));

@@ -60,6 +60,7 @@ impl Controller {
     /// Takes an orphan into the model as it stands on its nodes: its id, size,
     /// participants and origin; group `default`. Nothing on the nodes changes.
     pub fn adopt_volume(&self, name: &VolumeName) -> Result<ClusterVolume, Refusal> {
+        crate::system::refuse_change(name.as_str(), "adopted")?;
         let orphan = self.orphan(name)?;
         let mut d = self.desired();
         if d.model.volumes.contains_key(name) {

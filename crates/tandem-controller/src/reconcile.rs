@@ -264,6 +264,8 @@ fn converge(
         // A node that comes online may be the third vote a two-replica volume lacks.
         c.settle_tiebreakers();
     }
+    // A candidate that comes online may be the next replica of the system volume.
+    c.settle_system_volume();
     Ok(())
 }
 

@@ -49,6 +49,7 @@ impl Controller {
         volume: &VolumeName,
         snap: &SnapshotName,
     ) -> Result<SnapshotTaken, Refusal> {
+        crate::system::refuse_change(volume.as_str(), "snapshotted")?;
         let d = self.desired();
         if !d.model.volumes.contains_key(volume) {
             return Err(no_volume(volume));
@@ -150,6 +151,7 @@ impl Controller {
         snap: &SnapshotName,
         new: &VolumeName,
     ) -> Result<ClusterVolume, Refusal> {
+        crate::system::refuse_change(new.as_str(), "created")?;
         let mut d = self.desired();
         if d.model.volumes.contains_key(new) {
             return Err(Refusal::new(
@@ -251,6 +253,7 @@ impl Controller {
         volume: &VolumeName,
         snap: &SnapshotName,
     ) -> Result<ClusterVolume, Refusal> {
+        crate::system::refuse_change(volume.as_str(), "rolled back")?;
         let d = self.desired();
         let v = d
             .model

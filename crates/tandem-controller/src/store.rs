@@ -11,11 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, MAIN_DB, OpenFlags, OptionalExtension, Transaction, params};
 use tandem_api::{
     ClusterId, Group, NodeId, NodeName, Origin, ParticipantKind, SnapshotName, VolumeName,
 };
 
+use crate::blockfile::{BlockDevice, Mounted};
 use crate::model::{
     Cluster, Model, NodeRow, Part, ParticipantRow, PoolRow, SnapshotRow, VolumeRow,
 };
@@ -96,10 +97,18 @@ pub enum StoreError {
     Invalid(String),
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("the database's volume cannot be used: {0}")]
+    Device(String),
+    #[error("this controller no longer writes its database: {0}")]
+    Fenced(String),
 }
 
 pub struct Store {
     db: Connection,
+    /// The device a database on the system volume is kept on; dropped after `db`.
+    _mounted: Option<Mounted>,
+    /// Why writes are refused, once they are.
+    fenced: Option<String>,
 }
 
 fn invalid(e: impl std::fmt::Display) -> StoreError {
@@ -119,36 +128,63 @@ fn parse_kind(s: &str) -> Result<ParticipantKind, StoreError> {
 }
 
 impl Store {
-    /// Opens (creating if missing) and upgrades the database at `path`.
+    /// Opens (creating if missing) and upgrades the database file at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let mut db = Connection::open(path)?;
+        let db = Connection::open(path)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
+        Store::prepare(db, None, &path.display().to_string(), None)
+    }
+
+    /// Opens the database kept on a block device (the cluster's system volume, see
+    /// [`crate::blockfile`]), creating it for cluster `cluster` on a device that holds
+    /// none. A database of another cluster is refused.
+    pub fn open_on(
+        device: std::sync::Arc<dyn BlockDevice>,
+        cluster: ClusterId,
+    ) -> Result<Store, StoreError> {
+        let mounted = Mounted::new(device).map_err(|e| StoreError::Device(e.to_string()))?;
+        let db = Connection::open_with_flags(
+            mounted.uri(),
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        // One process has the database, the volume's Primary: no lock files to share,
+        // and temporary tables stay in memory (the volume holds only two files).
+        db.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+        db.pragma_update(None, "journal_mode", "PERSIST")?;
+        db.pragma_update(None, "temp_store", "MEMORY")?;
+        let store = Store::prepare(db, Some(mounted), "the system volume", Some(cluster))?;
+        let found = store.cluster()?.map(|c| c.id);
+        if found != Some(cluster) {
+            return Err(StoreError::Invalid(format!(
+                "the system volume holds the database of cluster {}, not of cluster {cluster}",
+                found.map_or_else(|| "?".into(), |id| id.to_string())
+            )));
+        }
+        Ok(store)
+    }
+
+    /// Settings, schema upgrades and the cluster row (`cluster`'s id, or a new one)
+    /// of a database just opened.
+    fn prepare(
+        db: Connection,
+        mounted: Option<Mounted>,
+        label: &str,
+        cluster: Option<ClusterId>,
+    ) -> Result<Store, StoreError> {
         db.pragma_update(None, "synchronous", "FULL")?;
         db.pragma_update(None, "foreign_keys", "ON")?;
-        let found: u32 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let known = MIGRATIONS.len() as u32;
-        if found > known {
-            return Err(StoreError::Newer {
-                path: path.display().to_string(),
-                found,
-                known,
-            });
-        }
-        for (version, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-            let tx = db.transaction()?;
-            tx.execute_batch(step)?;
-            tx.pragma_update(None, "user_version", version as u32 + 1)?;
-            tx.commit()?;
-            tracing::info!(
-                database = %path.display(),
-                version = version + 1,
-                "controller database schema upgraded"
-            );
-        }
-        let store = Store { db };
+        let mut store = Store {
+            db,
+            _mounted: mounted,
+            fenced: None,
+        };
+        store.migrate(label)?;
         if store.cluster()?.is_none() {
             let cluster = Cluster {
-                id: ClusterId::random(),
+                id: cluster.unwrap_or_else(ClusterId::random),
                 secret: random_secret(),
                 epoch: 0,
             };
@@ -161,13 +197,78 @@ impl Store {
         Ok(store)
     }
 
-    /// Writes a consistent copy of the database to `path` (a new file) while it is in
-    /// use: SQLite's `VACUUM INTO`, one read transaction, compacted.
+    /// Moves the schema up to this tandemd's version, one step per transaction.
+    fn migrate(&mut self, label: &str) -> Result<(), StoreError> {
+        let found: u32 = self
+            .db
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as u32;
+        if found > known {
+            return Err(StoreError::Newer {
+                path: label.to_owned(),
+                found,
+                known,
+            });
+        }
+        for (version, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let tx = self.db.transaction()?;
+            tx.execute_batch(step)?;
+            tx.pragma_update(None, "user_version", version as u32 + 1)?;
+            tx.commit()?;
+            tracing::info!(
+                database = label,
+                version = version + 1,
+                "controller database schema upgraded"
+            );
+        }
+        Ok(())
+    }
+
+    /// Replaces the whole content of this database with that of the database file at
+    /// `path` (a backup), which must belong to the same cluster; upgraded if older.
+    pub fn import(&mut self, path: &Path) -> Result<(), StoreError> {
+        self.check_fence()?;
+        let theirs = Some(Store::cluster_of(path)?);
+        let ours = self.cluster()?.map(|c| c.id);
+        if theirs != ours {
+            return Err(StoreError::Invalid(format!(
+                "{} is a database of cluster {}, this one is of cluster {}",
+                path.display(),
+                theirs.map_or_else(|| "?".into(), |id| id.to_string()),
+                ours.map_or_else(|| "?".into(), |id| id.to_string()),
+            )));
+        }
+        self.db
+            .restore(MAIN_DB, path, None::<fn(rusqlite::backup::Progress)>)?;
+        self.migrate(&path.display().to_string())
+    }
+
+    /// The cluster of a database file, without changing it.
+    pub fn cluster_of(path: &Path) -> Result<ClusterId, StoreError> {
+        Store::validate(path)?;
+        let db = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let id: String = db.query_row("SELECT id FROM cluster", [], |r| r.get(0))?;
+        id.parse().map_err(invalid)
+    }
+
+    /// Refuses every later write, with `why`: a controller that lost its database
+    /// volume's quorum, or that was stopped, must not write (another may have started).
+    pub fn fence(&mut self, why: &str) {
+        self.fenced = Some(why.to_owned());
+    }
+
+    fn check_fence(&self) -> Result<(), StoreError> {
+        match &self.fenced {
+            Some(why) => Err(StoreError::Fenced(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes a consistent copy of the database to `path` (a new file in the local file
+    /// system) while it is in use: SQLite's online backup.
     pub fn backup_to(&self, path: &Path) -> Result<(), StoreError> {
-        let target = path
-            .to_str()
-            .ok_or_else(|| invalid(format!("backup path {} is not UTF-8", path.display())))?;
-        self.db.execute("VACUUM INTO ?1", [target])?;
+        self.db
+            .backup(MAIN_DB, path, None::<fn(rusqlite::backup::Progress)>)?;
         Ok(())
     }
 
@@ -191,7 +292,12 @@ impl Store {
         if clusters != 1 {
             return Err(invalid("no cluster row"));
         }
-        let volumes: i64 = db.query_row("SELECT count(*) FROM volumes", [], |r| r.get(0))?;
+        // The operators' volumes: the system volume is the database's own.
+        let volumes: i64 = db.query_row(
+            "SELECT count(*) FROM volumes WHERE name != ?1",
+            [crate::system::SYSTEM_VOLUME],
+            |r| r.get(0),
+        )?;
         Ok((version, volumes as usize))
     }
 
@@ -220,6 +326,7 @@ impl Store {
     /// puts a controller started from a restored (older) database above the ones before
     /// it, assuming the hosts' clocks agree to better than the time between takeovers.
     pub fn raise_epoch(&mut self) -> Result<u64, StoreError> {
+        self.check_fence()?;
         let old: i64 = self
             .db
             .query_row("SELECT epoch FROM cluster", [], |r| r.get(0))?;
@@ -414,6 +521,7 @@ impl Store {
         &mut self,
         f: impl FnOnce(&Writer<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.check_fence()?;
         let tx = self.db.transaction()?;
         let out = f(&Writer { tx: &tx })?;
         tx.commit()?;
@@ -620,6 +728,101 @@ mod tests {
             }],
             origin: None,
         }
+    }
+
+    fn kv(store: &Store) -> BTreeMap<String, String> {
+        (store.load().unwrap().kv.into_iter())
+            .map(|((_, k), v)| (k, v))
+            .collect()
+    }
+
+    fn set(store: &mut Store, keys: std::ops::Range<u32>) -> Result<(), StoreError> {
+        let sr: tandem_api::StoreName = "sr".parse().unwrap();
+        store.write(|w| {
+            keys.clone()
+                .try_for_each(|i| w.kv_set(&sr, &format!("key{i:04}"), &"v".repeat(300)))
+        })
+    }
+
+    #[test]
+    fn a_database_on_a_device_survives_a_crash_at_every_write() {
+        use crate::blockfile::tests::MemDevice;
+        let cluster = ClusterId::random();
+        // How many device operations one transaction of 100 keys takes.
+        let probe = MemDevice::new(crate::blockfile::MIN_DEVICE as usize);
+        let mut store = Store::open_on(probe.clone(), cluster).unwrap();
+        set(&mut store, 0..100).unwrap();
+        probe.crash_after(u64::MAX - 1);
+        set(&mut store, 100..200).unwrap();
+        let ops = u64::MAX - 1 - probe.left();
+        assert!(ops > 3, "a commit takes several writes and flushes ({ops})");
+        drop(store);
+        for crash_at in 0..=ops {
+            for keep in [|_: usize| false, |_: usize| true, |i: usize| i % 2 == 0] {
+                let dev = MemDevice::new(crate::blockfile::MIN_DEVICE as usize);
+                let mut store = Store::open_on(dev.clone(), cluster).unwrap();
+                set(&mut store, 0..100).unwrap();
+                dev.crash_after(crash_at);
+                let acked = set(&mut store, 100..200).is_ok();
+                drop(store);
+                let after = dev.after_crash(keep);
+                let store = Store::open_on(after, cluster)
+                    .unwrap_or_else(|e| panic!("crash after {crash_at} operations: {e}"));
+                let check: String = store
+                    .db
+                    .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                    .unwrap();
+                assert_eq!(check, "ok", "crash after {crash_at} operations");
+                let keys = kv(&store).len();
+                assert!(
+                    keys == 100 || keys == 200,
+                    "crash after {crash_at}: {keys} keys, a transaction applied in part"
+                );
+                if acked {
+                    assert_eq!(
+                        keys, 200,
+                        "crash after {crash_at}: a committed transaction lost"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_backup_is_imported_onto_a_device_of_its_cluster_only() {
+        use crate::blockfile::tests::MemDevice;
+        let dir = tempfile::tempdir().unwrap();
+        let dev = MemDevice::new(crate::blockfile::MIN_DEVICE as usize);
+        let cluster = ClusterId::random();
+        let mut store = Store::open_on(dev.clone(), cluster).unwrap();
+        set(&mut store, 0..10).unwrap();
+        let backup = dir.path().join("backup.db");
+        store.backup_to(&backup).unwrap();
+        assert_eq!(Store::cluster_of(&backup).unwrap(), cluster);
+        set(&mut store, 10..20).unwrap();
+        store.import(&backup).unwrap();
+        assert_eq!(kv(&store).len(), 10);
+        drop(store);
+        assert_eq!(kv(&Store::open_on(dev.clone(), cluster).unwrap()).len(), 10);
+        // Another cluster's device, or another cluster's backup: refused.
+        assert!(Store::open_on(dev.clone(), ClusterId::random()).is_err());
+        let other = MemDevice::new(crate::blockfile::MIN_DEVICE as usize);
+        let mut theirs = Store::open_on(other, ClusterId::random()).unwrap();
+        let e = theirs.import(&backup).unwrap_err().to_string();
+        assert!(e.contains("is a database of cluster"), "{e}");
+    }
+
+    #[test]
+    fn a_fenced_store_writes_nothing() {
+        let dev = crate::blockfile::tests::MemDevice::new(crate::blockfile::MIN_DEVICE as usize);
+        let cluster = ClusterId::random();
+        let mut store = Store::open_on(dev.clone(), cluster).unwrap();
+        store.fence("quorum lost");
+        let e = set(&mut store, 0..1).unwrap_err().to_string();
+        assert!(e.contains("quorum lost"), "{e}");
+        assert!(store.raise_epoch().is_err());
+        drop(store);
+        assert!(kv(&Store::open_on(dev, cluster).unwrap()).is_empty());
     }
 
     #[test]

@@ -222,6 +222,21 @@ impl Node {
         self.dir.join("pools/default").join(format!("{volume}.raw"))
     }
 
+    /// Removes this candidate's replica of the system volume (the controller's
+    /// database) and its spec, as a lost disk would; the node must be stopped.
+    pub fn destroy_system_volume(&self) {
+        assert!(self.child.is_none(), "stop or kill the node first");
+        for file in [
+            "specs/tandem-controller.json",
+            "system-pool/tandem-controller.raw",
+            "system-pool/tandem-controller.meta",
+        ] {
+            let path = self.dir.join(file);
+            std::fs::remove_file(&path)
+                .unwrap_or_else(|e| panic!("removing {}: {e}", path.display()));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("tandemd.log")).unwrap_or_default()
     }

@@ -17,6 +17,7 @@ use tandem_api::{
 };
 use tandem_pool::PoolError;
 
+use crate::candidate::Candidate;
 use crate::cluster::{ClusterError, Controller, Refused};
 use tandem_controller::http::{Failure, blocking};
 
@@ -25,7 +26,9 @@ use crate::pools::PoolsError;
 
 type Shared = State<Arc<Node>>;
 
-pub fn router(node: Arc<Node>) -> Router {
+/// The node API, and the cluster API: served by the controller when this node (a
+/// candidate) runs it, else forwarded to the node that does.
+pub fn router(node: Arc<Node>, candidate: Option<Arc<Candidate>>) -> Router {
     Router::new()
         .route("/v1/node", get(node_info))
         .route("/v1/node/join", post(join))
@@ -62,7 +65,7 @@ pub fn router(node: Arc<Node>) -> Router {
             post(roll_back),
         )
         .route("/v1/node/volumes/{name}/reconnect", post(reconnect))
-        .fallback(forward)
+        .fallback(move |state: Shared, req: Request| forward(state, candidate.clone(), req))
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
         .with_state(node)
 }
@@ -86,18 +89,59 @@ fn no_route(correction: &str) -> Response {
 }
 
 /// Routes the node does not serve: the cluster API (`/v1/...` outside `/v1/node`, and
-/// `/openapi.json`) goes to the controller, wherever it runs, so any node answers it.
-async fn forward(State(node): Shared, req: Request) -> Response {
+/// `/openapi.json`) is served by the controller when it runs on this node, else
+/// forwarded to it, wherever it runs, so any node answers it.
+async fn forward(State(node): Shared, candidate: Option<Arc<Candidate>>, req: Request) -> Response {
     let path = req.uri().path();
-    let cluster_api =
-        (path.starts_with("/v1/") && !path.starts_with("/v1/node")) || path == "/openapi.json";
-    if !cluster_api || req.headers().contains_key(FORWARDED) {
+    let node_api = path == "/v1/node" || path.starts_with("/v1/node/");
+    let cluster_api = (path.starts_with("/v1/") && !node_api) || path == "/openapi.json";
+    if !cluster_api {
         return no_route(
             "node routes are under /v1/node/; the cluster API (/v1/volumes, /v1/nodes, ...) \
              is served by the controller, and forwarded to it by the nodes of its cluster",
         );
     }
+    if let Some(c) = &candidate {
+        if c.may_found() {
+            let c = c.clone();
+            if let Err(e) = blocking(move || c.found().map_err(founding_failed)).await {
+                return e.into_response();
+            }
+        }
+        if let Some(routes) = c.routes() {
+            use tower::ServiceExt;
+            return routes.oneshot(req).await.into_response();
+        }
+    }
+    let no_controller = |why: String| {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ApiError {
+                message: format!("no controller: {why}"),
+                cause: None,
+                correction: Some(
+                    "retry in a few seconds: a controller candidate takes over when a majority \
+                     of them see each other"
+                        .into(),
+                ),
+            },
+        )
+        .into_response()
+    };
+    if req.headers().contains_key(FORWARDED) {
+        // Sent here as to the controller, which this node no longer runs.
+        return no_controller(format!(
+            "node {} does not run it (any more); election in progress",
+            node.name()
+        ));
+    }
     let Some(controller) = node.controller() else {
+        if candidate.is_some() {
+            return no_controller(format!(
+                "node {} is a candidate that knows no controller yet; election in progress",
+                node.name()
+            ));
+        }
         return Failure(
             StatusCode::SERVICE_UNAVAILABLE,
             ApiError {
@@ -107,7 +151,7 @@ async fn forward(State(node): Shared, req: Request) -> Response {
                 ),
                 cause: None,
                 correction: Some(
-                    "ask the node running tandemd --controller, or add this node to a cluster \
+                    "ask a node running tandemd --controller, or add this node to a cluster \
                      (tandem node create)"
                         .into(),
                 ),
@@ -138,6 +182,19 @@ async fn forward(State(node): Shared, req: Request) -> Response {
     }
 }
 
+fn founding_failed(e: anyhow::Error) -> Failure {
+    Failure(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ApiError {
+            message: "cannot found a cluster on this node".into(),
+            cause: Some(format!("{e:#}")),
+            correction: Some(
+                "see the node's log; check its data directory (space, permissions)".into(),
+            ),
+        },
+    )
+}
+
 /// Sends a request on to the controller and brings its answer back as it is.
 fn relay(
     controller: &str,
@@ -149,19 +206,21 @@ fn relay(
     let url = format!("http://{controller}{path}");
     let unreachable = |e: String| {
         Failure(
-            StatusCode::BAD_GATEWAY,
+            StatusCode::SERVICE_UNAVAILABLE,
             ApiError {
-                message: format!("no controller answers at {controller} (tried by node {name})"),
+                message: format!(
+                    "no controller: the last one known, at {controller}, does not answer (tried by node {name}); election in progress if candidates remain"
+                ),
                 cause: Some(e),
                 correction: Some(
-                    "start tandemd --controller there, or ask the node running it".into(),
+                    "retry in a few seconds, or start tandemd --controller on a candidate".into(),
                 ),
             },
         )
     };
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_connect(Some(std::time::Duration::from_secs(5)))
+        .timeout_connect(Some(std::time::Duration::from_secs(2)))
         .timeout_global(Some(std::time::Duration::from_secs(600)))
         .build()
         .into();

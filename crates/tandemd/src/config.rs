@@ -77,8 +77,10 @@ pub struct Options {
     #[arg(long)]
     #[serde(default)]
     pub tls_required: bool,
-    /// Also run the cluster controller on this node (database in the data dir, cluster
-    /// API on the API address).
+    /// Make this node a controller candidate: it keeps a replica of the cluster's
+    /// database (the system volume, in the pool tandem-system of the data dir) and runs
+    /// the controller, serving the cluster API on the API address, while it is that
+    /// volume's Primary.
     #[arg(long)]
     #[serde(default)]
     pub controller: bool,
@@ -90,8 +92,9 @@ pub struct Options {
     /// Bearer TOKEN`); metrics carry no secrets and are open when absent.
     #[arg(long, value_name = "FILE")]
     pub metrics_token_file: Option<PathBuf>,
-    /// Start the controller from this backup of its database (`tandem cluster backup`,
-    /// or one in `<data-dir>/backups/`): the database it replaces is set aside, and
+    /// Restore this backup of the controller's database (`tandem cluster backup`, or one
+    /// in `<data-dir>/backups/`): loaded into the system volume when this candidate next
+    /// runs the controller (a candidate holding no system volume founds one for it);
     /// volumes the nodes hold that the backup does not know are reported as orphans.
     /// Done once per backup, however often the node starts with the flag. Command line
     /// only.

@@ -1,6 +1,7 @@
 //! `tandemd`: the Tandem node daemon.
 
 mod api;
+mod candidate;
 mod cluster;
 mod config;
 mod durable;
@@ -169,33 +170,31 @@ fn run(settings: Settings) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding API address {}", settings.api_listen))?;
         tracing::info!(addr = %settings.api_listen, "serving the node API");
-        let mut routes = api::router(node.clone());
-        let mut controller = None;
-        if settings.controller {
+        let candidate = if settings.controller {
             // The listener is bound, so the controller's first visit of its own node
             // waits in the backlog instead of failing.
             let mut own_api = settings.api_listen;
             if own_api.ip().is_unspecified() {
                 own_api.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
-            let started = tandem_controller::Controller::start(
+            let candidate = candidate::Candidate::start(
+                node.clone(),
                 &settings.data_dir,
-                settings.name.clone(),
                 own_api.to_string(),
-            )
-            .context("starting the controller")?;
-            routes = routes.merge(tandem_controller::router(
-                started.clone(),
                 settings.api_token.clone(),
-            ));
-            controller = Some(started);
-            tracing::info!(addr = %settings.api_listen, "serving the cluster API");
-        }
+            )
+            .context("making this node a controller candidate")?;
+            tracing::info!(addr = %settings.api_listen, "controller candidate: serves the cluster API while it runs the controller");
+            Some(candidate)
+        } else {
+            None
+        };
+        let mut routes = api::router(node.clone(), candidate.clone());
         routes = routes.merge(metrics::router(Arc::new(metrics::Sources {
             node: node.clone(),
             io,
             nbd: nbd.clone(),
-            controller,
+            candidate: candidate.clone(),
             token: settings.metrics_token.clone(),
         })));
         let events = node.events().clone();

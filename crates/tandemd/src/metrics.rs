@@ -115,7 +115,8 @@ pub struct Sources {
     pub node: Arc<Node>,
     pub io: Arc<IoBook>,
     pub nbd: Arc<tandem_nbd::Server>,
-    pub controller: Option<Arc<tandem_controller::Controller>>,
+    /// The controller candidate, whose controller's figures are reported while it runs.
+    pub candidate: Option<Arc<crate::candidate::Candidate>>,
     /// Scrapes must carry this token (`Authorization: Bearer TOKEN`) when set.
     pub token: Option<String>,
 }
@@ -143,7 +144,7 @@ async fn scrape(State(s): State<Arc<Sources>>, headers: HeaderMap) -> Response {
         }
     }
     let mut collectors: Vec<Box<dyn Collector>> = vec![Box::new(NodeCollector(s.clone()))];
-    if let Some(c) = &s.controller {
+    if let Some(c) = s.candidate.as_ref().and_then(|c| c.controller()) {
         collectors.push(c.metrics());
     }
     (

@@ -194,6 +194,11 @@ impl Node {
     }
 
     /// The API address of the cluster's controller, as it last told.
+    /// The cluster the node has joined, if any.
+    pub fn cluster_id(&self) -> Option<tandem_api::ClusterId> {
+        self.membership.cluster_id()
+    }
+
     pub fn controller(&self) -> Option<String> {
         self.membership.controller().map(|c| c.address)
     }

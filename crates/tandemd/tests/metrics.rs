@@ -131,8 +131,9 @@ fn node_metrics_parse_and_move_with_traffic_and_peer_state() {
 #[test]
 fn controller_metrics_count_nodes_and_volumes_and_need_no_cluster_secret() {
     let node = Node::start_with("mc", &["--controller"]);
-    // The node joins the controller's cluster (just after its API answers): from then
-    // on its node API wants the secret...
+    // The first cluster request founds a cluster on the candidate, and the node joins
+    // it: from then on its node API wants the secret...
+    tandem_lab::run(node.tandem().arg("cluster"));
     wait_for(
         "the node joined its controller's cluster",
         Duration::from_secs(10),
@@ -167,13 +168,13 @@ fn controller_metrics_count_nodes_and_volumes_and_need_no_cluster_secret() {
         "1",
     ]));
     wait_for(
-        "the volume counts as UpToDate",
+        "the volume counts as UpToDate, beside the system volume",
         Duration::from_secs(15),
         &[&node],
         || {
             node.metrics()
                 .value("tandem_cluster_volumes", &[("state", "UpToDate")])
-                == 1.0
+                == 2.0
         },
     );
 }

@@ -1,5 +1,5 @@
 //! `tandem cluster`: which cluster the CLI talks to, which node runs its controller,
-//! and backups of the controller's database.
+//! the candidates and the replicas of the controller's database, and its backups.
 
 use std::path::PathBuf;
 
@@ -25,12 +25,34 @@ pub fn run(api: &Client, out: Output, cmd: Option<&ClusterCommand>) -> Result<()
         None => {
             let info: ClusterInfo = api.get("/v1/cluster")?;
             emit(out, &info, |i| {
-                let mut t =
-                    Table::new(["CLUSTER", "CONTROLLER", "EPOCH", "VERSION", "LAST BACKUP"]);
+                let mut t = Table::new([
+                    "CLUSTER",
+                    "CONTROLLER",
+                    "EPOCH",
+                    "CANDIDATES",
+                    "DATABASE",
+                    "VERSION",
+                    "LAST BACKUP",
+                ]);
+                let names: Vec<String> = i.candidates.iter().map(ToString::to_string).collect();
                 t.row([
                     i.cluster_id.to_string(),
                     i.controller.to_string(),
                     i.epoch.to_string(),
+                    names.join(","),
+                    i.database.as_ref().map_or("-".into(), |v| {
+                        let replicas: Vec<String> = (v.participants.iter())
+                            .filter(|p| p.kind == tandem_api::ParticipantKind::Diskful)
+                            .map(|p| {
+                                format!(
+                                    "{}:{}",
+                                    p.node,
+                                    p.disk.map_or("?".into(), |d| d.to_string())
+                                )
+                            })
+                            .collect();
+                        format!("{} {}", v.state, replicas.join(" "))
+                    }),
                     i.version.clone(),
                     i.last_backup.as_ref().map_or("-".into(), |b| {
                         format!("{} ({}, {} volumes)", b.file, ByteSize(b.bytes), b.volumes)

@@ -26,7 +26,11 @@ pub enum VolumeCommand {
         group: Option<GroupName>,
     },
     /// List volumes with the state of every participant.
-    List,
+    List {
+        /// Include the system volume that holds the controller's database.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show a volume and each of its participants.
     Show { name: VolumeName },
     /// Replication status, as `drbdadm status` shows it.
@@ -98,8 +102,12 @@ pub fn run(api: &Client, out: Output, cmd: &VolumeCommand) -> Result<(), CliErro
             let v: ClusterVolume = api.send("POST", "/v1/volumes", &req)?;
             emit(out, &v, one);
         }
-        VolumeCommand::List => {
-            let volumes: Vec<ClusterVolume> = api.get("/v1/volumes")?;
+        VolumeCommand::List { all } => {
+            let volumes: Vec<ClusterVolume> = api.get(if *all {
+                "/v1/volumes?all=true"
+            } else {
+                "/v1/volumes"
+            })?;
             emit(out, &volumes, |v| volume_table(v));
         }
         VolumeCommand::Show { name } => {
