@@ -3,8 +3,9 @@
 //! runs the controller on whichever candidate the volume's single-Primary agreement
 //! picks: when no candidate is Primary and this one sees a majority of the volume's
 //! voters, it tries to become Primary; the winner opens the database on the volume and
-//! starts the controller. A controller whose node loses that majority stops at once
-//! (its writes would fail anyway) and the volume is closed, for another to take it.
+//! starts the controller. A controller whose node loses that majority stops (its writes
+//! fail at once; it stops after [`QUORUM_GRACE`], before any other candidate may take
+//! over) and the volume is closed, for another to take it.
 //!
 //! A candidate that belongs to no cluster founds one when the first cluster request
 //! reaches it (so candidates started together and then added to a cluster do not each
@@ -32,8 +33,10 @@ const TICK: Duration = Duration::from_millis(200);
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// How long a write or flush of the database waits for the system volume's quorum
-/// before it fails: a replica being added counts as a vote from the moment the
-/// Primary learns of it, a moment before it has connected.
+/// before it fails, and how long the controller runs without it before it stops: a
+/// replica being added counts as a vote from the moment the Primary learns of it, a
+/// moment before it has connected. Shorter than the dead-peer timeout, after which
+/// the other candidates may take over.
 const QUORUM_GRACE: Duration = Duration::from_secs(3);
 
 /// The replicated volume as the database's device: every write is replicated
@@ -98,6 +101,8 @@ pub struct Candidate {
     running: RwLock<Option<Running>>,
     /// Held while a controller starts or stops (the promoter and a founding request).
     changing: Mutex<()>,
+    /// Since when the running controller's node has lacked the system volume's quorum.
+    quorum_lost: Mutex<Option<Instant>>,
 }
 
 impl Candidate {
@@ -126,6 +131,7 @@ impl Candidate {
             token,
             running: RwLock::default(),
             changing: Mutex::default(),
+            quorum_lost: Mutex::default(),
         });
         let weak = Arc::downgrade(&candidate);
         std::thread::Builder::new()
@@ -228,7 +234,11 @@ impl Candidate {
     fn running_without(&self, status: &tandem_api::VolumeStatus) -> Option<String> {
         let running = self.running.read().unwrap();
         let r = running.as_ref()?;
-        if !status.quorum {
+        let mut lost = self.quorum_lost.lock().unwrap();
+        if status.quorum {
+            *lost = None;
+        } else if lost.get_or_insert_with(Instant::now).elapsed() >= QUORUM_GRACE {
+            *lost = None;
             return Some(format!(
                 "node {} lost the quorum of the system volume",
                 self.node.name()
