@@ -104,7 +104,9 @@ impl Client {
     }
 
     /// Tries each API in turn, from the one that answered last, while they cannot be
-    /// reached; the first answer counts, error or not.
+    /// reached or answer that they have no controller (503: the node asked may not
+    /// know yet where a new controller runs, another may); the first other answer
+    /// counts, error or not.
     fn exchange(
         &self,
         method: &str,
@@ -115,21 +117,25 @@ impl Client {
         let n = self.bases.len().max(1);
         let first = self.current.load(Relaxed);
         let mut unreachable = Vec::new();
+        let mut no_controller = None;
         for k in 0..n {
             let i = (first + k) % n;
             let Some(base) = self.bases.get(i) else { break };
             match self.exchange_with(base, method, path, body.clone(), limit) {
                 Err(CliError::Transport { url, why }) => unreachable.push(format!("{url}: {why}")),
+                Err(e @ CliError::Api { status: 503, .. }) if k + 1 < n => {
+                    no_controller = Some(e);
+                }
                 answer => {
                     self.current.store(i, Relaxed);
                     return answer;
                 }
             }
         }
-        Err(CliError::Transport {
+        Err(no_controller.unwrap_or_else(|| CliError::Transport {
             url: self.bases.join(","),
             why: unreachable.join("; "),
-        })
+        }))
     }
 
     fn exchange_with(

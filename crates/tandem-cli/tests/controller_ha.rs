@@ -129,6 +129,35 @@ fn await_controller(
     (name, since.elapsed())
 }
 
+/// The nodes but the one at `index`.
+fn others(nodes: &[Node], index: usize) -> Vec<&Node> {
+    (nodes.iter().enumerate())
+        .filter(|(i, _)| *i != index)
+        .map(|(_, n)| n)
+        .collect()
+}
+
+/// SIGKILLs the controller's node and waits for another candidate to run the
+/// controller (within [`TAKEOVER`]): the killed node's index, the new controller, and
+/// how long the takeover took as the CLI sees it.
+fn kill_controller(nodes: &mut [Node]) -> (usize, String, Duration) {
+    let all: Vec<&Node> = nodes.iter().collect();
+    let info = must(&nodes[0], &all, &["cluster"]);
+    let victim = (nodes.iter())
+        .position(|n| info["controller"] == n.name.as_str())
+        .unwrap();
+    nodes[victim].kill();
+    let killed = Instant::now();
+    let survivors = others(nodes, victim);
+    let (name, took) = await_controller(survivors[0], &survivors, &survivors, killed);
+    assert!(
+        took <= TAKEOVER,
+        "takeover took {took:?}\n{}",
+        logs(&survivors)
+    );
+    (victim, name, took)
+}
+
 /// Sends a node-API request as the controller of `epoch` at `address` would.
 fn as_controller(node: &Node, secret: &str, epoch: u64, address: &str) -> (u16, String) {
     let url = node.url("/v1/node/replicated");
@@ -196,25 +225,10 @@ fn killing_the_controllers_host_hands_the_controller_to_another_candidate() {
     let before = objects(first, &all);
     let info = must(first, &all, &["cluster"]);
     let (old_epoch, old_name) = (info["epoch"].as_u64().unwrap(), info["controller"].clone());
-    let victim = nodes
-        .iter()
-        .position(|n| info["controller"] == n.name.as_str())
-        .unwrap();
-
-    nodes[victim].kill();
-    let killed = Instant::now();
-    let survivors: Vec<&Node> = (nodes.iter().enumerate())
-        .filter(|(i, _)| *i != victim)
-        .map(|(_, n)| n)
-        .collect();
-    let from = survivors[0];
-    let (name, took) = await_controller(from, &survivors, &survivors, killed);
+    let (victim, name, took) = kill_controller(&mut nodes);
     eprintln!("takeover after the kill: {took:?}");
-    assert!(
-        took <= TAKEOVER,
-        "takeover took {took:?}\n{}",
-        logs(&survivors)
-    );
+    let survivors = others(&nodes, victim);
+    let from = survivors[0];
     assert_ne!(Value::String(name.clone()), old_name);
     let info = must(from, &survivors, &["cluster"]);
     assert!(info["epoch"].as_u64().unwrap() > old_epoch, "{info:#}");
@@ -274,10 +288,7 @@ fn a_partitioned_controller_stops_and_the_majority_elects_another() {
         .position(|n| info["controller"] == n.name.as_str())
         .unwrap();
     let lonely = &nodes[cut];
-    let others: Vec<&Node> = (nodes.iter().enumerate())
-        .filter(|(i, _)| *i != cut)
-        .map(|(_, n)| n)
-        .collect();
+    let majority = others(&nodes, cut);
 
     lab.cut(cut);
     let since = Instant::now();
@@ -298,12 +309,12 @@ fn a_partitioned_controller_stops_and_the_majority_elects_another() {
         "{refused}"
     );
     // The majority elects another within the bound.
-    let (name, took) = await_controller(others[0], &others, &others, since);
+    let (name, took) = await_controller(majority[0], &majority, &majority, since);
     eprintln!("takeover after the cut: {took:?}");
     assert!(took <= TAKEOVER, "takeover took {took:?}\n{}", logs(&all));
     must(
-        others[0],
-        &others,
+        majority[0],
+        &majority,
         &["kv", "set", "ha", "majority", "write"],
     );
 
@@ -398,23 +409,7 @@ fn ten_controller_kills_under_a_loop_of_changes_lose_nothing_acknowledged() {
         let looping = s.spawn(move || change_loop(ns.as_deref(), &apis, stop));
         for _ in 0..10 {
             std::thread::sleep(Duration::from_millis(1500));
-            let all: Vec<&Node> = nodes.iter().collect();
-            let info = must(&nodes[0], &all, &["cluster"]);
-            let victim = (nodes.iter())
-                .position(|n| info["controller"] == n.name.as_str())
-                .unwrap();
-            nodes[victim].kill();
-            let killed = Instant::now();
-            let survivors: Vec<&Node> = (nodes.iter().enumerate())
-                .filter(|(i, _)| *i != victim)
-                .map(|(_, n)| n)
-                .collect();
-            let (_, took) = await_controller(survivors[0], &survivors, &survivors, killed);
-            assert!(
-                took <= TAKEOVER,
-                "takeover took {took:?}\n{}",
-                logs(&survivors)
-            );
+            let (victim, _, took) = kill_controller(&mut nodes);
             takeovers.push(took);
             nodes[victim].restart();
             let all: Vec<&Node> = nodes.iter().collect();
