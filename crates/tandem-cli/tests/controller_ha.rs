@@ -223,6 +223,25 @@ fn killing_the_controllers_host_hands_the_controller_to_another_candidate() {
         );
     }
     let before = objects(first, &all);
+    // Every candidate keeps copies of the database's backups, checked there.
+    wait_for(
+        "every candidate holds a backup",
+        Duration::from_secs(30),
+        &all,
+        || {
+            nodes.iter().all(|n| {
+                std::fs::read_dir(n.dir.join("backups")).is_ok_and(|files| {
+                    files.flatten().any(|f| {
+                        let name = f.file_name().to_string_lossy().into_owned();
+                        name.starts_with("controller-")
+                            && name.ends_with(".db")
+                            && std::fs::read(f.path())
+                                .is_ok_and(|b| b.starts_with(b"SQLite format 3\0"))
+                    })
+                })
+            })
+        },
+    );
     let info = must(first, &all, &["cluster"]);
     let (old_epoch, old_name) = (info["epoch"].as_u64().unwrap(), info["controller"].clone());
     let (victim, name, took) = kill_controller(&mut nodes);

@@ -1,8 +1,10 @@
 //! Backups of the controller's database, in `<data-dir>/backups/`: after changes (once
 //! they have paused for a second, at most one every ten seconds) and every six hours,
 //! each checked as a controller would start from it before it counts; the newest
-//! [`KEEP`] are kept. On demand too (`GET /v1/cluster/backup`), and a controller starts
-//! from one with `tandemd --restore-db FILE` ([`restore`]).
+//! [`KEEP`] are kept, on the controller's node and on every other candidate (a copy
+//! sent to each, checked there too: whichever candidate survives has them). On demand
+//! too (`GET /v1/cluster/backup`), and a controller starts from one with
+//! `tandemd --restore-db FILE` ([`restore`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,14 +110,37 @@ impl Controller {
             )
             .with_cause(e)
         })?;
-        let info = self.backup_into(&dir.join(format!("{PREFIX}{}{SUFFIX}", now_ms())))?;
-        let files = listed(&dir);
-        for old in files.iter().take(files.len().saturating_sub(KEEP)) {
-            let _ = std::fs::remove_file(old);
-        }
+        let info = self.backup_into(&dir.join(file_name(now_ms())))?;
+        prune(&dir);
         tracing::info!(file = %info.file, bytes = info.bytes, volumes = info.volumes,
             "controller database backed up");
         Ok(info)
+    }
+
+    /// Sends a copy of a backup to every other candidate (a node with the system pool).
+    fn share(&self, info: &BackupInfo) {
+        let bytes = match std::fs::read(&info.file) {
+            Ok(b) => b,
+            Err(e) => {
+                return tracing::warn!(file = %info.file, error = %e, "backup not shared: cannot read it");
+            }
+        };
+        let candidates: Vec<tandem_api::NodeName> = self.view(|s| {
+            (s.model.pools.keys())
+                .filter(|(node, pool)| {
+                    pool.as_str() == crate::system::SYSTEM_POOL && node != &self.host
+                })
+                .map(|(node, _)| node.clone())
+                .collect()
+        });
+        for node in candidates {
+            let Some(client) = self.client(&node) else {
+                continue;
+            };
+            if let Err(e) = client.put_backup(info.created_ms, bytes.clone()) {
+                tracing::warn!(node = %node, error = %e, "backup not copied to a controller candidate");
+            }
+        }
     }
 
     /// A fresh backup, as bytes (the file made for it removed).
@@ -165,8 +190,9 @@ impl Controller {
                         settled = later;
                     }
                     seen = settled;
-                    if let Err(e) = ctl.backup() {
-                        tracing::error!(error = %e.error, "automatic backup failed");
+                    match ctl.backup() {
+                        Ok(info) => ctl.share(&info),
+                        Err(e) => tracing::error!(error = %e.error, "automatic backup failed"),
                     }
                     drop(ctl);
                     std::thread::sleep(SPACING);
@@ -176,6 +202,40 @@ impl Controller {
             tracing::error!(error = %e, "cannot start the backup thread: no automatic backups");
         }
     }
+}
+
+fn file_name(created_ms: u64) -> String {
+    format!("{PREFIX}{created_ms}{SUFFIX}")
+}
+
+/// Removes all but the newest [`KEEP`] backups in `dir`.
+fn prune(dir: &Path) {
+    let files = listed(dir);
+    for old in files.iter().take(files.len().saturating_sub(KEEP)) {
+        let _ = std::fs::remove_file(old);
+    }
+}
+
+/// Keeps a copy of a backup a controller sent (this node is a candidate) in `dir`, once
+/// it passes the same check as the controller's own.
+pub fn receive(dir: &Path, created_ms: u64, bytes: &[u8]) -> Result<BackupInfo, StoreError> {
+    let io = |e: std::io::Error| StoreError::Invalid(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let path = dir.join(file_name(created_ms));
+    let tmp = path.with_extension("receiving");
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    let checked = info_of(&tmp, created_ms).and_then(|info| {
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(BackupInfo {
+            file: path.display().to_string(),
+            ..info
+        })
+    });
+    if checked.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    prune(dir);
+    checked
 }
 
 /// Makes the database in `data_dir` a copy of `backup`, once: the database replaced is

@@ -3,7 +3,7 @@
 //! volume specs, and the cluster API (`/v1/...`, `/openapi.json`).
 
 mod api;
-mod backups;
+pub mod backups;
 pub mod blockfile;
 mod controller;
 mod follow;

@@ -58,7 +58,7 @@ impl NodeClient {
         agent: &ureq::Agent,
         method: &str,
         path: &str,
-        body: Option<String>,
+        body: Option<Vec<u8>>,
     ) -> Result<ureq::http::Response<ureq::Body>, CallError> {
         let url = format!("{}{path}", self.base);
         let unreachable = |e: String| CallError::Unreachable(format!("{method} {url}: {e}"));
@@ -75,6 +75,15 @@ impl NodeClient {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, CallError> {
+        self.call_bytes(method, path, body.map(String::into_bytes))
+    }
+
+    fn call_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<String, CallError> {
         let mut resp = self.request(&self.agent, method, path, body)?;
         let url = format!("{}{path}", self.base);
         let status = resp.status().as_u16();
@@ -114,6 +123,13 @@ impl NodeClient {
             Some(serde_json::to_string(body).expect("serialisable")),
         )?;
         self.json(&text)
+    }
+
+    /// Gives a candidate a copy of a backup of the controller's database, made at
+    /// `created_ms`.
+    pub fn put_backup(&self, created_ms: u64, bytes: Vec<u8>) -> Result<(), CallError> {
+        let path = format!("/v1/node/controller-backups/{created_ms}");
+        self.call_bytes("PUT", &path, Some(bytes)).map(drop)
     }
 
     pub fn info(&self) -> Result<NodeInfo, CallError> {

@@ -65,6 +65,12 @@ pub fn router(node: Arc<Node>, candidate: Option<Arc<Candidate>>) -> Router {
             post(roll_back),
         )
         .route("/v1/node/volumes/{name}/reconnect", post(reconnect))
+        .route(
+            "/v1/node/controller-backups/{created_ms}",
+            put(receive_backup).layer(axum::extract::DefaultBodyLimit::max(
+                tandem_controller::system::SYSTEM_SIZE as usize,
+            )),
+        )
         .fallback(move |state: Shared, req: Request| forward(state, candidate.clone(), req))
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
         .with_state(node)
@@ -248,6 +254,33 @@ fn relay(
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     Ok(response)
+}
+
+/// A copy of a backup of the controller's database, from the controller (this node is
+/// a controller candidate); kept once it passes the same check as the original.
+async fn receive_backup(
+    State(node): Shared,
+    path: Result<Path<u64>, axum::extract::rejection::PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(created_ms) = path.map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            e.body_text(),
+            "name the backup by its creation time in milliseconds since the epoch",
+        )
+    })?;
+    let info = blocking(move || {
+        node.receive_backup(created_ms, &body).map_err(|e| {
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                format!("backup not kept: {e}"),
+                "send a backup of the controller database that passes its checks",
+            )
+        })
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)))
 }
 
 /// Once the node has joined a cluster, its routes need the cluster secret

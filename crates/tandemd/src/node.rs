@@ -53,6 +53,8 @@ pub struct Node {
     addresses: Addresses,
     /// Where the specs of replicated volumes are kept, so a restart knows them.
     specs: PathBuf,
+    /// Where copies of the controller database's backups are kept.
+    backups: PathBuf,
     /// Serialises creations so a name stays unique across pools.
     creating: Mutex<()>,
 }
@@ -87,6 +89,7 @@ impl Node {
             events,
             addresses,
             specs,
+            backups: data_dir.join("backups"),
             creating: Mutex::new(()),
         };
         node.load_specs()?;
@@ -194,6 +197,15 @@ impl Node {
     }
 
     /// The API address of the cluster's controller, as it last told.
+    /// Keeps a copy of a backup of the controller's database that the controller sent.
+    pub fn receive_backup(
+        &self,
+        created_ms: u64,
+        bytes: &[u8],
+    ) -> Result<tandem_api::BackupInfo, tandem_controller::StoreError> {
+        tandem_controller::backups::receive(&self.backups, created_ms, bytes)
+    }
+
     /// The cluster the node has joined, if any.
     pub fn cluster_id(&self) -> Option<tandem_api::ClusterId> {
         self.membership.cluster_id()
