@@ -1,22 +1,23 @@
 //! SQLite's files on a block device: the controller's database kept on the cluster's
 //! replicated system volume, with no file system in between (there is no kernel block
-//! device to mount one on, and SQLite needs only two files).
+//! device to mount one on, and SQLite needs only three files).
 //!
 //! Layout of the device:
-//! - bytes 0..64 of the first 4 KiB: the superblock, the length of the database file
-//!   and of its rollback journal, with a checksum; it fits in one sector, so a write of
-//!   it is never torn;
-//! - from 1 MiB: the database file's region, then the journal's region, halves of the
-//!   rest.
+//! - bytes 0..40 of the first 4 KiB: the superblock, the lengths of the database file,
+//!   its rollback journal and its write-ahead log, with a checksum; it fits in one
+//!   sector, so a write of it is never torn;
+//! - from 1 MiB: the regions of the three files, thirds of the rest.
 //!
-//! SQLite keeps its transactions and crash safety: it runs in rollback-journal mode
-//! (`journal_mode=PERSIST`, so a commit invalidates the journal by zeroing its header
-//! rather than deleting it), `synchronous=FULL`, `locking_mode=EXCLUSIVE` (one process
-//! has the database: the node that is Primary of the volume). Every `xSync` writes the
-//! superblock when a length changed and flushes the device: on the replicated volume,
-//! a flush that every replica has made durable.
+//! SQLite keeps its transactions and crash safety: write-ahead log with
+//! `synchronous=FULL` (a commit appends its pages to the log and syncs once),
+//! `locking_mode=EXCLUSIVE` (one process has the database, the node that is Primary of
+//! the volume; the log's index then lives in its memory, no shared memory is used).
+//! Writes go to a cache of 4 KiB blocks; a sync writes the blocks changed since the
+//! last one (runs of adjacent blocks as one write each), the superblock when a length
+//! changed (the log grows by 1 MiB at a time), and flushes the device: on the replicated volume, a flush that every
+//! replica in reach has made durable.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, ErrorKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,77 +28,86 @@ use sqlite_vfs::{DatabaseHandle, LockKind, OpenKind, OpenOptions, Vfs, WalDisabl
 /// What the database is kept on: the replicated volume in `tandemd`.
 pub trait BlockDevice: Send + Sync {
     fn size(&self) -> u64;
+    /// Reads bytes, including those of writes not yet flushed.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// May return before the write is durable, or known to have succeeded: a failure
+    /// may be reported by the next flush instead.
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
-    /// Makes every write before it durable.
+    /// Makes every write before it durable, or fails if any of them failed.
     fn flush(&self) -> io::Result<()>;
+    /// Writes and makes durable this write and every one before it: what a write
+    /// followed by a flush does, in one step where the device can.
+    fn write_durable(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write_at(offset, data)?;
+        self.flush()
+    }
 }
 
 /// The name SQLite knows this VFS by.
 const VFS_NAME: &str = "tandem-block";
 const MAGIC: &[u8; 8] = b"TNDMDB01";
-/// Granularity of writes to the device: partial blocks are read, patched and written.
+/// Granularity of the cache and of writes to the device.
 const BLOCK: u64 = 4096;
 /// Where the files' regions start.
 const DATA_START: u64 = 1 << 20;
 /// The smallest device that holds a useful database.
 pub const MIN_DEVICE: u64 = 8 << 20;
+/// Changed blocks kept in memory before they are written without waiting for a sync
+/// (a large transaction, an import).
+const CACHE_LIMIT: usize = 4096;
+/// The longest run of blocks written at once.
+const RUN_LIMIT: usize = 256;
+/// The write-ahead log grows by this much at a time, so that a commit rarely changes
+/// its length (and writes the superblock): SQLite reads a log longer than its frames
+/// as it does one reused after a checkpoint, stopping at the first frame that is not
+/// of the current log (its salt and checksum say so).
+const WAL_CHUNK: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Which {
-    Db,
-    Journal,
+    Db = 0,
+    Journal = 1,
+    Wal = 2,
 }
 
-/// The lengths of both files, as the superblock keeps them.
+/// The lengths of the three files, as the superblock keeps them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Lengths {
-    db: u64,
-    journal: u64,
-}
+struct Lengths([u64; 3]);
 
 impl Lengths {
     fn get(&self, which: Which) -> u64 {
-        match which {
-            Which::Db => self.db,
-            Which::Journal => self.journal,
-        }
+        self.0[which as usize]
     }
 
     fn set(&mut self, which: Which, len: u64) {
-        match which {
-            Which::Db => self.db = len,
-            Which::Journal => self.journal = len,
-        }
+        self.0[which as usize] = len;
     }
 
-    fn encode(&self) -> [u8; 32] {
-        let mut b = [0u8; 32];
+    fn encode(&self) -> [u8; 40] {
+        let mut b = [0u8; 40];
         b[..8].copy_from_slice(MAGIC);
-        b[8..16].copy_from_slice(&self.db.to_le_bytes());
-        b[16..24].copy_from_slice(&self.journal.to_le_bytes());
-        let sum = checksum(&b[..24]);
-        b[24..32].copy_from_slice(&sum.to_le_bytes());
+        for (i, len) in self.0.iter().enumerate() {
+            b[8 + 8 * i..16 + 8 * i].copy_from_slice(&len.to_le_bytes());
+        }
+        let sum = checksum(&b[..32]);
+        b[32..40].copy_from_slice(&sum.to_le_bytes());
         b
     }
 
     /// `None` for a device never formatted (all zeroes); an error for anything else
     /// that is not a superblock.
     fn decode(b: &[u8]) -> io::Result<Option<Lengths>> {
-        if b[..32].iter().all(|&x| x == 0) {
+        if b[..40].iter().all(|&x| x == 0) {
             return Ok(None);
         }
         let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        if &b[..8] != MAGIC || word(24) != checksum(&b[..24]) {
+        if &b[..8] != MAGIC || word(32) != checksum(&b[..32]) {
             return Err(io::Error::new(
                 ErrorKind::InvalidData,
                 "the system volume holds no controller database (bad superblock)",
             ));
         }
-        Ok(Some(Lengths {
-            db: word(8),
-            journal: word(16),
-        }))
+        Ok(Some(Lengths([word(8), word(16), word(24)])))
     }
 }
 
@@ -108,8 +118,8 @@ fn checksum(bytes: &[u8]) -> u64 {
     })
 }
 
-/// A device holding the database: its lengths, whether they changed since the last
-/// superblock write, and where each file's region is.
+/// A device holding the database: the files' lengths and where their regions are, and
+/// the blocks changed since the last sync.
 struct Disk {
     device: Arc<dyn BlockDevice>,
     state: Mutex<DiskState>,
@@ -118,7 +128,10 @@ struct Disk {
 
 struct DiskState {
     lengths: Lengths,
+    /// The lengths changed since the superblock was last written.
     dirty: bool,
+    /// Changed blocks not yet written to the device, by block number on the device.
+    blocks: BTreeMap<u64, Box<[u8]>>,
 }
 
 impl Disk {
@@ -135,22 +148,20 @@ impl Disk {
         let mut first = vec![0u8; BLOCK as usize];
         device.read_at(0, &mut first)?;
         let lengths = Lengths::decode(&first)?;
-        let region = (size - DATA_START) / 2 / BLOCK * BLOCK;
+        let region = (size - DATA_START) / 3 / BLOCK * BLOCK;
         Ok(Disk {
             device,
             state: Mutex::new(DiskState {
                 lengths: lengths.unwrap_or_default(),
                 dirty: lengths.is_none(),
+                blocks: BTreeMap::new(),
             }),
             region,
         })
     }
 
     fn start(&self, which: Which) -> u64 {
-        match which {
-            Which::Db => DATA_START,
-            Which::Journal => DATA_START + self.region,
-        }
+        DATA_START + which as u64 * self.region
     }
 
     fn len(&self, which: Which) -> u64 {
@@ -170,11 +181,23 @@ impl Disk {
     }
 
     fn read(&self, which: Which, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let len = self.len(which);
-        let have = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let s = self.state.lock().unwrap();
+        let have = s
+            .lengths
+            .get(which)
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
         if have > 0 {
-            self.device
-                .read_at(self.start(which) + offset, &mut buf[..have])?;
+            let at = self.start(which) + offset;
+            self.device.read_at(at, &mut buf[..have])?;
+            // What the cache holds is newer than what the device has.
+            let end = at + have as u64;
+            for (&b, block) in s.blocks.range(at / BLOCK..end.div_ceil(BLOCK)) {
+                let (from, to) = ((b * BLOCK).max(at), ((b + 1) * BLOCK).min(end));
+                buf[(from - at) as usize..(to - at) as usize].copy_from_slice(
+                    &block[(from - b * BLOCK) as usize..(to - b * BLOCK) as usize],
+                );
+            }
         }
         if have < buf.len() {
             // SQLite zero-fills a short read itself only for its own buffers' tail;
@@ -191,38 +214,86 @@ impl Disk {
             return Err(full(which, self.region));
         }
         let at = self.start(which) + offset;
-        let first = at / BLOCK * BLOCK;
-        let last = (at + data.len() as u64).div_ceil(BLOCK) * BLOCK;
-        if first == at && last == at + data.len() as u64 {
-            self.device.write_at(at, data)?;
-        } else {
-            // Partial blocks: read, patch, write whole blocks.
-            let mut blocks = vec![0u8; (last - first) as usize];
-            self.device.read_at(first, &mut blocks)?;
-            let from = (at - first) as usize;
-            blocks[from..from + data.len()].copy_from_slice(data);
-            self.device.write_at(first, &blocks)?;
-        }
+        let last = at + data.len() as u64;
         let mut s = self.state.lock().unwrap();
+        for b in at / BLOCK..last.div_ceil(BLOCK) {
+            let (from, to) = ((b * BLOCK).max(at), ((b + 1) * BLOCK).min(last));
+            if !s.blocks.contains_key(&b) {
+                let mut block = vec![0u8; BLOCK as usize].into_boxed_slice();
+                if to - from < BLOCK {
+                    // Part of the block: the rest as the device has it.
+                    self.device.read_at(b * BLOCK, &mut block)?;
+                }
+                s.blocks.insert(b, block);
+            }
+            let block = s.blocks.get_mut(&b).expect("inserted");
+            block[(from - b * BLOCK) as usize..(to - b * BLOCK) as usize]
+                .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
+        }
         if end > s.lengths.get(which) {
-            s.lengths.set(which, end);
+            let len = match which {
+                Which::Wal => end
+                    .div_ceil(WAL_CHUNK)
+                    .saturating_mul(WAL_CHUNK)
+                    .min(self.region),
+                Which::Db | Which::Journal => end,
+            };
+            s.lengths.set(which, len);
             s.dirty = true;
+        }
+        if s.blocks.len() > CACHE_LIMIT {
+            self.write_back(&mut s)?;
         }
         Ok(())
     }
 
-    /// Writes the superblock if a length changed, then flushes the device.
+    /// Writes the changed blocks to the device, runs of adjacent ones at once.
+    fn write_back(&self, s: &mut DiskState) -> io::Result<()> {
+        for (at, run) in runs(std::mem::take(&mut s.blocks)) {
+            self.device.write_at(at, &run)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the changed blocks and, if a length changed, the superblock; then
+    /// flushes the device. A commit that changed one run of blocks (the usual one:
+    /// pages appended to the log) is one durable write.
     fn sync(&self) -> io::Result<()> {
         let mut s = self.state.lock().unwrap();
+        let mut runs = runs(std::mem::take(&mut s.blocks));
         if s.dirty {
             let mut block = vec![0u8; BLOCK as usize];
-            block[..32].copy_from_slice(&s.lengths.encode());
-            self.device.write_at(0, &block)?;
-            s.dirty = false;
+            block[..40].copy_from_slice(&s.lengths.encode());
+            runs.push((0, block));
         }
-        drop(s);
-        self.device.flush()
+        let last = runs.pop();
+        for (at, run) in &runs {
+            self.device.write_at(*at, run)?;
+        }
+        match last {
+            Some((at, run)) => self.device.write_durable(at, &run)?,
+            None => self.device.flush()?,
+        }
+        s.dirty = false;
+        Ok(())
     }
+}
+
+/// Changed blocks as runs of adjacent ones (at most [`RUN_LIMIT`] each): where each
+/// starts on the device, and its bytes.
+fn runs(blocks: BTreeMap<u64, Box<[u8]>>) -> Vec<(u64, Vec<u8>)> {
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut next = None;
+    for (b, block) in blocks {
+        match runs.last_mut() {
+            Some((_, run)) if next == Some(b) && run.len() < RUN_LIMIT * BLOCK as usize => {
+                run.extend_from_slice(&block)
+            }
+            _ => runs.push((b * BLOCK, block.into_vec())),
+        }
+        next = Some(b + 1);
+    }
+    runs
 }
 
 fn full(which: Which, region: u64) -> io::Error {
@@ -282,9 +353,12 @@ struct BlockVfs;
 
 /// `name` → its device and which of its files.
 fn lookup(name: &str) -> io::Result<(Arc<Disk>, Which)> {
-    let (base, which) = match name.strip_suffix("-journal") {
-        Some(base) => (base, Which::Journal),
-        None => (name, Which::Db),
+    let (base, which) = if let Some(base) = name.strip_suffix("-journal") {
+        (base, Which::Journal)
+    } else if let Some(base) = name.strip_suffix("-wal") {
+        (base, Which::Wal)
+    } else {
+        (name, Which::Db)
     };
     let disk = devices().lock().unwrap().get(base).cloned();
     disk.map(|d| (d, which)).ok_or_else(|| {
@@ -299,10 +373,13 @@ impl Vfs for BlockVfs {
     type Handle = BlockFile;
 
     fn open(&self, db: &str, opts: OpenOptions) -> io::Result<BlockFile> {
-        if !matches!(opts.kind, OpenKind::MainDb | OpenKind::MainJournal) {
+        if !matches!(
+            opts.kind,
+            OpenKind::MainDb | OpenKind::MainJournal | OpenKind::Wal
+        ) {
             // Temporary files are kept in memory (`temp_store=MEMORY`).
             return Err(io::Error::other(format!(
-                "the system volume holds only the database and its journal, not {:?} files",
+                "the system volume holds only the database, its journal and its log, not {:?} files",
                 opts.kind
             )));
         }
@@ -322,8 +399,8 @@ impl Vfs for BlockVfs {
 
     fn exists(&self, db: &str) -> io::Result<bool> {
         Ok(match lookup(db) {
-            Ok((disk, Which::Journal)) => disk.len(Which::Journal) > 0,
             Ok((_, Which::Db)) => true,
+            Ok((disk, which)) => disk.len(which) > 0,
             Err(_) => false,
         })
     }
@@ -493,10 +570,7 @@ pub(crate) mod tests {
 
     #[test]
     fn superblock_round_trips_and_rejects_other_bytes() {
-        let l = Lengths {
-            db: 12288,
-            journal: 4096,
-        };
+        let l = Lengths([12288, 4096, 8192]);
         assert_eq!(Lengths::decode(&l.encode()).unwrap(), Some(l));
         assert_eq!(Lengths::decode(&[0; 64]).unwrap(), None);
         let mut bad = l.encode();

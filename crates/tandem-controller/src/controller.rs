@@ -260,28 +260,28 @@ impl Controller {
     /// reconcilers: the model never holds what the database does not.
     ///
     /// The parts of volumes on nodes that the change removes (a volume deleted, a
-    /// replica moved off a node) are recorded as deletions, in a second transaction:
-    /// nodes drop a volume only on such a record. Cut between the two, the part is
-    /// left on its node as an orphan, reported, never deleted unasked.
+    /// replica moved off a node) are recorded as deletions in the same transaction:
+    /// nodes drop a volume only on such a record, and a controller killed at any
+    /// moment leaves either the change with its records or neither.
     pub(crate) fn commit(
         &self,
         d: &mut Desired,
         persist: impl FnOnce(&Writer<'_>) -> Result<(), StoreError>,
         apply: impl FnOnce(&mut Model),
     ) -> Result<(), Refusal> {
-        let before = d.model.parts();
-        d.store.write(persist)?;
-        apply(&mut d.model);
-        let after = d.model.parts();
-        let gone: Vec<Part> = before
-            .difference(&after)
-            .filter(|p| d.model.nodes.contains_key(&p.node))
+        let mut next = d.model.clone();
+        apply(&mut next);
+        let gone: Vec<Part> = (d.model.parts())
+            .difference(&next.parts())
+            .filter(|p| next.nodes.contains_key(&p.node))
             .cloned()
             .collect();
-        if let Err(e) = persist_deletions(d, &gone) {
-            tracing::error!(error = %e, parts = ?gone,
-                "cannot record deletions: the nodes keep these parts as orphans");
-        }
+        d.store.write(|w| {
+            persist(w)?;
+            gone.iter().try_for_each(|p| w.deletion(p))
+        })?;
+        next.deletions.extend(gone);
+        d.model = next;
         self.wake.notify();
         Ok(())
     }

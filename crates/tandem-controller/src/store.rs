@@ -150,10 +150,13 @@ impl Store {
                 | OpenFlags::SQLITE_OPEN_URI
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        // One process has the database, the volume's Primary: no lock files to share,
-        // and temporary tables stay in memory (the volume holds only two files).
+        // One process has the database, the volume's Primary: exclusive locking, set
+        // before the log is first used, keeps the log's index in its memory; temporary
+        // tables stay in memory too (the volume holds only the three files). A commit
+        // is one sync of the log; after a checkpoint the log is cut back to 8 MiB.
         db.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
-        db.pragma_update(None, "journal_mode", "PERSIST")?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "journal_size_limit", 8 << 20)?;
         db.pragma_update(None, "temp_store", "MEMORY")?;
         let store = Store::prepare(db, Some(mounted), "the system volume", Some(cluster))?;
         let found = store.cluster()?.map(|c| c.id);
@@ -744,48 +747,105 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_database_on_a_device_survives_a_crash_at_every_write() {
+    /// Runs `step` on the database `prepare` makes, on a device that crashes after
+    /// each of the operations `step` takes in turn, keeping none, all, or alternate
+    /// ones of the writes not yet flushed (the log's pages without the superblock
+    /// that gives its new length, and the reverse). After each crash the database
+    /// must open and pass `integrity_check`; `check` sees it, with whether `step`
+    /// returned success and where the crash came. How many operations `step` takes.
+    fn crash_everywhere(
+        prepare: impl Fn(&std::sync::Arc<crate::blockfile::tests::MemDevice>) -> Store,
+        step: impl Fn(&mut Store) -> Result<(), StoreError>,
+        check: impl Fn(&Store, bool, u64),
+    ) -> u64 {
         use crate::blockfile::tests::MemDevice;
-        let cluster = ClusterId::random();
-        // How many device operations one transaction of 100 keys takes.
-        let probe = MemDevice::new(crate::blockfile::MIN_DEVICE as usize);
-        let mut store = Store::open_on(probe.clone(), cluster).unwrap();
-        set(&mut store, 0..100).unwrap();
+        let device = || MemDevice::new(crate::blockfile::MIN_DEVICE as usize);
+        let probe = device();
+        let mut store = prepare(&probe);
         probe.crash_after(u64::MAX - 1);
-        set(&mut store, 100..200).unwrap();
+        step(&mut store).unwrap();
         let ops = u64::MAX - 1 - probe.left();
-        assert!(ops > 3, "a commit takes several writes and flushes ({ops})");
         drop(store);
         for crash_at in 0..=ops {
-            for keep in [|_: usize| false, |_: usize| true, |i: usize| i % 2 == 0] {
-                let dev = MemDevice::new(crate::blockfile::MIN_DEVICE as usize);
-                let mut store = Store::open_on(dev.clone(), cluster).unwrap();
-                set(&mut store, 0..100).unwrap();
+            for keep in [
+                |_: usize| false,
+                |_: usize| true,
+                |i: usize| i % 2 == 0,
+                |i: usize| i % 2 == 1,
+            ] {
+                let dev = device();
+                let mut store = prepare(&dev);
                 dev.crash_after(crash_at);
-                let acked = set(&mut store, 100..200).is_ok();
+                let done = step(&mut store).is_ok();
                 drop(store);
-                let after = dev.after_crash(keep);
-                let store = Store::open_on(after, cluster)
+                let store = Store::open_on(dev.after_crash(keep), store_cluster())
                     .unwrap_or_else(|e| panic!("crash after {crash_at} operations: {e}"));
-                let check: String = store
+                let integrity: String = store
                     .db
                     .query_row("PRAGMA integrity_check", [], |r| r.get(0))
                     .unwrap();
-                assert_eq!(check, "ok", "crash after {crash_at} operations");
-                let keys = kv(&store).len();
+                assert_eq!(integrity, "ok", "crash after {crash_at} operations");
+                check(&store, done, crash_at);
+            }
+        }
+        ops
+    }
+
+    /// The one cluster of the crash tests' databases.
+    fn store_cluster() -> ClusterId {
+        static CLUSTER: std::sync::OnceLock<ClusterId> = std::sync::OnceLock::new();
+        *CLUSTER.get_or_init(ClusterId::random)
+    }
+
+    #[test]
+    fn a_database_on_a_device_survives_a_crash_at_every_write() {
+        // A transaction of 4000 keys: over 1 MiB of log, so the log's length in the
+        // superblock changes too.
+        let ops = crash_everywhere(
+            |dev| {
+                let mut store = Store::open_on(dev.clone(), store_cluster()).unwrap();
+                set(&mut store, 0..100).unwrap();
+                store
+            },
+            |store| set(store, 100..4100),
+            |store, acked, crash_at| {
+                let keys = kv(store).len();
                 assert!(
-                    keys == 100 || keys == 200,
+                    keys == 100 || keys == 4100,
                     "crash after {crash_at}: {keys} keys, a transaction applied in part"
                 );
                 if acked {
                     assert_eq!(
-                        keys, 200,
+                        keys, 4100,
                         "crash after {crash_at}: a committed transaction lost"
                     );
                 }
-            }
-        }
+            },
+        );
+        assert!(
+            ops >= 4,
+            "the commit writes runs of the log, the superblock, then flushes ({ops})"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_cut_by_a_crash_loses_nothing_committed() {
+        let ops = crash_everywhere(
+            |dev| {
+                let mut store = Store::open_on(dev.clone(), store_cluster()).unwrap();
+                set(&mut store, 0..100).unwrap();
+                set(&mut store, 100..200).unwrap();
+                store
+            },
+            |store| Ok(store.db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?),
+            |store, _, crash_at| {
+                assert_eq!(kv(store).len(), 200, "crash after {crash_at} operations");
+            },
+        );
+        assert!(
+            ops >= 2,
+            "a checkpoint writes the database, then flushes ({ops})"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,14 +40,54 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// the other candidates may take over.
 const QUORUM_GRACE: Duration = Duration::from_secs(3);
 
-/// The replicated volume as the database's device: every write is replicated
-/// (acknowledged by a majority before it returns), every flush made durable on them.
-struct VolumeDevice(Arc<ReplicatedVolume>);
+/// The replicated volume as the database's device. Writes are pipelined: each is
+/// done on the local replica and sent to the peers before it returns, and the next
+/// flush waits for every peer's answer to all of them (reporting the first failure)
+/// before it makes them durable: between two syncs SQLite needs only to read back what
+/// it wrote, which the local replica gives.
+struct VolumeDevice {
+    volume: Arc<ReplicatedVolume>,
+    in_flight: Arc<InFlight>,
+    /// A write was sent since the last flush.
+    unflushed: std::sync::atomic::AtomicBool,
+}
+
+/// Writes sent and not yet answered by every peer, and the first that failed.
+#[derive(Default)]
+struct InFlight {
+    state: Mutex<(usize, Option<io::Error>)>,
+    drained: std::sync::Condvar,
+}
+
+impl InFlight {
+    fn start(&self) {
+        self.state.lock().unwrap().0 += 1;
+    }
+
+    fn finish(&self, result: io::Result<()>) {
+        let mut s = self.state.lock().unwrap();
+        s.0 -= 1;
+        if let Err(e) = result {
+            s.1.get_or_insert(e);
+        }
+        if s.0 == 0 {
+            self.drained.notify_all();
+        }
+    }
+
+    /// Waits until every write sent has been answered; the first failure since the
+    /// last wait, if any.
+    fn drain(&self) -> io::Result<()> {
+        let s = self.state.lock().unwrap();
+        let mut s = self.drained.wait_while(s, |s| s.0 > 0).unwrap();
+        s.1.take().map_or(Ok(()), Err)
+    }
+}
 
 impl VolumeDevice {
     fn await_quorum(&self) {
         let deadline = Instant::now() + QUORUM_GRACE;
-        while !self.0.has_quorum() && Instant::now() < deadline {
+        while !self.volume.has_quorum() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -54,29 +95,52 @@ impl VolumeDevice {
 
 impl BlockDevice for VolumeDevice {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.volume.size()
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0
+        self.volume
             .read(offset, buf)
             .inspect_err(|e| failed("read", offset, e))
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.await_quorum();
+        self.unflushed.store(true, Ordering::SeqCst);
+        self.in_flight.start();
+        let in_flight = self.in_flight.clone();
+        self.volume.write(offset, data, false, move |r| {
+            if let Err(e) = &r {
+                failed("write", offset, e);
+            }
+            in_flight.finish(r);
+        });
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.in_flight.drain()?;
+        self.await_quorum();
+        self.volume.flush().inspect_err(|e| failed("flush", 0, e))?;
+        self.unflushed.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// With no other write since the last flush: one write with FUA, durable on every
+    /// replica when they answer (one round trip instead of two).
+    fn write_durable(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if self.unflushed.load(Ordering::SeqCst) {
+            self.write_at(offset, data)?;
+            return self.flush();
+        }
+        self.await_quorum();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.0.write(offset, data, false, move |r| {
+        self.volume.write(offset, data, true, move |r| {
             let _ = tx.send(r);
         });
         rx.recv()
             .unwrap_or_else(|_| Err(io::Error::other("the write was dropped")))
-            .inspect_err(|e| failed("write", offset, e))
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.await_quorum();
-        self.0.flush().inspect_err(|e| failed("flush", 0, e))
+            .inspect_err(|e| failed("durable write", offset, e))
     }
 }
 
@@ -281,7 +345,11 @@ impl Candidate {
 
     fn start_controller(&self, volume: &Arc<ReplicatedVolume>) -> anyhow::Result<Running> {
         let spec: VolumeSpec = volume.spec();
-        let device = Arc::new(VolumeDevice(volume.clone()));
+        let device = Arc::new(VolumeDevice {
+            volume: volume.clone(),
+            in_flight: Arc::default(),
+            unflushed: Default::default(),
+        });
         let mut store = Store::open_on(device, spec.cluster_id)
             .context("opening the controller database on the system volume")?;
         if let Some(path) = self.pending_import() {
