@@ -196,6 +196,24 @@ pub fn run(dir: &Path, size: u64) -> anyhow::Result<()> {
             .get::<ClusterVolume>("/v1/volumes/demo")
             .is_ok_and(|v| v.state == VolumeState::UpToDate)
     })?;
+    // Each node holds a replica of the controller's database before the demo says so.
+    wait_until(
+        "the controller's database on every node",
+        Duration::from_secs(30),
+        || {
+            controller
+                .get::<tandem_api::ClusterInfo>("/v1/cluster")
+                .is_ok_and(|i| {
+                    i.database.is_some_and(|v| {
+                        v.state == VolumeState::UpToDate
+                            && (v.participants.iter())
+                                .filter(|p| p.kind == ParticipantKind::Diskful)
+                                .count()
+                                == 3
+                    })
+                })
+        },
+    )?;
     let volume: ClusterVolume = controller
         .get("/v1/volumes/demo")
         .map_err(fail("reading volume demo"))?;

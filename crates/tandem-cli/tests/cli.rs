@@ -132,6 +132,7 @@ fn demo_serves_a_replicated_volume_on_every_node_and_ctrl_c_stops_it_all() {
         .spawn()
         .unwrap();
     let mut uris = Vec::new();
+    let (mut apis, mut kill) = (None, None);
     let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
     for line in lines.by_ref() {
         let line = line.unwrap();
@@ -139,6 +140,12 @@ fn demo_serves_a_replicated_volume_on_every_node_and_ctrl_c_stops_it_all() {
             if line.starts_with('n') {
                 uris.push(line[at..].trim().to_owned());
             }
+        }
+        if let Some(list) = line.trim().strip_prefix("export TANDEM_CONTROLLER=") {
+            apis = Some(list.to_owned());
+        }
+        if let Some(rest) = line.trim().strip_prefix("kill -9 ") {
+            kill = rest.split(';').next().and_then(|p| p.parse::<i32>().ok());
         }
         if line.contains("Press Ctrl-C") {
             break;
@@ -150,6 +157,35 @@ fn demo_serves_a_replicated_volume_on_every_node_and_ctrl_c_stops_it_all() {
     for uri in &uris[1..] {
         tandem_lab::qemu_io(uri, &["read -P 0xd7 0 1M"]);
     }
+    // Every node is a controller candidate: with the controller's node killed (the
+    // demo says how), the CLI given every node goes on working through the others.
+    let (apis, pid) = (
+        apis.expect("the demo names its APIs"),
+        kill.expect("and the kill"),
+    );
+    let cluster = || {
+        let out = output(Command::new(tandem_lab::tandem_bin()).args([
+            "--controller",
+            &apis,
+            "-o",
+            "json",
+            "cluster",
+        ]));
+        out.status
+            .success()
+            .then(|| tandem_lab::json(&String::from_utf8_lossy(&out.stdout)))
+    };
+    let before = cluster().expect("the cluster answers")["controller"].clone();
+    // SAFETY: a tandemd the demo started, by the PID it printed.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let after = tandem_lab::poll(std::time::Duration::from_secs(10), || {
+        cluster().filter(|c| c["controller"] != before)
+    })
+    .expect("another candidate runs the controller");
+    assert_eq!(after["database"]["name"], "tandem-controller", "{after:#}");
+    let volumes =
+        run(Command::new(tandem_lab::tandem_bin()).args(["--controller", &apis, "volume", "list"]));
+    assert!(volumes.contains("demo"), "{volumes}");
     // SAFETY: signals the child we started.
     unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
     let status = demo.wait().unwrap();

@@ -572,8 +572,25 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 _ => return Ok((n, actions)),
             }
             let was_primary = p.is_primary();
+            let was_source = p.sync == Sync::Target;
             p.forget_connection();
             n.begin_tracking(*peer);
+            // This replica is not whole and the peer that resynced it, or the Primary
+            // it left that to, is gone: the peers holding whole data were declined as
+            // sources meanwhile (a Primary resyncs this replica), so a new handshake
+            // with them starts the resync again (without, the replica would wait for a
+            // reconnect, and a new Primary for its confirmation, forever).
+            let resynced = n.peers.iter().any(|q| q.sync == Sync::Target);
+            if (was_source || was_primary)
+                && n.replica
+                && n.disk == DiskState::Inconsistent
+                && !resynced
+            {
+                let whole = (n.peers.iter())
+                    .filter(|q| q.connected())
+                    .filter(|q| q.remote.is_some_and(|s| s.disk == DiskState::UpToDate));
+                actions.extend(whole.map(|q| Action::Disconnect(q.id)));
+            }
             if was_primary && n.replica {
                 // Its last writes may have reached some replicas and not others.
                 actions.push(Action::RecentUncertain(*peer));

@@ -704,3 +704,79 @@ fn idle_links_stay_connected() {
         logs(&all)
     );
 }
+
+#[test]
+fn the_primary_dying_while_it_resyncs_a_replica_hands_the_resync_to_another() {
+    let Some(lab) = Lab::new(3) else { return };
+    let volume = "pr1";
+    let mut nodes = lab.start_all(["ea", "eb", "ec"]);
+    put_replicated(
+        &nodes,
+        volume,
+        64 * MIB,
+        &[tandem_lab::Kind::Diskful; 3],
+        "",
+    );
+    for n in &nodes {
+        n.wait_connected(volume, Duration::from_secs(20));
+    }
+    // Node c misses 32 MiB written while it is down, then comes back over a slow link:
+    // the Primary resyncs it.
+    nodes[2].kill();
+    let mut io = nodes[0].qemu_io_session(volume);
+    let all: Vec<&Node> = nodes.iter().collect();
+    must_write(
+        &mut io,
+        "write -P 0x5a 0 32M",
+        Duration::from_secs(60),
+        &all,
+    );
+    lab.limit(2, "20mbit");
+    nodes[2].restart();
+    nodes[0].wait_status(
+        volume,
+        "node ec is SyncTarget",
+        Duration::from_secs(30),
+        |s| {
+            (s["peers"].as_array().unwrap().iter())
+                .any(|p| p["node"] == "ec" && p["replication"] == "SyncTarget")
+        },
+    );
+    // The Primary dies mid-resync; the link comes back to speed.
+    nodes[0].kill();
+    drop(io);
+    lab.unlimit(2);
+    // Another node writes: its new data generation needs a majority that includes the
+    // half-resynced replica, which gets its resync from it.
+    let (b, c) = (&nodes[1], &nodes[2]);
+    // (Opening may be refused for a moment while node ec reconnects to it.)
+    let write = || {
+        let mut cmd = std::process::Command::new("qemu-io");
+        cmd.args(["-f", "raw", "-c", "write -P 0x77 1M 1M", &b.uri(volume)]);
+        let out = tandem_lab::output(&mut b.here(cmd));
+        (out.status.success() && wrote(&String::from_utf8_lossy(&out.stdout))).then_some(())
+    };
+    if poll(Duration::from_secs(30), write).is_none() {
+        panic!("node eb could not write\n{}", logs(&[b, c]));
+    }
+    c.wait_status(
+        volume,
+        "the resync is finished",
+        Duration::from_secs(60),
+        |s| {
+            s["disk"] == "UpToDate"
+                && (s["peers"].as_array().unwrap().iter())
+                    .any(|p| p["node"] == "eb" && p["replication"] == "Established")
+        },
+    );
+    assert_same_replicas(b, c, volume);
+    let written = tandem_lab::qemu_io(
+        &c.unix_uri(volume),
+        &[
+            "read -P 0x5a 0 1M",
+            "read -P 0x77 1M 1M",
+            "read -P 0x5a 2M 30M",
+        ],
+    );
+    assert!(!written.contains("fail"), "{written}");
+}

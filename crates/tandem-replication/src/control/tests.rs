@@ -678,6 +678,47 @@ fn a_disconnect_ends_the_connections_state_and_starts_tracking() {
 }
 
 #[test]
+fn a_replica_whose_resync_source_is_lost_reconnects_to_a_whole_one() {
+    // Node 1 is Inconsistent, resynced by node 2 (Primary); node 4, a whole Secondary,
+    // was declined as a source meanwhile.
+    let mut c = node(DiskState::Inconsistent, G1);
+    c.peers
+        .push(PeerControl::new(id(4), ParticipantKind::Diskful, 0));
+    let c = up(c, 2, state(Role::Primary, DiskState::UpToDate, G2));
+    let c = up(c, 4, state(Role::Secondary, DiskState::UpToDate, G2));
+    let c = with_peer(c, 2, |p| p.sync = Sync::Target);
+    let lost = Event::Disconnected {
+        peer: id(2),
+        epoch: 7,
+    };
+    let (_, actions) = step(&c, &lost).unwrap();
+    assert!(actions.contains(&Action::Disconnect(id(4))), "{actions:?}");
+    assert!(!actions.contains(&Action::Disconnect(id(3))), "{actions:?}");
+    // The Primary lost before it started the resync (this replica had just declined
+    // node 4's): the same.
+    let before = with_peer(c.clone(), 2, |p| p.sync = Sync::Idle);
+    let (_, actions) = step(&before, &lost).unwrap();
+    assert!(actions.contains(&Action::Disconnect(id(4))), "{actions:?}");
+    // Resynced by another already, or a peer lost that neither resynced this replica
+    // nor was Primary: nothing restarts.
+    let secondary = up(
+        before.clone(),
+        2,
+        state(Role::Secondary, DiskState::UpToDate, G2),
+    );
+    for c in [
+        with_peer(c.clone(), 4, |p| p.sync = Sync::Target),
+        secondary,
+    ] {
+        let (_, actions) = step(&c, &lost).unwrap();
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Disconnect(_))),
+            "{actions:?}"
+        );
+    }
+}
+
+#[test]
 fn a_write_that_leaves_a_replica_behind_starts_a_generation() {
     let primary = |disk| Control {
         writers: 1,
