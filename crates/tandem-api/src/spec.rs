@@ -86,6 +86,10 @@ pub struct VolumeOptions {
     pub resync_rate: Option<u64>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// A volume's full participant list and options, as the controller (or an operator)
 /// gives it to each participating node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +98,11 @@ pub struct VolumeSpec {
     pub cluster_id: ClusterId,
     pub volume_id: VolumeId,
     pub name: VolumeName,
+    /// Raised by the controller with every change of the volume: a node refuses a
+    /// spec older than the one it holds (one delayed on the way, or sent by a
+    /// controller that was replaced).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u64,
     pub size: u64,
     pub participants: Vec<Participant>,
     #[serde(default)]

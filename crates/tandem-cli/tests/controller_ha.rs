@@ -268,6 +268,27 @@ fn killing_the_controllers_host_hands_the_controller_to_another_candidate() {
         &["volume", "create", "v2", "--size", "16M", "--group", "pair"],
     );
 
+    // Each change raises the volume's spec revision, which the nodes hold.
+    let revision = |n: &Node| {
+        let r = n.api_as(&secret(n), "GET", "/v1/node/replicated", None);
+        (r.json().as_array().unwrap().iter())
+            .find(|v| v["spec"]["name"] == "v1")
+            .and_then(|v| v["spec"]["revision"].as_u64())
+            .unwrap_or(0)
+    };
+    let holder = (survivors.iter())
+        .find(|n| revision(n) > 0)
+        .expect("a survivor holds v1");
+    let before = revision(holder);
+    must(
+        from,
+        &survivors,
+        &["volume", "resize", "v1", "--size", "32M"],
+    );
+    wait_for("the resize reaches the node", TAKEOVER, &survivors, || {
+        revision(holder) > before
+    });
+
     // A request replayed with the old epoch is refused by a node, saying why.
     let (status, body) = as_controller(
         survivors[0],

@@ -271,6 +271,16 @@ impl Controller {
     ) -> Result<(), Refusal> {
         let mut next = d.model.clone();
         apply(&mut next);
+        // Every volume the change touched gets the next revision, in the same
+        // transaction (the change itself wrote its rows with the revision they had).
+        let mut revised = Vec::new();
+        for (name, v) in next.volumes.iter_mut() {
+            let old = d.model.volumes.get(name);
+            if old.is_none_or(|o| o != v) {
+                v.revision = old.map_or(v.revision, |o| o.revision) + 1;
+                revised.push((name.clone(), v.revision));
+            }
+        }
         let gone: Vec<Part> = (d.model.parts())
             .difference(&next.parts())
             .filter(|p| next.nodes.contains_key(&p.node))
@@ -278,6 +288,7 @@ impl Controller {
             .collect();
         d.store.write(|w| {
             persist(w)?;
+            (revised.iter()).try_for_each(|(name, revision)| w.revision(name, *revision))?;
             gone.iter().try_for_each(|p| w.deletion(p))
         })?;
         next.deletions.extend(gone);

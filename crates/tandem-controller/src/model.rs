@@ -48,6 +48,8 @@ pub struct ParticipantRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeRow {
     pub id: VolumeId,
+    /// Raised with every change of the row (see [`VolumeSpec::revision`]).
+    pub revision: u64,
     pub size: u64,
     pub group: GroupName,
     /// Diskful replicas wanted.
@@ -147,6 +149,7 @@ impl Model {
             cluster_id: self.cluster.id,
             volume_id: v.id,
             name: name.clone(),
+            revision: v.revision,
             size: v.size,
             participants,
             options: VolumeOptions {

@@ -478,6 +478,7 @@ impl Controller {
             })?;
         let mut v = VolumeRow {
             id: VolumeId::random(),
+            revision: 0,
             size: req.size,
             group: group_name,
             replicas,

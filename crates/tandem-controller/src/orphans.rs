@@ -113,6 +113,7 @@ impl Controller {
         }
         let row = VolumeRow {
             id: spec.volume_id,
+            revision: spec.revision,
             size: spec.size,
             group: "default".parse::<GroupName>().expect("a valid name"),
             replicas: participants.iter().filter(|p| p.kind.diskful()).count() as u8,

@@ -187,6 +187,7 @@ impl Controller {
         let wanted = origin.replicas as usize;
         let mut v = VolumeRow {
             id: VolumeId::random(),
+            revision: 0,
             size: row.size,
             group: origin.group.clone(),
             replicas: origin.replicas,

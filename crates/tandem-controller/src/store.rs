@@ -83,6 +83,8 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (node, volume, id));",
     // 6: the controller epoch, raised by every controller that starts on the database.
     "ALTER TABLE cluster ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
+    // 7: a volume's revision, raised with every change (nodes refuse older specs).
+    "ALTER TABLE volumes ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -243,7 +245,16 @@ impl Store {
         }
         self.db
             .restore(MAIN_DB, path, None::<fn(rusqlite::backup::Progress)>)?;
-        self.migrate(&path.display().to_string())
+        self.migrate(&path.display().to_string())?;
+        // The nodes may hold specs changed since the backup, with higher revisions than
+        // it records: every volume gets one above them (the time in milliseconds, far
+        // above the counts of changes), so the nodes take the restored specs.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.db
+            .execute("UPDATE volumes SET revision = max(revision + 1, ?1)", [now])?;
+        Ok(())
     }
 
     /// The cluster of a database file, without changing it.
@@ -390,7 +401,7 @@ impl Store {
         let mut volumes = BTreeMap::new();
         let mut q = self
             .db
-            .prepare("SELECT name, id, size, grp, replicas, origin FROM volumes")?;
+            .prepare("SELECT name, id, size, grp, replicas, origin, revision FROM volumes")?;
         for row in q.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -399,9 +410,10 @@ impl Store {
                 r.get::<_, String>(3)?,
                 r.get::<_, u8>(4)?,
                 r.get::<_, Option<String>>(5)?,
+                r.get::<_, i64>(6)?,
             ))
         })? {
-            let (name, id, size, group, replicas, origin) = row?;
+            let (name, id, size, group, replicas, origin, revision) = row?;
             let origin = origin
                 .map(|o| {
                     let (volume, snapshot) = o
@@ -417,6 +429,7 @@ impl Store {
                 name.parse::<VolumeName>().map_err(invalid)?,
                 VolumeRow {
                     id: id.parse().map_err(invalid)?,
+                    revision: revision as u64,
                     size: size as u64,
                     group: group.parse().map_err(invalid)?,
                     replicas,
@@ -609,15 +622,17 @@ impl Writer<'_> {
     /// Writes a volume and replaces its participants.
     pub fn volume(&self, name: &VolumeName, v: &VolumeRow) -> Result<(), StoreError> {
         self.tx.execute(
-            "INSERT INTO volumes (name, id, size, grp, replicas, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (name) DO UPDATE SET size = ?3, grp = ?4, replicas = ?5",
+            "INSERT INTO volumes (name, id, size, grp, replicas, origin, revision)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (name) DO UPDATE SET size = ?3, grp = ?4, replicas = ?5, revision = ?7",
             params![
                 name.as_str(),
                 v.id.to_string(),
                 v.size as i64,
                 v.group.as_str(),
                 v.replicas,
-                v.origin.as_ref().map(|o| o.to_string())
+                v.origin.as_ref().map(|o| o.to_string()),
+                v.revision as i64
             ],
         )?;
         self.tx.execute(
@@ -639,6 +654,14 @@ impl Writer<'_> {
                 ],
             )?;
         }
+        Ok(())
+    }
+
+    pub fn revision(&self, name: &VolumeName, revision: u64) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE volumes SET revision = ?2 WHERE name = ?1",
+            params![name.as_str(), revision as i64],
+        )?;
         Ok(())
     }
 
@@ -718,6 +741,7 @@ mod tests {
     fn volume(node: &str) -> VolumeRow {
         VolumeRow {
             id: tandem_api::VolumeId::random(),
+            revision: 3,
             size: 1 << 30,
             group: "default".parse().unwrap(),
             replicas: 1,

@@ -68,6 +68,7 @@ pub fn founding_spec(cluster: ClusterId, node: &NodeName, peer_address: String) 
         cluster_id: cluster,
         volume_id: VolumeId::random(),
         name: volume_name(),
+        revision: 0,
         size: SYSTEM_SIZE,
         participants: vec![Participant {
             node_id: NodeId::new(0).expect("a valid id"),
@@ -112,6 +113,7 @@ pub(crate) fn adopt(model: &Model, spec: &VolumeSpec) -> Option<(Group, VolumeRo
         .collect();
     let row = VolumeRow {
         id: spec.volume_id,
+        revision: spec.revision,
         size: spec.size,
         group: group_name(),
         replicas: participants.iter().filter(|p| p.kind.diskful()).count() as u8,

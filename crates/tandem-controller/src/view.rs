@@ -470,6 +470,7 @@ mod tests {
             "vm1".parse().unwrap(),
             VolumeRow {
                 id: tandem_api::VolumeId([7; 16]),
+                revision: 1,
                 size: 1 << 30,
                 group: "default".parse().unwrap(),
                 replicas: 2,

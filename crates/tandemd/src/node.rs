@@ -392,6 +392,17 @@ impl Node {
     /// is refused until it is closed here.
     pub fn set_spec(&self, spec: VolumeSpec) -> Result<VolumeStatus, NodeError> {
         spec.validate(&self.name).map_err(NodeError::BadSpec)?;
+        if let Some(current) = self.replicator.get(&spec.name).map(|v| v.spec())
+            && current.volume_id == spec.volume_id
+            && spec.revision < current.revision
+        {
+            tracing::warn!(volume = %spec.name, revision = spec.revision, held = current.revision,
+                "older spec refused");
+            return Err(NodeError::Refused(format!(
+                "volume {}: spec revision {} is older than the one this node holds ({})",
+                spec.name, spec.revision, current.revision
+            )));
+        }
         if let Some(current) = self.replicator.get(&spec.name).filter(|v| v.is_open()) {
             let me = spec.me(&self.name).expect("validated");
             if let Err(why) = current.in_place(&spec, me, None) {

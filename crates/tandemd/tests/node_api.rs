@@ -1681,3 +1681,41 @@ fn specs_place_replicas_in_the_pool_they_name_and_are_reported() {
     assert_eq!(replicated(&node), json!([]));
     assert_eq!(list(&node), json!([]));
 }
+
+#[test]
+fn a_spec_older_than_the_one_held_is_refused() {
+    let node = Node::start("rev1");
+    let spec = |revision: u64, size: u64| {
+        let mut v: serde_json::Value = tandem_lab::json(&tandem_lab::spec(
+            "vr",
+            size,
+            &[(&node, tandem_lab::Kind::Diskful)],
+            "",
+        ));
+        v["revision"] = revision.into();
+        v.to_string()
+    };
+    let held = |node: &Node| {
+        let r = node.api("GET", "/v1/node/replicated", None);
+        let v = r.json()[0]["spec"].clone();
+        (
+            v["revision"].as_u64().unwrap_or(0),
+            v["size"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(put_spec(&node, "vr", &spec(5, 16 << 20)).status, 200);
+    // A delayed, older spec (a smaller size, say) is refused and changes nothing.
+    let r = put_spec(&node, "vr", &spec(3, 8 << 20));
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body
+            .contains("spec revision 3 is older than the one this node holds (5)"),
+        "{}",
+        r.body
+    );
+    assert_eq!(held(&node), (5, 16 << 20));
+    // The same revision again, and newer ones, are taken.
+    assert_eq!(put_spec(&node, "vr", &spec(5, 16 << 20)).status, 200);
+    assert_eq!(put_spec(&node, "vr", &spec(6, 32 << 20)).status, 200);
+    assert_eq!(held(&node), (6, 32 << 20));
+}
