@@ -435,6 +435,13 @@ impl Control {
             .map(|p| format!("node id {} is Primary and resyncs this replica", p.id))
     }
 
+    /// This replica is not whole, and no peer resyncs it.
+    pub fn resynced_by_none(&self) -> bool {
+        self.replica
+            && self.disk == DiskState::Inconsistent
+            && !self.peers.iter().any(|q| q.sync == Sync::Target)
+    }
+
     /// A connected peer other than `except` that is Primary.
     pub fn primary_besides(&self, except: NodeId) -> Option<&PeerControl> {
         self.peers
@@ -575,17 +582,12 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             let was_source = p.sync == Sync::Target;
             p.forget_connection();
             n.begin_tracking(*peer);
-            // This replica is not whole and the peer that resynced it, or the Primary
-            // it left that to, is gone: the peers holding whole data were declined as
-            // sources meanwhile (a Primary resyncs this replica), so a new handshake
-            // with them starts the resync again (without, the replica would wait for a
-            // reconnect, and a new Primary for its confirmation, forever).
-            let resynced = n.peers.iter().any(|q| q.sync == Sync::Target);
-            if (was_source || was_primary)
-                && n.replica
-                && n.disk == DiskState::Inconsistent
-                && !resynced
-            {
+            // This replica is not whole and the peer that resynced it is gone (a
+            // Primary that died mid-resync, say): the peers holding whole data were
+            // declined as sources meanwhile, so a new handshake with them starts the
+            // resync again (without, the replica would wait for a reconnect, and a new
+            // Primary for its confirmation, forever).
+            if was_source && n.resynced_by_none() {
                 let whole = (n.peers.iter())
                     .filter(|q| q.connected())
                     .filter(|q| q.remote.is_some_and(|s| s.disk == DiskState::UpToDate));
@@ -1196,6 +1198,12 @@ fn peer_state(
     p.remote = Some(state);
     if state.role == Role::Primary && !was_primary {
         actions.push(Action::PrimaryAppeared(id));
+        // A Primary resyncs the replicas that are not whole, from its handshake: one
+        // that no one resyncs (its source, or the Primary it declined others for, went
+        // away) reconnects to the new Primary so that its handshake does.
+        if n.resynced_by_none() && !second_primary {
+            actions.push(Action::Disconnect(id));
+        }
     }
     if second_primary {
         actions.push(Action::Disconnect(id));

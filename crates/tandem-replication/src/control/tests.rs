@@ -694,27 +694,37 @@ fn a_replica_whose_resync_source_is_lost_reconnects_to_a_whole_one() {
     let (_, actions) = step(&c, &lost).unwrap();
     assert!(actions.contains(&Action::Disconnect(id(4))), "{actions:?}");
     assert!(!actions.contains(&Action::Disconnect(id(3))), "{actions:?}");
-    // The Primary lost before it started the resync (this replica had just declined
-    // node 4's): the same.
-    let before = with_peer(c.clone(), 2, |p| p.sync = Sync::Idle);
-    let (_, actions) = step(&before, &lost).unwrap();
-    assert!(actions.contains(&Action::Disconnect(id(4))), "{actions:?}");
-    // Resynced by another already, or a peer lost that neither resynced this replica
-    // nor was Primary: nothing restarts.
-    let secondary = up(
-        before.clone(),
-        2,
-        state(Role::Secondary, DiskState::UpToDate, G2),
-    );
+    // Resynced by another already, or the lost peer was not the source (this node
+    // closed it to restart its handshake, say): nothing restarts.
     for c in [
         with_peer(c.clone(), 4, |p| p.sync = Sync::Target),
-        secondary,
+        with_peer(c.clone(), 2, |p| p.sync = Sync::Idle),
     ] {
         let (_, actions) = step(&c, &lost).unwrap();
         assert!(
             !actions.iter().any(|a| matches!(a, Action::Disconnect(_))),
             "{actions:?}"
         );
+    }
+    // Node 2 gone without having resynced it, node 4 becomes Primary: the replica
+    // reconnects to it, so that its handshake starts the resync.
+    let (n, _) = step(&with_peer(c.clone(), 2, |p| p.sync = Sync::Idle), &lost).unwrap();
+    let promoted = Event::PeerState {
+        peer: id(4),
+        state: state(Role::Primary, DiskState::UpToDate, G3),
+    };
+    let (_, actions) = step(&n, &promoted).unwrap();
+    assert!(actions.contains(&Action::Disconnect(id(4))), "{actions:?}");
+    // Not when node 4 resyncs it already, or when it is whole.
+    for n in [
+        with_peer(n.clone(), 4, |p| p.sync = Sync::Target),
+        Control {
+            disk: DiskState::Outdated,
+            ..n.clone()
+        },
+    ] {
+        let (_, actions) = step(&n, &promoted).unwrap();
+        assert!(!actions.contains(&Action::Disconnect(id(4))), "{actions:?}");
     }
 }
 
