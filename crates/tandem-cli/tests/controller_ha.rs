@@ -345,9 +345,22 @@ fn a_partitioned_controller_stops_and_the_majority_elects_another() {
         )
     });
     assert!(
-        refused.contains("election in progress") || refused.contains("stopped"),
+        refused.contains("stopped") || refused.contains("no quorum among candidates"),
         "{refused}"
     );
+    // Once it has stopped, it says why no controller runs there.
+    let expected = format!(
+        "no quorum among candidates {} (node {} reaches 1 of 3)",
+        ["hp1", "hp2", "hp3"].join(","),
+        lonely.name
+    );
+    let said = poll(TAKEOVER, || {
+        cli(lonely, &[lonely], &["kv", "set", "ha", "lonely", "write"])
+            .err()
+            .filter(|e| e.contains("no quorum among candidates"))
+    })
+    .unwrap_or_else(|| panic!("no reason given\n{}", logs(&all)));
+    assert!(said.contains(&expected), "{said}");
     // The majority elects another within the bound.
     let (name, took) = await_controller(majority[0], &majority, &majority, since);
     eprintln!("takeover after the cut: {took:?}");

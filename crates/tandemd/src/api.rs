@@ -134,18 +134,26 @@ async fn forward(State(node): Shared, candidate: Option<Arc<Candidate>>, req: Re
         )
         .into_response()
     };
+    // What this node knows of the election, when it is a candidate.
+    let election = || {
+        candidate
+            .as_ref()
+            .map_or_else(|| "election in progress".to_owned(), |c| c.election())
+    };
     if req.headers().contains_key(FORWARDED) {
         // Sent here as to the controller, which this node no longer runs.
         return no_controller(format!(
-            "node {} does not run it (any more); election in progress",
-            node.name()
+            "node {} does not run it (any more); {}",
+            node.name(),
+            election()
         ));
     }
     let Some(controller) = node.controller() else {
         if candidate.is_some() {
             return no_controller(format!(
-                "node {} is a candidate that knows no controller yet; election in progress",
-                node.name()
+                "node {} is a candidate that knows no controller yet; {}",
+                node.name(),
+                election()
             ));
         }
         return Failure(

@@ -231,6 +231,33 @@ impl Candidate {
         running.as_ref().map(|r| r.controller.clone())
     }
 
+    /// What this candidate sees of the election, for answers while no controller runs:
+    /// the candidates (the participants of the system volume) and whether it reaches a
+    /// majority of them.
+    pub fn election(&self) -> String {
+        let Some(volume) = self.node.replicated(&system::volume_name()) else {
+            return "election in progress (this candidate holds no replica of the controller's database yet)".into();
+        };
+        let status = volume.status();
+        let mut names = vec![status.node.to_string()];
+        names.extend(status.peers.iter().map(|p| p.node.to_string()));
+        names.sort();
+        let reached = 1
+            + (status.peers.iter())
+                .filter(|p| p.connection == tandem_api::ConnectionState::Connected)
+                .count();
+        if status.quorum {
+            format!("election in progress among candidates {}", names.join(","))
+        } else {
+            format!(
+                "no quorum among candidates {} (node {} reaches {reached} of {})",
+                names.join(","),
+                status.node,
+                names.len()
+            )
+        }
+    }
+
     /// `<data-dir>/controller.db`: a database to load into the system volume (put
     /// there by `--restore-db`, or left by a release that kept it in the data dir).
     fn pending_import(&self) -> Option<PathBuf> {
