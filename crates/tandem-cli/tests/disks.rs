@@ -2,7 +2,8 @@
 //! then on, as a failing disk does), or full (ENOSPC). The replica goes Failed at once,
 //! the volume goes on from its peer with every acknowledged write, `tandem health`
 //! names the node, the pool and what to do, and once repaired and restarted the
-//! replica is resynced to be identical.
+//! replica is resynced to be identical. With three replicas, the Primary dying while a
+//! peer's disk is dead leaves the last whole replica serving.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -170,4 +171,84 @@ fn a_replica_whose_file_system_fills_up_goes_failed_and_the_volume_goes_on() {
     std::fs::write(&filler, vec![0xeeu8; (free() - leave) as usize]).unwrap();
     s.check_failed_and_going_on();
     s.check_repaired(|| std::fs::remove_file(&filler).unwrap());
+}
+
+#[test]
+fn the_primary_dying_while_a_peers_disk_is_failed_leaves_the_last_replica_serving() {
+    let (Some(fs1), Some(fs2), Some(fs3)) =
+        (SmallFs::xfs(300), SmallFs::xfs(300), SmallFs::xfs(300))
+    else {
+        eprintln!("skipped: this machine cannot make xfs file systems on loop devices");
+        return;
+    };
+    let mnts = [fs1.mnt.clone(), fs2.mnt.clone(), fs3.mnt.clone()];
+    let mut c = Cluster::start_with("dp", 3, move |name| {
+        let i = name[2..].parse::<usize>().unwrap() - 1;
+        vec![
+            "--pool".into(),
+            format!("default={}", mnts[i].join(name).display()),
+        ]
+    });
+    let (n1, n2, n3) = ("dp1", "dp2", "dp3");
+    run(c
+        .tandem()
+        .args(["volume", "create", "v", "--size", "64M", "--replicas", "3"]));
+    c.wait_up_to_date(CONVERGE);
+    for n in [n1, n2] {
+        run(c.tandem().args(["volume", "attach", "v", "--node", n]));
+    }
+    let log = c.nodes[1].dir.join("writer.log");
+    let mut writer = workload::start(&c.node(n1).uri("v"), &log, 11, 0);
+    // n3's disk dies under the writes: its replica goes Failed, the writes go on.
+    std::thread::sleep(Duration::from_secs(1));
+    let out = Command::new("xfs_io")
+        .args(["-x", "-c", "shutdown", fs3.mnt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("n3's replica is Failed", CONVERGE, &[], || {
+        let v = c.json(&["volume", "show", "v"]);
+        (v["participants"].as_array().unwrap().iter())
+            .any(|p| p["node"] == n3 && p["disk"] == "Failed")
+    });
+    let before = workload::last_acknowledged(&log);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        workload::last_acknowledged(&log) > before + 10,
+        "writes stopped"
+    );
+
+    // The Primary (and the controller with it) dies: n2, whose replica is the last
+    // whole one, takes the writes over, n3's vote (diskless now) making the majority.
+    c.node_mut(n1).kill();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let start = workload::last_acknowledged(&log) + 1;
+    let mut writer = workload::start(&c.node(n2).uri("v"), &log, 12, start);
+    wait_for("n2 takes writes", Duration::from_secs(30), &[], || {
+        workload::last_acknowledged(&log) > start + 10
+    });
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let lost = workload::check(&c.node(n2).uri("v"), &log);
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+
+    // n3 repaired and n1 back: every replica resynced to be identical.
+    c.node_mut(n3).stop();
+    fs3.remount();
+    c.node_mut(n3).restart();
+    c.node_mut(n1).restart();
+    c.wait_up_to_date(CONVERGE);
+    let verify = c.json(&["volume", "verify", "v"]);
+    let peers = verify["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2, "{verify:#}");
+    assert!(
+        peers.iter().all(|p| p["differing-blocks"] == 0),
+        "{verify:#}"
+    );
+    assert!(workload::check(&c.node(n1).uri("v"), &log).is_empty());
 }
