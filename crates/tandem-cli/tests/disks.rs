@@ -127,15 +127,7 @@ fn a_replica_whose_file_system_fails_goes_failed_and_the_volume_goes_on() {
         .expect("start fio");
     std::thread::sleep(Duration::from_secs(1));
     // n2's disk dies under the writes.
-    let out = Command::new("xfs_io")
-        .args(["-x", "-c", "shutdown", fs2.mnt.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fs2.shut_down();
     s.check_failed_and_going_on();
     // Every large write was acknowledged (fio stops at the first error) and holds its
     // bytes.
@@ -201,15 +193,7 @@ fn the_primary_dying_while_a_peers_disk_is_failed_leaves_the_last_replica_servin
     let mut writer = workload::start(&c.node(n1).uri("v"), &log, 11, 0);
     // n3's disk dies under the writes: its replica goes Failed, the writes go on.
     std::thread::sleep(Duration::from_secs(1));
-    let out = Command::new("xfs_io")
-        .args(["-x", "-c", "shutdown", fs3.mnt.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fs3.shut_down();
     wait_for("n3's replica is Failed", CONVERGE, &[], || {
         let v = c.json(&["volume", "show", "v"]);
         (v["participants"].as_array().unwrap().iter())

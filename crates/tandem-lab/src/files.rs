@@ -150,6 +150,22 @@ impl SmallFs {
 }
 
 impl SmallFs {
+    /// Shuts an xfs file system down as a dying disk would: every I/O on it fails with
+    /// EIO from then on (`xfs_io -x -c shutdown`), until [`SmallFs::remount`].
+    pub fn shut_down(&self) {
+        let out = Command::new("xfs_io")
+            .args(["-x", "-c", "shutdown"])
+            .arg(&self.mnt)
+            .output()
+            .expect("run xfs_io");
+        assert!(
+            out.status.success(),
+            "xfs_io shutdown {}: {}",
+            self.mnt.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Unmounts and mounts it again (what repairs an xfs shut down by `xfs_io -x -c
     /// shutdown`: the mount replays its log). Nothing may hold it open meanwhile.
     pub fn remount(&self) {
