@@ -10,6 +10,7 @@
 //! - [`files`]: byte-level checks of data files, and a small file system to fill.
 //! - [`metrics`]: a node's `/metrics`, parsed as Prometheus would.
 
+pub mod chaos;
 pub mod clients;
 mod cluster;
 pub mod files;
@@ -41,12 +42,14 @@ pub use wait::{Condition, poll, wait_exit, wait_for};
 
 /// Directory holding the workspace's built binaries (`target/debug` or `target/release`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_owned()
+    let exe = std::env::current_exe().expect("executable path");
+    // target/<profile>/deps/<test>-<hash>, or target/<profile>/<binary>
+    let dir = exe.parent().expect("target/<profile>");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target/<profile>").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 pub fn tandemd_bin() -> PathBuf {
