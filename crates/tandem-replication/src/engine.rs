@@ -195,6 +195,7 @@ impl Replicator {
     fn tick(&self) {
         for volume in self.volumes() {
             volume.watch_quorum();
+            volume.watch_resync();
             let view = volume.view();
             for peer in &volume.config().peers {
                 let Some(link) = view.peer(peer.id).map(|c| &c.link) else {

@@ -33,6 +33,11 @@ use crate::workers::Workers;
 mod snapshot;
 pub use snapshot::SnapshotRefused;
 
+/// How long a replica stays unresynced with a whole peer connected before it has its
+/// peers connect afresh (see [`ReplicatedVolume::watch_resync`]): longer than a
+/// handshake takes to start a resync.
+const RESYNC_STALL: Duration = Duration::from_secs(3);
+
 /// Why a volume cannot be opened on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenRefused(pub String);
@@ -140,6 +145,9 @@ pub struct ReplicatedVolume {
     resync_gate: RwLock<()>,
     /// Quorum as last reported (see [`ReplicatedVolume::watch_quorum`]).
     had_quorum: AtomicBool,
+    /// Since when this replica has been left unresynced (see
+    /// [`ReplicatedVolume::watch_resync`]).
+    unresynced_since: Mutex<Option<Instant>>,
     /// Changes taken lately from a Primary (when, offset, length): if it is lost, or a
     /// peer connects again, these may be what the others missed, in flight then.
     recent: Mutex<std::collections::VecDeque<(Instant, u64, u64)>>,
@@ -284,6 +292,7 @@ impl ReplicatedVolume {
             resync_gate: RwLock::new(()),
             recent: Mutex::default(),
             had_quorum: AtomicBool::new(false),
+            unresynced_since: Mutex::new(None),
             fills: Mutex::default(),
             snapshot_files: Mutex::default(),
             progress: Progress::new(),
@@ -1654,6 +1663,30 @@ impl ReplicatedVolume {
         let now = self.has_quorum();
         if self.had_quorum.swap(now, Ordering::AcqRel) != now {
             self.notify.fire();
+        }
+    }
+
+    /// A replica that is not whole, resynced by no one, while a peer holding whole data
+    /// is connected: the handshakes that should have started its resync were cut short
+    /// (a Primary lost in the same instant this replica closed its connection to
+    /// restart one, say). After [`RESYNC_STALL`] of that it has every peer connect
+    /// afresh, so the handshakes decide again. Called by the node's ticker.
+    pub(crate) fn watch_resync(&self) {
+        let view = self.view();
+        let stalled = view.resynced_by_none()
+            && (view.peers.iter())
+                .any(|p| p.connected() && p.remote.is_some_and(|s| s.disk == DiskState::UpToDate));
+        let mut since = self.unresynced_since.lock().unwrap();
+        if !stalled {
+            *since = None;
+            return;
+        }
+        if since.get_or_insert_with(Instant::now).elapsed() >= RESYNC_STALL {
+            *since = None;
+            drop(since);
+            tracing::warn!(volume = %self.name,
+                "not whole and resynced by no peer: every peer connects afresh");
+            self.reconnect();
         }
     }
 
