@@ -290,8 +290,6 @@ pub fn run(cfg: &Config) -> Option<Summary> {
 }
 
 fn check(nodes: &[Node], writers: &[Writer], summary: &mut Summary) {
-    let all: Vec<&Node> = nodes.iter().collect();
-    let _ = all;
     let up = poll(SETTLE, || {
         let list = cli(&nodes[0], &["-o", "json", "volume", "list", "--all"]).ok()?;
         let list = json(&list);
@@ -327,7 +325,7 @@ fn check(nodes: &[Node], writers: &[Writer], summary: &mut Summary) {
                 .push(format!("{}: verify failed: {e}", w.volume)),
         }
     }
-    for n in &all {
+    for n in nodes {
         if n.log().contains("panicked") {
             summary.crashes.push(format!("{} panicked", n.name));
         }
