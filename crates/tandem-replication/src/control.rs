@@ -89,9 +89,13 @@ pub(crate) struct PeerControl {
     /// The peer failed, or lost, a change that others took, while connected: until
     /// resynced it lacks what it says it holds (see [`Control::voters_agreeing`]).
     pub lacking: bool,
-    /// The generation this node started because the peer missed writes, since the
-    /// peer last connected (0: none): while it is current, further writes the peer
-    /// misses need no new one.
+    /// The generation this node started because the peer missed writes (0: none):
+    /// while it is current and the peer has not reported it (nor been resynced to
+    /// it), the peer cannot hold it, and further writes the peer misses need no new
+    /// one. It outlives connections: a peer that connects and drops again without
+    /// catching up (one being resynced by another, which refuses this node
+    /// meanwhile) would otherwise start a generation per attempt, pushing the ones
+    /// the other replicas hold out of every history.
     pub fenced: u64,
 }
 
@@ -138,7 +142,14 @@ impl PeerControl {
         self.deferred = false;
         self.resync_due = false;
         self.lacking = false;
-        self.fenced = 0;
+    }
+
+    /// The peer reports `state` while this node's generation is `current`: once it
+    /// holds the current generation, a write it misses calls for a new one again.
+    fn heard_at(&mut self, state: State, current: u64) {
+        if state.generation == current {
+            self.fenced = 0;
+        }
     }
 }
 
@@ -374,7 +385,8 @@ impl Control {
 
     /// Whether a write of this Primary sent to `receiving` only calls for a new
     /// generation (see [`Event::Rotate`]): a replica that misses it may still share
-    /// the current one (none was started for it since it was last connected). Also
+    /// the current one (it was not started for that replica, or the replica caught
+    /// up with it since). Also
     /// on a Primary without a whole replica of its own: the generation names the
     /// data of the whole replicas that take its writes; without any, there is none to
     /// name (and the write is not acknowledged).
@@ -726,6 +738,8 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             p.sync = Sync::Idle;
             p.mark = 0;
             p.lacking = false;
+            // It takes this node's generation as it applies the end of the resync.
+            p.fenced = 0;
             actions.extend([Action::SettleSuspect, Action::Notify]);
         }
         Event::ResyncRefused {
@@ -1096,11 +1110,13 @@ fn connected(
         _ => Sync::Idle,
     };
     hear_generation(n, actions, id, state, sync, None);
+    let current = n.gens.current.0;
     let p = n.peer_mut(id)?;
     p.forget_connection();
     p.link = Link::Up { epoch };
     p.remote = Some(state);
     p.history = them.history;
+    p.heard_at(state, current);
     // The connection comes up already in the resync the handshake decided, so its
     // status never shows it Established in between.
     p.sync = sync;
@@ -1196,6 +1212,7 @@ fn peer_state(
         p.history = [old.generation, p.history[0], p.history[1]];
     }
     p.remote = Some(state);
+    p.heard_at(state, current);
     if state.role == Role::Primary && !was_primary {
         actions.push(Action::PrimaryAppeared(id));
         // A Primary resyncs the replicas that are not whole, from its handshake: one

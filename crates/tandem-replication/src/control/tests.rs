@@ -779,16 +779,73 @@ fn a_write_that_leaves_a_replica_behind_starts_a_generation() {
     partial.peers.push(whole);
     let (n, _) = rotate(&partial, vec![id(4)]);
     assert_eq!(n.gens.current.0, G2);
-    // Once the replica it was started for reconnects, the next miss starts another.
-    let back = connect(
-        &n,
+}
+
+/// Seen in a chaos run: a replica resynced by a Secondary refused the Primary's
+/// connection every 100 ms, each attempt starting a generation, until the generation
+/// a third replica held had left every history and the two were taken for diverged.
+#[test]
+fn a_replica_that_drops_again_before_catching_up_starts_no_new_generation() {
+    let primary = Control {
+        writers: 1,
+        ..node(DiskState::UpToDate, G1)
+    };
+    let (n, _) = step(
+        &primary,
+        &Event::Rotate {
+            receiving: vec![],
+            next: G2,
+        },
+    )
+    .unwrap();
+    let behind = state(Role::Secondary, DiskState::Inconsistent, G1);
+    let drop = |c: &Control| {
+        step(
+            c,
+            &Event::Disconnected {
+                peer: id(2),
+                epoch: 7,
+            },
+        )
+        .unwrap()
+        .0
+    };
+    // It connects still behind, and drops: the generation started for it stands.
+    let again = drop(&connect(&n, 2, behind, 0, (false, false)).0);
+    assert!(!again.rotation_due(&[]));
+    // It reports the current generation (a Primary's resync ends; or it connects
+    // holding it): a write it misses starts another.
+    let caught_up = up(again.clone(), 2, behind);
+    let (reported, _) = step(
+        &caught_up,
+        &Event::PeerState {
+            peer: id(2),
+            state: state(Role::Secondary, DiskState::UpToDate, G2),
+        },
+    )
+    .unwrap();
+    assert!(drop(&reported).rotation_due(&[]));
+    let holding = connect(
+        &again,
         2,
-        state(Role::Secondary, DiskState::Inconsistent, G1),
+        state(Role::Secondary, DiskState::UpToDate, G2),
         0,
         (false, false),
+    );
+    assert!(drop(&holding.0).rotation_due(&[]));
+    // The end of this node's resync to it is sent: it may hold the generation.
+    let sending = with_peer(up(again, 2, behind), 2, |p| {
+        p.sync = Sync::Source { total: 4096 }
+    });
+    let (sent, _) = step(
+        &sending,
+        &Event::ResyncSent {
+            peer: id(2),
+            epoch: 7,
+        },
     )
-    .0;
-    assert!(back.rotation_due(&[id(4)]));
+    .unwrap();
+    assert!(drop(&sent).rotation_due(&[]));
 }
 
 #[test]
