@@ -28,6 +28,7 @@ mod volume;
 pub mod wire;
 mod workers;
 
+pub use al::fuzz_activity_log;
 pub use change::NotInPlace;
 pub use engine::{ApplyError, Replicator};
 pub use notify::OnChange;

@@ -34,3 +34,8 @@ fn the_peer_protocol_corpus_parses_or_is_refused_without_panicking() {
         "{parsed} parsed, {refused} refused"
     );
 }
+
+#[test]
+fn the_activity_log_corpus_recovers_or_is_refused_without_panicking() {
+    tandem_lab::replay_fuzz_corpus("activity_log", 6, tandem_replication::fuzz_activity_log);
+}

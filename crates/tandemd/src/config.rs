@@ -131,9 +131,26 @@ pub struct Settings {
 /// Shortest access token accepted: guessing must be hopeless.
 const MIN_TOKEN_LEN: usize = 16;
 
+/// Longest token file read: a token is a line; a path naming something endless
+/// (`/dev/zero`) or huge is refused, not read to the end.
+const MAX_TOKEN_FILE: u64 = 4096;
+
 fn read_token(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TOKEN_FILE + 1).read_to_string(&mut text))
         .with_context(|| format!("cannot read the API token file {}", path.display()))?;
+    if text.len() as u64 > MAX_TOKEN_FILE {
+        bail!(
+            "the API token file {} is longer than {MAX_TOKEN_FILE} bytes",
+            path.display()
+        );
+    }
+    check_token(path, &text)
+}
+
+fn check_token(path: &Path, text: &str) -> anyhow::Result<String> {
     let token = text.trim();
     if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
         bail!(
@@ -210,6 +227,16 @@ impl Options {
             Some(path) => Options::read_file(path)?,
             None => Options::default(),
         };
+        self.merge(file, read_token)
+    }
+
+    /// Applies `file`'s settings under these, then the defaults; token files are read
+    /// with `token`.
+    fn merge(
+        self,
+        file: Options,
+        token: impl Fn(&Path) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Settings> {
         let name = match self.name.or(file.name) {
             Some(n) => n,
             None => hostname()?,
@@ -298,18 +325,35 @@ impl Options {
             },
             controller: self.controller || file.controller,
             api_token: match self.api_token_file.or(file.api_token_file) {
-                Some(path) if self.controller || file.controller => Some(read_token(&path)?),
+                Some(path) if self.controller || file.controller => Some(token(&path)?),
                 Some(_) => bail!("api-token-file protects the cluster API: it needs controller"),
                 None => None,
             },
             metrics_token: self
                 .metrics_token_file
                 .or(file.metrics_token_file)
-                .map(|path| read_token(&path))
+                .map(|path| token(&path))
                 .transpose()?,
             restore_db: self.restore_db,
         })
     }
+}
+
+/// The fuzz target `config_file` (and the replay of its corpus): `data` as the TOML
+/// config file of a node started with no flag but its name, token files read as a
+/// valid token: the settings, or why they are refused; never panics, and touches no
+/// file.
+#[doc(hidden)]
+pub fn fuzz_config(data: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(data).map_err(|e| e.to_string())?;
+    let file: Options = toml::from_str(text).map_err(|e| e.to_string())?;
+    let flags = Options {
+        name: Some("n1".parse().expect("a valid name")),
+        ..Options::default()
+    };
+    let token = |path: &Path| check_token(path, "a-token-of-sixteen-chars");
+    let settings = flags.merge(file, token).map_err(|e| format!("{e:#}"))?;
+    Ok(format!("{settings:?}"))
 }
 
 #[cfg(test)]
@@ -366,6 +410,16 @@ mod tests {
             .settle()
             .unwrap_err();
         assert!(format!("{err:#}").contains("nmae"), "{err:#}");
+        // A token file that never ends is refused, not read forever.
+        std::fs::write(&file, "controller = true\napi-token-file = \"/dev/zero\"\n").unwrap();
+        let err =
+            Options::parse_from(["tandemd", "--name", "x", "--config", file.to_str().unwrap()])
+                .settle()
+                .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("longer than 4096 bytes"),
+            "{err:#}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

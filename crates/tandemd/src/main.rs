@@ -3,7 +3,6 @@
 mod api;
 mod candidate;
 mod cluster;
-mod config;
 mod durable;
 mod events;
 mod exports;
@@ -23,9 +22,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tandem_nbd::TlsPolicy;
 
-use crate::config::{LogFormat, Options, Settings};
 use crate::exports::NodeExports;
 use crate::node::Node;
+use tandemd::config::{LogFormat, Options, Settings};
 
 /// How long shutdown waits for NBD clients to finish their in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
