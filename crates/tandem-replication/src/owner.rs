@@ -75,7 +75,11 @@ impl Owner {
         let Some(local) = &self.local else {
             return Ok(());
         };
-        if !next.persisted_differs(now) {
+        // A replica given up stays as its Failed state was recorded (or could not
+        // be): its metadata is not written again in this run, where every write to a
+        // dying disk would fail again, once per change the volume goes through.
+        let given_up = now.disk == DiskState::Failed && next.disk == DiskState::Failed;
+        if given_up || !next.persisted_differs(now) {
             return Ok(());
         }
         let result = local.update_superblock(|sb| {
