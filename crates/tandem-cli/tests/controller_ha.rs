@@ -11,37 +11,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tandem_lab::changes;
 use tandem_lab::netns::Lab;
-use tandem_lab::{Node, json, logs, output, poll, wait_for};
+use tandem_lab::{Node, logs, output, poll, wait_for};
 
 /// The longest a takeover may take.
 const TAKEOVER: Duration = Duration::from_secs(10);
 
 /// `tandem -o json ARGS` run on `from`'s host, trying the APIs of `apis` in order.
 fn cli(from: &Node, apis: &[&Node], args: &[&str]) -> Result<Value, String> {
-    let list: Vec<String> = apis.iter().map(|n| n.api_url()).collect();
-    cli_in(from.ns.as_deref(), &list.join(","), args)
-}
-
-/// `tandem -o json ARGS` run in network namespace `ns`, trying the comma-separated
-/// API addresses `apis` in order.
-fn cli_in(ns: Option<&str>, apis: &str, args: &[&str]) -> Result<Value, String> {
-    let mut cmd = match ns {
-        Some(ns) => tandem_lab::netns::exec(ns, tandem_lab::tandem_bin()),
-        None => Command::new(tandem_lab::tandem_bin()),
-    };
-    cmd.args(["--controller", apis, "-o", "json"]).args(args);
-    let out = output(&mut cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if out.status.success() {
-        Ok(if stdout.trim().is_empty() {
-            Value::Null
-        } else {
-            json(&stdout)
-        })
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    changes::cli_in(from.ns.as_deref(), &changes::apis(apis), args)
 }
 
 fn must(from: &Node, apis: &[&Node], args: &[&str]) -> Value {
@@ -198,11 +177,6 @@ fn names_controller(node: &Node, controller: &str) -> Result<(), String> {
         .ok_or(info.to_string())
 }
 
-fn secret(node: &Node) -> String {
-    let text = std::fs::read_to_string(node.dir.join("cluster.json")).unwrap();
-    json(&text)["secret"].as_str().unwrap().to_owned()
-}
-
 #[test]
 fn killing_the_controllers_host_hands_the_controller_to_another_candidate() {
     let Some(lab) = Lab::new(3) else { return };
@@ -270,7 +244,7 @@ fn killing_the_controllers_host_hands_the_controller_to_another_candidate() {
 
     // Each change raises the volume's spec revision, which the nodes hold.
     let revision = |n: &Node| {
-        let r = n.api_as(&secret(n), "GET", "/v1/node/replicated", None);
+        let r = n.api_as(&changes::secret(n), "GET", "/v1/node/replicated", None);
         (r.json().as_array().unwrap().iter())
             .find(|v| v["spec"]["name"] == "v1")
             .and_then(|v| v["spec"]["revision"].as_u64())
@@ -292,7 +266,7 @@ fn killing_the_controllers_host_hands_the_controller_to_another_candidate() {
     // A request replayed with the old epoch is refused by a node, saying why.
     let (status, body) = as_controller(
         survivors[0],
-        &secret(survivors[0]),
+        &changes::secret(survivors[0]),
         old_epoch,
         "10.0.0.1:3370",
     );
@@ -390,76 +364,21 @@ fn a_partitioned_controller_stops_and_the_majority_elects_another() {
     await_whole_system_volume(lonely, &all);
 }
 
-/// What the change loop asked for, and what it was told.
-#[derive(Default)]
-struct History {
-    /// Volumes whose creation succeeded / failed (outcome unknown).
-    created: Vec<String>,
-    create_failed: Vec<String>,
-    deleted: Vec<String>,
-    delete_failed: Vec<String>,
-    /// Keys set with success, and with a failure.
-    set: Vec<(String, String)>,
-    set_failed: Vec<String>,
-}
-
-/// Creates and deletes volumes and sets keys, in namespace `ns` through the APIs
-/// `apis` (see [`cli_in`]), until `stop`.
-fn change_loop(ns: Option<&str>, apis: &str, stop: &std::sync::atomic::AtomicBool) -> History {
-    use std::sync::atomic::Ordering;
-    let mut h = History::default();
-    let mut i = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let name = format!("l{i}");
-        match cli_in(
-            ns,
-            apis,
-            &[
-                "volume",
-                "create",
-                &name,
-                "--size",
-                "16M",
-                "--replicas",
-                "2",
-            ],
-        ) {
-            Ok(_) => h.created.push(name),
-            Err(_) => h.create_failed.push(name),
-        }
-        let (key, value) = (format!("k{i}"), format!("v{i}"));
-        match cli_in(ns, apis, &["kv", "set", "ha", &key, &value]) {
-            Ok(_) => h.set.push((key, value)),
-            Err(_) => h.set_failed.push(key),
-        }
-        // Every other volume goes again, two rounds later.
-        if i >= 2 && i % 2 == 0 {
-            let old = format!("l{}", i - 2);
-            match cli_in(ns, apis, &["volume", "delete", &old]) {
-                Ok(_) => h.deleted.push(old),
-                Err(_) => h.delete_failed.push(old),
-            }
-        }
-        i += 1;
-    }
-    h
-}
-
 #[test]
 fn ten_controller_kills_under_a_loop_of_changes_lose_nothing_acknowledged() {
-    use std::collections::BTreeSet;
     use std::sync::atomic::{AtomicBool, Ordering};
     let Some(lab) = Lab::new(3) else { return };
     let mut nodes = candidates(&lab, "hl");
     let stop = AtomicBool::new(false);
     let mut takeovers = Vec::new();
+    let apis = changes::apis(&nodes.iter().collect::<Vec<_>>());
     let history = std::thread::scope(|s| {
-        let (ns, apis) = (nodes[2].ns.clone(), {
-            let list: Vec<String> = nodes.iter().map(|n| n.api_url()).collect();
-            list.join(",")
-        });
-        let stop = &stop;
-        let looping = s.spawn(move || change_loop(ns.as_deref(), &apis, stop));
+        let (ns, apis, stop) = (nodes[2].ns.clone(), &apis, &stop);
+        let opts = changes::Options {
+            attach_on: vec![nodes[0].name.clone()],
+            snapshot: vec![],
+        };
+        let looping = s.spawn(move || changes::change_loop(ns.as_deref(), apis, stop, &opts));
         for _ in 0..10 {
             std::thread::sleep(Duration::from_millis(1500));
             let (victim, _, took) = kill_controller(&mut nodes);
@@ -471,96 +390,25 @@ fn ten_controller_kills_under_a_loop_of_changes_lose_nothing_acknowledged() {
         stop.store(true, Ordering::Relaxed);
         looping.join().unwrap()
     });
+    let (requests, failed) = history.counts();
     eprintln!(
-        "10 kills: takeovers {takeovers:?}; {} volumes created, {} creations failed, {} deleted, \
-         {} deletions failed, {} keys set, {} sets failed",
-        history.created.len(),
-        history.create_failed.len(),
-        history.deleted.len(),
-        history.delete_failed.len(),
-        history.set.len(),
-        history.set_failed.len()
+        "10 kills: takeovers {takeovers:?}; {requests} changes asked, {failed} failed; {history:?}"
     );
-    assert!(history.created.len() >= 10, "the loop made progress");
+    let created = history.created.iter().filter(|(_, ok)| *ok).count();
+    assert!(created >= 10, "the loop made progress");
 
+    // Every acknowledged change is there; nothing is gone that the loop did not
+    // delete, nothing there that it did not ask for.
     let all: Vec<&Node> = nodes.iter().collect();
     let from = &nodes[0];
-    // Every acknowledged change is there; nothing is gone that the loop did not delete.
-    let listed: BTreeSet<String> = (must(from, &all, &["volume", "list"])
-        .as_array()
-        .unwrap()
-        .iter())
-    .map(|v| v["name"].as_str().unwrap().to_owned())
-    .collect();
-    let maybe_deleted: BTreeSet<&String> = history
-        .deleted
-        .iter()
-        .chain(&history.delete_failed)
-        .collect();
-    for v in &history.created {
-        if !maybe_deleted.contains(v) {
-            assert!(
-                listed.contains(v),
-                "acknowledged volume {v} is gone: {listed:?}"
-            );
-        }
-    }
-    for v in &history.deleted {
-        assert!(
-            !listed.contains(v),
-            "volume {v}, deleted with success, is still listed"
-        );
-    }
-    let asked: BTreeSet<&String> = history
-        .created
-        .iter()
-        .chain(&history.create_failed)
-        .collect();
-    for v in &listed {
-        assert!(asked.contains(v), "volume {v} was never asked for");
-    }
-    let kv = must(from, &all, &["kv", "list", "ha"]);
-    let kv: BTreeSet<(String, String)> = (kv.as_array().unwrap().iter())
-        .map(|e| {
-            (
-                e["key"].as_str().unwrap().to_owned(),
-                e["value"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    for pair in &history.set {
-        assert!(kv.contains(pair), "acknowledged key {pair:?} is gone");
-    }
-
+    let problems = history.problems(from.ns.as_deref(), &apis);
+    assert!(problems.is_empty(), "{problems:#?}");
     // The replicas on the nodes come to match the model: each node holds exactly the
     // volumes it takes part in, the system volume included.
-    let secret = secret(from);
     wait_for(
         "every node holds what the model says",
         Duration::from_secs(60),
         &all,
-        || {
-            let volumes = must(from, &all, &["volume", "list", "--all"]);
-            for n in &nodes {
-                let wanted: BTreeSet<String> = (volumes.as_array().unwrap().iter())
-                    .filter(|v| {
-                        (v["participants"].as_array().unwrap().iter())
-                            .any(|p| p["node"] == n.name.as_str())
-                    })
-                    .map(|v| v["name"].as_str().unwrap().to_owned())
-                    .collect();
-                let r = n.api_as(&secret, "GET", "/v1/node/replicated", None);
-                let held: BTreeSet<String> = (r.json().as_array().unwrap().iter())
-                    .map(|r| r["spec"]["name"].as_str().unwrap().to_owned())
-                    .collect();
-                if held != wanted {
-                    return Err(format!(
-                        "{} holds {held:?}, the model says {wanted:?}",
-                        n.name
-                    ));
-                }
-            }
-            Ok(())
-        },
+        || changes::replicas_match_model(from, &apis, &all),
     );
 }

@@ -211,7 +211,7 @@ fn the_primary_dying_while_a_peers_disk_is_failed_leaves_the_last_replica_servin
     c.node_mut(n1).kill();
     let _ = writer.kill();
     let _ = writer.wait();
-    let start = workload::last_acknowledged(&log) + 1;
+    let start = workload::last_issued(&log) + 1;
     let mut writer = workload::start(&c.node(n2).uri("v"), &log, 12, start);
     wait_for("n2 takes writes", Duration::from_secs(30), &[], || {
         workload::last_acknowledged(&log) > start + 10

@@ -1,25 +1,35 @@
-//! The chaos run: three hosts in network namespaces, each a controller candidate, two
-//! volumes (two replicas and a tiebreaker; three replicas) with a verifying writer
-//! each, and faults drawn from a seed: SIGKILL and restart of any node (the Primary
-//! and the controller's included: the writer then goes on through another node),
-//! cables pulled without reset, a node frozen with SIGSTOP, a link throttled with
-//! `tbf`. One fault at a time, each held a few seconds, so a majority stays. The
-//! schedule depends only on the seed (the event log says what was done and when).
+//! The chaos run: three hosts in network namespaces, each a controller candidate with
+//! its pool on its own small xfs, two volumes (two replicas and a tiebreaker; three
+//! replicas) attached on every node (the tiebreaker's host is a diskless client), a
+//! verifying writer each (sizes from 4 KiB to 4 MiB, up to 32 in flight), a loop of
+//! control-plane changes (volumes created, grown, attached, detached, deleted;
+//! snapshots taken and deleted; keys set), and faults drawn from a seed: SIGKILL and
+//! restart of any node (the Primary and the controller's included: the writer then
+//! goes on through another node), cables pulled without reset, a node frozen with
+//! SIGSTOP, a link throttled with `tbf`, a pool's file system shut down (EIO) or
+//! filled (ENOSPC), then repaired and its node restarted. One fault at a time, each
+//! held a few seconds, so a majority stays. The schedule depends only on the seed
+//! (the event log says what was done and when).
 //!
 //! After the last fault everything is healed and the check is a history check: every
-//! acknowledged write is read back (a block may hold a later write whose outcome the
-//! writer never learned, never an older one), the replicas verify identical, every
-//! volume is UpToDate within a bound (else it is stuck), and no log holds a panic.
+//! written block holds its last acknowledged write or a later one whose outcome the
+//! writer never learned, never an older one; every acknowledged change is in the
+//! cluster and nothing it was not asked for; the replicas verify identical; every
+//! volume is UpToDate and every node holds what the model says within a bound (else
+//! it is stuck); no log holds a panic.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::changes::{self, change_loop};
 use crate::netns::Lab;
-use crate::{Node, json, output, poll, workload};
+use crate::workload::{self, Load};
+use crate::{Node, SmallFs, json, output, poll};
 
 /// How long every volume gets to be UpToDate once the faults have ended.
 const SETTLE: Duration = Duration::from_secs(120);
@@ -40,6 +50,9 @@ pub struct Summary {
     /// Writes acknowledged, and their bytes.
     pub acknowledged: u64,
     pub bytes: u64,
+    /// Control-plane changes asked for, and those that failed.
+    pub changes: usize,
+    pub changes_failed: usize,
     /// Acknowledged writes not found, replicas differing, volumes not UpToDate, panics.
     pub lost: Vec<String>,
     pub differing: Vec<String>,
@@ -65,11 +78,13 @@ impl fmt::Display for Summary {
             .collect();
         write!(
             f,
-            "chaos seed={} faults[{}] acknowledged={} bytes={} lost={} differing={} stuck={} crashes={}",
+            "chaos seed={} faults[{}] acknowledged={} bytes={} changes={} failed={} lost={} differing={} stuck={} crashes={}",
             self.seed,
             faults.join(" "),
             self.acknowledged,
             self.bytes,
+            self.changes,
+            self.changes_failed,
             self.lost.len(),
             self.differing.len(),
             self.stuck.len(),
@@ -97,18 +112,38 @@ impl Rng {
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     Kill,
+    /// SIGKILL of the node a volume's writer goes through (its Primary): the host is
+    /// chosen when the fault comes, by the writer (the schedule's host picks which).
+    KillPrimary,
     Cut,
     Freeze,
     Throttle,
+    /// The pool's file system shut down: every I/O fails with EIO.
+    DiskDies,
+    /// The pool's file system filled up: writes needing space fail with ENOSPC.
+    DiskFull,
 }
 
 impl Fault {
+    const ALL: [Fault; 7] = [
+        Fault::Kill,
+        Fault::KillPrimary,
+        Fault::Cut,
+        Fault::Freeze,
+        Fault::Throttle,
+        Fault::DiskDies,
+        Fault::DiskFull,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Fault::Kill => "kill",
+            Fault::KillPrimary => "kill-primary",
             Fault::Cut => "cut",
             Fault::Freeze => "freeze",
             Fault::Throttle => "throttle",
+            Fault::DiskDies => "disk-dies",
+            Fault::DiskFull => "disk-full",
         }
     }
 }
@@ -120,8 +155,7 @@ fn schedule(seed: u64, duration: Duration) -> Vec<(Duration, Fault, usize, Durat
     let mut at = Duration::from_secs(3);
     let mut faults = Vec::new();
     while at < duration {
-        let fault =
-            [Fault::Kill, Fault::Cut, Fault::Freeze, Fault::Throttle][rng.below(4) as usize];
+        let fault = Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize];
         let host = rng.below(3) as usize;
         let hold = Duration::from_millis(1000 + rng.below(5000));
         faults.push((at, fault, host, hold));
@@ -141,7 +175,7 @@ struct Writer {
 
 impl Writer {
     /// (Re)starts the writer through node `at` if it is not running (it ends when the
-    /// node it writes through dies, or refuses a write).
+    /// node it writes through dies, or refuses a write), at a depth of 1, 8 or 32.
     fn ensure(&mut self, nodes: &[Node], at: usize) {
         if let Some(c) = &mut self.child
             && c.try_wait().ok().flatten().is_none()
@@ -150,9 +184,15 @@ impl Writer {
         }
         self.seed += 1;
         self.node = at;
-        let start = workload::last_acknowledged(&self.log) + 1;
+        let start = workload::last_issued(&self.log) + 1;
         let uri = nodes[at].unix_uri(self.volume);
-        self.child = Some(workload::start(&uri, &self.log, self.seed, start));
+        let load = Load {
+            depth: [1, 8, 32][(self.seed % 3) as usize],
+            ..Load::mixed()
+        };
+        self.child = Some(workload::start_load(
+            &uri, &self.log, self.seed, start, &load,
+        ));
     }
 
     fn stop(&mut self) {
@@ -168,7 +208,7 @@ fn note(log: &mut std::fs::File, started: Instant, what: &str) {
 }
 
 fn cli(node: &Node, args: &[&str]) -> Result<String, String> {
-    let out = output(&mut node.here(node.tandem()).args(args));
+    let out = output(node.here(node.tandem()).args(args));
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -176,13 +216,128 @@ fn cli(node: &Node, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// The hosts, their nodes and pools, the writers, and what the run saw so far.
+struct Run<'a> {
+    lab: &'a Lab,
+    nodes: Vec<Node>,
+    /// Each host's pool file system; `None` where this machine cannot make xfs (no
+    /// disk faults then, and no snapshots).
+    disks: Option<Vec<SmallFs>>,
+    writers: Vec<Writer>,
+    events: std::fs::File,
+    started: Instant,
+    summary: Summary,
+}
+
+/// How long a node may take to stop on SIGTERM.
+const STOP: Duration = Duration::from_secs(30);
+
+impl Run<'_> {
+    fn note(&mut self, what: &str) {
+        note(&mut self.events, self.started, what);
+    }
+
+    /// Injects `fault` on `host`, holds it, heals it.
+    fn fault(&mut self, fault: Fault, host: usize, hold: Duration, rng: &mut Rng) {
+        let host = match fault {
+            Fault::KillPrimary => self.writers[host % self.writers.len()].node,
+            _ => host,
+        };
+        let name = self.nodes[host].name.clone();
+        let disk = matches!(fault, Fault::DiskDies | Fault::DiskFull);
+        if disk && self.disks.is_none() {
+            self.note(&format!("{} {name}: skipped (no xfs here)", fault.name()));
+            return;
+        }
+        self.note(&format!("{} {name} for {hold:?}", fault.name()));
+        *self.summary.faults.entry(fault.name()).or_default() += 1;
+        let pid = self.nodes[host].pid() as i32;
+        match fault {
+            Fault::Kill | Fault::KillPrimary => {
+                self.nodes[host].kill();
+                // The Primary died with the node: its writer goes on through another.
+                for i in 0..self.writers.len() {
+                    if self.writers[i].node == host {
+                        self.writers[i].stop();
+                        let volume = self.writers[i].volume;
+                        self.note(&format!("{volume} writer moves"));
+                        let to = (host + 1 + rng.below(2) as usize) % 3;
+                        self.writers[i].ensure(&self.nodes, to);
+                    }
+                }
+            }
+            Fault::Cut => self.lab.cut(host),
+            // SAFETY: signals a tandemd this run started.
+            Fault::Freeze => unsafe {
+                libc::kill(pid, libc::SIGSTOP);
+            },
+            Fault::Throttle => self.lab.limit(host, "1mbit"),
+            Fault::DiskDies => self.disk(host).shut_down(),
+            Fault::DiskFull => {
+                let took = self.disk(host).fill();
+                self.note(&format!("{name}'s pool filled with {} MiB", took >> 20));
+            }
+        }
+        std::thread::sleep(hold);
+        match fault {
+            Fault::Kill | Fault::KillPrimary => self.nodes[host].restart(),
+            Fault::Cut => self.lab.heal(host),
+            // SAFETY: as above.
+            Fault::Freeze => unsafe {
+                libc::kill(pid, libc::SIGCONT);
+            },
+            Fault::Throttle => self.lab.unlimit(host),
+            // The operator's repair: the node stopped, the file system mended (its
+            // log replayed by a new mount; the filler removed), the node started.
+            Fault::DiskDies | Fault::DiskFull => {
+                if self.nodes[host].stop_within(STOP).is_none() {
+                    self.summary
+                        .stuck
+                        .push(format!("{name} did not stop within {STOP:?} of SIGTERM"));
+                }
+                match fault {
+                    Fault::DiskDies => self.disk(host).remount(),
+                    _ => self.disk(host).unfill(),
+                }
+                self.nodes[host].restart();
+            }
+        }
+        self.note(&format!("healed {name}"));
+    }
+
+    fn disk(&self, host: usize) -> &SmallFs {
+        &self.disks.as_ref().expect("pools on xfs")[host]
+    }
+}
+
+/// Sets its flag when dropped: the change loop ends even when a fault's injection
+/// panics (a scope waits for every thread it started before passing a panic on).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Runs the chaos; `None` where network namespaces cannot be made (not root).
 pub fn run(cfg: &Config) -> Option<Summary> {
     let lab = Lab::new(3)?;
-    let mut events = std::fs::File::create(&cfg.log).expect("event log");
+    let events = std::fs::File::create(&cfg.log).expect("event log");
     let started = Instant::now();
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| lab.start_with(i, &format!("ch{}", i + 1), &["--controller"]))
+    let disks: Vec<SmallFs> = (0..3).map_while(|_| SmallFs::xfs(2048)).collect();
+    let disks = (disks.len() == 3).then_some(disks);
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let name = format!("ch{}", i + 1);
+            let pool =
+                (disks.as_ref()).map(|d| format!("default={}", d[i].mnt.join(&name).display()));
+            let mut args = vec!["--controller"];
+            if let Some(pool) = &pool {
+                args.extend(["--pool", pool]);
+            }
+            lab.start_with(i, &name, &args)
+        })
         .collect();
     for n in &nodes[1..] {
         cli(&nodes[0], &["node", "create", &n.name, &n.api.to_string()]).expect("node create");
@@ -205,13 +360,8 @@ pub fn run(cfg: &Config) -> Option<Summary> {
             cli(&nodes[0], &["volume", "attach", v, "--node", &n.name]).expect("attach");
         }
     }
-    note(
-        &mut events,
-        started,
-        &format!("seed {} duration {:?}", cfg.seed, cfg.duration),
-    );
     let dir = crate::scratch("chaos");
-    let mut writers: Vec<Writer> = VOLUMES
+    let writers: Vec<Writer> = VOLUMES
         .iter()
         .enumerate()
         .map(|(i, (v, _))| Writer {
@@ -222,74 +372,76 @@ pub fn run(cfg: &Config) -> Option<Summary> {
             seed: cfg.seed * 100 + i as u64 * 10,
         })
         .collect();
-    let mut summary = Summary {
-        seed: cfg.seed,
-        ..Summary::default()
+    let mut run = Run {
+        lab: &lab,
+        nodes,
+        disks,
+        writers,
+        events,
+        started,
+        summary: Summary {
+            seed: cfg.seed,
+            ..Summary::default()
+        },
     };
+    run.note(&format!("seed {} duration {:?}", cfg.seed, cfg.duration));
+    let all: Vec<&Node> = run.nodes.iter().collect();
+    let apis = changes::apis(&all);
+    let ns = run.nodes[0].ns.clone();
+    let opts = changes::Options {
+        attach_on: run.nodes.iter().map(|n| n.name.clone()).collect(),
+        snapshot: match run.disks {
+            Some(_) => VOLUMES.iter().map(|(v, _)| v.to_string()).collect(),
+            None => vec![],
+        },
+    };
+    let stop = AtomicBool::new(false);
     let mut rng = Rng(cfg.seed ^ 0x9e37_79b9_7f4a_7c15);
-    for (at, fault, host, hold) in schedule(cfg.seed, cfg.duration) {
-        // A writer that ended goes on through any node, maybe the next fault's.
-        for w in &mut writers {
-            w.ensure(&nodes, rng.below(3) as usize);
-        }
-        if let Some(wait) = at.checked_sub(started.elapsed()) {
-            std::thread::sleep(wait);
-        }
-        note(
-            &mut events,
-            started,
-            &format!("{} {} for {hold:?}", fault.name(), nodes[host].name),
-        );
-        *summary.faults.entry(fault.name()).or_default() += 1;
-        match fault {
-            Fault::Kill => {
-                nodes[host].kill();
-                // The Primary died with the node: its writer goes on through another.
-                for w in writers.iter_mut().filter(|w| w.node == host) {
-                    w.stop();
-                    note(&mut events, started, &format!("{} writer moves", w.volume));
-                    w.ensure(&nodes, (host + 1 + rng.below(2) as usize) % 3);
-                }
+    let history = std::thread::scope(|s| {
+        let looping = s.spawn(|| change_loop(ns.as_deref(), &apis, &stop, &opts));
+        let stopping = StopOnDrop(&stop);
+        for (at, fault, host, hold) in schedule(cfg.seed, cfg.duration) {
+            // A writer that ended goes on through any node, maybe the next fault's.
+            for w in &mut run.writers {
+                w.ensure(&run.nodes, rng.below(3) as usize);
             }
-            Fault::Cut => lab.cut(host),
-            // SAFETY: signals a tandemd this run started.
-            Fault::Freeze => unsafe {
-                libc::kill(nodes[host].pid() as i32, libc::SIGSTOP);
-            },
-            Fault::Throttle => lab.limit(host, "1mbit"),
+            if let Some(wait) = at.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            run.fault(fault, host, hold, &mut rng);
         }
-        std::thread::sleep(hold);
-        match fault {
-            Fault::Kill => nodes[host].restart(),
-            Fault::Cut => lab.heal(host),
-            // SAFETY: as above.
-            Fault::Freeze => unsafe {
-                libc::kill(nodes[host].pid() as i32, libc::SIGCONT);
-            },
-            Fault::Throttle => lab.unlimit(host),
-        }
-        note(
-            &mut events,
-            started,
-            &format!("healed {}", nodes[host].name),
-        );
-    }
-    for w in &mut writers {
+        drop(stopping);
+        looping.join().expect("the change loop")
+    });
+    for w in &mut run.writers {
         w.stop();
     }
-    note(&mut events, started, "faults over; checking");
-    check(&nodes, &writers, &mut summary);
-    note(&mut events, started, &summary.to_string());
-    for n in &mut nodes {
+    run.note("faults over; checking");
+    check(&run.nodes, &run.writers, &apis, &history, &mut run.summary);
+    let line = run.summary.to_string();
+    run.note(&line);
+    for n in &mut run.nodes {
         n.stop();
     }
-    if summary.clean() {
+    if run.summary.clean() {
         let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        // The nodes' directories go with them: their logs stay with the writers'.
+        for n in &run.nodes {
+            let _ = std::fs::write(dir.join(format!("{}.log", n.name)), n.log());
+        }
+        run.note(&format!("logs kept in {}", dir.display()));
     }
-    Some(summary)
+    Some(run.summary)
 }
 
-fn check(nodes: &[Node], writers: &[Writer], summary: &mut Summary) {
+fn check(
+    nodes: &[Node],
+    writers: &[Writer],
+    apis: &str,
+    history: &changes::History,
+    summary: &mut Summary,
+) {
     let up = poll(SETTLE, || {
         let list = cli(&nodes[0], &["-o", "json", "volume", "list", "--all"]).ok()?;
         let list = json(&list);
@@ -304,10 +456,19 @@ fn check(nodes: &[Node], writers: &[Writer], summary: &mut Summary) {
             .stuck
             .push(format!("volumes not UpToDate after {SETTLE:?}"));
     }
+    let all: Vec<&Node> = nodes.iter().collect();
+    let matches = || changes::replicas_match_model(&nodes[0], apis, &all);
+    if poll(SETTLE, || matches().ok()).is_none() {
+        summary.stuck.push(matches().err().unwrap_or_default());
+    }
+    (summary.changes, summary.changes_failed) = history.counts();
+    summary
+        .lost
+        .extend(history.problems(nodes[0].ns.as_deref(), apis));
     for w in writers {
-        let acked = count_lines(&w.log);
+        let (acked, bytes) = workload::acknowledged_totals(&w.log);
         summary.acknowledged += acked;
-        summary.bytes += 4096 * acked;
+        summary.bytes += bytes;
         summary
             .lost
             .extend(workload::check(&nodes[0].unix_uri(w.volume), &w.log));
@@ -330,8 +491,4 @@ fn check(nodes: &[Node], writers: &[Writer], summary: &mut Summary) {
             summary.crashes.push(format!("{} panicked", n.name));
         }
     }
-}
-
-fn count_lines(path: &Path) -> u64 {
-    std::fs::read_to_string(path).map_or(0, |t| t.lines().count() as u64)
 }

@@ -135,7 +135,14 @@ impl SmallFs {
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
-        if ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&img))
+        // The directory becomes a shared mount: nodes started in network namespaces
+        // (`ip netns exec`) get a copy of every mount, and only under a shared parent
+        // does an unmount here reach their copies (else the file system stays
+        // mounted there, shut down, and a remount here repairs nothing for them).
+        let shared = ok(Command::new("mount").arg("--bind").arg(&dir).arg(&dir))
+            && ok(Command::new("mount").arg("--make-shared").arg(&dir));
+        if shared
+            && ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&img))
             && ok(Command::new("mount")
                 .args(["-o", "loop"])
                 .arg(&img)
@@ -143,6 +150,7 @@ impl SmallFs {
         {
             Some(SmallFs { dir, mnt })
         } else {
+            let _ = Command::new("umount").arg(&dir).output();
             let _ = std::fs::remove_dir_all(&dir);
             None
         }
@@ -164,6 +172,49 @@ impl SmallFs {
             self.mnt.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Fills it up: a file takes every free block, so writes that need a new one
+    /// fail with ENOSPC, until [`SmallFs::unfill`]. The bytes it took (none when the
+    /// file system was full already).
+    pub fn fill(&self) -> u64 {
+        use std::os::fd::AsRawFd;
+        let filler = match std::fs::File::create(self.mnt.join("filler")) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => return 0,
+            Err(e) => panic!("creating the filler in {}: {e}", self.mnt.display()),
+        };
+        let (mut at, mut len) = (0, self.free_bytes());
+        // Metadata takes a little of what statvfs counts free: ask for less until
+        // what is left is too small to matter.
+        while len > 1 << 20 {
+            // SAFETY: fallocate on a file this function holds open.
+            let rc = unsafe {
+                libc::fallocate(filler.as_raw_fd(), 0, at as libc::off_t, len as libc::off_t)
+            };
+            if rc == 0 {
+                at += len;
+                len = self.free_bytes();
+            } else {
+                len /= 2;
+            }
+        }
+        at
+    }
+
+    /// Frees what [`SmallFs::fill`] took.
+    pub fn unfill(&self) {
+        let _ = std::fs::remove_file(self.mnt.join("filler"));
+    }
+
+    /// Bytes free for files.
+    pub fn free_bytes(&self) -> u64 {
+        let path = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs writes into the zeroed struct it is given.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+        assert_eq!(rc, 0, "statvfs {}", self.mnt.display());
+        st.f_bavail as u64 * st.f_frsize as u64
     }
 
     /// Unmounts and mounts it again (what repairs an xfs shut down by `xfs_io -x -c
@@ -191,12 +242,14 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(&self.mnt)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+        for at in [&self.mnt, &self.dir] {
+            let unmounted = Command::new("umount")
+                .arg(at)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !unmounted {
+                let _ = Command::new("umount").arg("-l").arg(at).output();
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

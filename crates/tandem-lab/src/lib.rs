@@ -10,6 +10,7 @@
 //! - [`files`]: byte-level checks of data files, and a small file system to fill.
 //! - [`metrics`]: a node's `/metrics`, parsed as Prometheus would.
 
+pub mod changes;
 pub mod chaos;
 pub mod clients;
 mod cluster;

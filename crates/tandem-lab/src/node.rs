@@ -386,6 +386,19 @@ impl Node {
         child.wait().expect("wait for tandemd")
     }
 
+    /// SIGTERM, then up to `limit` for a clean exit; past it, SIGKILL and `None`.
+    pub fn stop_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signals our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = crate::wait_exit(&mut child, limit);
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
