@@ -145,9 +145,10 @@ impl PeerControl {
     }
 
     /// The peer reports `state` while this node's generation is `current`: once it
-    /// holds the current generation, a write it misses calls for a new one again.
+    /// holds the current generation's data (whole), a write it misses calls for a new
+    /// one again. A peer without data (its disk failed) only repeats the generation.
     fn heard_at(&mut self, state: State, current: u64) {
-        if state.generation == current {
+        if state.generation == current && state.disk == DiskState::UpToDate {
             self.fenced = 0;
         }
     }

@@ -813,6 +813,17 @@ fn a_replica_that_drops_again_before_catching_up_starts_no_new_generation() {
     // It connects still behind, and drops: the generation started for it stands.
     let again = drop(&connect(&n, 2, behind, 0, (false, false)).0);
     assert!(!again.rotation_due(&[]));
+    // Its disk failed: it repeats the current generation without holding its data
+    // (seen: a generation per write while a peer's disk was dead).
+    let (failed, _) = step(
+        &up(again.clone(), 2, behind),
+        &Event::PeerState {
+            peer: id(2),
+            state: state(Role::Secondary, DiskState::Failed, G2),
+        },
+    )
+    .unwrap();
+    assert!(!failed.rotation_due(&[]));
     // It reports the current generation (a Primary's resync ends; or it connects
     // holding it): a write it misses starts another.
     let caught_up = up(again.clone(), 2, behind);
