@@ -232,7 +232,10 @@ pub fn acknowledged_totals(log: &Path) -> (u64, u64) {
 
 /// Reads every written block through `uri`; returns the violations found.
 pub fn check(uri: &str, log: &Path) -> Vec<String> {
-    let blocks = per_block(&history(log));
+    let all = history(log);
+    // A writer still running issues writes after the log was read.
+    let logged = all.iter().map(|w| w.seq).max().unwrap_or(0);
+    let blocks = per_block(&all);
     let (found, mut problems) = read_blocks(uri, blocks.keys().copied());
     for (b, (got_b, got_seq)) in found {
         let writes = &blocks[&b];
@@ -241,11 +244,11 @@ pub fn check(uri: &str, log: &Path) -> Vec<String> {
             .map(|w| w.seq)
             .max();
         // The last acknowledged write, or any later one (its outcome unknown, or an
-        // error, which leaves the range undefined); zeros while none was acknowledged.
+        // error, which leaves the range undefined; or not logged yet); zeros while
+        // none was acknowledged.
         let ok = if got_b == b {
-            writes
-                .iter()
-                .any(|w| w.seq == got_seq && floor.is_none_or(|f| w.seq >= f))
+            got_seq > logged
+                || (writes.iter()).any(|w| w.seq == got_seq && floor.is_none_or(|f| w.seq >= f))
         } else {
             floor.is_none() && (got_b, got_seq) == (0, 0)
         };
