@@ -47,12 +47,19 @@ impl Conn {
         }
     }
 
-    /// Bounds how long a read may wait (`None`: forever).
-    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+    /// Bounds how long a read or a write may wait (`None`: forever).
+    pub fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
-            Conn::Tcp(s) => s.set_read_timeout(timeout),
-            Conn::Unix(s) => s.set_read_timeout(timeout),
-            Conn::Tls(s) => s.sock.set_read_timeout(timeout),
+            Conn::Tcp(s) => s
+                .set_read_timeout(timeout)
+                .and_then(|()| s.set_write_timeout(timeout)),
+            Conn::Unix(s) => s
+                .set_read_timeout(timeout)
+                .and_then(|()| s.set_write_timeout(timeout)),
+            Conn::Tls(s) => s
+                .sock
+                .set_read_timeout(timeout)
+                .and_then(|()| s.sock.set_write_timeout(timeout)),
             Conn::Closed => Ok(()),
         }
     }
@@ -82,7 +89,7 @@ impl Conn {
 
     pub fn into_transport(self) -> io::Result<Transport> {
         // Negotiation is time-bounded; an open export may sit idle as long as it likes.
-        self.set_read_timeout(None)?;
+        self.set_timeouts(None)?;
         Ok(match self {
             Conn::Closed => return Err(closed()),
             Conn::Tcp(s) => {

@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::conn::Conn;
 use crate::export::{Catalog, Export, ExportInfo, OpenError};
@@ -56,12 +56,52 @@ impl From<io::Error> for Ending {
     }
 }
 
-/// A client that stays silent this long during negotiation is dropped, so idle
-/// half-open connections cannot pile up.
-const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client has this long to choose an export (qemu-nbd's default handshake limit),
+/// however it spaces its bytes: clients that stay silent, or trickle, cannot hold
+/// connections (each a thread, see `Server`) for longer.
+pub(crate) const NEGOTIATION_LIMIT: Duration = Duration::from_secs(10);
+
+/// The negotiation's stream, each read and write bounded by the time left.
+struct Timed<'a> {
+    conn: &'a mut Conn,
+    deadline: Instant,
+}
+
+impl Timed<'_> {
+    fn arm(&mut self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("negotiation took longer than {NEGOTIATION_LIMIT:?}"),
+            ));
+        }
+        self.conn.set_timeouts(Some(left))
+    }
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.conn.read(buf)
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.arm()?;
+        self.conn.flush()
+    }
+}
 
 struct Negotiation<'a> {
     conn: Conn,
+    deadline: Instant,
     catalog: &'a dyn Catalog,
     tls: TlsPolicy,
     fixed_newstyle: bool,
@@ -147,6 +187,7 @@ pub(crate) fn negotiate(
 ) -> Result<Session, Ending> {
     let mut n = Negotiation {
         conn,
+        deadline: Instant::now() + NEGOTIATION_LIMIT,
         catalog,
         tls,
         fixed_newstyle: false,
@@ -155,13 +196,12 @@ pub(crate) fn negotiate(
         extended: false,
         meta: None,
     };
-    n.conn.set_read_timeout(Some(NEGOTIATION_TIMEOUT))?;
     let mut greeting = [0u8; 18];
     greeting[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
     greeting[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    n.conn.write_all(&greeting)?;
-    let client_flags = read_u32(&mut n.conn)?;
+    n.io().write_all(&greeting)?;
+    let client_flags = read_u32(&mut n.io())?;
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(Ending::Dropped(format!(
             "unknown client flags {client_flags:#x}"
@@ -177,25 +217,33 @@ pub(crate) fn negotiate(
 }
 
 impl Negotiation<'_> {
+    /// The stream, bounded by the negotiation's deadline.
+    fn io(&mut self) -> Timed<'_> {
+        Timed {
+            conn: &mut self.conn,
+            deadline: self.deadline,
+        }
+    }
+
     fn tls_required(&self) -> bool {
         matches!(self.tls, TlsPolicy::Required(_)) && !self.conn.is_tls()
     }
 
     /// Handles one option; returns the session when the client chose an export.
     fn option(&mut self) -> Result<Option<Session>, Ending> {
-        let magic = read_u64(&mut self.conn)?;
+        let magic = read_u64(&mut self.io())?;
         if magic != IHAVEOPT {
             return Err(Ending::Dropped(format!("bad option magic {magic:#x}")));
         }
-        let option = read_u32(&mut self.conn)?;
-        let len = read_u32(&mut self.conn)?;
+        let option = read_u32(&mut self.io())?;
+        let len = read_u32(&mut self.io())?;
         if len > MAX_OPTION_LEN {
             return Err(Ending::Dropped(format!(
                 "option {option} announces {len} bytes of data"
             )));
         }
         let mut data = vec![0u8; len as usize];
-        self.conn.read_exact(&mut data)?;
+        self.io().read_exact(&mut data)?;
         tracing::trace!(option, len, "NBD option");
 
         if self.tls_required() && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
@@ -245,8 +293,9 @@ impl Negotiation<'_> {
         let mut msg = Vec::with_capacity(20 + data.len());
         msg.extend_from_slice(&head);
         msg.extend_from_slice(data);
-        self.conn.write_all(&msg)?;
-        self.conn.flush()
+        let mut io = self.io();
+        io.write_all(&msg)?;
+        io.flush()
     }
 
     fn mode(&self) -> ReplyMode {
@@ -312,7 +361,7 @@ impl Negotiation<'_> {
         if !self.no_zeroes {
             reply.extend_from_slice(&[0u8; 124]);
         }
-        self.conn.write_all(&reply)?;
+        self.io().write_all(&reply)?;
         Ok(self.session(name, export, flags))
     }
 
@@ -406,6 +455,8 @@ impl Negotiation<'_> {
             TlsPolicy::Optional(c) | TlsPolicy::Required(c) => c.clone(),
         };
         self.reply(OPT_STARTTLS, REP_ACK, &[])?;
+        // The TLS handshake's reads and writes wait at most what is left.
+        self.io().arm()?;
         let conn = std::mem::replace(&mut self.conn, Conn::Closed);
         self.conn = conn
             .start_tls(config)

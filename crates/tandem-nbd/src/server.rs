@@ -17,6 +17,11 @@ use crate::transmission;
 
 /// An NBD server over a catalog of exports. Listeners and connections run on their own
 /// threads; [`Server::shutdown`] stops them all.
+///
+/// What a client can hold: at most `max_connections` connections at once (more are
+/// closed as soon as accepted, counted in [`Server::refused`]); a connection is one
+/// thread, plus up to 16 workers while its requests keep them busy; one that has not
+/// chosen an export within 10 s is dropped.
 pub struct Server {
     inner: Arc<Inner>,
 }
@@ -27,12 +32,18 @@ struct Inner {
     conns: Mutex<HashMap<u64, Socket>>,
     drained: Condvar,
     next_id: AtomicU64,
+    max_connections: usize,
+    refused: AtomicU64,
+    /// When a refusal was last logged (seconds since the server started): a flood
+    /// logs one line a second.
+    refusal_logged: AtomicU64,
+    started: std::time::Instant,
     /// Becomes readable when the server stops; wakes every accept loop.
     stop: OwnedFd,
 }
 
 impl Server {
-    pub fn new(catalog: Arc<dyn Catalog>) -> io::Result<Server> {
+    pub fn new(catalog: Arc<dyn Catalog>, max_connections: usize) -> io::Result<Server> {
         // SAFETY: eventfd returns a new descriptor we own, or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -46,6 +57,10 @@ impl Server {
                 conns: Mutex::default(),
                 drained: Condvar::new(),
                 next_id: AtomicU64::new(1),
+                max_connections,
+                refused: AtomicU64::new(0),
+                refusal_logged: AtomicU64::new(u64::MAX),
+                started: std::time::Instant::now(),
                 stop,
             }),
         })
@@ -131,6 +146,12 @@ impl Server {
     pub fn accepted(&self) -> u64 {
         self.inner.next_id.load(Ordering::Relaxed) - 1
     }
+
+    /// Client connections closed at once since the server started: the server held
+    /// `max_connections` already.
+    pub fn refused(&self) -> u64 {
+        self.inner.refused.load(Ordering::Relaxed)
+    }
 }
 
 /// The listeners NBD is served on.
@@ -192,8 +213,14 @@ impl Inner {
         if let Err(e) = conn.set_blocking() {
             return tracing::error!(peer, error = %e, "cannot set up the connection");
         }
+        let mut conns = self.conns.lock().unwrap();
+        if conns.len() >= self.max_connections {
+            drop(conns);
+            return self.refuse(&peer);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.conns.lock().unwrap().insert(id, socket);
+        conns.insert(id, socket);
+        drop(conns);
         let inner = self.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".into())
@@ -208,6 +235,21 @@ impl Inner {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a connection thread");
             self.conns.lock().unwrap().remove(&id);
+        }
+    }
+
+    /// A connection over the limit is closed (its socket dropped by the caller) before
+    /// anything is said: NBD has no way to refuse one politely before negotiation.
+    fn refuse(&self, peer: &str) {
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.started.elapsed().as_secs();
+        if self.refusal_logged.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(
+                peer,
+                limit = self.max_connections,
+                refused,
+                "NBD connection refused: the server holds as many connections as it takes"
+            );
         }
     }
 

@@ -35,6 +35,10 @@ pub struct Options {
     /// NBD on TCP [default: 127.0.0.1:10809].
     #[arg(long, value_name = "ADDR")]
     pub nbd_listen: Option<SocketAddr>,
+    /// Most NBD client connections served at once; more are closed as soon as
+    /// accepted [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub nbd_max_connections: Option<usize>,
     /// NBD on a Unix socket [default: <data-dir>/nbd.sock].
     #[arg(long, value_name = "PATH")]
     pub nbd_socket: Option<PathBuf>,
@@ -110,6 +114,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub pools: Vec<(PoolName, PathBuf)>,
     pub nbd_listen: SocketAddr,
+    pub nbd_max_connections: usize,
     pub nbd_socket: PathBuf,
     pub api_listen: SocketAddr,
     pub peer_listen: SocketAddr,
@@ -299,6 +304,11 @@ impl Options {
                 .nbd_listen
                 .or(file.nbd_listen)
                 .unwrap_or(([127, 0, 0, 1], 10809).into()),
+            nbd_max_connections: match self.nbd_max_connections.or(file.nbd_max_connections) {
+                Some(0) => bail!("nbd-max-connections must be at least 1"),
+                Some(n) => n,
+                None => 1024,
+            },
             api_listen: self
                 .api_listen
                 .or(file.api_listen)

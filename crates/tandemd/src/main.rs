@@ -151,10 +151,10 @@ fn run(settings: Settings) -> anyhow::Result<()> {
         }
     };
     let io = Arc::new(metrics::IoBook::default());
-    let nbd = Arc::new(tandem_nbd::Server::new(Arc::new(NodeExports::new(
-        node.clone(),
-        io.clone(),
-    )))?);
+    let nbd = Arc::new(tandem_nbd::Server::new(
+        Arc::new(NodeExports::new(node.clone(), io.clone())),
+        settings.nbd_max_connections,
+    )?);
     let tcp = TcpListener::bind(settings.nbd_listen)
         .with_context(|| format!("binding NBD address {}", settings.nbd_listen))?;
     nbd.serve_tcp(tcp, tls)?;

@@ -201,6 +201,12 @@ impl Collector for NodeCollector {
             "NBD client connections accepted since the start.",
             None,
             [(vec![], s.nbd.accepted())],
+        )?;
+        f.counter(
+            "nbd_connections_refused",
+            "NBD client connections closed at once since the start: the node held as many as it takes (--nbd-max-connections).",
+            None,
+            [(vec![], s.nbd.refused())],
         )
     }
 }

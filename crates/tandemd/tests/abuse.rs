@@ -1,0 +1,143 @@
+//! Bounded resources under abuse: a flood of NBD connections that never negotiate, and
+//! a client that trickles its handshake, against a node that takes at most 32
+//! connections. Connections past the limit are closed at once and counted; those
+//! inside it are dropped 10 s after they connected, however they space their bytes;
+//! the node's threads stay within the limit's bound; a client that was connected
+//! before the flood reads and writes throughout, and a new one connects once the
+//! flood is dropped.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use tandem_lab::{Node, run, wait_for};
+
+const MIB: u64 = 1 << 20;
+const LIMIT: usize = 32;
+
+fn threads(node: &Node) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// What the server sends first on `conn`, waiting at most `limit`: its greeting, or
+/// nothing (closed).
+fn first_bytes(conn: &mut TcpStream, limit: Duration) -> Vec<u8> {
+    conn.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 18];
+    let mut got = 0;
+    while got < buf.len() {
+        match conn.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    buf[..got].to_vec()
+}
+
+/// Whether the server closed `conn` within `limit`.
+fn closed_within(conn: &mut TcpStream, limit: Duration) -> bool {
+    conn.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+#[test]
+fn a_flood_of_nbd_connections_is_capped_dropped_and_never_stops_a_served_client() {
+    let limit = LIMIT.to_string();
+    let node = Node::start_with("ab1", &["--nbd-max-connections", &limit]);
+    node.create_volume("a1", 64 * MIB);
+    let mut served = node.qemu_io_session("a1");
+    let idle_threads = threads(&node);
+
+    // The flood: three times the limit, none saying a word. The first to be accepted
+    // (the served client holds one place) get the greeting, the rest are closed.
+    let flood_started = Instant::now();
+    let mut flood: Vec<TcpStream> = (0..3 * LIMIT)
+        .map(|_| TcpStream::connect(node.nbd).unwrap())
+        .collect();
+    let greeted = flood
+        .iter_mut()
+        .map(|c| first_bytes(c, Duration::from_secs(5)))
+        .filter(|first| first.starts_with(b"NBDMAGIC"))
+        .count();
+    assert_eq!(greeted, LIMIT - 1, "connections greeted within the limit");
+    let refused = node
+        .metrics()
+        .value("tandem_nbd_connections_refused_total", &[]);
+    assert_eq!(refused as usize, 2 * LIMIT + 1, "connections refused");
+    let busy_threads = threads(&node);
+    assert!(
+        busy_threads <= idle_threads + LIMIT,
+        "threads: {idle_threads} before, {busy_threads} under the flood"
+    );
+    assert!(
+        node.log().contains("NBD connection refused"),
+        "the refusal is logged"
+    );
+
+    // The client connected before goes on meanwhile.
+    let out = served
+        .command("write -P 0x5a 0 1M", Duration::from_secs(10))
+        .expect("a write during the flood");
+    assert!(out.contains("wrote 1048576/1048576"), "{out}");
+    let out = served
+        .command("read -P 0x5a 0 1M", Duration::from_secs(10))
+        .expect("a read during the flood");
+    assert!(out.contains("read 1048576/1048576"), "{out}");
+
+    // One of the greeted trickles a valid handshake, a byte every second: dropped
+    // with the others 10 s after it connected, not kept alive by the trickle.
+    let mut trickler = flood.remove(0);
+    let mut handshake = vec![0, 0, 0, 3];
+    handshake.extend_from_slice(b"IHAVEOPT");
+    handshake.extend_from_slice(&[0, 0, 0, 7, 0, 0, 0, 0]);
+    let mut dropped_at = None;
+    for byte in handshake {
+        if trickler.write_all(&[byte]).is_err()
+            || closed_within(&mut trickler, Duration::from_secs(1))
+        {
+            dropped_at = Some(flood_started.elapsed());
+            break;
+        }
+    }
+    let dropped_at = dropped_at.expect("the trickling client was never dropped");
+    assert!(
+        dropped_at >= Duration::from_secs(9) && dropped_at <= Duration::from_secs(14),
+        "the trickling client was dropped after {dropped_at:?}"
+    );
+    for conn in &mut flood {
+        assert!(
+            closed_within(conn, Duration::from_secs(5)),
+            "a silent connection outlived the negotiation limit"
+        );
+    }
+    wait_for(
+        "the flood's connections are gone",
+        Duration::from_secs(10),
+        &[&node],
+        || node.metrics().value("tandem_nbd_connections", &[]) == 1.0,
+    );
+
+    // A new client connects, and reads what the served one wrote.
+    let out = run(node.here(std::process::Command::new("qemu-io")).args([
+        "-f",
+        "raw",
+        "-r",
+        "-c",
+        "read -P 0x5a 0 1M",
+        &node.uri("a1"),
+    ]));
+    assert!(out.contains("read 1048576/1048576"), "{out}");
+    let out = served
+        .command("read -P 0x5a 0 1M", Duration::from_secs(10))
+        .expect("the served client still reads");
+    assert!(out.contains("read 1048576/1048576"), "{out}");
+}
