@@ -2,7 +2,12 @@
 //! from a socket, answer with header-plus-payload writes, and serve queue-depth-1
 //! streams where a thread's wake-up costs as much as the work.
 
+mod deadline;
+mod every;
 pub mod poll;
+
+pub use deadline::{Deadline, Timeouts};
+pub use every::OncePerSecond;
 
 use std::io::{self, IoSlice, Write};
 use std::os::fd::{AsRawFd, RawFd};

@@ -7,6 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_io::Timeouts;
+
 /// A connection's stream during negotiation.
 pub(crate) enum Conn {
     Tcp(TcpStream),
@@ -44,23 +46,6 @@ impl Conn {
             Conn::Tcp(s) => s.set_nonblocking(false),
             Conn::Unix(s) => s.set_nonblocking(false),
             Conn::Tls(_) | Conn::Closed => Ok(()),
-        }
-    }
-
-    /// Bounds how long a read or a write may wait (`None`: forever).
-    pub fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
-        match self {
-            Conn::Tcp(s) => s
-                .set_read_timeout(timeout)
-                .and_then(|()| s.set_write_timeout(timeout)),
-            Conn::Unix(s) => s
-                .set_read_timeout(timeout)
-                .and_then(|()| s.set_write_timeout(timeout)),
-            Conn::Tls(s) => s
-                .sock
-                .set_read_timeout(timeout)
-                .and_then(|()| s.sock.set_write_timeout(timeout)),
-            Conn::Closed => Ok(()),
         }
     }
 
@@ -113,6 +98,19 @@ impl Conn {
                 }
             }
         })
+    }
+}
+
+impl Timeouts for Conn {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_timeouts(timeout),
+            Conn::Unix(s) => s
+                .set_read_timeout(timeout)
+                .and_then(|()| s.set_write_timeout(timeout)),
+            Conn::Tls(s) => s.sock.set_timeouts(timeout),
+            Conn::Closed => Ok(()),
+        }
     }
 }
 

@@ -5,6 +5,8 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tandem_io::Deadline;
+
 use crate::conn::Conn;
 use crate::export::{Catalog, Export, ExportInfo, OpenError};
 use crate::proto::*;
@@ -61,47 +63,9 @@ impl From<io::Error> for Ending {
 /// connections (each a thread, see `Server`) for longer.
 pub(crate) const NEGOTIATION_LIMIT: Duration = Duration::from_secs(10);
 
-/// The negotiation's stream, each read and write bounded by the time left.
-struct Timed<'a> {
-    conn: &'a mut Conn,
-    deadline: Instant,
-}
-
-impl Timed<'_> {
-    fn arm(&mut self) -> io::Result<()> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("negotiation took longer than {NEGOTIATION_LIMIT:?}"),
-            ));
-        }
-        self.conn.set_timeouts(Some(left))
-    }
-}
-
-impl Read for Timed<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.arm()?;
-        self.conn.read(buf)
-    }
-}
-
-impl Write for Timed<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.arm()?;
-        self.conn.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.arm()?;
-        self.conn.flush()
-    }
-}
-
 struct Negotiation<'a> {
     conn: Conn,
-    deadline: Instant,
+    started: Instant,
     catalog: &'a dyn Catalog,
     tls: TlsPolicy,
     fixed_newstyle: bool,
@@ -187,7 +151,7 @@ pub(crate) fn negotiate(
 ) -> Result<Session, Ending> {
     let mut n = Negotiation {
         conn,
-        deadline: Instant::now() + NEGOTIATION_LIMIT,
+        started: Instant::now(),
         catalog,
         tls,
         fixed_newstyle: false,
@@ -218,11 +182,13 @@ pub(crate) fn negotiate(
 
 impl Negotiation<'_> {
     /// The stream, bounded by the negotiation's deadline.
-    fn io(&mut self) -> Timed<'_> {
-        Timed {
-            conn: &mut self.conn,
-            deadline: self.deadline,
-        }
+    fn io(&mut self) -> Deadline<'_, Conn> {
+        Deadline::new(
+            &mut self.conn,
+            self.started,
+            NEGOTIATION_LIMIT,
+            "negotiation",
+        )
     }
 
     fn tls_required(&self) -> bool {

@@ -34,10 +34,8 @@ struct Inner {
     next_id: AtomicU64,
     max_connections: usize,
     refused: AtomicU64,
-    /// When a refusal was last logged (seconds since the server started): a flood
-    /// logs one line a second.
-    refusal_logged: AtomicU64,
-    started: std::time::Instant,
+    /// A flood logs one line a second.
+    refusal_logged: tandem_io::OncePerSecond,
     /// Becomes readable when the server stops; wakes every accept loop.
     stop: OwnedFd,
 }
@@ -59,8 +57,7 @@ impl Server {
                 next_id: AtomicU64::new(1),
                 max_connections,
                 refused: AtomicU64::new(0),
-                refusal_logged: AtomicU64::new(u64::MAX),
-                started: std::time::Instant::now(),
+                refusal_logged: Default::default(),
                 stop,
             }),
         })
@@ -242,8 +239,7 @@ impl Inner {
     /// anything is said: NBD has no way to refuse one politely before negotiation.
     fn refuse(&self, peer: &str) {
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = self.started.elapsed().as_secs();
-        if self.refusal_logged.swap(now, Ordering::Relaxed) != now {
+        if self.refusal_logged.due() {
             tracing::warn!(
                 peer,
                 limit = self.max_connections,

@@ -2,12 +2,14 @@
 //! replicated volumes this node takes part in.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_api::{NodeName, VolumeName, VolumeSpec};
+use tandem_io::{Deadline, Timeouts};
 use tandem_pool::Volume;
 
 use crate::change::NotInPlace;
@@ -21,6 +23,9 @@ use crate::wire::{self, Header, Hello, Kind, WireError};
 
 /// How long a new connection may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Incoming peer connections in their handshake at once, at most (each a thread for
+/// up to [`HELLO_TIMEOUT`]); more are closed at once, and their peers dial again.
+const MAX_HELLOS: usize = 64;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(100);
 /// Idle links are pinged this often, so a dead peer is noticed within `DEAD_AFTER`.
@@ -72,13 +77,29 @@ impl Replicator {
         std::thread::Builder::new()
             .name("peer-accept".into())
             .spawn(move || {
+                let pending = Arc::new(AtomicUsize::new(0));
+                let refusal_logged = tandem_io::OncePerSecond::default();
                 for stream in listener.incoming() {
                     match stream {
                         Ok(stream) => {
-                            let r = r.clone();
-                            let _ = std::thread::Builder::new()
+                            if pending.fetch_add(1, Ordering::AcqRel) >= MAX_HELLOS {
+                                pending.fetch_sub(1, Ordering::AcqRel);
+                                if refusal_logged.due() {
+                                    tracing::warn!(limit = MAX_HELLOS,
+                                        "peer connection closed: as many are in their handshake as this node takes");
+                                }
+                                continue;
+                            }
+                            let (r, done) = (r.clone(), pending.clone());
+                            let spawned = std::thread::Builder::new()
                                 .name("peer-hello".into())
-                                .spawn(move || r.accept(stream));
+                                .spawn(move || {
+                                    r.accept(stream);
+                                    done.fetch_sub(1, Ordering::AcqRel);
+                                });
+                            if spawned.is_err() {
+                                pending.fetch_sub(1, Ordering::AcqRel);
+                            }
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "peer accept failed");
@@ -169,13 +190,15 @@ impl Replicator {
         let from = sock
             .peer_addr()
             .map_or_else(|_| "?".into(), |a| a.to_string());
+        let started = Instant::now();
         let result = (|| -> Result<(), WireError> {
-            sock.set_read_timeout(Some(HELLO_TIMEOUT))?;
+            let mut sock = sock;
+            // The TLS handshake gets what is left of the handshake's time.
+            handshake_bound(&mut sock, started).arm()?;
             tandem_io::bound_tcp_liveness(&sock, DEAD_AFTER)?;
             let mut stream = PeerStream::accept(sock, self.tls.as_ref())
                 .map_err(|e| WireError::Refused(format!("TLS handshake failed: {e}")))?;
-            stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
-            let hello = read_hello(&mut stream)?;
+            let hello = read_hello(&mut handshake_bound(&mut stream, started))?;
             let volume = self.find(&hello).ok_or_else(|| {
                 WireError::Refused(format!(
                     "volume {} is not configured on this node",
@@ -183,7 +206,10 @@ impl Replicator {
                 ))
             })?;
             let peer = volume.check_hello(&hello).map_err(WireError::Refused)?;
-            send_hello(&mut stream, &volume.hello(hello.from))?;
+            send_hello(
+                &mut handshake_bound(&mut stream, started),
+                &volume.hello(hello.from),
+            )?;
             volume.establish(peer, stream, &hello)?;
             Ok(())
         })();
@@ -252,14 +278,17 @@ fn dial(volume: &Arc<ReplicatedVolume>, peer: &Arc<Peer>, tls: Option<&PeerTls>)
             .address
             .parse()
             .map_err(|_| WireError::Refused("bad address".into()))?;
-        let sock = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)?;
-        sock.set_read_timeout(Some(HELLO_TIMEOUT))?;
+        let mut sock = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)?;
+        let started = Instant::now();
+        handshake_bound(&mut sock, started).arm()?;
         tandem_io::bound_tcp_liveness(&sock, DEAD_AFTER)?;
         let mut stream = PeerStream::dial(sock, addr.ip(), tls)
             .map_err(|e| WireError::Refused(format!("TLS handshake failed: {e}")))?;
-        stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
-        send_hello(&mut stream, &volume.hello(target.id))?;
-        let hello = read_hello(&mut stream)?;
+        send_hello(
+            &mut handshake_bound(&mut stream, started),
+            &volume.hello(target.id),
+        )?;
+        let hello = read_hello(&mut handshake_bound(&mut stream, started))?;
         let checked = volume.check_hello(&hello).map_err(WireError::Refused)?;
         if !Arc::ptr_eq(&checked, peer) {
             return Err(WireError::Refused(format!(
@@ -281,19 +310,33 @@ fn dial(volume: &Arc<ReplicatedVolume>, peer: &Arc<Peer>, tls: Option<&PeerTls>)
     }
 }
 
-fn send_hello(stream: &mut PeerStream, hello: &Hello) -> io::Result<()> {
+/// `stream`, each read and write bounded by what is left of the handshake's time
+/// (from `started`): a peer trickling its Hello cannot hold a thread longer.
+fn handshake_bound<S: Timeouts>(stream: &mut S, started: Instant) -> Deadline<'_, S> {
+    Deadline::new(stream, started, HELLO_TIMEOUT, "the peer handshake")
+}
+
+fn send_hello(stream: &mut impl Write, hello: &Hello) -> io::Result<()> {
     let body = hello.encode();
     let mut h = Header::new(Kind::Hello, 0);
     h.payload = body.len() as u32;
     wire::send(stream, &h, &body)
 }
 
-fn read_hello(stream: &mut PeerStream) -> Result<Hello, WireError> {
+fn read_hello(stream: &mut impl Read) -> Result<Hello, WireError> {
     let h = wire::read_header(stream)?;
     if h.kind != Kind::Hello {
         return Err(WireError::Malformed(format!(
             "expected Hello, got {:?}",
             h.kind
+        )));
+    }
+    // Checked before its buffer is made: anyone reaching the port can announce one of
+    // the largest payloads.
+    if h.payload as usize != wire::HELLO_LEN {
+        return Err(WireError::Malformed(format!(
+            "hello of {} bytes",
+            h.payload
         )));
     }
     Hello::decode(&wire::read_payload(stream, h.payload)?)

@@ -11,6 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_io::Timeouts;
 use tandem_tls::rustls;
 
 /// Credentials for mutual TLS between peers: both ends present a certificate signed by
@@ -86,7 +87,7 @@ impl PeerStream {
         // Replication messages are latency-bound: no Nagle under the session either.
         sock.set_nodelay(true)?;
         // The handshake's time bound must not end the idle session later.
-        sock.set_read_timeout(None)?;
+        sock.set_timeouts(None)?;
         let under = sock.try_clone()?;
         let plain = tandem_tls::spawn_pump(conn, sock, "peer")?;
         Ok(PeerStream::Tls { plain, sock: under })
@@ -113,17 +114,21 @@ impl PeerStream {
         }
     }
 
-    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        match self {
-            PeerStream::Tcp(s) => s.set_read_timeout(timeout),
-            PeerStream::Tls { plain, .. } => plain.set_read_timeout(timeout),
-        }
-    }
-
     pub fn set_nodelay(&self) -> io::Result<()> {
         match self {
             PeerStream::Tcp(s) => s.set_nodelay(true),
             PeerStream::Tls { .. } => Ok(()),
+        }
+    }
+}
+
+impl Timeouts for PeerStream {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            PeerStream::Tcp(s) => s.set_timeouts(timeout),
+            PeerStream::Tls { plain, .. } => plain
+                .set_read_timeout(timeout)
+                .and_then(|()| plain.set_write_timeout(timeout)),
         }
     }
 }

@@ -11,6 +11,7 @@ use tandem_api::{
     ClusterId, ConnectionState, DiskState, NodeId, NodeName, Participant, PeerStatus,
     ReplicationState, Role, VolumeId, VolumeName, VolumeSpec, VolumeStatus,
 };
+use tandem_io::Timeouts;
 use tandem_io::poll::Cadence;
 use tandem_pool::{GenerationId, PoolError, Volume};
 
@@ -647,7 +648,8 @@ impl ReplicatedVolume {
         let mine = self.differing_ranges(&peer);
         let theirs =
             exchange_ranges(&stream, &mine).map_err(|e| io::Error::other(e.to_string()))?;
-        stream.set_read_timeout(None)?;
+        // The handshake was time-bound; the session may idle (pings keep it alive).
+        stream.set_timeouts(None)?;
         let epoch = peer.attach(&stream)?;
         let connected = Event::Connected {
             peer: peer.id,

@@ -310,7 +310,7 @@ pub struct State {
     pub generation: u64,
 }
 
-const HELLO_LEN: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN + 8 + 3 * 8 + 8;
+pub(crate) const HELLO_LEN: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN + 8 + 3 * 8 + 8;
 const STATE_LEN: usize = 1 + 1 + 8;
 
 impl State {

@@ -1,16 +1,20 @@
-//! Bounded resources under abuse: a flood of NBD connections that never negotiate, and
-//! a client that trickles its handshake, against a node that takes at most 32
-//! connections. Connections past the limit are closed at once and counted; those
+//! Bounded resources under abuse. NBD: a flood of connections that never negotiate,
+//! and a client that trickles its handshake, against a node that takes at most 32
+//! connections: connections past the limit are closed at once and counted; those
 //! inside it are dropped 10 s after they connected, however they space their bytes;
 //! the node's threads stay within the limit's bound; a client that was connected
 //! before the flood reads and writes throughout, and a new one connects once the
-//! flood is dropped.
+//! flood is dropped. The peer port: a flood of silent connections, a Hello announcing
+//! a 32 MiB payload, garbage: each closed (at once, or within the 5 s handshake
+//! limit), the threads bounded, the replicated volume between the two nodes writing
+//! throughout.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use tandem_lab::{Node, run, wait_for};
+use tandem_lab::{Node, TWO_REPLICAS, run, start_replicated, wait_for};
+use tandem_replication::wire::{self, Header, Kind};
 
 const MIB: u64 = 1 << 20;
 const LIMIT: usize = 32;
@@ -140,4 +144,76 @@ fn a_flood_of_nbd_connections_is_capped_dropped_and_never_stops_a_served_client(
         .command("read -P 0x5a 0 1M", Duration::from_secs(10))
         .expect("the served client still reads");
     assert!(out.contains("read 1048576/1048576"), "{out}");
+}
+
+#[test]
+fn a_flood_of_peer_connections_and_garbage_leave_replication_going() {
+    let [a, b] = start_replicated("pa1", 64 * MIB, ["pa", "pb"], TWO_REPLICAS, "");
+    a.wait_peer("pa1", 0, "Established", "UpToDate");
+    let idle_threads = threads(&b);
+
+    // A Hello header announcing the largest payload, then nothing: refused on the
+    // header, before any buffer is made for it. Garbage: refused.
+    let mut big = TcpStream::connect(b.peer).unwrap();
+    let mut hello = Header::new(Kind::Hello, 0);
+    hello.payload = wire::MAX_PAYLOAD;
+    big.write_all(&hello.encode()).unwrap();
+    let mut garbage = TcpStream::connect(b.peer).unwrap();
+    garbage.write_all(&[0xff; 4096]).unwrap();
+    assert!(
+        closed_within(&mut big, Duration::from_secs(2)),
+        "a 32 MiB Hello waited for"
+    );
+    assert!(
+        closed_within(&mut garbage, Duration::from_secs(2)),
+        "garbage kept open"
+    );
+    wait_for(
+        "the refusals are logged",
+        Duration::from_secs(5),
+        &[&b],
+        || {
+            let log = b.log();
+            log.contains("hello of 33554432 bytes") && log.contains("bad magic")
+        },
+    );
+
+    let flood_started = Instant::now();
+    let mut flood: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(b.peer).unwrap())
+        .collect();
+    let busy_threads = threads(&b);
+    assert!(
+        busy_threads <= idle_threads + 64 + 4,
+        "threads: {idle_threads} before, {busy_threads} under the flood"
+    );
+
+    // Replication between the two goes on over its established connection.
+    let out = a.qemu_io("pa1", &["write -P 0x3c 0 4M", "flush"]);
+    assert!(out.contains("wrote 4194304/4194304"), "{out}");
+    for conn in &mut flood {
+        assert!(
+            closed_within(conn, Duration::from_secs(8)),
+            "a silent peer connection outlived the handshake limit"
+        );
+    }
+    assert!(
+        flood_started.elapsed() < Duration::from_secs(12),
+        "the flood lasted {:?}",
+        flood_started.elapsed()
+    );
+    a.wait_peer("pa1", 0, "Established", "UpToDate");
+    let out = b.qemu_io("pa1", &["read -P 0x3c 0 4M"]);
+    assert!(out.contains("read 4194304/4194304"), "{out}");
+    wait_for(
+        "the flood's threads are gone",
+        Duration::from_secs(10),
+        &[&b],
+        || threads(&b) <= idle_threads + 4,
+    );
+    assert!(
+        b.log()
+            .contains("peer connection closed: as many are in their handshake"),
+        "the refusals are logged"
+    );
 }
