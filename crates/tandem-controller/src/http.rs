@@ -36,11 +36,19 @@ impl IntoResponse for Failure {
 
 impl From<JsonRejection> for Failure {
     fn from(r: JsonRejection) -> Self {
-        let mut f = Failure::new(
-            StatusCode::BAD_REQUEST,
-            "request body is not valid",
-            "send a JSON object with the documented fields (see /openapi.json on the controller)",
-        );
+        let mut f = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body is too large",
+                "the API's bodies are small JSON objects (at most 2 MiB); nothing was read past the limit",
+            )
+        } else {
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                "request body is not valid",
+                "send a JSON object with the documented fields (see /openapi.json on the controller)",
+            )
+        };
         f.1.cause = Some(r.body_text());
         f
     }
