@@ -186,8 +186,8 @@ impl SmallFs {
         };
         let (mut at, mut len) = (0, self.free_bytes());
         // Metadata takes a little of what statvfs counts free: ask for less until
-        // what is left is too small to matter.
-        while len > 1 << 20 {
+        // not a block is left.
+        while len >= 4096 {
             // SAFETY: fallocate on a file this function holds open.
             let rc = unsafe {
                 libc::fallocate(filler.as_raw_fd(), 0, at as libc::off_t, len as libc::off_t)

@@ -422,7 +422,36 @@ impl DataFile {
 }
 
 /// Whether files in `dir` can share blocks (reflink), tried on two scratch files there.
+/// A full file system cannot be tried: it is judged by its type (xfs and btrfs share
+/// blocks; an xfs made without reflink then refuses the first snapshot instead), so
+/// that a pool that filled up does not keep its node from starting.
 pub fn shares_blocks(dir: &Path) -> io::Result<bool> {
+    match try_sharing(dir) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+            let shares = sharing_type(dir)?;
+            tracing::warn!(dir = %dir.display(), shares,
+                "the pool's file system is full: whether it shares blocks was judged by its type");
+            Ok(shares)
+        }
+        tried => tried,
+    }
+}
+
+/// Whether `dir` is on a file system of a type that shares blocks between files.
+fn sharing_type(dir: &Path) -> io::Result<bool> {
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683e;
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    // SAFETY: statfs fills the zeroed struct it is given.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(matches!(st.f_type as i64, XFS | BTRFS))
+}
+
+fn try_sharing(dir: &Path) -> io::Result<bool> {
     let (probe, copy) = (
         dir.join(".tandem-reflink-probe"),
         dir.join(".tandem-reflink-probe.copy"),
