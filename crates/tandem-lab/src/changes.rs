@@ -71,6 +71,7 @@ pub struct History {
 }
 
 const SIZE: &str = "16M";
+const DELETE_TRIES: u32 = 5;
 const GROWN: u64 = 32 << 20;
 
 fn record(list: &mut Asked, name: String, outcome: &Result<Value, String>) {
@@ -82,6 +83,10 @@ fn record(list: &mut Asked, name: String, outcome: &Result<Value, String>) {
 pub fn change_loop(ns: Option<&str>, apis: &str, stop: &AtomicBool, opts: &Options) -> History {
     let cli = |args: &[&str]| cli_in(ns, apis, args);
     let mut h = History::default();
+    // Deletions that failed are asked again in the next rounds (up to 5 times: the
+    // object may never have been made), as an operator would: a long loop must not
+    // pile up what it meant to remove.
+    let (mut volumes_to_delete, mut snapshots_to_delete) = (Vec::new(), Vec::new());
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let name = format!("l{i}");
@@ -110,18 +115,26 @@ pub fn change_loop(ns: Option<&str>, apis: &str, stop: &AtomicBool, opts: &Optio
             record(&mut h.snapped, format!("{volume}@{snap}"), &taken);
             if i >= 2 {
                 let volume = &opts.snapshot[(i - 2) % opts.snapshot.len()];
-                let old = format!("s{}", i - 2);
-                let gone = cli(&["snapshot", "delete", volume, &old]);
-                record(&mut h.unsnapped, format!("{volume}@{old}"), &gone);
+                snapshots_to_delete.push((volume.clone(), format!("s{}", i - 2), 0));
             }
         }
+        snapshots_to_delete.retain_mut(|(volume, snap, tries)| {
+            let gone = cli(&["snapshot", "delete", volume, snap]);
+            record(&mut h.unsnapped, format!("{volume}@{snap}"), &gone);
+            *tries += 1;
+            gone.is_err() && *tries < DELETE_TRIES
+        });
         // Each volume goes again two rounds later, but for the first four odd ones,
         // which stay for the checks to find (and a long loop holds a bounded number).
         if i >= 2 && !(i - 2 < 8 && i % 2 == 1) {
-            let old = format!("l{}", i - 2);
-            let gone = cli(&["volume", "delete", &old]);
-            record(&mut h.deleted, old, &gone);
+            volumes_to_delete.push((format!("l{}", i - 2), 0));
         }
+        volumes_to_delete.retain_mut(|(old, tries)| {
+            let gone = cli(&["volume", "delete", old]);
+            record(&mut h.deleted, old.clone(), &gone);
+            *tries += 1;
+            gone.is_err() && *tries < DELETE_TRIES
+        });
         i += 1;
     }
     h
