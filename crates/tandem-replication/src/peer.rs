@@ -36,6 +36,7 @@ struct Live {
     outbox: Arc<Outbox>,
     /// Tells this connection's receiver apart from older ones.
     epoch: u64,
+    since: Instant,
 }
 
 /// Connection epochs, unique in the process: a peer replaced by a spec change starts
@@ -196,7 +197,12 @@ impl Peer {
         let outbox = Outbox::new(stream.try_clone()?, self.node.to_string());
         let epoch = EPOCHS.fetch_add(1, Ordering::AcqRel) + 1;
         let mut link = self.link.locked();
-        let stale = match link.replace(Live { outbox, epoch }) {
+        let live = Live {
+            outbox,
+            epoch,
+            since: Instant::now(),
+        };
+        let stale = match link.replace(live) {
             Some(old) => {
                 old.outbox.close();
                 self.take_pending()
@@ -207,7 +213,6 @@ impl Peer {
         self.lose(stale);
         self.connects.fetch_add(1, Ordering::Relaxed);
         self.seen();
-        *self.dial.locked() = (Instant::now(), BACKOFF_MIN);
         Ok(epoch)
     }
 
@@ -230,6 +235,13 @@ impl Peer {
         match &*link {
             Some(live) if live.epoch == epoch => {
                 live.outbox.close();
+                // A connection that lasted is redialled at once; one refused or lost
+                // right after its handshake (the peer is busy with a resync from
+                // another node, say) waits out the doubling backoff, instead of a
+                // handshake every 100 ms for as long as the peer is busy.
+                if live.since.elapsed() >= BACKOFF_MAX {
+                    *self.dial.locked() = (Instant::now(), BACKOFF_MIN);
+                }
                 *link = None;
             }
             _ => return,
@@ -370,5 +382,56 @@ impl Stamp {
     fn elapsed(&self) -> Duration {
         let at = Duration::from_nanos(self.0.load(Ordering::Acquire));
         origin().elapsed().saturating_sub(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    fn peer() -> Peer {
+        Peer::new(
+            &Participant {
+                node_id: NodeId::new(2).unwrap(),
+                node: "n2".parse().unwrap(),
+                address: "127.0.0.1:1".into(),
+                kind: ParticipantKind::Diskful,
+                pool: None,
+                fresh: false,
+            },
+            None,
+        )
+    }
+
+    fn stream() -> PeerStream {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        PeerStream::Tcp(s)
+    }
+
+    /// Seen in a chaos run: a replica being resynced by one node refused another's
+    /// connection right after each handshake, and the other dialled again every 100 ms
+    /// for as long as the resync lasted.
+    #[test]
+    fn a_connection_lost_at_once_is_redialled_after_a_growing_backoff() {
+        let p = peer();
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            while !p.dial_due() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            waits.push(started.elapsed());
+            p.dialed();
+            let epoch = p.attach(&stream()).unwrap();
+            p.detach(epoch);
+        }
+        // 0, then 100, 200, 400, 800 ms (the first dial is due at once).
+        assert!(waits[0] < Duration::from_millis(50), "{waits:?}");
+        for (i, w) in waits.iter().enumerate().skip(1) {
+            let floor = BACKOFF_MIN * (1 << (i - 1));
+            assert!(*w >= floor - Duration::from_millis(20), "{waits:?}");
+        }
     }
 }
