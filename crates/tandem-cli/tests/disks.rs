@@ -64,6 +64,16 @@ impl Setup {
         let count = || std::fs::read_to_string(&self.log).unwrap().lines().count();
         let before = count();
         std::thread::sleep(Duration::from_secs(2));
+        // The dying disk is not written again for each change the volume goes through.
+        let records = c
+            .node(n2)
+            .log()
+            .matches("cannot record the Failed state")
+            .count();
+        assert!(
+            records <= 1,
+            "{records} attempts to record the Failed state"
+        );
         let after = count();
         assert!(after > before + 10, "writes stopped: {before} then {after}");
         let _ = self.writer.kill();
