@@ -560,16 +560,15 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             my_dirty,
             theirs,
         } => {
-            let them = Side {
-                up_to_date: state.disk == DiskState::UpToDate,
-                generation: state.generation,
-                mark: *their_mark,
-                dirty: !theirs.is_empty(),
-                history: *their_history,
-                partial: state.disk == DiskState::Inconsistent,
-                confirmed: *their_confirmed,
-                serving: state.role == Role::Primary && !n.two_primaries,
-            };
+            let them = Side::replica(
+                state.disk,
+                state.generation,
+                *their_mark,
+                !theirs.is_empty(),
+                *their_history,
+                *their_confirmed,
+                state.role == Role::Primary && !n.two_primaries,
+            );
             connected(
                 &mut n,
                 &mut actions,
@@ -1069,16 +1068,15 @@ fn connected(
         // until it reconnects with one.
         Direction::InSync
     } else {
-        let me = Side {
-            up_to_date: n.disk == DiskState::UpToDate,
-            generation: n.gens.current.0,
-            mark: p.mark,
-            dirty: my_dirty,
-            history: n.history(),
-            partial: n.disk == DiskState::Inconsistent,
-            confirmed: n.confirmed,
-            serving: n.writers > 0,
-        };
+        let me = Side::replica(
+            n.disk,
+            n.gens.current.0,
+            p.mark,
+            my_dirty,
+            n.history(),
+            n.confirmed,
+            n.writers > 0,
+        );
         handshake::decide(me, them, me_first)
     };
     if direction == Direction::Target

@@ -7,6 +7,8 @@
 //! other's earlier ones is behind by more than a bitmap can tell, and resynced in
 //! full; anything else between two UpToDate replicas is split brain.
 
+use tandem_api::DiskState;
+
 /// What one side of a connection says about its replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Side {
@@ -21,8 +23,9 @@ pub(crate) struct Side {
     pub dirty: bool,
     /// Its earlier generations (0: none).
     pub history: [u64; 3],
-    /// Its data is a resync in progress (Inconsistent): what it lacks is known only to
-    /// its source, so another one sends everything.
+    /// Its data is a resync in progress (Inconsistent), or its disk failed: what it
+    /// lacks is known only to its source, or everything, so another one sends
+    /// everything.
     pub partial: bool,
     /// The newest of its generations that holds every acknowledged write of its line:
     /// its current one, or an earlier one if it started one no majority confirmed
@@ -34,6 +37,32 @@ pub(crate) struct Side {
 }
 
 impl Side {
+    /// A replica as its state says. One whose disk failed holds nothing worth keeping:
+    /// whoever resyncs it sends everything, and it is placed by the generations it
+    /// followed since (a Primary's, which it repeats), not by the data it held.
+    #[allow(clippy::too_many_arguments)]
+    pub fn replica(
+        disk: DiskState,
+        generation: u64,
+        mark: u64,
+        dirty: bool,
+        history: [u64; 3],
+        confirmed: u64,
+        serving: bool,
+    ) -> Side {
+        let failed = disk == DiskState::Failed;
+        Side {
+            up_to_date: disk == DiskState::UpToDate,
+            generation,
+            mark,
+            dirty,
+            history,
+            partial: failed || disk == DiskState::Inconsistent,
+            confirmed: if failed { generation } else { confirmed },
+            serving,
+        }
+    }
+
     /// Whether `generation` is one this side moved on from.
     pub fn moved_on_from(&self, generation: u64) -> bool {
         generation != 0 && self.history.contains(&generation)

@@ -4,6 +4,7 @@
 //! view. The data path reads the view without waiting for the owner; only events wait
 //! for each other.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tandem_api::{DiskState, VolumeName};
@@ -19,6 +20,8 @@ pub(crate) struct Owner {
     /// The state; held while an event is applied, so events never interleave.
     control: Mutex<Control>,
     view: RwLock<Arc<Control>>,
+    /// Failing to record the Failed state was logged.
+    failed_store_told: AtomicBool,
 }
 
 impl Owner {
@@ -28,6 +31,7 @@ impl Owner {
             local,
             view: RwLock::new(Arc::new(control.clone())),
             control: Mutex::new(control),
+            failed_store_told: AtomicBool::new(false),
         }
     }
 
@@ -75,11 +79,7 @@ impl Owner {
         let Some(local) = &self.local else {
             return Ok(());
         };
-        // A replica given up stays as its Failed state was recorded (or could not
-        // be): its metadata is not written again in this run, where every write to a
-        // dying disk would fail again, once per change the volume goes through.
-        let given_up = now.disk == DiskState::Failed && next.disk == DiskState::Failed;
-        if given_up || !next.persisted_differs(now) {
+        if !next.persisted_differs(now) {
             return Ok(());
         }
         let result = local.update_superblock(|sb| {
@@ -92,8 +92,14 @@ impl Owner {
             }
         });
         match result {
+            // A replica given up still records the generations it follows where its
+            // metadata takes writes (a full file system does), so that once repaired
+            // it is placed by them; on a dead disk every change fails again: said
+            // once.
             Err(e) if next.disk == DiskState::Failed => {
-                tracing::error!(volume = %self.volume, error = %e, "cannot record the Failed state");
+                if !self.failed_store_told.swap(true, Ordering::Relaxed) {
+                    tracing::error!(volume = %self.volume, error = %e, "cannot record the Failed state");
+                }
                 Ok(())
             }
             other => other,

@@ -1060,3 +1060,43 @@ fn a_spec_change_keeps_or_restarts_each_peer() {
         .is_ok()
     );
 }
+
+/// Seen in a chaos run: a replica whose disk failed kept repeating the Primary's
+/// generation while its confirmed one stayed where its data last was whole; once that
+/// had left the whole replicas' histories, they refused it as unrelated data, though
+/// it stood at their very generation (and, once repaired, it stayed refused).
+#[test]
+fn a_failed_replica_is_placed_by_the_generations_it_followed() {
+    let whole = node(DiskState::UpToDate, G2);
+    let failed_peer = |generation: u64| Event::Connected {
+        peer: id(2),
+        epoch: 7,
+        state: state(Role::Secondary, DiskState::Failed, generation),
+        their_mark: 0,
+        their_history: [0; 3],
+        // Where its data was last whole: long gone from every history.
+        their_confirmed: 0x99,
+        my_dirty: false,
+        theirs: vec![],
+    };
+    // At this node's generation: it takes everything from here.
+    let (n, actions) = step(&whole, &failed_peer(G2)).unwrap();
+    assert_eq!(n.peer(id(2)).unwrap().sync, Sync::Source { total: 0 });
+    assert!(actions.contains(&Action::MarkAll(id(2))), "{actions:?}");
+    // At a generation this node moved on from: the same.
+    let moved_on = Control {
+        gens: Generations {
+            current: GenerationId(G3),
+            bitmap: GenerationId(G2),
+            ..Generations::default()
+        },
+        ..whole.clone()
+    };
+    let (n, actions) = step(&moved_on, &failed_peer(G2)).unwrap();
+    assert_eq!(n.peer(id(2)).unwrap().sync, Sync::Source { total: 0 });
+    assert!(actions.contains(&Action::MarkAll(id(2))), "{actions:?}");
+    // At a generation this node never had: refused as before, not overwritten with
+    // what may be older data.
+    let (n, _) = step(&whole, &failed_peer(0x77)).unwrap();
+    assert!(matches!(n.peer(id(2)).unwrap().link, Link::Refused(_)));
+}
