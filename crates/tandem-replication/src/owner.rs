@@ -68,6 +68,13 @@ impl Owner {
                 (failed, actions)
             }
         };
+        if next.gens != control.gens {
+            let hex = |g: GenerationId| format!("{:016x}", g.0);
+            let g = &next.gens;
+            tracing::debug!(volume = %self.volume, current = %hex(g.current), bitmap = %hex(g.bitmap),
+                history = %format!("{} {}", hex(g.history[0]), hex(g.history[1])),
+                disk = %next.disk, "data generations changed");
+        }
         *control = next.clone();
         *self.view.writing() = Arc::new(next);
         Ok(actions)

@@ -680,7 +680,9 @@ impl ReplicatedVolume {
             peer.detach(epoch);
             return Ok(());
         };
-        tracing::info!(volume = %self.name, peer = %peer.node, epoch, sync = ?state.sync, "peer connected");
+        tracing::info!(volume = %self.name, peer = %peer.node, epoch, sync = ?state.sync,
+            generation = %format!("{:016x}", view.gens.current.0),
+            peer_generation = %format!("{:016x}", hello.state.generation), "peer connected");
         let volume = self.clone();
         std::thread::Builder::new()
             .name(format!("peer-{}", peer.node))
