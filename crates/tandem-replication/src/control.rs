@@ -790,7 +790,18 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 )));
             }
             p.sync = Sync::Idle;
-            let h = p.history;
+            // The source's earlier generations as its Hello (and states since) gave
+            // them. It may have moved on since it last said (a Hello read long after
+            // it was sent, a new generation not yet announced): the one it last
+            // reported is then the newest of them, or this replica's line would miss
+            // it and later be taken for another's (seen: a split brain called
+            // between two replicas of one line).
+            let h = match p.remote.map(|s| s.generation) {
+                Some(reported) if reported != 0 && reported != *generation => {
+                    [reported, p.history[0], p.history[1]]
+                }
+                _ => p.history,
+            };
             if let Some(primary) = n.primary_besides(*peer).map(|q| q.id)
                 && n.declines_resync_from(*peer).is_some()
             {

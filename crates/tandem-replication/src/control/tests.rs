@@ -1100,3 +1100,37 @@ fn a_failed_replica_is_placed_by_the_generations_it_followed() {
     let (n, _) = step(&whole, &failed_peer(0x77)).unwrap();
     assert!(matches!(n.peer(id(2)).unwrap().link, Link::Refused(_)));
 }
+
+/// Seen in a chaos run: a replica took a Hello read long after it was sent (the source
+/// had started a new generation meanwhile), was resynced in full, and took the new
+/// generation with the history of the old one: the generation it descended from was
+/// missing, and its next handshake with a replica still at that one called it split
+/// brain.
+#[test]
+fn a_resync_ending_at_a_newer_generation_keeps_the_one_the_source_reported() {
+    let stale = state(Role::Primary, DiskState::UpToDate, G2);
+    let c = node(DiskState::Inconsistent, 0);
+    let (target, _) = connect(&c, 2, stale, 0, (false, false));
+    let (n, _) = step(
+        &target,
+        &Event::ResyncDone {
+            peer: id(2),
+            generation: G3,
+            primary_elsewhere: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (n.gens.current.0, n.gens.bitmap.0),
+        (G3, G2),
+        "{:?}",
+        n.gens
+    );
+    // A replica still at G2 is then behind this one, on its line, not diverged.
+    let behind = Side::replica(DiskState::UpToDate, G2, 0, false, [0; 3], G2, false);
+    let me = Side::replica(DiskState::UpToDate, G3, 0, false, n.history(), G3, false);
+    assert_eq!(
+        handshake::decide(me, behind, true),
+        handshake::Direction::Source { full: true }
+    );
+}
