@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crate::changes::{self, change_loop};
 use crate::netns::Lab;
 use crate::workload::{self, Load};
-use crate::{Node, SmallFs, json, output, poll};
+use crate::{Node, SmallFs, poll};
 
 /// How long every volume gets to be UpToDate once the faults have ended.
 const SETTLE: Duration = Duration::from_secs(120);
@@ -207,15 +207,6 @@ fn note(log: &mut std::fs::File, started: Instant, what: &str) {
     let _ = writeln!(log, "{:8.3} {what}", started.elapsed().as_secs_f64());
 }
 
-fn cli(node: &Node, args: &[&str]) -> Result<String, String> {
-    let out = output(node.here(node.tandem()).args(args));
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
 /// The hosts, their nodes and pools, the writers, and what the run saw so far.
 struct Run<'a> {
     lab: &'a Lab,
@@ -339,25 +330,26 @@ pub fn run(cfg: &Config) -> Option<Summary> {
             lab.start_with(i, &name, &args)
         })
         .collect();
+    // Every change goes through the CLI from the first host, to whichever node answers.
+    let apis = changes::apis(&nodes.iter().collect::<Vec<_>>());
+    let ns = nodes[0].ns.clone();
+    let cli = |args: &[&str]| changes::cli_in(ns.as_deref(), &apis, args);
     for n in &nodes[1..] {
-        cli(&nodes[0], &["node", "create", &n.name, &n.api.to_string()]).expect("node create");
+        cli(&["node", "create", &n.name, &n.api.to_string()]).expect("node create");
     }
     for (v, replicas) in VOLUMES {
-        cli(
-            &nodes[0],
-            &[
-                "volume",
-                "create",
-                v,
-                "--size",
-                "64M",
-                "--replicas",
-                replicas,
-            ],
-        )
+        cli(&[
+            "volume",
+            "create",
+            v,
+            "--size",
+            "64M",
+            "--replicas",
+            replicas,
+        ])
         .expect("volume create");
         for n in &nodes {
-            cli(&nodes[0], &["volume", "attach", v, "--node", &n.name]).expect("attach");
+            cli(&["volume", "attach", v, "--node", &n.name]).expect("attach");
         }
     }
     let dir = crate::scratch("chaos");
@@ -385,9 +377,6 @@ pub fn run(cfg: &Config) -> Option<Summary> {
         },
     };
     run.note(&format!("seed {} duration {:?}", cfg.seed, cfg.duration));
-    let all: Vec<&Node> = run.nodes.iter().collect();
-    let apis = changes::apis(&all);
-    let ns = run.nodes[0].ns.clone();
     let opts = changes::Options {
         attach_on: run.nodes.iter().map(|n| n.name.clone()).collect(),
         snapshot: match run.disks {
@@ -442,9 +431,9 @@ fn check(
     history: &changes::History,
     summary: &mut Summary,
 ) {
+    let cli = |args: &[&str]| changes::cli_in(nodes[0].ns.as_deref(), apis, args);
     let up = poll(SETTLE, || {
-        let list = cli(&nodes[0], &["-o", "json", "volume", "list", "--all"]).ok()?;
-        let list = json(&list);
+        let list = cli(&["volume", "list", "--all"]).ok()?;
         let behind: Vec<String> = (list.as_array()?.iter())
             .filter(|v| v["state"] != "UpToDate")
             .map(|v| format!("{}:{}", v["name"], v["state"]))
@@ -472,9 +461,8 @@ fn check(
         summary
             .lost
             .extend(workload::check(&nodes[0].unix_uri(w.volume), &w.log));
-        match cli(&nodes[0], &["-o", "json", "volume", "verify", w.volume]) {
-            Ok(out) => {
-                let v = json(&out);
+        match cli(&["volume", "verify", w.volume]) {
+            Ok(v) => {
                 for p in v["peers"].as_array().into_iter().flatten() {
                     if p["differing-blocks"] != 0 {
                         summary.differing.push(format!("{}: {p}", w.volume));

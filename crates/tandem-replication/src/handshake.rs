@@ -40,7 +40,6 @@ impl Side {
     /// A replica as its state says. One whose disk failed holds nothing worth keeping:
     /// whoever resyncs it sends everything, and it is placed by the generations it
     /// followed since (a Primary's, which it repeats), not by the data it held.
-    #[allow(clippy::too_many_arguments)]
     pub fn replica(
         disk: DiskState,
         generation: u64,
