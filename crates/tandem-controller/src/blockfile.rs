@@ -124,6 +124,8 @@ struct Disk {
     device: Arc<dyn BlockDevice>,
     state: Mutex<DiskState>,
     region: u64,
+    /// Why this opening of the database may no longer write, once it may not.
+    fenced: OnceLock<String>,
 }
 
 struct DiskState {
@@ -157,7 +159,26 @@ impl Disk {
                 blocks: BTreeMap::new(),
             }),
             region,
+            fenced: OnceLock::new(),
         })
+    }
+
+    /// Refuses every later change to the device: the database is another
+    /// controller's now, and what this opening would still write (closing it
+    /// checkpoints its log and deletes it, as far as it knows them) would undo that
+    /// controller's commits.
+    fn fence(&self, why: &str) {
+        let _ = self.fenced.set(why.to_owned());
+    }
+
+    fn check_fence(&self) -> io::Result<()> {
+        match self.fenced.get() {
+            Some(why) => Err(io::Error::new(
+                ErrorKind::PermissionDenied,
+                format!("this controller no longer writes its database: {why}"),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn start(&self, which: Which) -> u64 {
@@ -169,6 +190,7 @@ impl Disk {
     }
 
     fn set_len(&self, which: Which, len: u64) -> io::Result<()> {
+        self.check_fence()?;
         if len > self.region {
             return Err(full(which, self.region));
         }
@@ -209,6 +231,7 @@ impl Disk {
     }
 
     fn write(&self, which: Which, data: &[u8], offset: u64) -> io::Result<()> {
+        self.check_fence()?;
         let end = offset + data.len() as u64;
         if end > self.region {
             return Err(full(which, self.region));
@@ -259,6 +282,7 @@ impl Disk {
     /// flushes the device. A commit that changed one run of blocks (the usual one:
     /// pages appended to the log) is one durable write.
     fn sync(&self) -> io::Result<()> {
+        self.check_fence()?;
         let mut s = self.state.lock().unwrap();
         let mut runs = runs(std::mem::take(&mut s.blocks));
         if s.dirty {
@@ -330,6 +354,14 @@ impl Mounted {
 
     pub fn uri(&self) -> String {
         format!("file:{}?vfs={VFS_NAME}", self.name)
+    }
+
+    /// From now on, nothing more is written to the device through this opening (see
+    /// `Disk::fence`).
+    pub fn fence(&self, why: &str) {
+        if let Some(disk) = devices().lock().unwrap().get(&self.name) {
+            disk.fence(why);
+        }
     }
 }
 

@@ -108,7 +108,7 @@ pub enum StoreError {
 pub struct Store {
     db: Connection,
     /// The device a database on the system volume is kept on; dropped after `db`.
-    _mounted: Option<Mounted>,
+    mounted: Option<Mounted>,
     /// Why writes are refused, once they are.
     fenced: Option<String>,
 }
@@ -183,7 +183,7 @@ impl Store {
         db.pragma_update(None, "foreign_keys", "ON")?;
         let mut store = Store {
             db,
-            _mounted: mounted,
+            mounted,
             fenced: None,
         };
         store.migrate(label)?;
@@ -269,6 +269,9 @@ impl Store {
     /// volume's quorum, or that was stopped, must not write (another may have started).
     pub fn fence(&mut self, why: &str) {
         self.fenced = Some(why.to_owned());
+        if let Some(mounted) = &self.mounted {
+            mounted.fence(why);
+        }
     }
 
     fn check_fence(&self) -> Result<(), StoreError> {
@@ -907,6 +910,26 @@ mod tests {
         assert!(store.raise_epoch().is_err());
         drop(store);
         assert!(kv(&Store::open_on(dev, cluster).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_stopped_controllers_database_closed_late_leaves_its_successors_commits() {
+        // A controller stops (its node lost the system volume) while its threads still
+        // hold the database; it is closed only after the next controller, elsewhere,
+        // opened it and committed. Closing checkpoints the log as the old one knew it
+        // and deletes the log: none of that may reach the volume any more, or the new
+        // controller's commits are gone when the database is next opened.
+        let dev = crate::blockfile::tests::MemDevice::new(crate::blockfile::MIN_DEVICE as usize);
+        let cluster = ClusterId::random();
+        let mut old = Store::open_on(dev.clone(), cluster).unwrap();
+        set(&mut old, 0..10).unwrap();
+        old.fence("node n1 lost the quorum of the system volume");
+        let mut new = Store::open_on(dev.clone(), cluster).unwrap();
+        set(&mut new, 10..20).unwrap();
+        drop(old);
+        // The new controller's node dies: its database is never closed.
+        std::mem::forget(new);
+        assert_eq!(kv(&Store::open_on(dev, cluster).unwrap()).len(), 20);
     }
 
     #[test]

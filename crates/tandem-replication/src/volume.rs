@@ -1207,6 +1207,18 @@ impl ReplicatedVolume {
         let in_flight = InFlight::enter(&self.in_flight);
         // One view of the state for the whole request.
         let view = self.view();
+        if is_data_change(h.kind) && view.writers == 0 {
+            // Peers take a change from whoever sends it: one from a node that is no
+            // longer Primary (a writer left behind by a demotion, say) would land on
+            // the replicas of the Primary that replaced it.
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "volume {}: node {} is not Primary (the volume is not open for writing here)",
+                    self.name, self.my_node
+                ),
+            ));
+        }
         let attached = self.attached_in(&view);
         let covered = match &self.al {
             Some(al) if is_data_change(h.kind) && attached.is_some() => {
@@ -1955,5 +1967,76 @@ mod tests {
                 "range {o} lost"
             );
         }
+    }
+
+    /// A volume of one diskful participant (node n1) on a pool in `dir`.
+    fn lone_volume(dir: &std::path::Path) -> Arc<ReplicatedVolume> {
+        use tandem_api::{ParticipantKind, VolumeOptions};
+        let node_id = NodeId::new(0).unwrap();
+        let me = Participant {
+            node_id,
+            node: "n1".parse().unwrap(),
+            address: "127.0.0.1:7700".into(),
+            kind: ParticipantKind::Diskful,
+            pool: None,
+            fresh: false,
+        };
+        let spec = VolumeSpec {
+            cluster_id: tandem_api::ClusterId::random(),
+            volume_id: tandem_api::VolumeId::random(),
+            name: "v1".parse().unwrap(),
+            revision: 1,
+            size: 1 << 20,
+            participants: vec![me.clone()],
+            options: VolumeOptions::default(),
+            origin: None,
+        };
+        let pool = tandem_pool::Pool::open(
+            "p1".parse().unwrap(),
+            dir,
+            tandem_pool::CacheMode::Writeback,
+        )
+        .unwrap();
+        let local = pool
+            .create(&tandem_pool::NewVolume {
+                name: spec.name.clone(),
+                size: spec.size,
+                thick: false,
+                id: spec.volume_id,
+                node_id,
+                generation: GenerationId::random(),
+            })
+            .unwrap();
+        ReplicatedVolume::new(spec, me, Some(local), Arc::new(|_| {})).unwrap()
+    }
+
+    fn write_now(v: &Arc<ReplicatedVolume>, offset: u64, data: &[u8]) -> io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        v.write(offset, data, false, move |r| tx.send(r).unwrap());
+        rx.recv().unwrap()
+    }
+
+    #[test]
+    fn a_node_that_is_not_primary_changes_nothing() {
+        // The controller's database is written through the volume by the controller's
+        // threads; a controller stopped late (its node demoted meanwhile) must not
+        // reach the replicas, nor any other writer left behind by a demotion.
+        let dir = tempfile::tempdir().unwrap();
+        let v = lone_volume(dir.path());
+        v.open(true).unwrap();
+        write_now(&v, 0, &[7; 4096]).unwrap();
+        v.close(true);
+        let refused = [
+            write_now(&v, 0, &[9; 4096]).unwrap_err(),
+            v.write_zeroes(0, 4096, true, false, false).unwrap_err(),
+            v.trim(0, 4096, false).unwrap_err(),
+        ];
+        for e in refused {
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+            assert!(e.to_string().contains("is not Primary"), "{e}");
+        }
+        let mut back = vec![0; 4096];
+        v.read(0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 7));
     }
 }

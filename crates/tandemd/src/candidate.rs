@@ -338,6 +338,14 @@ impl Candidate {
         if !Arc::ptr_eq(&r.volume, &self.node.replicated(&system::volume_name())?) {
             return Some("the system volume was replaced".into());
         }
+        if status.role != Role::Primary {
+            // Demoted under it (its replica found behind a peer's): every write it
+            // makes fails from now on.
+            return Some(format!(
+                "node {} is no longer Primary of the system volume",
+                self.node.name()
+            ));
+        }
         None
     }
 
