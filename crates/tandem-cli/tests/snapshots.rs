@@ -306,6 +306,51 @@ fn a_replica_offline_misses_the_snapshot_and_bad_requests_change_nothing() {
     assert_eq!(c.json(&["snapshot", "list"]).as_array().unwrap().len(), 1);
     assert!(snapshot_file(&fs, &primary, "vm", "s2").exists());
 
+    // A snapshot deleted while a replica's node is away: the record goes at once, the
+    // away node's copy once the controller visits it again. And one taken on the nodes
+    // with no record (a controller replaced before it recorded it) goes too.
+    let taken = c.json(&["snapshot", "create", "vm", "s3"]);
+    assert_eq!(taken["replicas"].as_array().unwrap().len(), 2, "{taken:#}");
+    c.node_mut(&other).stop();
+    run(c.tandem().args(["snapshot", "delete", "vm", "s3"]));
+    let names: Vec<String> = (c
+        .json(&["snapshot", "list", "vm"])
+        .as_array()
+        .unwrap()
+        .iter())
+    .map(|s| s["name"].as_str().unwrap().to_owned())
+    .collect();
+    assert_eq!(names, ["s2"]);
+    assert!(!snapshot_file(&fs, &primary, "vm", "s3").exists());
+    assert!(snapshot_file(&fs, &other, "vm", "s3").exists());
+    c.node_mut(&other).restart();
+    c.wait_up_to_date(Duration::from_secs(60));
+    let unrecorded = c.node(&primary).api_as(
+        &c.secret(),
+        "POST",
+        "/v1/node/volumes/vm/snapshots",
+        Some(r#"{"name": "s4"}"#),
+    );
+    assert_eq!(unrecorded.status, 201, "{}", unrecorded.body);
+    wait_for(
+        "copies that no record names are removed",
+        CONVERGE,
+        &[c.node(&primary), c.node(&other)],
+        || {
+            let left: Vec<String> = [(&other, "s3"), (&primary, "s4"), (&other, "s4")]
+                .iter()
+                .filter(|(n, s)| snapshot_file(&fs, n, "vm", s).exists())
+                .map(|(n, s)| format!("{n}: vm@{s}"))
+                .collect();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left.join(", "))
+            }
+        },
+    );
+    assert!(snapshot_file(&fs, &primary, "vm", "s2").exists());
+
     // Deleting the volume with --force takes its snapshots along.
     run(c
         .tandem()

@@ -1,13 +1,15 @@
 //! The controller: the model (in memory, written through to the database), what each
 //! node last reported, and one reconciler thread per node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use tandem_api::{ApiError, NodeName, NodeState, PoolInfo, ReplicaReport, VolumeName, VolumeSpec};
+use tandem_api::{
+    ApiError, NodeName, NodeState, PoolInfo, ReplicaReport, SnapshotName, VolumeName, VolumeSpec,
+};
 
 use crate::model::{Model, Part};
 use crate::node_client::NodeClient;
@@ -172,6 +174,9 @@ pub struct Controller {
     pub(crate) reconcile_seconds: tandem_metrics::Latency,
     /// Set once the controller stops: its threads end, its database takes no writes.
     stopped: AtomicBool,
+    /// Snapshots being taken, until recorded: a node already holds them, no record
+    /// names them yet (see [`Controller::stray_snapshots`]).
+    pub(crate) taking: Mutex<BTreeSet<(VolumeName, SnapshotName)>>,
 }
 
 impl Controller {
@@ -218,6 +223,7 @@ impl Controller {
             data_dir: data_dir.to_path_buf(),
             reconcile_seconds: tandem_metrics::Latency::default(),
             stopped: AtomicBool::new(false),
+            taking: Mutex::default(),
         });
         for node in nodes {
             controller.reconcile(node);

@@ -222,6 +222,12 @@ impl NodeClient {
     }
 
     /// Deletes the node's copy of a snapshot; one it does not have counts as deleted.
+    /// Every snapshot the node's replicas hold.
+    pub fn snapshots(&self) -> Result<Vec<tandem_api::SnapshotInfo>, CallError> {
+        let text = self.call("GET", "/v1/node/snapshots", None)?;
+        self.json(&text)
+    }
+
     pub fn delete_snapshot(
         &self,
         name: &VolumeName,

@@ -276,7 +276,7 @@ fn operations() -> Vec<Operation> {
         (
             "delete",
             "/v1/volumes/{volume}/snapshots/{snapshot}",
-            "Delete a snapshot from every node holding it",
+            "Delete a snapshot: its record at once, each node's copy now or, for a node that does not answer, when it is next visited",
             None,
             204,
             None,

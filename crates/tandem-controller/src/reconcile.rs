@@ -71,6 +71,33 @@ pub(crate) fn visit(c: &Controller, node: &NodeName) {
     }
 }
 
+/// Deletes the snapshots the node holds that no record gives it (see
+/// [`Controller::stray_snapshots`]); a deletion that fails is reported with the
+/// volume's other failures and tried again at the next visit.
+fn remove_stray_snapshots(
+    c: &Controller,
+    node: &NodeName,
+    client: &NodeClient,
+    ours: &BTreeSet<VolumeName>,
+    failures: &mut BTreeMap<VolumeName, String>,
+) -> Result<(), Trouble> {
+    let held = client.snapshots()?;
+    for (volume, snap) in c.stray_snapshots(node, ours, held) {
+        match client.delete_snapshot(&volume, &snap) {
+            Ok(()) => tracing::info!(%node, %volume, snapshot = %snap,
+                "snapshot removed from node: no record gives it this node"),
+            Err(e) => {
+                tracing::warn!(%node, %volume, snapshot = %snap, error = %e,
+                    "node kept a snapshot it should drop");
+                failures
+                    .entry(volume.clone())
+                    .or_insert_with(|| format!("cannot remove snapshot {volume}@{snap}: {e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks the node is the one registered, in this cluster, speaking this API.
 pub(crate) fn admit(
     client: &NodeClient,
@@ -241,6 +268,15 @@ fn converge(
         .filter(|r| r.spec.cluster_id == cluster.id && !orphans.contains_key(&r.spec.name))
         .map(|r| (r.spec.name.clone(), r))
         .collect();
+    let ours: BTreeSet<VolumeName> = (replicas.iter())
+        .filter(|(name, r)| {
+            desired
+                .get(*name)
+                .is_some_and(|s| s.volume_id == r.spec.volume_id)
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    remove_stray_snapshots(c, node, client, &ours, &mut failures)?;
     let mut overtaken = false;
     c.set_observed(node, |o| {
         overtaken = o.events != events_before;

@@ -3,9 +3,11 @@
 //! the moment), at one point of the write order on every replica it reaches; the
 //! controller records which replicas hold it.
 
+use std::collections::BTreeSet;
+
 use tandem_api::{
     ClusterSnapshot, ClusterVolume, NodeName, Origin, ParticipantKind, SnapshotChanges,
-    SnapshotName, SnapshotTaken, VolumeId, VolumeName,
+    SnapshotInfo, SnapshotName, SnapshotTaken, VolumeId, VolumeName,
 };
 
 use crate::controller::{Controller, Refusal, RefusalKind};
@@ -13,7 +15,7 @@ use crate::model::{ParticipantRow, SnapshotRow, VolumeRow};
 use crate::ops::{candidates_for, no_volume, node_call, retaken, settle_tiebreaker};
 use crate::placement;
 
-use RefusalKind::{Conflict, NotFound, Unreachable};
+use RefusalKind::{Conflict, NotFound};
 
 fn no_snapshot(volume: &VolumeName, snap: &SnapshotName) -> Refusal {
     Refusal::new(
@@ -80,6 +82,7 @@ impl Controller {
         let client = self
             .client(&node)
             .ok_or_else(|| crate::ops::no_node(&node))?;
+        let _taking = Taking::new(self, volume, snap);
         let taken = client
             .create_snapshot(volume, snap)
             .map_err(|e| node_call(&node, &format!("take snapshot {volume}@{snap}"), e))?;
@@ -323,62 +326,80 @@ impl Controller {
         self.volume(volume)
     }
 
-    /// Deletes a snapshot from every replica holding it. A node that does not answer
-    /// keeps its copy, and the snapshot stays listed with it until a later delete.
+    /// Deletes a snapshot: its record first, then each replica's copy. A node that
+    /// does not answer (away, cut off, its disk failing) drops its copy when it is next
+    /// visited, as every copy no record names goes (see [`Controller::stray_snapshots`]).
     pub fn delete_snapshot(&self, volume: &VolumeName, snap: &SnapshotName) -> Result<(), Refusal> {
         let key = (volume.clone(), snap.clone());
-        let Some(row) = self.desired().model.snapshots.get(&key).cloned() else {
-            return Err(no_snapshot(volume, snap));
-        };
-        let mut kept = Vec::new();
-        let mut failure = None;
-        for node in &row.replicas {
-            let result = match self.client(node) {
-                Some(client) => client.delete_snapshot(volume, snap),
-                // A node deleted from the cluster took its replicas along.
-                None => Ok(()),
-            };
-            if let Err(e) = result {
-                failure.get_or_insert_with(|| {
-                    node_call(node, &format!("delete snapshot {volume}@{snap}"), e)
-                });
-                kept.push(node.clone());
-            }
-        }
         let mut d = self.desired();
-        let left = SnapshotRow {
-            replicas: kept.clone(),
-            ..row
+        let Some(row) = d.model.snapshots.get(&key).cloned() else {
+            return Err(no_snapshot(volume, snap));
         };
         self.commit(
             &mut d,
-            |w| {
-                if kept.is_empty() {
-                    w.delete_snapshot(volume, snap)
-                } else {
-                    w.snapshot(volume, snap, &left)
-                }
-            },
+            |w| w.delete_snapshot(volume, snap),
             |m| {
-                if kept.is_empty() {
-                    m.snapshots.remove(&key);
-                } else {
-                    m.snapshots.insert(key.clone(), left.clone());
-                }
+                m.snapshots.remove(&key);
             },
         )?;
-        match failure {
-            None => {
-                tracing::info!(%volume, snapshot = %snap, "snapshot deleted");
-                Ok(())
+        drop(d);
+        let mut kept = Vec::new();
+        for node in &row.replicas {
+            // A node deleted from the cluster took its replicas along.
+            if let Some(client) = self.client(node)
+                && let Err(e) = client.delete_snapshot(volume, snap)
+            {
+                tracing::warn!(%volume, snapshot = %snap, %node, error = %e,
+                    "snapshot copy left on a node; it goes when the node is next visited");
+                kept.push(node.clone());
             }
-            Some(f) => Err(Refusal::new(
-                Unreachable,
-                format!("snapshot {volume}@{snap} is still on {}", join(&kept)),
-                "delete it again once the node answers",
-            )
-            .with_cause(f.error)),
         }
+        tracing::info!(%volume, snapshot = %snap, left_on = %join(&kept), "snapshot deleted");
+        Ok(())
+    }
+
+    /// The snapshots `held` by `node` that no record gives it, among those of the
+    /// volumes it holds as the model knows them (`ours`; an orphan's are left to the
+    /// operator): deleted while the node was away, or taken on it by a request whose
+    /// record was never made (its controller replaced meanwhile). Not one being taken
+    /// now. `held` must be listed before this is called.
+    pub(crate) fn stray_snapshots(
+        &self,
+        node: &NodeName,
+        ours: &BTreeSet<VolumeName>,
+        held: Vec<SnapshotInfo>,
+    ) -> Vec<(VolumeName, SnapshotName)> {
+        // Taken, then the record: looked at in that order, a snapshot the listing
+        // found is either still being taken or recorded.
+        let taking = self.taking.lock().unwrap().clone();
+        let d = self.desired();
+        held.into_iter()
+            .map(|s| (s.volume, s.name))
+            .filter(|key| ours.contains(&key.0) && !taking.contains(key))
+            .filter(|key| {
+                !(d.model.snapshots.get(key)).is_some_and(|row| row.replicas.contains(node))
+            })
+            .collect()
+    }
+}
+
+/// Marks a snapshot as being taken while it lives.
+struct Taking<'a> {
+    controller: &'a Controller,
+    key: (VolumeName, SnapshotName),
+}
+
+impl<'a> Taking<'a> {
+    fn new(controller: &'a Controller, volume: &VolumeName, snap: &SnapshotName) -> Self {
+        let key = (volume.clone(), snap.clone());
+        controller.taking.lock().unwrap().insert(key.clone());
+        Taking { controller, key }
+    }
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        self.controller.taking.lock().unwrap().remove(&self.key);
     }
 }
 

@@ -45,6 +45,7 @@ pub fn router(node: Arc<Node>, candidate: Option<Arc<Candidate>>) -> Router {
         .route("/v1/node/volumes/{name}/status", get(status))
         .route("/v1/node/volumes/{name}/events", get(volume_events))
         .route("/v1/node/events", get(node_events))
+        .route("/v1/node/snapshots", get(all_snapshots))
         .route("/v1/node/volumes/{name}/resolve", post(resolve))
         .route("/v1/node/volumes/{name}/invalidate", post(invalidate))
         .route("/v1/node/volumes/{name}/verify", post(verify))
@@ -668,6 +669,10 @@ async fn snapshots(
 ) -> Result<impl IntoResponse, Failure> {
     let name = volume_name(&name)?;
     Ok(Json(node.snapshots(&name)?))
+}
+
+async fn all_snapshots(State(node): Shared) -> impl IntoResponse {
+    Json(node.all_snapshots())
 }
 
 /// Takes a snapshot on every replica this node reaches (see [`Node::snapshot`]).

@@ -657,6 +657,18 @@ impl Node {
         }
     }
 
+    /// Every snapshot the replicas in this node's pools hold (those of a failed
+    /// replica cannot be read): what the controller compares with its record.
+    pub fn all_snapshots(&self) -> Vec<SnapshotInfo> {
+        (self.pools.all().iter())
+            .flat_map(|p| p.entries())
+            .flat_map(|e| match e {
+                Entry::Ready(v) => v.snapshots(),
+                Entry::Failed { .. } => Vec::new(),
+            })
+            .collect()
+    }
+
     /// The blocks that changed between two snapshots this node's replica holds.
     pub fn changes(
         &self,
