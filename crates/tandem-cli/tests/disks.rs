@@ -80,6 +80,24 @@ impl Setup {
         let _ = self.writer.wait();
         let lost = workload::check(&c.node(&self.n1).uri("v"), &self.log);
         assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+        // The node whose replica failed does not open the volume, and says why (once
+        // the clients on n1 have closed it there).
+        wait_for(
+            "the node whose replica failed refuses clients, saying why",
+            CONVERGE,
+            &[c.node(n2)],
+            || {
+                let opened = tandem_lab::qemu_io_result(&mut tandem_lab::qemu_io_command(
+                    &["-f", "raw", "-r"],
+                    &["read 0 4k"],
+                    &[&c.node(n2).uri("v")],
+                ));
+                match opened {
+                    Err(e) if e.contains("this node's replica has failed") => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        );
         let (code, report) = c.health();
         assert_eq!(code, 2, "{report}");
         assert!(

@@ -674,6 +674,11 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 // may have a Primary already, which it cannot see.
                 return Err(Refused("this node has no quorum".into()));
             }
+            if n.replica && n.disk == DiskState::Failed {
+                return Err(Refused(
+                    "this node's replica has failed (see `tandem health`): open the volume on another node until its pool is repaired and tandemd restarted".into(),
+                ));
+            }
             if n.replica && n.disk != DiskState::UpToDate {
                 // Its writes would land on a replica that is not whole, on a line of
                 // generations the handshake cannot vouch for.

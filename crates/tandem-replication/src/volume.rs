@@ -13,7 +13,7 @@ use tandem_api::{
 };
 use tandem_io::Timeouts;
 use tandem_io::poll::Cadence;
-use tandem_pool::{GenerationId, PoolError, Volume};
+use tandem_pool::{GenerationId, PoolError, Volume, VolumeHandle};
 
 use crate::al::{ActivityLog, Covered, EXTENT};
 use crate::bitmap::Bitmap;
@@ -330,6 +330,24 @@ impl ReplicatedVolume {
 
     pub fn local(&self) -> Option<&Arc<Volume>> {
         self.local.as_ref()
+    }
+
+    /// Opens the local replica for a client of the volume (its metadata records the
+    /// use), unless there is none or it has failed. One that fails to open (its disk
+    /// failing) is given up: the client is served through the peers, as when the
+    /// replica fails under it.
+    pub fn open_local(&self) -> Option<VolumeHandle> {
+        let local = self.local.as_ref()?;
+        if self.view().disk == DiskState::Failed {
+            return None;
+        }
+        match local.open(true) {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                self.detach(&io::Error::other(e.to_string()));
+                None
+            }
+        }
     }
 
     /// The spec in force and the peers it makes.

@@ -213,13 +213,7 @@ impl NodeExports {
             return Ok(Box::new(self.snapshot(&volume, &snap)?));
         }
         if let Some(volume) = self.replicated(name) {
-            let local = match volume.local() {
-                Some(v) => Some(
-                    v.open(true)
-                        .map_err(|e| OpenError::Unavailable(e.to_string()))?,
-                ),
-                None => None,
-            };
+            let local = volume.open_local();
             volume.open(true).map_err(|e| OpenError::Refused(e.0))?;
             return Ok(Box::new(ReplicatedExport {
                 volume,
