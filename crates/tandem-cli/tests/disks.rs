@@ -298,3 +298,106 @@ fn a_node_whose_pool_is_full_starts() {
     let out = node.qemu_io("v", &["write -P 0x22 1M 1M", "read -P 0x22 1M 1M"]);
     assert!(out.contains("read 1048576/1048576"), "{out}");
 }
+
+/// Both replicas of a two-replica volume lose their disks in turn (full file systems:
+/// each records its Failed state): the second went on alone, so once both are repaired
+/// it holds every acknowledged write, but neither is whole by itself. The operator
+/// declares it whole (`tandem volume trust`); the node refuses the one that failed
+/// first, whose data the other moved on from. (Disks that die outright record nothing:
+/// each comes back as it was last recorded, and the generations sort them out alone.)
+#[test]
+fn when_every_replica_failed_in_turn_the_one_that_failed_last_is_trusted() {
+    let fss: Vec<SmallFs> = (0..3).filter_map(|_| SmallFs::xfs(300)).collect();
+    if fss.len() < 3 {
+        eprintln!("skipped: this machine cannot make xfs file systems on loop devices");
+        return;
+    }
+    let mnts: Vec<PathBuf> = fss.iter().map(|f| f.mnt.clone()).collect();
+    let mut c = Cluster::start_with("dt", 3, move |name| {
+        let i = name[2..].parse::<usize>().unwrap() - 1;
+        vec![
+            "--pool".into(),
+            format!("default={}", mnts[i].join(name).display()),
+        ]
+    });
+    let fs_of = |node: &str| &fss[node[2..].parse::<usize>().unwrap() - 1];
+    run(c
+        .tandem()
+        .args(["volume", "create", "v", "--size", "16M", "--replicas", "2"]));
+    let volumes = c.wait_up_to_date(CONVERGE);
+    let v = (volumes.as_array().unwrap().iter())
+        .find(|v| v["name"] == "v")
+        .unwrap();
+    let diskful = Cluster::participants(v, "diskful");
+    let (last, first) = (diskful[0].clone(), diskful[1].clone());
+    run(c.tandem().args(["volume", "attach", "v", "--node", &last]));
+    let failed = |c: &Cluster, node: &str| {
+        let v = c.json(&["volume", "show", "v"]);
+        (v["participants"].as_array().unwrap().iter())
+            .any(|p| p["node"] == node && p["disk"] == "Failed")
+    };
+    // One client session throughout: the volume stays open, its activity log holds the
+    // extent written, and only data writes need new blocks.
+    let mut io = c.node(&last).qemu_io_session("v");
+    let mut run_io = |command: &str| {
+        io.command(command, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("{command}: no answer"))
+    };
+    for command in ["write -P 0x11 0 1M", "flush"] {
+        let out = run_io(command);
+        assert!(!out.contains("failed"), "{command}: {out}");
+    }
+    // The first disk fills up; the other replica goes on alone.
+    assert!(fs_of(&first).fill() > 0);
+    for command in ["write -P 0x22 1M 1M", "flush"] {
+        let out = run_io(command);
+        assert!(!out.contains("failed"), "{command}: {out}");
+    }
+    wait_for("the first replica is Failed", CONVERGE, &[], || {
+        failed(&c, &first)
+    });
+    for command in ["write -P 0x33 2M 1M", "flush"] {
+        let out = run_io(command);
+        assert!(!out.contains("failed"), "{command}: {out}");
+    }
+    // Then the second: nothing takes writes any more.
+    assert!(fs_of(&last).fill() > 0);
+    let out = run_io("write -P 0x44 3M 1M");
+    assert!(
+        out.contains("failed"),
+        "a write with no whole replica: {out}"
+    );
+    drop(io);
+    wait_for("the second replica is Failed", CONVERGE, &[], || {
+        failed(&c, &last)
+    });
+
+    // Both repaired and restarted: neither is whole, and health says what to do.
+    for node in [&first, &last] {
+        c.node_mut(node).stop();
+        fs_of(node).unfill();
+        c.node_mut(node).restart();
+    }
+    wait_for("both replicas report, Failed", CONVERGE, &[], || {
+        failed(&c, &first) && failed(&c, &last)
+    });
+    let (_, report) = c.health();
+    assert!(report.contains("tandem volume trust"), "{report}");
+    let err = c.fails(&["volume", "trust", "v", "--node", &first]);
+    assert!(err.contains("failed after this one"), "{err}");
+    run(c.tandem().args(["volume", "trust", "v", "--node", &last]));
+    c.wait_up_to_date(CONVERGE);
+    for node in [&last, &first] {
+        let out = tandem_lab::qemu_io(
+            &c.node(node).uri("v"),
+            &[
+                "read -P 0x11 0 1M",
+                "read -P 0x22 1M 1M",
+                "read -P 0x33 2M 1M",
+            ],
+        );
+        assert!(!out.contains("verification failed"), "{node}: {out}");
+    }
+    let verify = c.json(&["volume", "verify", "v"]);
+    assert_eq!(verify["peers"][0]["differing-blocks"], 0, "{verify:#}");
+}

@@ -93,6 +93,7 @@ fn routes(controller: Arc<Controller>) -> Router {
         .route("/v1/volumes/{volume}/adopt", post(adopt))
         .route("/v1/volumes/{volume}/replicas", post(replicas))
         .route("/v1/volumes/{volume}/verify", post(verify))
+        .route("/v1/volumes/{volume}/trust", post(trust))
         .route("/v1/snapshots", get(all_snapshots))
         .route(
             "/v1/volumes/{volume}/snapshots",
@@ -409,6 +410,16 @@ async fn replicas(
     Ok(Json(
         blocking(move || c.change_replicas(&name, &req)).await?,
     ))
+}
+
+async fn trust(
+    State(c): Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+    body: Result<Json<OnNode>, JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Path(name) = path?;
+    let Json(req) = body?;
+    Ok(Json(blocking(move || c.trust(&name, &req.node)).await?))
 }
 
 async fn verify(

@@ -240,6 +240,10 @@ impl NodeClient {
         }
     }
 
+    pub fn trust(&self, name: &VolumeName) -> Result<VolumeStatus, CallError> {
+        self.send("POST", &format!("/v1/node/volumes/{name}/trust"), &())
+    }
+
     pub fn verify(&self, name: &VolumeName) -> Result<serde_json::Value, CallError> {
         self.send("POST", &format!("/v1/node/volumes/{name}/verify"), &())
     }

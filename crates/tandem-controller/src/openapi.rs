@@ -219,6 +219,14 @@ fn operations() -> Vec<Operation> {
         ),
         (
             "post",
+            "/v1/volumes/{volume}/trust",
+            "Declare the replica on a node whole as it is, when no replica is (every disk failed in turn, then was repaired): the node refuses any but the replica that held the data last",
+            Some("OnNode"),
+            200,
+            Some(schema("Volume")),
+        ),
+        (
+            "post",
             "/v1/volumes/{volume}/verify",
             "Compare replicas by checksum; differences are resynced",
             None,

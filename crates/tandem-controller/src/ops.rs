@@ -877,6 +877,30 @@ impl Controller {
         Ok(report)
     }
 
+    /// Has `node` declare its replica of `name` whole as it is: for a volume whose
+    /// replicas all failed in turn, once their disks are repaired (see the replication
+    /// engine's `Trust`; the node refuses any but the replica that held the data last).
+    pub fn trust(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
+        let diskful = {
+            let d = self.desired();
+            let row = d.model.volumes.get(name).ok_or_else(|| no_volume(name))?;
+            row.participant(node).map(|p| p.kind.diskful())
+        };
+        if diskful != Some(true) {
+            return Err(Refusal::new(
+                RefusalKind::Conflict,
+                format!("node {node} holds no replica of volume {name}"),
+                "name a node holding one: `tandem volume show NAME` lists them",
+            ));
+        }
+        let client = self.client(node).ok_or_else(|| no_node(node))?;
+        client
+            .trust(name)
+            .map_err(|e| node_call(node, &format!("trust the replica of {name}"), e))?;
+        tracing::warn!(volume = %name, %node, "replica declared whole by an operator");
+        self.volume(name)
+    }
+
     /// Gives a tiebreaker to every two-replica volume without one, where a node is free
     /// for it (volumes created while only their two nodes were online).
     pub(crate) fn settle_tiebreakers(&self) {

@@ -376,7 +376,10 @@ impl Snapshot<'_> {
                 ),
                 VolumeState::Failed => (
                     Severity::Error,
-                    "no usable UpToDate replica: check the failed disks and node logs".into(),
+                    "no usable UpToDate replica: check the failed disks and node logs; if every \
+                     replica's disk failed, repair them, restart their nodes, and declare the one \
+                     that failed last whole with `tandem volume trust NAME --node NODE`"
+                        .into(),
                 ),
             };
             let detail: Vec<String> = v

@@ -147,6 +147,11 @@ pub struct Superblock {
     /// have it open, so a crash is visible at the next start.
     pub clean: bool,
     pub generations: Generations,
+    /// The generation at which the data was last whole (the current one while
+    /// UpToDate). A replica whose disk failed keeps it: once repaired, it tells
+    /// whether this replica held the data last (0: not recorded, as by the first
+    /// release).
+    pub whole_at: GenerationId,
     pub peers: Vec<PeerSlot>,
     pub layout: Layout,
     /// Creation time, seconds since the Unix epoch.
@@ -169,6 +174,7 @@ impl Superblock {
                 current: volume.generation,
                 ..Default::default()
             },
+            whole_at: volume.generation,
             peers: Vec::new(),
             layout: Layout::standard(),
             created,
@@ -219,6 +225,9 @@ const O_NAME: usize = 121;
 const O_PEER_COUNT: usize = 192;
 const O_PEERS: usize = 193;
 const PEER_ENTRY: usize = 16;
+/// After the 31 peer entries (zero in a slot written before it existed).
+const O_WHOLE_AT: usize = 696;
+const _: () = assert!(O_PEERS + MAX_PEERS * PEER_ENTRY <= O_WHOLE_AT);
 
 const FLAG_THICK: u16 = 1 << 0;
 const FLAG_READ_ONLY: u16 = 1 << 1;
@@ -291,6 +300,7 @@ fn encode(sb: &Superblock, seq: u64) -> Box<[u8; SLOT_SIZE]> {
         b[at] = p.node.get();
         put_u64(&mut b[..], at + 8, p.bitmap_generation.0);
     }
+    put_u64(&mut b[..], O_WHOLE_AT, sb.whole_at.0);
     let crc = crc32c::crc32c(&b[..CRC_AT]);
     put_u32(&mut b[..], CRC_AT, crc);
     b
@@ -413,6 +423,7 @@ fn decode_fields(b: &[u8]) -> Result<Superblock, String> {
             bitmap: generation(1),
             history: [generation(2), generation(3)],
         },
+        whole_at: GenerationId(get_u64(b, O_WHOLE_AT)),
         peers,
         layout,
         created: get_u64(b, O_CREATED),
@@ -677,6 +688,7 @@ mod tests {
             bitmap_generation: GenerationId(77),
         });
         sb.generations.history = [GenerationId(5), GenerationId(6)];
+        sb.whole_at = GenerationId(5);
         sb
     }
 

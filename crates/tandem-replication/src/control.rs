@@ -175,6 +175,9 @@ pub(crate) struct Control {
     /// no majority confirmed yet (no write was acknowledged in it). A whole replica
     /// taking a Primary's generation holds its writes, so it takes it as confirmed.
     pub confirmed: u64,
+    /// The generation at which this replica's data was last whole: its current one
+    /// while UpToDate, kept when it fails (see [`Event::Trust`]).
+    pub whole_at: u64,
     pub peers: Vec<PeerControl>,
 }
 
@@ -258,6 +261,13 @@ pub(crate) enum Event {
     LocalIoError,
     /// An operator discards the local replica's data.
     Invalidate,
+    /// An operator declares the local replica's data whole as it is, on a volume
+    /// with no whole replica left (the disks of every replica failed in turn, then
+    /// were repaired): it becomes UpToDate at generation `next`, descending from the
+    /// one at which its data was last whole, and resyncs the others. Refused unless
+    /// every other replica is connected and none followed writes made after that
+    /// point (the replica whose disk failed last is the one to trust).
+    Trust { next: u64 },
     /// The volume was rolled back to a snapshot, closed everywhere: every participant
     /// starts data generation `generation` together; this replica `holds` the
     /// snapshot's data now, or (a replica without the snapshot) nothing of its own.
@@ -472,6 +482,7 @@ impl Control {
         self.replica
             && (self.disk != other.disk
                 || self.gens != other.gens
+                || self.whole_at != other.whole_at
                 || self
                     .peers
                     .iter()
@@ -944,6 +955,49 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 actions.extend([Action::Detached, Action::Announce]);
             }
         }
+        Event::Trust { next } => {
+            if !n.replica {
+                return Err(Refused("this node holds no replica".into()));
+            }
+            if n.writers > 0 {
+                return Err(Refused(
+                    "the volume is open on this node; close it first".into(),
+                ));
+            }
+            if n.disk == DiskState::UpToDate {
+                return Err(Refused("this node's replica is UpToDate already".into()));
+            }
+            if n.whole_at == 0 {
+                return Err(Refused(
+                    "this replica's data was never recorded whole: it cannot be trusted".into(),
+                ));
+            }
+            for p in n.peers.iter().filter(|p| p.kind.diskful()) {
+                let Some(s) = p.remote.filter(|_| p.connected()) else {
+                    return Err(Refused(format!(
+                        "node id {} is not connected: its replica may hold newer data (connect every replica's node first)",
+                        p.id
+                    )));
+                };
+                if s.disk == DiskState::UpToDate {
+                    return Err(Refused(format!(
+                        "node id {} holds whole data: it resyncs this replica",
+                        p.id
+                    )));
+                }
+                if s.generation != n.whole_at && p.history.contains(&n.whole_at) {
+                    return Err(Refused(format!(
+                        "node id {} followed writes made after this replica's data was last whole (generation {:016x}): another replica failed after this one and holds newer data",
+                        p.id, n.whole_at
+                    )));
+                }
+            }
+            n.gens.current = GenerationId(n.whole_at);
+            n.disk = DiskState::UpToDate;
+            n.adopt_generation(*next);
+            actions.push(Action::Announce);
+            reconnect(&mut n, &mut actions);
+        }
         Event::Invalidate => {
             if !n.replica {
                 return Err(Refused("this node holds no replica".into()));
@@ -1021,6 +1075,9 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             }
             actions.push(Action::Announce);
         }
+    }
+    if n.up_to_date() {
+        n.whole_at = n.gens.current.0;
     }
     Ok((n, actions))
 }

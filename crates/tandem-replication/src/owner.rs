@@ -92,6 +92,7 @@ impl Owner {
         let result = local.update_superblock(|sb| {
             sb.disk_state = next.disk;
             sb.generations = next.gens;
+            sb.whole_at = GenerationId(next.whole_at);
             for slot in &mut sb.peers {
                 if let Some(p) = next.peer(slot.node) {
                     slot.bitmap_generation = GenerationId(p.mark);
@@ -124,6 +125,7 @@ impl Event {
                 | Event::PromotionAsked { .. }
                 | Event::PromotionStarted { .. }
                 | Event::Invalidate
+                | Event::Trust { .. }
                 | Event::Opened
                 | Event::PeerState { .. }
                 | Event::ResyncRetry { .. }

@@ -236,6 +236,10 @@ fn initial_control(spec: &VolumeSpec, me: &Participant, local: Option<&Volume>) 
         // Not recorded: taken as confirmed, so a restart never makes this replica
         // look newer than it is.
         confirmed: sb.as_ref().map_or(0, |sb| sb.generations.current.0),
+        whole_at: sb.as_ref().map_or(0, |sb| match sb.disk_state {
+            DiskState::UpToDate => sb.generations.current.0,
+            _ => sb.whole_at.0,
+        }),
         peers,
     }
 }
@@ -1836,6 +1840,22 @@ impl ReplicatedVolume {
         self.apply(Event::Invalidate)
             .map_err(|refused| format!("volume {}: {refused}", self.name))?;
         tracing::warn!(volume = %self.name, "local replica invalidated: a full resync follows");
+        Ok(())
+    }
+
+    /// Declares the local replica whole as it is (see [`Event::Trust`]).
+    pub fn trust(&self) -> Result<(), String> {
+        if self.local.is_none() {
+            return Err(format!(
+                "node {} holds no replica of volume {}",
+                self.my_node, self.name
+            ));
+        }
+        let next = GenerationId::random().0;
+        self.apply(Event::Trust { next })
+            .map_err(|refused| format!("volume {}: {refused}", self.name))?;
+        tracing::warn!(volume = %self.name, generation = format!("{next:016x}"),
+            "local replica declared whole by an operator: the others are resynced from it");
         Ok(())
     }
 

@@ -48,6 +48,7 @@ pub fn router(node: Arc<Node>, candidate: Option<Arc<Candidate>>) -> Router {
         .route("/v1/node/snapshots", get(all_snapshots))
         .route("/v1/node/volumes/{name}/resolve", post(resolve))
         .route("/v1/node/volumes/{name}/invalidate", post(invalidate))
+        .route("/v1/node/volumes/{name}/trust", post(trust))
         .route("/v1/node/volumes/{name}/verify", post(verify))
         .route(
             "/v1/node/volumes/{name}/snapshots",
@@ -647,6 +648,14 @@ async fn invalidate(
 ) -> Result<impl IntoResponse, Failure> {
     let name = volume_name(&name)?;
     Ok(Json(blocking(move || node.invalidate(&name)).await?))
+}
+
+async fn trust(
+    State(node): Shared,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let name = volume_name(&name)?;
+    Ok(Json(blocking(move || node.trust(&name)).await?))
 }
 
 /// Runs online verify; answers the number of differing 4 KiB blocks per peer.

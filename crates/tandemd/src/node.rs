@@ -627,6 +627,14 @@ impl Node {
         Ok(volume.status())
     }
 
+    /// Declares this node's replica whole as it is, on a volume with none left (see
+    /// `ReplicatedVolume::trust`).
+    pub fn trust(&self, name: &VolumeName) -> Result<VolumeStatus, NodeError> {
+        let volume = self.replica(name)?;
+        volume.trust().map_err(NodeError::Refused)?;
+        Ok(volume.status())
+    }
+
     /// Takes a snapshot of a replicated volume on every replica it reaches, at one
     /// point of the write order. This node must be able to be Primary: it is already
     /// (the volume is open here), or becomes so for the snapshot when the volume is

@@ -68,6 +68,14 @@ pub enum VolumeCommand {
     },
     /// Compare the replicas by checksum; differing blocks are resynced.
     Verify { name: VolumeName },
+    /// Declare the replica on a node whole as it is, when no replica of the volume is
+    /// (the disks of every replica failed in turn, then were repaired); the others are
+    /// resynced from it. Refused for any but the replica that held the data last.
+    Trust {
+        name: VolumeName,
+        #[arg(long)]
+        node: NodeName,
+    },
     /// Delete a volume and all its replicas.
     Delete {
         name: VolumeName,
@@ -149,6 +157,11 @@ pub fn run(api: &Client, out: Output, cmd: &VolumeCommand) -> Result<(), CliErro
             };
             let v: ClusterVolume =
                 api.send("POST", &format!("/v1/volumes/{name}/replicas"), &req)?;
+            emit(out, &v, one);
+        }
+        VolumeCommand::Trust { name, node } => {
+            let req = OnNode { node: node.clone() };
+            let v: ClusterVolume = api.send("POST", &format!("/v1/volumes/{name}/trust"), &req)?;
             emit(out, &v, one);
         }
         VolumeCommand::Verify { name } => {

@@ -166,6 +166,7 @@ impl Sim {
                             ..Generations::default()
                         },
                         confirmed: if replica { 1 } else { 0 },
+                        whole_at: if replica { 1 } else { 0 },
                         peers,
                     },
                     data: [0; BLOCKS],

@@ -59,6 +59,11 @@ fn node(disk: DiskState, generation: u64) -> Control {
         disk,
         gens: gens(generation),
         confirmed: generation,
+        whole_at: if disk == DiskState::UpToDate {
+            generation
+        } else {
+            0
+        },
         peers: vec![
             PeerControl::new(id(2), ParticipantKind::Diskful, 0),
             PeerControl::new(id(3), ParticipantKind::Tiebreaker, 0),
@@ -940,6 +945,59 @@ fn local_failures_and_operator_requests() {
         actions.contains(&Action::Disconnect(id(2)))
             && actions.contains(&Action::Disconnect(id(3)))
     );
+}
+
+#[test]
+fn the_replica_whose_disk_failed_last_is_trusted_and_only_it() {
+    use DiskState::*;
+    // Both replicas of a two-replica volume failed in turn, then were repaired: node 2
+    // failed first (its data whole at G1), node 1 went on alone at G2, then failed too.
+    // Node 2 followed G2 without its data.
+    let last = Control {
+        whole_at: G2,
+        ..node(Failed, G2)
+    };
+    let first = Control {
+        whole_at: G1,
+        ..node(Failed, G2)
+    };
+    let peer_at = |c: Control, g, history| {
+        with_peer(up(c, 2, state(Role::Secondary, Failed, g)), 2, |p| {
+            p.history = history
+        })
+    };
+    let (n, actions) = step(
+        &peer_at(last.clone(), G2, [G1, 0, 0]),
+        &Event::Trust { next: G3 },
+    )
+    .unwrap();
+    assert_eq!((n.disk, n.gens.current.0, n.confirmed), (UpToDate, G3, G3));
+    assert_eq!(
+        n.gens.history[0].0, G2,
+        "the new line descends from where it was whole"
+    );
+    assert_eq!(n.whole_at, G3);
+    assert!(
+        actions.contains(&Action::Disconnect(id(2))),
+        "the others are resynced"
+    );
+    // The one that failed first: the other followed writes made after its data was
+    // last whole.
+    let e = step(&peer_at(first, G2, [G1, 0, 0]), &Event::Trust { next: G3 }).unwrap_err();
+    assert!(e.0.contains("failed after this one"), "{e}");
+    // Every other replica must be connected, and none whole.
+    let e = step(&last, &Event::Trust { next: G3 }).unwrap_err();
+    assert!(e.0.contains("is not connected"), "{e}");
+    let whole_peer = up(last.clone(), 2, state(Role::Secondary, UpToDate, G2));
+    let e = step(&whole_peer, &Event::Trust { next: G3 }).unwrap_err();
+    assert!(e.0.contains("holds whole data"), "{e}");
+    // Nothing to trust on a whole replica, an open one, or one never recorded whole.
+    assert!(step(&node(UpToDate, G1), &Event::Trust { next: G3 }).is_err());
+    let never = Control {
+        whole_at: 0,
+        ..peer_at(last.clone(), G2, [G1, 0, 0])
+    };
+    assert!(step(&never, &Event::Trust { next: G3 }).is_err());
 }
 
 #[test]
