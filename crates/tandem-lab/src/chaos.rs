@@ -58,6 +58,9 @@ pub struct Summary {
     pub differing: Vec<String>,
     pub stuck: Vec<String>,
     pub crashes: Vec<String>,
+    /// Volumes whose every replica had failed, each declared whole on the node the
+    /// product accepted (`tandem volume trust`, as `tandem health` advises).
+    pub trusted: Vec<String>,
 }
 
 impl Summary {
@@ -78,7 +81,7 @@ impl fmt::Display for Summary {
             .collect();
         write!(
             f,
-            "chaos seed={} faults[{}] acknowledged={} bytes={} changes={} failed={} lost={} differing={} stuck={} crashes={}",
+            "chaos seed={} faults[{}] acknowledged={} bytes={} changes={} failed={} lost={} differing={} stuck={} crashes={} trusted={}",
             self.seed,
             faults.join(" "),
             self.acknowledged,
@@ -88,7 +91,8 @@ impl fmt::Display for Summary {
             self.lost.len(),
             self.differing.len(),
             self.stuck.len(),
-            self.crashes.len()
+            self.crashes.len(),
+            self.trusted.len()
         )
     }
 }
@@ -424,6 +428,29 @@ pub fn run(cfg: &Config) -> Option<Summary> {
     Some(run.summary)
 }
 
+/// A volume whose every replica failed (their pools filled in turn, say) waits for an
+/// operator once its disks are repaired: does what `tandem health` advises, trusting
+/// each replica's node in turn until one is accepted (the node refuses all but the
+/// one that failed last). The node trusted, if any.
+fn trust_if_every_replica_failed(
+    cli: &impl Fn(&[&str]) -> Result<serde_json::Value, String>,
+    volume: &serde_json::Value,
+) -> Option<String> {
+    let diskful: Vec<&serde_json::Value> = (volume["participants"].as_array()?.iter())
+        .filter(|p| p["kind"] == "diskful")
+        .collect();
+    if diskful.is_empty() || diskful.iter().any(|p| p["disk"] != "Failed") {
+        return None;
+    }
+    let name = volume["name"].as_str()?;
+    diskful.iter().find_map(|p| {
+        let node = p["node"].as_str()?;
+        cli(&["volume", "trust", name, "--node", node])
+            .ok()
+            .map(|_| node.to_owned())
+    })
+}
+
 fn check(
     nodes: &[Node],
     writers: &[Writer],
@@ -434,6 +461,11 @@ fn check(
     let cli = |args: &[&str]| changes::cli_in(nodes[0].ns.as_deref(), apis, args);
     let up = poll(SETTLE, || {
         let list = cli(&["volume", "list", "--all"]).ok()?;
+        for v in list.as_array()? {
+            if let Some(node) = trust_if_every_replica_failed(&cli, v) {
+                summary.trusted.push(format!("{} on {node}", v["name"]));
+            }
+        }
         let behind: Vec<String> = (list.as_array()?.iter())
             .filter(|v| v["state"] != "UpToDate")
             .map(|v| format!("{}:{}", v["name"], v["state"]))
