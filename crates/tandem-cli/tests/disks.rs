@@ -383,8 +383,18 @@ fn when_every_replica_failed_in_turn_the_one_that_failed_last_is_trusted() {
     });
     let (_, report) = c.health();
     assert!(report.contains("tandem volume trust"), "{report}");
-    let err = c.fails(&["volume", "trust", "v", "--node", &first]);
-    assert!(err.contains("failed after this one"), "{err}");
+    // (Refused while the replicas' nodes are still connecting to each other, too.)
+    wait_for(
+        "trusting the first to fail is refused: the other failed after it",
+        CONVERGE,
+        &[],
+        || {
+            let err = c.fails(&["volume", "trust", "v", "--node", &first]);
+            err.contains("failed after this one")
+                .then_some(())
+                .ok_or(err)
+        },
+    );
     run(c.tandem().args(["volume", "trust", "v", "--node", &last]));
     c.wait_up_to_date(CONVERGE);
     for node in [&last, &first] {

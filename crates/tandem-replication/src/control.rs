@@ -76,6 +76,10 @@ pub(crate) struct PeerControl {
     /// The peer's earlier generations, newest first, as its Hello gave them and as
     /// its generation changed since.
     pub history: [u64; 3],
+    /// The newest of the peer's generations holding every acknowledged write of its
+    /// line, as its Hello gave it: for a replica whose disk failed, the one its data
+    /// was last whole at.
+    pub confirmed: u64,
     pub sync: Sync,
     /// This replica's generation when it started tracking changes for the peer (0: it
     /// tracks none). Stored in the superblock.
@@ -107,6 +111,7 @@ impl PeerControl {
             link: Link::Down,
             remote: None,
             history: [0; 3],
+            confirmed: 0,
             sync: Sync::Idle,
             mark,
             deferred: false,
@@ -257,8 +262,9 @@ pub(crate) enum Event {
     /// A write is about to leave for `receiving` only: if a replica that stops
     /// receiving writes still shares the current generation, start generation `next`.
     Rotate { receiving: Vec<NodeId>, next: u64 },
-    /// The local replica failed an I/O.
-    LocalIoError,
+    /// The local replica failed an I/O. On a Primary, its writes go on to the peers in
+    /// generation `next`: see the handler.
+    LocalIoError { next: u64 },
     /// An operator discards the local replica's data.
     Invalidate,
     /// An operator declares the local replica's data whole as it is, on a volume
@@ -587,7 +593,12 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 *state,
                 them,
                 (*my_dirty, theirs),
-            )?
+            )?;
+            if let Ok(p) = n.peer_mut(*peer)
+                && p.epoch() == Some(*epoch)
+            {
+                p.confirmed = *their_confirmed;
+            }
         }
         Event::Disconnected { peer, epoch } => {
             let Ok(p) = n.peer_mut(*peer) else {
@@ -946,13 +957,26 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             }
             actions.extend([Action::NewGeneration(*next), Action::Announce]);
         }
-        Event::LocalIoError => {
+        Event::LocalIoError { next } => {
             if !n.replica {
                 return Err(Refused("this node holds no replica".into()));
             }
             if n.disk != DiskState::Failed {
                 n.disk = DiskState::Failed;
                 actions.extend([Action::Detached, Action::Announce]);
+                if n.writers > 0 {
+                    // The Primary's own replica stops taking its writes, as a peer's
+                    // does when it misses one: the others move on to a new generation
+                    // before the next write is acknowledged. A dead disk keeps the
+                    // generation it had, which once repaired is one they moved on
+                    // from: it is resynced, and never passes for whole (nor sends the
+                    // extents its crash left in the activity log to them).
+                    let g = &mut n.gens;
+                    g.history = [g.bitmap, g.history[0]];
+                    g.bitmap = g.current;
+                    g.current = GenerationId(*next);
+                    actions.push(Action::NewGeneration(*next));
+                }
             }
         }
         Event::Trust { next } => {
@@ -985,16 +1009,51 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                         p.id
                     )));
                 }
-                if s.generation != n.whole_at && p.history.contains(&n.whole_at) {
+                // Where the peer's data was last whole, on the line of generations
+                // this replica followed (the same Primaries'): at or before its own
+                // whole point, or the peer holds newer data.
+                let line = [
+                    n.gens.current,
+                    n.gens.bitmap,
+                    n.gens.history[0],
+                    n.gens.history[1],
+                ]
+                .map(|g| g.0);
+                let at = |g: u64| line.iter().position(|x| *x == g);
+                let newer = match (at(p.confirmed), at(n.whole_at)) {
+                    _ if p.confirmed == 0 || p.confirmed == n.whole_at => false,
+                    (Some(theirs), Some(mine)) => theirs < mine,
+                    _ => true,
+                };
+                if newer {
                     return Err(Refused(format!(
-                        "node id {} followed writes made after this replica's data was last whole (generation {:016x}): another replica failed after this one and holds newer data",
-                        p.id, n.whole_at
+                        "node id {} holds data whole at generation {:016x}, newer than this replica's ({:016x}): another replica failed after this one",
+                        p.id, p.confirmed, n.whole_at
                     )));
                 }
             }
-            n.gens.current = GenerationId(n.whole_at);
+            // A new line, descending from every generation this replica followed
+            // (the others are at one of them: they are found behind it, and resynced).
+            let old = [
+                n.gens.current,
+                n.gens.bitmap,
+                n.gens.history[0],
+                n.gens.history[1],
+            ];
+            let mut line = vec![GenerationId(*next)];
+            for g in old {
+                if g.0 != 0 && !line.contains(&g) {
+                    line.push(g);
+                }
+            }
+            line.resize(4, GenerationId(0));
+            n.gens = Generations {
+                current: line[0],
+                bitmap: line[1],
+                history: [line[2], line[3]],
+            };
             n.disk = DiskState::UpToDate;
-            n.adopt_generation(*next);
+            n.confirmed = *next;
             actions.push(Action::Announce);
             reconnect(&mut n, &mut actions);
         }

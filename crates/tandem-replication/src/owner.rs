@@ -61,7 +61,10 @@ impl Owner {
             Err(e) => {
                 tracing::error!(volume = %self.volume, error = %e, ?event,
                     "cannot store the volume's state; giving up the local replica");
-                let (failed, actions) = step(&control, &Event::LocalIoError)?;
+                let failure = Event::LocalIoError {
+                    next: GenerationId::random().0,
+                };
+                let (failed, actions) = step(&control, &failure)?;
                 // Failed is kept even if it cannot be stored either: the replica is not
                 // used again in this run, and a restart finds it behind its peers.
                 let _ = self.store(&control, &failed);

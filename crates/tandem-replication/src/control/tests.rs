@@ -341,7 +341,7 @@ fn a_replica_whose_disk_failed_follows_the_primarys_generation() {
         2,
         state(Role::Primary, DiskState::UpToDate, G1),
     );
-    let (failed, _) = step(&c, &Event::LocalIoError).unwrap();
+    let (failed, _) = step(&c, &Event::LocalIoError { next: G3 }).unwrap();
     let (n, actions) = step(
         &failed,
         &Event::PeerState {
@@ -923,16 +923,54 @@ fn the_primarys_state_moves_a_whole_replica_to_its_generation() {
 }
 
 #[test]
+fn a_primary_whose_disk_fails_has_its_peers_move_on_without_it() {
+    use DiskState::*;
+    let primary = Control {
+        writers: 1,
+        ..up(node(UpToDate, G1), 2, state(Role::Secondary, UpToDate, G1))
+    };
+    let (n, actions) = step(&primary, &Event::LocalIoError { next: G3 }).unwrap();
+    assert_eq!(
+        (n.disk, n.gens.current.0, n.gens.bitmap.0, n.whole_at),
+        (Failed, G3, G1, G1)
+    );
+    assert!(actions.contains(&Action::NewGeneration(G3)));
+    // A Secondary's failing disk starts none: the Primary does, as for any replica
+    // that misses its writes.
+    let (s, _) = step(&node(UpToDate, G1), &Event::LocalIoError { next: G3 }).unwrap();
+    assert_eq!(s.gens.current.0, G1);
+    // Back after a repair, its dead disk recorded UpToDate at G1 (the failure could
+    // not be written) and its crash's extents in the activity log: the peer, which
+    // moved on to G3, resyncs it in full, and it sends nothing.
+    let (back, _) = step(
+        &node(UpToDate, G1),
+        &Event::Connected {
+            peer: id(2),
+            epoch: 7,
+            state: state(Role::Secondary, UpToDate, G3),
+            their_mark: 0,
+            their_history: [G1, 0, 0],
+            their_confirmed: G3,
+            my_dirty: true,
+            theirs: vec![],
+        },
+    )
+    .unwrap();
+    assert_eq!(back.disk, Inconsistent);
+    assert_eq!(back.peer(id(2)).unwrap().sync, Sync::Target);
+}
+
+#[test]
 fn local_failures_and_operator_requests() {
     let c = node(DiskState::UpToDate, G1);
-    let (failed, actions) = step(&c, &Event::LocalIoError).unwrap();
+    let (failed, actions) = step(&c, &Event::LocalIoError { next: G3 }).unwrap();
     assert_eq!(failed.disk, DiskState::Failed);
     assert!(actions.contains(&Action::Detached));
-    let (again, actions) = step(&failed, &Event::LocalIoError).unwrap();
+    let (again, actions) = step(&failed, &Event::LocalIoError { next: G3 }).unwrap();
     assert_eq!((again, actions), (failed, vec![]));
     let mut diskless = c.clone();
     diskless.replica = false;
-    assert!(step(&diskless, &Event::LocalIoError).is_err());
+    assert!(step(&diskless, &Event::LocalIoError { next: G3 }).is_err());
     assert!(step(&diskless, &Event::Invalidate).is_err());
     let open = Control {
         writers: 1,
@@ -950,52 +988,55 @@ fn local_failures_and_operator_requests() {
 #[test]
 fn the_replica_whose_disk_failed_last_is_trusted_and_only_it() {
     use DiskState::*;
-    // Both replicas of a two-replica volume failed in turn, then were repaired: node 2
-    // failed first (its data whole at G1), node 1 went on alone at G2, then failed too.
-    // Node 2 followed G2 without its data.
-    let last = Control {
-        whole_at: G2,
-        ..node(Failed, G2)
+    const G4: u64 = 0x44;
+    // Both replicas of a two-replica volume failed in turn, then were repaired. Node
+    // "first" failed at G1 (its data whole there); the Primary, "last", went on alone
+    // at G2, and when its own disk failed its peers moved on to G4. Both followed the
+    // generations since without data: each is at G4, its Hello's confirmed generation
+    // the one its data was last whole at.
+    let failed = |bitmap: u64, history: [u64; 2], whole_at: u64| Control {
+        gens: Generations {
+            current: GenerationId(G4),
+            bitmap: GenerationId(bitmap),
+            history: history.map(GenerationId),
+        },
+        whole_at,
+        ..node(Failed, G4)
     };
-    let first = Control {
-        whole_at: G1,
-        ..node(Failed, G2)
-    };
-    let peer_at = |c: Control, g, history| {
-        with_peer(up(c, 2, state(Role::Secondary, Failed, g)), 2, |p| {
-            p.history = history
+    let last = failed(G2, [G1, 0], G2);
+    let first = failed(0, [G2, G1], G1);
+    let with_other = |c: Control, confirmed: u64| {
+        with_peer(up(c, 2, state(Role::Secondary, Failed, G4)), 2, |p| {
+            p.history = [G2, G1, 0];
+            p.confirmed = confirmed;
         })
     };
-    let (n, actions) = step(
-        &peer_at(last.clone(), G2, [G1, 0, 0]),
-        &Event::Trust { next: G3 },
-    )
-    .unwrap();
+    let (n, actions) = step(&with_other(last.clone(), G1), &Event::Trust { next: G3 }).unwrap();
     assert_eq!((n.disk, n.gens.current.0, n.confirmed), (UpToDate, G3, G3));
     assert_eq!(
-        n.gens.history[0].0, G2,
-        "the new line descends from where it was whole"
+        (n.gens.bitmap.0, n.gens.history.map(|g| g.0)),
+        (G4, [G2, G1]),
+        "the new line descends from every generation it followed"
     );
     assert_eq!(n.whole_at, G3);
     assert!(
         actions.contains(&Action::Disconnect(id(2))),
         "the others are resynced"
     );
-    // The one that failed first: the other followed writes made after its data was
-    // last whole.
-    let e = step(&peer_at(first, G2, [G1, 0, 0]), &Event::Trust { next: G3 }).unwrap_err();
-    assert!(e.0.contains("failed after this one"), "{e}");
+    // The one that failed first: the other's data was whole at a newer generation.
+    let e = step(&with_other(first, G2), &Event::Trust { next: G3 }).unwrap_err();
+    assert!(e.0.contains("another replica failed after this one"), "{e}");
     // Every other replica must be connected, and none whole.
     let e = step(&last, &Event::Trust { next: G3 }).unwrap_err();
     assert!(e.0.contains("is not connected"), "{e}");
-    let whole_peer = up(last.clone(), 2, state(Role::Secondary, UpToDate, G2));
+    let whole_peer = up(last.clone(), 2, state(Role::Secondary, UpToDate, G4));
     let e = step(&whole_peer, &Event::Trust { next: G3 }).unwrap_err();
     assert!(e.0.contains("holds whole data"), "{e}");
-    // Nothing to trust on a whole replica, an open one, or one never recorded whole.
+    // Nothing to trust on a whole replica, or on one never recorded whole.
     assert!(step(&node(UpToDate, G1), &Event::Trust { next: G3 }).is_err());
     let never = Control {
         whole_at: 0,
-        ..peer_at(last.clone(), G2, [G1, 0, 0])
+        ..with_other(last.clone(), G1)
     };
     assert!(step(&never, &Event::Trust { next: G3 }).is_err());
 }
