@@ -381,6 +381,17 @@ impl Control {
         self.replica && self.disk == DiskState::UpToDate
     }
 
+    /// The confirmed generation a Hello gives: for a replica whose disk failed, the
+    /// one its data was last whole at (it holds no acknowledged write after it; its
+    /// own confirmed generation may have moved on with the writes it went on
+    /// serving through its peers). [`Event::Trust`] on another replica compares it.
+    pub fn confirmed_for_peers(&self) -> u64 {
+        match self.disk {
+            DiskState::Failed if self.replica && self.whole_at != 0 => self.whole_at,
+            _ => self.confirmed,
+        }
+    }
+
     /// Whether the peer receives every write: it holds data (whole or being resynced)
     /// and is connected.
     pub fn receives_writes(&self, p: &PeerControl) -> bool {

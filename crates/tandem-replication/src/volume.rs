@@ -234,12 +234,8 @@ fn initial_control(spec: &VolumeSpec, me: &Participant, local: Option<&Volume>) 
         disk: sb.as_ref().map_or(DiskState::Diskless, |sb| sb.disk_state),
         gens: sb.as_ref().map(|sb| sb.generations).unwrap_or_default(),
         // Not recorded: taken as confirmed, so a restart never makes this replica
-        // look newer than it is; a failed replica's data was whole where it was last
-        // whole (its Hello tells, for `Event::Trust` on the others).
-        confirmed: sb.as_ref().map_or(0, |sb| match sb.disk_state {
-            DiskState::Failed if sb.whole_at.0 != 0 => sb.whole_at.0,
-            _ => sb.generations.current.0,
-        }),
+        // look newer than it is.
+        confirmed: sb.as_ref().map_or(0, |sb| sb.generations.current.0),
         whole_at: sb.as_ref().map_or(0, |sb| match sb.disk_state {
             DiskState::UpToDate => sb.generations.current.0,
             _ => sb.whole_at.0,
@@ -530,7 +526,7 @@ impl ReplicatedVolume {
             state: view.state(),
             bitmap_generation: view.peer(to).map_or(0, |p| p.mark),
             history: view.history(),
-            confirmed: view.confirmed,
+            confirmed: view.confirmed_for_peers(),
         }
     }
 

@@ -1005,6 +1005,11 @@ fn the_replica_whose_disk_failed_last_is_trusted_and_only_it() {
     };
     let last = failed(G2, [G1, 0], G2);
     let first = failed(0, [G2, G1], G1);
+    // What their Hellos give as confirmed, for each other.
+    assert_eq!(
+        (last.confirmed_for_peers(), first.confirmed_for_peers()),
+        (G2, G1)
+    );
     let with_other = |c: Control, confirmed: u64| {
         with_peer(up(c, 2, state(Role::Secondary, Failed, G4)), 2, |p| {
             p.history = [G2, G1, 0];
