@@ -381,6 +381,18 @@ impl Control {
         self.replica && self.disk == DiskState::UpToDate
     }
 
+    /// The mark a Hello to `peer` gives: this replica's generation when it started
+    /// tracking changes for the peer. A node without data tracks none, but as Primary
+    /// it knows which replicas missed its writes since it started its generation (see
+    /// [`PeerControl::fenced`]): for those, the generation it moved on from.
+    pub fn mark_for_hello(&self, peer: NodeId) -> u64 {
+        match self.peer(peer) {
+            Some(p) if self.replica => p.mark,
+            Some(p) if p.fenced != 0 && p.fenced == self.gens.current.0 => self.gens.bitmap.0,
+            _ => 0,
+        }
+    }
+
     /// The confirmed generation a Hello gives: for a replica whose disk failed, the
     /// one its data was last whole at (it holds no acknowledged write after it; its
     /// own confirmed generation may have moved on with the writes it went on
@@ -1251,7 +1263,17 @@ fn connected(
         Direction::Target => Sync::Target,
         _ => Sync::Idle,
     };
-    hear_generation(n, actions, id, state, sync, None);
+    // A Primary without data moved on from this replica's generation by one step and
+    // does not hold it among the replicas that missed its writes since (its Hello's
+    // mark for this node is 0): this replica took every write of the new generation
+    // it sent, and follows it, as it would had the announcement not been lost with
+    // the connection before. (Else it heard of a generation it never had: left
+    // behind.)
+    let previous =
+        (state.role == Role::Primary && state.disk == DiskState::Diskless && them.mark == 0)
+            .then_some(them.history[0])
+            .filter(|g| *g != 0);
+    hear_generation(n, actions, id, state, sync, previous);
     let current = n.gens.current.0;
     let p = n.peer_mut(id)?;
     p.forget_connection();

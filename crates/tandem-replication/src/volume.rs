@@ -524,7 +524,7 @@ impl ReplicatedVolume {
             from: self.my_id,
             to,
             state: view.state(),
-            bitmap_generation: view.peer(to).map_or(0, |p| p.mark),
+            bitmap_generation: view.mark_for_hello(to),
             history: view.history(),
             confirmed: view.confirmed_for_peers(),
         }

@@ -961,6 +961,65 @@ fn a_primary_whose_disk_fails_has_its_peers_move_on_without_it() {
 }
 
 #[test]
+fn a_replica_follows_a_diskless_primary_whose_announcement_it_lost() {
+    use DiskState::*;
+    // A Primary without data (node 3) started G2 when another replica missed a write;
+    // its connection to this replica was replaced before the announcement arrived.
+    let hello = |mark| Event::Connected {
+        peer: id(3),
+        epoch: 7,
+        state: state(Role::Primary, Diskless, G2),
+        their_mark: mark,
+        their_history: [G1, 0, 0],
+        their_confirmed: G1,
+        my_dirty: false,
+        theirs: vec![],
+    };
+    let c = node(UpToDate, G1);
+    // It took every write of G2 it was sent (the Primary does not hold it among those
+    // that missed one): it follows.
+    let (n, _) = step(&c, &hello(0)).unwrap();
+    assert_eq!((n.disk, n.gens.current.0), (UpToDate, G2));
+    // It is the one that missed a write: left behind, to be resynced.
+    let (n, actions) = step(&c, &hello(G1)).unwrap();
+    assert_eq!((n.disk, n.gens.current.0), (Outdated, G1));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::LeftBehind { .. }))
+    );
+
+    // The Primary's side: its Hello marks the replica that missed its writes since it
+    // started G2, and only that one.
+    let diskless_primary = Control {
+        replica: false,
+        writers: 1,
+        disk: Diskless,
+        whole_at: 0,
+        peers: vec![
+            PeerControl::new(id(1), ParticipantKind::Diskful, 0),
+            PeerControl::new(id(2), ParticipantKind::Diskful, 0),
+        ],
+        ..node(Diskless, G1)
+    };
+    let d = up(
+        up(diskless_primary, 1, state(Role::Secondary, UpToDate, G1)),
+        2,
+        state(Role::Secondary, UpToDate, G1),
+    );
+    let (d, _) = step(
+        &d,
+        &Event::Rotate {
+            receiving: vec![id(1)],
+            next: G2,
+        },
+    )
+    .unwrap();
+    assert_eq!(d.gens.current.0, G2);
+    assert_eq!((d.mark_for_hello(id(1)), d.mark_for_hello(id(2))), (0, G1));
+}
+
+#[test]
 fn local_failures_and_operator_requests() {
     let c = node(DiskState::UpToDate, G1);
     let (failed, actions) = step(&c, &Event::LocalIoError { next: G3 }).unwrap();
