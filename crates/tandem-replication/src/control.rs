@@ -555,11 +555,23 @@ impl Control {
 
     /// A generation this replica had at some point, or recorded for a peer.
     fn knows_generation(&self, g: u64) -> bool {
+        self.line().contains(&g) || self.peers.iter().any(|p| p.mark == g)
+    }
+
+    /// As Primary, starts generation `next` for writes some replica no longer takes:
+    /// the current one becomes the bitmap generation (what a replica that stopped
+    /// there lacks is tracked from it).
+    fn start_generation(&mut self, next: u64) {
+        let g = &mut self.gens;
+        g.history = [g.bitmap, g.history[0]];
+        g.bitmap = g.current;
+        g.current = GenerationId(next);
+    }
+
+    /// This replica's generations, newest first: current, bitmap, history (0: none).
+    fn line(&self) -> [u64; 4] {
         let gens = &self.gens;
-        [gens.current, gens.bitmap, gens.history[0], gens.history[1]]
-            .iter()
-            .any(|x| x.0 == g)
-            || self.peers.iter().any(|p| p.mark == g)
+        [gens.current, gens.bitmap, gens.history[0], gens.history[1]].map(|g| g.0)
     }
 
     /// `g` becomes the current generation, the old one moving into history; and the
@@ -971,10 +983,7 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             for id in &missing {
                 n.begin_tracking(*id);
             }
-            let g = &mut n.gens;
-            g.history = [g.bitmap, g.history[0]];
-            g.bitmap = g.current;
-            g.current = GenerationId(*next);
+            n.start_generation(*next);
             for id in &missing {
                 n.peer_mut(*id)?.fenced = *next;
             }
@@ -994,92 +1003,12 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                     // generation it had, which once repaired is one they moved on
                     // from: it is resynced, and never passes for whole (nor sends the
                     // extents its crash left in the activity log to them).
-                    let g = &mut n.gens;
-                    g.history = [g.bitmap, g.history[0]];
-                    g.bitmap = g.current;
-                    g.current = GenerationId(*next);
+                    n.start_generation(*next);
                     actions.push(Action::NewGeneration(*next));
                 }
             }
         }
-        Event::Trust { next } => {
-            if !n.replica {
-                return Err(Refused("this node holds no replica".into()));
-            }
-            if n.writers > 0 {
-                return Err(Refused(
-                    "the volume is open on this node; close it first".into(),
-                ));
-            }
-            if n.disk == DiskState::UpToDate {
-                return Err(Refused("this node's replica is UpToDate already".into()));
-            }
-            if n.whole_at == 0 {
-                return Err(Refused(
-                    "this replica's data was never recorded whole: it cannot be trusted".into(),
-                ));
-            }
-            for p in n.peers.iter().filter(|p| p.kind.diskful()) {
-                let Some(s) = p.remote.filter(|_| p.connected()) else {
-                    return Err(Refused(format!(
-                        "node id {} is not connected: its replica may hold newer data (connect every replica's node first)",
-                        p.id
-                    )));
-                };
-                if s.disk == DiskState::UpToDate {
-                    return Err(Refused(format!(
-                        "node id {} holds whole data: it resyncs this replica",
-                        p.id
-                    )));
-                }
-                // Where the peer's data was last whole, on the line of generations
-                // this replica followed (the same Primaries'): at or before its own
-                // whole point, or the peer holds newer data.
-                let line = [
-                    n.gens.current,
-                    n.gens.bitmap,
-                    n.gens.history[0],
-                    n.gens.history[1],
-                ]
-                .map(|g| g.0);
-                let at = |g: u64| line.iter().position(|x| *x == g);
-                let newer = match (at(p.confirmed), at(n.whole_at)) {
-                    _ if p.confirmed == 0 || p.confirmed == n.whole_at => false,
-                    (Some(theirs), Some(mine)) => theirs < mine,
-                    _ => true,
-                };
-                if newer {
-                    return Err(Refused(format!(
-                        "node id {} holds data whole at generation {:016x}, newer than this replica's ({:016x}): another replica failed after this one",
-                        p.id, p.confirmed, n.whole_at
-                    )));
-                }
-            }
-            // A new line, descending from every generation this replica followed
-            // (the others are at one of them: they are found behind it, and resynced).
-            let old = [
-                n.gens.current,
-                n.gens.bitmap,
-                n.gens.history[0],
-                n.gens.history[1],
-            ];
-            let mut line = vec![GenerationId(*next)];
-            for g in old {
-                if g.0 != 0 && !line.contains(&g) {
-                    line.push(g);
-                }
-            }
-            line.resize(4, GenerationId(0));
-            n.gens = Generations {
-                current: line[0],
-                bitmap: line[1],
-                history: [line[2], line[3]],
-            };
-            n.disk = DiskState::UpToDate;
-            n.confirmed = *next;
-            actions.push(Action::Announce);
-            reconnect(&mut n, &mut actions);
-        }
+        Event::Trust { next } => trust(&mut n, &mut actions, *next)?,
         Event::Invalidate => {
             if !n.replica {
                 return Err(Refused("this node holds no replica".into()));
@@ -1162,6 +1091,75 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
         n.whole_at = n.gens.current.0;
     }
     Ok((n, actions))
+}
+
+/// See [`Event::Trust`].
+fn trust(n: &mut Control, actions: &mut Vec<Action>, next: u64) -> Result<(), Refused> {
+    if !n.replica {
+        return Err(Refused("this node holds no replica".into()));
+    }
+    if n.writers > 0 {
+        return Err(Refused(
+            "the volume is open on this node; close it first".into(),
+        ));
+    }
+    if n.disk == DiskState::UpToDate {
+        return Err(Refused("this node's replica is UpToDate already".into()));
+    }
+    if n.whole_at == 0 {
+        return Err(Refused(
+            "this replica's data was never recorded whole: it cannot be trusted".into(),
+        ));
+    }
+    let line = n.line();
+    let at = |g: u64| line.iter().position(|x| *x == g);
+    for p in n.peers.iter().filter(|p| p.kind.diskful()) {
+        let Some(s) = p.remote.filter(|_| p.connected()) else {
+            return Err(Refused(format!(
+                "node id {} is not connected: its replica may hold newer data (connect every replica's node first)",
+                p.id
+            )));
+        };
+        if s.disk == DiskState::UpToDate {
+            return Err(Refused(format!(
+                "node id {} holds whole data: it resyncs this replica",
+                p.id
+            )));
+        }
+        // Where the peer's data was last whole, on the line of generations this
+        // replica followed (the same Primaries'): at or before its own whole point,
+        // or the peer holds newer data.
+        let newer = match (at(p.confirmed), at(n.whole_at)) {
+            _ if p.confirmed == 0 || p.confirmed == n.whole_at => false,
+            (Some(theirs), Some(mine)) => theirs < mine,
+            _ => true,
+        };
+        if newer {
+            return Err(Refused(format!(
+                "node id {} holds data whole at generation {:016x}, newer than this replica's ({:016x}): another replica failed after this one",
+                p.id, p.confirmed, n.whole_at
+            )));
+        }
+    }
+    // A new line, descending from every generation this replica followed (the others
+    // are at one of them: they are found behind it, and resynced).
+    let mut gens = vec![next];
+    for g in line {
+        if g != 0 && !gens.contains(&g) {
+            gens.push(g);
+        }
+    }
+    gens.resize(4, 0);
+    n.gens = Generations {
+        current: GenerationId(gens[0]),
+        bitmap: GenerationId(gens[1]),
+        history: [GenerationId(gens[2]), GenerationId(gens[3])],
+    };
+    n.disk = DiskState::UpToDate;
+    n.confirmed = next;
+    actions.push(Action::Announce);
+    reconnect(n, actions);
+    Ok(())
 }
 
 fn reconnect(n: &mut Control, actions: &mut Vec<Action>) {
