@@ -152,6 +152,11 @@ pub struct Superblock {
     /// whether this replica held the data last (0: not recorded, as by the first
     /// release).
     pub whole_at: GenerationId,
+    /// The newest generation known to hold every acknowledged write of the replica's
+    /// line: the current one, unless it started one as Primary that no majority
+    /// confirmed before it stopped (0: not recorded, as by a release before it; then
+    /// the current one is taken).
+    pub confirmed: GenerationId,
     pub peers: Vec<PeerSlot>,
     pub layout: Layout,
     /// Creation time, seconds since the Unix epoch.
@@ -175,6 +180,7 @@ impl Superblock {
                 ..Default::default()
             },
             whole_at: volume.generation,
+            confirmed: volume.generation,
             peers: Vec::new(),
             layout: Layout::standard(),
             created,
@@ -227,6 +233,7 @@ const O_PEERS: usize = 193;
 const PEER_ENTRY: usize = 16;
 /// After the 31 peer entries (zero in a slot written before it existed).
 const O_WHOLE_AT: usize = 696;
+const O_CONFIRMED: usize = 704;
 const _: () = assert!(O_PEERS + MAX_PEERS * PEER_ENTRY <= O_WHOLE_AT);
 
 const FLAG_THICK: u16 = 1 << 0;
@@ -301,6 +308,7 @@ fn encode(sb: &Superblock, seq: u64) -> Box<[u8; SLOT_SIZE]> {
         put_u64(&mut b[..], at + 8, p.bitmap_generation.0);
     }
     put_u64(&mut b[..], O_WHOLE_AT, sb.whole_at.0);
+    put_u64(&mut b[..], O_CONFIRMED, sb.confirmed.0);
     let crc = crc32c::crc32c(&b[..CRC_AT]);
     put_u32(&mut b[..], CRC_AT, crc);
     b
@@ -424,6 +432,7 @@ fn decode_fields(b: &[u8]) -> Result<Superblock, String> {
             history: [generation(2), generation(3)],
         },
         whole_at: GenerationId(get_u64(b, O_WHOLE_AT)),
+        confirmed: GenerationId(get_u64(b, O_CONFIRMED)),
         peers,
         layout,
         created: get_u64(b, O_CREATED),
@@ -689,6 +698,7 @@ mod tests {
         });
         sb.generations.history = [GenerationId(5), GenerationId(6)];
         sb.whole_at = GenerationId(5);
+        sb.confirmed = GenerationId(6);
         sb
     }
 

@@ -512,6 +512,7 @@ impl Control {
             && (self.disk != other.disk
                 || self.gens != other.gens
                 || self.whole_at != other.whole_at
+                || self.confirmed != other.confirmed
                 || self
                     .peers
                     .iter()

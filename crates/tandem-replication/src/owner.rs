@@ -96,6 +96,7 @@ impl Owner {
             sb.disk_state = next.disk;
             sb.generations = next.gens;
             sb.whole_at = GenerationId(next.whole_at);
+            sb.confirmed = GenerationId(next.confirmed);
             for slot in &mut sb.peers {
                 if let Some(p) = next.peer(slot.node) {
                     slot.bitmap_generation = GenerationId(p.mark);

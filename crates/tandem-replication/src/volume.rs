@@ -233,9 +233,14 @@ fn initial_control(spec: &VolumeSpec, me: &Participant, local: Option<&Volume>) 
         two_primaries: spec.options.allow_two_primaries,
         disk: sb.as_ref().map_or(DiskState::Diskless, |sb| sb.disk_state),
         gens: sb.as_ref().map(|sb| sb.generations).unwrap_or_default(),
-        // Not recorded: taken as confirmed, so a restart never makes this replica
-        // look newer than it is.
-        confirmed: sb.as_ref().map_or(0, |sb| sb.generations.current.0),
+        // Recorded: a generation this node started as Primary and no majority
+        // confirmed stays unconfirmed across a restart (else its replica, moved apart
+        // from the others only by writes never acknowledged, would be split brain
+        // with them). Not recorded by older releases: the current one.
+        confirmed: sb.as_ref().map_or(0, |sb| match sb.confirmed.0 {
+            0 => sb.generations.current.0,
+            c => c,
+        }),
         whole_at: sb.as_ref().map_or(0, |sb| match sb.disk_state {
             DiskState::UpToDate => sb.generations.current.0,
             _ => sb.whole_at.0,
@@ -2054,6 +2059,27 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         v.write(offset, data, false, move |r| tx.send(r).unwrap());
         rx.recv().unwrap()
+    }
+
+    #[test]
+    fn a_generation_no_majority_confirmed_stays_unconfirmed_across_a_restart() {
+        // Seen in a chaos run: a Primary started a generation and lost quorum before
+        // any voter confirmed it, then was killed; restarted, it took that generation
+        // for confirmed, and the others (moved on from the one before) were split
+        // brain with it instead of resyncing it.
+        let dir = tempfile::tempdir().unwrap();
+        let v = lone_volume(dir.path());
+        let local = v.local().unwrap().clone();
+        local
+            .update_superblock(|sb| {
+                sb.generations.current = GenerationId(0x22);
+                sb.confirmed = GenerationId(0x11);
+            })
+            .unwrap();
+        let me = v.config().me.clone();
+        let again = ReplicatedVolume::new(v.spec(), me, Some(local), Arc::new(|_| {})).unwrap();
+        assert_eq!(again.view().confirmed, 0x11);
+        assert_eq!(again.hello(NodeId::new(1).unwrap()).confirmed, 0x11);
     }
 
     #[test]
