@@ -380,24 +380,32 @@ async fn status(
     })
 }
 
-async fn attach(
+/// A volume's route whose body names a node: `op` on the controller.
+async fn on_node(
     State(c): Shared,
     path: Result<Path<VolumeName>, PathRejection>,
     body: Result<Json<OnNode>, JsonRejection>,
-) -> Result<impl IntoResponse, Failure> {
+    op: fn(&Controller, &VolumeName, &NodeName) -> Result<tandem_api::ClusterVolume, Refusal>,
+) -> Result<Json<tandem_api::ClusterVolume>, Failure> {
     let Path(name) = path?;
     let Json(req) = body?;
-    Ok(Json(blocking(move || c.attach(&name, &req.node)).await?))
+    Ok(Json(blocking(move || op(&c, &name, &req.node)).await?))
+}
+
+async fn attach(
+    c: Shared,
+    path: Result<Path<VolumeName>, PathRejection>,
+    body: Result<Json<OnNode>, JsonRejection>,
+) -> Result<Json<tandem_api::ClusterVolume>, Failure> {
+    on_node(c, path, body, Controller::attach).await
 }
 
 async fn detach(
-    State(c): Shared,
+    c: Shared,
     path: Result<Path<VolumeName>, PathRejection>,
     body: Result<Json<OnNode>, JsonRejection>,
-) -> Result<impl IntoResponse, Failure> {
-    let Path(name) = path?;
-    let Json(req) = body?;
-    Ok(Json(blocking(move || c.detach(&name, &req.node)).await?))
+) -> Result<Json<tandem_api::ClusterVolume>, Failure> {
+    on_node(c, path, body, Controller::detach).await
 }
 
 async fn replicas(
@@ -413,13 +421,11 @@ async fn replicas(
 }
 
 async fn trust(
-    State(c): Shared,
+    c: Shared,
     path: Result<Path<VolumeName>, PathRejection>,
     body: Result<Json<OnNode>, JsonRejection>,
-) -> Result<impl IntoResponse, Failure> {
-    let Path(name) = path?;
-    let Json(req) = body?;
-    Ok(Json(blocking(move || c.trust(&name, &req.node)).await?))
+) -> Result<Json<tandem_api::ClusterVolume>, Failure> {
+    on_node(c, path, body, Controller::trust).await
 }
 
 async fn verify(
