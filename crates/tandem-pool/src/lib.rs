@@ -21,7 +21,7 @@ pub use buffer::Buffer;
 pub use changes::Span;
 pub use data::{CacheMode, DataFile, Extent, shares_blocks};
 pub use error::PoolError;
-pub use meta::{GenerationId, Generations, MetaError, NewVolume, Superblock};
+pub use meta::{GenerationId, Generations, HISTORY, MetaError, NewVolume, Superblock};
 pub use pool::{Entry, Pool, PoolStats};
 pub use volume::{Volume, VolumeHandle};
 

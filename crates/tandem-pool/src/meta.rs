@@ -55,12 +55,46 @@ impl GenerationId {
     }
 }
 
+/// Earlier generations a replica remembers besides its bitmap one. Each time a
+/// replica drops out under writes its peers start a generation, so a replica away
+/// through many faults must still find its own among theirs: else it is taken for
+/// unrelated data and never resynced.
+pub const HISTORY: usize = 30;
+
 /// The generation identifiers of a replica, as DRBD keeps them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Generations {
     pub current: GenerationId,
     pub bitmap: GenerationId,
-    pub history: [GenerationId; 2],
+    /// Newest first (0: none).
+    pub history: [GenerationId; HISTORY],
+}
+
+impl Generations {
+    /// Generations from a line, newest first: current, bitmap, then history. Missing
+    /// ones are 0; those beyond the history's depth are forgotten.
+    pub fn from_line(line: impl IntoIterator<Item = u64>) -> Self {
+        let mut all = line.into_iter().map(GenerationId);
+        let mut next = || all.next().unwrap_or_default();
+        Generations {
+            current: next(),
+            bitmap: next(),
+            history: std::array::from_fn(|_| next()),
+        }
+    }
+
+    /// Its generations, newest first: current, bitmap, then history.
+    pub fn line(&self) -> impl Iterator<Item = GenerationId> + '_ {
+        [self.current, self.bitmap]
+            .into_iter()
+            .chain(self.history.iter().copied())
+    }
+
+    /// `g` becomes the newest earlier generation; the oldest is forgotten.
+    pub fn remember(&mut self, g: GenerationId) {
+        self.history.rotate_right(1);
+        self.history[0] = g;
+    }
 }
 
 /// A peer this replica tracks changes for: the bitmap slot belongs to that node id.
@@ -234,6 +268,10 @@ const PEER_ENTRY: usize = 16;
 /// After the 31 peer entries (zero in a slot written before it existed).
 const O_WHOLE_AT: usize = 696;
 const O_CONFIRMED: usize = 704;
+/// The history beyond the two earlier generations the first release kept (0 in its
+/// files: none).
+const O_MORE_HISTORY: usize = 712;
+const _: () = assert!(O_MORE_HISTORY + 8 * (HISTORY - 2) <= CRC_AT);
 const _: () = assert!(O_PEERS + MAX_PEERS * PEER_ENTRY <= O_WHOLE_AT);
 
 const FLAG_THICK: u16 = 1 << 0;
@@ -287,11 +325,12 @@ fn encode(sb: &Superblock, seq: u64) -> Box<[u8; SLOT_SIZE]> {
         | (sb.clean as u16 * FLAG_CLEAN);
     put_u16(&mut b[..], O_FLAGS, flags);
     let g = &sb.generations;
-    for (i, id) in [g.current, g.bitmap, g.history[0], g.history[1]]
-        .iter()
-        .enumerate()
-    {
-        put_u64(&mut b[..], O_GENERATIONS + 8 * i, id.0);
+    for (i, id) in g.line().enumerate() {
+        let at = match i {
+            0..4 => O_GENERATIONS + 8 * i,
+            _ => O_MORE_HISTORY + 8 * (i - 4),
+        };
+        put_u64(&mut b[..], at, id.0);
     }
     put_u64(&mut b[..], O_CREATED, sb.created);
     put_u64(&mut b[..], O_AL_OFFSET, sb.layout.al_offset);
@@ -383,7 +422,9 @@ fn decode_fields(b: &[u8]) -> Result<Superblock, String> {
     if flags & !KNOWN_FLAGS != 0 {
         return Err(format!("unknown flags {flags:#x}"));
     }
-    let generation = |i: usize| GenerationId(get_u64(b, O_GENERATIONS + 8 * i));
+    let generations = (0..4)
+        .map(|i| get_u64(b, O_GENERATIONS + 8 * i))
+        .chain((0..HISTORY - 2).map(|i| get_u64(b, O_MORE_HISTORY + 8 * i)));
     let layout = Layout {
         al_offset: get_u64(b, O_AL_OFFSET),
         al_blocks: get_u32(b, O_AL_BLOCKS),
@@ -426,11 +467,7 @@ fn decode_fields(b: &[u8]) -> Result<Superblock, String> {
         thick: flags & FLAG_THICK != 0,
         read_only: flags & FLAG_READ_ONLY != 0,
         clean: flags & FLAG_CLEAN != 0,
-        generations: Generations {
-            current: generation(0),
-            bitmap: generation(1),
-            history: [generation(2), generation(3)],
-        },
+        generations: Generations::from_line(generations),
         whole_at: GenerationId(get_u64(b, O_WHOLE_AT)),
         confirmed: GenerationId(get_u64(b, O_CONFIRMED)),
         peers,
@@ -696,7 +733,10 @@ mod tests {
             node: NodeId::new(2).unwrap(),
             bitmap_generation: GenerationId(77),
         });
-        sb.generations.history = [GenerationId(5), GenerationId(6)];
+        for g in [6, 5, 4, 3, 2, 1] {
+            sb.generations.remember(GenerationId(g));
+        }
+        sb.generations.history[HISTORY - 1] = GenerationId(99);
         sb.whole_at = GenerationId(5);
         sb.confirmed = GenerationId(6);
         sb

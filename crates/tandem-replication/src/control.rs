@@ -12,11 +12,11 @@
 //! path reads, then runs the actions.
 
 use tandem_api::{DiskState, NodeId, ParticipantKind, Role};
-use tandem_pool::{GenerationId, Generations};
+use tandem_pool::{GenerationId, Generations, HISTORY};
 
 use crate::handshake::{self, Direction, Side};
 use crate::promotion;
-use crate::wire::State;
+use crate::wire::{History, State};
 
 /// The connection to a peer, as far as the volume's behaviour goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub(crate) struct PeerControl {
     pub remote: Option<State>,
     /// The peer's earlier generations, newest first, as its Hello gave them and as
     /// its generation changed since.
-    pub history: [u64; 3],
+    pub history: History,
     /// The newest of the peer's generations holding every acknowledged write of its
     /// line, as its Hello gave it: for a replica whose disk failed, the one its data
     /// was last whole at.
@@ -110,7 +110,7 @@ impl PeerControl {
             kind,
             link: Link::Down,
             remote: None,
-            history: [0; 3],
+            history: [0; HISTORY + 1],
             confirmed: 0,
             sync: Sync::Idle,
             mark,
@@ -197,7 +197,7 @@ pub(crate) enum Event {
         epoch: u64,
         state: State,
         their_mark: u64,
-        their_history: [u64; 3],
+        their_history: History,
         their_confirmed: u64,
         my_dirty: bool,
         theirs: Vec<(u64, u64)>,
@@ -502,8 +502,9 @@ impl Control {
     }
 
     /// The generations this node had before its current one, newest first.
-    pub fn history(&self) -> [u64; 3] {
-        [self.gens.bitmap, self.gens.history[0], self.gens.history[1]].map(|g| g.0)
+    pub fn history(&self) -> History {
+        let mut line = self.gens.line().skip(1);
+        std::array::from_fn(|_| line.next().unwrap_or_default().0)
     }
 
     /// Whether the persisted part (disk state, generations, bitmap generations) differs.
@@ -556,7 +557,7 @@ impl Control {
 
     /// A generation this replica had at some point, or recorded for a peer.
     fn knows_generation(&self, g: u64) -> bool {
-        self.line().contains(&g) || self.peers.iter().any(|p| p.mark == g)
+        self.line().any(|x| x == g) || self.peers.iter().any(|p| p.mark == g)
     }
 
     /// As Primary, starts generation `next` for writes some replica no longer takes:
@@ -564,15 +565,14 @@ impl Control {
     /// there lacks is tracked from it).
     fn start_generation(&mut self, next: u64) {
         let g = &mut self.gens;
-        g.history = [g.bitmap, g.history[0]];
+        g.remember(g.bitmap);
         g.bitmap = g.current;
         g.current = GenerationId(next);
     }
 
     /// This replica's generations, newest first: current, bitmap, history (0: none).
-    fn line(&self) -> [u64; 4] {
-        let gens = &self.gens;
-        [gens.current, gens.bitmap, gens.history[0], gens.history[1]].map(|g| g.0)
+    fn line(&self) -> impl Iterator<Item = u64> + '_ {
+        self.gens.line().map(|g| g.0)
     }
 
     /// `g` becomes the current generation, the old one moving into history; and the
@@ -580,13 +580,20 @@ impl Control {
     fn adopt_generation(&mut self, g: u64) {
         let gens = &mut self.gens;
         if gens.current.0 != g {
-            gens.history = [gens.current, gens.history[0]];
+            gens.remember(gens.current);
             gens.current = GenerationId(g);
         }
         if !self.replica || self.disk == DiskState::UpToDate {
             self.confirmed = g;
         }
     }
+}
+
+/// `history` with `g` as its newest generation; the oldest is forgotten.
+fn pushed(mut history: History, g: u64) -> History {
+    history.rotate_right(1);
+    history[0] = g;
+    history
 }
 
 fn require_up(c: &Control, peer: NodeId, epoch: u64) -> Result<(), Refused> {
@@ -861,7 +868,7 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
             // between two replicas of one line).
             let h = match p.remote.map(|s| s.generation) {
                 Some(reported) if reported != 0 && reported != *generation => {
-                    [reported, p.history[0], p.history[1]]
+                    pushed(p.history, reported)
                 }
                 _ => p.history,
             };
@@ -891,11 +898,7 @@ pub(crate) fn step(c: &Control, event: &Event) -> Result<Stepped, Refused> {
                 for q in n.peers.iter_mut().filter(|q| q.id != *peer) {
                     q.mark = 0;
                 }
-                n.gens = Generations {
-                    current: GenerationId(*generation),
-                    bitmap: GenerationId(h[0]),
-                    history: [GenerationId(h[1]), GenerationId(h[2])],
-                };
+                n.gens = Generations::from_line(std::iter::once(*generation).chain(h));
                 n.confirmed = *generation;
             }
             actions.extend([
@@ -1112,7 +1115,7 @@ fn trust(n: &mut Control, actions: &mut Vec<Action>, next: u64) -> Result<(), Re
             "this replica's data was never recorded whole: it cannot be trusted".into(),
         ));
     }
-    let line = n.line();
+    let line: Vec<u64> = n.line().collect();
     let at = |g: u64| line.iter().position(|x| *x == g);
     for p in n.peers.iter().filter(|p| p.kind.diskful()) {
         let Some(s) = p.remote.filter(|_| p.connected()) else {
@@ -1150,12 +1153,7 @@ fn trust(n: &mut Control, actions: &mut Vec<Action>, next: u64) -> Result<(), Re
             gens.push(g);
         }
     }
-    gens.resize(4, 0);
-    n.gens = Generations {
-        current: GenerationId(gens[0]),
-        bitmap: GenerationId(gens[1]),
-        history: [GenerationId(gens[2]), GenerationId(gens[3])],
-    };
+    n.gens = Generations::from_line(gens);
     n.disk = DiskState::UpToDate;
     n.confirmed = next;
     actions.push(Action::Announce);
@@ -1372,7 +1370,7 @@ fn peer_state(
     let was_primary = p.is_primary();
     let changed = p.remote != Some(state);
     if let Some(old) = p.remote.filter(|old| old.generation != state.generation) {
-        p.history = [old.generation, p.history[0], p.history[1]];
+        p.history = pushed(p.history, old.generation);
     }
     p.remote = Some(state);
     p.heard_at(state, current);

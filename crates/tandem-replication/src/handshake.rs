@@ -9,6 +9,8 @@
 
 use tandem_api::DiskState;
 
+use crate::wire::History;
+
 /// What one side of a connection says about its replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Side {
@@ -22,7 +24,7 @@ pub(crate) struct Side {
     /// a crash left in its activity log).
     pub dirty: bool,
     /// Its earlier generations (0: none).
-    pub history: [u64; 3],
+    pub history: History,
     /// Its data is a resync in progress (Inconsistent), or its disk failed: what it
     /// lacks is known only to its source, or everything, so another one sends
     /// everything.
@@ -45,7 +47,7 @@ impl Side {
         generation: u64,
         mark: u64,
         dirty: bool,
-        history: [u64; 3],
+        history: History,
         confirmed: u64,
         serving: bool,
     ) -> Side {
@@ -178,6 +180,7 @@ fn by_data(me: Side, peer: Side, me_first: bool) -> Direction {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::history;
     use Direction::*;
 
     const G1: u64 = 0x11;
@@ -190,7 +193,7 @@ mod tests {
             generation,
             mark,
             dirty,
-            history: [0; 3],
+            history: history(&[]),
             partial: false,
             confirmed: generation,
             serving: false,
@@ -200,7 +203,7 @@ mod tests {
     /// An UpToDate side that moved on from `earlier`.
     fn after(generation: u64, earlier: u64) -> Side {
         Side {
-            history: [earlier, 0, 0],
+            history: history(&[earlier]),
             ..side(true, generation, 0, false)
         }
     }
@@ -337,7 +340,7 @@ mod tests {
                 "they followed a line I never saw",
                 up(G1, 0, false),
                 Side {
-                    history: [G1, 0, 0],
+                    history: history(&[G1]),
                     ..behind(G2, 0, false)
                 },
                 true,
@@ -346,7 +349,7 @@ mod tests {
             (
                 "I followed a line they never saw",
                 Side {
-                    history: [G1, 0, 0],
+                    history: history(&[G1]),
                     ..behind(G2, 0, false)
                 },
                 up(G1, 0, false),
@@ -442,7 +445,7 @@ mod tests {
                             for confirmed in [g, earlier] {
                                 for serving in [false, up] {
                                     sides.push(Side {
-                                        history: [earlier, 0, 0],
+                                        history: history(&[earlier]),
                                         partial: !up && dirty,
                                         confirmed,
                                         serving,

@@ -12,13 +12,15 @@ use std::io::{self, IoSlice, Read, Write};
 
 use tandem_api::{ClusterId, DiskState, NodeId, Role, VolumeId};
 pub use tandem_pool::Buffer;
+use tandem_pool::HISTORY;
 
 pub const MAGIC: u32 = 0x544e_4450;
 pub const HEADER_LEN: usize = 40;
 /// Protocol versions this build speaks.
 /// Version 2: the Hello carries the sender's earlier data generations.
-pub const VERSION_MIN: u16 = 2;
-pub const VERSION_MAX: u16 = 2;
+/// Version 3: and as many as a replica remembers (`HISTORY`), not 3.
+pub const VERSION_MIN: u16 = 3;
+pub const VERSION_MAX: u16 = 3;
 /// Largest payload accepted: one NBD request's worth.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// At most this many ranges travel in a handshake (64 KiB).
@@ -295,11 +297,21 @@ pub struct Hello {
     pub bitmap_generation: u64,
     /// The sender's earlier data generations, newest first (0: none), so that a
     /// replica the other moved on from is recognised as its ancestor.
-    pub history: [u64; 3],
+    pub history: History,
     /// The newest of the sender's generations known to hold every acknowledged write
     /// of its line: its current one, unless it started one that no majority
     /// confirmed (see `Control::confirmed`).
     pub confirmed: u64,
+}
+
+/// A replica's earlier data generations as its Hello gives them, newest first: its
+/// bitmap generation, then its history.
+pub type History = [u64; HISTORY + 1];
+
+/// A history of `newest` generations, newest first, and none before them.
+#[cfg(test)]
+pub(crate) fn history(newest: &[u64]) -> History {
+    std::array::from_fn(|i| newest.get(i).copied().unwrap_or_default())
 }
 
 /// A participant's role, disk state and data generation.
@@ -310,7 +322,8 @@ pub struct State {
     pub generation: u64,
 }
 
-pub(crate) const HELLO_LEN: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN + 8 + 3 * 8 + 8;
+pub(crate) const HELLO_LEN: usize = HISTORY_AT + 8 * (HISTORY + 1) + 8;
+const HISTORY_AT: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN + 8;
 const STATE_LEN: usize = 1 + 1 + 8;
 
 impl State {
@@ -362,7 +375,19 @@ impl Hello {
 
     pub fn decode(b: &[u8]) -> Result<Hello, WireError> {
         if b.len() != HELLO_LEN {
-            return Err(WireError::Malformed(format!("hello of {} bytes", b.len())));
+            // Versions never move, so an older or newer node is named as such.
+            let versions = match b {
+                [a, b, c, d, ..] => format!(
+                    " (the peer speaks protocol versions {}..={}, this node {VERSION_MIN}..={VERSION_MAX})",
+                    u16::from_be_bytes([*a, *b]),
+                    u16::from_be_bytes([*c, *d])
+                ),
+                _ => String::new(),
+            };
+            return Err(WireError::Malformed(format!(
+                "hello of {} bytes{versions}",
+                b.len()
+            )));
         }
         let node =
             |v: u8| NodeId::new(v).ok_or_else(|| WireError::Malformed(format!("node id {v}")));
@@ -376,8 +401,8 @@ impl Hello {
             to: node(b[37])?,
             state: State::decode(&b[38..38 + STATE_LEN])?,
             bitmap_generation: word(38 + STATE_LEN),
-            history: [0, 1, 2].map(|i| word(46 + STATE_LEN + 8 * i)),
-            confirmed: word(70 + STATE_LEN),
+            history: std::array::from_fn(|i| word(HISTORY_AT + 8 * i)),
+            confirmed: word(HISTORY_AT + 8 * (HISTORY + 1)),
         })
     }
 
@@ -445,7 +470,7 @@ mod tests {
                 generation: 42,
             },
             bitmap_generation: 41,
-            history: [40, 39, 0],
+            history: std::array::from_fn(|i| 41 - i as u64),
             confirmed: 40,
         };
         assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
@@ -461,6 +486,14 @@ mod tests {
             ..hello.clone()
         };
         assert_eq!(hello.agree(&future), None);
-        assert!(Hello::decode(&hello.encode()[..10]).is_err());
+        // A node of another version sends a Hello of another length: it is named.
+        let short = Hello::decode(&hello.encode()[..10])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            short.contains("hello of 10 bytes (the peer speaks protocol versions 1..=3"),
+            "{short}"
+        );
+        assert!(Hello::decode(&hello.encode()[..3]).is_err());
     }
 }

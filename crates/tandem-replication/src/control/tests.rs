@@ -1,4 +1,5 @@
 use super::*;
+use crate::wire::history;
 
 #[test]
 fn resync_state_changes_follow_the_table() {
@@ -88,7 +89,7 @@ fn connect(c: &Control, peer: u8, s: State, their_mark: u64, dirty: (bool, bool)
             epoch: 7,
             state: s,
             their_mark,
-            their_history: [0; 3],
+            their_history: history(&[]),
             their_confirmed: s.generation,
             my_dirty: dirty.0,
             theirs,
@@ -268,7 +269,7 @@ fn diverged_replicas_are_refused_and_keep_their_data() {
             epoch: 8,
             state: state(Role::Secondary, DiskState::UpToDate, G2),
             their_mark: 0,
-            their_history: [0; 3],
+            their_history: history(&[]),
             their_confirmed: 0,
             my_dirty: false,
             theirs: vec![],
@@ -864,6 +865,44 @@ fn a_replica_that_drops_again_before_catching_up_starts_no_new_generation() {
     assert!(drop(&sent).rotation_due(&[]));
 }
 
+/// Seen in a 15-minute chaos run: a replica away while its peers started one
+/// generation after another (one each time a replica dropped out under writes) was
+/// refused as unrelated data once its generation left their history, then 4 deep, and
+/// was never resynced.
+#[test]
+fn a_replica_away_through_many_generations_is_still_resynced() {
+    let mut primary = Control {
+        writers: 1,
+        ..node(DiskState::UpToDate, G1)
+    };
+    primary
+        .peers
+        .push(PeerControl::new(id(4), ParticipantKind::Diskful, 0));
+    // Node 2 stays away; node 4 drops out under writes, comes back, drops again.
+    let rotations = 24;
+    for next in 1..=rotations {
+        let back = with_peer(primary, 4, |p| p.fenced = 0);
+        let event = Event::Rotate {
+            receiving: vec![],
+            next: 0x100 + next,
+        };
+        primary = step(&back, &event).unwrap().0;
+    }
+    assert_eq!(primary.gens.current.0, 0x100 + rotations);
+    // No bitmap for node 2 tells what it lacks (one is kept only while this replica's
+    // data changes by writes alone; a resync from another clears it): only the
+    // generations place it.
+    let untracked = with_peer(primary, 2, |p| p.mark = 0);
+    let outdated = state(Role::Secondary, DiskState::Outdated, G1);
+    let (n, _) = connect(&untracked, 2, outdated, 0, (false, false));
+    let p = n.peer(id(2)).unwrap();
+    assert_eq!(
+        (&p.link, p.sync),
+        (&Link::Up { epoch: 7 }, Sync::Source { total: 0 }),
+        "node 2 is resynced"
+    );
+}
+
 #[test]
 fn the_primarys_state_moves_a_whole_replica_to_its_generation() {
     let c = up(
@@ -949,7 +988,7 @@ fn a_primary_whose_disk_fails_has_its_peers_move_on_without_it() {
             epoch: 7,
             state: state(Role::Secondary, UpToDate, G3),
             their_mark: 0,
-            their_history: [G1, 0, 0],
+            their_history: history(&[G1]),
             their_confirmed: G3,
             my_dirty: true,
             theirs: vec![],
@@ -970,7 +1009,7 @@ fn a_replica_follows_a_diskless_primary_whose_announcement_it_lost() {
         epoch: 7,
         state: state(Role::Primary, Diskless, G2),
         their_mark: mark,
-        their_history: [G1, 0, 0],
+        their_history: history(&[G1]),
         their_confirmed: G1,
         my_dirty: false,
         theirs: vec![],
@@ -1054,11 +1093,7 @@ fn the_replica_whose_disk_failed_last_is_trusted_and_only_it() {
     // generations since without data: each is at G4, its Hello's confirmed generation
     // the one its data was last whole at.
     let failed = |bitmap: u64, history: [u64; 2], whole_at: u64| Control {
-        gens: Generations {
-            current: GenerationId(G4),
-            bitmap: GenerationId(bitmap),
-            history: history.map(GenerationId),
-        },
+        gens: Generations::from_line([G4, bitmap].into_iter().chain(history)),
         whole_at,
         ..node(Failed, G4)
     };
@@ -1071,15 +1106,15 @@ fn the_replica_whose_disk_failed_last_is_trusted_and_only_it() {
     );
     let with_other = |c: Control, confirmed: u64| {
         with_peer(up(c, 2, state(Role::Secondary, Failed, G4)), 2, |p| {
-            p.history = [G2, G1, 0];
+            p.history = history(&[G2, G1]);
             p.confirmed = confirmed;
         })
     };
     let (n, actions) = step(&with_other(last.clone(), G1), &Event::Trust { next: G3 }).unwrap();
     assert_eq!((n.disk, n.gens.current.0, n.confirmed), (UpToDate, G3, G3));
     assert_eq!(
-        (n.gens.bitmap.0, n.gens.history.map(|g| g.0)),
-        (G4, [G2, G1]),
+        n.gens.line().map(|g| g.0).collect::<Vec<_>>()[..5],
+        [G3, G4, G2, G1, 0],
         "the new line descends from every generation it followed"
     );
     assert_eq!(n.whole_at, G3);
@@ -1109,11 +1144,7 @@ fn the_replica_whose_disk_failed_last_is_trusted_and_only_it() {
 fn a_rollback_starts_one_new_line_on_every_participant() {
     const G9: u64 = 0x99;
     let c = Control {
-        gens: Generations {
-            current: GenerationId(G1),
-            bitmap: GenerationId(G1),
-            history: [GenerationId(7), GenerationId(5)],
-        },
+        gens: Generations::from_line([G1, G1, 7, 5]),
         ..with_peer(node(DiskState::UpToDate, G1), 2, |p| {
             p.mark = G1;
             p.resync_due = true;
@@ -1236,7 +1267,7 @@ fn a_failed_replica_is_placed_by_the_generations_it_followed() {
         epoch: 7,
         state: state(Role::Secondary, DiskState::Failed, generation),
         their_mark: 0,
-        their_history: [0; 3],
+        their_history: history(&[]),
         // Where its data was last whole: long gone from every history.
         their_confirmed: 0x99,
         my_dirty: false,
@@ -1290,7 +1321,7 @@ fn a_resync_ending_at_a_newer_generation_keeps_the_one_the_source_reported() {
         n.gens
     );
     // A replica still at G2 is then behind this one, on its line, not diverged.
-    let behind = Side::replica(DiskState::UpToDate, G2, 0, false, [0; 3], G2, false);
+    let behind = Side::replica(DiskState::UpToDate, G2, 0, false, history(&[]), G2, false);
     let me = Side::replica(DiskState::UpToDate, G3, 0, false, n.history(), G3, false);
     assert_eq!(
         handshake::decide(me, behind, true),
