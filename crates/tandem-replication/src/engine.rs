@@ -332,11 +332,13 @@ fn read_hello(stream: &mut impl Read) -> Result<Hello, WireError> {
         )));
     }
     // Checked before its buffer is made: anyone reaching the port can announce one of
-    // the largest payloads.
-    if h.payload as usize != wire::HELLO_LEN {
+    // the largest payloads. One of another length, within reason, is read: it names
+    // the versions a node of another release speaks.
+    if h.payload as usize > wire::MAX_HELLO_LEN {
         return Err(WireError::Malformed(format!(
-            "hello of {} bytes",
-            h.payload
+            "hello of {} bytes (at most {})",
+            h.payload,
+            wire::MAX_HELLO_LEN
         )));
     }
     Hello::decode(&wire::read_payload(stream, h.payload)?)

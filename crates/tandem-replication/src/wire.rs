@@ -323,6 +323,8 @@ pub struct State {
 }
 
 pub(crate) const HELLO_LEN: usize = HISTORY_AT + 8 * (HISTORY + 1) + 8;
+/// The longest Hello read: any release's fits.
+pub(crate) const MAX_HELLO_LEN: usize = 4096;
 const HISTORY_AT: usize = 2 + 2 + 16 + 16 + 1 + 1 + STATE_LEN + 8;
 const STATE_LEN: usize = 1 + 1 + 8;
 

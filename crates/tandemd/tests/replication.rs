@@ -553,12 +553,16 @@ fn peer_message(kind: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// A Hello as node `from` to node `to` of the volume `spec` describes.
+/// A Hello of protocol version 3 or later, built by hand: it names this many earlier
+/// generations (version 2: 3).
+const EARLIER: usize = 31;
+
 fn hello(
     spec: &serde_json::Value,
     versions: (u16, u16),
     cluster: [u8; 16],
-    from: u8,
-    to: u8,
+    (from, to): (u8, u8),
+    earlier: usize,
 ) -> Vec<u8> {
     let hex = |s: &str| {
         (0..16)
@@ -571,8 +575,8 @@ fn hello(
     h.extend_from_slice(&cluster);
     h.extend_from_slice(&hex(spec["volume-id"].as_str().unwrap()));
     h.extend_from_slice(&[from, to, 0, 5]); // Secondary, DUnknown
-    // Generation, bitmap generation, three earlier generations, confirmed generation.
-    h.extend_from_slice(&[0u8; 48]);
+    // Generation, bitmap generation, the earlier generations, confirmed generation.
+    h.extend(std::iter::repeat_n(0u8, 8 * (3 + earlier)));
     peer_message(1, &h)
 }
 
@@ -618,17 +622,22 @@ fn malformed_and_foreign_peer_messages_end_only_their_connection() {
         ),
         (
             "foreign cluster",
-            hello(&spec, (2, 2), [0x77; 16], 1, 0),
+            hello(&spec, (3, 3), [0x77; 16], (1, 0), EARLIER),
             "belongs to cluster",
         ),
         (
             "future version",
-            hello(&spec, (9, 12), cluster, 1, 0),
+            hello(&spec, (9, 12), cluster, (1, 0), EARLIER),
             "no common protocol version",
         ),
         (
+            "older release",
+            hello(&spec, (2, 2), cluster, (1, 0), 3),
+            "the peer speaks protocol versions 2..=2, this node 3..=3",
+        ),
+        (
             "unknown node",
-            hello(&spec, (2, 2), cluster, 7, 0),
+            hello(&spec, (3, 3), cluster, (7, 0), EARLIER),
             "not a participant",
         ),
     ];
