@@ -355,6 +355,8 @@ fn bad_input_fails_clearly_and_changes_nothing() {
         ),
         ("POST", "/v1/nodes", "[]"),
         ("PATCH", "/v1/volumes/vm1", "{\"size\": \"big\"}"),
+        ("POST", "/v1/volumes/vm1/resolve", "{\"node\": 7}"),
+        ("POST", "/v1/volumes/vm1/trust", "{}"),
     ] {
         let r = http(method, &c.nodes[0].url(path), Some(body)).unwrap();
         assert_eq!(r.status, 400, "{method} {path} {body}: {}", r.body);
@@ -774,4 +776,72 @@ fn nodes_refuse_calls_from_a_deposed_controller() {
     // The cluster works on.
     run(c.tandem().args(["volume", "create", "e1", "--size", "16M"]));
     c.wait_up_to_date(CONVERGE);
+}
+
+/// The operator's way out of a split brain: the replica named gives up its data (here
+/// blocks only it holds, written behind its node's back, as the losing side's changes)
+/// and is resynced in full from the other.
+#[test]
+fn a_discarded_replica_is_resynced_in_full_from_the_other() {
+    use std::os::unix::fs::FileExt;
+    let mut c = Cluster::start("rs", 3);
+    run(c
+        .tandem()
+        .args(["volume", "create", "vm1", "--size", "64M"]));
+    let volumes = c.wait_up_to_date(CONVERGE);
+    let tiebreaker = Cluster::participants(&volumes[0], "tiebreaker").remove(0);
+    // The replica kept is not on the controller's node: it is stopped below.
+    let mut diskful = Cluster::participants(&volumes[0], "diskful");
+    diskful.sort_by_key(|n| n == "rs1");
+    let (keep, discard) = (diskful[0].clone(), diskful[1].clone());
+    qemu_io(&c.node(&keep).uri("vm1"), &["write -P 0x5a 0 8M", "flush"]);
+    c.wait_up_to_date(CONVERGE);
+    let theirs = c.node(&discard).data_file("vm1");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&theirs)
+        .unwrap();
+    f.write_all_at(&[0xee; 1 << 20], 4 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let e = c.fails(&["volume", "resolve", "vm1", "--discard", &tiebreaker]);
+    assert!(e.contains("holds no replica"), "{e}");
+    let v = c.json(&["volume", "resolve", "vm1", "--discard", &discard]);
+    assert_eq!(v["name"], "vm1", "{v:#}");
+    let (kept, given_up) = (c.node(&keep), c.node(&discard));
+    wait_for(
+        "the discarded replica holds the other's data",
+        CONVERGE,
+        &[kept, given_up],
+        || tandem_lab::first_difference(&kept.data_file("vm1"), &theirs).is_none(),
+    );
+    c.wait_up_to_date(CONVERGE);
+    let read = qemu_io(
+        &given_up.uri("vm1"),
+        &["read -P 0x5a 0 8M", "read -P 0 8M 56M"],
+    );
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+    let verify = c.json(&["volume", "verify", "vm1"]);
+    assert_eq!(verify["peers"][0]["differing-blocks"], 0, "{verify:#}");
+
+    // With the kept replica's node down, the other holds the only data: not discarded.
+    c.node_mut(&keep).kill();
+    wait_for("the controller sees the node down", CONVERGE, &[], || {
+        let v = c.json(&["volume", "show", "vm1"]);
+        let p = &v["participants"].as_array().unwrap();
+        p.iter()
+            .any(|p| p["node"] == keep.as_str() && p.get("disk").is_none())
+    });
+    let e = c.fails(&["volume", "resolve", "vm1", "--discard", &discard]);
+    assert!(e.contains("discarding it would leave none whole"), "{e}");
+    let v = c.json(&["volume", "show", "vm1"]);
+    let left = v["participants"].as_array().unwrap().iter();
+    let disks: Vec<_> = left
+        .map(|p| (p["node"].clone(), p["disk"].clone()))
+        .collect();
+    assert!(
+        disks.contains(&(discard.as_str().into(), "UpToDate".into())),
+        "{v:#}"
+    );
 }

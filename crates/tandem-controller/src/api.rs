@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tandem_api::{
@@ -88,12 +88,13 @@ fn routes(controller: Arc<Controller>) -> Router {
             get(volume).patch(resize_volume).delete(delete_volume),
         )
         .route("/v1/volumes/{volume}/status", get(status))
-        .route("/v1/volumes/{volume}/attach", post(attach))
-        .route("/v1/volumes/{volume}/detach", post(detach))
+        .route("/v1/volumes/{volume}/attach", on_node(Controller::attach))
+        .route("/v1/volumes/{volume}/detach", on_node(Controller::detach))
         .route("/v1/volumes/{volume}/adopt", post(adopt))
         .route("/v1/volumes/{volume}/replicas", post(replicas))
         .route("/v1/volumes/{volume}/verify", post(verify))
-        .route("/v1/volumes/{volume}/trust", post(trust))
+        .route("/v1/volumes/{volume}/trust", on_node(Controller::trust))
+        .route("/v1/volumes/{volume}/resolve", on_node(Controller::resolve))
         .route("/v1/snapshots", get(all_snapshots))
         .route(
             "/v1/volumes/{volume}/snapshots",
@@ -380,32 +381,19 @@ async fn status(
     })
 }
 
-/// A volume's route whose body names a node: `op` on the controller.
-async fn on_node(
-    State(c): Shared,
-    path: Result<Path<VolumeName>, PathRejection>,
-    body: Result<Json<OnNode>, JsonRejection>,
+/// `POST` on a volume's route whose body names a node: `op` on the controller.
+fn on_node(
     op: fn(&Controller, &VolumeName, &NodeName) -> Result<tandem_api::ClusterVolume, Refusal>,
-) -> Result<Json<tandem_api::ClusterVolume>, Failure> {
-    let Path(name) = path?;
-    let Json(req) = body?;
-    Ok(Json(blocking(move || op(&c, &name, &req.node)).await?))
-}
-
-async fn attach(
-    c: Shared,
-    path: Result<Path<VolumeName>, PathRejection>,
-    body: Result<Json<OnNode>, JsonRejection>,
-) -> Result<Json<tandem_api::ClusterVolume>, Failure> {
-    on_node(c, path, body, Controller::attach).await
-}
-
-async fn detach(
-    c: Shared,
-    path: Result<Path<VolumeName>, PathRejection>,
-    body: Result<Json<OnNode>, JsonRejection>,
-) -> Result<Json<tandem_api::ClusterVolume>, Failure> {
-    on_node(c, path, body, Controller::detach).await
+) -> MethodRouter<Arc<Controller>> {
+    post(
+        move |State(c): Shared,
+              path: Result<Path<VolumeName>, PathRejection>,
+              body: Result<Json<OnNode>, JsonRejection>| async move {
+            let Path(name) = path?;
+            let Json(req) = body?;
+            Ok::<_, Failure>(Json(blocking(move || op(&c, &name, &req.node)).await?))
+        },
+    )
 }
 
 async fn replicas(
@@ -418,14 +406,6 @@ async fn replicas(
     Ok(Json(
         blocking(move || c.change_replicas(&name, &req)).await?,
     ))
-}
-
-async fn trust(
-    c: Shared,
-    path: Result<Path<VolumeName>, PathRejection>,
-    body: Result<Json<OnNode>, JsonRejection>,
-) -> Result<Json<tandem_api::ClusterVolume>, Failure> {
-    on_node(c, path, body, Controller::trust).await
 }
 
 async fn verify(

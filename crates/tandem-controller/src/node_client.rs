@@ -7,7 +7,8 @@ use crate::model::Caller;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tandem_api::{
-    ApiError, NodeInfo, ReplicaReport, VolumeEvent, VolumeName, VolumeSpec, VolumeStatus,
+    ApiError, NodeInfo, NodeName, ReplicaReport, Resolve, VolumeEvent, VolumeName, VolumeSpec,
+    VolumeStatus,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -242,6 +243,17 @@ impl NodeClient {
 
     pub fn trust(&self, name: &VolumeName) -> Result<VolumeStatus, CallError> {
         self.send("POST", &format!("/v1/node/volumes/{name}/trust"), &())
+    }
+
+    pub fn resolve(
+        &self,
+        name: &VolumeName,
+        discard: &NodeName,
+    ) -> Result<VolumeStatus, CallError> {
+        let req = Resolve {
+            discard: discard.clone(),
+        };
+        self.send("POST", &format!("/v1/node/volumes/{name}/resolve"), &req)
     }
 
     pub fn verify(&self, name: &VolumeName) -> Result<serde_json::Value, CallError> {

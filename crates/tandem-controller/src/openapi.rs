@@ -227,6 +227,14 @@ fn operations() -> Vec<Operation> {
         ),
         (
             "post",
+            "/v1/volumes/{volume}/resolve",
+            "End a split brain, or a replica refused as unrelated data: the replica on the node named gives up its data and is resynced in full from the others; refused unless another replica is UpToDate",
+            Some("OnNode"),
+            200,
+            Some(schema("Volume")),
+        ),
+        (
+            "post",
             "/v1/volumes/{volume}/verify",
             "Compare replicas by checksum; differences are resynced",
             None,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tandem_api::{
     ChangeReplicas, ClusterInfo, ClusterNode, ClusterPool, ClusterVolume, CreateClusterVolume,
-    CreateNode, CreatePool, Group, GroupName, Health, KvCondition, KvEntry, NodeName,
+    CreateNode, CreatePool, DiskState, Group, GroupName, Health, KvCondition, KvEntry, NodeName,
     ParticipantKind, PoolName, StoreName, VolumeId, VolumeName,
 };
 
@@ -881,24 +881,62 @@ impl Controller {
     /// replicas all failed in turn, once their disks are repaired (see the replication
     /// engine's `Trust`; the node refuses any but the replica that held the data last).
     pub fn trust(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
-        let diskful = {
-            let d = self.desired();
-            let row = d.model.volumes.get(name).ok_or_else(|| no_volume(name))?;
-            row.participant(node).map(|p| p.kind.diskful())
-        };
-        if diskful != Some(true) {
-            return Err(Refusal::new(
-                RefusalKind::Conflict,
-                format!("node {node} holds no replica of volume {name}"),
-                "name a node holding one: `tandem volume show NAME` lists them",
-            ));
-        }
+        self.participants_if_replica_on(name, node)?;
         let client = self.client(node).ok_or_else(|| no_node(node))?;
         client
             .trust(name)
             .map_err(|e| node_call(node, &format!("trust the replica of {name}"), e))?;
         tracing::warn!(volume = %name, %node, "replica declared whole by an operator");
         self.volume(name)
+    }
+
+    /// Ends a split brain, or a replica refused as unrelated data: `node`'s replica of
+    /// `name` gives up its data and is resynced in full, and every other participant
+    /// reconnects (the node API's `resolve` on each, the discarded one first: if that
+    /// fails nothing changed). Refused unless another replica is UpToDate, which is
+    /// what the discarded one is resynced from.
+    pub fn resolve(&self, name: &VolumeName, node: &NodeName) -> Result<ClusterVolume, Refusal> {
+        let participants = self.participants_if_replica_on(name, node)?;
+        let whole_elsewhere =
+            self.volume(name)?.participants.iter().any(|p| {
+                p.node != *node && p.kind.diskful() && p.disk == Some(DiskState::UpToDate)
+            });
+        if !whole_elsewhere {
+            return Err(Refusal::new(
+                Conflict,
+                format!(
+                    "no replica of volume {name} is UpToDate but the one on {node}: discarding it would leave none whole"
+                ),
+                "discard a replica while another is UpToDate (`tandem volume show NAME` gives their states); if none is, see `tandem volume trust`",
+            ));
+        }
+        let others = participants.iter().filter(|p| *p != node);
+        for p in std::iter::once(node).chain(others) {
+            let client = self.client(p).ok_or_else(|| no_node(p))?;
+            client
+                .resolve(name, node)
+                .map_err(|e| node_call(p, &format!("resolve volume {name}"), e))?;
+        }
+        tracing::warn!(volume = %name, %node, "replica discarded by an operator: it is resynced from the others");
+        self.volume(name)
+    }
+
+    /// The nodes of `name`'s participants, if `node` holds one of its replicas.
+    fn participants_if_replica_on(
+        &self,
+        name: &VolumeName,
+        node: &NodeName,
+    ) -> Result<Vec<NodeName>, Refusal> {
+        let d = self.desired();
+        let row = d.model.volumes.get(name).ok_or_else(|| no_volume(name))?;
+        if !row.participant(node).is_some_and(|p| p.kind.diskful()) {
+            return Err(Refusal::new(
+                Conflict,
+                format!("node {node} holds no replica of volume {name}"),
+                "name a node holding one: `tandem volume show NAME` lists them",
+            ));
+        }
+        Ok(row.participants.iter().map(|p| p.node.clone()).collect())
     }
 
     /// Gives a tiebreaker to every two-replica volume without one, where a node is free

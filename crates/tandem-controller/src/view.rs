@@ -370,8 +370,8 @@ impl Snapshot<'_> {
                 ),
                 VolumeState::SplitBrain => (
                     Severity::Error,
-                    "choose the replica to discard and resolve on both sides \
-                     (POST /v1/node/volumes/NAME/resolve)"
+                    "choose the replica whose changes to give up, and discard it: \
+                     `tandem volume resolve NAME --discard NODE`"
                         .into(),
                 ),
                 VolumeState::Failed => (

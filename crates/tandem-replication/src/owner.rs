@@ -75,7 +75,7 @@ impl Owner {
             let hex = |g: GenerationId| format!("{:016x}", g.0);
             let g = &next.gens;
             tracing::debug!(volume = %self.volume, current = %hex(g.current), bitmap = %hex(g.bitmap),
-                history = %g.history.iter().take_while(|h| h.0 != 0).map(|h| hex(*h)).collect::<Vec<_>>().join(" "),
+                history = %g.history.iter().filter(|h| h.0 != 0).map(|h| hex(*h)).collect::<Vec<_>>().join(" "),
                 disk = %next.disk, "data generations changed");
         }
         *control = next.clone();

@@ -552,11 +552,11 @@ fn peer_message(kind: u16, payload: &[u8]) -> Vec<u8> {
     m
 }
 
-/// A Hello as node `from` to node `to` of the volume `spec` describes.
-/// A Hello of protocol version 3 or later, built by hand: it names this many earlier
-/// generations (version 2: 3).
+/// The earlier generations a Hello of protocol version 3 carries (version 2: 3).
 const EARLIER: usize = 31;
 
+/// A Hello as node `from` to node `to` of the volume `spec` describes, built by hand,
+/// with `earlier` earlier generations.
 fn hello(
     spec: &serde_json::Value,
     versions: (u16, u16),

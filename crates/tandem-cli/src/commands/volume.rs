@@ -76,6 +76,15 @@ pub enum VolumeCommand {
         #[arg(long)]
         node: NodeName,
     },
+    /// End a split brain (or a replica refused as unrelated data): the replica on the
+    /// node named is discarded and resynced in full from the others. Refused unless
+    /// another replica is UpToDate.
+    Resolve {
+        name: VolumeName,
+        /// The node whose replica's data is given up.
+        #[arg(long)]
+        discard: NodeName,
+    },
     /// Delete a volume and all its replicas.
     Delete {
         name: VolumeName,
@@ -90,6 +99,20 @@ pub enum VolumeCommand {
     /// Take a volume nodes hold that the controller has no record of (an orphan, as
     /// `tandem health` reports it) into the cluster, as it stands on its nodes.
     Adopt { name: VolumeName },
+}
+
+/// `POST /v1/volumes/NAME/ACTION` with a body naming a node; prints the volume after.
+fn on_node(
+    api: &Client,
+    out: Output,
+    name: &VolumeName,
+    action: &str,
+    node: &NodeName,
+) -> Result<(), CliError> {
+    let req = OnNode { node: node.clone() };
+    let v: ClusterVolume = api.send("POST", &format!("/v1/volumes/{name}/{action}"), &req)?;
+    emit(out, &v, volume_details);
+    Ok(())
 }
 
 pub fn run(api: &Client, out: Output, cmd: &VolumeCommand) -> Result<(), CliError> {
@@ -140,16 +163,8 @@ pub fn run(api: &Client, out: Output, cmd: &VolumeCommand) -> Result<(), CliErro
             let v: ClusterVolume = api.send("PATCH", &format!("/v1/volumes/{name}"), &req)?;
             emit(out, &v, one);
         }
-        VolumeCommand::Attach { name, node } => {
-            let req = OnNode { node: node.clone() };
-            let v: ClusterVolume = api.send("POST", &format!("/v1/volumes/{name}/attach"), &req)?;
-            emit(out, &v, one);
-        }
-        VolumeCommand::Detach { name, node } => {
-            let req = OnNode { node: node.clone() };
-            let v: ClusterVolume = api.send("POST", &format!("/v1/volumes/{name}/detach"), &req)?;
-            emit(out, &v, one);
-        }
+        VolumeCommand::Attach { name, node } => on_node(api, out, name, "attach", node)?,
+        VolumeCommand::Detach { name, node } => on_node(api, out, name, "detach", node)?,
         VolumeCommand::Replicas { name, add, remove } => {
             let req = ChangeReplicas {
                 add: add.clone(),
@@ -159,11 +174,8 @@ pub fn run(api: &Client, out: Output, cmd: &VolumeCommand) -> Result<(), CliErro
                 api.send("POST", &format!("/v1/volumes/{name}/replicas"), &req)?;
             emit(out, &v, one);
         }
-        VolumeCommand::Trust { name, node } => {
-            let req = OnNode { node: node.clone() };
-            let v: ClusterVolume = api.send("POST", &format!("/v1/volumes/{name}/trust"), &req)?;
-            emit(out, &v, one);
-        }
+        VolumeCommand::Trust { name, node } => on_node(api, out, name, "trust", node)?,
+        VolumeCommand::Resolve { name, discard } => on_node(api, out, name, "resolve", discard)?,
         VolumeCommand::Verify { name } => {
             let report: serde_json::Value = api.post(&format!("/v1/volumes/{name}/verify"))?;
             emit(out, &report, verify_table);
