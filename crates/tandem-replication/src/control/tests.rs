@@ -894,12 +894,16 @@ fn a_replica_away_through_many_generations_is_still_resynced() {
     // generations place it.
     let untracked = with_peer(primary, 2, |p| p.mark = 0);
     let outdated = state(Role::Secondary, DiskState::Outdated, G1);
-    let (n, _) = connect(&untracked, 2, outdated, 0, (false, false));
+    let (n, actions) = connect(&untracked, 2, outdated, 0, (false, false));
     let p = n.peer(id(2)).unwrap();
     assert_eq!(
         (&p.link, p.sync),
         (&Link::Up { epoch: 7 }, Sync::Source { total: 0 }),
         "node 2 is resynced"
+    );
+    assert!(
+        actions.contains(&Action::MarkAll(id(2))),
+        "in full: no bitmap tells what it lacks; {actions:?}"
     );
 }
 
